@@ -1,0 +1,318 @@
+//! rustls and quinn configurations: what a coordinator serves with and how a
+//! client decides to trust it.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::{load_certs, CertError, Fingerprint, Identity};
+
+use qmesh_proto::ALPN;
+
+/// How a client decides whether the coordinator's certificate is genuine.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// Full certificate verification against these CA certificates:
+    /// signature chain, validity period, extended key usage serverAuth, and
+    /// that the certificate is valid for the server name connected to.
+    Ca {
+        /// The trusted CA certificates.
+        certs: Vec<CertificateDer<'static>>,
+        /// Where they came from (usually the CA file's path), for messages.
+        source: String,
+    },
+    /// Trust exactly the certificate with this SHA-256 fingerprint.
+    ///
+    /// Only the end-entity certificate's fingerprint is compared; the server
+    /// name, validity period and issuer do not apply to a pinned
+    /// certificate. The TLS handshake signature is still verified against
+    /// the pinned certificate's key, so a peer must hold its private key.
+    Pinned(Fingerprint),
+}
+
+impl Trust {
+    /// [`Trust::Ca`] with the certificates of a CA file, its path as source.
+    pub fn ca_file(path: &Path) -> Result<Trust, CertError> {
+        Ok(Trust::Ca {
+            certs: load_certs(path)?,
+            source: path.display().to_string(),
+        })
+    }
+}
+
+/// Why the most recent server certificate verification of a client config
+/// failed, as a sentence for people.
+///
+/// [`client_config`] returns one alongside the config; clones share state.
+/// QUIC connection errors only carry a TLS alert code, so this is where a
+/// client finds out what was wrong with the coordinator's certificate.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    last_failure: Arc<Mutex<Option<String>>>,
+}
+
+impl VerifyReport {
+    /// The sentence describing the last server certificate verification
+    /// failure of this config, or `None` if there was none or the most
+    /// recent verification succeeded.
+    ///
+    /// For example `the coordinator's certificate did not verify against the
+    /// CA in /etc/qmesh/ca.pem: invalid peer certificate: UnknownIssuer`.
+    pub fn failure(&self) -> Option<String> {
+        self.slot().clone()
+    }
+
+    fn record(&self, failure: Option<String>) {
+        *self.slot() = failure;
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // A panic while holding this lock cannot leave the Option invalid.
+        self.last_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The crypto provider used everywhere in this crate: *ring*.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A quinn server configuration presenting `identity`.
+///
+/// TLS 1.3 only (as QUIC requires), ALPN `qmesh/1`, the *ring* provider.
+/// Clients are not asked for certificates: client authentication arrives
+/// together with client identities, and clients configured with
+/// [`client_config_with_identity`] connect fine meanwhile.
+pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, CertError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicServerConfig::try_from(tls)?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+}
+
+/// A quinn client configuration that verifies the server according to
+/// `trust`, presenting no client certificate.
+///
+/// TLS 1.3 only, ALPN `qmesh/1`, the *ring* provider. The returned
+/// [`VerifyReport`] tells why a server certificate was rejected.
+pub fn client_config(trust: &Trust) -> Result<(quinn::ClientConfig, VerifyReport), CertError> {
+    client_config_inner(trust, None)
+}
+
+/// Like [`client_config`], but presenting `identity` as the client
+/// certificate when the server asks for one.
+pub fn client_config_with_identity(
+    trust: &Trust,
+    identity: &Identity,
+) -> Result<(quinn::ClientConfig, VerifyReport), CertError> {
+    client_config_inner(trust, Some(identity))
+}
+
+fn client_config_inner(
+    trust: &Trust,
+    identity: Option<&Identity>,
+) -> Result<(quinn::ClientConfig, VerifyReport), CertError> {
+    let provider = provider();
+    let report = VerifyReport::default();
+    let verifier: Arc<dyn ServerCertVerifier> = match trust {
+        Trust::Ca { certs, source } => Arc::new(CaVerifier::new(
+            certs,
+            source,
+            provider.clone(),
+            report.clone(),
+        )?),
+        Trust::Pinned(pin) => Arc::new(PinnedVerifier {
+            pin: *pin,
+            provider: provider.clone(),
+            report: report.clone(),
+        }),
+    };
+    // `dangerous()` is merely how rustls spells "custom verifier": both
+    // verifiers here check the certificate and the handshake signature.
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut tls = match identity {
+        Some(identity) => {
+            builder.with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls)?;
+    Ok((quinn::ClientConfig::new(Arc::new(quic)), report))
+}
+
+/// Full WebPKI verification against a CA, recording failures in a report.
+#[derive(Debug)]
+struct CaVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    source: String,
+    report: VerifyReport,
+}
+
+impl CaVerifier {
+    fn new(
+        certs: &[CertificateDer<'static>],
+        source: &str,
+        provider: Arc<CryptoProvider>,
+        report: VerifyReport,
+    ) -> Result<CaVerifier, CertError> {
+        let mut roots = RootCertStore::empty();
+        for cert in certs {
+            roots
+                .add(cert.clone())
+                .map_err(|e| CertError::BadTrustAnchor {
+                    origin: source.to_owned(),
+                    source: e,
+                })?;
+        }
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| CertError::Verifier {
+                origin: source.to_owned(),
+                source: e,
+            })?;
+        Ok(CaVerifier {
+            inner,
+            source: source.to_owned(),
+            report,
+        })
+    }
+}
+
+impl ServerCertVerifier for CaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let result = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        self.report.record(result.as_ref().err().map(|e| {
+            format!(
+                "the coordinator's certificate did not verify against the CA in {}: {e}",
+                self.source
+            )
+        }));
+        result
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        self.inner.requires_raw_public_keys()
+    }
+
+    fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
+        self.inner.root_hint_subjects()
+    }
+}
+
+/// Accepts exactly the end-entity certificate with the pinned fingerprint,
+/// and still verifies the handshake signature against its key.
+#[derive(Debug)]
+struct PinnedVerifier {
+    pin: Fingerprint,
+    provider: Arc<CryptoProvider>,
+    report: VerifyReport,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let presented = Fingerprint::of(end_entity);
+        if presented == self.pin {
+            self.report.record(None);
+            Ok(ServerCertVerified::assertion())
+        } else {
+            self.report.record(Some(format!(
+                "the coordinator's certificate has fingerprint {presented} but {} was pinned",
+                self.pin
+            )));
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

@@ -1,0 +1,178 @@
+//! qmesh certificates: a small certificate authority for a qmesh mesh, PEM
+//! files, SHA-256 fingerprints, and the rustls/quinn configurations built
+//! from them.
+//!
+//! A coordinator serves with a certificate issued by a [`Ca`]
+//! ([`Ca::issue_server`], [`server_config`]). Clients trust either the CA
+//! file ([`Trust::Ca`]) or the coordinator certificate's fingerprint
+//! ([`Trust::Pinned`]) and build their configuration with
+//! [`client_config`]; its [`VerifyReport`] says in words why a coordinator's
+//! certificate was rejected. Client certificates ([`Ca::issue_client`],
+//! [`client_config_with_identity`]) give clients an identity.
+//!
+//! Every configuration uses TLS 1.3, the *ring* crypto provider and the
+//! ALPN protocol `qmesh/1`. No certificate check is ever skipped.
+//!
+//! # Layout
+//!
+//! - `issue`: [`Ca`] (generate, load, save, issue certificates) and
+//!   [`Identity`] (a certificate chain with its key).
+//! - `pem`: reading certificates from PEM ([`load_certs`],
+//!   [`certs_from_pem`]) and writing PEM files (keys with mode 0600).
+//! - `fingerprint`: [`Fingerprint`], the SHA-256 of a certificate's DER.
+//! - `config`: [`server_config`], [`client_config`],
+//!   [`client_config_with_identity`], [`Trust`] and [`VerifyReport`].
+//! - [`transport`]: QUIC transport tuning ([`transport::Tuning`]) shared by
+//!   the coordinator and clients.
+//! - `error`: [`CertError`].
+//! - `der`: a minimal DER reader for the certificate fields needed to sign
+//!   with a loaded CA (internal).
+#![warn(missing_docs)]
+
+mod config;
+mod der;
+mod error;
+mod fingerprint;
+mod issue;
+mod pem;
+pub mod transport;
+
+pub use config::{client_config, client_config_with_identity, server_config, Trust, VerifyReport};
+pub use error::CertError;
+pub use fingerprint::Fingerprint;
+pub use issue::{Ca, Identity};
+pub use pem::{certs_from_pem, load_certs};
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    fn mode(path: &std::path::Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn ca_save_load_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+        let ca = Ca::generate("qmesh test CA").unwrap();
+        ca.save(&cert, &key).unwrap();
+        #[cfg(unix)]
+        assert_eq!(mode(&key), 0o600);
+
+        let loaded = Ca::load(&cert, &key).unwrap();
+        assert_eq!(loaded.cert_der(), ca.cert_der());
+        assert_eq!(loaded.cert_pem(), ca.cert_pem());
+        assert_eq!(loaded.fingerprint(), ca.fingerprint());
+        assert_eq!(load_certs(&cert).unwrap(), vec![ca.cert_der().clone()]);
+        assert_eq!(certs_from_pem(ca.cert_pem()).unwrap()[0], *ca.cert_der());
+
+        // The loaded CA issues certificates whose issuer is the CA's subject.
+        let leaf = loaded.issue_server(&["localhost".to_owned()]).unwrap();
+        let leaf_fields = der::cert_fields(&leaf.chain[0]).unwrap();
+        let ca_der = ca.cert_der().clone();
+        let ca_fields = der::cert_fields(&ca_der).unwrap();
+        assert_eq!(leaf_fields.issuer, ca_fields.subject);
+        assert!(ca_fields.is_ca);
+        assert!(ca_fields.subject_key_id.is_some());
+    }
+
+    #[test]
+    fn key_mode_is_tightened_on_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("id.pem"), dir.path().join("id.key"));
+        std::fs::write(&key, "old").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let ca = Ca::generate("CA").unwrap();
+        let id = ca.issue_client("alice").unwrap();
+        id.save(&cert, &key).unwrap();
+        #[cfg(unix)]
+        assert_eq!(mode(&key), 0o600);
+        let loaded = Identity::load(&cert, &key).unwrap();
+        assert_eq!(loaded.chain, id.chain);
+        assert_eq!(loaded.key.secret_der(), id.key.secret_der());
+    }
+
+    #[test]
+    fn identity_save_load_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+        let ca = Ca::generate("CA").unwrap();
+        let id = ca
+            .issue_server(&["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+        id.save(&cert, &key).unwrap();
+        #[cfg(unix)]
+        assert_eq!(mode(&key), 0o600);
+        let loaded = Identity::load(&cert, &key).unwrap();
+        assert_eq!(loaded.chain, id.chain);
+        assert_eq!(loaded.key.secret_der(), id.key.secret_der());
+        assert_eq!(loaded.fingerprint(), id.fingerprint());
+        assert_eq!(loaded.cert_pem(), id.cert_pem());
+        assert_eq!(loaded.key_pem(), id.key_pem());
+        assert!(id.key_pem().starts_with("-----BEGIN PRIVATE KEY-----\n"));
+        let cloned = id.clone();
+        assert_eq!(cloned.chain, id.chain);
+        assert_eq!(cloned.key.secret_der(), id.key.secret_der());
+        // Debug never shows the key.
+        let debug = format!("{id:?} {ca:?}");
+        assert!(debug.contains("<elided>"));
+        assert!(!debug.contains(&hex::encode(id.key.secret_der())));
+    }
+
+    #[test]
+    fn mismatched_key_is_rejected() {
+        let ca = Ca::generate("CA").unwrap();
+        let a = ca.issue_client("a").unwrap();
+        let b = ca.issue_client("b").unwrap();
+        let err = Identity::from_pem(&a.cert_pem(), &b.key_pem()).unwrap_err();
+        assert!(matches!(err, CertError::KeyMismatch { .. }), "{err}");
+
+        let other = Ca::generate("other").unwrap();
+        let err = Ca::from_pem(ca.cert_pem(), &other.key_pem()).unwrap_err();
+        assert!(matches!(err, CertError::KeyMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn leaf_is_not_a_ca() {
+        let ca = Ca::generate("CA").unwrap();
+        let leaf = ca.issue_server(&["localhost".to_owned()]).unwrap();
+        let err = Ca::from_pem(&leaf.cert_pem(), &leaf.key_pem()).unwrap_err();
+        assert!(matches!(err, CertError::NotACa { .. }), "{err}");
+        assert!(err.to_string().contains("pass the CA certificate"), "{err}");
+    }
+
+    #[test]
+    fn issue_server_requires_valid_hosts() {
+        let ca = Ca::generate("CA").unwrap();
+        assert!(matches!(ca.issue_server(&[]), Err(CertError::NoHosts)));
+        let err = ca.issue_server(&["bad host".to_owned()]).unwrap_err();
+        assert!(matches!(err, CertError::InvalidName { .. }), "{err}");
+        let err = ca.issue_client("").unwrap_err();
+        assert!(matches!(err, CertError::InvalidName { .. }), "{err}");
+        assert!(matches!(
+            Ca::generate(" "),
+            Err(CertError::InvalidName { .. })
+        ));
+    }
+
+    #[test]
+    fn ca_and_key_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = Ca::load(&missing, &missing).unwrap_err();
+        assert!(matches!(err, CertError::Io { .. }), "{err}");
+        let ca = Ca::generate("CA").unwrap();
+        let err = Ca::from_pem(ca.cert_pem(), ca.cert_pem()).unwrap_err();
+        assert!(matches!(err, CertError::NoPrivateKey { .. }), "{err}");
+        let err = Ca::from_pem(&ca.key_pem(), &ca.key_pem()).unwrap_err();
+        assert!(matches!(err, CertError::NoCertificates { .. }), "{err}");
+    }
+}

@@ -1,0 +1,502 @@
+//! Channels: a control stream plus data streams between two clients.
+//!
+//! A [`Channel`] ends exactly once, with [`ChannelEnd::Closed`] (a graceful
+//! close by either side, with its reason) or [`ChannelEnd::Lost`] (the peer
+//! or the coordinator disappeared). [`Channel::ended`] reports it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use qmesh_proto::codec::{read_frame, write_frame};
+use qmesh_proto::codes::StreamCode;
+use qmesh_proto::limits::clip_reason;
+use qmesh_proto::msg::{ChannelMsg, StreamHeader};
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::timeout;
+use tracing::{debug, info, Instrument, Span};
+
+use crate::error::{AcceptError, CloseError, StreamError};
+use crate::stream::{MessageReceiver, MessageSender};
+
+/// Which side ended a channel gracefully.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// This client closed it.
+    Local,
+    /// The peer closed it.
+    Peer,
+}
+
+/// How a channel ended. Every channel ends exactly once, one way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelEnd {
+    /// Closed gracefully by one side, with its reason.
+    Closed {
+        /// Who closed it.
+        by: Side,
+        /// The closer's reason.
+        reason: String,
+    },
+    /// The peer or the coordinator disappeared.
+    Lost {
+        /// What was seen.
+        reason: String,
+    },
+}
+
+impl fmt::Display for ChannelEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Closed {
+                by: Side::Local,
+                reason,
+            } => write!(f, "closed by this side: {reason}"),
+            Self::Closed {
+                by: Side::Peer,
+                reason,
+            } => write!(f, "closed by the peer: {reason}"),
+            Self::Lost { reason } => write!(f, "lost: {reason}"),
+        }
+    }
+}
+
+/// Where incoming data streams go, by channel control stream id.
+pub(crate) type Routes = Arc<Mutex<HashMap<u64, mpsc::Sender<RecvStream>>>>;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug, Clone, Default)]
+struct State {
+    end: Option<ChannelEnd>,
+    /// The peer's close arrived, with the number of streams it sent.
+    peer_close: Option<u64>,
+    /// The control stream is over (lost, or closed both ways).
+    done: bool,
+}
+
+#[derive(Debug, Default)]
+struct Local {
+    /// Data streams opened on this channel.
+    opened: u64,
+    /// This side has sent its close.
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    id: u64,
+    peer: String,
+    name: String,
+    label: String,
+    conn: Connection,
+    max_message: usize,
+    close_timeout: std::time::Duration,
+    ctrl: tokio::sync::Mutex<Option<SendStream>>,
+    local: Mutex<Local>,
+    state: watch::Sender<State>,
+    span: Span,
+}
+
+impl Shared {
+    fn end(&self, end: ChannelEnd) {
+        self.state.send_if_modified(|s| {
+            if s.end.is_none() {
+                info!(parent: &self.span, how = %end, "ended");
+                s.end = Some(end);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Send this side's close (once) and finish the control stream.
+    async fn send_close(&self, reason: &str) {
+        let streams = {
+            let mut local = lock(&self.local);
+            if local.closed {
+                return;
+            }
+            local.closed = true;
+            local.opened
+        };
+        let mut ctrl = self.ctrl.lock().await;
+        if let Some(mut send) = ctrl.take() {
+            let msg = ChannelMsg::Close {
+                reason: clip_reason(reason),
+                streams,
+            };
+            if write_frame(&mut send, &msg).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+    }
+}
+
+/// A ready channel to a peer.
+///
+/// Dropping a channel that has not ended closes it with the reason
+/// "channel dropped".
+#[derive(Debug)]
+pub struct Channel {
+    shared: Arc<Shared>,
+    streams: tokio::sync::Mutex<(mpsc::Receiver<RecvStream>, u64)>,
+    routes: Routes,
+}
+
+pub(crate) struct Parts {
+    pub(crate) conn: Connection,
+    pub(crate) routes: Routes,
+    pub(crate) peer: String,
+    pub(crate) name: String,
+    pub(crate) label: String,
+    pub(crate) max_message: usize,
+    pub(crate) close_timeout: std::time::Duration,
+    pub(crate) max_streams: usize,
+}
+
+/// A channel whose route is registered but which is not ready yet.
+pub(crate) struct Pending {
+    parts: Parts,
+    id: u64,
+    rx: mpsc::Receiver<RecvStream>,
+}
+
+impl Pending {
+    /// Register the route for data streams of the channel whose control
+    /// stream is `send`, before the channel can receive any.
+    pub(crate) fn register(parts: Parts, send: &SendStream) -> Self {
+        let id = u64::from(send.id());
+        let (tx, rx) = mpsc::channel(parts.max_streams.max(1));
+        lock(&parts.routes).insert(id, tx);
+        Self { parts, id, rx }
+    }
+
+    /// Give up on the channel.
+    pub(crate) fn abandon(self) {
+        lock(&self.parts.routes).remove(&self.id);
+    }
+
+    /// The channel is ready: start its control task.
+    pub(crate) fn ready(self, send: SendStream, recv: RecvStream) -> Channel {
+        let Pending { parts, id, rx } = self;
+        let span = tracing::info_span!("channel", id = %parts.label);
+        let shared = Arc::new(Shared {
+            id,
+            peer: parts.peer,
+            name: parts.name,
+            label: parts.label,
+            conn: parts.conn,
+            max_message: parts.max_message,
+            close_timeout: parts.close_timeout,
+            ctrl: tokio::sync::Mutex::new(Some(send)),
+            local: Mutex::new(Local::default()),
+            state: watch::Sender::new(State::default()),
+            span: span.clone(),
+        });
+        info!(parent: &span, "ready");
+        tokio::spawn(control(shared.clone(), recv).instrument(span));
+        Channel {
+            shared,
+            streams: tokio::sync::Mutex::new((rx, 0)),
+            routes: parts.routes,
+        }
+    }
+}
+
+/// Read the channel control stream until it ends, recording the end.
+async fn control(shared: Arc<Shared>, mut recv: RecvStream) {
+    loop {
+        match read_frame::<ChannelMsg, _>(&mut recv).await {
+            Ok(Some(ChannelMsg::Close { reason, streams })) => {
+                debug!(streams, "peer closed");
+                shared.state.send_modify(|s| s.peer_close = Some(streams));
+                shared.end(ChannelEnd::Closed {
+                    by: Side::Peer,
+                    reason: reason.clone(),
+                });
+                // Answer with our own close so the closer knows we saw it.
+                shared.send_close(&reason).await;
+            }
+            Ok(Some(ChannelMsg::Lost { reason })) => {
+                shared.end(ChannelEnd::Lost { reason });
+                break;
+            }
+            Ok(Some(other)) => {
+                shared.end(ChannelEnd::Lost {
+                    reason: format!("the coordinator sent an unexpected {other:?}"),
+                });
+                break;
+            }
+            Ok(None) => {
+                shared.end(ChannelEnd::Lost {
+                    reason: "the coordinator ended the channel without a close".into(),
+                });
+                break;
+            }
+            Err(e) => {
+                let reason = match shared.conn.close_reason() {
+                    Some(c) => format!(
+                        "connection to the coordinator ended: {}",
+                        qmesh_certs::transport::describe_close(&c)
+                    ),
+                    None => format!("channel control stream failed: {e}"),
+                };
+                shared.end(ChannelEnd::Lost { reason });
+                break;
+            }
+        }
+    }
+    // Nothing more will be forwarded; release our side too.
+    if let Some(mut send) = shared.ctrl.lock().await.take() {
+        let _ = send.finish();
+    }
+    shared.state.send_modify(|s| s.done = true);
+}
+
+impl Channel {
+    /// The peer's client name.
+    pub fn peer(&self) -> &str {
+        &self.shared.peer
+    }
+
+    /// The channel name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// `opener>callee!channel`.
+    pub fn label(&self) -> &str {
+        &self.shared.label
+    }
+
+    /// Open a data stream to the peer.
+    pub async fn open_stream(&self) -> Result<MessageSender, StreamError> {
+        {
+            let mut local = lock(&self.shared.local);
+            if local.closed || self.shared.state.borrow().end.is_some() {
+                return Err(StreamError::ChannelEnded);
+            }
+            local.opened += 1;
+        }
+        let mut send = self
+            .shared
+            .conn
+            .open_uni()
+            .await
+            .map_err(|e| StreamError::Session(e.to_string()))?;
+        let header = StreamHeader::Data {
+            channel: self.shared.id,
+        };
+        write_frame(&mut send, &header)
+            .await
+            .map_err(|e| StreamError::Session(e.to_string()))?;
+        Ok(MessageSender::new(send, self.shared.max_message))
+    }
+
+    /// The next data stream the peer opened, or `None` once the channel has
+    /// ended and every stream the peer sent before its close was accepted.
+    pub async fn accept_stream(&self) -> Result<Option<MessageReceiver>, StreamError> {
+        let mut state = self.shared.state.subscribe();
+        let mut guard = self.streams.lock().await;
+        let (rx, accepted) = &mut *guard;
+        loop {
+            if let Ok(s) = rx.try_recv() {
+                *accepted += 1;
+                return Ok(Some(MessageReceiver::new(s, self.shared.max_message)));
+            }
+            {
+                let st = state.borrow_and_update();
+                match st.peer_close {
+                    Some(n) if *accepted >= n => return Ok(None),
+                    Some(_) => {}
+                    None if st.done => return Ok(None),
+                    None => {}
+                }
+            }
+            tokio::select! {
+                s = rx.recv() => match s {
+                    Some(s) => {
+                        *accepted += 1;
+                        return Ok(Some(MessageReceiver::new(s, self.shared.max_message)));
+                    }
+                    None => return Ok(None),
+                },
+                changed = state.changed() => if changed.is_err() { return Ok(None) },
+            }
+        }
+    }
+
+    /// Send one message on a new data stream and finish it. For many
+    /// messages, open one stream with [`open_stream`](Self::open_stream).
+    pub async fn send_one(&self, msg: &[u8]) -> Result<(), crate::SendError> {
+        let mut s = self
+            .open_stream()
+            .await
+            .map_err(|e| crate::SendError::Stream(e.to_string()))?;
+        s.send(msg).await?;
+        s.finish().await
+    }
+
+    /// Close gracefully with `reason` and wait until the peer confirms.
+    /// Data streams sent before the close are delivered first. Closing an
+    /// ended channel returns at once.
+    pub async fn close(&self, reason: &str) -> Result<(), CloseError> {
+        let already = self.shared.state.borrow().end.is_some();
+        if !already {
+            self.shared.end(ChannelEnd::Closed {
+                by: Side::Local,
+                reason: clip_reason(reason),
+            });
+        }
+        self.shared.send_close(reason).await;
+        let mut state = self.shared.state.subscribe();
+        let secs = self.shared.close_timeout.as_secs();
+        timeout(
+            self.shared.close_timeout,
+            state.wait_for(|s| s.peer_close.is_some() || s.done),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|_| CloseError::Timeout { secs })
+    }
+
+    /// How the channel ended, once it has.
+    pub async fn ended(&self) -> ChannelEnd {
+        let mut state = self.shared.state.subscribe();
+        let end = match state.wait_for(|s| s.end.is_some()).await {
+            Ok(s) => s.end.clone(),
+            Err(_) => None,
+        };
+        end.unwrap_or(ChannelEnd::Lost {
+            reason: "the client was dropped".into(),
+        })
+    }
+
+    /// How the channel ended, if it has.
+    pub fn end(&self) -> Option<ChannelEnd> {
+        self.shared.state.borrow().end.clone()
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        lock(&self.routes).remove(&self.shared.id);
+        if self.shared.state.borrow().end.is_none() {
+            self.shared.end(ChannelEnd::Closed {
+                by: Side::Local,
+                reason: "channel dropped".into(),
+            });
+            let shared = self.shared.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { shared.send_close("channel dropped").await });
+            }
+        }
+    }
+}
+
+/// A channel a peer wants to open with this client; accept or refuse it.
+///
+/// Dropping it unanswered refuses it.
+#[derive(Debug)]
+pub struct IncomingChannel {
+    pub(crate) from: String,
+    pub(crate) channel: String,
+    pub(crate) streams: Option<(SendStream, RecvStream)>,
+    pub(crate) parts: Option<PartsBox>,
+    pub(crate) open_timeout: std::time::Duration,
+}
+
+/// Boxed [`Parts`], kept opaque in the public type.
+pub(crate) struct PartsBox(pub(crate) Parts);
+
+impl fmt::Debug for PartsBox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Parts")
+    }
+}
+
+impl IncomingChannel {
+    /// The opener's client name.
+    pub fn peer(&self) -> &str {
+        &self.from
+    }
+
+    /// The channel name the opener asked for.
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// Accept the channel and wait until it is ready.
+    pub async fn accept(mut self) -> Result<Channel, AcceptError> {
+        let (mut send, mut recv) = self
+            .streams
+            .take()
+            .ok_or_else(|| AcceptError::Withdrawn("already answered".into()))?;
+        let PartsBox(parts) = self
+            .parts
+            .take()
+            .ok_or_else(|| AcceptError::Withdrawn("already answered".into()))?;
+        let pending = Pending::register(parts, &send);
+        if let Err(e) = write_frame(&mut send, &ChannelMsg::Accept).await {
+            pending.abandon();
+            return Err(AcceptError::Session(e.to_string()));
+        }
+        let reply = timeout(self.open_timeout, read_frame::<ChannelMsg, _>(&mut recv)).await;
+        match reply {
+            Ok(Ok(Some(ChannelMsg::Ready))) => Ok(pending.ready(send, recv)),
+            Ok(Ok(Some(ChannelMsg::Lost { reason }))) => {
+                pending.abandon();
+                Err(AcceptError::Withdrawn(reason))
+            }
+            Ok(Ok(other)) => {
+                pending.abandon();
+                Err(AcceptError::Withdrawn(format!(
+                    "unexpected answer from the coordinator: {other:?}"
+                )))
+            }
+            Ok(Err(e)) => {
+                pending.abandon();
+                Err(AcceptError::Withdrawn(e.to_string()))
+            }
+            Err(_) => {
+                pending.abandon();
+                let _ = send.reset(VarInt::from_u32(StreamCode::Cancelled.code()));
+                Err(AcceptError::Withdrawn("no ready in time".into()))
+            }
+        }
+    }
+
+    /// Refuse the channel; the opener's `open` fails with this reason.
+    pub async fn refuse(mut self, reason: &str) {
+        if let Some((mut send, _recv)) = self.streams.take() {
+            refuse(&mut send, reason).await;
+        }
+    }
+}
+
+async fn refuse(send: &mut SendStream, reason: &str) {
+    let msg = ChannelMsg::Refuse {
+        reason: clip_reason(reason),
+    };
+    if write_frame(send, &msg).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+impl Drop for IncomingChannel {
+    fn drop(&mut self) {
+        if let Some((mut send, recv)) = self.streams.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    refuse(&mut send, "not accepted").await;
+                    drop(recv);
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! `qmesh listen`: print messages, store files.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use qmesh_client::{Channel, Client, MessageReceiver};
+use tokio::io::AsyncWriteExt;
+use tracing::{info, warn};
+
+use super::{FILE_STREAM, TEXT_STREAM};
+
+pub(crate) async fn run(client: Client, channel: &str, out: Option<PathBuf>) -> Result<()> {
+    qmesh_proto::name::validate_channel_name(channel).context("the channel to listen on")?;
+    if let Some(dir) = &out {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    info!(channel, "listening");
+    while let Some(offer) = client.accept().await {
+        if offer.channel() != channel {
+            let reason = format!("not listening on channel \"{}\"", offer.channel());
+            offer.refuse(&reason).await;
+            continue;
+        }
+        let from = offer.peer().to_owned();
+        match offer.accept().await {
+            Ok(ch) => {
+                tokio::spawn(serve(ch, out.clone()));
+            }
+            Err(e) => warn!(from = %from, cause = %e, "channel withdrawn"),
+        }
+    }
+    bail!("session ended: {}", client.closed().await)
+}
+
+async fn serve(channel: Channel, out: Option<PathBuf>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        match channel.accept_stream().await {
+            Ok(Some(stream)) => {
+                tasks.spawn(receive(channel.peer().to_owned(), stream, out.clone()));
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(Err(e)) = done {
+            warn!(from = %channel.peer(), cause = %e, "stream failed");
+        }
+    }
+    info!(from = %channel.peer(), "{}", channel.ended().await);
+}
+
+async fn receive(peer: String, mut stream: MessageReceiver, out: Option<PathBuf>) -> Result<()> {
+    let Some(first) = stream.recv().await? else {
+        return Ok(());
+    };
+    if first.as_ref() == TEXT_STREAM {
+        while let Some(msg) = stream.recv().await? {
+            print_line(&msg)?;
+        }
+        return Ok(());
+    }
+    if let Some(rest) = first.strip_prefix(FILE_STREAM) {
+        let text = String::from_utf8_lossy(rest);
+        let mut parts = text.splitn(3, '\n').skip(1);
+        let (Some(name), Some(size)) = (parts.next(), parts.next()) else {
+            bail!("bad file header from {peer}");
+        };
+        let size: u64 = size.parse().context("bad file size")?;
+        let Some(dir) = out else {
+            stream.stop(qmesh_proto::codes::StreamCode::Cancelled);
+            bail!("{peer} sent file {name:?} but this listener has no --out DIR");
+        };
+        let path = safe_path(&dir, name)?;
+        let mut file = tokio::fs::File::create(&path)
+            .await
+            .with_context(|| format!("creating {}", path.display()))?;
+        let mut got = 0u64;
+        while let Some(msg) = stream.recv().await? {
+            got += msg.len() as u64;
+            if got > size {
+                bail!("{peer} sent more than the announced {size} bytes for {name:?}");
+            }
+            file.write_all(&msg).await?;
+        }
+        file.flush().await?;
+        if got != size {
+            bail!("file {name:?} from {peer} ended after {got} of {size} bytes");
+        }
+        info!(from = %peer, file = %path.display(), bytes = got, "file received");
+        return Ok(());
+    }
+    // Any other stream: print each message as a line.
+    print_line(&first)?;
+    while let Some(msg) = stream.recv().await? {
+        print_line(&msg)?;
+    }
+    Ok(())
+}
+
+/// Print one message as one line, whole, even with other streams printing.
+fn print_line(msg: &[u8]) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(msg)?;
+    stdout.write_all(b"\n")?;
+    stdout.flush()
+}
+
+/// `dir/name`, refusing names that would land anywhere else.
+fn safe_path(dir: &Path, name: &str) -> Result<PathBuf> {
+    let file = Path::new(name);
+    match file.file_name() {
+        Some(base) if base == file.as_os_str() && name != "." && name != ".." => Ok(dir.join(base)),
+        _ => bail!("refusing file name {name:?}: it must be a plain file name"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_cannot_escape_the_directory() {
+        let dir = Path::new("/tmp/in");
+        assert_eq!(safe_path(dir, "a.txt").ok(), Some(dir.join("a.txt")));
+        assert!(safe_path(dir, "../a.txt").is_err());
+        assert!(safe_path(dir, "/etc/passwd").is_err());
+        assert!(safe_path(dir, "x/y").is_err());
+        assert!(safe_path(dir, "..").is_err());
+        assert!(safe_path(dir, "").is_err());
+    }
+}

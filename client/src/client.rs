@@ -1,0 +1,468 @@
+//! The client: one QUIC connection to the coordinator, one session on it.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use qmesh_proto::address::Host;
+use qmesh_proto::codec::{read_frame, write_frame};
+use qmesh_proto::codes::{ConnCode, StreamCode};
+use qmesh_proto::msg::{ChannelMsg, SessionMsg, StreamHeader};
+use qmesh_proto::{Address, PROTOCOL_VERSION};
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tracing::{debug, info, info_span, warn, Instrument, Span};
+
+use crate::channel::{lock, Channel, IncomingChannel, Parts, PartsBox, Pending, Routes};
+use crate::config::ClientConfig;
+use crate::error::{ConnectError, OpenError};
+
+/// A connected qmesh client. Cheap to clone; the session ends when the last
+/// clone is dropped or [`Client::close`] is called.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    session: u64,
+    observed: SocketAddr,
+    coordinator: String,
+    config: ClientConfig,
+    endpoint: Endpoint,
+    conn: Connection,
+    routes: Routes,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingChannel>>,
+    /// Held open for the life of the session: finishing it leaves.
+    _session_stream: Mutex<(SendStream, RecvStream)>,
+    driver: JoinHandle<()>,
+    span: Span,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.driver.abort();
+        self.conn
+            .close(VarInt::from_u32(ConnCode::Normal.code()), b"client dropped");
+    }
+}
+
+/// The name the coordinator's certificate must carry for this host.
+fn server_name(host: &Host) -> String {
+    match host {
+        Host::Shorthand(_) => host
+            .to_ip()
+            .map(|ip| ip.to_string())
+            .unwrap_or_else(|| "localhost".into()),
+        Host::Ipv4(ip) => ip.to_string(),
+        Host::Ipv6(ip) => ip.to_string(),
+        Host::Name(n) => n.clone(),
+        Host::Path(p) => p.clone(),
+    }
+}
+
+async fn resolve(host: &Host, port: u16) -> Result<SocketAddr, ConnectError> {
+    if let Some(ip) = host.to_ip() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let name = server_name(host);
+    let found = tokio::net::lookup_host((name.as_str(), port))
+        .await
+        .map(|mut addrs| addrs.next());
+    match found {
+        Ok(Some(addr)) => Ok(addr),
+        Ok(None) => Err(ConnectError::Resolve {
+            host: name,
+            reason: "no addresses".into(),
+        }),
+        Err(e) => Err(ConnectError::Resolve {
+            host: name,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Map a connection error seen while connecting to what the user should hear.
+fn connect_failure(
+    err: ConnectionError,
+    report: &qmesh_certs::VerifyReport,
+    addr: &str,
+) -> ConnectError {
+    if let Some(sentence) = report.failure() {
+        return ConnectError::Certificate(sentence);
+    }
+    if let ConnectionError::ApplicationClosed(close) = &err {
+        let message = String::from_utf8_lossy(&close.reason).into_owned();
+        let code = match ConnCode::from_code(close.error_code.into_inner()) {
+            Some(ConnCode::NameTaken) => Some(qmesh_proto::codes::RejectCode::NameTaken),
+            Some(ConnCode::InvalidName) => Some(qmesh_proto::codes::RejectCode::InvalidName),
+            Some(ConnCode::VersionMismatch) => {
+                Some(qmesh_proto::codes::RejectCode::VersionMismatch)
+            }
+            Some(ConnCode::NotAuthorised) => Some(qmesh_proto::codes::RejectCode::NotAuthorised),
+            Some(ConnCode::Shutdown) => Some(qmesh_proto::codes::RejectCode::ShuttingDown),
+            _ => None,
+        };
+        if let Some(code) = code {
+            return ConnectError::Rejected { code, message };
+        }
+    }
+    if matches!(err, ConnectionError::TimedOut) {
+        return ConnectError::Handshake {
+            addr: addr.to_owned(),
+            reason: "no answer within the idle timeout; is the coordinator running?".into(),
+        };
+    }
+    ConnectError::Handshake {
+        addr: addr.to_owned(),
+        reason: qmesh_certs::transport::describe_close(&err),
+    }
+}
+
+impl Client {
+    /// Connect to the coordinator and join under `config.name`.
+    pub async fn connect(config: ClientConfig) -> Result<Client, ConnectError> {
+        let span = info_span!("client", id = %config.name);
+        let secs = config.connect_timeout.as_secs();
+        let coord_text = config.coordinator.to_string();
+        match timeout(
+            config.connect_timeout,
+            Self::connect_inner(config, span.clone()),
+        )
+        .instrument(span)
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Timeout {
+                addr: coord_text,
+                secs,
+            }),
+        }
+    }
+
+    async fn connect_inner(config: ClientConfig, span: Span) -> Result<Client, ConnectError> {
+        let (host, port) = config.coordinator.quic_endpoint()?;
+        let host = host.clone();
+        let addr = resolve(&host, port).await?;
+        let coord_text = config.coordinator.to_string();
+        let (mut client_config, report) = qmesh_certs::client_config(&config.trust)?;
+        client_config.transport_config(config.tuning.transport_config());
+        let bind: SocketAddr = if addr.is_ipv6() {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = Endpoint::client(bind).map_err(ConnectError::Socket)?;
+        let connecting = endpoint
+            .connect_with(client_config, addr, &server_name(&host))
+            .map_err(|e| ConnectError::Handshake {
+                addr: coord_text.clone(),
+                reason: e.to_string(),
+            })?;
+        let conn = connecting
+            .await
+            .map_err(|e| connect_failure(e, &report, &coord_text))?;
+
+        // Hello on the session control stream.
+        let session = async {
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| ConnectError::Session(e.to_string()))?;
+            let hello = SessionMsg::Hello {
+                version: PROTOCOL_VERSION,
+                name: config.name.clone(),
+            };
+            write_frame(&mut send, &hello)
+                .await
+                .map_err(|e| ConnectError::Session(e.to_string()))?;
+            let reply = read_frame::<SessionMsg, _>(&mut recv).await;
+            Ok::<_, ConnectError>((send, recv, reply))
+        }
+        .await;
+        let (send, recv, reply) = match session {
+            Ok(x) => x,
+            Err(e) => {
+                return Err(match conn.close_reason() {
+                    Some(c) => connect_failure(c, &report, &coord_text),
+                    None => e,
+                })
+            }
+        };
+        let (session, observed) = match reply {
+            Ok(Some(SessionMsg::Welcome { session, observed })) => (session, observed),
+            Ok(Some(SessionMsg::Reject { code, message })) => {
+                return Err(ConnectError::Rejected { code, message })
+            }
+            Ok(Some(other)) => {
+                return Err(ConnectError::Session(format!(
+                    "expected welcome, got {other:?}"
+                )))
+            }
+            Ok(None) | Err(_) => {
+                // The close usually carries the rejection.
+                let closed = timeout(std::time::Duration::from_secs(1), conn.closed()).await;
+                return Err(match closed {
+                    Ok(c) => connect_failure(c, &report, &coord_text),
+                    Err(_) => ConnectError::Session(format!("{reply:?}")),
+                });
+            }
+        };
+        info!(parent: &span, session, observed = %observed, "connected to {}", &coord_text);
+
+        let routes: Routes = Arc::default();
+        let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_backlog.max(1));
+        let driver = tokio::spawn(
+            drive(conn.clone(), routes.clone(), incoming_tx, config.clone())
+                .instrument(span.clone()),
+        );
+        Ok(Client {
+            inner: Arc::new(Inner {
+                name: config.name.clone(),
+                session,
+                observed,
+                coordinator: coord_text,
+                config,
+                endpoint,
+                conn,
+                routes,
+                incoming: tokio::sync::Mutex::new(incoming_rx),
+                _session_stream: Mutex::new((send, recv)),
+                driver,
+                span,
+            }),
+        })
+    }
+
+    /// This client's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The session number the coordinator assigned.
+    pub fn session_id(&self) -> u64 {
+        self.inner.session
+    }
+
+    /// This client's address as the coordinator sees it.
+    pub fn observed_addr(&self) -> SocketAddr {
+        self.inner.observed
+    }
+
+    fn parts(&self, peer: String, name: String, label: String) -> Parts {
+        Parts {
+            conn: self.inner.conn.clone(),
+            routes: self.inner.routes.clone(),
+            peer,
+            name,
+            label,
+            max_message: self.inner.config.max_message,
+            close_timeout: self.inner.config.close_timeout,
+            max_streams: self.inner.config.tuning.max_uni_streams as usize,
+        }
+    }
+
+    fn session_error(&self) -> String {
+        match self.inner.conn.close_reason() {
+            Some(c) => qmesh_certs::transport::describe_close(&c),
+            None => "the session is closing".into(),
+        }
+    }
+
+    /// Open channel `mesh/peer!channel` and wait until the peer accepts.
+    ///
+    /// Fails at once with [`PeerNotPresent`](qmesh_proto::codes::OpenFailCode::PeerNotPresent) when no client
+    /// of that name is connected, and with [`Refused`](qmesh_proto::codes::OpenFailCode::Refused) and the
+    /// peer's reason when it refuses.
+    pub async fn open(&self, address: &Address) -> Result<Channel, OpenError> {
+        let (peer, channel) = address.mesh()?;
+        let label = format!("{}>{}!{}", self.inner.name, peer, channel);
+        let span = info_span!(parent: &self.inner.span, "channel", id = %label);
+        async {
+            let (mut send, mut recv) = self
+                .inner
+                .conn
+                .open_bi()
+                .await
+                .map_err(|_| OpenError::Session(self.session_error()))?;
+            let pending = Pending::register(
+                self.parts(peer.to_owned(), channel.to_owned(), label.clone()),
+                &send,
+            );
+            let open = ChannelMsg::Open {
+                peer: peer.to_owned(),
+                channel: channel.to_owned(),
+            };
+            if write_frame(&mut send, &open).await.is_err() {
+                pending.abandon();
+                return Err(OpenError::Session(self.session_error()));
+            }
+            let secs = self.inner.config.open_timeout.as_secs();
+            let reply = timeout(
+                self.inner.config.open_timeout,
+                read_frame::<ChannelMsg, _>(&mut recv),
+            )
+            .await;
+            match reply {
+                Ok(Ok(Some(ChannelMsg::Ready))) => Ok(pending.ready(send, recv)),
+                Ok(Ok(Some(ChannelMsg::OpenFailed { code, message }))) => {
+                    pending.abandon();
+                    info!(code = ?code, cause = %message, "open failed");
+                    Err(OpenError::Failed { code, message })
+                }
+                Ok(Ok(Some(other))) => {
+                    pending.abandon();
+                    Err(OpenError::Protocol(format!("unexpected {other:?}")))
+                }
+                Ok(Ok(None)) | Ok(Err(_)) => {
+                    pending.abandon();
+                    Err(OpenError::Session(self.session_error()))
+                }
+                Err(_) => {
+                    pending.abandon();
+                    let _ = send.reset(VarInt::from_u32(StreamCode::Cancelled.code()));
+                    Err(OpenError::Timeout { secs })
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Open a channel by address text, e.g. `"mesh/bob!chat"`.
+    pub async fn open_str(&self, address: &str) -> Result<Channel, OpenError> {
+        let address: Address = address.parse()?;
+        self.open(&address).await
+    }
+
+    /// The next channel a peer wants to open with this client, or `None`
+    /// once the session has ended.
+    pub async fn accept(&self) -> Option<IncomingChannel> {
+        let mut incoming = self.inner.incoming.lock().await;
+        let mut offer = incoming.recv().await?;
+        let label = format!("{}>{}!{}", offer.from, self.inner.name, offer.channel);
+        offer.parts = Some(PartsBox(self.parts(
+            offer.from.clone(),
+            offer.channel.clone(),
+            label,
+        )));
+        Some(offer)
+    }
+
+    /// Leave: close the connection with a normal code and `reason`, and wait
+    /// (briefly) until the coordinator has been told.
+    pub async fn close(&self, reason: &str) {
+        info!(parent: &self.inner.span, reason, "leaving");
+        self.inner
+            .conn
+            .close(VarInt::from_u32(ConnCode::Normal.code()), reason.as_bytes());
+        let _ = timeout(
+            std::time::Duration::from_secs(2),
+            self.inner.endpoint.wait_idle(),
+        )
+        .await;
+    }
+
+    /// Wait until the session ends and say why.
+    pub async fn closed(&self) -> String {
+        qmesh_certs::transport::describe_close(&self.inner.conn.closed().await)
+    }
+
+    /// The coordinator address this client connected to.
+    pub fn coordinator(&self) -> &str {
+        &self.inner.coordinator
+    }
+}
+
+/// Accept what the coordinator opens towards this client: channel offers
+/// (bidirectional) and data streams (unidirectional).
+async fn drive(
+    conn: Connection,
+    routes: Routes,
+    incoming: mpsc::Sender<IncomingChannel>,
+    config: ClientConfig,
+) {
+    loop {
+        tokio::select! {
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => {
+                    tokio::spawn(offer(send, recv, incoming.clone(), config.clone()).in_current_span());
+                }
+                Err(e) => {
+                    info!(reason = %qmesh_certs::transport::describe_close(&e), "session ended");
+                    break;
+                }
+            },
+            uni = conn.accept_uni() => match uni {
+                Ok(recv) => {
+                    tokio::spawn(route(recv, routes.clone(), config.connect_timeout).in_current_span());
+                }
+                Err(_) => break,
+            },
+        }
+    }
+}
+
+/// Read a channel offer and queue it for `accept`.
+async fn offer(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    incoming: mpsc::Sender<IncomingChannel>,
+    config: ClientConfig,
+) {
+    let first = timeout(
+        config.connect_timeout,
+        read_frame::<ChannelMsg, _>(&mut recv),
+    )
+    .await;
+    let (from, channel) = match first {
+        Ok(Ok(Some(ChannelMsg::Incoming { from, channel }))) => (from, channel),
+        other => {
+            warn!(got = ?other.map(|r| r.map(|m| m.is_some())), "bad channel offer from the coordinator");
+            let _ = send.reset(VarInt::from_u32(StreamCode::Malformed.code()));
+            return;
+        }
+    };
+    debug!(from = %from, channel = %channel, "channel offered");
+    let offer = IncomingChannel {
+        from,
+        channel,
+        streams: Some((send, recv)),
+        parts: None,
+        open_timeout: config.open_timeout,
+    };
+    if let Err(mpsc::error::TrySendError::Full(mut offer)) = incoming.try_send(offer) {
+        // Nobody is taking offers fast enough: refuse rather than queue.
+        if let Some((mut send, _recv)) = offer.streams.take() {
+            let refuse = ChannelMsg::Refuse {
+                reason: "busy: too many channel offers waiting".into(),
+            };
+            if write_frame(&mut send, &refuse).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+    }
+}
+
+/// Hand a data stream to its channel.
+async fn route(mut recv: RecvStream, routes: Routes, header_timeout: std::time::Duration) {
+    let channel = match timeout(header_timeout, read_frame::<StreamHeader, _>(&mut recv)).await {
+        Ok(Ok(Some(StreamHeader::Data { channel }))) => channel,
+        _ => {
+            let _ = recv.stop(VarInt::from_u32(StreamCode::Malformed.code()));
+            return;
+        }
+    };
+    let tx = lock(&routes).get(&channel).cloned();
+    let Some(tx) = tx else {
+        debug!(channel, "data stream for a channel that is gone");
+        let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
+        return;
+    };
+    if let Err(mpsc::error::SendError(mut recv)) = tx.send(recv).await {
+        let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
+    }
+}

@@ -1,0 +1,70 @@
+//! Client configuration.
+
+use std::path::Path;
+use std::time::Duration;
+
+use qmesh_certs::transport::Tuning;
+use qmesh_certs::{CertError, Fingerprint, Trust};
+use qmesh_proto::limits::DEFAULT_MAX_MESSAGE;
+use qmesh_proto::Address;
+
+/// How a client connects and behaves.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The coordinator, as `quic/host[:port]` (port 7447 by default).
+    pub coordinator: Address,
+    /// The name to be reachable by: 1–64 of `a-z 0-9 . _ -`.
+    pub name: String,
+    /// How to check the coordinator's certificate.
+    pub trust: Trust,
+    /// QUIC transport settings; the idle timeout is how long a vanished
+    /// coordinator (and so every channel) takes to be reported lost.
+    pub tuning: Tuning,
+    /// How long connecting (handshake and hello) may take.
+    pub connect_timeout: Duration,
+    /// How long `open` waits for the peer to accept or refuse.
+    pub open_timeout: Duration,
+    /// How long a graceful close waits for the peer to confirm.
+    pub close_timeout: Duration,
+    /// Largest data message this client sends or accepts, in bytes.
+    pub max_message: usize,
+    /// Incoming channel offers held until [`crate::Client::accept`] takes
+    /// them; further offers are refused with "busy".
+    pub incoming_backlog: usize,
+}
+
+impl ClientConfig {
+    /// A configuration with defaults for everything but the essentials.
+    pub fn new(coordinator: Address, name: impl Into<String>, trust: Trust) -> Self {
+        Self {
+            coordinator,
+            name: name.into(),
+            trust,
+            tuning: Tuning::client(),
+            connect_timeout: Duration::from_secs(10),
+            open_timeout: Duration::from_secs(30),
+            close_timeout: Duration::from_secs(30),
+            max_message: DEFAULT_MAX_MESSAGE,
+            incoming_backlog: 64,
+        }
+    }
+
+    /// Trust the CA certificate(s) in the PEM file at `path`.
+    pub fn trust_ca_file(path: &Path) -> Result<Trust, CertError> {
+        Ok(Trust::Ca {
+            certs: qmesh_certs::load_certs(path)?,
+            source: path.display().to_string(),
+        })
+    }
+
+    /// Trust exactly the coordinator certificate with this fingerprint.
+    pub fn trust_fingerprint(fingerprint: Fingerprint) -> Trust {
+        Trust::Pinned(fingerprint)
+    }
+
+    /// Set the idle timeout (and the keep-alive to a third of it).
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.tuning = self.tuning.with_idle_timeout(idle);
+        self
+    }
+}

@@ -1,0 +1,68 @@
+//! qmesh-client: the qmesh client library, the product's main surface.
+//!
+//! A client connects to a coordinator under a unique name, opens named
+//! channels to other clients (`mesh/bob!chat`), accepts the channels others
+//! open to it, and sends whole messages over data streams on those
+//! channels. Every channel ends exactly once: closed (with the closer's
+//! reason) or lost.
+//!
+//! ```
+//! use qmesh_client::{Client, ClientConfig};
+//! use qmesh_coordinator::{Config, Coordinator};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> anyhow::Result<()> {
+//! // A coordinator on loopback with a fresh CA (a deployment uses
+//! // `qmesh-coordinator certs` and `qmesh-coordinator run`).
+//! let ca = qmesh_certs::Ca::generate("example CA")?;
+//! let mut config = Config::new(ca.issue_server(&["localhost".into()])?);
+//! config.listen = "127.0.0.1:0".parse()?;
+//! let coordinator = Coordinator::bind(config)?.spawn();
+//! let addr = format!("quic/localhost:{}", coordinator.local_addr().port()).parse()?;
+//! let trust = qmesh_certs::Trust::Ca { certs: vec![ca.cert_der().clone()], source: "example CA".into() };
+//!
+//! let alice = Client::connect(ClientConfig::new(addr, "alice", trust.clone())).await?;
+//! let bob = Client::connect(ClientConfig::new(alice_addr(&alice)?, "bob", trust)).await?;
+//!
+//! let (opened, offered) = tokio::join!(alice.open_str("mesh/bob!chat"), bob.accept());
+//! let to_bob = opened?;
+//! let from_alice = offered.expect("an offer").accept().await?;
+//!
+//! let mut out = to_bob.open_stream().await?;
+//! out.send(b"hello bob").await?;
+//! out.finish().await?;
+//! let mut inbox = from_alice.accept_stream().await?.expect("a stream");
+//! assert_eq!(&inbox.recv().await?.expect("a message")[..], b"hello bob");
+//!
+//! to_bob.close("done").await?;
+//! println!("bob's side: {}", from_alice.ended().await);
+//! # coordinator.shutdown().await;
+//! # Ok(()) }
+//! # fn alice_addr(c: &Client) -> anyhow::Result<qmesh_proto::Address> { Ok(c.coordinator().parse()?) }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`config`]: [`ClientConfig`]: coordinator, name, trust, timeouts, limits.
+//! - [`client`]: [`Client`]: connect, open, accept, leave.
+//! - [`channel`]: [`Channel`], [`IncomingChannel`], [`ChannelEnd`].
+//! - [`stream`]: [`MessageSender`], [`MessageReceiver`]: whole messages.
+//! - [`error`]: one error enum per operation.
+
+#![warn(missing_docs)]
+
+pub mod channel;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod stream;
+
+pub use channel::{Channel, ChannelEnd, IncomingChannel, Side};
+pub use client::Client;
+pub use config::ClientConfig;
+pub use error::{
+    AcceptError, CloseError, ConnectError, OpenError, RecvError, SendError, StreamError,
+};
+pub use qmesh_certs::{Fingerprint, Trust};
+pub use qmesh_proto::Address;
+pub use stream::{MessageReceiver, MessageSender};

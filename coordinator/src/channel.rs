@@ -1,0 +1,326 @@
+//! Channel routing: open, ask the callee, join, forward, close.
+//!
+//! The opener's channel control stream is handled by [`handle_open`]: it
+//! reads `Open`, finds the callee, opens a control stream to it with
+//! `Incoming`, and waits for `Accept` or `Refuse`. On accept both sides are
+//! registered (so data streams can be routed), both get `Ready`, and two
+//! forwarders join the control streams end to end. Each forwarder delivers
+//! exactly one terminal message to its destination: the source's `Close`
+//! (after the source's data streams were relayed) or a `Lost` when the
+//! source disappeared.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use qmesh_proto::codec::{read_frame, write_frame};
+use qmesh_proto::codes::{ConnCode, OpenFailCode, StreamCode};
+use qmesh_proto::limits::clip_reason;
+use qmesh_proto::msg::ChannelMsg;
+use qmesh_proto::name::{validate_channel_name, validate_client_name};
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tokio::sync::watch;
+use tokio::time::timeout;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::server::{read_error_code, violation, Session, Shared};
+
+/// Data streams one side has sent into a channel.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct StreamCount {
+    /// Streams whose header named this channel.
+    pub(crate) accepted: u64,
+    /// Of those, streams still being relayed.
+    pub(crate) active: u64,
+}
+
+/// One side of a joined channel, as seen from that side's connection.
+#[derive(Debug)]
+pub(crate) struct ChannelSide {
+    /// `opener>callee!channel`, for logs.
+    pub(crate) label: Arc<str>,
+    /// The other side's connection.
+    pub(crate) peer_conn: Connection,
+    /// The channel's control stream id on the other side's connection.
+    pub(crate) peer_channel: u64,
+    /// Data streams this side has sent into the channel.
+    pub(crate) streams: watch::Sender<StreamCount>,
+}
+
+fn stream_code(code: StreamCode) -> VarInt {
+    VarInt::from_u32(code.code())
+}
+
+fn msg_name(msg: &ChannelMsg) -> &'static str {
+    match msg {
+        ChannelMsg::Open { .. } => "open",
+        ChannelMsg::Incoming { .. } => "incoming",
+        ChannelMsg::Accept => "accept",
+        ChannelMsg::Refuse { .. } => "refuse",
+        ChannelMsg::Ready => "ready",
+        ChannelMsg::OpenFailed { .. } => "open-failed",
+        ChannelMsg::Close { .. } => "close",
+        ChannelMsg::Lost { .. } => "lost",
+    }
+}
+
+/// Tell the opener the channel could not be opened.
+async fn fail(send: &mut SendStream, code: OpenFailCode, message: String) {
+    info!(code = ?code, cause = %message, "open failed");
+    let msg = ChannelMsg::OpenFailed { code, message };
+    if write_frame(send, &msg).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+/// Handle a channel control stream the client `session` opened.
+pub(crate) async fn handle_open(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    a_send: SendStream,
+    mut a_recv: RecvStream,
+) {
+    let conn = &session.conn;
+    let first = timeout(
+        shared.config.hello_timeout,
+        read_frame::<ChannelMsg, _>(&mut a_recv),
+    )
+    .await;
+    let (peer, channel) = match first {
+        Err(_) => {
+            debug!("channel stream opened but no open sent in time");
+            let _ = a_recv.stop(stream_code(StreamCode::Cancelled));
+            return;
+        }
+        Ok(Ok(Some(ChannelMsg::Open { peer, channel }))) => (peer, channel),
+        Ok(Ok(Some(other))) => {
+            let what = format!(
+                "expected open on a new channel stream, got {}",
+                msg_name(&other)
+            );
+            violation(conn, ConnCode::UnexpectedMessage, &what);
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            if let Some(code) = read_error_code(&e) {
+                violation(conn, code, &format!("bad channel open: {e}"));
+            }
+            return;
+        }
+    };
+    let label: Arc<str> = format!("{}>{}!{}", session.name, peer, channel).into();
+    let span = info_span!("channel", id = %label);
+    open(shared, session, (a_send, a_recv), peer, channel, label)
+        .instrument(span)
+        .await;
+}
+
+async fn open(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    (mut a_send, mut a_recv): (SendStream, RecvStream),
+    peer: String,
+    channel: String,
+    label: Arc<str>,
+) {
+    if let Err(e) = validate_client_name(&peer) {
+        return fail(&mut a_send, OpenFailCode::InvalidAddress, e.to_string()).await;
+    }
+    if let Err(e) = validate_channel_name(&channel) {
+        return fail(&mut a_send, OpenFailCode::InvalidAddress, e.to_string()).await;
+    }
+    if peer == session.name {
+        let msg =
+            format!("\"{peer}\" is this client's own name; a channel joins two different clients");
+        return fail(&mut a_send, OpenFailCode::SelfChannel, msg).await;
+    }
+    let found = shared.registry().lookup(&peer).cloned();
+    let Some(callee) = found else {
+        let msg = format!(
+            "peer not present: no client named \"{peer}\" is connected to this coordinator"
+        );
+        return fail(&mut a_send, OpenFailCode::PeerNotPresent, msg).await;
+    };
+    let answer_timeout = shared.config.answer_timeout;
+    let opened = timeout(answer_timeout, async {
+        let (mut send, recv) = callee.conn.open_bi().await.ok()?;
+        let incoming = ChannelMsg::Incoming {
+            from: session.name.clone(),
+            channel: channel.clone(),
+        };
+        write_frame(&mut send, &incoming).await.ok()?;
+        Some((send, recv))
+    })
+    .await;
+    let (mut b_send, mut b_recv) = match opened {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            let msg = format!("peer \"{peer}\" left before the channel could be offered");
+            return fail(&mut a_send, OpenFailCode::PeerLeft, msg).await;
+        }
+        Err(_) => {
+            let msg = format!("peer \"{peer}\" has no room for another channel; try again later");
+            return fail(&mut a_send, OpenFailCode::Timeout, msg).await;
+        }
+    };
+    debug!("offered to callee");
+
+    // Wait for the callee's answer; the opener giving up (its stream or
+    // connection ending) cancels the offer.
+    let answer = tokio::select! {
+        answer = timeout(answer_timeout, read_frame::<ChannelMsg, _>(&mut b_recv)) => answer,
+        _ = read_frame::<ChannelMsg, _>(&mut a_recv) => {
+            debug!("opener gave up before the callee answered");
+            let _ = b_send.reset(stream_code(StreamCode::Cancelled));
+            let _ = b_recv.stop(stream_code(StreamCode::Cancelled));
+            return;
+        }
+    };
+    match answer {
+        Ok(Ok(Some(ChannelMsg::Accept))) => {}
+        Ok(Ok(Some(ChannelMsg::Refuse { reason }))) => {
+            let _ = b_send.finish();
+            let msg = format!(
+                "peer \"{peer}\" refused channel \"{channel}\": {}",
+                clip_reason(&reason)
+            );
+            return fail(&mut a_send, OpenFailCode::Refused, msg).await;
+        }
+        Ok(Ok(Some(other))) => {
+            let what = format!("expected accept or refuse, got {}", msg_name(&other));
+            violation(&callee.conn, ConnCode::UnexpectedMessage, &what);
+            let msg = format!("peer \"{peer}\" broke the protocol and was disconnected");
+            return fail(&mut a_send, OpenFailCode::PeerLeft, msg).await;
+        }
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            if let Ok(Err(e)) = &answer {
+                if let Some(code) = read_error_code(e) {
+                    violation(&callee.conn, code, &format!("bad channel answer: {e}"));
+                }
+            }
+            let msg = format!("peer \"{peer}\" left before answering");
+            return fail(&mut a_send, OpenFailCode::PeerLeft, msg).await;
+        }
+        Err(_) => {
+            let _ = b_send.reset(stream_code(StreamCode::Cancelled));
+            let msg = format!(
+                "peer \"{peer}\" did not answer within {} s",
+                answer_timeout.as_secs()
+            );
+            return fail(&mut a_send, OpenFailCode::Timeout, msg).await;
+        }
+    }
+
+    // Join: register both sides before either hears Ready, so that a data
+    // stream sent right after Ready always finds its channel.
+    let a_id = u64::from(a_send.id());
+    let b_id = u64::from(b_send.id());
+    let side_a = Arc::new(ChannelSide {
+        label: label.clone(),
+        peer_conn: callee.conn.clone(),
+        peer_channel: b_id,
+        streams: watch::Sender::new(StreamCount::default()),
+    });
+    let side_b = Arc::new(ChannelSide {
+        label: label.clone(),
+        peer_conn: session.conn.clone(),
+        peer_channel: a_id,
+        streams: watch::Sender::new(StreamCount::default()),
+    });
+    session.channels().insert(a_id, side_a.clone());
+    callee.channels().insert(b_id, side_b.clone());
+    shared.stats.channels_joined.fetch_add(1, Ordering::Relaxed);
+    // A failed write means that side is gone; its forwarder reports it.
+    let _ = write_frame(&mut a_send, &ChannelMsg::Ready).await;
+    let _ = write_frame(&mut b_send, &ChannelMsg::Ready).await;
+    info!("joined");
+
+    let drain = shared.config.drain_timeout;
+    tokio::join!(
+        forward(&session, a_recv, &side_a, b_send, drain),
+        forward(&callee, b_recv, &side_b, a_send, drain),
+    );
+    session.channels().remove(&a_id);
+    callee.channels().remove(&b_id);
+    info!("ended");
+}
+
+/// Forward the control frames `from` sends to the other side until the
+/// channel ends, delivering exactly one `Close` or `Lost` to `to`.
+async fn forward(
+    from: &Session,
+    mut from_recv: RecvStream,
+    from_side: &ChannelSide,
+    mut to: SendStream,
+    drain: std::time::Duration,
+) {
+    let mut terminal_sent = false;
+    let terminal = loop {
+        match read_frame::<ChannelMsg, _>(&mut from_recv).await {
+            Ok(Some(ChannelMsg::Close { reason, streams })) => {
+                let reason = clip_reason(&reason);
+                let mut counts = from_side.streams.subscribe();
+                let drained = tokio::select! {
+                    r = timeout(drain, counts.wait_for(|c| c.accepted >= streams && c.active == 0)) => r.is_ok(),
+                    _ = from.conn.closed() => break Some(lost_reason(from, None)),
+                };
+                if !drained {
+                    warn!(
+                        client = %from.name,
+                        streams,
+                        "close forwarded before all of the closer's data streams were relayed"
+                    );
+                }
+                debug!(by = %from.name, "close");
+                if write_frame(&mut to, &ChannelMsg::Close { reason, streams })
+                    .await
+                    .is_err()
+                {
+                    break None;
+                }
+                terminal_sent = true;
+            }
+            Ok(Some(other)) => {
+                let what = format!("unexpected {} on a joined channel", msg_name(&other));
+                violation(&from.conn, ConnCode::UnexpectedMessage, &what);
+                break Some(format!(
+                    "\"{}\" broke the protocol and was disconnected",
+                    from.name
+                ));
+            }
+            Ok(None) => {
+                break Some(format!(
+                    "\"{}\" ended the channel without closing it",
+                    from.name
+                ));
+            }
+            Err(e) => {
+                if let Some(code) = read_error_code(&e) {
+                    violation(&from.conn, code, &format!("bad channel frame: {e}"));
+                }
+                break Some(lost_reason(from, Some(&e.to_string())));
+            }
+        }
+    };
+    if let Some(reason) = terminal.filter(|_| !terminal_sent) {
+        debug!(side = %from.name, cause = %reason, "lost");
+        let _ = write_frame(&mut to, &ChannelMsg::Lost { reason }).await;
+    }
+    let _ = to.finish();
+}
+
+/// Why `from` is gone, for a `Lost` message.
+fn lost_reason(from: &Session, stream_error: Option<&str>) -> String {
+    match from.conn.close_reason() {
+        Some(e) => format!(
+            "\"{}\" disconnected: {}",
+            from.name,
+            crate::describe_close(&e)
+        ),
+        None => format!(
+            "\"{}\" abandoned the channel: {}",
+            from.name,
+            stream_error.unwrap_or("stream ended")
+        ),
+    }
+}

@@ -1,0 +1,47 @@
+//! Coordinator configuration.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use qmesh_certs::transport::Tuning;
+use qmesh_certs::Identity;
+use qmesh_proto::address::DEFAULT_COORDINATOR_PORT;
+
+/// How a coordinator runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// The coordinator's certificate chain and key.
+    pub identity: Identity,
+    /// QUIC transport settings (idle timeout, windows, stream limits).
+    pub tuning: Tuning,
+    /// How long a new connection has to complete its hello.
+    pub hello_timeout: Duration,
+    /// How long a callee has to accept or refuse a channel.
+    pub answer_timeout: Duration,
+    /// How long a graceful close may wait for the closer's data streams to
+    /// be relayed before the close is forwarded anyway.
+    pub drain_timeout: Duration,
+    /// Bytes the relay reads from one stream before writing them on.
+    pub relay_chunk: usize,
+    /// Kernel UDP socket buffer size to ask for (send and receive), so a
+    /// burst of handshakes or a fast stream is not dropped by the kernel.
+    pub socket_buffer: usize,
+}
+
+impl Config {
+    /// Defaults for everything but the identity; listens on `*4:7447`.
+    pub fn new(identity: Identity) -> Self {
+        Self {
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_COORDINATOR_PORT)),
+            identity,
+            tuning: Tuning::default(),
+            hello_timeout: Duration::from_secs(10),
+            answer_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            relay_chunk: 64 * 1024,
+            socket_buffer: 4 * 1024 * 1024,
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The data stream relay.
+//!
+//! Each unidirectional stream a client opens starts with a header naming
+//! one of its channels. The relay opens a matching stream to the other
+//! side, writes that side's header, and copies chunks until the end.
+//!
+//! Memory: the relay holds at most one chunk (`relay_chunk` bytes) per
+//! stream. Everything else waits in QUIC's own buffers, which flow control
+//! bounds: a stream's receive window on the inbound side and the
+//! connection's send window on the outbound side. When the reader stops
+//! reading, the outbound write blocks, the relay stops reading, the
+//! inbound window closes, and the writer blocks.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use qmesh_proto::codec::{read_frame, write_frame, DecodeError, ReadFrameError};
+use qmesh_proto::codes::StreamCode;
+use qmesh_proto::msg::StreamHeader;
+use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
+use tokio::sync::watch;
+use tokio::time::timeout;
+use tracing::{debug, trace, warn};
+
+use crate::channel::StreamCount;
+use crate::server::{Session, Shared};
+
+fn code(c: StreamCode) -> VarInt {
+    VarInt::from_u32(c.code())
+}
+
+/// Marks a relayed stream finished in its channel's count when dropped.
+struct Active<'a>(&'a watch::Sender<StreamCount>);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0
+            .send_modify(|c| c.active = c.active.saturating_sub(1));
+    }
+}
+
+/// Relay one data stream `session` opened.
+pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut recv: RecvStream) {
+    let header = timeout(
+        shared.config.hello_timeout,
+        read_frame::<StreamHeader, _>(&mut recv),
+    )
+    .await;
+    let channel = match header {
+        Ok(Ok(Some(StreamHeader::Data { channel }))) => channel,
+        Ok(Ok(None)) => return,
+        Ok(Err(ReadFrameError::Io(_))) => return,
+        Ok(Err(e)) => {
+            let c = match e {
+                ReadFrameError::Decode(DecodeError::TooLarge { .. }) => StreamCode::FrameTooLarge,
+                _ => StreamCode::Malformed,
+            };
+            warn!(client = %session.name, cause = %e, "stopping data stream with a bad header");
+            let _ = recv.stop(code(c));
+            return;
+        }
+        Err(_) => {
+            warn!(client = %session.name, "stopping data stream: no header in time");
+            let _ = recv.stop(code(StreamCode::Malformed));
+            return;
+        }
+    };
+    let side = session.channels().get(&channel).cloned();
+    let Some(side) = side else {
+        debug!(client = %session.name, channel, "data stream for an unknown channel");
+        let _ = recv.stop(code(StreamCode::UnknownChannel));
+        return;
+    };
+    side.streams.send_modify(|c| {
+        c.accepted += 1;
+        c.active += 1;
+    });
+    let _active = Active(&side.streams);
+    let mut send = match side.peer_conn.open_uni().await {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = recv.stop(code(StreamCode::PeerLost));
+            return;
+        }
+    };
+    let header = StreamHeader::Data {
+        channel: side.peer_channel,
+    };
+    if write_frame(&mut send, &header).await.is_err() {
+        let _ = recv.stop(code(StreamCode::PeerLost));
+        return;
+    }
+    shared.stats.streams_relayed.fetch_add(1, Ordering::Relaxed);
+    trace!(channel = %side.label, "relaying stream");
+    copy(&shared, &mut recv, &mut send).await;
+}
+
+/// Copy `recv` to `send` chunk by chunk, passing resets and stops across.
+async fn copy(shared: &Shared, recv: &mut RecvStream, send: &mut SendStream) {
+    let chunk = shared.config.relay_chunk;
+    loop {
+        match recv.read_chunk(chunk, true).await {
+            Ok(Some(c)) => {
+                let n = c.bytes.len() as u64;
+                match send.write_chunk(c.bytes).await {
+                    Ok(()) => {
+                        shared.stats.bytes_relayed.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(WriteError::Stopped(c)) => {
+                        let _ = recv.stop(c);
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = recv.stop(code(StreamCode::PeerLost));
+                        return;
+                    }
+                }
+            }
+            Ok(None) => {
+                let _ = send.finish();
+                return;
+            }
+            Err(ReadError::Reset(c)) => {
+                let _ = send.reset(c);
+                return;
+            }
+            Err(_) => {
+                let _ = send.reset(code(StreamCode::PeerLost));
+                return;
+            }
+        }
+    }
+}

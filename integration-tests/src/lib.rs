@@ -1,0 +1,1 @@
+//! Shared helpers for the qmesh end-to-end tests.

@@ -1,0 +1,479 @@
+//! The one module that turns messages into bytes and back.
+//!
+//! Control frames are a 4-byte big-endian body length followed by a
+//! bincode 2 body (serde, standard configuration: little-endian, varint
+//! integers). Nothing else in qmesh serialises; replacing bincode means
+//! replacing this module.
+//!
+//! Rules enforced here:
+//! - a declared length above the limit is refused before any allocation;
+//! - a body must decode to exactly one message: trailing bytes are an error;
+//! - decoding never panics, whatever the input (property tests below).
+
+use std::io;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::limits::{LENGTH_PREFIX, MAX_CONTROL_FRAME};
+
+/// Bincode configuration: standard, with a decode limit so that a length
+/// inside a body (say a string's) cannot make the decoder allocate more
+/// than a whole frame may hold.
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_CONTROL_FRAME>()
+}
+
+/// Why bytes from the network are not a valid message.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// A frame declared a body longer than the limit.
+    #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The declared length.
+        len: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The body is not a valid encoding of the expected message type.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The body held a valid message followed by extra bytes.
+    #[error("{extra} trailing bytes after the message")]
+    TrailingBytes {
+        /// How many bytes were left over.
+        extra: usize,
+    },
+}
+
+/// Why a message could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// The encoded body would exceed the frame limit.
+    #[error("message of {len} bytes exceeds the frame limit of {limit} bytes")]
+    TooLarge {
+        /// The encoded length.
+        len: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// Serialisation failed.
+    #[error("cannot encode message: {0}")]
+    Serialize(String),
+}
+
+/// Reading a frame from a stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadFrameError {
+    /// The stream failed (reset, connection lost, …).
+    #[error("stream read failed: {0}")]
+    Io(#[from] io::Error),
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// The bytes are not a valid frame.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+/// Writing a frame to a stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteFrameError {
+    /// The stream failed.
+    #[error("stream write failed: {0}")]
+    Io(#[from] io::Error),
+    /// The message could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+}
+
+/// Encode `msg` as a bare body (no length prefix).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, EncodeError> {
+    let body = bincode::serde::encode_to_vec(msg, config())
+        .map_err(|e| EncodeError::Serialize(e.to_string()))?;
+    if body.len() > MAX_CONTROL_FRAME {
+        return Err(EncodeError::TooLarge {
+            len: body.len(),
+            limit: MAX_CONTROL_FRAME,
+        });
+    }
+    Ok(body)
+}
+
+/// Encode `msg` as a frame: length prefix, then body.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, EncodeError> {
+    let body = encode(msg)?;
+    let mut frame = Vec::with_capacity(LENGTH_PREFIX + body.len());
+    frame.extend_from_slice(&length_prefix(body.len()));
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Decode a bare body that must hold exactly one `T`.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
+    if body.len() > MAX_CONTROL_FRAME {
+        return Err(DecodeError::TooLarge {
+            len: body.len(),
+            limit: MAX_CONTROL_FRAME,
+        });
+    }
+    let (msg, used) = bincode::serde::decode_from_slice(body, config())
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(DecodeError::TrailingBytes {
+            extra: body.len() - used,
+        });
+    }
+    Ok(msg)
+}
+
+/// The 4-byte big-endian prefix for a body of `len` bytes.
+///
+/// `len` must fit in a `u32`; callers check their limits first.
+pub fn length_prefix(len: usize) -> [u8; LENGTH_PREFIX] {
+    u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes()
+}
+
+/// Check a received length prefix against `limit` and return the length.
+pub fn check_length(prefix: [u8; LENGTH_PREFIX], limit: usize) -> Result<usize, DecodeError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > limit {
+        return Err(DecodeError::TooLarge { len, limit });
+    }
+    Ok(len)
+}
+
+/// Parse one frame from the front of `buf` without I/O.
+///
+/// Returns `Ok(None)` when `buf` does not yet hold a whole frame, or the
+/// message and the number of bytes it used.
+pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, DecodeError> {
+    let Some(prefix) = buf.first_chunk::<LENGTH_PREFIX>() else {
+        return Ok(None);
+    };
+    let len = check_length(*prefix, MAX_CONTROL_FRAME)?;
+    let Some(body) = buf.get(LENGTH_PREFIX..LENGTH_PREFIX + len) else {
+        return Ok(None);
+    };
+    Ok(Some((decode(body)?, LENGTH_PREFIX + len)))
+}
+
+/// Read one frame from `r`.
+///
+/// Returns `Ok(None)` on a clean end of stream before the first byte of a
+/// frame. The declared length is checked before the body is allocated.
+pub async fn read_frame<T, R>(r: &mut R) -> Result<Option<T>, ReadFrameError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    let mut prefix = [0u8; LENGTH_PREFIX];
+    let mut got = 0;
+    while got < LENGTH_PREFIX {
+        let n = r.read(&mut prefix[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(ReadFrameError::Truncated)
+            };
+        }
+        got += n;
+    }
+    let len = check_length(prefix, MAX_CONTROL_FRAME)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ReadFrameError::Truncated
+        } else {
+            ReadFrameError::Io(e)
+        }
+    })?;
+    Ok(Some(decode(&body)?))
+}
+
+/// Write `msg` as one frame to `w` (one write call).
+pub async fn write_frame<T, W>(w: &mut W, msg: &T) -> Result<(), WriteFrameError>
+where
+    T: Serialize,
+    W: AsyncWrite + Unpin,
+{
+    let frame = encode_frame(msg)?;
+    w.write_all(&frame).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::codes::{OpenFailCode, RejectCode};
+    use crate::msg::{ChannelMsg, SessionMsg, StreamHeader};
+
+    /// Freeze the wire bytes of a message (iroh `check_expected_bytes`).
+    fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T, hex: &str) {
+        let frame = encode_frame(&msg).unwrap();
+        assert_eq!(hex::encode(&frame), hex, "wire bytes of {msg:?} changed");
+        let (back, used) = decode_frame::<T>(&frame).unwrap().unwrap();
+        assert_eq!(back, msg);
+        assert_eq!(used, frame.len());
+    }
+
+    #[test]
+    fn snapshot_hello() {
+        check(
+            SessionMsg::Hello {
+                version: 1,
+                name: "alice".into(),
+            },
+            "00000008000105616c696365",
+        );
+    }
+
+    #[test]
+    fn snapshot_welcome() {
+        check(
+            SessionMsg::Welcome {
+                session: 300,
+                observed: SocketAddr::from((Ipv4Addr::LOCALHOST, 7447)),
+            },
+            "0000000c01fb2c01007f000001fb171d",
+        );
+    }
+
+    #[test]
+    fn snapshot_reject() {
+        check(
+            SessionMsg::Reject {
+                code: RejectCode::NameTaken,
+                message: "taken".into(),
+            },
+            "0000000802010574616b656e",
+        );
+    }
+
+    #[test]
+    fn snapshot_open() {
+        check(
+            ChannelMsg::Open {
+                peer: "bob".into(),
+                channel: "chat".into(),
+            },
+            "0000000a0003626f620463686174",
+        );
+    }
+
+    #[test]
+    fn snapshot_incoming() {
+        check(
+            ChannelMsg::Incoming {
+                from: "alice".into(),
+                channel: "chat".into(),
+            },
+            "0000000c0105616c6963650463686174",
+        );
+    }
+
+    #[test]
+    fn snapshot_accept() {
+        check(ChannelMsg::Accept, "0000000102");
+    }
+
+    #[test]
+    fn snapshot_refuse() {
+        check(
+            ChannelMsg::Refuse {
+                reason: "busy".into(),
+            },
+            "00000006030462757379",
+        );
+    }
+
+    #[test]
+    fn snapshot_ready() {
+        check(ChannelMsg::Ready, "0000000104");
+    }
+
+    #[test]
+    fn snapshot_open_failed() {
+        check(
+            ChannelMsg::OpenFailed {
+                code: OpenFailCode::PeerNotPresent,
+                message: "no".into(),
+            },
+            "000000050500026e6f",
+        );
+    }
+
+    #[test]
+    fn snapshot_close() {
+        check(
+            ChannelMsg::Close {
+                reason: "done".into(),
+                streams: 2,
+            },
+            "000000070604646f6e6502",
+        );
+    }
+
+    #[test]
+    fn snapshot_lost() {
+        check(
+            ChannelMsg::Lost {
+                reason: "gone".into(),
+            },
+            "000000060704676f6e65",
+        );
+    }
+
+    #[test]
+    fn snapshot_stream_header() {
+        check(StreamHeader::Data { channel: 4 }, "000000020004");
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_reading_body() {
+        let prefix = length_prefix(MAX_CONTROL_FRAME + 1);
+        let err = decode_frame::<SessionMsg>(&prefix).unwrap_err();
+        assert!(matches!(err, DecodeError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn trailing_bytes_are_an_error() {
+        let mut body = encode(&ChannelMsg::Accept).unwrap();
+        body.push(0);
+        let err = decode::<ChannelMsg>(&body).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::TrailingBytes { extra: 1 }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_variant_is_malformed() {
+        let err = decode::<ChannelMsg>(&[200]).unwrap_err();
+        assert!(matches!(err, DecodeError::Malformed(_)), "{err}");
+    }
+
+    #[test]
+    fn string_length_beyond_limit_is_refused() {
+        // Variant 0 (Hello), version 1, then a name claiming u32::MAX bytes.
+        let body = [0u8, 1, 0xfc, 0xff, 0xff, 0xff, 0xff];
+        assert!(decode::<SessionMsg>(&body).is_err());
+    }
+
+    #[tokio::test]
+    async fn read_frame_handles_eof_truncation_and_limit() {
+        let frame = encode_frame(&ChannelMsg::Ready).unwrap();
+        let mut whole: &[u8] = &frame;
+        assert_eq!(
+            read_frame::<ChannelMsg, _>(&mut whole).await.unwrap(),
+            Some(ChannelMsg::Ready)
+        );
+        assert!(read_frame::<ChannelMsg, _>(&mut whole)
+            .await
+            .unwrap()
+            .is_none());
+        let mut cut: &[u8] = &frame[..frame.len() - 1];
+        assert!(matches!(
+            read_frame::<ChannelMsg, _>(&mut cut).await,
+            Err(ReadFrameError::Truncated)
+        ));
+        let big = length_prefix(u32::MAX as usize);
+        let mut big: &[u8] = &big;
+        assert!(matches!(
+            read_frame::<ChannelMsg, _>(&mut big).await,
+            Err(ReadFrameError::Decode(DecodeError::TooLarge { .. }))
+        ));
+    }
+
+    fn arb_text() -> impl Strategy<Value = String> {
+        ".{0,40}"
+    }
+
+    fn arb_channel_msg() -> impl Strategy<Value = ChannelMsg> {
+        prop_oneof![
+            (arb_text(), arb_text()).prop_map(|(peer, channel)| ChannelMsg::Open { peer, channel }),
+            (arb_text(), arb_text())
+                .prop_map(|(from, channel)| ChannelMsg::Incoming { from, channel }),
+            Just(ChannelMsg::Accept),
+            arb_text().prop_map(|reason| ChannelMsg::Refuse { reason }),
+            Just(ChannelMsg::Ready),
+            arb_text().prop_map(|message| ChannelMsg::OpenFailed {
+                code: OpenFailCode::Refused,
+                message
+            }),
+            (arb_text(), any::<u64>())
+                .prop_map(|(reason, streams)| ChannelMsg::Close { reason, streams }),
+            arb_text().prop_map(|reason| ChannelMsg::Lost { reason }),
+        ]
+    }
+
+    /// Socket addresses as the wire carries them: IPv6 flow label and scope
+    /// id are not part of the encoding.
+    fn arb_addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port))),
+            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port))),
+        ]
+    }
+
+    fn arb_session_msg() -> impl Strategy<Value = SessionMsg> {
+        prop_oneof![
+            (any::<u32>(), arb_text())
+                .prop_map(|(version, name)| SessionMsg::Hello { version, name }),
+            (any::<u64>(), arb_addr())
+                .prop_map(|(session, observed)| SessionMsg::Welcome { session, observed }),
+            arb_text().prop_map(|message| SessionMsg::Reject {
+                code: RejectCode::InvalidName,
+                message
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn channel_msg_round_trips(msg in arb_channel_msg()) {
+            let frame = encode_frame(&msg).unwrap();
+            let (back, used) = decode_frame::<ChannelMsg>(&frame).unwrap().unwrap();
+            prop_assert_eq!(back, msg);
+            prop_assert_eq!(used, frame.len());
+        }
+
+        #[test]
+        fn session_msg_round_trips(msg in arb_session_msg()) {
+            let frame = encode_frame(&msg).unwrap();
+            let (back, _) = decode_frame::<SessionMsg>(&frame).unwrap().unwrap();
+            prop_assert_eq!(back, msg);
+        }
+
+        #[test]
+        fn header_round_trips(channel in any::<u64>()) {
+            let msg = StreamHeader::Data { channel };
+            let frame = encode_frame(&msg).unwrap();
+            let (back, _) = decode_frame::<StreamHeader>(&frame).unwrap().unwrap();
+            prop_assert_eq!(back, msg);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<SessionMsg>(&bytes);
+            let _ = decode::<ChannelMsg>(&bytes);
+            let _ = decode::<StreamHeader>(&bytes);
+            let _ = decode_frame::<ChannelMsg>(&bytes);
+        }
+
+        #[test]
+        fn truncated_frames_never_decode(msg in arb_channel_msg(), cut in any::<prop::sample::Index>()) {
+            let frame = encode_frame(&msg).unwrap();
+            let cut = cut.index(frame.len());
+            // A strict prefix is either incomplete or an error, never a message.
+            prop_assert!(!matches!(decode_frame::<ChannelMsg>(&frame[..cut]), Ok(Some(_))));
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Typed close and rejection codes.
+//!
+//! QUIC carries a numeric application error code when a connection is
+//! closed or a stream is reset or stopped. qmesh gives those numbers names:
+//! [`ConnCode`] for connections, [`StreamCode`] for streams. [`RejectCode`]
+//! and [`OpenFailCode`] travel inside control messages.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! numbered {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $num:expr, $text:expr;)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)*
+        }
+
+        impl $name {
+            /// The number sent on the wire.
+            pub fn code(self) -> u32 {
+                match self { $(Self::$variant => $num,)* }
+            }
+
+            /// The code for a number received from the wire, if known.
+            pub fn from_code(code: u64) -> Option<Self> {
+                match code { $(n if n == $num => Some(Self::$variant),)* _ => None }
+            }
+
+            /// A short human description.
+            pub fn describe(self) -> &'static str {
+                match self { $(Self::$variant => $text,)* }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{} ({})", self.describe(), self.code())
+            }
+        }
+    };
+}
+
+numbered! {
+    /// Why a QUIC connection was closed (the application error code of
+    /// `CONNECTION_CLOSE`). The reason phrase carries a sentence for people.
+    ConnCode {
+        /// The client left normally.
+        Normal = 0, "normal close";
+        /// The coordinator is shutting down.
+        Shutdown = 1, "coordinator shutting down";
+        /// The peer sent bytes that are not a valid message.
+        Malformed = 2, "malformed message";
+        /// The peer sent a frame longer than the limit.
+        FrameTooLarge = 3, "frame too large";
+        /// The peer sent a valid message where it is not allowed.
+        UnexpectedMessage = 4, "unexpected message";
+        /// The hello carried a protocol version this side does not speak.
+        VersionMismatch = 5, "protocol version mismatch";
+        /// The requested client name is held by another session.
+        NameTaken = 6, "name taken";
+        /// The requested client name breaks the naming rules.
+        InvalidName = 7, "invalid name";
+        /// The client did not say hello in time.
+        HelloTimeout = 8, "hello timeout";
+        /// A local failure on the closing side.
+        Internal = 9, "internal error";
+        /// The client may not join.
+        NotAuthorised = 10, "not authorised";
+    }
+}
+
+numbered! {
+    /// Why a stream was reset or stopped.
+    StreamCode {
+        /// The application cancelled the stream.
+        Cancelled = 0, "cancelled";
+        /// A data stream named a channel that does not exist.
+        UnknownChannel = 1, "unknown channel";
+        /// A data message was longer than the receiver's limit.
+        MessageTooLarge = 2, "message too large";
+        /// The channel ended before the stream was delivered.
+        ChannelEnded = 3, "channel ended";
+        /// The peer on the other side of the relay disappeared.
+        PeerLost = 4, "peer lost";
+        /// The stream carried bytes that break the protocol.
+        Malformed = 5, "malformed stream";
+        /// The stream's frame was longer than the limit.
+        FrameTooLarge = 6, "frame too large";
+    }
+}
+
+/// Why the coordinator refused a hello. Sent in `SessionMsg::Reject`.
+///
+/// Bincode encodes the variant position: append, never reorder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RejectCode {
+    /// The client speaks another protocol version.
+    VersionMismatch,
+    /// Another session holds the name.
+    NameTaken,
+    /// The name breaks the naming rules.
+    InvalidName,
+    /// The client may not join.
+    NotAuthorised,
+    /// The coordinator is shutting down.
+    ShuttingDown,
+}
+
+impl RejectCode {
+    /// The connection close code that accompanies this rejection.
+    pub fn conn_code(self) -> ConnCode {
+        match self {
+            Self::VersionMismatch => ConnCode::VersionMismatch,
+            Self::NameTaken => ConnCode::NameTaken,
+            Self::InvalidName => ConnCode::InvalidName,
+            Self::NotAuthorised => ConnCode::NotAuthorised,
+            Self::ShuttingDown => ConnCode::Shutdown,
+        }
+    }
+}
+
+/// Why a channel could not be opened. Sent in `ChannelMsg::OpenFailed`.
+///
+/// Bincode encodes the variant position: append, never reorder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OpenFailCode {
+    /// No client of that name is connected.
+    PeerNotPresent,
+    /// The peer refused the channel (the message carries its reason).
+    Refused,
+    /// The address is not a valid `mesh/peer!channel`.
+    InvalidAddress,
+    /// The peer did not answer in time.
+    Timeout,
+    /// The peer left while the channel was being opened.
+    PeerLeft,
+    /// A client asked for a channel to itself.
+    SelfChannel,
+    /// The coordinator is shutting down.
+    ShuttingDown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_are_distinct() {
+        let all = [
+            ConnCode::Normal,
+            ConnCode::Shutdown,
+            ConnCode::Malformed,
+            ConnCode::FrameTooLarge,
+            ConnCode::UnexpectedMessage,
+            ConnCode::VersionMismatch,
+            ConnCode::NameTaken,
+            ConnCode::InvalidName,
+            ConnCode::HelloTimeout,
+            ConnCode::Internal,
+            ConnCode::NotAuthorised,
+        ];
+        for (i, c) in all.iter().enumerate() {
+            assert_eq!(c.code() as usize, i);
+            assert_eq!(ConnCode::from_code(c.code().into()), Some(*c));
+        }
+        assert_eq!(ConnCode::from_code(999), None);
+        assert_eq!(StreamCode::from_code(2), Some(StreamCode::MessageTooLarge));
+        assert_eq!(ConnCode::NameTaken.to_string(), "name taken (6)");
+    }
+}

@@ -1,0 +1,31 @@
+//! qmesh-proto: the types every qmesh component shares, and nothing that
+//! touches a socket.
+//!
+//! qmesh is a QUIC mesh: one coordinator, many named clients, and named
+//! channels between them. This crate holds what goes over the wire and how
+//! it is encoded, so that the coordinator, the client library and the tests
+//! agree on one definition.
+//!
+//! # Layout
+//!
+//! - [`address`]: connpipe addresses (`mesh/bob!chat`, `quic/$4:7447`, …),
+//!   parsing, canonical display, conversion to and from named values.
+//! - [`name`]: client and channel name rules.
+//! - [`msg`]: session and channel control messages, and data stream headers.
+//! - [`codec`]: the one module that turns messages into bytes and back, with
+//!   length-prefixed frames and size limits.
+//! - [`codes`]: typed connection and stream close codes and rejection codes.
+//! - [`limits`]: protocol constants: ALPN, version, frame and message limits.
+
+#![warn(missing_docs)]
+
+pub mod address;
+pub mod codec;
+pub mod codes;
+pub mod limits;
+pub mod msg;
+pub mod name;
+
+pub use address::{Address, AddressError};
+pub use codec::DecodeError;
+pub use limits::{ALPN, PROTOCOL_VERSION};

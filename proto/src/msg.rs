@@ -1,0 +1,120 @@
+//! Control messages and data stream headers.
+//!
+//! Every message is a serde enum encoded by [`crate::codec`]. Bincode
+//! encodes an enum variant by its position, so variants are only ever
+//! appended, never reordered or removed; the snapshot tests in
+//! `codec` freeze the bytes of each one.
+//!
+//! Three kinds of stream carry them:
+//!
+//! - the **session control stream**, the first bidirectional stream a
+//!   client opens to the coordinator: [`SessionMsg`];
+//! - one **channel control stream** per channel, bidirectional, opened by
+//!   the opener towards the coordinator and by the coordinator towards the
+//!   callee: [`ChannelMsg`];
+//! - **data streams**, unidirectional, which start with one
+//!   [`StreamHeader`] frame and then carry length-prefixed messages.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codes::{OpenFailCode, RejectCode};
+
+/// Messages on the session control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionMsg {
+    /// Client → coordinator, first frame: who I am and what I speak.
+    Hello {
+        /// [`crate::PROTOCOL_VERSION`] of the client.
+        version: u32,
+        /// The name the client wants to be reachable by.
+        name: String,
+    },
+    /// Coordinator → client: the session is up.
+    Welcome {
+        /// Coordinator-assigned session number, unique while it runs.
+        session: u64,
+        /// The client's address as the coordinator sees it.
+        observed: SocketAddr,
+    },
+    /// Coordinator → client: the hello was refused; the connection closes.
+    Reject {
+        /// Why, as a code.
+        code: RejectCode,
+        /// Why, as a sentence that says what was expected.
+        message: String,
+    },
+}
+
+/// Messages on a channel control stream.
+///
+/// Flow of an open: the opener sends [`ChannelMsg::Open`]; the coordinator
+/// answers [`ChannelMsg::OpenFailed`] at once when it cannot route, or opens
+/// a stream to the callee with [`ChannelMsg::Incoming`]. The callee answers
+/// [`ChannelMsg::Accept`] or [`ChannelMsg::Refuse`]. On accept, both sides
+/// get [`ChannelMsg::Ready`] and the two streams are joined: later frames are
+/// forwarded from one side to the other. A channel ends with exactly one
+/// [`ChannelMsg::Close`] or [`ChannelMsg::Lost`] delivered to each side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChannelMsg {
+    /// Opener → coordinator: open channel `channel` on `peer`.
+    Open {
+        /// The callee's client name.
+        peer: String,
+        /// The channel name (the subport of `mesh/peer!channel`).
+        channel: String,
+    },
+    /// Coordinator → callee: `from` wants channel `channel` with you.
+    Incoming {
+        /// The opener's client name.
+        from: String,
+        /// The channel name.
+        channel: String,
+    },
+    /// Callee → coordinator: accepted.
+    Accept,
+    /// Callee → coordinator: refused.
+    Refuse {
+        /// The callee's reason, passed on to the opener.
+        reason: String,
+    },
+    /// Coordinator → both sides: the channel is joined end to end.
+    Ready,
+    /// Coordinator → opener: the channel could not be opened.
+    OpenFailed {
+        /// Why, as a code.
+        code: OpenFailCode,
+        /// Why, as a sentence.
+        message: String,
+    },
+    /// Either side → the other, through the coordinator: graceful close.
+    ///
+    /// `streams` is the number of data streams the sender opened on the
+    /// channel. The coordinator forwards the close only after it has
+    /// relayed that many streams to their end, and the receiver reports the
+    /// channel closed once it has accepted them, so nothing sent before a
+    /// close is lost. A side that receives a close answers with its own.
+    Close {
+        /// The closer's reason.
+        reason: String,
+        /// Data streams the sender opened on this channel.
+        streams: u64,
+    },
+    /// Coordinator → client: the other side disappeared.
+    Lost {
+        /// What the coordinator saw.
+        reason: String,
+    },
+}
+
+/// First frame of every unidirectional data stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamHeader {
+    /// The stream belongs to a channel. `channel` is the QUIC stream id of
+    /// that channel's control stream on the same connection.
+    Data {
+        /// Control stream id of the channel on this connection.
+        channel: u64,
+    },
+}
