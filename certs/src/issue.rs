@@ -4,16 +4,16 @@ use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
 
-use rcgen::string::{BmpString, Ia5String, PrintableString, TeletexString, UniversalString};
+use rcgen::string::Ia5String;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData,
-    SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
 use rustls_pki_types::{CertificateDer, DnsName, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer;
 
-use crate::der;
 use crate::pem::{self, certs_from, key_from};
 use crate::{CertError, Fingerprint};
 
@@ -72,7 +72,7 @@ impl Ca {
     /// block) and its private key (PKCS#8).
     ///
     /// The certificate must be a CA (basic constraints `CA:true`), the key
-    /// must belong to it, and its subject must be a name this crate can
+    /// must belong to it, and its subject must be a name rcgen can
     /// reproduce when signing (one attribute per RDN, as produced by
     /// [`Ca::generate`], rcgen and openssl).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, CertError> {
@@ -109,44 +109,38 @@ impl Ca {
             origin: cert_origin.to_owned(),
             reason,
         };
-        let fields = der::cert_fields(&cert_der).map_err(|reason| CertError::BadCertificate {
-            origin: cert_origin.to_owned(),
-            reason,
-        })?;
-        if !fields.is_ca {
-            return Err(not_a_ca(
-                "its basic constraints do not say CA:true (is this a server or client \
-                 certificate? pass the CA certificate instead)"
-                    .to_owned(),
-            ));
-        }
-        if fields.spki != key.subject_public_key_info().as_slice() {
-            return Err(CertError::KeyMismatch {
-                origin: cert_origin.to_owned(),
-            });
-        }
-
-        let mut params = CertificateParams::default();
-        params.distinguished_name =
-            distinguished_name(&fields.subject_attributes).map_err(not_a_ca)?;
-        params.key_identifier_method = match fields.subject_key_id {
-            Some(id) => KeyIdMethod::PreSpecified(id.to_vec()),
-            None => KeyIdMethod::Sha256,
+        let subject = {
+            let cert = parse_cert(&cert_der, cert_origin)?;
+            let constraints = cert
+                .basic_constraints()
+                .map_err(|e| not_a_ca(format!("its basic constraints cannot be read: {e}")))?;
+            if !constraints.is_some_and(|bc| bc.value.ca) {
+                return Err(not_a_ca(
+                    "its basic constraints do not say CA:true (is this a server or client \
+                     certificate? pass the CA certificate instead)"
+                        .to_owned(),
+                ));
+            }
+            if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+                return Err(CertError::KeyMismatch {
+                    origin: cert_origin.to_owned(),
+                });
+            }
+            cert.subject().as_raw().to_vec()
         };
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer = Issuer::new(params, key);
+
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(|e| {
+            not_a_ca(format!(
+                "its subject name cannot be reused for signing ({e}): it must have one \
+                 attribute per RDN with string values, as written by rcgen and openssl"
+            ))
+        })?;
 
         // Certificates chain by exact name bytes: make sure what rcgen will
         // write as the issuer of new certificates is this CA's subject.
         let probe = CertificateParams::default().signed_by(issuer.key(), &issuer)?;
-        let probe_issuer = der::cert_fields(probe.der())
-            .map_err(|reason| CertError::BadCertificate {
-                origin: "a probe certificate".to_owned(),
-                reason,
-            })?
-            .issuer
-            .to_vec();
-        if probe_issuer != fields.subject {
+        let probe = parse_cert(probe.der(), "a probe certificate")?;
+        if probe.issuer().as_raw() != subject.as_slice() {
             return Err(not_a_ca(
                 "its subject name uses an encoding this crate cannot reproduce when signing"
                     .to_owned(),
@@ -293,12 +287,8 @@ impl Identity {
                 what: format!("the private key in {key_origin} is not usable: {e}"),
             })?;
         if let Some(public) = signing_key.public_key() {
-            let fields =
-                der::cert_fields(&chain[0]).map_err(|reason| CertError::BadCertificate {
-                    origin: cert_origin.to_owned(),
-                    reason,
-                })?;
-            if fields.spki != public.as_ref() {
+            let leaf = parse_cert(&chain[0], cert_origin)?;
+            if leaf.public_key().raw != public.as_ref() {
                 return Err(CertError::KeyMismatch {
                     origin: cert_origin.to_owned(),
                 });
@@ -402,39 +392,22 @@ fn dns_name(name: &str) -> Result<Ia5String, CertError> {
     Ia5String::try_from(name).map_err(|_| invalid("it is not ASCII"))
 }
 
-/// Rebuilds an rcgen distinguished name from a certificate's subject.
-fn distinguished_name(attrs: &[der::NameAttribute<'_>]) -> Result<DistinguishedName, String> {
-    let mut dn = DistinguishedName::new();
-    for attr in attrs {
-        let ty = DnType::from_oid(&attr.oid);
-        if dn.get(&ty).is_some() {
-            return Err(format!(
-                "its subject name repeats the attribute {:?}, which this crate cannot reproduce",
-                attr.oid
-            ));
-        }
-        let text = || {
-            std::str::from_utf8(attr.value)
-                .map(str::to_owned)
-                .map_err(|_| "its subject name has a string that is not valid text".to_owned())
-        };
-        let bad = |e: rcgen::Error| format!("its subject name has an invalid string: {e}");
-        let value = match attr.tag {
-            0x0c => DnValue::Utf8String(text()?),
-            0x13 => DnValue::PrintableString(PrintableString::try_from(text()?).map_err(bad)?),
-            0x16 => DnValue::Ia5String(Ia5String::try_from(text()?).map_err(bad)?),
-            0x14 => DnValue::TeletexString(TeletexString::try_from(text()?).map_err(bad)?),
-            0x1e => DnValue::BmpString(BmpString::from_utf16be(attr.value.to_vec()).map_err(bad)?),
-            0x1c => DnValue::UniversalString(
-                UniversalString::from_utf32be(attr.value.to_vec()).map_err(bad)?,
-            ),
-            tag => {
-                return Err(format!(
-                    "its subject name has a value of unsupported type (tag {tag:#04x})"
-                ))
-            }
-        };
-        dn.push(ty, value);
+/// Parses a DER certificate with x509-parser; trailing bytes are an error.
+pub(crate) fn parse_cert<'a>(
+    der: &'a [u8],
+    origin: &str,
+) -> Result<X509Certificate<'a>, CertError> {
+    let bad = |reason: String| CertError::BadCertificate {
+        origin: origin.to_owned(),
+        reason,
+    };
+    let (rest, cert) = X509Certificate::from_der(der).map_err(|e| {
+        bad(format!(
+            "{e} (is the file a PEM CERTIFICATE block of an X.509 certificate?)"
+        ))
+    })?;
+    if !rest.is_empty() {
+        return Err(bad("trailing bytes after the certificate".to_owned()));
     }
-    Ok(dn)
+    Ok(cert)
 }

@@ -16,21 +16,21 @@
 //! # Layout
 //!
 //! - `issue`: [`Ca`] (generate, load, save, issue certificates) and
-//!   [`Identity`] (a certificate chain with its key).
-//! - `pem`: reading certificates from PEM ([`load_certs`],
-//!   [`certs_from_pem`]) and writing PEM files (keys with mode 0600).
+//!   [`Identity`] (a certificate chain with its key). A loaded CA is checked
+//!   with `x509-parser` and rebuilt for signing with rcgen's
+//!   `Issuer::from_ca_cert_der`.
+//! - `pem`: reading certificates and keys from PEM with `rustls-pki-types`
+//!   ([`load_certs`], [`certs_from_pem`]) and writing PEM files with the
+//!   `pem` crate (keys with mode 0600).
 //! - `fingerprint`: [`Fingerprint`], the SHA-256 of a certificate's DER.
 //! - `config`: [`server_config`], [`client_config`],
 //!   [`client_config_with_identity`], [`Trust`] and [`VerifyReport`].
 //! - [`transport`]: QUIC transport tuning ([`transport::Tuning`]) shared by
 //!   the coordinator and clients.
 //! - `error`: [`CertError`].
-//! - `der`: a minimal DER reader for the certificate fields needed to sign
-//!   with a loaded CA (internal).
 #![warn(missing_docs)]
 
 mod config;
-mod der;
 mod error;
 mod fingerprint;
 mod issue;
@@ -72,12 +72,90 @@ mod tests {
 
         // The loaded CA issues certificates whose issuer is the CA's subject.
         let leaf = loaded.issue_server(&["localhost".to_owned()]).unwrap();
-        let leaf_fields = der::cert_fields(&leaf.chain[0]).unwrap();
-        let ca_der = ca.cert_der().clone();
-        let ca_fields = der::cert_fields(&ca_der).unwrap();
-        assert_eq!(leaf_fields.issuer, ca_fields.subject);
-        assert!(ca_fields.is_ca);
-        assert!(ca_fields.subject_key_id.is_some());
+        let leaf_cert = issue::parse_cert(&leaf.chain[0], "leaf").unwrap();
+        let ca_cert = issue::parse_cert(ca.cert_der(), "CA").unwrap();
+        assert_eq!(leaf_cert.issuer().as_raw(), ca_cert.subject().as_raw());
+        assert!(ca_cert.is_ca());
+        assert!(!leaf_cert.is_ca());
+        // The leaf's authority key identifier is the CA's subject key identifier.
+        use x509_parser::extensions::ParsedExtension;
+        let ski = ca_cert
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0),
+                _ => None,
+            });
+        let aki = leaf_cert
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    aki.key_identifier.as_ref().map(|id| id.0)
+                }
+                _ => None,
+            });
+        assert!(ski.is_some());
+        assert_eq!(aki, ski);
+    }
+
+    #[test]
+    fn ca_made_elsewhere_with_a_richer_name_loads_and_chains() {
+        // A CA not made by Ca::generate: several name attributes with
+        // different string types and no subject key identifier extension.
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(
+            rcgen::DnType::CountryName,
+            rcgen::DnValue::PrintableString("NL".try_into().unwrap()),
+        );
+        dn.push(rcgen::DnType::OrganizationName, "qmesh tests");
+        dn.push(rcgen::DnType::CommonName, "Ext CA");
+        params.distinguished_name = dn;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        params.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(vec![7; 20]);
+        let cert = params.self_signed(&key).unwrap();
+
+        let ca = Ca::from_pem(&cert.pem(), &key.serialize_pem()).unwrap();
+        let leaf = ca.issue_client("alice").unwrap();
+        let leaf_cert = issue::parse_cert(&leaf.chain[0], "leaf").unwrap();
+        let ca_cert = issue::parse_cert(cert.der(), "CA").unwrap();
+        assert_eq!(leaf_cert.issuer().as_raw(), ca_cert.subject().as_raw());
+    }
+
+    #[test]
+    fn certificate_without_basic_constraints_is_not_a_ca() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["plain".to_owned()]).unwrap();
+        params.is_ca = rcgen::IsCa::NoCa;
+        let cert = params.self_signed(&key).unwrap();
+        let err = Ca::from_pem(&cert.pem(), &key.serialize_pem()).unwrap_err();
+        assert!(matches!(err, CertError::NotACa { .. }), "{err}");
+        assert!(err.to_string().contains("CA:true"), "{err}");
+    }
+
+    #[test]
+    fn garbage_certificate_is_a_clear_error() {
+        // Valid PEM, but the block does not hold an X.509 certificate.
+        let ca = Ca::generate("CA").unwrap();
+        let garbage = "-----BEGIN CERTIFICATE-----\nAQIDBAUGBwg=\n-----END CERTIFICATE-----\n";
+        let err = Ca::from_pem(garbage, &ca.key_pem()).unwrap_err();
+        assert!(matches!(err, CertError::BadCertificate { .. }), "{err}");
+        assert!(err.to_string().contains("malformed certificate"), "{err}");
+
+        let id = ca.issue_client("a").unwrap();
+        let err = Identity::from_pem(garbage, &id.key_pem()).unwrap_err();
+        assert!(matches!(err, CertError::BadCertificate { .. }), "{err}");
+
+        // Trailing bytes after a real certificate are refused too.
+        let mut der = ca.cert_der().to_vec();
+        der.push(0);
+        let padded = pem::encode("CERTIFICATE", &der);
+        let err = Ca::from_pem(&padded, &ca.key_pem()).unwrap_err();
+        assert!(matches!(err, CertError::BadCertificate { .. }), "{err}");
+        assert!(err.to_string().contains("trailing"), "{err}");
     }
 
     #[test]

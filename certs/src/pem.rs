@@ -58,22 +58,12 @@ pub(crate) fn key_from(pem: &str, origin: &str) -> Result<PrivateKeyDer<'static>
     })
 }
 
-/// Encodes DER bytes as one PEM block with the given label.
+/// Encodes DER bytes as one PEM block with the given label: 64-column
+/// base64 lines and `\n` line endings on every platform, so that files
+/// written here are byte-for-byte the same everywhere.
 pub(crate) fn encode(label: &str, der: &[u8]) -> String {
-    let body = base64(der);
-    let mut out = String::with_capacity(body.len() + body.len() / 64 + 2 * label.len() + 40);
-    out.push_str("-----BEGIN ");
-    out.push_str(label);
-    out.push_str("-----\n");
-    for line in body.as_bytes().chunks(64) {
-        // base64 output is ASCII, so every chunk is valid UTF-8.
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str("-----END ");
-    out.push_str(label);
-    out.push_str("-----\n");
-    out
+    let config = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
+    ::pem::encode_config(&::pem::Pem::new(label, der), config)
 }
 
 /// The PEM block label of a private key's encoding.
@@ -83,28 +73,6 @@ pub(crate) fn key_label(key: &PrivateKeyDer<'_>) -> &'static str {
         PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
         _ => "PRIVATE KEY",
     }
-}
-
-/// Standard base64 with padding.
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 0x3f) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// Reads a whole text file.
@@ -157,26 +125,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_matches_rfc4648_vectors() {
-        let cases = [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ];
-        for (input, expected) in cases {
-            assert_eq!(base64(input.as_bytes()), expected, "{input:?}");
-        }
-    }
-
-    #[test]
     fn encode_then_parse_round_trips() {
         let ders: Vec<Vec<u8>> = vec![(0..=255).collect(), vec![1, 2, 3], (0..100).collect()];
         let text: String = ders.iter().map(|d| encode("CERTIFICATE", d)).collect();
         assert!(text.lines().all(|l| l.len() <= 64));
+        assert!(!text.contains('\r'));
+        assert!(text.starts_with("-----BEGIN CERTIFICATE-----\n"));
+        assert!(text.ends_with("-----END CERTIFICATE-----\n"));
         let parsed = certs_from_pem(&text).unwrap();
         let parsed: Vec<Vec<u8>> = parsed.iter().map(|c| c.to_vec()).collect();
         assert_eq!(parsed, ders);
@@ -190,6 +145,31 @@ mod tests {
         assert!(err.to_string().contains("BEGIN CERTIFICATE"));
         let err = certs_from_pem("").unwrap_err();
         assert!(matches!(err, CertError::NoCertificates { .. }), "{err}");
+    }
+
+    #[test]
+    fn garbage_pem_is_a_clear_error() {
+        // Not PEM at all.
+        let err = certs_from("hello, world\n", "garbage.pem").unwrap_err();
+        assert!(matches!(err, CertError::NoCertificates { .. }), "{err}");
+        assert!(err.to_string().contains("garbage.pem"), "{err}");
+
+        // A certificate block whose body is not base64.
+        let bad = "-----BEGIN CERTIFICATE-----\n!!!! not base64 !!!!\n-----END CERTIFICATE-----\n";
+        let err = certs_from(bad, "bad.pem").unwrap_err();
+        assert!(matches!(err, CertError::Pem { .. }), "{err}");
+        assert!(err.to_string().contains("bad.pem"), "{err}");
+
+        // A block that is never closed.
+        let open = "-----BEGIN CERTIFICATE-----\nAQID\n";
+        let err = certs_from(open, "open.pem").unwrap_err();
+        assert!(matches!(err, CertError::Pem { .. }), "{err}");
+
+        // A private key block whose body is not base64.
+        let bad_key = "-----BEGIN PRIVATE KEY-----\n####\n-----END PRIVATE KEY-----\n";
+        let err = key_from(bad_key, "key.pem").unwrap_err();
+        assert!(matches!(err, CertError::Pem { .. }), "{err}");
+        assert!(err.to_string().contains("key.pem"), "{err}");
     }
 
     #[test]

@@ -112,6 +112,7 @@ pub fn init(level: Option<&str>) {
     };
     let fmt = tracing_subscriber::fmt::layer()
         .event_format(ConnpipeFormat)
+        .with_ansi(false)
         .with_writer(std::io::stderr);
     let _ = tracing_subscriber::registry()
         .with(IdLayer)

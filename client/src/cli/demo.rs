@@ -32,14 +32,18 @@ pub(crate) async fn run() -> Result<()> {
         bob.observed_addr()
     );
 
-    let (opened, offered) = tokio::join!(alice.open_str("mesh/bob!chat"), bob.accept());
-    let offer = offered.context("bob's session ended")?;
-    println!(
-        "bob          offered channel \"{}\" by {}; accepting",
-        offer.channel(),
-        offer.peer()
-    );
-    let at_bob = offer.accept().await?;
+    // Bob answers while alice waits for the answer.
+    let bob_side = async {
+        let offer = bob.accept().await.context("bob's session ended")?;
+        println!(
+            "bob          offered channel \"{}\" by {}; accepting",
+            offer.channel(),
+            offer.peer()
+        );
+        anyhow::Ok(offer.accept().await?)
+    };
+    let (opened, accepted) = tokio::join!(alice.open_str("mesh/bob!chat"), bob_side);
+    let at_bob = accepted?;
     let at_alice = opened?;
     println!(
         "alice        channel {} ready (relayed by the coordinator)",
