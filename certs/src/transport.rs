@@ -51,20 +51,28 @@ impl Default for Tuning {
     }
 }
 
+/// The keep-alive interval for an idle timeout: a third of it, and never
+/// more than 5 s. QUIC uses the smaller of the two sides' idle timeouts, and
+/// a client cannot learn the coordinator's before connecting, so the cap
+/// keeps clients alive under any coordinator idle timeout of 15 s or more.
+pub fn keep_alive_for(idle: Duration) -> Duration {
+    (idle / 3).min(Duration::from_secs(5))
+}
+
 impl Tuning {
-    /// Client defaults: as [`Tuning::default`], with a keep-alive at a third
-    /// of the idle timeout.
+    /// Client defaults: as [`Tuning::default`], with a keep-alive (see
+    /// [`keep_alive_for`]).
     pub fn client() -> Self {
         let mut t = Self::default();
-        t.keep_alive = Some(t.idle_timeout / 3);
+        t.keep_alive = Some(keep_alive_for(t.idle_timeout));
         t
     }
 
-    /// Set the idle timeout, and the keep-alive (if any) to a third of it.
+    /// Set the idle timeout, and the keep-alive (if any) to match it.
     pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
         self.idle_timeout = idle;
         if self.keep_alive.is_some() {
-            self.keep_alive = Some(idle / 3);
+            self.keep_alive = Some(keep_alive_for(idle));
         }
         self
     }

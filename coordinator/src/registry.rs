@@ -55,11 +55,16 @@ impl<H: Clone> Registry<H> {
 
     /// Decide on a hello. On success the session is registered under `name`
     /// with the handle `make(id)` returns, and the id and handle are returned.
+    ///
+    /// A name is taken while its holder is registered, unless `gone` says
+    /// the holder has already ended (its leave not yet processed); such a
+    /// holder is replaced.
     pub fn admit(
         &mut self,
         version: u32,
         name: &str,
         make: impl FnOnce(SessionId) -> H,
+        gone: impl Fn(&H) -> bool,
     ) -> Result<(SessionId, H), Rejection> {
         if !self.accepting {
             return Err(Rejection {
@@ -82,7 +87,7 @@ impl<H: Clone> Registry<H> {
                 message: e.to_string(),
             });
         }
-        if self.sessions.contains_key(name) {
+        if self.sessions.get(name).is_some_and(|(_, h)| !gone(h)) {
             return Err(Rejection {
                 code: RejectCode::NameTaken,
                 message: format!(
@@ -139,21 +144,31 @@ mod tests {
     #[test]
     fn names_are_unique_until_their_holder_leaves() {
         let mut reg = Registry::new();
-        let (a, _) = reg.admit(PROTOCOL_VERSION, "alice", |id| id).unwrap();
-        let err = reg.admit(PROTOCOL_VERSION, "alice", |id| id).unwrap_err();
+        let (a, _) = reg
+            .admit(PROTOCOL_VERSION, "alice", |id| id, |_| false)
+            .unwrap();
+        let err = reg
+            .admit(PROTOCOL_VERSION, "alice", |id| id, |_| false)
+            .unwrap_err();
         assert_eq!(err.code, RejectCode::NameTaken);
         assert!(err.message.contains("\"alice\""), "{}", err.message);
         assert!(reg.leave("alice", a));
-        let (b, _) = reg.admit(PROTOCOL_VERSION, "alice", |id| id).unwrap();
+        let (b, _) = reg
+            .admit(PROTOCOL_VERSION, "alice", |id| id, |_| false)
+            .unwrap();
         assert_ne!(a, b);
     }
 
     #[test]
     fn stale_leave_keeps_the_new_holder() {
         let mut reg = Registry::new();
-        let (a, _) = reg.admit(PROTOCOL_VERSION, "bob", |id| id).unwrap();
+        let (a, _) = reg
+            .admit(PROTOCOL_VERSION, "bob", |id| id, |_| false)
+            .unwrap();
         assert!(reg.leave("bob", a));
-        let (b, _) = reg.admit(PROTOCOL_VERSION, "bob", |id| id).unwrap();
+        let (b, _) = reg
+            .admit(PROTOCOL_VERSION, "bob", |id| id, |_| false)
+            .unwrap();
         assert!(!reg.leave("bob", a));
         assert_eq!(reg.lookup("bob"), Some(&b));
     }
@@ -162,22 +177,41 @@ mod tests {
     fn version_and_name_are_checked_with_helpful_messages() {
         let mut reg: Registry<u64> = Registry::new();
         let err = reg
-            .admit(PROTOCOL_VERSION + 1, "carol", |id| id)
+            .admit(PROTOCOL_VERSION + 1, "carol", |id| id, |_| false)
             .unwrap_err();
         assert_eq!(err.code, RejectCode::VersionMismatch);
         assert!(err.message.contains(&format!("version {PROTOCOL_VERSION}")));
-        let err = reg.admit(PROTOCOL_VERSION, "Carol", |id| id).unwrap_err();
+        let err = reg
+            .admit(PROTOCOL_VERSION, "Carol", |id| id, |_| false)
+            .unwrap_err();
         assert_eq!(err.code, RejectCode::InvalidName);
-        let err = reg.admit(PROTOCOL_VERSION, "", |id| id).unwrap_err();
+        let err = reg
+            .admit(PROTOCOL_VERSION, "", |id| id, |_| false)
+            .unwrap_err();
         assert_eq!(err.code, RejectCode::InvalidName);
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn a_holder_that_is_gone_is_replaced() {
+        let mut reg = Registry::new();
+        let (a, _) = reg
+            .admit(PROTOCOL_VERSION, "erin", |id| id, |_| false)
+            .unwrap();
+        let (b, _) = reg
+            .admit(PROTOCOL_VERSION, "erin", |id| id, |h| *h == a)
+            .unwrap();
+        assert_eq!(reg.lookup("erin"), Some(&b));
+        assert!(!reg.leave("erin", a));
     }
 
     #[test]
     fn shutdown_refuses_new_sessions() {
         let mut reg: Registry<u64> = Registry::new();
         reg.stop_accepting();
-        let err = reg.admit(PROTOCOL_VERSION, "dave", |id| id).unwrap_err();
+        let err = reg
+            .admit(PROTOCOL_VERSION, "dave", |id| id, |_| false)
+            .unwrap_err();
         assert_eq!(err.code, RejectCode::ShuttingDown);
     }
 }

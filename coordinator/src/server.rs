@@ -317,14 +317,19 @@ async fn hello(
             return None;
         }
     };
-    let admitted = shared.registry().admit(version, &name, |id| {
-        Arc::new(Session {
-            id,
-            name: name.clone(),
-            conn: conn.clone(),
-            channels: Mutex::new(HashMap::new()),
-        })
-    });
+    let admitted = shared.registry().admit(
+        version,
+        &name,
+        |id| {
+            Arc::new(Session {
+                id,
+                name: name.clone(),
+                conn: conn.clone(),
+                channels: Mutex::new(HashMap::new()),
+            })
+        },
+        |held| held.conn.close_reason().is_some(),
+    );
     match admitted {
         Ok((id, session)) => {
             let welcome = SessionMsg::Welcome {

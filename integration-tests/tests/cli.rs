@@ -1,0 +1,685 @@
+//! The `qmesh-coordinator` and `qmesh` binaries, run as processes on
+//! loopback: start-up output, certificates, messages and files through
+//! `send`/`listen`, failures users should hear about, and shutdown.
+//!
+//! Every wait is bounded and waits for an event (a line of output, an exit);
+//! nothing sleeps to synchronise.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use qmesh_integration_tests::{payload, within, STEP};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+
+/// How fast a failure that needs no timeout must be reported: well under
+/// the client's 30 s open timeout.
+const QUICK: Duration = Duration::from_secs(15);
+
+/// Environment variables of the binaries that must not leak in from the
+/// environment the tests run in.
+const CLEARED_ENV: &[&str] = &[
+    "QMESH_COORDINATOR",
+    "QMESH_NAME",
+    "QMESH_CA",
+    "QMESH_FINGERPRINT",
+    "RUST_LOG",
+];
+
+/// Path of a workspace binary, built once per test run.
+///
+/// Not `qmesh_integration_tests::bin`: that runs `cargo build --bin qmesh
+/// --bin qmesh-coordinator` in the integration-tests directory, where cargo
+/// only looks at this package and fails with "no bin target named `qmesh`
+/// in default-run packages". Naming the packages works from anywhere.
+fn bin(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/
+    let dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args([
+                "build",
+                "-p",
+                "qmesh-client",
+                "--bin",
+                "qmesh",
+                "-p",
+                "qmesh-coordinator",
+                "--bin",
+                "qmesh-coordinator",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building the binaries failed");
+    });
+    let path = dir.join(name);
+    assert!(path.exists(), "{} not found", path.display());
+    path
+}
+
+/// A running binary, its stdout and stderr read line by line.
+struct Proc {
+    what: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Lines,
+    stderr: Lines,
+}
+
+/// The lines of one output stream: those seen so far, and those to come.
+struct Lines {
+    seen: Vec<String>,
+    rx: mpsc::UnboundedReceiver<String>,
+}
+
+impl Lines {
+    fn read(from: impl AsyncRead + Unpin + Send + 'static) -> Lines {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut from = BufReader::new(from);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match from.read_until(b'\n', &mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = String::from_utf8_lossy(&buf);
+                        let line = line.strip_suffix('\n').unwrap_or(&line);
+                        if tx.send(line.to_owned()).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Lines {
+            seen: Vec::new(),
+            rx,
+        }
+    }
+
+    /// The next line (`None` at the end of the stream).
+    async fn next(&mut self) -> Option<String> {
+        let line = self.rx.recv().await?;
+        self.seen.push(line.clone());
+        Some(line)
+    }
+
+    /// Every line, once the stream has ended.
+    async fn all(&mut self) -> String {
+        while self.next().await.is_some() {}
+        self.seen.join("\n")
+    }
+}
+
+/// What a process left behind when it exited.
+#[derive(Debug)]
+struct Exit {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Proc {
+    /// Start `program` with `args` and `env` (on top of a cleaned
+    /// environment), logging at `info`.
+    fn spawn<I, S>(program: &str, args: I, env: &[(&str, &OsStr)]) -> Proc
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<_> = args
+            .into_iter()
+            .map(|a| a.as_ref().to_os_string())
+            .collect();
+        let what = format!(
+            "{program} {}",
+            args.iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let mut cmd = Command::new(bin(program));
+        cmd.arg("--log").arg("info").args(&args);
+        for var in CLEARED_ENV {
+            cmd.env_remove(var);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        let stdout = Lines::read(child.stdout.take().expect("stdout"));
+        let stderr = Lines::read(child.stderr.take().expect("stderr"));
+        Proc {
+            what,
+            stdin: child.stdin.take(),
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().expect("the process is running")
+    }
+
+    /// Write `data` to stdin and close it. A process that exits early
+    /// breaks the pipe; its exit status tells the test why, so write errors
+    /// are not failures here.
+    async fn feed_stdin(&mut self, data: &[u8]) {
+        let mut stdin = self.stdin.take().expect("stdin still open");
+        let _ = within(STEP, "writing stdin", stdin.write_all(data)).await;
+        let _ = within(STEP, "closing stdin", stdin.shutdown()).await;
+    }
+
+    /// Wait for a stdout line for which `pred` holds; return it.
+    async fn stdout_line(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let limit = format!("{}: stdout line {what}", self.what);
+        let found = within(STEP, &limit, async {
+            while let Some(line) = self.stdout.next().await {
+                if pred(&line) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Some(line) => line,
+            None => self.ended_without(&format!("a stdout line {what}")).await,
+        }
+    }
+
+    /// Wait for a stderr line for which `pred` holds; return it.
+    async fn stderr_line(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let limit = format!("{}: stderr line {what}", self.what);
+        let found = within(STEP, &limit, async {
+            while let Some(line) = self.stderr.next().await {
+                if pred(&line) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Some(line) => line,
+            None => self.ended_without(&format!("a stderr line {what}")).await,
+        }
+    }
+
+    /// A `qmesh listen` is connected and ready once it logs `listening`.
+    async fn ready(&mut self) {
+        self.stderr_line("`] listening`", |l| l.contains("] listening"))
+            .await;
+    }
+
+    async fn ended_without(&mut self, wanted: &str) -> String {
+        let exit = self.finish_within(STEP).await;
+        panic!(
+            "{} ended without {wanted}: {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.what, exit.status, exit.stdout, exit.stderr
+        );
+    }
+
+    /// Wait for the process to exit by itself and collect its output.
+    async fn finish(&mut self) -> Exit {
+        self.finish_within(STEP).await
+    }
+
+    async fn finish_within(&mut self, limit: Duration) -> Exit {
+        self.stdin.take();
+        let what = format!("{} to exit", self.what);
+        let status = within(limit, &what, self.child.wait())
+            .await
+            .expect("waiting for the process");
+        let (stdout, stderr) = within(STEP, &format!("{} output", self.what), async {
+            (self.stdout.all().await, self.stderr.all().await)
+        })
+        .await;
+        Exit {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Kill the process and collect its output.
+    async fn kill(&mut self) -> Exit {
+        // It may have exited already; `wait` below tells either way.
+        let _ = self.child.start_kill();
+        self.finish().await
+    }
+
+    /// Send SIGTERM.
+    fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -TERM {} failed", self.what);
+    }
+}
+
+/// Describe an exit for assertion messages.
+fn show(exit: &Exit) -> String {
+    format!(
+        "{}\n--- stdout\n{}\n--- stderr\n{}",
+        exit.status, exit.stdout, exit.stderr
+    )
+}
+
+/// A running `qmesh-coordinator run`.
+struct Coord {
+    proc: Proc,
+    port: u16,
+}
+
+impl Coord {
+    /// `qmesh-coordinator run --listen 'quic/$4:0' EXTRA...`, once it has
+    /// printed where it listens.
+    async fn start<S: AsRef<OsStr>>(extra: &[S]) -> Coord {
+        let mut args: Vec<&OsStr> = vec!["run".as_ref(), "--listen".as_ref(), "quic/$4:0".as_ref()];
+        args.extend(extra.iter().map(|a| a.as_ref()));
+        let mut proc = Proc::spawn("qmesh-coordinator", args, &[]);
+        let line = proc
+            .stdout_line("`qmesh-coordinator listening on`", |l| {
+                l.starts_with("qmesh-coordinator listening on ")
+            })
+            .await;
+        let addr = line
+            .strip_prefix("qmesh-coordinator listening on quic/")
+            .unwrap_or_else(|| panic!("not a quic/ address: {line:?}"));
+        let (ip, port) = addr
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        assert_eq!(
+            ip, "127.0.0.1",
+            "quic/$4 should listen on 127.0.0.1: {line:?}"
+        );
+        let port: u16 = port
+            .parse()
+            .unwrap_or_else(|_| panic!("bad port in {line:?}"));
+        assert_ne!(port, 0, "the real port, not the requested one: {line:?}");
+        Coord { proc, port }
+    }
+
+    /// Start with a development CA in `state_dir`; returns the CA path it
+    /// printed.
+    async fn start_dev(state_dir: &Path) -> (Coord, PathBuf) {
+        let mut coord = Coord::start(&[OsStr::new("--state-dir"), state_dir.as_os_str()]).await;
+        let line = coord
+            .proc
+            .stdout_line("`clients need the CA file:`", |l| {
+                l.starts_with("clients need the CA file: ")
+            })
+            .await;
+        let ca = PathBuf::from(
+            line.strip_prefix("clients need the CA file: ")
+                .expect("prefix"),
+        );
+        (coord, ca)
+    }
+
+    /// `quic/$4:PORT`.
+    fn v4(&self) -> String {
+        format!("quic/$4:{}", self.port)
+    }
+
+    /// `quic/localhost:PORT`.
+    fn localhost(&self) -> String {
+        format!("quic/localhost:{}", self.port)
+    }
+}
+
+/// `qmesh --coordinator COORD --ca CA ARGS...`.
+fn qmesh<S: AsRef<OsStr>>(coordinator: &str, ca: &Path, args: &[S]) -> Proc {
+    let mut all: Vec<&OsStr> = vec![
+        "--coordinator".as_ref(),
+        coordinator.as_ref(),
+        "--ca".as_ref(),
+        ca.as_os_str(),
+    ];
+    all.extend(args.iter().map(|a| a.as_ref()));
+    Proc::spawn("qmesh", all, &[])
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temporary directory")
+}
+
+/// `qmesh-coordinator certs --out DIR --host ...`, which must succeed.
+async fn make_certs(dir: &Path, hosts: &[&str]) -> Exit {
+    let mut args: Vec<&OsStr> = vec!["certs".as_ref(), "--out".as_ref(), dir.as_os_str()];
+    for h in hosts {
+        args.push("--host".as_ref());
+        args.push(h.as_ref());
+    }
+    let exit = Proc::spawn("qmesh-coordinator", args, &[]).finish().await;
+    assert!(exit.status.success(), "certs failed: {}", show(&exit));
+    exit
+}
+
+/// Test 1: a coordinator with a development CA relays stdin lines from
+/// `send` to `listen`, in order. The listener is configured through the
+/// environment, the sender through options.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_lines_to_a_listener() {
+    let state = tempdir();
+    let (coord, ca) = Coord::start_dev(state.path()).await;
+    assert!(ca.is_file(), "the CA file {} does not exist", ca.display());
+    let state_real = std::fs::canonicalize(state.path()).expect("canonical state dir");
+    let ca_real = std::fs::canonicalize(&ca).expect("canonical CA path");
+    assert!(
+        ca_real.starts_with(&state_real),
+        "the CA file {} is not in the state dir {}",
+        ca.display(),
+        state.path().display()
+    );
+
+    let coordinator = coord.localhost();
+    let mut bob = Proc::spawn(
+        "qmesh",
+        ["--name", "bob", "listen", "chat"],
+        &[
+            ("QMESH_COORDINATOR", OsStr::new(&coordinator)),
+            ("QMESH_CA", ca.as_os_str()),
+        ],
+    );
+    bob.ready().await;
+
+    let mut alice = qmesh(
+        &coord.v4(),
+        &ca,
+        &["--name", "alice", "send", "mesh/bob!chat"],
+    );
+    alice.feed_stdin(b"one\ntwo\nthree\n").await;
+    let sent = alice.finish().await;
+    assert!(sent.status.success(), "send failed: {}", show(&sent));
+
+    // The listener logs the channel's end once every stream of it is done.
+    bob.stderr_line("saying the channel closed", |l| {
+        l.contains("closed by the peer")
+    })
+    .await;
+    let listened = bob.kill().await;
+    assert_eq!(
+        listened.stdout,
+        "one\ntwo\nthree",
+        "listener output: {}",
+        show(&listened)
+    );
+}
+
+/// Test 2: a second `run` on the same state directory reuses the CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_reuses_the_development_ca() {
+    let state = tempdir();
+    let (mut first, ca) = Coord::start_dev(state.path()).await;
+    let before = std::fs::read(&ca).expect("reading the CA file");
+    first.proc.terminate();
+    let exit = first.proc.finish().await;
+    assert!(exit.status.success(), "first run: {}", show(&exit));
+
+    let (second, ca_again) = Coord::start_dev(state.path()).await;
+    assert_eq!(ca_again, ca, "the CA file moved");
+    let after = std::fs::read(&ca).expect("reading the CA file again");
+    assert!(before == after, "the CA file changed on restart");
+
+    // The reused CA still verifies the restarted coordinator.
+    let mut bob = qmesh(
+        &second.localhost(),
+        &ca,
+        &["--name", "bob", "listen", "chat"],
+    );
+    bob.ready().await;
+}
+
+/// Test 3: a client trusting another CA is told the certificate did not
+/// verify, and against which CA file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_with_another_ca_is_refused() {
+    let state = tempdir();
+    let (coord, _ca) = Coord::start_dev(state.path()).await;
+    let other = tempdir();
+    make_certs(other.path(), &["localhost"]).await;
+    let other_ca = other.path().join("ca.pem");
+
+    let exit = qmesh(
+        &coord.localhost(),
+        &other_ca,
+        &["--name", "carol", "listen", "chat"],
+    )
+    .finish()
+    .await;
+    assert!(!exit.status.success(), "should fail: {}", show(&exit));
+    assert!(
+        exit.stderr
+            .contains("the coordinator's certificate did not verify"),
+        "stderr: {}",
+        show(&exit)
+    );
+    assert!(
+        exit.stderr.contains(&other_ca.display().to_string()),
+        "stderr does not name {}: {}",
+        other_ca.display(),
+        show(&exit)
+    );
+}
+
+/// Test 4: sending to a name nobody uses fails at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_to_absent_peer_fails_quickly() {
+    let state = tempdir();
+    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let started = Instant::now();
+    // Stdin is closed at once: the open must fail before any line is read.
+    let mut send = qmesh(&coord.localhost(), &ca, &["send", "mesh/nobody!chat"]);
+    let exit = send.finish_within(QUICK).await;
+    let took = started.elapsed();
+    assert!(!exit.status.success(), "should fail: {}", show(&exit));
+    assert!(
+        exit.stderr.contains("peer not present"),
+        "stderr: {}",
+        show(&exit)
+    );
+    assert!(took < QUICK, "took {took:?}");
+}
+
+/// Test 5: `send --file` stores the file, byte for byte and under its name,
+/// in the listener's `--out` directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_transfer_keeps_name_and_bytes() {
+    let state = tempdir();
+    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let files = tempdir();
+    let src = files.path().join("src");
+    std::fs::create_dir_all(&src).expect("source dir");
+    let out = files.path().join("received");
+    let data = payload(5, 5 * 1024 * 1024);
+    let path = src.join("random-5MiB.bin");
+    std::fs::write(&path, &data).expect("writing the source file");
+
+    let mut bob = qmesh(
+        &coord.localhost(),
+        &ca,
+        &[
+            OsStr::new("--name"),
+            OsStr::new("bob"),
+            OsStr::new("listen"),
+            OsStr::new("chat"),
+            OsStr::new("--out"),
+            out.as_os_str(),
+        ],
+    );
+    bob.ready().await;
+
+    let exit = qmesh(
+        &coord.localhost(),
+        &ca,
+        &[
+            OsStr::new("--name"),
+            OsStr::new("alice"),
+            OsStr::new("send"),
+            OsStr::new("mesh/bob!chat"),
+            OsStr::new("--file"),
+            path.as_os_str(),
+        ],
+    )
+    .finish()
+    .await;
+    assert!(exit.status.success(), "send --file failed: {}", show(&exit));
+
+    bob.stderr_line("`file received`", |l| l.contains("file received"))
+        .await;
+    let stored = out.join("random-5MiB.bin");
+    let got =
+        std::fs::read(&stored).unwrap_or_else(|e| panic!("reading {}: {e}", stored.display()));
+    assert_eq!(got.len(), data.len(), "stored file size");
+    assert!(got == data, "the stored file's bytes differ");
+    let names: Vec<_> = std::fs::read_dir(&out)
+        .expect("listing --out")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names, vec![OsStr::new("random-5MiB.bin").to_owned()]);
+}
+
+/// Test 6: `qmesh demo` runs a whole exchange in one process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs() {
+    let exit = Proc::spawn("qmesh", ["demo"], &[]).finish().await;
+    assert!(exit.status.success(), "demo failed: {}", show(&exit));
+    for word in ["alice", "bob", "closed"] {
+        assert!(
+            exit.stdout.contains(word),
+            "demo output lacks {word:?}: {}",
+            show(&exit)
+        );
+    }
+}
+
+/// Test 7: SIGTERM stops the coordinator cleanly; its clients hear why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_coordinator_and_tells_clients() {
+    let state = tempdir();
+    let (mut coord, ca) = Coord::start_dev(state.path()).await;
+    let mut bob = qmesh(
+        &coord.localhost(),
+        &ca,
+        &["--name", "bob", "listen", "chat"],
+    );
+    bob.ready().await;
+
+    coord.proc.terminate();
+    let exit = coord.proc.finish().await;
+    assert_eq!(
+        exit.status.code(),
+        Some(0),
+        "coordinator after SIGTERM: {}",
+        show(&exit)
+    );
+
+    let exit = bob.finish().await;
+    assert!(!exit.status.success(), "listener: {}", show(&exit));
+    assert!(
+        exit.stderr.contains("coordinator shutting down"),
+        "listener stderr: {}",
+        show(&exit)
+    );
+}
+
+/// Test 8: `certs` writes a CA and a coordinator certificate that `run
+/// --cert --key` serves and clients trusting that CA accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certs_then_run_with_cert_and_key() {
+    let dir = tempdir();
+    make_certs(dir.path(), &["localhost", "127.0.0.1"]).await;
+    for f in [
+        "ca.pem",
+        "ca-key.pem",
+        "coordinator.pem",
+        "coordinator-key.pem",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f} was not written");
+    }
+    let cert = dir.path().join("coordinator.pem");
+    let key = dir.path().join("coordinator-key.pem");
+    let ca = dir.path().join("ca.pem");
+    let mut coord = Coord::start(&[
+        OsStr::new("--cert"),
+        cert.as_os_str(),
+        OsStr::new("--key"),
+        key.as_os_str(),
+    ])
+    .await;
+
+    // By IP address (127.0.0.1 is in the certificate) and by name.
+    let mut bob = qmesh(&coord.v4(), &ca, &["--name", "bob", "listen", "chat"]);
+    bob.ready().await;
+    let mut alice = qmesh(
+        &coord.localhost(),
+        &ca,
+        &["--name", "alice", "send", "mesh/bob!chat"],
+    );
+    alice.feed_stdin(b"hi bob\n").await;
+    let exit = alice.finish().await;
+    assert!(exit.status.success(), "send: {}", show(&exit));
+    let line = bob.stdout_line("`hi bob`", |_| true).await;
+    assert_eq!(line, "hi bob");
+
+    let exit = coord.proc.kill().await;
+    assert!(
+        !exit.stdout.contains("clients need the CA file"),
+        "no development CA with --cert/--key: {}",
+        show(&exit)
+    );
+}
+
+/// Test 9: a second client under a connected client's name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_name_is_refused() {
+    let state = tempdir();
+    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let mut first = qmesh(
+        &coord.localhost(),
+        &ca,
+        &["--name", "bob", "listen", "chat"],
+    );
+    first.ready().await;
+
+    let exit = qmesh(
+        &coord.localhost(),
+        &ca,
+        &["--name", "bob", "listen", "chat"],
+    )
+    .finish()
+    .await;
+    assert!(!exit.status.success(), "second bob: {}", show(&exit));
+    assert!(
+        exit.stderr.contains("taken"),
+        "second bob's stderr: {}",
+        show(&exit)
+    );
+    assert!(
+        first.child.try_wait().expect("try_wait").is_none(),
+        "the first bob should still be running"
+    );
+}
