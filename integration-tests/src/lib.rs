@@ -125,7 +125,14 @@ pub fn bin(name: &str) -> PathBuf {
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = std::process::Command::new(cargo)
-            .args(["build", "--bin", "qmesh", "--bin", "qmesh-coordinator"])
+            .args([
+                "build",
+                "-p",
+                "qmesh-client",
+                "-p",
+                "qmesh-coordinator",
+                "--bins",
+            ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("running cargo build");

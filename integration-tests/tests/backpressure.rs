@@ -1,0 +1,164 @@
+//! A reader that stops reading stops its writer, the coordinator's memory
+//! stays bounded, and other channels keep flowing.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use qmesh_client::{Client, ClientConfig};
+use qmesh_integration_tests::{bin, memory_kib, open_pair, within, STEP};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::watch;
+
+const MIB: u64 = 1024 * 1024;
+/// What the slow pair's writer pushes.
+const PUSH: u64 = 256 * MIB;
+/// What the other pair moves while the slow reader is stalled.
+const OTHER: u64 = 64 * MIB;
+/// Most the stalled writer may get ahead of its reader: three 2 MiB stream
+/// windows (sender, relay in, relay out) and a message in hand, with room.
+const WRITER_BOUND: u64 = 16 * MIB;
+/// Most the coordinator may grow by over its idle size during the test.
+const COORDINATOR_BOUND_KIB: u64 = 64 * 1024;
+
+fn message(i: u64) -> Vec<u8> {
+    let mut m = vec![(i % 251) as u8; MIB as usize];
+    m[..8].copy_from_slice(&i.to_be_bytes());
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_blocks_its_writer_with_bounded_coordinator_memory() {
+    let state = tempfile::tempdir().unwrap();
+    let mut coordinator = tokio::process::Command::new(bin("qmesh-coordinator"))
+        .args([
+            "--log",
+            "warn",
+            "run",
+            "--listen",
+            "quic/$4:0",
+            "--state-dir",
+        ])
+        .arg(state.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = coordinator.id().unwrap();
+    let mut lines = BufReader::new(coordinator.stdout.take().unwrap()).lines();
+    let (mut port, mut ca) = (None, None);
+    while port.is_none() || ca.is_none() {
+        let line = within(STEP, "coordinator start", lines.next_line())
+            .await
+            .unwrap()
+            .unwrap();
+        if let Some(addr) = line.strip_prefix("qmesh-coordinator listening on quic/") {
+            port = addr.rsplit(':').next().map(|p| p.parse::<u16>().unwrap());
+        }
+        if let Some(path) = line.strip_prefix("clients need the CA file: ") {
+            ca = Some(path.to_owned());
+        }
+    }
+    let address: qmesh_proto::Address = format!("quic/$4:{}", port.unwrap()).parse().unwrap();
+    let trust = ClientConfig::trust_ca_file(std::path::Path::new(&ca.unwrap())).unwrap();
+    let connect = |name: &str| {
+        let config = ClientConfig::new(address.clone(), name, trust.clone());
+        async move {
+            within(STEP, "connect", Client::connect(config))
+                .await
+                .unwrap()
+        }
+    };
+    let (alice, bob, carol, dave) = tokio::join!(
+        connect("alice"),
+        connect("bob"),
+        connect("carol"),
+        connect("dave")
+    );
+    let (slow_out, slow_in) = open_pair(&alice, &bob, "slow").await;
+    let (fast_out, fast_in) = open_pair(&carol, &dave, "fast").await;
+    let (idle_rss, _) = memory_kib(pid).unwrap();
+
+    // Alice pushes 256 MiB at bob, who takes the stream but does not read.
+    let written = Arc::new(AtomicU64::new(0));
+    let (started_tx, mut started) = watch::channel(false);
+    let writer = {
+        let written = written.clone();
+        tokio::spawn(async move {
+            let mut out = slow_out.open_stream().await.unwrap();
+            for i in 0..PUSH / MIB {
+                out.send(&message(i)).await.unwrap();
+                written.fetch_add(MIB, Ordering::SeqCst);
+                let _ = started_tx.send(true);
+            }
+            out.finish().await.unwrap();
+            slow_out
+        })
+    };
+    let mut stalled = within(STEP, "stalled stream", slow_in.accept_stream())
+        .await
+        .unwrap()
+        .unwrap();
+    within(STEP, "writer started", started.wait_for(|s| *s))
+        .await
+        .unwrap();
+
+    // Meanwhile carol moves 64 MiB to dave in full.
+    let fast = async {
+        let mut out = fast_out.open_stream().await.unwrap();
+        for i in 0..OTHER / MIB {
+            out.send(&message(i)).await.unwrap();
+        }
+        out.finish().await.unwrap();
+    };
+    let drain = async {
+        let mut inbox = fast_in.accept_stream().await.unwrap().unwrap();
+        let mut n = 0u64;
+        while let Some(m) = inbox.recv().await.unwrap() {
+            assert!(m == message(n), "fast message {n}");
+            n += 1;
+        }
+        n
+    };
+    let ((), moved) = within(STEP * 2, "other pair", async { tokio::join!(fast, drain) }).await;
+    assert_eq!(moved, OTHER / MIB, "the other pair kept flowing");
+
+    let ahead = written.load(Ordering::SeqCst);
+    let (rss, peak) = memory_kib(pid).unwrap();
+    eprintln!(
+        "stalled writer got {} MiB ahead of its reader; coordinator RSS idle {idle_rss} KiB, \
+         now {rss} KiB, peak {peak} KiB (growth {} KiB, bound {COORDINATOR_BOUND_KIB} KiB)",
+        ahead / MIB,
+        peak.saturating_sub(idle_rss)
+    );
+    assert!(ahead < PUSH, "the writer was not blocked");
+    assert!(
+        ahead <= WRITER_BOUND,
+        "writer {ahead} bytes ahead, bound {WRITER_BOUND}"
+    );
+    assert!(
+        peak.saturating_sub(idle_rss) <= COORDINATOR_BOUND_KIB,
+        "coordinator grew by {} KiB",
+        peak - idle_rss
+    );
+
+    // Bob reads now: all 256 MiB arrive, in order and intact.
+    let read = async {
+        let mut n = 0u64;
+        while let Some(m) = stalled.recv().await.unwrap() {
+            assert!(m == message(n), "slow message {n}");
+            n += 1;
+        }
+        n
+    };
+    let (n, slow_out) = within(STEP * 2, "stalled pair drains", async {
+        tokio::join!(read, async { writer.await.unwrap() })
+    })
+    .await;
+    assert_eq!(n, PUSH / MIB);
+    let (_, peak) = memory_kib(pid).unwrap();
+    eprintln!("coordinator peak after the 256 MiB drained: {peak} KiB");
+    within(STEP, "close", slow_out.close("done")).await.unwrap();
+    let _ = coordinator.start_kill();
+}

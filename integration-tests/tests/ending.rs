@@ -1,0 +1,160 @@
+//! Every channel ends exactly once: closed (with the reason) or lost.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use qmesh_client::{ChannelEnd, Side};
+use qmesh_integration_tests::{bin, open_pair, payload, within, Mesh, STEP};
+use tokio::io::AsyncWriteExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_right_after_sending_still_delivers_every_stream_first() {
+    let mesh = Mesh::start().await;
+    let alice = mesh.client("alice").await;
+    let bob = mesh.client("bob").await;
+    let (a, b) = open_pair(&alice, &bob, "drain").await;
+    for s in 0..3u64 {
+        let mut out = a.open_stream().await.unwrap();
+        for i in 0..1000u64 {
+            out.feed(&payload(s * 10_000 + i, 700)).await.unwrap();
+        }
+        out.flush().await.unwrap();
+        // Dropping finishes the stream without waiting for it to arrive.
+        drop(out);
+    }
+    within(STEP, "close", a.close("sent three")).await.unwrap();
+
+    let mut streams = 0u64;
+    while let Some(mut inbox) = within(STEP, "accept", b.accept_stream()).await.unwrap() {
+        let mut n = 0u64;
+        let mut first = None;
+        while let Some(m) = within(STEP, "recv", inbox.recv()).await.unwrap() {
+            first.get_or_insert_with(|| m.clone());
+            n += 1;
+        }
+        assert_eq!(n, 1000);
+        let s = (0..3u64)
+            .find(|s| first.as_deref() == Some(&payload(s * 10_000, 700)[..]))
+            .expect("a known stream");
+        assert!(s < 3);
+        streams += 1;
+    }
+    assert_eq!(streams, 3, "every stream sent before the close arrives");
+    assert_eq!(
+        b.end(),
+        Some(ChannelEnd::Closed {
+            by: Side::Peer,
+            reason: "sent three".into()
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_leaves_reaches_every_channel_as_lost_and_a_closed_channel_stays_closed() {
+    let mesh = Mesh::start().await;
+    let alice = mesh.client("alice").await;
+    let bob = mesh.client("bob").await;
+    let (a1, b1) = open_pair(&alice, &bob, "one").await;
+    let (a2, _b2) = open_pair(&alice, &bob, "two").await;
+    let (a3, b3) = open_pair(&alice, &bob, "three").await;
+    within(STEP, "close three", a3.close("finished"))
+        .await
+        .unwrap();
+    assert!(matches!(b3.end(), Some(ChannelEnd::Closed { .. })));
+
+    within(STEP, "bob leaves", bob.close("going home")).await;
+    for ch in [&a1, &a2] {
+        match within(STEP, "lost", ch.ended()).await {
+            ChannelEnd::Lost { reason } => {
+                assert!(reason.contains("\"bob\" disconnected"), "{reason}");
+                assert!(reason.contains("going home"), "{reason}");
+            }
+            other => panic!("expected lost, got {other:?}"),
+        }
+    }
+    // The channel that was closed first stays closed: one end only.
+    assert_eq!(
+        a3.end(),
+        Some(ChannelEnd::Closed {
+            by: Side::Local,
+            reason: "finished".into()
+        })
+    );
+    assert!(matches!(b1.end(), Some(ChannelEnd::Lost { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_peer_is_reported_lost_within_the_idle_timeout() {
+    const IDLE: Duration = Duration::from_secs(2);
+    let mesh = Mesh::start_with(|c| c.tuning = c.tuning.clone().with_idle_timeout(IDLE)).await;
+    let bob = within(
+        STEP,
+        "bob",
+        qmesh_client::Client::connect(mesh.config("bob").with_idle_timeout(IDLE)),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, mesh.ca.cert_pem()).unwrap();
+    let mut alice = tokio::process::Command::new(bin("qmesh"))
+        .args(["--name", "alice", "--idle-timeout", "2", "--log", "warn"])
+        .arg("--coordinator")
+        .arg(mesh.address.to_string())
+        .arg("--ca")
+        .arg(&ca)
+        .args(["send", "mesh/bob!chat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let offer = within(STEP, "offer", bob.accept()).await.unwrap();
+    let ch = within(STEP, "accept", offer.accept()).await.unwrap();
+    let mut stdin = alice.stdin.take().unwrap();
+    stdin.write_all(b"first line\n").await.unwrap();
+    stdin.flush().await.unwrap();
+    let mut inbox = within(STEP, "stream", ch.accept_stream())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        &within(STEP, "header", inbox.recv()).await.unwrap().unwrap()[..],
+        b"qmesh-text/1"
+    );
+    assert_eq!(
+        &within(STEP, "line", inbox.recv()).await.unwrap().unwrap()[..],
+        b"first line"
+    );
+
+    // Kill alice mid-stream: no close of any kind reaches the coordinator.
+    alice.start_kill().unwrap();
+    let killed = Instant::now();
+    within(STEP, "reap", alice.wait()).await.unwrap();
+    let end = within(IDLE * 5, "lost", ch.ended()).await;
+    let took = killed.elapsed();
+    match end {
+        ChannelEnd::Lost { reason } => assert!(reason.contains("timed out"), "{reason}"),
+        other => panic!("expected lost, got {other:?}"),
+    }
+    eprintln!("killed peer reported lost after {took:?} (idle timeout {IDLE:?})");
+    // The open stream fails rather than ending cleanly.
+    assert!(within(STEP, "stream end", inbox.recv()).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_shutdown_ends_sessions_with_a_code_and_channels_as_lost() {
+    let mesh = Mesh::start().await;
+    let alice = mesh.client("alice").await;
+    let bob = mesh.client("bob").await;
+    let (a, _b) = open_pair(&alice, &bob, "chat").await;
+    within(STEP, "shutdown", mesh.coordinator.shutdown()).await;
+    let why = within(STEP, "closed", alice.closed()).await;
+    assert!(why.contains("coordinator shutting down"), "{why}");
+    assert!(matches!(
+        within(STEP, "lost", a.ended()).await,
+        ChannelEnd::Lost { .. }
+    ));
+    assert!(within(STEP, "accept", alice.accept()).await.is_none());
+}
