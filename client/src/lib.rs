@@ -24,9 +24,14 @@
 //! let alice = Client::connect(ClientConfig::new(addr, "alice", trust.clone())).await?;
 //! let bob = Client::connect(ClientConfig::new(alice_addr(&alice)?, "bob", trust)).await?;
 //!
-//! let (opened, offered) = tokio::join!(alice.open_str("mesh/bob!chat"), bob.accept());
+//! // `open` waits until bob answers, so bob answers concurrently.
+//! let (opened, accepted) = tokio::join!(alice.open_str("mesh/bob!chat"), async {
+//!     let offer = bob.accept().await.expect("an offer");
+//!     assert_eq!((offer.peer(), offer.channel()), ("alice", "chat"));
+//!     offer.accept().await
+//! });
 //! let to_bob = opened?;
-//! let from_alice = offered.expect("an offer").accept().await?;
+//! let from_alice = accepted?;
 //!
 //! let mut out = to_bob.open_stream().await?;
 //! out.send(b"hello bob").await?;

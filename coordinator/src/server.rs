@@ -2,7 +2,7 @@
 //!
 //! One task per connection runs its session: hello, then accepting the
 //! channel control streams and data streams the client opens. Channel
-//! routing lives in [`crate::channel`], byte relaying in [`crate::relay`].
+//! routing lives in the `channel` module, byte relaying in `relay`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -258,7 +258,9 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
-    let conn = match timeout(shared.config.hello_timeout, connecting).await {
+    // One deadline covers the handshake and the hello.
+    let deadline = tokio::time::Instant::now() + shared.config.hello_timeout;
+    let conn = match tokio::time::timeout_at(deadline, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             info!(peer = %remote, cause = %e, "handshake failed");
@@ -269,7 +271,7 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
-    run_session(shared, conn).await;
+    run_session(shared, conn, deadline).await;
 }
 
 /// Wait for the hello and answer it; returns the admitted session and its
@@ -277,8 +279,9 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
 async fn hello(
     shared: &Arc<Shared>,
     conn: &Connection,
+    deadline: tokio::time::Instant,
 ) -> Option<(Arc<Session>, quinn::SendStream, quinn::RecvStream)> {
-    let first = timeout(shared.config.hello_timeout, async {
+    let first = tokio::time::timeout_at(deadline, async {
         let (send, mut recv) = conn.accept_bi().await.ok()?;
         Some((send, read_frame::<SessionMsg, _>(&mut recv).await, recv))
     })
@@ -374,8 +377,8 @@ fn session_msg_name(msg: &SessionMsg) -> &'static str {
     }
 }
 
-async fn run_session(shared: Arc<Shared>, conn: Connection) {
-    let Some((session, _send, mut recv)) = hello(&shared, &conn).await else {
+async fn run_session(shared: Arc<Shared>, conn: Connection, deadline: tokio::time::Instant) {
+    let Some((session, _send, mut recv)) = hello(&shared, &conn, deadline).await else {
         return;
     };
     let span = info_span!("session", id = %session.name);

@@ -415,9 +415,15 @@ async fn send_lines_to_a_listener() {
     let sent = alice.finish().await;
     assert!(sent.status.success(), "send failed: {}", show(&sent));
 
-    // The listener logs the channel's end once every stream of it is done.
-    bob.stderr_line("saying the channel closed", |l| {
-        l.contains("closed by the peer")
+    for want in ["one", "two", "three"] {
+        let line = bob.stdout_line(&format!("{want:?}"), |_| true).await;
+        assert_eq!(line, want, "lines out of order");
+    }
+    // `listen` logs the channel's end (`… closed by the peer: done
+    // from=alice`) once every stream of it is done: nothing more will be
+    // printed for it.
+    bob.stderr_line("saying alice's channel closed", |l| {
+        l.contains("closed by the peer") && l.contains("from=alice")
     })
     .await;
     let listened = bob.kill().await;
@@ -435,6 +441,14 @@ async fn restart_reuses_the_development_ca() {
     let state = tempdir();
     let (mut first, ca) = Coord::start_dev(state.path()).await;
     let before = std::fs::read(&ca).expect("reading the CA file");
+    // `run` prints its listening line before it installs its SIGTERM
+    // handler; a client it has served shows it is past that point.
+    let mut bob = qmesh(
+        &first.localhost(),
+        &ca,
+        &["--name", "bob", "listen", "chat"],
+    );
+    bob.ready().await;
     first.proc.terminate();
     let exit = first.proc.finish().await;
     assert!(exit.status.success(), "first run: {}", show(&exit));

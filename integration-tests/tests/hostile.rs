@@ -375,7 +375,12 @@ async fn hello_with_another_version_is_rejected_with_version_mismatch() {
         mentions_number(&message, PROTOCOL_VERSION),
         "the reject does not say which version is expected: {message:?}"
     );
-    raw.closed_with(ConnCode::VersionMismatch).await;
+    let close = raw.closed_with(ConnCode::VersionMismatch).await;
+    assert_eq!(
+        &close.reason[..],
+        message.as_bytes(),
+        "the close carries the reject's sentence"
+    );
 
     honest.after_attack(mesh).await;
 }

@@ -37,13 +37,8 @@ pub(crate) async fn run(client: Client, channel: &str, out: Option<PathBuf>) -> 
 
 async fn serve(channel: Channel, out: Option<PathBuf>) {
     let mut tasks = tokio::task::JoinSet::new();
-    loop {
-        match channel.accept_stream().await {
-            Ok(Some(stream)) => {
-                tasks.spawn(receive(channel.peer().to_owned(), stream, out.clone()));
-            }
-            Ok(None) | Err(_) => break,
-        }
+    while let Ok(Some(stream)) = channel.accept_stream().await {
+        tasks.spawn(receive(channel.peer().to_owned(), stream, out.clone()));
     }
     while let Some(done) = tasks.join_next().await {
         if let Ok(Err(e)) = done {
