@@ -283,25 +283,38 @@ impl Channel {
             }
             local.opened += 1;
         }
-        let mut send = self
-            .shared
-            .conn
-            .open_uni()
-            .await
-            .map_err(|e| StreamError::Session(e.to_string()))?;
-        let header = StreamHeader::Data {
-            channel: self.shared.id,
-        };
-        write_frame(&mut send, &header)
-            .await
-            .map_err(|e| StreamError::Session(e.to_string()))?;
-        Ok(MessageSender::new(send, self.shared.max_message))
+        let opened = async {
+            let mut send = self
+                .shared
+                .conn
+                .open_uni()
+                .await
+                .map_err(|e| e.to_string())?;
+            let header = StreamHeader::Data {
+                channel: self.shared.id,
+            };
+            write_frame(&mut send, &header)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(send)
+        }
+        .await;
+        match opened {
+            Ok(send) => Ok(MessageSender::new(send, self.shared.max_message)),
+            Err(e) => {
+                // It never left: do not count it in the close.
+                lock(&self.shared.local).opened -= 1;
+                Err(StreamError::Session(e))
+            }
+        }
     }
 
     /// The next data stream the peer opened, or `None` once the channel has
-    /// ended and every stream the peer sent before its close was accepted.
+    /// ended and every stream the peer sent before its close was accepted
+    /// (or, should one of those never arrive, the close timeout has passed).
     pub async fn accept_stream(&self) -> Result<Option<MessageReceiver>, StreamError> {
         let mut state = self.shared.state.subscribe();
+        let mut give_up: Option<tokio::time::Instant> = None;
         let mut guard = self.streams.lock().await;
         let (rx, accepted) = &mut *guard;
         loop {
@@ -313,12 +326,23 @@ impl Channel {
                 let st = state.borrow_and_update();
                 match st.peer_close {
                     Some(n) if *accepted >= n => return Ok(None),
-                    Some(_) => {}
+                    Some(_) => {
+                        give_up.get_or_insert_with(|| {
+                            tokio::time::Instant::now() + self.shared.close_timeout
+                        });
+                    }
                     None if st.done => return Ok(None),
                     None => {}
                 }
             }
+            let deadline = async {
+                match give_up {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                _ = deadline => return Ok(None),
                 s = rx.recv() => match s {
                     Some(s) => {
                         *accepted += 1;

@@ -123,14 +123,25 @@ fn connect_failure(
 }
 
 impl Client {
-    /// Connect to the coordinator and join under `config.name`.
+    /// Connect to the coordinator and join under `config.name`, on a UDP
+    /// socket of its own.
     pub async fn connect(config: ClientConfig) -> Result<Client, ConnectError> {
+        Self::connect_on(None, config).await
+    }
+
+    /// Connect as [`Client::connect`] does, over `endpoint` when given, so
+    /// that many clients in one process can share a few UDP sockets.
+    pub async fn connect_on(
+        endpoint: Option<&Endpoint>,
+        config: ClientConfig,
+    ) -> Result<Client, ConnectError> {
         let span = info_span!("client", id = %config.name);
         let secs = config.connect_timeout.as_secs();
         let coord_text = config.coordinator.to_string();
+        let endpoint = endpoint.cloned();
         match timeout(
             config.connect_timeout,
-            Self::connect_inner(config, span.clone()),
+            Self::connect_inner(endpoint, config, span.clone()),
         )
         .instrument(span)
         .await
@@ -143,7 +154,11 @@ impl Client {
         }
     }
 
-    async fn connect_inner(config: ClientConfig, span: Span) -> Result<Client, ConnectError> {
+    async fn connect_inner(
+        endpoint: Option<Endpoint>,
+        config: ClientConfig,
+        span: Span,
+    ) -> Result<Client, ConnectError> {
         let (host, port) = config.coordinator.quic_endpoint()?;
         let host = host.clone();
         let addr = resolve(&host, port).await?;
@@ -155,7 +170,10 @@ impl Client {
         } else {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let endpoint = Endpoint::client(bind).map_err(ConnectError::Socket)?;
+        let endpoint = match endpoint {
+            Some(e) => e,
+            None => Endpoint::client(bind).map_err(ConnectError::Socket)?,
+        };
         let connecting = endpoint
             .connect_with(client_config, addr, &server_name(&host))
             .map_err(|e| ConnectError::Handshake {

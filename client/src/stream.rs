@@ -10,7 +10,7 @@ use std::io;
 use bytes::{Buf, Bytes, BytesMut};
 use qmesh_proto::codec::{check_length, length_prefix, DecodeError};
 use qmesh_proto::codes::StreamCode;
-use qmesh_proto::limits::LENGTH_PREFIX;
+use qmesh_proto::limits::{LENGTH_PREFIX, MAX_MESSAGE_CEILING};
 use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio::io::AsyncReadExt;
 
@@ -35,11 +35,12 @@ fn write_error(e: WriteError) -> SendError {
 }
 
 impl MessageSender {
-    pub(crate) fn new(stream: SendStream, max: usize) -> Self {
+    /// Send qmesh messages (at most `max` bytes each) on any QUIC stream.
+    pub fn new(stream: SendStream, max: usize) -> Self {
         Self {
             stream,
             buf: Vec::with_capacity(COALESCE + LENGTH_PREFIX),
-            max,
+            max: max.min(MAX_MESSAGE_CEILING),
         }
     }
 
@@ -126,11 +127,12 @@ fn read_error(e: io::Error) -> RecvError {
 }
 
 impl MessageReceiver {
-    pub(crate) fn new(stream: RecvStream, max: usize) -> Self {
+    /// Receive qmesh messages (at most `max` bytes each) from any QUIC stream.
+    pub fn new(stream: RecvStream, max: usize) -> Self {
         Self {
             stream,
             buf: BytesMut::with_capacity(COALESCE),
-            max,
+            max: max.min(MAX_MESSAGE_CEILING),
         }
     }
 

@@ -66,7 +66,10 @@ fn msg_name(msg: &ChannelMsg) -> &'static str {
 /// Tell the opener the channel could not be opened.
 async fn fail(send: &mut SendStream, code: OpenFailCode, message: String) {
     info!(code = ?code, cause = %message, "open failed");
-    let msg = ChannelMsg::OpenFailed { code, message };
+    let msg = ChannelMsg::OpenFailed {
+        code,
+        message: clip_reason(&message),
+    };
     if write_frame(send, &msg).await.is_ok() {
         let _ = send.finish();
     }
@@ -142,7 +145,8 @@ async fn open(
         return fail(&mut a_send, OpenFailCode::PeerNotPresent, msg).await;
     };
     let answer_timeout = shared.config.answer_timeout;
-    let opened = timeout(answer_timeout, async {
+    let deadline = tokio::time::Instant::now() + answer_timeout;
+    let opened = tokio::time::timeout_at(deadline, async {
         let (mut send, recv) = callee.conn.open_bi().await.ok()?;
         let incoming = ChannelMsg::Incoming {
             from: session.name.clone(),
@@ -168,7 +172,7 @@ async fn open(
     // Wait for the callee's answer; the opener giving up (its stream or
     // connection ending) cancels the offer.
     let answer = tokio::select! {
-        answer = timeout(answer_timeout, read_frame::<ChannelMsg, _>(&mut b_recv)) => answer,
+        answer = tokio::time::timeout_at(deadline, read_frame::<ChannelMsg, _>(&mut b_recv)) => answer,
         _ = read_frame::<ChannelMsg, _>(&mut a_recv) => {
             debug!("opener gave up before the callee answered");
             let _ = b_send.reset(stream_code(StreamCode::Cancelled));
@@ -257,6 +261,9 @@ async fn forward(
     let mut terminal_sent = false;
     let terminal = loop {
         match read_frame::<ChannelMsg, _>(&mut from_recv).await {
+            Ok(Some(ChannelMsg::Close { .. })) if terminal_sent => {
+                debug!(side = %from.name, "second close ignored");
+            }
             Ok(Some(ChannelMsg::Close { reason, streams })) => {
                 let reason = clip_reason(&reason);
                 let mut counts = from_side.streams.subscribe();
@@ -304,6 +311,7 @@ async fn forward(
     };
     if let Some(reason) = terminal.filter(|_| !terminal_sent) {
         debug!(side = %from.name, cause = %reason, "lost");
+        let reason = clip_reason(&reason);
         let _ = write_frame(&mut to, &ChannelMsg::Lost { reason }).await;
     }
     let _ = to.finish();
@@ -312,6 +320,10 @@ async fn forward(
 /// Why `from` is gone, for a `Lost` message.
 fn lost_reason(from: &Session, stream_error: Option<&str>) -> String {
     match from.conn.close_reason() {
+        Some(quinn::ConnectionError::LocallyClosed) => format!(
+            "\"{}\" was disconnected by the coordinator for breaking the protocol",
+            from.name
+        ),
         Some(e) => format!(
             "\"{}\" disconnected: {}",
             from.name,

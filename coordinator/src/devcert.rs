@@ -64,18 +64,50 @@ pub fn write_certs(dir: &Path, hosts: &[String], force: bool) -> Result<CertFile
 
 /// Load the development certificate from `state_dir`, creating a CA and a
 /// certificate for [`dev_hosts`] on first use.
+///
+/// An existing CA is never replaced: clients may already trust it. If the
+/// coordinator certificate is missing but the CA and its key are there, a
+/// new certificate is issued from that CA. Any other partial state is an
+/// error that says which files are missing.
 pub fn dev_identity(state_dir: &Path) -> Result<CertFiles, CertError> {
-    let cert = state_dir.join(CERT_FILE);
-    let key = state_dir.join(KEY_FILE);
-    let ca_path = state_dir.join(CA_FILE);
-    if cert.exists() && key.exists() && ca_path.exists() {
+    let path = |f: &str| state_dir.join(f);
+    let have = |f: &str| path(f).exists();
+    let ca_path = path(CA_FILE);
+    if have(CERT_FILE) && have(KEY_FILE) && have(CA_FILE) {
         return Ok(CertFiles {
             ca_path,
-            identity: Identity::load(&cert, &key)?,
+            identity: Identity::load(&path(CERT_FILE), &path(KEY_FILE))?,
             created: false,
         });
     }
-    write_certs(state_dir, &dev_hosts(), true)
+    if have(CA_FILE) && have(CA_KEY_FILE) {
+        let ca = Ca::load(&ca_path, &path(CA_KEY_FILE))?;
+        let identity = ca.issue_server(&dev_hosts())?;
+        identity.save(&path(CERT_FILE), &path(KEY_FILE))?;
+        return Ok(CertFiles {
+            ca_path,
+            identity,
+            created: true,
+        });
+    }
+    let present: Vec<&str> = [CA_FILE, CA_KEY_FILE, CERT_FILE, KEY_FILE]
+        .into_iter()
+        .filter(|f| have(f))
+        .collect();
+    if present.is_empty() {
+        return write_certs(state_dir, &dev_hosts(), false);
+    }
+    Err(CertError::Io {
+        path: state_dir.to_owned(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "the state directory holds only {}; restore the missing certificate files \
+                 or remove the directory to make a new CA (clients must then get the new ca.pem)",
+                present.join(", ")
+            ),
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -92,6 +124,27 @@ mod tests {
         assert!(!second.created);
         assert_eq!(first.identity.fingerprint(), second.identity.fingerprint());
         assert_eq!(first.ca_path, second.ca_path);
+    }
+
+    #[test]
+    fn a_missing_coordinator_certificate_is_reissued_from_the_same_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dev_identity(dir.path()).unwrap();
+        let ca_pem = std::fs::read(&first.ca_path).unwrap();
+        std::fs::remove_file(dir.path().join(CERT_FILE)).unwrap();
+        let second = dev_identity(dir.path()).unwrap();
+        assert_eq!(std::fs::read(&second.ca_path).unwrap(), ca_pem);
+        assert_ne!(first.identity.fingerprint(), second.identity.fingerprint());
+    }
+
+    #[test]
+    fn a_partial_state_directory_is_an_error_not_a_new_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        dev_identity(dir.path()).unwrap();
+        std::fs::remove_file(dir.path().join(CA_KEY_FILE)).unwrap();
+        std::fs::remove_file(dir.path().join(CERT_FILE)).unwrap();
+        let err = dev_identity(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("remove the directory"), "{err}");
     }
 
     #[test]

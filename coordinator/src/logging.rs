@@ -3,7 +3,8 @@
 //! ```text
 //! [2026-11-21 23:40:00.670 INFO client/alice] connected to quic/127.0.0.1:7447
 //! [2026-11-21 23:40:00.671 INFO channel/alice>bob!chat] joined
-//! [2026-11-21 23:40:00.672 WARN qmesh_coordinator::relay] stopping data stream ...
+//! [2026-11-21 23:40:00.672 WARN session/alice] stopping data stream with a bad header
+//! [2026-11-21 23:40:00.673 INFO qmesh_coordinator::devcert] an event outside any span
 //! ```
 //!
 //! The bracket names the innermost span that carries an `id` field as

@@ -14,7 +14,7 @@ use qmesh_proto::Address;
 /// The qmesh coordinator: clients connect to it by name and open channels
 /// to each other through it.
 #[derive(Debug, Parser)]
-#[command(name = "qmesh-coordinator", version, about)]
+#[command(name = "qmesh-coordinator", version)]
 struct Cli {
     /// Log filter, e.g. `info` or `qmesh_coordinator=debug` (else RUST_LOG).
     #[arg(long, global = true)]

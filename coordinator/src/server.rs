@@ -351,6 +351,7 @@ async fn hello(
         }
         Err(Rejection { code, message }) => {
             info!(peer = %conn.remote_address(), name = %name, client_version = version, ours = PROTOCOL_VERSION, cause = %message, "hello refused");
+            let message = qmesh_proto::limits::clip_reason(&message);
             let reject = SessionMsg::Reject {
                 code,
                 message: message.clone(),

@@ -8,10 +8,9 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use qmesh_integration_tests::{payload, within, STEP};
+use qmesh_integration_tests::{bin, payload, within, STEP};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
@@ -29,45 +28,6 @@ const CLEARED_ENV: &[&str] = &[
     "QMESH_FINGERPRINT",
     "RUST_LOG",
 ];
-
-/// Path of a workspace binary, built once per test run.
-///
-/// Not `qmesh_integration_tests::bin`: that runs `cargo build --bin qmesh
-/// --bin qmesh-coordinator` in the integration-tests directory, where cargo
-/// only looks at this package and fails with "no bin target named `qmesh`
-/// in default-run packages". Naming the packages works from anywhere.
-fn bin(name: &str) -> PathBuf {
-    static BUILD: Once = Once::new();
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/
-    let dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target dir")
-        .to_path_buf();
-    BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args([
-                "build",
-                "-p",
-                "qmesh-client",
-                "--bin",
-                "qmesh",
-                "-p",
-                "qmesh-coordinator",
-                "--bin",
-                "qmesh-coordinator",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building the binaries failed");
-    });
-    let path = dir.join(name);
-    assert!(path.exists(), "{} not found", path.display());
-    path
-}
 
 /// A running binary, its stdout and stderr read line by line.
 struct Proc {

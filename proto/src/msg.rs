@@ -92,9 +92,10 @@ pub enum ChannelMsg {
     ///
     /// `streams` is the number of data streams the sender opened on the
     /// channel. The coordinator forwards the close only after it has
-    /// relayed that many streams to their end, and the receiver reports the
-    /// channel closed once it has accepted them, so nothing sent before a
-    /// close is lost. A side that receives a close answers with its own.
+    /// relayed that many streams to their end, and the receiver keeps
+    /// handing out data streams until it has accepted that many, so nothing
+    /// sent before a close is lost. A side that receives a close reports the
+    /// channel closed at once and answers with its own close.
     Close {
         /// The closer's reason.
         reason: String,

@@ -19,7 +19,7 @@ pub(crate) const FILE_CHUNK: usize = 1024 * 1024;
 
 /// Talk to peers over a qmesh coordinator.
 #[derive(Debug, Parser)]
-#[command(name = "qmesh", version, about)]
+#[command(name = "qmesh", version)]
 pub(crate) struct Cli {
     /// The coordinator, as a connpipe address.
     #[arg(
