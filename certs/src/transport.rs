@@ -7,7 +7,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+
 use quinn::{IdleTimeout, TransportConfig, VarInt};
+use socket2::{Domain, Protocol, Socket, Type};
 
 /// Tunable transport settings.
 #[derive(Debug, Clone)]
@@ -113,4 +117,37 @@ pub fn describe_close(err: &quinn::ConnectionError) -> String {
         ConnectionError::Reset => "connection reset by the peer".into(),
         other => other.to_string(),
     }
+}
+
+/// Kernel UDP buffer size qmesh asks for on every socket (4 MiB): a
+/// burst of handshakes or a fast stream is not dropped before quinn reads it.
+pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Bind a UDP socket for QUIC with `buffer` bytes of kernel send and receive
+/// buffer. Large buffers keep a burst of handshakes, or a fast stream, from
+/// being dropped by the kernel before quinn reads it; the kernel may grant
+/// less than asked (`net.core.rmem_max`), which is logged at debug.
+pub fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // `[::]` also accepts IPv4 where the OS allows it.
+        let _ = socket.set_only_v6(false);
+    }
+    if buffer > 0 {
+        let _ = socket.set_recv_buffer_size(buffer);
+        let _ = socket.set_send_buffer_size(buffer);
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A client endpoint on `bind` with [`SOCKET_BUFFER`]-sized socket buffers.
+pub fn client_endpoint(bind: SocketAddr) -> io::Result<quinn::Endpoint> {
+    let socket = bind_udp(bind, SOCKET_BUFFER)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
 }

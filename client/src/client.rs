@@ -33,6 +33,8 @@ struct Inner {
     coordinator: String,
     config: ClientConfig,
     endpoint: Endpoint,
+    /// Whether `endpoint` was made for this client alone.
+    owns_endpoint: bool,
     conn: Connection,
     routes: Routes,
     incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingChannel>>,
@@ -170,9 +172,10 @@ impl Client {
         } else {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         };
+        let owns_endpoint = endpoint.is_none();
         let endpoint = match endpoint {
             Some(e) => e,
-            None => Endpoint::client(bind).map_err(ConnectError::Socket)?,
+            None => qmesh_certs::transport::client_endpoint(bind).map_err(ConnectError::Socket)?,
         };
         let connecting = endpoint
             .connect_with(client_config, addr, &server_name(&host))
@@ -245,6 +248,7 @@ impl Client {
                 coordinator: coord_text,
                 config,
                 endpoint,
+                owns_endpoint,
                 conn,
                 routes,
                 incoming: tokio::sync::Mutex::new(incoming_rx),
@@ -370,18 +374,21 @@ impl Client {
         Some(offer)
     }
 
-    /// Leave: close the connection with a normal code and `reason`, and wait
-    /// (briefly) until the coordinator has been told.
+    /// Leave: close the connection with a normal code and `reason`. On an
+    /// endpoint of its own, also wait (up to 2 s) until the close has been
+    /// sent; a shared endpoint is its owner's to drain.
     pub async fn close(&self, reason: &str) {
         info!(parent: &self.inner.span, reason, "leaving");
         self.inner
             .conn
             .close(VarInt::from_u32(ConnCode::Normal.code()), reason.as_bytes());
-        let _ = timeout(
-            std::time::Duration::from_secs(2),
-            self.inner.endpoint.wait_idle(),
-        )
-        .await;
+        if self.inner.owns_endpoint {
+            let _ = timeout(
+                std::time::Duration::from_secs(2),
+                self.inner.endpoint.wait_idle(),
+            )
+            .await;
+        }
     }
 
     /// Wait until the session ends and say why.

@@ -41,7 +41,7 @@ impl Config {
             answer_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             relay_chunk: 64 * 1024,
-            socket_buffer: 4 * 1024 * 1024,
+            socket_buffer: qmesh_certs::transport::SOCKET_BUFFER,
         }
     }
 }

@@ -153,6 +153,9 @@ async fn run(
         .tuning
         .with_idle_timeout(Duration::from_secs(idle_timeout.max(1)));
     let coordinator = Coordinator::bind(config)?;
+    // Install the signal handlers before saying we are up, so that a
+    // SIGTERM sent right after the listening line still stops us cleanly.
+    let shutdown = shutdown_signal()?;
     println!(
         "qmesh-coordinator listening on quic/{}",
         coordinator.local_addr()
@@ -164,7 +167,7 @@ async fn run(
             display_path(ca)
         );
     }
-    coordinator.run(shutdown_signal()).await;
+    coordinator.run(shutdown).await;
     Ok(())
 }
 
@@ -175,26 +178,27 @@ fn display_path(p: &Path) -> String {
         .to_string()
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// A future that completes on SIGINT or SIGTERM; the handlers are
+/// installed when this returns.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+            tracing::info!("signal received");
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("signal received");
+        })
     }
-    tracing::info!("signal received");
 }

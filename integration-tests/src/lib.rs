@@ -124,15 +124,19 @@ pub fn bin(name: &str) -> PathBuf {
         .to_path_buf();
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut args = vec![
+            "build",
+            "-p",
+            "qmesh-client",
+            "-p",
+            "qmesh-coordinator",
+            "--bins",
+        ];
+        if dir.ends_with("release") {
+            args.push("--release");
+        }
         let status = std::process::Command::new(cargo)
-            .args([
-                "build",
-                "-p",
-                "qmesh-client",
-                "-p",
-                "qmesh-coordinator",
-                "--bins",
-            ])
+            .args(&args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
             .expect("running cargo build");

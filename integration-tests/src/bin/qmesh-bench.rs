@@ -1,0 +1,883 @@
+//! `qmesh-bench`: qmesh against raw QUIC, measured in one run.
+//!
+//! Starts a coordinator as a child process on loopback and a raw quinn
+//! server in this process, both with the same TLS and transport settings,
+//! and measures each case against its baseline. Every figure is the median
+//! of `--runs` runs (3 by default). `--quick` runs a smaller version.
+//! See docs/benchmarks.md.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::Parser;
+use qmesh_certs::transport::Tuning;
+use qmesh_certs::{Ca, Identity, Trust};
+use qmesh_client::{Channel, Client, ClientConfig, MessageReceiver, MessageSender};
+use qmesh_coordinator::{Config, Coordinator};
+use qmesh_proto::Address;
+use quinn::{Connection, Endpoint};
+use serde::Serialize;
+use tokio::io::AsyncReadExt;
+use tokio::task::JoinSet;
+
+const MIB: u64 = 1024 * 1024;
+const MAX: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, Parser)]
+#[command(name = "qmesh-bench", version)]
+/// Measure qmesh against raw QUIC on loopback, in one run.
+struct Args {
+    /// A smaller run (under 30 s) that checks the tool works.
+    #[arg(long)]
+    quick: bool,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Runs per figure; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Only run cases whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+    /// Internal: run a coordinator from the certificates in this directory.
+    #[arg(long, hide = true)]
+    serve_coordinator: Option<PathBuf>,
+}
+
+/// Sizes of each case.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    bulk: u64,
+    small: [(usize, u64); 3],
+    rtt: usize,
+    opens: usize,
+    connects: usize,
+    idle: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Plan {
+                bulk: 64 * MIB,
+                small: [(16, 100_000), (256, 50_000), (4096, 10_000)],
+                rtt: 200,
+                opens: 50,
+                connects: 200,
+                idle: 500,
+            }
+        } else {
+            Plan {
+                bulk: 1024 * MIB,
+                small: [(16, 1_000_000), (256, 500_000), (4096, 100_000)],
+                rtt: 2_000,
+                opens: 300,
+                connects: 1_000,
+                idle: 10_000,
+            }
+        }
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Serialize)]
+struct Row {
+    case: String,
+    unit: String,
+    baseline: Option<f64>,
+    qmesh: f64,
+    ratio: Option<f64>,
+    target: String,
+    met: Option<bool>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+// ---------------------------------------------------------------- setup
+
+/// A coordinator child process and what clients need to reach it.
+struct CoordinatorProcess {
+    child: Child,
+    address: Address,
+    trust: Trust,
+}
+
+impl CoordinatorProcess {
+    fn start(dir: &Path, ca: &Ca) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .arg("--serve-coordinator")
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the coordinator child")?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let port: u16 = line
+            .trim()
+            .strip_prefix("port ")
+            .context("coordinator child did not report its port")?
+            .parse()?;
+        Ok(Self {
+            child,
+            address: format!("quic/localhost:{port}").parse()?,
+            trust: Trust::Ca {
+                certs: vec![ca.cert_der().clone()],
+                source: "bench CA".into(),
+            },
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn config(&self, name: &str) -> ClientConfig {
+        let mut c = ClientConfig::new(self.address.clone(), name, self.trust.clone());
+        c.max_message = MAX;
+        c
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The child side: serve until stdin closes.
+fn serve_coordinator(dir: &Path) -> Result<()> {
+    let identity = Identity::load(
+        &dir.join("coordinator.pem"),
+        &dir.join("coordinator-key.pem"),
+    )?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let mut config = Config::new(identity);
+        config.listen = "127.0.0.1:0".parse()?;
+        let coordinator = Coordinator::bind(config)?;
+        println!("port {}", coordinator.local_addr().port());
+        std::io::stdout().flush()?;
+        coordinator
+            .run(async {
+                let mut stdin = tokio::io::stdin();
+                let mut buf = [0u8; 64];
+                while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        Ok(())
+    })
+}
+
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit(") ").next()?.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    qmesh_integration_tests::memory_kib(pid).map(|(rss, _)| rss)
+}
+
+/// UDP receive-buffer drops on this host so far (`/proc/net/snmp`).
+fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let names: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let values: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let i = names.iter().position(|n| *n == "RcvbufErrors")?;
+    values.get(i)?.parse().ok()
+}
+
+// ------------------------------------------------------------ raw server
+
+/// A raw quinn server with the coordinator's TLS and transport settings.
+/// The first byte of each bidirectional stream picks what it does.
+struct RawServer {
+    endpoint: Endpoint,
+    client: quinn::ClientConfig,
+}
+
+impl RawServer {
+    fn start(identity: &Identity, trust: &Trust) -> Result<Self> {
+        let mut server = qmesh_certs::server_config(identity)?;
+        server.transport_config(Tuning::default().transport_config());
+        let socket = qmesh_certs::transport::bind_udp(
+            "127.0.0.1:0".parse()?,
+            qmesh_certs::transport::SOCKET_BUFFER,
+        )?;
+        let endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let accept = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accept.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok((send, recv)) = conn.accept_bi().await {
+                        tokio::spawn(raw_stream(send, recv));
+                    }
+                });
+            }
+        });
+        let (mut client, _) = qmesh_certs::client_config(trust)?;
+        client.transport_config(Tuning::client().transport_config());
+        Ok(Self { endpoint, client })
+    }
+
+    fn addr(&self) -> Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    async fn connect(&self, via: &Endpoint) -> Result<Connection> {
+        Ok(via
+            .connect_with(self.client.clone(), self.addr()?, "localhost")?
+            .await?)
+    }
+}
+
+async fn raw_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let mut mode = [0u8; 1];
+    if recv.read_exact(&mut mode).await.is_err() {
+        return;
+    }
+    match mode[0] {
+        // Sink raw bytes, answer with the count.
+        b'S' => {
+            let mut n = 0u64;
+            while let Ok(Some(c)) = recv.read_chunk(usize::MAX, true).await {
+                n += c.bytes.len() as u64;
+            }
+            let _ = send.write_all(&n.to_be_bytes()).await;
+            let _ = send.finish();
+        }
+        // Sink framed messages, answer with the count.
+        b'M' => {
+            let mut inbox = MessageReceiver::new(recv, MAX);
+            let mut n = 0u64;
+            while let Ok(Some(_)) = inbox.recv().await {
+                n += 1;
+            }
+            let _ = send.write_all(&n.to_be_bytes()).await;
+            let _ = send.finish();
+        }
+        // Echo framed messages.
+        b'E' => {
+            let mut inbox = MessageReceiver::new(recv, MAX);
+            let mut out = MessageSender::new(send, MAX);
+            while let Ok(Some(m)) = inbox.recv().await {
+                if out.send(&m).await.is_err() {
+                    return;
+                }
+            }
+        }
+        // One byte back: a new stream's round trip.
+        b'P' => {
+            let _ = send.write_all(b"p").await;
+            let _ = send.finish();
+        }
+        _ => {}
+    }
+}
+
+// ------------------------------------------------------------ mesh side
+
+/// Bob's side of every relayed case: the first message of each stream
+/// picks what to do, as the raw server's first byte does.
+async fn bob_serves(bob: Client) {
+    while let Some(offer) = bob.accept().await {
+        tokio::spawn(async move {
+            let Ok(ch) = offer.accept().await else { return };
+            let ch = Arc::new(ch);
+            while let Ok(Some(mut inbox)) = ch.accept_stream().await {
+                let ch = ch.clone();
+                tokio::spawn(async move {
+                    let Ok(Some(mode)) = inbox.recv().await else {
+                        return;
+                    };
+                    match mode.first() {
+                        Some(b'S') | Some(b'M') => {
+                            let (mut n, mut bytes) = (0u64, 0u64);
+                            while let Ok(Some(m)) = inbox.recv().await {
+                                n += 1;
+                                bytes += m.len() as u64;
+                            }
+                            let answer = if mode[0] == b'S' { bytes } else { n };
+                            if let Ok(mut out) = ch.open_stream().await {
+                                let _ = out.send(&answer.to_be_bytes()).await;
+                                let _ = out.finish().await;
+                            }
+                        }
+                        Some(b'E') => {
+                            let Ok(mut out) = ch.open_stream().await else {
+                                return;
+                            };
+                            while let Ok(Some(m)) = inbox.recv().await {
+                                if out.send(&m).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                });
+            }
+        });
+    }
+}
+
+async fn answer_u64(ch: &Channel) -> Result<u64> {
+    let mut inbox = ch.accept_stream().await?.context("no answer stream")?;
+    let m = inbox.recv().await?.context("no answer")?;
+    Ok(u64::from_be_bytes(m[..8].try_into()?))
+}
+
+// ------------------------------------------------------------ the cases
+
+struct Bench {
+    plan: Plan,
+    runs: usize,
+    ca: Ca,
+    identity: Identity,
+    dir: tempfile::TempDir,
+    raw: RawServer,
+    raw_client: Endpoint,
+    coordinator: CoordinatorProcess,
+    alice: Client,
+    bob: Client,
+    rows: Vec<Row>,
+    tick: u64,
+}
+
+impl Bench {
+    fn name(&mut self, prefix: &str) -> String {
+        self.tick += 1;
+        format!("{prefix}-{}", self.tick)
+    }
+
+    async fn relay_channel(&mut self) -> Result<Channel> {
+        let name = self.name("c");
+        Ok(self.alice.open_str(&format!("mesh/bob!{name}")).await?)
+    }
+
+    fn row(
+        &mut self,
+        case: &str,
+        unit: &str,
+        baseline: Option<f64>,
+        qmesh: f64,
+        target: &str,
+        met: Option<bool>,
+    ) {
+        let ratio = baseline.map(|b| qmesh / b);
+        self.rows.push(Row {
+            case: case.into(),
+            unit: unit.into(),
+            baseline,
+            qmesh,
+            ratio,
+            target: target.into(),
+            met,
+        });
+    }
+
+    async fn bulk(&mut self) -> Result<()> {
+        let size = self.plan.bulk;
+        let chunk = Bytes::from(vec![7u8; MIB as usize]);
+        let (mut raw, mut relayed, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+        let conn = self.raw.connect(&self.raw_client).await?;
+        for _ in 0..self.runs {
+            // Raw: one stream, write_chunk → read_chunk, single hop.
+            let (mut send, mut recv) = conn.open_bi().await?;
+            let t = Instant::now();
+            send.write_all(b"S").await?;
+            for _ in 0..size / MIB {
+                send.write_chunk(chunk.clone()).await?;
+            }
+            send.finish()?;
+            let mut n = [0u8; 8];
+            recv.read_exact(&mut n).await?;
+            let secs = t.elapsed().as_secs_f64();
+            if u64::from_be_bytes(n) != size {
+                bail!("raw bulk moved {} of {size} bytes", u64::from_be_bytes(n));
+            }
+            raw.push(size as f64 / secs / 1e6);
+
+            // Relayed: one data stream on a channel, 1 MiB messages.
+            let ch = self.relay_channel().await?;
+            let cpu0 = cpu_seconds(self.coordinator.pid());
+            let t = Instant::now();
+            let mut out = ch.open_stream().await?;
+            out.send(b"S").await?;
+            for _ in 0..size / MIB {
+                out.send(&chunk).await?;
+            }
+            out.finish().await?;
+            let got = answer_u64(&ch).await?;
+            let secs = t.elapsed().as_secs_f64();
+            let cpu1 = cpu_seconds(self.coordinator.pid());
+            if got != size {
+                bail!("relayed bulk moved {got} of {size} bytes");
+            }
+            relayed.push(size as f64 / secs / 1e6);
+            if let (Some(a), Some(b)) = (cpu0, cpu1) {
+                cpu.push((b - a) / (size as f64 / (1024.0 * MIB as f64)));
+            }
+            ch.close("done").await?;
+        }
+        let (raw, relayed) = (median(raw), median(relayed));
+        let label = format!("bulk {} MiB, relayed vs raw", size / MIB);
+        self.row(
+            &label,
+            "MB/s",
+            Some(raw),
+            relayed,
+            ">= 0.5x",
+            Some(relayed / raw >= 0.5),
+        );
+        if !cpu.is_empty() {
+            self.row(
+                "relay cost",
+                "coordinator CPU s/GiB",
+                None,
+                median(cpu),
+                "measured",
+                None,
+            );
+        }
+        Ok(())
+    }
+
+    async fn small(&mut self) -> Result<()> {
+        let conn = self.raw.connect(&self.raw_client).await?;
+        for (size, count) in self.plan.small {
+            let msg = vec![5u8; size];
+            let (mut raw, mut relayed) = (Vec::new(), Vec::new());
+            for _ in 0..self.runs {
+                let (mut raw_send, mut recv) = conn.open_bi().await?;
+                let t = Instant::now();
+                // The mode byte, then the same framing qmesh uses.
+                raw_send.write_all(b"M").await?;
+                let mut send = MessageSender::new(raw_send, MAX);
+                for _ in 0..count {
+                    send.feed(&msg).await?;
+                }
+                send.finish().await?;
+                let mut n = [0u8; 8];
+                recv.read_exact(&mut n).await?;
+                let secs = t.elapsed().as_secs_f64();
+                if u64::from_be_bytes(n) != count {
+                    bail!("raw small: {} of {count}", u64::from_be_bytes(n));
+                }
+                raw.push(count as f64 / secs);
+
+                let ch = self.relay_channel().await?;
+                let t = Instant::now();
+                let mut out = ch.open_stream().await?;
+                out.feed(b"M").await?;
+                for _ in 0..count {
+                    out.feed(&msg).await?;
+                }
+                out.finish().await?;
+                let got = answer_u64(&ch).await?;
+                let secs = t.elapsed().as_secs_f64();
+                if got != count {
+                    bail!("relayed small: {got} of {count}");
+                }
+                relayed.push(count as f64 / secs);
+                ch.close("done").await?;
+            }
+            let (raw, relayed) = (median(raw), median(relayed));
+            let (target, met) = if size == 16 {
+                (">= 0.3x", Some(relayed / raw >= 0.3))
+            } else {
+                ("measured", None)
+            };
+            self.row(
+                &format!("messages {size} B, relayed vs raw framed"),
+                "msg/s",
+                Some(raw),
+                relayed,
+                target,
+                met,
+            );
+        }
+        Ok(())
+    }
+
+    async fn rtt(&mut self) -> Result<()> {
+        let conn = self.raw.connect(&self.raw_client).await?;
+        let msg = [9u8; 64];
+        let (mut raw50, mut raw99, mut rel50, mut rel99) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..self.runs {
+            let (mut send, recv) = conn.open_bi().await?;
+            send.write_all(b"E").await?;
+            let mut out = MessageSender::new(send, MAX);
+            let mut inbox = MessageReceiver::new(recv, MAX);
+            let mut t = Vec::new();
+            for _ in 0..self.plan.rtt {
+                let start = Instant::now();
+                out.send(&msg).await?;
+                inbox.recv().await?.context("raw echo")?;
+                t.push(start.elapsed().as_secs_f64() * 1e6);
+            }
+            raw50.push(percentile(&mut t, 0.5));
+            raw99.push(percentile(&mut t, 0.99));
+
+            let ch = self.relay_channel().await?;
+            let mut out = ch.open_stream().await?;
+            out.send(b"E").await?;
+            out.send(&msg).await?;
+            let mut inbox = ch.accept_stream().await?.context("echo stream")?;
+            inbox.recv().await?.context("first echo")?;
+            let mut t = Vec::new();
+            for _ in 0..self.plan.rtt {
+                let start = Instant::now();
+                out.send(&msg).await?;
+                inbox.recv().await?.context("relayed echo")?;
+                t.push(start.elapsed().as_secs_f64() * 1e6);
+            }
+            rel50.push(percentile(&mut t, 0.5));
+            rel99.push(percentile(&mut t, 0.99));
+            drop(out);
+            ch.close("done").await?;
+        }
+        let (r50, q50) = (median(raw50), median(rel50));
+        self.row(
+            "round trip 64 B p50, relayed vs raw",
+            "µs",
+            Some(r50),
+            q50,
+            "<= 2x",
+            Some(q50 / r50 <= 2.0),
+        );
+        let (r99, q99) = (median(raw99), median(rel99));
+        self.row(
+            "round trip 64 B p99, relayed vs raw",
+            "µs",
+            Some(r99),
+            q99,
+            "measured",
+            None,
+        );
+        Ok(())
+    }
+
+    async fn open(&mut self) -> Result<()> {
+        let conn = self.raw.connect(&self.raw_client).await?;
+        let (mut raw50, mut open50, mut open99) = (vec![], vec![], vec![]);
+        for _ in 0..self.runs {
+            let mut t = Vec::new();
+            for _ in 0..self.plan.opens {
+                let start = Instant::now();
+                let (mut send, mut recv) = conn.open_bi().await?;
+                send.write_all(b"P").await?;
+                send.finish()?;
+                let mut b = [0u8; 1];
+                recv.read_exact(&mut b).await?;
+                t.push(start.elapsed().as_secs_f64() * 1e6);
+            }
+            raw50.push(percentile(&mut t, 0.5));
+            let mut t = Vec::new();
+            let mut keep = Vec::new();
+            for _ in 0..self.plan.opens {
+                let name = self.name("o");
+                let start = Instant::now();
+                let ch = self.alice.open_str(&format!("mesh/bob!{name}")).await?;
+                t.push(start.elapsed().as_secs_f64() * 1e6);
+                keep.push(ch);
+            }
+            open50.push(percentile(&mut t, 0.5));
+            open99.push(percentile(&mut t, 0.99));
+            for ch in keep {
+                ch.close("done").await?;
+            }
+        }
+        let (r, q) = (median(raw50), median(open50));
+        self.row(
+            "channel open p50 vs raw stream round trip",
+            "µs",
+            Some(r),
+            q,
+            "<= 3x",
+            Some(q / r <= 3.0),
+        );
+        self.row(
+            "channel open p99",
+            "µs",
+            None,
+            median(open99),
+            "measured",
+            None,
+        );
+        Ok(())
+    }
+
+    async fn connects(&mut self) -> Result<()> {
+        let n = self.plan.connects;
+        let (mut raw, mut mesh, mut lost) = (Vec::new(), Vec::new(), 0u64);
+        for run in 0..self.runs {
+            let endpoints: Vec<Endpoint> = (0..8)
+                .map(|_| {
+                    qmesh_certs::transport::client_endpoint("127.0.0.1:0".parse().expect("addr"))
+                })
+                .collect::<Result<_, _>>()?;
+            let drops0 = udp_rcvbuf_errors();
+            let t = Instant::now();
+            let mut set = JoinSet::new();
+            for i in 0..n {
+                let ep = endpoints[i % endpoints.len()].clone();
+                let cfg = self.raw.client.clone();
+                let addr = self.raw.addr()?;
+                set.spawn(async move {
+                    ep.connect_with(cfg, addr, "localhost")?
+                        .await
+                        .map_err(anyhow::Error::from)
+                });
+            }
+            let mut conns = Vec::new();
+            while let Some(r) = set.join_next().await {
+                conns.push(r??);
+            }
+            raw.push(n as f64 / t.elapsed().as_secs_f64());
+            eprintln!("raw connects done");
+            drop(conns);
+
+            let t = Instant::now();
+            let mut set = JoinSet::new();
+            for i in 0..n {
+                let ep = endpoints[i % endpoints.len()].clone();
+                let cfg = self.coordinator.config(&format!("conn-{run}-{i}"));
+                set.spawn(async move {
+                    Client::connect_on(Some(&ep), cfg)
+                        .await
+                        .map_err(anyhow::Error::from)
+                });
+            }
+            let mut clients = Vec::new();
+            while let Some(r) = set.join_next().await {
+                clients.push(r??);
+            }
+            mesh.push(n as f64 / t.elapsed().as_secs_f64());
+            if let (Some(a), Some(b)) = (drops0, udp_rcvbuf_errors()) {
+                lost += b - a;
+            }
+            for c in &clients {
+                c.close("done").await;
+            }
+        }
+        let (r, q) = (median(raw), median(mesh));
+        let case = format!("connect rate, {n} at once, sessions vs raw handshakes");
+        self.row(&case, "per s", Some(r), q, ">= 0.8x", Some(q / r >= 0.8));
+        self.row(
+            "UDP receive-buffer drops during connect bursts",
+            "datagrams",
+            None,
+            lost as f64,
+            "0",
+            Some(lost == 0),
+        );
+        Ok(())
+    }
+
+    async fn idle(&mut self) -> Result<()> {
+        let n = self.plan.idle;
+        let mut per = Vec::new();
+        for run in 0..self.runs {
+            // A fresh coordinator for each count.
+            let coordinator = CoordinatorProcess::start(self.dir.path(), &self.ca)?;
+            let endpoints: Vec<Endpoint> = (0..16)
+                .map(|_| {
+                    qmesh_certs::transport::client_endpoint("127.0.0.1:0".parse().expect("addr"))
+                })
+                .collect::<Result<_, _>>()?;
+            // One client first, so the baseline includes a warmed-up runtime.
+            let warm = Client::connect_on(Some(&endpoints[0]), coordinator.config("warm")).await?;
+            let before = rss_kib(coordinator.pid()).context("coordinator RSS")?;
+            let mut clients = Vec::with_capacity(n);
+            for batch in (0..n).collect::<Vec<_>>().chunks(500) {
+                let mut set = JoinSet::new();
+                for &i in batch {
+                    let ep = endpoints[i % endpoints.len()].clone();
+                    let cfg = coordinator.config(&format!("idle-{run}-{i}"));
+                    set.spawn(async move { Client::connect_on(Some(&ep), cfg).await });
+                }
+                while let Some(r) = set.join_next().await {
+                    clients.push(r??);
+                }
+            }
+            let after = rss_kib(coordinator.pid()).context("coordinator RSS")?;
+            per.push((after.saturating_sub(before)) as f64 / n as f64);
+            drop(clients);
+            drop(warm);
+        }
+        let q = median(per);
+        self.row(
+            &format!("idle clients held: {n}, coordinator RSS per client"),
+            "KiB",
+            None,
+            q,
+            "<= 40",
+            Some(q <= 40.0),
+        );
+        Ok(())
+    }
+}
+
+fn print_table(rows: &[Row], machine: &str) {
+    println!("qmesh-bench on {machine}");
+    println!(
+        "{:<58} {:>14} {:>14} {:>8}  {:<9} {}",
+        "case", "baseline", "qmesh", "ratio", "target", "unit"
+    );
+    for r in rows {
+        let base = r
+            .baseline
+            .map(|b| format!("{b:.1}"))
+            .unwrap_or_else(|| "-".into());
+        let ratio = r
+            .ratio
+            .map(|x| format!("{x:.2}x"))
+            .unwrap_or_else(|| "-".into());
+        let met = match r.met {
+            Some(true) => " ok",
+            Some(false) => " MISSED",
+            None => "",
+        };
+        println!(
+            "{:<58} {:>14} {:>14.1} {:>8}  {:<9} {}{}",
+            r.case, base, r.qmesh, ratio, r.target, r.unit, met
+        );
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    format!("{cores} cores, {cpu}")
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(dir) = &args.serve_coordinator {
+        return serve_coordinator(dir);
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let started = Instant::now();
+    let plan = Plan::new(args.quick);
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::generate("qmesh bench CA")?;
+    let identity = ca.issue_server(&["localhost".into(), "127.0.0.1".into()])?;
+    identity.save(
+        &dir.path().join("coordinator.pem"),
+        &dir.path().join("coordinator-key.pem"),
+    )?;
+    let coordinator = CoordinatorProcess::start(dir.path(), &ca)?;
+    let raw = RawServer::start(&identity, &coordinator.trust)?;
+    let raw_client = qmesh_certs::transport::client_endpoint("127.0.0.1:0".parse()?)?;
+    let alice = Client::connect(coordinator.config("alice")).await?;
+    let bob = Client::connect(coordinator.config("bob")).await?;
+    tokio::spawn(bob_serves(bob.clone()));
+    let mut bench = Bench {
+        plan,
+        runs: args.runs.max(1),
+        ca,
+        identity,
+        dir,
+        raw,
+        raw_client,
+        coordinator,
+        alice,
+        bob,
+        rows: Vec::new(),
+        tick: 0,
+    };
+    let wants = |case: &str| args.only.as_deref().is_none_or(|o| case.contains(o));
+    if wants("bulk") {
+        bench.bulk().await.context("bulk")?;
+    }
+    if wants("small") {
+        bench.small().await.context("small messages")?;
+    }
+    if wants("rtt") {
+        bench.rtt().await.context("round trip")?;
+    }
+    if wants("open") {
+        bench.open().await.context("channel open")?;
+    }
+    if wants("connect") {
+        bench.connects().await.context("connect rate")?;
+    }
+    if wants("idle") {
+        bench.idle().await.context("idle scale")?;
+    }
+    let _ = (&bench.identity, &bench.bob);
+    let machine = machine();
+    if args.json {
+        let out = serde_json::json!({
+            "machine": machine,
+            "quick": args.quick,
+            "runs": bench.runs,
+            "seconds": started.elapsed().as_secs_f64(),
+            "rows": bench.rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_table(&bench.rows, &machine);
+        println!(
+            "({} runs per figure, median; {:.0} s in all)",
+            bench.runs,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
