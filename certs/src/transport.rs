@@ -29,10 +29,15 @@ pub struct Tuning {
     pub conn_window: u32,
     /// Bytes this side buffers for sending on the whole connection.
     pub send_window: u64,
-    /// Concurrent bidirectional streams (channels) a peer may open.
+    /// Concurrent bidirectional streams (channels) a peer may open at
+    /// first. quinn keeps state for every stream a peer may open, so the
+    /// limit starts small and [`StreamAllowance`] raises it as it fills.
     pub max_bidi_streams: u32,
-    /// Concurrent unidirectional streams (data streams) a peer may open.
+    /// Concurrent unidirectional streams (data streams) a peer may open at
+    /// first; raised likewise.
     pub max_uni_streams: u32,
+    /// The most either limit is ever raised to.
+    pub stream_ceiling: u32,
 }
 
 impl Default for Tuning {
@@ -47,10 +52,12 @@ impl Default for Tuning {
             conn_window: 16 * 1024 * 1024,
             // 16 MiB of unacknowledged sends per connection.
             send_window: 16 * 1024 * 1024,
-            // Channels and data streams are cheap; 256 of each at once per
-            // connection, more wait for a free slot (QUIC flow control).
-            max_bidi_streams: 256,
-            max_uni_streams: 256,
+            // quinn-proto keeps a map entry per stream a peer may open:
+            // 256 + 256 cost about 26 KiB per idle connection, 16 + 16 about
+            // 2 KiB. Busy connections are raised on demand up to 4096.
+            max_bidi_streams: 16,
+            max_uni_streams: 16,
+            stream_ceiling: 4096,
         }
     }
 }
@@ -150,4 +157,77 @@ pub fn client_endpoint(bind: SocketAddr) -> io::Result<quinn::Endpoint> {
         socket,
         Arc::new(quinn::TokioRuntime),
     )
+}
+
+/// Which kind of peer-opened stream a [`StreamAllowance`] tracks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// Bidirectional streams (channel control streams).
+    Bi,
+    /// Unidirectional streams (data streams).
+    Uni,
+}
+
+/// Raises a connection's limit of concurrent peer-opened streams as it
+/// fills, so that idle connections keep a small limit (and little state)
+/// while busy ones are not held back. Call [`StreamAllowance::opened`] for
+/// each accepted stream and keep the guard while the stream is in use.
+#[derive(Debug)]
+pub struct StreamAllowance {
+    conn: quinn::Connection,
+    kind: StreamKind,
+    ceiling: u64,
+    /// (active streams, current limit)
+    state: std::sync::Mutex<(u64, u64)>,
+}
+
+impl StreamAllowance {
+    /// Track `kind` streams on `conn`, whose limit starts at `initial`.
+    pub fn new(conn: quinn::Connection, kind: StreamKind, initial: u32, ceiling: u32) -> Arc<Self> {
+        Arc::new(Self {
+            conn,
+            kind,
+            ceiling: u64::from(ceiling.max(initial)),
+            state: std::sync::Mutex::new((0, u64::from(initial))),
+        })
+    }
+
+    /// A peer-opened stream was accepted; the limit doubles once three
+    /// quarters of it are in use.
+    pub fn opened(self: &Arc<Self>) -> StreamGuard {
+        let raise = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.0 += 1;
+            if s.0 * 4 >= s.1 * 3 && s.1 < self.ceiling {
+                s.1 = (s.1 * 2).min(self.ceiling);
+                Some(s.1)
+            } else {
+                None
+            }
+        };
+        if let Some(limit) = raise {
+            let limit = VarInt::from_u64(limit).unwrap_or(VarInt::MAX);
+            match self.kind {
+                StreamKind::Bi => self.conn.set_max_concurrent_bi_streams(limit),
+                StreamKind::Uni => self.conn.set_max_concurrent_uni_streams(limit),
+            }
+        }
+        StreamGuard(self.clone())
+    }
+
+    /// The current limit.
+    pub fn limit(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+}
+
+/// Counts one stream as in use until dropped.
+#[derive(Debug)]
+pub struct StreamGuard(Arc<StreamAllowance>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 = s.0.saturating_sub(1);
+    }
 }

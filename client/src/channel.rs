@@ -17,6 +17,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 use tracing::{debug, info, Instrument, Span};
 
+use qmesh_certs::transport::StreamGuard;
+
 use crate::error::{AcceptError, CloseError, StreamError};
 use crate::stream::{MessageReceiver, MessageSender};
 
@@ -63,7 +65,7 @@ impl fmt::Display for ChannelEnd {
 }
 
 /// Where incoming data streams go, by channel control stream id.
-pub(crate) type Routes = Arc<Mutex<HashMap<u64, mpsc::Sender<RecvStream>>>>;
+pub(crate) type Routes = Arc<Mutex<HashMap<u64, mpsc::Sender<(RecvStream, StreamGuard)>>>>;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -99,6 +101,9 @@ struct Shared {
     local: Mutex<Local>,
     state: watch::Sender<State>,
     span: Span,
+    /// Counts the control stream against this client's stream allowance
+    /// while the channel lives (channels the peer opened).
+    _guard: Option<StreamGuard>,
 }
 
 impl Shared {
@@ -144,7 +149,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct Channel {
     shared: Arc<Shared>,
-    streams: tokio::sync::Mutex<(mpsc::Receiver<RecvStream>, u64)>,
+    streams: tokio::sync::Mutex<(mpsc::Receiver<(RecvStream, StreamGuard)>, u64)>,
     routes: Routes,
 }
 
@@ -163,7 +168,7 @@ pub(crate) struct Parts {
 pub(crate) struct Pending {
     parts: Parts,
     id: u64,
-    rx: mpsc::Receiver<RecvStream>,
+    rx: mpsc::Receiver<(RecvStream, StreamGuard)>,
 }
 
 impl Pending {
@@ -182,7 +187,12 @@ impl Pending {
     }
 
     /// The channel is ready: start its control task.
-    pub(crate) fn ready(self, send: SendStream, recv: RecvStream) -> Channel {
+    pub(crate) fn ready(
+        self,
+        send: SendStream,
+        recv: RecvStream,
+        guard: Option<StreamGuard>,
+    ) -> Channel {
         let Pending { parts, id, rx } = self;
         let span = tracing::info_span!("channel", id = %parts.label);
         let shared = Arc::new(Shared {
@@ -197,6 +207,7 @@ impl Pending {
             local: Mutex::new(Local::default()),
             state: watch::Sender::new(State::default()),
             span: span.clone(),
+            _guard: guard,
         });
         info!(parent: &span, "ready");
         tokio::spawn(control(shared.clone(), recv).instrument(span));
@@ -318,9 +329,13 @@ impl Channel {
         let mut guard = self.streams.lock().await;
         let (rx, accepted) = &mut *guard;
         loop {
-            if let Ok(s) = rx.try_recv() {
+            if let Ok((s, guard)) = rx.try_recv() {
                 *accepted += 1;
-                return Ok(Some(MessageReceiver::new(s, self.shared.max_message)));
+                return Ok(Some(MessageReceiver::with_guard(
+                    s,
+                    self.shared.max_message,
+                    guard,
+                )));
             }
             {
                 let st = state.borrow_and_update();
@@ -344,9 +359,9 @@ impl Channel {
             tokio::select! {
                 _ = deadline => return Ok(None),
                 s = rx.recv() => match s {
-                    Some(s) => {
+                    Some((s, guard)) => {
                         *accepted += 1;
-                        return Ok(Some(MessageReceiver::new(s, self.shared.max_message)));
+                        return Ok(Some(MessageReceiver::with_guard(s, self.shared.max_message, guard)));
                     }
                     None => return Ok(None),
                 },
@@ -433,6 +448,7 @@ pub struct IncomingChannel {
     pub(crate) streams: Option<(SendStream, RecvStream)>,
     pub(crate) parts: Option<PartsBox>,
     pub(crate) open_timeout: std::time::Duration,
+    pub(crate) guard: Option<StreamGuard>,
 }
 
 /// Boxed [`Parts`], kept opaque in the public type.
@@ -472,7 +488,7 @@ impl IncomingChannel {
         }
         let reply = timeout(self.open_timeout, read_frame::<ChannelMsg, _>(&mut recv)).await;
         match reply {
-            Ok(Ok(Some(ChannelMsg::Ready))) => Ok(pending.ready(send, recv)),
+            Ok(Ok(Some(ChannelMsg::Ready))) => Ok(pending.ready(send, recv, self.guard.take())),
             Ok(Ok(Some(ChannelMsg::Lost { reason }))) => {
                 pending.abandon();
                 Err(AcceptError::Withdrawn(reason))

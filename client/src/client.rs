@@ -3,6 +3,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
+use qmesh_certs::transport::{StreamAllowance, StreamGuard, StreamKind};
 use qmesh_proto::address::Host;
 use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::{ConnCode, StreamCode};
@@ -329,7 +330,7 @@ impl Client {
             )
             .await;
             match reply {
-                Ok(Ok(Some(ChannelMsg::Ready))) => Ok(pending.ready(send, recv)),
+                Ok(Ok(Some(ChannelMsg::Ready))) => Ok(pending.ready(send, recv, None)),
                 Ok(Ok(Some(ChannelMsg::OpenFailed { code, message }))) => {
                     pending.abandon();
                     info!(code = ?code, cause = %message, "open failed");
@@ -410,11 +411,27 @@ async fn drive(
     incoming: mpsc::Sender<IncomingChannel>,
     config: ClientConfig,
 ) {
+    let t = &config.tuning;
+    let bi_allowance = StreamAllowance::new(
+        conn.clone(),
+        StreamKind::Bi,
+        t.max_bidi_streams,
+        t.stream_ceiling,
+    );
+    let uni_allowance = StreamAllowance::new(
+        conn.clone(),
+        StreamKind::Uni,
+        t.max_uni_streams,
+        t.stream_ceiling,
+    );
     loop {
         tokio::select! {
             bi = conn.accept_bi() => match bi {
                 Ok((send, recv)) => {
-                    tokio::spawn(offer(send, recv, incoming.clone(), config.clone()).in_current_span());
+                    // Channel control streams live as long as their channel;
+                    // the guard travels with the offer into the channel.
+                    let guard = bi_allowance.opened();
+                    tokio::spawn(offer(send, recv, incoming.clone(), config.clone(), guard).in_current_span());
                 }
                 Err(e) => {
                     info!(reason = %qmesh_certs::transport::describe_close(&e), "session ended");
@@ -423,7 +440,8 @@ async fn drive(
             },
             uni = conn.accept_uni() => match uni {
                 Ok(recv) => {
-                    tokio::spawn(route(recv, routes.clone(), config.connect_timeout).in_current_span());
+                    let guard = uni_allowance.opened();
+                    tokio::spawn(route(recv, routes.clone(), config.connect_timeout, guard).in_current_span());
                 }
                 Err(_) => break,
             },
@@ -437,6 +455,7 @@ async fn offer(
     mut recv: RecvStream,
     incoming: mpsc::Sender<IncomingChannel>,
     config: ClientConfig,
+    guard: StreamGuard,
 ) {
     let first = timeout(
         config.connect_timeout,
@@ -458,6 +477,7 @@ async fn offer(
         streams: Some((send, recv)),
         parts: None,
         open_timeout: config.open_timeout,
+        guard: Some(guard),
     };
     if let Err(mpsc::error::TrySendError::Full(mut offer)) = incoming.try_send(offer) {
         // Nobody is taking offers fast enough: refuse rather than queue.
@@ -473,7 +493,12 @@ async fn offer(
 }
 
 /// Hand a data stream to its channel.
-async fn route(mut recv: RecvStream, routes: Routes, header_timeout: std::time::Duration) {
+async fn route(
+    mut recv: RecvStream,
+    routes: Routes,
+    header_timeout: std::time::Duration,
+    guard: StreamGuard,
+) {
     let channel = match timeout(header_timeout, read_frame::<StreamHeader, _>(&mut recv)).await {
         Ok(Ok(Some(StreamHeader::Data { channel }))) => channel,
         _ => {
@@ -487,7 +512,7 @@ async fn route(mut recv: RecvStream, routes: Routes, header_timeout: std::time::
         let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
         return;
     };
-    if let Err(mpsc::error::SendError(mut recv)) = tx.send(recv).await {
+    if let Err(mpsc::error::SendError((mut recv, _))) = tx.send((recv, guard)).await {
         let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
     }
 }

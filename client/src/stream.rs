@@ -8,6 +8,7 @@
 use std::io;
 
 use bytes::{Buf, Bytes, BytesMut};
+use qmesh_certs::transport::StreamGuard;
 use qmesh_proto::codec::{check_length, length_prefix, DecodeError};
 use qmesh_proto::codes::StreamCode;
 use qmesh_proto::limits::{LENGTH_PREFIX, MAX_MESSAGE_CEILING};
@@ -113,6 +114,7 @@ pub struct MessageReceiver {
     stream: RecvStream,
     buf: BytesMut,
     max: usize,
+    _guard: Option<StreamGuard>,
 }
 
 fn read_error(e: io::Error) -> RecvError {
@@ -133,7 +135,14 @@ impl MessageReceiver {
             stream,
             buf: BytesMut::with_capacity(COALESCE),
             max: max.min(MAX_MESSAGE_CEILING),
+            _guard: None,
         }
+    }
+
+    pub(crate) fn with_guard(stream: RecvStream, max: usize, guard: StreamGuard) -> Self {
+        let mut r = Self::new(stream, max);
+        r._guard = Some(guard);
+        r
     }
 
     /// The next whole message, or `None` when the sender finished the

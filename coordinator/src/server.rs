@@ -11,6 +11,7 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use qmesh_certs::transport::{StreamAllowance, StreamKind};
 use qmesh_proto::codec::{read_frame, write_frame, DecodeError, ReadFrameError};
 use qmesh_proto::codes::ConnCode;
 use qmesh_proto::msg::SessionMsg;
@@ -389,6 +390,9 @@ async fn run_session(shared: Arc<Shared>, conn: Connection, deadline: tokio::tim
         // stream; anything it does send is a protocol violation. The read is
         // pinned outside the loop so that it is never cancelled mid-frame.
         let mut session_read = pin!(read_frame::<SessionMsg, _>(&mut recv));
+        let tuning = &shared.config.tuning;
+        let bi_allowance = StreamAllowance::new(conn.clone(), StreamKind::Bi, tuning.max_bidi_streams, tuning.stream_ceiling);
+        let uni_allowance = StreamAllowance::new(conn.clone(), StreamKind::Uni, tuning.max_uni_streams, tuning.stream_ceiling);
         loop {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => {
@@ -407,15 +411,17 @@ async fn run_session(shared: Arc<Shared>, conn: Connection, deadline: tokio::tim
                 }
                 bi = conn.accept_bi() => match bi {
                     Ok((send, recv)) => {
+                        let guard = bi_allowance.opened();
                         let task = crate::channel::handle_open(shared.clone(), session.clone(), send, recv);
-                        shared.tasks.spawn(task.in_current_span());
+                        shared.tasks.spawn(async move { task.await; drop(guard) }.in_current_span());
                     }
                     Err(_) => break,
                 },
                 uni = conn.accept_uni() => match uni {
                     Ok(recv) => {
+                        let guard = uni_allowance.opened();
                         let task = crate::relay::relay_stream(shared.clone(), session.clone(), recv);
-                        shared.tasks.spawn(task.in_current_span());
+                        shared.tasks.spawn(async move { task.await; drop(guard) }.in_current_span());
                     }
                     Err(_) => break,
                 },

@@ -121,3 +121,77 @@ async fn fifty_clients_each_open_five_channels_at_once() {
         (CLIENTS * FANOUT) as u64
     );
 }
+
+/// Stream limits start small and grow with use: 100 channels between one
+/// pair, then 100 data streams at once on one channel, all open together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundreds_of_concurrent_channels_and_streams_past_the_initial_limits() {
+    const N: usize = 100;
+    let mesh = Mesh::start().await;
+    let alice = mesh.client("alice").await;
+    let bob = mesh.client("bob").await;
+    // Answer each offer in its own task, as a server would: the offer
+    // backlog is bounded and refuses when nobody takes offers.
+    let accept_all = async {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..N {
+            let offer = bob.accept().await.expect("offer");
+            set.spawn(async move { offer.accept().await.expect("accept") });
+        }
+        let mut chans = Vec::new();
+        while let Some(r) = set.join_next().await {
+            chans.push(r.expect("task"));
+        }
+        chans
+    };
+    let open_all = async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..N {
+            let alice = alice.clone();
+            set.spawn(async move { alice.open_str(&format!("mesh/bob!ch-{i}")).await });
+        }
+        let mut chans = Vec::new();
+        while let Some(r) = set.join_next().await {
+            chans.push(r.expect("task").expect("open"));
+        }
+        chans
+    };
+    let (at_bob, at_alice) = within(STEP, "100 channels", async {
+        tokio::join!(accept_all, open_all)
+    })
+    .await;
+    assert_eq!((at_bob.len(), at_alice.len()), (N, N));
+
+    // All channels stay open; now 100 streams at once on the first one,
+    // none finished before all are open.
+    let (a, b) = (
+        &at_alice[0],
+        at_bob
+            .iter()
+            .find(|c| c.name() == at_alice[0].name())
+            .expect("pair"),
+    );
+    let mut outs = Vec::new();
+    for i in 0..N {
+        let mut out = within(STEP, "open stream", a.open_stream()).await.unwrap();
+        out.send(&payload(i as u64, 10)).await.unwrap();
+        outs.push(out);
+    }
+    let mut seen = Vec::new();
+    for _ in 0..N {
+        let mut inbox = within(STEP, "accept stream", b.accept_stream())
+            .await
+            .unwrap()
+            .unwrap();
+        seen.push(within(STEP, "recv", inbox.recv()).await.unwrap().unwrap());
+    }
+    for out in outs {
+        within(STEP, "finish", out.finish()).await.unwrap();
+    }
+    for i in 0..N as u64 {
+        assert!(
+            seen.iter().any(|m| *m == payload(i, 10)),
+            "stream {i} missing"
+        );
+    }
+}

@@ -48,6 +48,9 @@ struct Args {
     /// Internal: run a coordinator from the certificates in this directory.
     #[arg(long, hide = true)]
     serve_coordinator: Option<PathBuf>,
+    /// Internal: run the raw quinn server from the certificates in this directory.
+    #[arg(long, hide = true)]
+    serve_raw: Option<PathBuf>,
 }
 
 /// Sizes of each case.
@@ -117,25 +120,39 @@ struct CoordinatorProcess {
     trust: Trust,
 }
 
+/// Start this binary as a child serving `flag` from `dir`; returns the
+/// child and the port it reports.
+fn start_child(flag: &str, dir: &Path) -> Result<(Child, u16)> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .arg(flag)
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting the {flag} child"))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let port: u16 = line
+        .trim()
+        .strip_prefix("port ")
+        .context("the child did not report its port")?
+        .parse()?;
+    Ok((child, port))
+}
+
+/// Serve until stdin closes (the parent exited or dropped us).
+async fn until_stdin_closes() {
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+}
+
 impl CoordinatorProcess {
     fn start(dir: &Path, ca: &Ca) -> Result<Self> {
-        let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
-            .arg("--serve-coordinator")
-            .arg(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting the coordinator child")?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
-        let port: u16 = line
-            .trim()
-            .strip_prefix("port ")
-            .context("coordinator child did not report its port")?
-            .parse()?;
+        let (child, port) = start_child("--serve-coordinator", dir)?;
         Ok(Self {
             child,
             address: format!("quic/localhost:{port}").parse()?,
@@ -177,13 +194,47 @@ fn serve_coordinator(dir: &Path) -> Result<()> {
         let coordinator = Coordinator::bind(config)?;
         println!("port {}", coordinator.local_addr().port());
         std::io::stdout().flush()?;
-        coordinator
-            .run(async {
-                let mut stdin = tokio::io::stdin();
-                let mut buf = [0u8; 64];
-                while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
-            })
-            .await;
+        coordinator.run(until_stdin_closes()).await;
+        Ok(())
+    })
+}
+
+/// The raw server child: a quinn endpoint with the coordinator's TLS,
+/// transport and socket settings; the first byte of each bidirectional
+/// stream picks what it does.
+fn serve_raw(dir: &Path) -> Result<()> {
+    let identity = Identity::load(
+        &dir.join("coordinator.pem"),
+        &dir.join("coordinator-key.pem"),
+    )?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let mut server = qmesh_certs::server_config(&identity)?;
+        server.transport_config(Tuning::default().transport_config());
+        let socket = qmesh_certs::transport::bind_udp(
+            "127.0.0.1:0".parse()?,
+            qmesh_certs::transport::SOCKET_BUFFER,
+        )?;
+        let endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        println!("port {}", endpoint.local_addr()?.port());
+        std::io::stdout().flush()?;
+        let accept = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accept.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok((send, recv)) = conn.accept_bi().await {
+                        tokio::spawn(raw_stream(send, recv));
+                    }
+                });
+            }
+        });
+        until_stdin_closes().await;
         Ok(())
     })
 }
@@ -223,51 +274,45 @@ fn udp_rcvbuf_errors() -> Option<u64> {
 
 // ------------------------------------------------------------ raw server
 
-/// A raw quinn server with the coordinator's TLS and transport settings.
-/// The first byte of each bidirectional stream picks what it does.
+/// The raw quinn server child and a client configuration for it with the
+/// same TLS and transport settings qmesh clients use.
 struct RawServer {
-    endpoint: Endpoint,
+    child: Child,
+    addr: SocketAddr,
     client: quinn::ClientConfig,
 }
 
 impl RawServer {
-    fn start(identity: &Identity, trust: &Trust) -> Result<Self> {
-        let mut server = qmesh_certs::server_config(identity)?;
-        server.transport_config(Tuning::default().transport_config());
-        let socket = qmesh_certs::transport::bind_udp(
-            "127.0.0.1:0".parse()?,
-            qmesh_certs::transport::SOCKET_BUFFER,
-        )?;
-        let endpoint = Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
-        let accept = endpoint.clone();
-        tokio::spawn(async move {
-            while let Some(incoming) = accept.accept().await {
-                tokio::spawn(async move {
-                    let Ok(conn) = incoming.await else { return };
-                    while let Ok((send, recv)) = conn.accept_bi().await {
-                        tokio::spawn(raw_stream(send, recv));
-                    }
-                });
-            }
-        });
+    fn start(dir: &Path, trust: &Trust) -> Result<Self> {
+        let (child, port) = start_child("--serve-raw", dir)?;
         let (mut client, _) = qmesh_certs::client_config(trust)?;
         client.transport_config(Tuning::client().transport_config());
-        Ok(Self { endpoint, client })
+        Ok(Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            client,
+        })
     }
 
     fn addr(&self) -> Result<SocketAddr> {
-        Ok(self.endpoint.local_addr()?)
+        Ok(self.addr)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     async fn connect(&self, via: &Endpoint) -> Result<Connection> {
         Ok(via
-            .connect_with(self.client.clone(), self.addr()?, "localhost")?
+            .connect_with(self.client.clone(), self.addr, "localhost")?
             .await?)
+    }
+}
+
+impl Drop for RawServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -675,7 +720,6 @@ impl Bench {
                 conns.push(r??);
             }
             raw.push(n as f64 / t.elapsed().as_secs_f64());
-            eprintln!("raw connects done");
             drop(conns);
 
             let t = Instant::now();
@@ -717,7 +761,37 @@ impl Bench {
 
     async fn idle(&mut self) -> Result<()> {
         let n = self.plan.idle;
-        let mut per = Vec::new();
+        let (mut per, mut raw_per) = (Vec::new(), Vec::new());
+        for _ in 0..self.runs {
+            // Baseline: idle raw quinn connections to a fresh raw server.
+            let raw = RawServer::start(self.dir.path(), &self.coordinator.trust)?;
+            let endpoints: Vec<Endpoint> = (0..16)
+                .map(|_| {
+                    qmesh_certs::transport::client_endpoint("127.0.0.1:0".parse().expect("addr"))
+                })
+                .collect::<Result<_, _>>()?;
+            let warm = raw.connect(&endpoints[0]).await?;
+            let before = rss_kib(raw.pid()).context("raw server RSS")?;
+            let mut conns = Vec::with_capacity(n);
+            for batch in (0..n).collect::<Vec<_>>().chunks(500) {
+                let mut set = JoinSet::new();
+                for &i in batch {
+                    let ep = endpoints[i % endpoints.len()].clone();
+                    let (cfg, addr) = (raw.client.clone(), raw.addr);
+                    set.spawn(async move {
+                        ep.connect_with(cfg, addr, "localhost")?
+                            .await
+                            .map_err(anyhow::Error::from)
+                    });
+                }
+                while let Some(r) = set.join_next().await {
+                    conns.push(r??);
+                }
+            }
+            let after = rss_kib(raw.pid()).context("raw server RSS")?;
+            raw_per.push(after.saturating_sub(before) as f64 / n as f64);
+            drop((conns, warm));
+        }
         for run in 0..self.runs {
             // A fresh coordinator for each count.
             let coordinator = CoordinatorProcess::start(self.dir.path(), &self.ca)?;
@@ -746,15 +820,9 @@ impl Bench {
             drop(clients);
             drop(warm);
         }
-        let q = median(per);
-        self.row(
-            &format!("idle clients held: {n}, coordinator RSS per client"),
-            "KiB",
-            None,
-            q,
-            "<= 40",
-            Some(q <= 40.0),
-        );
+        let (r, q) = (median(raw_per), median(per));
+        let case = format!("idle clients held: {n}, RSS per client vs raw quinn");
+        self.row(&case, "KiB", Some(r), q, "<= 40", Some(q <= 40.0));
         Ok(())
     }
 }
@@ -762,8 +830,8 @@ impl Bench {
 fn print_table(rows: &[Row], machine: &str) {
     println!("qmesh-bench on {machine}");
     println!(
-        "{:<58} {:>14} {:>14} {:>8}  {:<9} {}",
-        "case", "baseline", "qmesh", "ratio", "target", "unit"
+        "{:<58} {:>14} {:>14} {:>8}  {:<9} unit",
+        "case", "baseline", "qmesh", "ratio", "target"
     );
     for r in rows {
         let base = r
@@ -807,6 +875,9 @@ fn main() -> Result<()> {
     if let Some(dir) = &args.serve_coordinator {
         return serve_coordinator(dir);
     }
+    if let Some(dir) = &args.serve_raw {
+        return serve_raw(dir);
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(run(args))
 }
@@ -822,7 +893,7 @@ async fn run(args: Args) -> Result<()> {
         &dir.path().join("coordinator-key.pem"),
     )?;
     let coordinator = CoordinatorProcess::start(dir.path(), &ca)?;
-    let raw = RawServer::start(&identity, &coordinator.trust)?;
+    let raw = RawServer::start(dir.path(), &coordinator.trust)?;
     let raw_client = qmesh_certs::transport::client_endpoint("127.0.0.1:0".parse()?)?;
     let alice = Client::connect(coordinator.config("alice")).await?;
     let bob = Client::connect(coordinator.config("bob")).await?;
