@@ -133,7 +133,7 @@ pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// Bind a UDP socket for QUIC with `buffer` bytes of kernel send and receive
 /// buffer. Large buffers keep a burst of handshakes, or a fast stream, from
 /// being dropped by the kernel before quinn reads it; the kernel may grant
-/// less than asked (`net.core.rmem_max`), which is logged at debug.
+/// less than asked (`net.core.rmem_max`).
 pub fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {

@@ -284,7 +284,7 @@ impl Client {
             label,
             max_message: self.inner.config.max_message,
             close_timeout: self.inner.config.close_timeout,
-            max_streams: self.inner.config.tuning.max_uni_streams as usize,
+            max_streams: self.inner.config.tuning.stream_ceiling as usize,
         }
     }
 
@@ -479,15 +479,23 @@ async fn offer(
         open_timeout: config.open_timeout,
         guard: Some(guard),
     };
-    if let Err(mpsc::error::TrySendError::Full(mut offer)) = incoming.try_send(offer) {
-        // Nobody is taking offers fast enough: refuse rather than queue.
-        if let Some((mut send, _recv)) = offer.streams.take() {
-            let refuse = ChannelMsg::Refuse {
-                reason: "busy: too many channel offers waiting".into(),
-            };
-            if write_frame(&mut send, &refuse).await.is_ok() {
-                let _ = send.finish();
-            }
+    // A full backlog waits for room (the opener is waiting for an answer
+    // anyway, and QUIC's stream limit bounds how many offers can wait);
+    // past the open timeout the offer is refused as busy.
+    let mut offer = match timeout(config.open_timeout, incoming.reserve()).await {
+        Ok(Ok(permit)) => {
+            permit.send(offer);
+            return;
+        }
+        Ok(Err(_)) => return,
+        Err(_) => offer,
+    };
+    if let Some((mut send, _recv)) = offer.streams.take() {
+        let refuse = ChannelMsg::Refuse {
+            reason: "busy: nobody is accepting channels".into(),
+        };
+        if write_frame(&mut send, &refuse).await.is_ok() {
+            let _ = send.finish();
         }
     }
 }

@@ -29,7 +29,8 @@ pub struct ClientConfig {
     /// Largest data message this client sends or accepts, in bytes.
     pub max_message: usize,
     /// Incoming channel offers held until [`crate::Client::accept`] takes
-    /// them; further offers are refused with "busy".
+    /// them; further offers wait for room up to `open_timeout`, then are
+    /// refused as busy.
     pub incoming_backlog: usize,
 }
 

@@ -99,6 +99,13 @@ impl MessageSender {
         }
     }
 
+    /// Wait until the receiver stops the stream (dropping or stopping its
+    /// [`MessageReceiver`]) and return its code; `None` if the stream ended
+    /// another way (finished and delivered, or the session ended).
+    pub async fn stopped(&self) -> Option<VarInt> {
+        self.stream.stopped().await.ok().flatten()
+    }
+
     /// Abandon the stream; the receiver sees it reset with
     /// [`StreamCode::Cancelled`].
     pub fn cancel(mut self) {

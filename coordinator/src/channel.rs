@@ -320,10 +320,9 @@ async fn forward(
 /// Why `from` is gone, for a `Lost` message.
 fn lost_reason(from: &Session, stream_error: Option<&str>) -> String {
     match from.conn.close_reason() {
-        Some(quinn::ConnectionError::LocallyClosed) => format!(
-            "\"{}\" was disconnected by the coordinator for breaking the protocol",
-            from.name
-        ),
+        Some(quinn::ConnectionError::LocallyClosed) => {
+            format!("\"{}\" was disconnected by the coordinator", from.name)
+        }
         Some(e) => format!(
             "\"{}\" disconnected: {}",
             from.name,

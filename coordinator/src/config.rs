@@ -23,8 +23,6 @@ pub struct Config {
     /// How long a graceful close may wait for the closer's data streams to
     /// be relayed before the close is forwarded anyway.
     pub drain_timeout: Duration,
-    /// Bytes the relay reads from one stream before writing them on.
-    pub relay_chunk: usize,
     /// Kernel UDP socket buffer size to ask for (send and receive), so a
     /// burst of handshakes or a fast stream is not dropped by the kernel.
     pub socket_buffer: usize,
@@ -40,7 +38,6 @@ impl Config {
             hello_timeout: Duration::from_secs(10),
             answer_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
-            relay_chunk: 64 * 1024,
             socket_buffer: qmesh_certs::transport::SOCKET_BUFFER,
         }
     }

@@ -4,8 +4,8 @@
 //! one of its channels. The relay opens a matching stream to the other
 //! side, writes that side's header, and copies chunks until the end.
 //!
-//! Memory: the relay holds at most one chunk (`relay_chunk` bytes) per
-//! stream. Everything else waits in QUIC's own buffers, which flow control
+//! Memory: the relay holds at most one batch of received chunks (each a
+//! STREAM frame, about a packet) per stream. Everything else waits in QUIC's own buffers, which flow control
 //! bounds: a stream's receive window on the inbound side and the
 //! connection's send window on the outbound side. When the reader stops
 //! reading, the outbound write blocks, the relay stops reading, the
@@ -14,6 +14,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use qmesh_proto::codec::{read_frame, write_frame, DecodeError, ReadFrameError};
 use qmesh_proto::codes::StreamCode;
 use qmesh_proto::msg::StreamHeader;
@@ -95,16 +96,40 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
     copy(&shared, &mut recv, &mut send).await;
 }
 
-/// Copy `recv` to `send` chunk by chunk, passing resets and stops across.
+/// Chunks taken from the inbound stream per read: each is one received
+/// STREAM frame (about a packet), so taking many per lock of the connection
+/// and writing them in one call is what lets the relay keep up.
+const CHUNKS_PER_READ: usize = 32;
+
+/// Copy `recv` to `send` in batches of chunks, passing resets and stops
+/// across. At most one batch is held here; the rest waits in QUIC's windows.
 async fn copy(shared: &Shared, recv: &mut RecvStream, send: &mut SendStream) {
-    let chunk = shared.config.relay_chunk;
+    let mut bufs: [Bytes; CHUNKS_PER_READ] = std::array::from_fn(|_| Bytes::new());
+    // A reader that stops its stream is passed back to the writer at once,
+    // not only at the next write: the stream's QUIC credit is freed then.
+    let stopped = send.stopped();
+    tokio::pin!(stopped);
     loop {
-        match recv.read_chunk(chunk, true).await {
-            Ok(Some(c)) => {
-                let n = c.bytes.len() as u64;
-                match send.write_chunk(c.bytes).await {
+        let read = tokio::select! {
+            read = recv.read_chunks(&mut bufs) => read,
+            stop = &mut stopped => {
+                let c = match stop {
+                    Ok(Some(c)) => c,
+                    _ => code(StreamCode::PeerLost),
+                };
+                let _ = recv.stop(c);
+                return;
+            }
+        };
+        match read {
+            Ok(Some(n)) => {
+                let bytes: u64 = bufs[..n].iter().map(|b| b.len() as u64).sum();
+                match send.write_all_chunks(&mut bufs[..n]).await {
                     Ok(()) => {
-                        shared.stats.bytes_relayed.fetch_add(n, Ordering::Relaxed);
+                        shared
+                            .stats
+                            .bytes_relayed
+                            .fetch_add(bytes, Ordering::Relaxed);
                     }
                     Err(WriteError::Stopped(c)) => {
                         let _ = recv.stop(c);

@@ -177,16 +177,23 @@ async fn hundreds_of_concurrent_channels_and_streams_past_the_initial_limits() {
         out.send(&payload(i as u64, 10)).await.unwrap();
         outs.push(out);
     }
+    // Bob keeps every stream until it ends, as a reader does; dropping a
+    // receiver early stops that stream (see the relay).
     let mut seen = Vec::new();
+    let mut inboxes = Vec::new();
     for _ in 0..N {
         let mut inbox = within(STEP, "accept stream", b.accept_stream())
             .await
             .unwrap()
             .unwrap();
         seen.push(within(STEP, "recv", inbox.recv()).await.unwrap().unwrap());
+        inboxes.push(inbox);
     }
     for out in outs {
         within(STEP, "finish", out.finish()).await.unwrap();
+    }
+    for mut inbox in inboxes {
+        assert!(within(STEP, "end", inbox.recv()).await.unwrap().is_none());
     }
     for i in 0..N as u64 {
         assert!(

@@ -176,3 +176,29 @@ async fn messages_over_the_limit_are_refused_on_both_ends() {
         "{sent:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_drops_its_stream_stops_the_writer_through_the_relay() {
+    let mesh = Mesh::start().await;
+    let alice = mesh.client("alice").await;
+    let bob = mesh.client("bob").await;
+    let (a, b) = open_pair(&alice, &bob, "stop").await;
+    let mut out = a.open_stream().await.unwrap();
+    out.send(b"one").await.unwrap();
+    let mut inbox = within(STEP, "accept", b.accept_stream())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        &within(STEP, "recv", inbox.recv()).await.unwrap().unwrap()[..],
+        b"one"
+    );
+    // Bob is done with this stream while alice still holds it open.
+    drop(inbox);
+    // Alice learns without writing again: the relay passes the stop back.
+    let code = within(STEP, "stopped", out.stopped()).await;
+    assert!(code.is_some(), "the stop did not reach the writer");
+    assert!(out.send(b"two").await.is_err());
+    // The channel itself is unaffected.
+    assert!(a.end().is_none() && b.end().is_none());
+}
