@@ -696,6 +696,7 @@ impl Bench {
     async fn connects(&mut self) -> Result<()> {
         let n = self.plan.connects;
         let (mut raw, mut mesh, mut lost) = (Vec::new(), Vec::new(), 0u64);
+        let (mut raw_cpu, mut mesh_cpu) = (Vec::new(), Vec::new());
         for run in 0..self.runs {
             let endpoints: Vec<Endpoint> = (0..8)
                 .map(|_| {
@@ -703,6 +704,7 @@ impl Bench {
                 })
                 .collect::<Result<_, _>>()?;
             let drops0 = udp_rcvbuf_errors();
+            let cpu0 = cpu_seconds(self.raw.pid());
             let t = Instant::now();
             let mut set = JoinSet::new();
             for i in 0..n {
@@ -720,7 +722,11 @@ impl Bench {
                 conns.push(r??);
             }
             raw.push(n as f64 / t.elapsed().as_secs_f64());
+            if let (Some(a), Some(b)) = (cpu0, cpu_seconds(self.raw.pid())) {
+                raw_cpu.push((b - a) * 1e6 / n as f64);
+            }
             drop(conns);
+            let cpu0 = cpu_seconds(self.coordinator.pid());
 
             let t = Instant::now();
             let mut set = JoinSet::new();
@@ -738,6 +744,9 @@ impl Bench {
                 clients.push(r??);
             }
             mesh.push(n as f64 / t.elapsed().as_secs_f64());
+            if let (Some(a), Some(b)) = (cpu0, cpu_seconds(self.coordinator.pid())) {
+                mesh_cpu.push((b - a) * 1e6 / n as f64);
+            }
             if let (Some(a), Some(b)) = (drops0, udp_rcvbuf_errors()) {
                 lost += b - a;
             }
@@ -748,6 +757,10 @@ impl Bench {
         let (r, q) = (median(raw), median(mesh));
         let case = format!("connect rate, {n} at once, sessions vs raw handshakes");
         self.row(&case, "per s", Some(r), q, ">= 0.8x", Some(q / r >= 0.8));
+        if !raw_cpu.is_empty() && !mesh_cpu.is_empty() {
+            let (r, q) = (median(raw_cpu), median(mesh_cpu));
+            self.row("server CPU per connect, coordinator vs raw server", "µs", Some(r), q, "measured", None);
+        }
         self.row(
             "UDP receive-buffer drops during connect bursts",
             "datagrams",
