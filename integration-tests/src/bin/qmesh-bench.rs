@@ -759,7 +759,14 @@ impl Bench {
         self.row(&case, "per s", Some(r), q, ">= 0.8x", Some(q / r >= 0.8));
         if !raw_cpu.is_empty() && !mesh_cpu.is_empty() {
             let (r, q) = (median(raw_cpu), median(mesh_cpu));
-            self.row("server CPU per connect, coordinator vs raw server", "µs", Some(r), q, "measured", None);
+            self.row(
+                "server CPU per connect, coordinator vs raw server",
+                "µs",
+                Some(r),
+                q,
+                "measured",
+                None,
+            );
         }
         self.row(
             "UDP receive-buffer drops during connect bursts",
