@@ -99,16 +99,8 @@ fn connect_failure(
     }
     if let ConnectionError::ApplicationClosed(close) = &err {
         let message = String::from_utf8_lossy(&close.reason).into_owned();
-        let code = match ConnCode::from_code(close.error_code.into_inner()) {
-            Some(ConnCode::NameTaken) => Some(qmesh_proto::codes::RejectCode::NameTaken),
-            Some(ConnCode::InvalidName) => Some(qmesh_proto::codes::RejectCode::InvalidName),
-            Some(ConnCode::VersionMismatch) => {
-                Some(qmesh_proto::codes::RejectCode::VersionMismatch)
-            }
-            Some(ConnCode::NotAuthorised) => Some(qmesh_proto::codes::RejectCode::NotAuthorised),
-            Some(ConnCode::Shutdown) => Some(qmesh_proto::codes::RejectCode::ShuttingDown),
-            _ => None,
-        };
+        let code = ConnCode::from_code(close.error_code.into_inner())
+            .and_then(qmesh_proto::codes::RejectCode::from_conn_code);
         if let Some(code) = code {
             return ConnectError::Rejected { code, message };
         }

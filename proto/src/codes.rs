@@ -119,6 +119,20 @@ impl RejectCode {
             Self::ShuttingDown => ConnCode::Shutdown,
         }
     }
+
+    /// The rejection a connection close code stands for, if any (the
+    /// inverse of [`RejectCode::conn_code`]).
+    pub fn from_conn_code(code: ConnCode) -> Option<Self> {
+        [
+            Self::VersionMismatch,
+            Self::NameTaken,
+            Self::InvalidName,
+            Self::NotAuthorised,
+            Self::ShuttingDown,
+        ]
+        .into_iter()
+        .find(|r| r.conn_code() == code)
+    }
 }
 
 /// Why a channel could not be opened. Sent in `ChannelMsg::OpenFailed`.
@@ -168,5 +182,10 @@ mod tests {
         assert_eq!(ConnCode::from_code(999), None);
         assert_eq!(StreamCode::from_code(2), Some(StreamCode::MessageTooLarge));
         assert_eq!(ConnCode::NameTaken.to_string(), "name taken (6)");
+        assert_eq!(
+            RejectCode::from_conn_code(ConnCode::NameTaken),
+            Some(RejectCode::NameTaken)
+        );
+        assert_eq!(RejectCode::from_conn_code(ConnCode::Malformed), None);
     }
 }

@@ -792,22 +792,12 @@ impl Bench {
                 .collect::<Result<_, _>>()?;
             let warm = raw.connect(&endpoints[0]).await?;
             let before = rss_kib(raw.pid()).context("raw server RSS")?;
-            let mut conns = Vec::with_capacity(n);
-            for batch in (0..n).collect::<Vec<_>>().chunks(500) {
-                let mut set = JoinSet::new();
-                for &i in batch {
-                    let ep = endpoints[i % endpoints.len()].clone();
-                    let (cfg, addr) = (raw.client.clone(), raw.addr);
-                    set.spawn(async move {
-                        ep.connect_with(cfg, addr, "localhost")?
-                            .await
-                            .map_err(anyhow::Error::from)
-                    });
-                }
-                while let Some(r) = set.join_next().await {
-                    conns.push(r??);
-                }
-            }
+            let (cfg, addr) = (raw.client.clone(), raw.addr);
+            let conns = in_batches(n, &endpoints, |_, ep| {
+                let cfg = cfg.clone();
+                async move { Ok(ep.connect_with(cfg, addr, "localhost")?.await?) }
+            })
+            .await?;
             let after = rss_kib(raw.pid()).context("raw server RSS")?;
             raw_per.push(after.saturating_sub(before) as f64 / n as f64);
             drop((conns, warm));
@@ -823,18 +813,11 @@ impl Bench {
             // One client first, so the baseline includes a warmed-up runtime.
             let warm = Client::connect_on(Some(&endpoints[0]), coordinator.config("warm")).await?;
             let before = rss_kib(coordinator.pid()).context("coordinator RSS")?;
-            let mut clients = Vec::with_capacity(n);
-            for batch in (0..n).collect::<Vec<_>>().chunks(500) {
-                let mut set = JoinSet::new();
-                for &i in batch {
-                    let ep = endpoints[i % endpoints.len()].clone();
-                    let cfg = coordinator.config(&format!("idle-{run}-{i}"));
-                    set.spawn(async move { Client::connect_on(Some(&ep), cfg).await });
-                }
-                while let Some(r) = set.join_next().await {
-                    clients.push(r??);
-                }
-            }
+            let clients = in_batches(n, &endpoints, |i, ep| {
+                let cfg = coordinator.config(&format!("idle-{run}-{i}"));
+                async move { Ok(Client::connect_on(Some(&ep), cfg).await?) }
+            })
+            .await?;
             let after = rss_kib(coordinator.pid()).context("coordinator RSS")?;
             per.push((after.saturating_sub(before)) as f64 / n as f64);
             drop(clients);
@@ -845,6 +828,26 @@ impl Bench {
         self.row(&case, "KiB", Some(r), q, "<= 40", Some(q <= 40.0));
         Ok(())
     }
+}
+
+/// Make `n` connections, 500 at a time, spread over `endpoints`.
+async fn in_batches<T, F, Fut>(n: usize, endpoints: &[Endpoint], make: F) -> Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(usize, Endpoint) -> Fut,
+    Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+{
+    let mut out = Vec::with_capacity(n);
+    for batch in (0..n).collect::<Vec<_>>().chunks(500) {
+        let mut set = JoinSet::new();
+        for &i in batch {
+            set.spawn(make(i, endpoints[i % endpoints.len()].clone()));
+        }
+        while let Some(r) = set.join_next().await {
+            out.push(r??);
+        }
+    }
+    Ok(out)
 }
 
 fn print_table(rows: &[Row], machine: &str) {
