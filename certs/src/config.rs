@@ -16,7 +16,7 @@ use crate::{load_certs, CertError, Fingerprint, Identity};
 use qmesh_proto::ALPN;
 
 /// How a client decides whether the coordinator's certificate is genuine.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trust {
     /// Full certificate verification against these CA certificates:
     /// signature chain, validity period, extended key usage serverAuth, and

@@ -14,7 +14,7 @@ use quinn::{IdleTimeout, TransportConfig, VarInt};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Tunable transport settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tuning {
     /// Close a connection after this long without hearing from the peer.
     /// This is also how long a vanished peer takes to be reported lost.

@@ -158,8 +158,7 @@ impl Client {
         let host = host.clone();
         let addr = resolve(&host, port).await?;
         let coord_text = config.coordinator.to_string();
-        let (mut client_config, report) = qmesh_certs::client_config(&config.trust)?;
-        client_config.transport_config(config.tuning.transport_config());
+        let (client_config, report) = config.quic()?;
         let bind: SocketAddr = if addr.is_ipv6() {
             (Ipv6Addr::UNSPECIFIED, 0).into()
         } else {

@@ -1,6 +1,7 @@
 //! Client configuration.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use qmesh_certs::transport::Tuning;
@@ -32,6 +33,25 @@ pub struct ClientConfig {
     /// them; further offers wait for room up to `open_timeout`, then are
     /// refused as busy.
     pub incoming_backlog: usize,
+    /// The TLS and transport configuration last built from `trust` and
+    /// `tuning`, shared by clones of this config.
+    tls: TlsCache,
+}
+
+/// One built quinn client configuration, reused while the settings it was
+/// built from stay the same.
+///
+/// Reusing it is what lets reconnects resume TLS sessions (rustls keeps
+/// session tickets per config) and spares the verifier set-up per connect.
+#[derive(Debug, Clone, Default)]
+struct TlsCache(Arc<Mutex<Option<Built>>>);
+
+#[derive(Debug)]
+struct Built {
+    trust: Trust,
+    tuning: Tuning,
+    quic: quinn::ClientConfig,
+    report: qmesh_certs::VerifyReport,
 }
 
 impl ClientConfig {
@@ -47,6 +67,7 @@ impl ClientConfig {
             close_timeout: Duration::from_secs(30),
             max_message: DEFAULT_MAX_MESSAGE,
             incoming_backlog: 64,
+            tls: TlsCache::default(),
         }
     }
 
@@ -67,5 +88,27 @@ impl ClientConfig {
     pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
         self.tuning = self.tuning.with_idle_timeout(idle);
         self
+    }
+
+    /// The quinn client configuration for `trust` and `tuning`, built on
+    /// first use and rebuilt only when either has changed since.
+    pub(crate) fn quic(
+        &self,
+    ) -> Result<(quinn::ClientConfig, qmesh_certs::VerifyReport), CertError> {
+        let mut slot = self.tls.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(b) = slot.as_ref() {
+            if b.trust == self.trust && b.tuning == self.tuning {
+                return Ok((b.quic.clone(), b.report.clone()));
+            }
+        }
+        let (mut quic, report) = qmesh_certs::client_config(&self.trust)?;
+        quic.transport_config(self.tuning.transport_config());
+        *slot = Some(Built {
+            trust: self.trust.clone(),
+            tuning: self.tuning.clone(),
+            quic: quic.clone(),
+            report: report.clone(),
+        });
+        Ok((quic, report))
     }
 }

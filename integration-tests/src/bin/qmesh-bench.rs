@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -20,7 +20,6 @@ use qmesh_certs::transport::Tuning;
 use qmesh_certs::{Ca, Identity, Trust};
 use qmesh_client::{Channel, Client, ClientConfig, MessageReceiver, MessageSender};
 use qmesh_coordinator::{Config, Coordinator};
-use qmesh_proto::Address;
 use quinn::{Connection, Endpoint};
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
@@ -116,8 +115,10 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 /// A coordinator child process and what clients need to reach it.
 struct CoordinatorProcess {
     child: Child,
-    address: Address,
     trust: Trust,
+    /// Every client config is a clone of this one, so they share one TLS
+    /// configuration as the raw baseline's connections do.
+    base: ClientConfig,
 }
 
 /// Start this binary as a child serving `flag` from `dir`; returns the
@@ -153,14 +154,14 @@ async fn until_stdin_closes() {
 impl CoordinatorProcess {
     fn start(dir: &Path, ca: &Ca) -> Result<Self> {
         let (child, port) = start_child("--serve-coordinator", dir)?;
-        Ok(Self {
-            child,
-            address: format!("quic/localhost:{port}").parse()?,
-            trust: Trust::Ca {
-                certs: vec![ca.cert_der().clone()],
-                source: "bench CA".into(),
-            },
-        })
+        let address: qmesh_proto::Address = format!("quic/127.0.0.1:{port}").parse()?;
+        let trust = Trust::Ca {
+            certs: vec![ca.cert_der().clone()],
+            source: "bench CA".into(),
+        };
+        let mut base = ClientConfig::new(address.clone(), "base", trust.clone());
+        base.max_message = MAX;
+        Ok(Self { child, trust, base })
     }
 
     fn pid(&self) -> u32 {
@@ -168,8 +169,8 @@ impl CoordinatorProcess {
     }
 
     fn config(&self, name: &str) -> ClientConfig {
-        let mut c = ClientConfig::new(self.address.clone(), name, self.trust.clone());
-        c.max_message = MAX;
+        let mut c = self.base.clone();
+        c.name = name.to_owned();
         c
     }
 }
@@ -264,11 +265,17 @@ fn rss_kib(pid: u32) -> Option<u64> {
 
 /// UDP receive-buffer drops on this host so far (`/proc/net/snmp`).
 fn udp_rcvbuf_errors() -> Option<u64> {
+    udp_counter("RcvbufErrors")
+}
+
+/// A counter from the `Udp:` lines of /proc/net/snmp (this network
+/// namespace, all processes).
+fn udp_counter(name: &str) -> Option<u64> {
     let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
     let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
     let names: Vec<&str> = udp.next()?.split_whitespace().collect();
     let values: Vec<&str> = udp.next()?.split_whitespace().collect();
-    let i = names.iter().position(|n| *n == "RcvbufErrors")?;
+    let i = names.iter().position(|n| *n == name)?;
     values.get(i)?.parse().ok()
 }
 
@@ -697,6 +704,9 @@ impl Bench {
         let n = self.plan.connects;
         let (mut raw, mut mesh, mut lost) = (Vec::new(), Vec::new(), 0u64);
         let (mut raw_cpu, mut mesh_cpu) = (Vec::new(), Vec::new());
+        let (mut raw_ccpu, mut mesh_ccpu) = (Vec::new(), Vec::new());
+        let (mut raw_dgrams, mut mesh_dgrams) = (Vec::new(), Vec::new());
+        let me = std::process::id();
         for run in 0..self.runs {
             let endpoints: Vec<Endpoint> = (0..8)
                 .map(|_| {
@@ -705,6 +715,8 @@ impl Bench {
                 .collect::<Result<_, _>>()?;
             let drops0 = udp_rcvbuf_errors();
             let cpu0 = cpu_seconds(self.raw.pid());
+            let ccpu0 = cpu_seconds(me);
+            let dgrams0 = udp_counter("OutDatagrams");
             let t = Instant::now();
             let mut set = JoinSet::new();
             for i in 0..n {
@@ -725,8 +737,22 @@ impl Bench {
             if let (Some(a), Some(b)) = (cpu0, cpu_seconds(self.raw.pid())) {
                 raw_cpu.push((b - a) * 1e6 / n as f64);
             }
+            if let (Some(a), Some(b)) = (ccpu0, cpu_seconds(me)) {
+                raw_ccpu.push((b - a) * 1e6 / n as f64);
+            }
+            if let (Some(a), Some(b)) = (dgrams0, udp_counter("OutDatagrams")) {
+                raw_dgrams.push((b - a) as f64 / n as f64);
+            }
+            // Let the closes finish before the next phase, so that neither
+            // phase pays for the other's teardown.
+            for c in &conns {
+                c.close(0u32.into(), b"done");
+            }
             drop(conns);
+            settle(&endpoints).await;
             let cpu0 = cpu_seconds(self.coordinator.pid());
+            let ccpu0 = cpu_seconds(me);
+            let dgrams0 = udp_counter("OutDatagrams");
 
             let t = Instant::now();
             let mut set = JoinSet::new();
@@ -747,12 +773,20 @@ impl Bench {
             if let (Some(a), Some(b)) = (cpu0, cpu_seconds(self.coordinator.pid())) {
                 mesh_cpu.push((b - a) * 1e6 / n as f64);
             }
+            if let (Some(a), Some(b)) = (ccpu0, cpu_seconds(me)) {
+                mesh_ccpu.push((b - a) * 1e6 / n as f64);
+            }
+            if let (Some(a), Some(b)) = (dgrams0, udp_counter("OutDatagrams")) {
+                mesh_dgrams.push((b - a) as f64 / n as f64);
+            }
             if let (Some(a), Some(b)) = (drops0, udp_rcvbuf_errors()) {
                 lost += b - a;
             }
             for c in &clients {
                 c.close("done").await;
             }
+            drop(clients);
+            settle(&endpoints).await;
         }
         let (r, q) = (median(raw), median(mesh));
         let case = format!("connect rate, {n} at once, sessions vs raw handshakes");
@@ -762,6 +796,28 @@ impl Bench {
             self.row(
                 "server CPU per connect, coordinator vs raw server",
                 "µs",
+                Some(r),
+                q,
+                "measured",
+                None,
+            );
+        }
+        if !raw_ccpu.is_empty() && !mesh_ccpu.is_empty() {
+            let (r, q) = (median(raw_ccpu), median(mesh_ccpu));
+            self.row(
+                "client CPU per connect, qmesh client vs raw quinn",
+                "µs",
+                Some(r),
+                q,
+                "measured",
+                None,
+            );
+        }
+        if !raw_dgrams.is_empty() && !mesh_dgrams.is_empty() {
+            let (r, q) = (median(raw_dgrams), median(mesh_dgrams));
+            self.row(
+                "UDP datagrams per connect, both directions",
+                "datagrams",
                 Some(r),
                 q,
                 "measured",
@@ -827,6 +883,19 @@ impl Bench {
         let case = format!("idle clients held: {n}, RSS per client vs raw quinn");
         self.row(&case, "KiB", Some(r), q, "<= 40", Some(q <= 40.0));
         Ok(())
+    }
+}
+
+/// Wait (up to 10 s) until every connection on `endpoints` has finished
+/// closing.
+async fn settle(endpoints: &[Endpoint]) {
+    let all = futures_wait_idle(endpoints);
+    let _ = tokio::time::timeout(Duration::from_secs(10), all).await;
+}
+
+async fn futures_wait_idle(endpoints: &[Endpoint]) {
+    for ep in endpoints {
+        ep.wait_idle().await;
     }
 }
 
