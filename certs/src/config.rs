@@ -81,20 +81,26 @@ impl VerifyReport {
 }
 
 /// The crypto provider used everywhere in this crate: *ring*.
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// A quinn server configuration presenting `identity`.
 ///
 /// TLS 1.3 only (as QUIC requires), ALPN `qmesh/1`, the *ring* provider.
-/// Clients are not asked for certificates: client authentication arrives
-/// together with client identities, and clients configured with
-/// [`client_config_with_identity`] connect fine meanwhile.
+/// Clients must present a certificate: any well-formed one within its
+/// validity period whose key signs the handshake (a client's self-signed
+/// [`Identity::self_signed`] will do). The coordinator reads its
+/// fingerprint with [`crate::peer_fingerprint`] and vouches for it to peers.
 pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, CertError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+    let provider = provider();
+    let verifier = Arc::new(crate::peer::ClientCertCheck::new(
+        provider.clone(),
+        Arc::new(|_| true),
+    ));
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls)?;
@@ -252,10 +258,10 @@ impl ServerCertVerifier for CaVerifier {
 /// Accepts exactly the end-entity certificate with the pinned fingerprint,
 /// and still verifies the handshake signature against its key.
 #[derive(Debug)]
-struct PinnedVerifier {
-    pin: Fingerprint,
-    provider: Arc<CryptoProvider>,
-    report: VerifyReport,
+pub(crate) struct PinnedVerifier {
+    pub(crate) pin: Fingerprint,
+    pub(crate) provider: Arc<CryptoProvider>,
+    pub(crate) report: VerifyReport,
 }
 
 impl ServerCertVerifier for PinnedVerifier {

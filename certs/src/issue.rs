@@ -247,6 +247,34 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// A self-signed client identity for `name`: a fresh ECDSA P-256 key and
+    /// a certificate (common name and DNS name `name`, extended key usage
+    /// clientAuth and serverAuth, valid for 825 days).
+    ///
+    /// This is what a client presents when no certificate is configured. The
+    /// coordinator learns its fingerprint from the TLS handshake and vouches
+    /// for it to peers, which is what direct channels check.
+    ///
+    /// A name that is not a valid DNS name (one with `_`, say) goes in the
+    /// common name only.
+    pub fn self_signed(name: &str) -> Result<Identity, CertError> {
+        let mut params = leaf_params(name)?;
+        params.subject_alt_names = match dns_name(name) {
+            Ok(dns) => vec![SanType::DnsName(dns)],
+            Err(_) => Vec::new(),
+        };
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.self_signed(&key)?;
+        Ok(Identity {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        })
+    }
+
     /// Loads an identity from PEM text: every `CERTIFICATE` block of
     /// `cert_pem` (leaf first) and the first private key of `key_pem`
     /// (PKCS#8, SEC1 or PKCS#1). The key must belong to the leaf.

@@ -7,8 +7,10 @@
 //! file ([`Trust::Ca`]) or the coordinator certificate's fingerprint
 //! ([`Trust::Pinned`]) and build their configuration with
 //! [`client_config`]; its [`VerifyReport`] says in words why a coordinator's
-//! certificate was rejected. Client certificates ([`Ca::issue_client`],
-//! [`client_config_with_identity`]) give clients an identity.
+//! certificate was rejected. Every client presents a certificate
+//! ([`Identity::self_signed`], [`Ca::issue_client`],
+//! [`client_config_with_identity`]); the coordinator records its
+//! fingerprint and vouches for it when it introduces two clients.
 //!
 //! Every configuration uses TLS 1.3, the *ring* crypto provider and the
 //! ALPN protocol `qmesh/1`. No certificate check is ever skipped.
@@ -25,6 +27,10 @@
 //! - `fingerprint`: [`Fingerprint`], the SHA-256 of a certificate's DER.
 //! - `config`: [`server_config`], [`client_config`],
 //!   [`client_config_with_identity`], [`Trust`] and [`VerifyReport`].
+//! - `peer`: client certificates as the coordinator checks them, and the
+//!   configurations of direct client-to-client connections
+//!   ([`direct_server_config`], [`direct_client_config`],
+//!   [`peer_fingerprint`]).
 //! - [`transport`]: QUIC transport tuning ([`transport::Tuning`]) shared by
 //!   the coordinator and clients.
 //! - `error`: [`CertError`].
@@ -34,6 +40,7 @@ mod config;
 mod error;
 mod fingerprint;
 mod issue;
+mod peer;
 mod pem;
 pub mod transport;
 
@@ -41,6 +48,7 @@ pub use config::{client_config, client_config_with_identity, server_config, Trus
 pub use error::CertError;
 pub use fingerprint::Fingerprint;
 pub use issue::{Ca, Identity};
+pub use peer::{direct_client_config, direct_server_config, peer_fingerprint, AcceptFingerprint};
 pub use pem::{certs_from_pem, load_certs};
 
 #[cfg(test)]

@@ -90,6 +90,12 @@ impl Tuning {
 
     /// Build the quinn transport configuration.
     pub fn transport_config(&self) -> Arc<TransportConfig> {
+        Arc::new(self.transport())
+    }
+
+    /// The quinn transport configuration, for callers that adjust it
+    /// further before use.
+    pub fn transport(&self) -> TransportConfig {
         let mut t = TransportConfig::default();
         let idle = IdleTimeout::try_from(self.idle_timeout)
             .unwrap_or_else(|_| IdleTimeout::from(VarInt::from_u32(30_000)));
@@ -100,7 +106,7 @@ impl Tuning {
         t.send_window(self.send_window);
         t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_bidi_streams));
         t.max_concurrent_uni_streams(VarInt::from_u32(self.max_uni_streams));
-        Arc::new(t)
+        t
     }
 }
 

@@ -6,12 +6,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::StreamCode;
 use qmesh_proto::limits::clip_reason;
-use qmesh_proto::msg::{ChannelMsg, StreamHeader};
+use qmesh_proto::msg::{ChannelMsg, PathMode, PeerIntro, StreamHeader};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
@@ -19,6 +20,7 @@ use tracing::{debug, info, Instrument, Span};
 
 use qmesh_certs::transport::StreamGuard;
 
+use crate::direct::{Direct, Link, LinkUse};
 use crate::error::{AcceptError, CloseError, StreamError};
 use crate::stream::{MessageReceiver, MessageSender};
 
@@ -64,8 +66,32 @@ impl fmt::Display for ChannelEnd {
     }
 }
 
-/// Where incoming data streams go, by channel control stream id.
-pub(crate) type Routes = Arc<Mutex<HashMap<u64, mpsc::Sender<(RecvStream, StreamGuard)>>>>;
+/// Where a channel's incoming data streams are delivered.
+pub(crate) type StreamTx = mpsc::Sender<(RecvStream, StreamGuard)>;
+
+/// Where incoming relayed data streams go, by channel control stream id.
+pub(crate) type Routes = Arc<Mutex<HashMap<u64, StreamTx>>>;
+
+/// The path a channel's new data streams take from this side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Through the coordinator.
+    Relay,
+    /// On a direct connection to the peer at `remote`.
+    Direct {
+        /// The peer's address on the direct connection.
+        remote: SocketAddr,
+    },
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Path::Relay => f.write_str("relay"),
+            Path::Direct { remote } => write!(f, "direct ({remote})"),
+        }
+    }
+}
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -84,6 +110,8 @@ struct State {
 struct Local {
     /// Data streams opened on this channel.
     opened: u64,
+    /// Of those, the ones sent through the coordinator.
+    relayed: u64,
     /// This side has sent its close.
     closed: bool,
 }
@@ -100,6 +128,16 @@ struct Shared {
     ctrl: tokio::sync::Mutex<Option<SendStream>>,
     local: Mutex<Local>,
     state: watch::Sender<State>,
+    /// The coordinator's number for this channel.
+    number: u64,
+    /// The path the opener asked for.
+    mode: PathMode,
+    /// The direct link this channel uses, when it may go direct.
+    link: Option<LinkUse>,
+    /// The direct endpoint, to unregister the channel's direct route.
+    direct: Option<Arc<Direct>>,
+    /// Which path new data streams take.
+    path: watch::Sender<Path>,
     span: Span,
     /// Counts the control stream against this client's stream allowance
     /// while the channel lives (channels the peer opened).
@@ -121,19 +159,20 @@ impl Shared {
 
     /// Send this side's close (once) and finish the control stream.
     async fn send_close(&self, reason: &str) {
-        let streams = {
+        let (streams, relayed) = {
             let mut local = lock(&self.local);
             if local.closed {
                 return;
             }
             local.closed = true;
-            local.opened
+            (local.opened, local.relayed)
         };
         let mut ctrl = self.ctrl.lock().await;
         if let Some(mut send) = ctrl.take() {
             let msg = ChannelMsg::Close {
                 reason: clip_reason(reason),
                 streams,
+                relayed,
             };
             if write_frame(&mut send, &msg).await.is_ok() {
                 let _ = send.finish();
@@ -162,12 +201,17 @@ pub(crate) struct Parts {
     pub(crate) max_message: usize,
     pub(crate) close_timeout: std::time::Duration,
     pub(crate) max_streams: usize,
+    /// This client's direct endpoint, if it takes direct channels.
+    pub(crate) direct: Option<Arc<Direct>>,
+    /// The path the opener asked for.
+    pub(crate) mode: PathMode,
 }
 
 /// A channel whose route is registered but which is not ready yet.
 pub(crate) struct Pending {
     parts: Parts,
     id: u64,
+    tx: StreamTx,
     rx: mpsc::Receiver<(RecvStream, StreamGuard)>,
 }
 
@@ -177,8 +221,8 @@ impl Pending {
     pub(crate) fn register(parts: Parts, send: &SendStream) -> Self {
         let id = u64::from(send.id());
         let (tx, rx) = mpsc::channel(parts.max_streams.max(1));
-        lock(&parts.routes).insert(id, tx);
-        Self { parts, id, rx }
+        lock(&parts.routes).insert(id, tx.clone());
+        Self { parts, id, tx, rx }
     }
 
     /// Give up on the channel.
@@ -186,15 +230,26 @@ impl Pending {
         lock(&self.parts.routes).remove(&self.id);
     }
 
-    /// The channel is ready: start its control task.
+    /// The channel is ready: start its control task, and bring up (or
+    /// join) the direct link when the coordinator introduced the peer.
     pub(crate) fn ready(
         self,
-        send: SendStream,
-        recv: RecvStream,
+        (send, recv): (SendStream, RecvStream),
         guard: Option<StreamGuard>,
+        number: u64,
+        intro: Option<PeerIntro>,
     ) -> Channel {
-        let Pending { parts, id, rx } = self;
+        let Pending { parts, id, tx, rx } = self;
         let span = tracing::info_span!("channel", id = %parts.label);
+        let link = match (&parts.direct, intro, parts.mode) {
+            (Some(direct), Some(intro), PathMode::Auto | PathMode::Direct) => {
+                let link = direct.link(&parts.peer, &intro);
+                direct.add_route(number, qmesh_certs::Fingerprint(intro.fingerprint), tx);
+                Some(link)
+            }
+            _ => None,
+        };
+        let direct = link.as_ref().and(parts.direct.clone());
         let shared = Arc::new(Shared {
             id,
             peer: parts.peer,
@@ -206,10 +261,18 @@ impl Pending {
             ctrl: tokio::sync::Mutex::new(Some(send)),
             local: Mutex::new(Local::default()),
             state: watch::Sender::new(State::default()),
+            number,
+            mode: parts.mode,
+            link,
+            direct,
+            path: watch::Sender::new(Path::Relay),
             span: span.clone(),
             _guard: guard,
         });
-        info!(parent: &span, "ready");
+        info!(parent: &span, number, mode = ?parts.mode, direct = shared.link.is_some(), "ready");
+        if let Some(link) = &shared.link {
+            tokio::spawn(follow_path(shared.clone(), link.peer.watch()).instrument(span.clone()));
+        }
         tokio::spawn(control(shared.clone(), recv).instrument(span));
         Channel {
             shared,
@@ -219,11 +282,56 @@ impl Pending {
     }
 }
 
+/// Keep the channel's path in step with its direct link: direct while the
+/// link is up, relayed otherwise. A direct-only channel whose link goes
+/// down after it was up is lost.
+async fn follow_path(shared: Arc<Shared>, mut link: watch::Receiver<Link>) {
+    let mut state = shared.state.subscribe();
+    let mut was_up = false;
+    loop {
+        let now = link.borrow_and_update().clone();
+        let path = match &now {
+            Link::Up(c) => {
+                was_up = true;
+                Path::Direct {
+                    remote: c.remote_address(),
+                }
+            }
+            Link::Connecting | Link::Down(_) => Path::Relay,
+        };
+        shared.path.send_if_modified(|p| {
+            if *p != path {
+                info!(parent: &shared.span, path = %path, "path changed");
+                *p = path;
+                true
+            } else {
+                false
+            }
+        });
+        if let Link::Down(reason) = &now {
+            if shared.mode == PathMode::Direct && was_up {
+                let reason = format!("direct path lost: {reason}");
+                shared.end(ChannelEnd::Lost {
+                    reason: reason.clone(),
+                });
+                shared.send_close(&reason).await;
+            }
+            return;
+        }
+        tokio::select! {
+            changed = link.changed() => if changed.is_err() { return },
+            _ = state.wait_for(|s| s.end.is_some()) => return,
+        }
+    }
+}
+
 /// Read the channel control stream until it ends, recording the end.
 async fn control(shared: Arc<Shared>, mut recv: RecvStream) {
     loop {
         match read_frame::<ChannelMsg, _>(&mut recv).await {
-            Ok(Some(ChannelMsg::Close { reason, streams })) => {
+            Ok(Some(ChannelMsg::Close {
+                reason, streams, ..
+            })) => {
                 debug!(streams, "peer closed");
                 shared.state.send_modify(|s| s.peer_close = Some(streams));
                 shared.end(ChannelEnd::Closed {
@@ -285,36 +393,127 @@ impl Channel {
         &self.shared.label
     }
 
-    /// Open a data stream to the peer.
+    /// The path the opener asked for.
+    pub fn mode(&self) -> PathMode {
+        self.shared.mode
+    }
+
+    /// The path new data streams from this side take now.
+    pub fn path(&self) -> Path {
+        *self.shared.path.borrow()
+    }
+
+    /// Watch the path: `changed()` on the receiver fires each time it
+    /// changes (relay → direct when the direct path comes up, direct →
+    /// relay when it goes away).
+    pub fn watch_path(&self) -> watch::Receiver<Path> {
+        self.shared.path.subscribe()
+    }
+
+    /// Wait until the path is direct, up to `limit`; the reason when it
+    /// does not become direct.
+    pub(crate) async fn wait_direct(&self, limit: std::time::Duration) -> Result<(), String> {
+        let Some(link) = &self.shared.link else {
+            return Err("the peer cannot take direct channels".into());
+        };
+        let mut state = link.peer.watch();
+        let up = timeout(limit, state.wait_for(|s| !matches!(s, Link::Connecting))).await;
+        let seen = match up {
+            Ok(Ok(link)) => link.clone(),
+            Ok(Err(_)) => return Err("the client is closing".into()),
+            Err(_) => return Err(format!("no direct path within {} s", limit.as_secs())),
+        };
+        match seen {
+            Link::Up(_) => Ok(()),
+            Link::Down(reason) => Err(reason),
+            Link::Connecting => Err("the client is closing".into()),
+        }
+    }
+
+    /// Pick the connection and header for a new data stream; `true` when
+    /// it goes through the coordinator.
+    async fn stream_route(&self) -> Result<(Connection, StreamHeader, bool), StreamError> {
+        let relay = (
+            self.shared.conn.clone(),
+            StreamHeader::Data {
+                channel: self.shared.id,
+            },
+            true,
+        );
+        let direct = |c: Connection| {
+            (
+                c,
+                StreamHeader::Direct {
+                    channel: self.shared.number,
+                },
+                false,
+            )
+        };
+        match (&self.shared.link, self.shared.mode) {
+            (None, PathMode::Direct) => Err(StreamError::DirectUnavailable(
+                "the peer cannot take direct channels".into(),
+            )),
+            (None, _) | (_, PathMode::Relay) => Ok(relay),
+            (Some(link), mode) => match link.peer.conn() {
+                Some(c) => Ok(direct(c)),
+                None if mode == PathMode::Direct => {
+                    let limit = self
+                        .shared
+                        .direct
+                        .as_ref()
+                        .map(|d| d.timeout())
+                        .unwrap_or_default();
+                    self.wait_direct(limit)
+                        .await
+                        .map_err(StreamError::DirectUnavailable)?;
+                    link.peer.conn().map(direct).ok_or_else(|| {
+                        StreamError::DirectUnavailable("the direct path went down".into())
+                    })
+                }
+                None => Ok(relay),
+            },
+        }
+    }
+
+    /// Open a data stream to the peer, on the channel's current path.
     pub async fn open_stream(&self) -> Result<MessageSender, StreamError> {
+        if lock(&self.shared.local).closed || self.shared.state.borrow().end.is_some() {
+            return Err(StreamError::ChannelEnded);
+        }
+        let (conn, header, mut relayed) = self.stream_route().await?;
         {
             let mut local = lock(&self.shared.local);
             if local.closed || self.shared.state.borrow().end.is_some() {
                 return Err(StreamError::ChannelEnded);
             }
             local.opened += 1;
+            local.relayed += u64::from(relayed);
         }
-        let opened = async {
-            let mut send = self
-                .shared
-                .conn
-                .open_uni()
-                .await
-                .map_err(|e| e.to_string())?;
-            let header = StreamHeader::Data {
-                channel: self.shared.id,
-            };
+        let open = |conn: Connection, header: StreamHeader| async move {
+            let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
             write_frame(&mut send, &header)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok::<_, String>(send)
+        };
+        let mut opened = open(conn, header).await;
+        if opened.is_err() && !relayed && self.shared.mode == PathMode::Auto {
+            // The direct connection died under us: this stream goes relayed.
+            debug!(parent: &self.shared.span, "direct stream failed; using the relay");
+            relayed = true;
+            lock(&self.shared.local).relayed += 1;
+            let header = StreamHeader::Data {
+                channel: self.shared.id,
+            };
+            opened = open(self.shared.conn.clone(), header).await;
         }
-        .await;
         match opened {
             Ok(send) => Ok(MessageSender::new(send, self.shared.max_message)),
             Err(e) => {
                 // It never left: do not count it in the close.
-                lock(&self.shared.local).opened -= 1;
+                let mut local = lock(&self.shared.local);
+                local.opened -= 1;
+                local.relayed -= u64::from(relayed);
                 Err(StreamError::Session(e))
             }
         }
@@ -425,6 +624,9 @@ impl Channel {
 impl Drop for Channel {
     fn drop(&mut self) {
         lock(&self.routes).remove(&self.shared.id);
+        if let Some(direct) = &self.shared.direct {
+            direct.remove_route(self.shared.number);
+        }
         if self.shared.state.borrow().end.is_none() {
             self.shared.end(ChannelEnd::Closed {
                 by: Side::Local,
@@ -445,6 +647,7 @@ impl Drop for Channel {
 pub struct IncomingChannel {
     pub(crate) from: String,
     pub(crate) channel: String,
+    pub(crate) mode: PathMode,
     pub(crate) streams: Option<(SendStream, RecvStream)>,
     pub(crate) parts: Option<PartsBox>,
     pub(crate) open_timeout: std::time::Duration,
@@ -471,6 +674,11 @@ impl IncomingChannel {
         &self.channel
     }
 
+    /// The path the opener asked for.
+    pub fn mode(&self) -> PathMode {
+        self.mode
+    }
+
     /// Accept the channel and wait until it is ready.
     pub async fn accept(mut self) -> Result<Channel, AcceptError> {
         let (mut send, mut recv) = self
@@ -488,7 +696,9 @@ impl IncomingChannel {
         }
         let reply = timeout(self.open_timeout, read_frame::<ChannelMsg, _>(&mut recv)).await;
         match reply {
-            Ok(Ok(Some(ChannelMsg::Ready))) => Ok(pending.ready(send, recv, self.guard.take())),
+            Ok(Ok(Some(ChannelMsg::Ready { channel, peer }))) => {
+                Ok(pending.ready((send, recv), self.guard.take(), channel, peer))
+            }
             Ok(Ok(Some(ChannelMsg::Lost { reason }))) => {
                 pending.abandon();
                 Err(AcceptError::Withdrawn(reason))

@@ -1,5 +1,6 @@
 //! The client: one QUIC connection to the coordinator, one session on it.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
@@ -7,16 +8,17 @@ use qmesh_certs::transport::{StreamAllowance, StreamGuard, StreamKind};
 use qmesh_proto::address::Host;
 use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::{ConnCode, StreamCode};
-use qmesh_proto::msg::{ChannelMsg, SessionMsg, StreamHeader};
+use qmesh_proto::msg::{ChannelMsg, PathMode, SessionMsg, StreamHeader};
 use qmesh_proto::{Address, PROTOCOL_VERSION};
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use crate::channel::{lock, Channel, IncomingChannel, Parts, PartsBox, Pending, Routes};
 use crate::config::ClientConfig;
+use crate::direct::{Direct, DirectParts, PeerSet};
 use crate::error::{ConnectError, OpenError};
 
 /// A connected qmesh client. Cheap to clone; the session ends when the last
@@ -38,6 +40,8 @@ struct Inner {
     owns_endpoint: bool,
     conn: Connection,
     routes: Routes,
+    /// Direct connections, when this client takes direct channels.
+    direct: Option<Arc<Direct>>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingChannel>>,
     /// Held open for the life of the session: finishing it leaves.
     _session_stream: Mutex<(SendStream, RecvStream)>,
@@ -48,6 +52,9 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.driver.abort();
+        if let Some(d) = &self.direct {
+            d.close_all();
+        }
         self.conn
             .close(VarInt::from_u32(ConnCode::Normal.code()), b"client dropped");
     }
@@ -86,6 +93,60 @@ async fn resolve(host: &Host, port: u16) -> Result<SocketAddr, ConnectError> {
             reason: e.to_string(),
         }),
     }
+}
+
+/// An endpoint of this client's own that also accepts direct connections
+/// from introduced peers, and the socket handle punches are sent with.
+fn direct_endpoint(
+    bind: SocketAddr,
+    identity: &Arc<qmesh_certs::Identity>,
+    peers: &PeerSet,
+    config: &ClientConfig,
+) -> Result<(Endpoint, Arc<dyn quinn::AsyncUdpSocket>), ConnectError> {
+    let known = peers.clone();
+    let accept: qmesh_certs::AcceptFingerprint = Arc::new(move |fp| lock(&known).contains_key(fp));
+    let mut server = qmesh_certs::direct_server_config(identity, accept)?;
+    server.transport_config(crate::direct::direct_transport(&config.tuning));
+    let std_socket = qmesh_certs::transport::bind_udp(bind, qmesh_certs::transport::SOCKET_BUFFER)
+        .map_err(ConnectError::Socket)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let socket =
+        quinn::Runtime::wrap_udp_socket(&*runtime, std_socket).map_err(ConnectError::Socket)?;
+    let endpoint = Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket.clone(),
+        runtime,
+    )
+    .map_err(ConnectError::Socket)?;
+    Ok((endpoint, socket))
+}
+
+/// The addresses this client reports for itself: the local address the OS
+/// would use towards the coordinator (its LAN address behind a NAT), with
+/// the endpoint's port, then `extra`.
+fn reported_addrs(coordinator: SocketAddr, port: u16, extra: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    let any: SocketAddr = if coordinator.is_ipv6() {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    // Connecting a UDP socket sends nothing; it only asks the routing table.
+    if let Ok(probe) = std::net::UdpSocket::bind(any) {
+        if probe.connect(coordinator).is_ok() {
+            if let Ok(local) = probe.local_addr() {
+                out.push(SocketAddr::new(local.ip(), port));
+            }
+        }
+    }
+    for a in extra {
+        if !out.contains(a) {
+            out.push(*a);
+        }
+    }
+    out.truncate(qmesh_proto::limits::MAX_REPORTED_ADDRS);
+    out
 }
 
 /// Map a connection error seen while connecting to what the user should hear.
@@ -165,10 +226,23 @@ impl Client {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         };
         let owns_endpoint = endpoint.is_none();
-        let endpoint = match endpoint {
-            Some(e) => e,
-            None => qmesh_certs::transport::client_endpoint(bind).map_err(ConnectError::Socket)?,
+        let identity = config.identity()?;
+        let peers: PeerSet = Arc::default();
+        let (endpoint, punch_socket) = match endpoint {
+            Some(e) => (e, None),
+            None if config.direct.enabled => {
+                let (e, socket) = direct_endpoint(bind, &identity, &peers, &config)?;
+                (e, Some(socket))
+            }
+            None => (
+                qmesh_certs::transport::client_endpoint(bind).map_err(ConnectError::Socket)?,
+                None,
+            ),
         };
+        let reported = punch_socket.as_ref().map(|_| {
+            let port = endpoint.local_addr().map(|a| a.port()).unwrap_or(0);
+            reported_addrs(addr, port, &config.direct.advertise)
+        });
         let connecting = endpoint
             .connect_with(client_config, addr, &server_name(&host))
             .map_err(|e| ConnectError::Handshake {
@@ -188,6 +262,7 @@ impl Client {
             let hello = SessionMsg::Hello {
                 version: PROTOCOL_VERSION,
                 name: config.name.clone(),
+                direct: reported.clone(),
             };
             write_frame(&mut send, &hello)
                 .await
@@ -226,6 +301,19 @@ impl Client {
         };
         info!(parent: &span, session, observed = %observed, "connected to {}", &coord_text);
 
+        let direct = punch_socket.map(|socket| {
+            Direct::start(DirectParts {
+                endpoint: endpoint.clone(),
+                socket,
+                identity: identity.clone(),
+                peers: peers.clone(),
+                tuning: config.tuning.clone(),
+                timeout: config.direct.timeout,
+                grace: config.direct.grace,
+                header_timeout: config.connect_timeout,
+                span: span.clone(),
+            })
+        });
         let routes: Routes = Arc::default();
         let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_backlog.max(1));
         let driver = tokio::spawn(
@@ -243,6 +331,7 @@ impl Client {
                 owns_endpoint,
                 conn,
                 routes,
+                direct,
                 incoming: tokio::sync::Mutex::new(incoming_rx),
                 _session_stream: Mutex::new((send, recv)),
                 driver,
@@ -266,7 +355,23 @@ impl Client {
         self.inner.observed
     }
 
-    fn parts(&self, peer: String, name: String, label: String) -> Parts {
+    /// The peers this client has a direct connection to, with their
+    /// addresses; `changed()` on the receiver fires as links come and go.
+    /// Always empty for a client that does not take direct channels.
+    pub fn direct_links(&self) -> watch::Receiver<BTreeMap<String, SocketAddr>> {
+        match &self.inner.direct {
+            Some(d) => d.links(),
+            None => watch::Sender::new(BTreeMap::new()).subscribe(),
+        }
+    }
+
+    /// Whether this client takes direct channels (it has its own endpoint
+    /// and direct channels are enabled).
+    pub fn takes_direct(&self) -> bool {
+        self.inner.direct.is_some()
+    }
+
+    fn parts(&self, peer: String, name: String, label: String, mode: PathMode) -> Parts {
         Parts {
             conn: self.inner.conn.clone(),
             routes: self.inner.routes.clone(),
@@ -276,6 +381,8 @@ impl Client {
             max_message: self.inner.config.max_message,
             close_timeout: self.inner.config.close_timeout,
             max_streams: self.inner.config.tuning.stream_ceiling as usize,
+            direct: self.inner.direct.clone(),
+            mode,
         }
     }
 
@@ -286,12 +393,26 @@ impl Client {
         }
     }
 
-    /// Open channel `mesh/peer!channel` and wait until the peer accepts.
+    /// Open channel `mesh/peer!channel` with path [`PathMode::Auto`] and
+    /// wait until the peer accepts.
     ///
     /// Fails at once with [`PeerNotPresent`](qmesh_proto::codes::OpenFailCode::PeerNotPresent) when no client
     /// of that name is connected, and with [`Refused`](qmesh_proto::codes::OpenFailCode::Refused) and the
     /// peer's reason when it refuses.
     pub async fn open(&self, address: &Address) -> Result<Channel, OpenError> {
+        self.open_with(address, PathMode::Auto).await
+    }
+
+    /// Open a channel on the path `mode` asks for:
+    ///
+    /// - [`PathMode::Auto`]: ready as soon as the peer accepts, relayed;
+    ///   data moves to a direct path once one is up
+    ///   ([`Channel::watch_path`] reports it).
+    /// - [`PathMode::Direct`]: ready only once the direct path is up; fails
+    ///   with [`OpenError::DirectUnavailable`] (and closes the channel) when
+    ///   none comes up within [`crate::config::DirectConfig::timeout`].
+    /// - [`PathMode::Relay`]: always through the coordinator.
+    pub async fn open_with(&self, address: &Address, mode: PathMode) -> Result<Channel, OpenError> {
         let (peer, channel) = address.mesh()?;
         let label = format!("{}>{}!{}", self.inner.name, peer, channel);
         let span = info_span!(parent: &self.inner.span, "channel", id = %label);
@@ -303,12 +424,13 @@ impl Client {
                 .await
                 .map_err(|_| OpenError::Session(self.session_error()))?;
             let pending = Pending::register(
-                self.parts(peer.to_owned(), channel.to_owned(), label.clone()),
+                self.parts(peer.to_owned(), channel.to_owned(), label.clone(), mode),
                 &send,
             );
             let open = ChannelMsg::Open {
                 peer: peer.to_owned(),
                 channel: channel.to_owned(),
+                path: mode,
             };
             if write_frame(&mut send, &open).await.is_err() {
                 pending.abandon();
@@ -321,7 +443,31 @@ impl Client {
             )
             .await;
             match reply {
-                Ok(Ok(Some(ChannelMsg::Ready))) => Ok(pending.ready(send, recv, None)),
+                Ok(Ok(Some(ChannelMsg::Ready {
+                    channel: number,
+                    peer: intro,
+                }))) => {
+                    let ch = pending.ready((send, recv), None, number, intro);
+                    if mode != PathMode::Direct {
+                        return Ok(ch);
+                    }
+                    let limit = self.inner.config.direct.timeout;
+                    match ch.wait_direct(limit).await {
+                        Ok(()) => Ok(ch),
+                        Err(reason) => {
+                            info!(cause = %reason, "direct-only channel without a direct path");
+                            let _ = timeout(
+                                self.inner.config.close_timeout,
+                                ch.close(&format!("no direct path: {reason}")),
+                            )
+                            .await;
+                            Err(OpenError::DirectUnavailable {
+                                peer: peer.to_owned(),
+                                reason,
+                            })
+                        }
+                    }
+                }
                 Ok(Ok(Some(ChannelMsg::OpenFailed { code, message }))) => {
                     pending.abandon();
                     info!(code = ?code, cause = %message, "open failed");
@@ -362,6 +508,7 @@ impl Client {
             offer.from.clone(),
             offer.channel.clone(),
             label,
+            offer.mode,
         )));
         Some(offer)
     }
@@ -371,6 +518,9 @@ impl Client {
     /// sent; a shared endpoint is its owner's to drain.
     pub async fn close(&self, reason: &str) {
         info!(parent: &self.inner.span, reason, "leaving");
+        if let Some(d) = &self.inner.direct {
+            d.close_all();
+        }
         self.inner
             .conn
             .close(VarInt::from_u32(ConnCode::Normal.code()), reason.as_bytes());
@@ -453,8 +603,12 @@ async fn offer(
         read_frame::<ChannelMsg, _>(&mut recv),
     )
     .await;
-    let (from, channel) = match first {
-        Ok(Ok(Some(ChannelMsg::Incoming { from, channel }))) => (from, channel),
+    let (from, channel, mode) = match first {
+        Ok(Ok(Some(ChannelMsg::Incoming {
+            from,
+            channel,
+            path,
+        }))) => (from, channel, path),
         other => {
             warn!(got = ?other.map(|r| r.map(|m| m.is_some())), "bad channel offer from the coordinator");
             let _ = send.reset(VarInt::from_u32(StreamCode::Malformed.code()));
@@ -465,6 +619,7 @@ async fn offer(
     let offer = IncomingChannel {
         from,
         channel,
+        mode,
         streams: Some((send, recv)),
         parts: None,
         open_timeout: config.open_timeout,

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use qmesh_certs::transport::Tuning;
-use qmesh_certs::{CertError, Fingerprint, Trust};
+use qmesh_certs::{CertError, Fingerprint, Identity, Trust};
 use qmesh_proto::limits::DEFAULT_MAX_MESSAGE;
 use qmesh_proto::Address;
 
@@ -33,6 +33,12 @@ pub struct ClientConfig {
     /// them; further offers wait for room up to `open_timeout`, then are
     /// refused as busy.
     pub incoming_backlog: usize,
+    /// The certificate and key this client presents to the coordinator and
+    /// to peers on direct connections. `None`: a self-signed one for
+    /// `name`, made at the first connect and kept by clones of this config.
+    pub identity: Option<Arc<Identity>>,
+    /// Direct channels: whether this client takes them, and their timings.
+    pub direct: DirectConfig,
     /// The TLS and transport configuration last built from `trust` and
     /// `tuning`, shared by clones of this config.
     tls: TlsCache,
@@ -44,12 +50,45 @@ pub struct ClientConfig {
 /// Reusing it is what lets reconnects resume TLS sessions (rustls keeps
 /// session tickets per config) and spares the verifier set-up per connect.
 #[derive(Debug, Clone, Default)]
-struct TlsCache(Arc<Mutex<Option<Built>>>);
+struct TlsCache(
+    Arc<Mutex<Option<Built>>>,
+    Arc<std::sync::OnceLock<Arc<Identity>>>,
+);
+
+/// Settings of direct (peer-to-peer) channels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectConfig {
+    /// Take direct channels at all. A client on a shared endpoint
+    /// ([`crate::Client::connect_on`]) never does: peers could not tell its
+    /// connections apart from its neighbours'.
+    pub enabled: bool,
+    /// How long a direct path may take to come up: past it, an `auto`
+    /// channel stays relayed and a `direct` one fails.
+    pub timeout: Duration,
+    /// How long a direct connection stays up after its last channel ended,
+    /// ready for the next one.
+    pub grace: Duration,
+    /// Addresses to report to the coordinator besides the local address
+    /// towards it (e.g. a port forwarded on a router).
+    pub advertise: Vec<std::net::SocketAddr>,
+}
+
+impl Default for DirectConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            timeout: Duration::from_secs(5),
+            grace: Duration::from_secs(10),
+            advertise: Vec::new(),
+        }
+    }
+}
 
 #[derive(Debug)]
 struct Built {
     trust: Trust,
     tuning: Tuning,
+    identity: Fingerprint,
     quic: quinn::ClientConfig,
     report: qmesh_certs::VerifyReport,
 }
@@ -67,6 +106,8 @@ impl ClientConfig {
             close_timeout: Duration::from_secs(30),
             max_message: DEFAULT_MAX_MESSAGE,
             incoming_backlog: 64,
+            identity: None,
+            direct: DirectConfig::default(),
             tls: TlsCache::default(),
         }
     }
@@ -90,22 +131,38 @@ impl ClientConfig {
         self
     }
 
-    /// The quinn client configuration for `trust` and `tuning`, built on
-    /// first use and rebuilt only when either has changed since.
+    /// The identity this client presents: the configured one, or the
+    /// self-signed one made for this config (and its clones) on first use.
+    pub(crate) fn identity(&self) -> Result<Arc<Identity>, CertError> {
+        if let Some(id) = &self.identity {
+            return Ok(id.clone());
+        }
+        if let Some(id) = self.tls.1.get() {
+            return Ok(id.clone());
+        }
+        let made = Arc::new(Identity::self_signed(&self.name)?);
+        Ok(self.tls.1.get_or_init(|| made).clone())
+    }
+
+    /// The quinn client configuration for `trust`, `tuning` and the
+    /// identity, built on first use and rebuilt only when one has changed.
     pub(crate) fn quic(
         &self,
     ) -> Result<(quinn::ClientConfig, qmesh_certs::VerifyReport), CertError> {
+        let identity = self.identity()?;
+        let fingerprint = identity.fingerprint();
         let mut slot = self.tls.0.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(b) = slot.as_ref() {
-            if b.trust == self.trust && b.tuning == self.tuning {
+            if b.trust == self.trust && b.tuning == self.tuning && b.identity == fingerprint {
                 return Ok((b.quic.clone(), b.report.clone()));
             }
         }
-        let (mut quic, report) = qmesh_certs::client_config(&self.trust)?;
+        let (mut quic, report) = qmesh_certs::client_config_with_identity(&self.trust, &identity)?;
         quic.transport_config(self.tuning.transport_config());
         *slot = Some(Built {
             trust: self.trust.clone(),
             tuning: self.tuning.clone(),
+            identity: fingerprint,
             quic: quic.clone(),
             report: report.clone(),
         });

@@ -89,6 +89,16 @@ pub enum OpenError {
     /// The coordinator broke the protocol.
     #[error("protocol error from the coordinator: {0}")]
     Protocol(String),
+    /// A direct-only channel was asked for and no direct path came up; the
+    /// channel was closed. Open it with path `auto` to fall back to the
+    /// relay.
+    #[error("no direct path to {peer}: {reason}; open with path auto to use the relay instead")]
+    DirectUnavailable {
+        /// The peer's name.
+        peer: String,
+        /// What was tried and seen.
+        reason: String,
+    },
 }
 
 impl OpenError {
@@ -96,6 +106,7 @@ impl OpenError {
     pub fn code(&self) -> Option<OpenFailCode> {
         match self {
             Self::Failed { code, .. } => Some(*code),
+            Self::DirectUnavailable { .. } => Some(OpenFailCode::DirectUnavailable),
             _ => None,
         }
     }
@@ -121,6 +132,9 @@ pub enum StreamError {
     /// The session with the coordinator is gone.
     #[error("session closed: {0}")]
     Session(String),
+    /// The channel is direct-only and its direct path is not up.
+    #[error("no direct path for this direct-only channel: {0}")]
+    DirectUnavailable(String),
 }
 
 /// Sending a message failed.

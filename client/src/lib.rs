@@ -59,15 +59,17 @@
 pub mod channel;
 pub mod client;
 pub mod config;
+mod direct;
 pub mod error;
 pub mod stream;
 
-pub use channel::{Channel, ChannelEnd, IncomingChannel, Side};
+pub use channel::{Channel, ChannelEnd, IncomingChannel, Path, Side};
 pub use client::Client;
-pub use config::ClientConfig;
+pub use config::{ClientConfig, DirectConfig};
 pub use error::{
     AcceptError, CloseError, ConnectError, OpenError, RecvError, SendError, StreamError,
 };
-pub use qmesh_certs::{Fingerprint, Trust};
+pub use qmesh_certs::{Fingerprint, Identity, Trust};
+pub use qmesh_proto::msg::PathMode;
 pub use qmesh_proto::Address;
 pub use stream::{MessageReceiver, MessageSender};

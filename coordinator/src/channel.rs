@@ -15,7 +15,7 @@ use std::sync::Arc;
 use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::{ConnCode, OpenFailCode, StreamCode};
 use qmesh_proto::limits::clip_reason;
-use qmesh_proto::msg::ChannelMsg;
+use qmesh_proto::msg::{ChannelMsg, PathMode, PeerIntro};
 use qmesh_proto::name::{validate_channel_name, validate_client_name};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::sync::watch;
@@ -56,7 +56,7 @@ fn msg_name(msg: &ChannelMsg) -> &'static str {
         ChannelMsg::Incoming { .. } => "incoming",
         ChannelMsg::Accept => "accept",
         ChannelMsg::Refuse { .. } => "refuse",
-        ChannelMsg::Ready => "ready",
+        ChannelMsg::Ready { .. } => "ready",
         ChannelMsg::OpenFailed { .. } => "open-failed",
         ChannelMsg::Close { .. } => "close",
         ChannelMsg::Lost { .. } => "lost",
@@ -88,13 +88,17 @@ pub(crate) async fn handle_open(
         read_frame::<ChannelMsg, _>(&mut a_recv),
     )
     .await;
-    let (peer, channel) = match first {
+    let (peer, channel, path) = match first {
         Err(_) => {
             debug!("channel stream opened but no open sent in time");
             let _ = a_recv.stop(stream_code(StreamCode::Cancelled));
             return;
         }
-        Ok(Ok(Some(ChannelMsg::Open { peer, channel }))) => (peer, channel),
+        Ok(Ok(Some(ChannelMsg::Open {
+            peer,
+            channel,
+            path,
+        }))) => (peer, channel, path),
         Ok(Ok(Some(other))) => {
             let what = format!(
                 "expected open on a new channel stream, got {}",
@@ -113,17 +117,22 @@ pub(crate) async fn handle_open(
     };
     let label: Arc<str> = format!("{}>{}!{}", session.name, peer, channel).into();
     let span = info_span!("channel", id = %label);
-    open(shared, session, (a_send, a_recv), peer, channel, label)
-        .instrument(span)
-        .await;
+    open(
+        shared,
+        session,
+        (a_send, a_recv),
+        (peer, channel, path),
+        label,
+    )
+    .instrument(span)
+    .await;
 }
 
 async fn open(
     shared: Arc<Shared>,
     session: Arc<Session>,
     (mut a_send, mut a_recv): (SendStream, RecvStream),
-    peer: String,
-    channel: String,
+    (peer, channel, path): (String, String, PathMode),
     label: Arc<str>,
 ) {
     if let Err(e) = validate_client_name(&peer) {
@@ -144,6 +153,17 @@ async fn open(
         );
         return fail(&mut a_send, OpenFailCode::PeerNotPresent, msg).await;
     };
+    if path == PathMode::Direct {
+        let unable = [&session, &callee].into_iter().find(|s| s.direct.is_none());
+        if let Some(s) = unable {
+            let msg = format!(
+                "no direct path possible: \"{}\" cannot take direct channels (it shares its \
+                 UDP socket or has them turned off); open with path auto or relay instead",
+                s.name
+            );
+            return fail(&mut a_send, OpenFailCode::DirectUnavailable, msg).await;
+        }
+    }
     let answer_timeout = shared.config.answer_timeout;
     let deadline = tokio::time::Instant::now() + answer_timeout;
     let opened = tokio::time::timeout_at(deadline, async {
@@ -151,6 +171,7 @@ async fn open(
         let incoming = ChannelMsg::Incoming {
             from: session.name.clone(),
             channel: channel.clone(),
+            path,
         };
         write_frame(&mut send, &incoming).await.ok()?;
         Some((send, recv))
@@ -235,9 +256,19 @@ async fn open(
     callee.channels().insert(b_id, side_b.clone());
     shared.stats.channels_joined.fetch_add(1, Ordering::Relaxed);
     // A failed write means that side is gone; its forwarder reports it.
-    let _ = write_frame(&mut a_send, &ChannelMsg::Ready).await;
-    let _ = write_frame(&mut b_send, &ChannelMsg::Ready).await;
-    info!("joined");
+    let number = shared.next_channel.fetch_add(1, Ordering::Relaxed);
+    let (a_intro, b_intro) = match path {
+        PathMode::Relay => (None, None),
+        PathMode::Auto | PathMode::Direct => introduce(&session, &callee),
+    };
+    let direct = a_intro.is_some();
+    let ready = |peer| ChannelMsg::Ready {
+        channel: number,
+        peer,
+    };
+    let _ = write_frame(&mut a_send, &ready(a_intro)).await;
+    let _ = write_frame(&mut b_send, &ready(b_intro)).await;
+    info!(number, ?path, introduced = direct, "joined");
 
     let drain = shared.config.drain_timeout;
     tokio::join!(
@@ -264,25 +295,31 @@ async fn forward(
             Ok(Some(ChannelMsg::Close { .. })) if terminal_sent => {
                 debug!(side = %from.name, "second close ignored");
             }
-            Ok(Some(ChannelMsg::Close { reason, streams })) => {
+            Ok(Some(ChannelMsg::Close {
+                reason,
+                streams,
+                relayed,
+            })) => {
                 let reason = clip_reason(&reason);
                 let mut counts = from_side.streams.subscribe();
                 let drained = tokio::select! {
-                    r = timeout(drain, counts.wait_for(|c| c.accepted >= streams && c.active == 0)) => r.is_ok(),
+                    r = timeout(drain, counts.wait_for(|c| c.accepted >= relayed && c.active == 0)) => r.is_ok(),
                     _ = from.conn.closed() => break Some(lost_reason(from, None)),
                 };
                 if !drained {
                     warn!(
                         client = %from.name,
-                        streams,
+                        relayed,
                         "close forwarded before all of the closer's data streams were relayed"
                     );
                 }
                 debug!(by = %from.name, "close");
-                if write_frame(&mut to, &ChannelMsg::Close { reason, streams })
-                    .await
-                    .is_err()
-                {
+                let close = ChannelMsg::Close {
+                    reason,
+                    streams,
+                    relayed,
+                };
+                if write_frame(&mut to, &close).await.is_err() {
                     break None;
                 }
                 terminal_sent = true;
@@ -315,6 +352,28 @@ async fn forward(
         let _ = write_frame(&mut to, &ChannelMsg::Lost { reason }).await;
     }
     let _ = to.finish();
+}
+
+/// Introduce `a` and `b` to each other for a direct path: each learns the
+/// other's certificate fingerprint (from the TLS handshake), observed
+/// address and reported addresses. The client whose name sorts first
+/// dials, so every channel between two clients agrees on one dialer.
+/// `(None, None)` when either cannot take direct channels.
+fn introduce(a: &Session, b: &Session) -> (Option<PeerIntro>, Option<PeerIntro>) {
+    let (Some(a_addrs), Some(b_addrs)) = (&a.direct, &b.direct) else {
+        return (None, None);
+    };
+    let a_dials = a.name < b.name;
+    let intro = |other: &Session, addrs: &Vec<std::net::SocketAddr>, dial| PeerIntro {
+        fingerprint: other.fingerprint.0,
+        observed: other.conn.remote_address(),
+        addrs: addrs.clone(),
+        dial,
+    };
+    (
+        Some(intro(b, b_addrs, a_dials)),
+        Some(intro(a, a_addrs, !a_dials)),
+    )
 }
 
 /// Why `from` is gone, for a `Lost` message.

@@ -49,6 +49,11 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
     .await;
     let channel = match header {
         Ok(Ok(Some(StreamHeader::Data { channel }))) => channel,
+        Ok(Ok(Some(StreamHeader::Direct { .. }))) => {
+            warn!(client = %session.name, "stopping data stream: a direct-connection header sent to the coordinator");
+            let _ = recv.stop(code(StreamCode::Malformed));
+            return;
+        }
         Ok(Ok(None)) => return,
         Ok(Err(ReadFrameError::Io(_))) => return,
         Ok(Err(e)) => {

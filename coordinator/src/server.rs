@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use qmesh_certs::transport::{StreamAllowance, StreamKind};
+use qmesh_certs::Fingerprint;
 use qmesh_proto::codec::{read_frame, write_frame, DecodeError, ReadFrameError};
 use qmesh_proto::codes::ConnCode;
 use qmesh_proto::msg::SessionMsg;
@@ -64,6 +65,8 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<Stats>,
     pub(crate) tasks: TaskTracker,
     pub(crate) shutdown: CancellationToken,
+    /// The number the next joined channel gets.
+    pub(crate) next_channel: AtomicU64,
 }
 
 impl Shared {
@@ -78,6 +81,12 @@ pub(crate) struct Session {
     pub(crate) id: SessionId,
     pub(crate) name: String,
     pub(crate) conn: Connection,
+    /// The fingerprint of the certificate the client presented in the TLS
+    /// handshake (never what the client claims).
+    pub(crate) fingerprint: Fingerprint,
+    /// Addresses the client reported for itself, or `None` when it cannot
+    /// take direct channels.
+    pub(crate) direct: Option<Vec<SocketAddr>>,
     /// This session's side of each joined channel, by the id of the channel
     /// control stream on this connection.
     pub(crate) channels: Mutex<HashMap<u64, Arc<ChannelSide>>>,
@@ -141,6 +150,7 @@ impl Coordinator {
                 stats: Arc::default(),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
+                next_channel: AtomicU64::new(1),
             }),
         })
     }
@@ -299,8 +309,12 @@ async fn hello(
         Ok(None) => return None,
         Ok(Some(x)) => x,
     };
-    let (version, name) = match msg {
-        Ok(Some(SessionMsg::Hello { version, name })) => (version, name),
+    let (version, name, direct) = match msg {
+        Ok(Some(SessionMsg::Hello {
+            version,
+            name,
+            direct,
+        })) => (version, name, direct),
         Ok(Some(other)) => {
             let what = format!("expected hello, got {}", session_msg_name(&other));
             violation(conn, ConnCode::UnexpectedMessage, &what);
@@ -321,6 +335,27 @@ async fn hello(
             return None;
         }
     };
+    if direct
+        .as_ref()
+        .is_some_and(|a| a.len() > qmesh_proto::limits::MAX_REPORTED_ADDRS)
+    {
+        let what = format!(
+            "hello reports more than {} addresses",
+            qmesh_proto::limits::MAX_REPORTED_ADDRS
+        );
+        violation(conn, ConnCode::Malformed, &what);
+        return None;
+    }
+    // The server configuration requires a client certificate, so a missing
+    // one here means the TLS layer and this code disagree.
+    let Some(fingerprint) = qmesh_certs::peer_fingerprint(conn) else {
+        violation(
+            conn,
+            ConnCode::Internal,
+            "no client certificate after the handshake",
+        );
+        return None;
+    };
     let admitted = shared.registry().admit(
         version,
         &name,
@@ -329,6 +364,8 @@ async fn hello(
                 id,
                 name: name.clone(),
                 conn: conn.clone(),
+                fingerprint,
+                direct: direct.clone(),
                 channels: Mutex::new(HashMap::new()),
             })
         },

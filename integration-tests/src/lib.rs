@@ -8,7 +8,7 @@ use std::sync::Once;
 use std::time::Duration;
 
 use qmesh_certs::{Ca, Trust};
-use qmesh_client::{Channel, Client, ClientConfig};
+use qmesh_client::{Channel, Client, ClientConfig, PathMode};
 use qmesh_coordinator::{Config, Coordinator, CoordinatorHandle};
 use qmesh_proto::Address;
 
@@ -94,10 +94,22 @@ impl Mesh {
     }
 }
 
-/// `opener` opens `mesh/{callee}!{channel}` and `callee` accepts it.
-/// Returns (opener's side, callee's side).
+/// `opener` opens `mesh/{callee}!{channel}`, relay-only, and `callee`
+/// accepts it. Returns (opener's side, callee's side).
 pub async fn open_pair(opener: &Client, callee: &Client, channel: &str) -> (Channel, Channel) {
-    let address = format!("mesh/{}!{channel}", callee.name());
+    open_pair_with(opener, callee, channel, PathMode::Relay).await
+}
+
+/// As [`open_pair`], on the path `mode` asks for.
+pub async fn open_pair_with(
+    opener: &Client,
+    callee: &Client,
+    channel: &str,
+    mode: PathMode,
+) -> (Channel, Channel) {
+    let address: Address = format!("mesh/{}!{channel}", callee.name())
+        .parse()
+        .expect("address");
     let accept = async {
         let offer = callee.accept().await.expect("offer");
         assert_eq!(offer.peer(), opener.name());
@@ -105,7 +117,7 @@ pub async fn open_pair(opener: &Client, callee: &Client, channel: &str) -> (Chan
         offer.accept().await.expect("accept")
     };
     let (opened, accepted) = within(STEP, "open pair", async {
-        tokio::join!(opener.open_str(&address), accept)
+        tokio::join!(opener.open_with(&address, mode), accept)
     })
     .await;
     (opened.expect("open"), accepted)

@@ -168,7 +168,9 @@ struct Raw {
 impl Raw {
     /// Connect (TLS verified against the mesh CA) without saying hello.
     async fn connect(mesh: &Mesh) -> Raw {
-        let (config, _report) = qmesh_certs::client_config(&mesh.trust).expect("client config");
+        let identity = qmesh_certs::Identity::self_signed("raw-peer").expect("identity");
+        let (config, _report) = qmesh_certs::client_config_with_identity(&mesh.trust, &identity)
+            .expect("client config");
         let endpoint =
             Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).expect("client endpoint");
         let local = endpoint.local_addr().expect("local address");
@@ -207,6 +209,7 @@ impl Raw {
         let hello = SessionMsg::Hello {
             version: PROTOCOL_VERSION,
             name: name.into(),
+            direct: None,
         };
         let (send, mut recv) = raw.send_bi(&frame!(hello)).await;
         let reply = within(STEP, "welcome", read_frame::<SessionMsg, _>(&mut recv))
@@ -320,6 +323,7 @@ async fn second_hello_after_welcome_closes_with_unexpected_message() {
     let again = SessionMsg::Hello {
         version: PROTOCOL_VERSION,
         name: "twice".into(),
+        direct: None,
     };
     within(STEP, "second hello", write_frame(&mut send, &again))
         .await
@@ -359,6 +363,7 @@ async fn hello_with_another_version_is_rejected_with_version_mismatch() {
     let hello = SessionMsg::Hello {
         version: wrong,
         name: "future".into(),
+        direct: None,
     };
     let (_send, mut recv) = raw.send_bi(&frame!(hello)).await;
     let reply = within(STEP, "reject", read_frame::<SessionMsg, _>(&mut recv))
@@ -394,6 +399,7 @@ async fn hello_with_an_invalid_name_is_rejected_with_invalid_name() {
     let hello = SessionMsg::Hello {
         version: PROTOCOL_VERSION,
         name: "Not Valid".into(),
+        direct: None,
     };
     let (_send, mut recv) = raw.send_bi(&frame!(hello)).await;
     let reply = within(STEP, "reject", read_frame::<SessionMsg, _>(&mut recv))
@@ -487,6 +493,7 @@ async fn hello_claiming_a_connected_name_is_rejected_with_name_taken() {
     let hello = SessionMsg::Hello {
         version: PROTOCOL_VERSION,
         name: "alice".into(),
+        direct: None,
     };
     let (_send, mut recv) = raw.send_bi(&frame!(hello)).await;
     let reply = within(STEP, "reject", read_frame::<SessionMsg, _>(&mut recv))

@@ -213,7 +213,7 @@ mod tests {
 
     use super::*;
     use crate::codes::{OpenFailCode, RejectCode};
-    use crate::msg::{ChannelMsg, SessionMsg, StreamHeader};
+    use crate::msg::{ChannelMsg, PathMode, PeerIntro, SessionMsg, StreamHeader};
 
     /// Freeze the wire bytes of a message (iroh `check_expected_bytes`).
     fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T, hex: &str) {
@@ -228,10 +228,19 @@ mod tests {
     fn snapshot_hello() {
         check(
             SessionMsg::Hello {
-                version: 1,
+                version: 2,
                 name: "alice".into(),
+                direct: Some(vec![SocketAddr::from((Ipv4Addr::new(10, 0, 0, 2), 5000))]),
             },
-            "00000008000105616c696365",
+            "00000012000205616c6963650101000a000002fb8813",
+        );
+        check(
+            SessionMsg::Hello {
+                version: 2,
+                name: "alice".into(),
+                direct: None,
+            },
+            "00000009000205616c69636500",
         );
     }
 
@@ -263,8 +272,9 @@ mod tests {
             ChannelMsg::Open {
                 peer: "bob".into(),
                 channel: "chat".into(),
+                path: PathMode::Direct,
             },
-            "0000000a0003626f620463686174",
+            "0000000b0003626f62046368617401",
         );
     }
 
@@ -274,8 +284,9 @@ mod tests {
             ChannelMsg::Incoming {
                 from: "alice".into(),
                 channel: "chat".into(),
+                path: PathMode::Auto,
             },
-            "0000000c0105616c6963650463686174",
+            "0000000d0105616c696365046368617400",
         );
     }
 
@@ -296,7 +307,25 @@ mod tests {
 
     #[test]
     fn snapshot_ready() {
-        check(ChannelMsg::Ready, "0000000104");
+        check(
+            ChannelMsg::Ready {
+                channel: 7,
+                peer: None,
+            },
+            "00000003040700",
+        );
+        check(
+            ChannelMsg::Ready {
+                channel: 300,
+                peer: Some(PeerIntro {
+                    fingerprint: [0xab; 32],
+                    observed: SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1), 7000)),
+                    addrs: vec![SocketAddr::from((Ipv4Addr::new(192, 168, 1, 2), 7000))],
+                    dial: true,
+                }),
+            },
+            "0000003704fb2c0101abababababababababababababababababababababababababababababababab000a000001fb581b0100c0a80102fb581b01",
+        );
     }
 
     #[test]
@@ -316,8 +345,9 @@ mod tests {
             ChannelMsg::Close {
                 reason: "done".into(),
                 streams: 2,
+                relayed: 1,
             },
-            "000000070604646f6e6502",
+            "000000080604646f6e650201",
         );
     }
 
@@ -334,6 +364,7 @@ mod tests {
     #[test]
     fn snapshot_stream_header() {
         check(StreamHeader::Data { channel: 4 }, "000000020004");
+        check(StreamHeader::Direct { channel: 300 }, "0000000401fb2c01");
     }
 
     #[test]
@@ -369,11 +400,11 @@ mod tests {
 
     #[tokio::test]
     async fn read_frame_handles_eof_truncation_and_limit() {
-        let frame = encode_frame(&ChannelMsg::Ready).unwrap();
+        let frame = encode_frame(&ChannelMsg::Accept).unwrap();
         let mut whole: &[u8] = &frame;
         assert_eq!(
             read_frame::<ChannelMsg, _>(&mut whole).await.unwrap(),
-            Some(ChannelMsg::Ready)
+            Some(ChannelMsg::Accept)
         );
         assert!(read_frame::<ChannelMsg, _>(&mut whole)
             .await
@@ -398,20 +429,60 @@ mod tests {
 
     fn arb_channel_msg() -> impl Strategy<Value = ChannelMsg> {
         prop_oneof![
-            (arb_text(), arb_text()).prop_map(|(peer, channel)| ChannelMsg::Open { peer, channel }),
-            (arb_text(), arb_text())
-                .prop_map(|(from, channel)| ChannelMsg::Incoming { from, channel }),
+            (arb_text(), arb_text(), arb_mode()).prop_map(|(peer, channel, path)| {
+                ChannelMsg::Open {
+                    peer,
+                    channel,
+                    path,
+                }
+            }),
+            (arb_text(), arb_text(), arb_mode()).prop_map(|(from, channel, path)| {
+                ChannelMsg::Incoming {
+                    from,
+                    channel,
+                    path,
+                }
+            }),
             Just(ChannelMsg::Accept),
             arb_text().prop_map(|reason| ChannelMsg::Refuse { reason }),
-            Just(ChannelMsg::Ready),
+            (any::<u64>(), proptest::option::of(arb_intro()))
+                .prop_map(|(channel, peer)| ChannelMsg::Ready { channel, peer }),
             arb_text().prop_map(|message| ChannelMsg::OpenFailed {
                 code: OpenFailCode::Refused,
                 message
             }),
-            (arb_text(), any::<u64>())
-                .prop_map(|(reason, streams)| ChannelMsg::Close { reason, streams }),
+            (arb_text(), any::<u64>(), any::<u64>()).prop_map(|(reason, streams, relayed)| {
+                ChannelMsg::Close {
+                    reason,
+                    streams,
+                    relayed,
+                }
+            }),
             arb_text().prop_map(|reason| ChannelMsg::Lost { reason }),
         ]
+    }
+
+    fn arb_mode() -> impl Strategy<Value = PathMode> {
+        prop_oneof![
+            Just(PathMode::Auto),
+            Just(PathMode::Direct),
+            Just(PathMode::Relay)
+        ]
+    }
+
+    fn arb_intro() -> impl Strategy<Value = PeerIntro> {
+        (
+            any::<[u8; 32]>(),
+            arb_addr(),
+            proptest::collection::vec(arb_addr(), 0..4),
+            any::<bool>(),
+        )
+            .prop_map(|(fingerprint, observed, addrs, dial)| PeerIntro {
+                fingerprint,
+                observed,
+                addrs,
+                dial,
+            })
     }
 
     /// Socket addresses as the wire carries them: IPv6 flow label and scope
@@ -425,8 +496,16 @@ mod tests {
 
     fn arb_session_msg() -> impl Strategy<Value = SessionMsg> {
         prop_oneof![
-            (any::<u32>(), arb_text())
-                .prop_map(|(version, name)| SessionMsg::Hello { version, name }),
+            (
+                any::<u32>(),
+                arb_text(),
+                proptest::option::of(proptest::collection::vec(arb_addr(), 0..4))
+            )
+                .prop_map(|(version, name, direct)| SessionMsg::Hello {
+                    version,
+                    name,
+                    direct
+                }),
             (any::<u64>(), arb_addr())
                 .prop_map(|(session, observed)| SessionMsg::Welcome { session, observed }),
             arb_text().prop_map(|message| SessionMsg::Reject {

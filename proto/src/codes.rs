@@ -154,6 +154,9 @@ pub enum OpenFailCode {
     SelfChannel,
     /// The coordinator is shutting down.
     ShuttingDown,
+    /// A direct-only channel was asked for, and no direct path exists or
+    /// came up in time.
+    DirectUnavailable,
 }
 
 #[cfg(test)]

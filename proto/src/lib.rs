@@ -28,4 +28,4 @@ pub mod name;
 
 pub use address::{Address, AddressError};
 pub use codec::DecodeError;
-pub use limits::{ALPN, PROTOCOL_VERSION};
+pub use limits::{ALPN, DIRECT_ALPN, PROTOCOL_VERSION};

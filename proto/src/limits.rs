@@ -3,8 +3,16 @@
 /// The ALPN protocol identifier qmesh speaks over QUIC.
 pub const ALPN: &[u8] = b"qmesh/1";
 
+/// The ALPN protocol identifier of a direct connection between two clients.
+/// Distinct from [`ALPN`], so a peer connection and a coordinator
+/// connection can never be taken for each other.
+pub const DIRECT_ALPN: &[u8] = b"qmesh-direct/1";
+
+/// The most addresses a client may report for itself in its hello.
+pub const MAX_REPORTED_ADDRS: usize = 8;
+
 /// The protocol version carried in `Hello`. The coordinator refuses any other.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest control frame body (session and channel control streams and data
 /// stream headers). A declared length above this is refused before any

@@ -30,6 +30,12 @@ pub enum SessionMsg {
         version: u32,
         /// The name the client wants to be reachable by.
         name: String,
+        /// `None`: this client cannot take direct channels (it shares its
+        /// UDP socket with other clients, or has direct channels turned
+        /// off). `Some`: it can, and these are addresses it has for itself
+        /// (at most [`crate::limits::MAX_REPORTED_ADDRS`]), to be tried
+        /// besides the address the coordinator observes.
+        direct: Option<Vec<SocketAddr>>,
     },
     /// Coordinator → client: the session is up.
     Welcome {
@@ -64,6 +70,8 @@ pub enum ChannelMsg {
         peer: String,
         /// The channel name (the subport of `mesh/peer!channel`).
         channel: String,
+        /// Which path the opener wants the channel's data on.
+        path: PathMode,
     },
     /// Coordinator → callee: `from` wants channel `channel` with you.
     Incoming {
@@ -71,6 +79,8 @@ pub enum ChannelMsg {
         from: String,
         /// The channel name.
         channel: String,
+        /// The path the opener asked for.
+        path: PathMode,
     },
     /// Callee → coordinator: accepted.
     Accept,
@@ -80,7 +90,15 @@ pub enum ChannelMsg {
         reason: String,
     },
     /// Coordinator → both sides: the channel is joined end to end.
-    Ready,
+    Ready {
+        /// The channel's number, the same on both sides and unique while
+        /// the coordinator runs: direct data streams name it.
+        channel: u64,
+        /// The other side, introduced for a direct path; `None` when the
+        /// channel is relay-only or the other side cannot take direct
+        /// channels.
+        peer: Option<PeerIntro>,
+    },
     /// Coordinator → opener: the channel could not be opened.
     OpenFailed {
         /// Why, as a code.
@@ -91,9 +109,10 @@ pub enum ChannelMsg {
     /// Either side → the other, through the coordinator: graceful close.
     ///
     /// `streams` is the number of data streams the sender opened on the
-    /// channel. The coordinator forwards the close only after it has
-    /// relayed that many streams to their end, and the receiver keeps
-    /// handing out data streams until it has accepted that many, so nothing
+    /// channel, on either path; `relayed` is how many of those went through
+    /// the coordinator. The coordinator forwards the close only after it
+    /// has relayed `relayed` streams to their end, and the receiver keeps
+    /// handing out data streams until it has accepted `streams`, so nothing
     /// sent before a close is lost. A side that receives a close reports the
     /// channel closed at once and answers with its own close.
     Close {
@@ -101,12 +120,41 @@ pub enum ChannelMsg {
         reason: String,
         /// Data streams the sender opened on this channel.
         streams: u64,
+        /// Of those, the ones sent through the coordinator.
+        relayed: u64,
     },
     /// Coordinator → client: the other side disappeared.
     Lost {
         /// What the coordinator saw.
         reason: String,
     },
+}
+
+/// Which path a channel's data takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum PathMode {
+    /// Relayed at once, and direct as soon as a direct path is up.
+    #[default]
+    Auto,
+    /// Direct only: the open fails when no direct path comes up in time.
+    Direct,
+    /// Through the coordinator only.
+    Relay,
+}
+
+/// What a client needs to reach the other side of a channel directly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerIntro {
+    /// SHA-256 of the certificate the peer presented to the coordinator:
+    /// the only certificate a direct connection to it may present.
+    pub fingerprint: [u8; 32],
+    /// The peer's address as the coordinator sees it.
+    pub observed: SocketAddr,
+    /// The addresses the peer reported for itself.
+    pub addrs: Vec<SocketAddr>,
+    /// Whether this side dials (the other side listens). The coordinator
+    /// picks the same dialer for every channel between two clients.
+    pub dial: bool,
 }
 
 /// First frame of every unidirectional data stream.
@@ -116,6 +164,13 @@ pub enum StreamHeader {
     /// that channel's control stream on the same connection.
     Data {
         /// Control stream id of the channel on this connection.
+        channel: u64,
+    },
+    /// On a direct connection between two clients: the stream belongs to
+    /// the channel the coordinator numbered `channel` in its
+    /// [`ChannelMsg::Ready`].
+    Direct {
+        /// The coordinator's channel number.
         channel: u64,
     },
 }

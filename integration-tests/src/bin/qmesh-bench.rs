@@ -292,7 +292,9 @@ struct RawServer {
 impl RawServer {
     fn start(dir: &Path, trust: &Trust) -> Result<Self> {
         let (child, port) = start_child("--serve-raw", dir)?;
-        let (mut client, _) = qmesh_certs::client_config(trust)?;
+        // The same mutual TLS a qmesh client does: a self-signed identity.
+        let identity = Identity::self_signed("raw-client")?;
+        let (mut client, _) = qmesh_certs::client_config_with_identity(trust, &identity)?;
         client.transport_config(Tuning::client().transport_config());
         Ok(Self {
             child,
