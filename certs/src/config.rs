@@ -140,6 +140,7 @@ fn client_config_inner(
         )?),
         Trust::Pinned(pin) => Arc::new(PinnedVerifier {
             pin: *pin,
+            subject: "the coordinator",
             provider: provider.clone(),
             report: report.clone(),
         }),
@@ -260,6 +261,8 @@ impl ServerCertVerifier for CaVerifier {
 #[derive(Debug)]
 pub(crate) struct PinnedVerifier {
     pub(crate) pin: Fingerprint,
+    /// Whose certificate it is, for the report: "the coordinator", "the peer".
+    pub(crate) subject: &'static str,
     pub(crate) provider: Arc<CryptoProvider>,
     pub(crate) report: VerifyReport,
 }
@@ -279,8 +282,8 @@ impl ServerCertVerifier for PinnedVerifier {
             Ok(ServerCertVerified::assertion())
         } else {
             self.report.record(Some(format!(
-                "the coordinator's certificate has fingerprint {presented} but {} was pinned",
-                self.pin
+                "{}'s certificate has fingerprint {presented} but {} was pinned",
+                self.subject, self.pin
             )));
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,

@@ -160,6 +160,7 @@ pub fn direct_client_config(
     let report = VerifyReport::default();
     let verifier = Arc::new(PinnedVerifier {
         pin: peer,
+        subject: "the peer",
         provider: provider.clone(),
         report: report.clone(),
     });

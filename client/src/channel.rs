@@ -157,6 +157,26 @@ impl Shared {
         });
     }
 
+    /// Set the channel's path from its link's state (an event when it
+    /// changes).
+    fn show_path(&self, link: &Link) {
+        let path = match link {
+            Link::Up(c) => Path::Direct {
+                remote: c.remote_address(),
+            },
+            Link::Connecting | Link::Down(_) => Path::Relay,
+        };
+        self.path.send_if_modified(|p| {
+            if *p != path {
+                info!(parent: &self.span, path = %path, "path changed");
+                *p = path;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
     /// Send this side's close (once) and finish the control stream.
     async fn send_close(&self, reason: &str) {
         let (streams, relayed) = {
@@ -290,24 +310,8 @@ async fn follow_path(shared: Arc<Shared>, mut link: watch::Receiver<Link>) {
     let mut was_up = false;
     loop {
         let now = link.borrow_and_update().clone();
-        let path = match &now {
-            Link::Up(c) => {
-                was_up = true;
-                Path::Direct {
-                    remote: c.remote_address(),
-                }
-            }
-            Link::Connecting | Link::Down(_) => Path::Relay,
-        };
-        shared.path.send_if_modified(|p| {
-            if *p != path {
-                info!(parent: &shared.span, path = %path, "path changed");
-                *p = path;
-                true
-            } else {
-                false
-            }
-        });
+        was_up |= matches!(now, Link::Up(_));
+        shared.show_path(&now);
         if let Link::Down(reason) = &now {
             if shared.mode == PathMode::Direct && was_up {
                 let reason = format!("direct path lost: {reason}");
@@ -424,7 +428,10 @@ impl Channel {
             Err(_) => return Err(format!("no direct path within {} s", limit.as_secs())),
         };
         match seen {
-            Link::Up(_) => Ok(()),
+            Link::Up(_) => {
+                self.shared.show_path(&seen);
+                Ok(())
+            }
             Link::Down(reason) => Err(reason),
             Link::Connecting => Err("the client is closing".into()),
         }

@@ -42,6 +42,8 @@ struct Inner {
     routes: Routes,
     /// Direct connections, when this client takes direct channels.
     direct: Option<Arc<Direct>>,
+    /// The fingerprint of this client's certificate.
+    fingerprint: qmesh_certs::Fingerprint,
     incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingChannel>>,
     /// Held open for the life of the session: finishing it leaves.
     _session_stream: Mutex<(SendStream, RecvStream)>,
@@ -332,6 +334,7 @@ impl Client {
                 conn,
                 routes,
                 direct,
+                fingerprint: identity.fingerprint(),
                 incoming: tokio::sync::Mutex::new(incoming_rx),
                 _session_stream: Mutex::new((send, recv)),
                 driver,
@@ -363,6 +366,22 @@ impl Client {
             Some(d) => d.links(),
             None => watch::Sender::new(BTreeMap::new()).subscribe(),
         }
+    }
+
+    /// Close the direct connection to `peer`. Its `auto` channels carry on
+    /// through the relay (their path events fire); its direct-only channels
+    /// are lost. Returns whether there was one.
+    pub fn drop_direct(&self, peer: &str) -> bool {
+        self.inner
+            .direct
+            .as_ref()
+            .is_some_and(|d| d.drop_link(peer))
+    }
+
+    /// The fingerprint of the certificate this client presents: what the
+    /// coordinator vouches for when it introduces this client to peers.
+    pub fn fingerprint(&self) -> qmesh_certs::Fingerprint {
+        self.inner.fingerprint
     }
 
     /// Whether this client takes direct channels (it has its own endpoint

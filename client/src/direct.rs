@@ -300,7 +300,9 @@ impl Direct {
         }
     }
 
-    /// Dial every candidate at once; keep the first connection up.
+    /// Dial every candidate at once and keep the first connection up;
+    /// when every attempt fails early (the peer had not heard of us yet,
+    /// or its NAT was still closed), try again until the deadline.
     async fn dial(
         self: &Arc<Self>,
         peer: &Arc<Peer>,
@@ -311,58 +313,63 @@ impl Direct {
             qmesh_certs::direct_client_config(&self.identity, peer.fingerprint)
                 .map_err(|e| e.to_string())?;
         config.transport_config(direct_transport(&self.tuning));
-        let mut attempts = JoinSet::new();
-        for &addr in candidates {
-            let connecting = match self
-                .endpoint
-                .connect_with(config.clone(), addr, "qmesh-peer")
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    debug!(%addr, cause = %e, "cannot dial");
-                    continue;
-                }
-            };
-            attempts.spawn(async move { (addr, connecting.await) });
-        }
         let mut failures = Vec::new();
-        let won = tokio::time::timeout_at(deadline, async {
-            while let Some(done) = attempts.join_next().await {
-                match done {
-                    Ok((addr, Ok(conn))) => return Some((addr, conn)),
-                    Ok((addr, Err(e))) => failures.push(format!("{addr}: {e}")),
-                    Err(_) => {}
+        while Instant::now() < deadline {
+            let mut attempts = JoinSet::new();
+            for &addr in candidates {
+                match self
+                    .endpoint
+                    .connect_with(config.clone(), addr, "qmesh-peer")
+                {
+                    Ok(c) => {
+                        attempts.spawn(async move { (addr, c.await) });
+                    }
+                    Err(e) => failures.push(format!("{addr}: {e}")),
                 }
             }
-            None
-        })
-        .await;
-        // Losing attempts still in flight are dropped (and so abandoned).
-        attempts.abort_all();
-        match won {
-            Ok(Some((addr, conn))) => {
-                info!(peer = %peer.name, %addr, "direct path up (dialed)");
-                self.adopt(peer, conn);
-                Ok(())
-            }
-            Ok(None) | Err(_) => {
-                let why = match report.failure() {
-                    Some(cert) => format!("a peer address presented the wrong certificate: {cert}"),
-                    None if failures.is_empty() => "no answer".to_owned(),
-                    None => failures.join("; "),
-                };
-                Err(format!(
-                    "no direct path to {} within {} s ({why}); tried {}",
-                    peer.name,
-                    self.timeout.as_secs(),
-                    candidates
-                        .iter()
-                        .map(|a| a.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
+            failures.clear();
+            let won = tokio::time::timeout_at(deadline, async {
+                while let Some(done) = attempts.join_next().await {
+                    match done {
+                        Ok((addr, Ok(conn))) => return Some((addr, conn)),
+                        Ok((addr, Err(e))) => failures.push(format!("{addr}: {e}")),
+                        Err(_) => {}
+                    }
+                }
+                None
+            })
+            .await;
+            // Losing attempts still in flight are dropped (and so abandoned).
+            attempts.abort_all();
+            match won {
+                Ok(Some((addr, conn))) => {
+                    info!(peer = %peer.name, %addr, "direct path up (dialed)");
+                    self.adopt(peer, conn);
+                    return Ok(());
+                }
+                Ok(None) => {
+                    debug!(peer = %peer.name, failures = ?failures, "every dial failed; trying again");
+                    tokio::time::sleep_until((Instant::now() + PUNCH_EVERY * 2).min(deadline))
+                        .await;
+                }
+                Err(_) => break,
             }
         }
+        let why = match report.failure() {
+            Some(cert) => format!("a peer address presented the wrong certificate: {cert}"),
+            None if failures.is_empty() => "no answer".to_owned(),
+            None => failures.join("; "),
+        };
+        Err(format!(
+            "no direct path to {} within {} s ({why}); tried {}",
+            peer.name,
+            self.timeout.as_secs(),
+            candidates
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
     }
 
     /// An incoming direct connection: complete the handshake (the verifier
@@ -597,6 +604,21 @@ impl Direct {
                 false
             }
         });
+    }
+
+    /// Close the direct connection to the peer `name`, if any; its channels
+    /// fall back to the relay (direct-only ones are lost).
+    pub(crate) fn drop_link(&self, name: &str) -> bool {
+        let peer = lock(&self.peers).values().find(|p| p.name == name).cloned();
+        let Some(peer) = peer else { return false };
+        let conns: Vec<Connection> = lock(&peer.conns).clone();
+        for c in &conns {
+            c.close(
+                VarInt::from_u32(ConnCode::Normal.code()),
+                b"direct connection dropped",
+            );
+        }
+        !conns.is_empty()
     }
 
     /// Close every direct connection (the client is leaving).
