@@ -310,13 +310,20 @@ impl Coord {
     }
 }
 
-/// `qmesh --coordinator COORD --ca CA ARGS...`.
+/// `qmesh --coordinator COORD --ca CA --state-dir DIR ARGS...`, with the
+/// client state kept next to the CA file.
 fn qmesh<S: AsRef<OsStr>>(coordinator: &str, ca: &Path, args: &[S]) -> Proc {
+    let state = ca
+        .parent()
+        .expect("the CA file is in a directory")
+        .join("client-state");
     let mut all: Vec<&OsStr> = vec![
         "--coordinator".as_ref(),
         coordinator.as_ref(),
         "--ca".as_ref(),
         ca.as_os_str(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
     ];
     all.extend(args.iter().map(|a| a.as_ref()));
     Proc::spawn("qmesh", all, &[])
@@ -362,6 +369,7 @@ async fn send_lines_to_a_listener() {
         &[
             ("QMESH_COORDINATOR", OsStr::new(&coordinator)),
             ("QMESH_CA", ca.as_os_str()),
+            ("QMESH_STATE_DIR", state.path().as_os_str()),
         ],
     );
     bob.ready().await;
@@ -393,6 +401,87 @@ async fn send_lines_to_a_listener() {
         "listener output: {}",
         show(&listened)
     );
+}
+
+/// `send --mode direct` runs the channel peer to peer, says so, and the
+/// client keeps its key in the state directory across runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_direct_says_its_path_and_keeps_its_identity() {
+    let state = tempdir();
+    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let mut bob = qmesh(&coord.v4(), &ca, &["--name", "bob", "listen", "chat"]);
+    bob.ready().await;
+    let cert = ca
+        .parent()
+        .expect("dir")
+        .join("client-state")
+        .join("alice.pem");
+    let mut first_cert = None;
+    for word in ["first", "second"] {
+        let mut alice = qmesh(
+            &coord.v4(),
+            &ca,
+            &[
+                "--name",
+                "alice",
+                "send",
+                "--mode",
+                "direct",
+                "mesh/bob!chat",
+            ],
+        );
+        alice.feed_stdin(format!("{word}\n").as_bytes()).await;
+        let sent = alice.finish().await;
+        assert!(sent.status.success(), "send failed: {}", show(&sent));
+        assert!(
+            sent.stderr.contains("path direct"),
+            "send must say the channel is direct: {}",
+            show(&sent)
+        );
+        let line = bob.stdout_line(word, |_| true).await;
+        assert_eq!(line, word);
+        let pem = std::fs::read_to_string(&cert).expect("alice's certificate in the state dir");
+        match &first_cert {
+            None => first_cert = Some(pem),
+            Some(first) => assert_eq!(first, &pem, "the identity must be kept across runs"),
+        }
+    }
+    bob.kill().await;
+}
+
+/// `send --mode direct` to a listener that takes no direct channels fails
+/// with a sentence that says so and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_direct_to_a_relay_only_peer_fails_clearly() {
+    let state = tempdir();
+    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let mut bob = qmesh(
+        &coord.v4(),
+        &ca,
+        &["--name", "bob", "--no-direct", "listen", "chat"],
+    );
+    bob.ready().await;
+    let mut alice = qmesh(
+        &coord.v4(),
+        &ca,
+        &[
+            "--name",
+            "alice",
+            "send",
+            "--mode",
+            "direct",
+            "mesh/bob!chat",
+        ],
+    );
+    alice.feed_stdin(b"x\n").await;
+    let sent = alice.finish().await;
+    assert!(!sent.status.success(), "must fail: {}", show(&sent));
+    assert!(
+        sent.stderr.contains("cannot take direct channels") && sent.stderr.contains("auto"),
+        "{}",
+        show(&sent)
+    );
+    bob.kill().await;
 }
 
 /// Test 2: a second `run` on the same state directory reuses the CA.

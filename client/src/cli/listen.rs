@@ -36,6 +36,15 @@ pub(crate) async fn run(client: Client, channel: &str, out: Option<PathBuf>) -> 
 }
 
 async fn serve(channel: Channel, out: Option<PathBuf>) {
+    info!(from = %channel.peer(), mode = ?channel.mode(), path = %channel.path(), "channel open");
+    let mut paths = channel.watch_path();
+    let peer = channel.peer().to_owned();
+    tokio::spawn(async move {
+        while paths.changed().await.is_ok() {
+            let now = *paths.borrow_and_update();
+            info!(from = %peer, path = %now, "path changed");
+        }
+    });
     let mut tasks = tokio::task::JoinSet::new();
     while let Ok(Some(stream)) = channel.accept_stream().await {
         tasks.spawn(receive(channel.peer().to_owned(), stream, out.clone()));

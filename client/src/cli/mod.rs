@@ -6,9 +6,13 @@ mod send;
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
-use qmesh_client::{Client, ClientConfig, Fingerprint};
+use clap::{Parser, Subcommand, ValueEnum};
+use qmesh_client::{Client, ClientConfig, Fingerprint, Identity, PathMode};
+use tracing::info;
 
 /// First message of a stream of text lines.
 pub(crate) const TEXT_STREAM: &[u8] = b"qmesh-text/1";
@@ -43,6 +47,23 @@ pub(crate) struct Cli {
     /// reported lost.
     #[arg(long, global = true, default_value_t = 30)]
     idle_timeout: u64,
+    /// Where this client keeps its key and certificate
+    /// (default: $XDG_STATE_HOME/qmesh or ~/.local/state/qmesh).
+    #[arg(long, global = true, env = "QMESH_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// This client's certificate (PEM) instead of the one kept in the state
+    /// directory; needs --key.
+    #[arg(long, global = true, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, global = true, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Take no direct channels: everything goes through the coordinator.
+    #[arg(long, global = true)]
+    no_direct: bool,
+    /// Seconds a direct path may take to come up.
+    #[arg(long, global = true, default_value_t = 5)]
+    direct_timeout: u64,
     /// Log filter, e.g. `info` or `debug` (else RUST_LOG).
     #[arg(long, global = true)]
     pub(crate) log: Option<String>,
@@ -67,10 +88,74 @@ enum Command {
         /// Send this file instead of stdin.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// The path to use: relayed at once and direct when possible
+        /// (auto), direct only (direct), or through the coordinator only
+        /// (relay).
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
     },
     /// Run a coordinator and two clients in this process and show a channel
     /// at work.
     Demo,
+}
+
+/// `--mode` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Mode {
+    /// Relayed at once, direct as soon as a direct path is up.
+    Auto,
+    /// Direct only; fails when no direct path comes up in time.
+    Direct,
+    /// Through the coordinator only.
+    Relay,
+}
+
+impl From<Mode> for PathMode {
+    fn from(m: Mode) -> PathMode {
+        match m {
+            Mode::Auto => PathMode::Auto,
+            Mode::Direct => PathMode::Direct,
+            Mode::Relay => PathMode::Relay,
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(dir).join("qmesh");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/state/qmesh"),
+        None => PathBuf::from(".qmesh"),
+    }
+}
+
+/// The identity for `name`: `--cert`/`--key` when given, else the one kept
+/// in the state directory, made there on first use.
+fn load_identity(cli: &Cli, name: &str) -> Result<Identity> {
+    if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
+        return Identity::load(cert, key)
+            .with_context(|| format!("loading --cert {} --key {}", cert.display(), key.display()));
+    }
+    let dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}-key.pem"));
+    if cert.exists() || key.exists() {
+        return Identity::load(&cert, &key).with_context(|| {
+            format!(
+                "loading this client's identity from {} and {} (delete both to make a new one)",
+                cert.display(),
+                key.display()
+            )
+        });
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let identity = Identity::self_signed(name).context("making a key and certificate")?;
+    identity
+        .save(&cert, &key)
+        .with_context(|| format!("saving the new identity in {}", dir.display()))?;
+    info!(cert = %cert.display(), fingerprint = %identity.fingerprint(), "made a new identity for this client");
+    Ok(identity)
 }
 
 impl Cli {
@@ -94,8 +179,13 @@ impl Cli {
                  printed at start) or --fingerprint sha256:..."
             ),
         };
-        Ok(ClientConfig::new(coordinator, name, trust)
-            .with_idle_timeout(std::time::Duration::from_secs(self.idle_timeout.max(1))))
+        let identity = load_identity(self, &name)?;
+        let mut config = ClientConfig::new(coordinator, name, trust)
+            .with_idle_timeout(Duration::from_secs(self.idle_timeout.max(1)));
+        config.identity = Some(Arc::new(identity));
+        config.direct.enabled = !self.no_direct;
+        config.direct.timeout = Duration::from_secs(self.direct_timeout.max(1));
+        Ok(config)
     }
 
     async fn connect(&self, default_name: Option<String>) -> Result<Client> {
@@ -112,11 +202,15 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             let client = cli.connect(None).await?;
             listen::run(client, channel, out.clone()).await
         }
-        Command::Send { address, file } => {
+        Command::Send {
+            address,
+            file,
+            mode,
+        } => {
             let client = cli
                 .connect(Some(format!("send-{}", std::process::id())))
                 .await?;
-            send::run(client, address, file.clone()).await
+            send::run(client, address, file.clone(), (*mode).into()).await
         }
         Command::Demo => demo::run().await,
     }

@@ -4,25 +4,53 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use qmesh_client::{Client, MessageSender};
+use qmesh_client::{Channel, Client, MessageSender, Path, PathMode};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use super::{FILE_CHUNK, FILE_STREAM, TEXT_STREAM};
 
-pub(crate) async fn run(client: Client, address: &str, file: Option<PathBuf>) -> Result<()> {
+pub(crate) async fn run(
+    client: Client,
+    address: &str,
+    file: Option<PathBuf>,
+    mode: PathMode,
+) -> Result<()> {
+    let target: qmesh_client::Address = address
+        .parse()
+        .with_context(|| format!("the channel address {address:?}"))?;
+    let started = std::time::Instant::now();
     let channel = client
-        .open_str(address)
+        .open_with(&target, mode)
         .await
         .with_context(|| format!("opening {address}"))?;
-    let mut out = channel
-        .open_stream()
-        .await
-        .context("opening a data stream")?;
+    eprintln!(
+        "qmesh: channel {} open after {} ms, path {} (mode {mode:?})",
+        channel.label(),
+        started.elapsed().as_millis(),
+        channel.path()
+    );
+    let mut paths = channel.watch_path();
+    let label = channel.label().to_owned();
+    tokio::spawn(async move {
+        while paths.changed().await.is_ok() {
+            let now = *paths.borrow_and_update();
+            eprintln!(
+                "qmesh: channel {label} path {now} after {} ms",
+                started.elapsed().as_millis()
+            );
+        }
+    });
     match file {
-        Some(path) => send_file(&mut out, &path).await?,
-        None => send_lines(&mut out).await?,
+        Some(path) => {
+            let mut out = channel
+                .open_stream()
+                .await
+                .context("opening a data stream")?;
+            send_file(&mut out, &path).await?;
+            out.finish().await.context("finishing the data stream")?;
+        }
+        None => send_lines(&channel).await?,
     }
-    out.finish().await.context("finishing the data stream")?;
     channel
         .close("done")
         .await
@@ -31,14 +59,21 @@ pub(crate) async fn run(client: Client, address: &str, file: Option<PathBuf>) ->
     Ok(())
 }
 
-async fn send_lines(out: &mut MessageSender) -> Result<()> {
-    out.feed(TEXT_STREAM).await?;
+/// Stdin lines, one message each, on a text stream. When the channel's
+/// path changes, the current stream is finished and the next lines go on a
+/// new stream, which takes the new path.
+async fn send_lines(channel: &Channel) -> Result<()> {
+    let (mut out, mut on) = start_text(channel).await?;
     let mut stdin = BufReader::new(tokio::io::stdin());
     let mut line = String::new();
     loop {
         line.clear();
         if stdin.read_line(&mut line).await.context("reading stdin")? == 0 {
             break;
+        }
+        if channel.path() != on {
+            out.finish().await.context("finishing the data stream")?;
+            (out, on) = start_text(channel).await?;
         }
         let text = line.strip_suffix('\n').unwrap_or(&line);
         let text = text.strip_suffix('\r').unwrap_or(text);
@@ -48,7 +83,19 @@ async fn send_lines(out: &mut MessageSender) -> Result<()> {
             out.flush().await?;
         }
     }
+    out.finish().await.context("finishing the data stream")?;
     Ok(())
+}
+
+/// A new text stream on the channel's current path.
+async fn start_text(channel: &Channel) -> Result<(MessageSender, Path)> {
+    let path = channel.path();
+    let mut out = channel
+        .open_stream()
+        .await
+        .context("opening a data stream")?;
+    out.feed(TEXT_STREAM).await?;
+    Ok((out, path))
 }
 
 async fn send_file(out: &mut MessageSender, path: &PathBuf) -> Result<()> {
