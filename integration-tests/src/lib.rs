@@ -2,6 +2,8 @@
 //! with a CA made in memory, clients that trust it, timeouts on every wait,
 //! and paths to the built binaries for process tests.
 
+pub mod process;
+
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Once;
