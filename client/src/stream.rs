@@ -51,6 +51,24 @@ impl MessageSender {
         self.flush().await
     }
 
+    /// Send one message held in [`Bytes`] and write it out now, without
+    /// copying it (quinn keeps the buffer until it is acknowledged).
+    pub async fn send_bytes(&mut self, msg: Bytes) -> Result<(), SendError> {
+        if msg.len() > self.max {
+            return Err(SendError::TooLarge {
+                len: msg.len(),
+                max: self.max,
+            });
+        }
+        self.buf.extend_from_slice(&length_prefix(msg.len()));
+        let head = std::mem::replace(&mut self.buf, Vec::with_capacity(COALESCE + LENGTH_PREFIX));
+        let mut chunks = [Bytes::from(head), msg];
+        self.stream
+            .write_all_chunks(&mut chunks)
+            .await
+            .map_err(write_error)
+    }
+
     /// Queue one message; it is written out together with others once
     /// enough have gathered, or on [`flush`](Self::flush) or
     /// [`finish`](Self::finish).

@@ -24,7 +24,11 @@ async fn carries(from: &Channel, to: &Channel, msg: &[u8]) {
             .await
             .expect("accept stream")
             .expect("a stream");
-        r.recv().await.expect("recv").expect("a message")
+        let msg = r.recv().await.expect("recv").expect("a message");
+        // Read to the end, so the sender's finish sees the stream delivered
+        // rather than stopped.
+        assert!(r.recv().await.expect("end").is_none(), "one message only");
+        msg
     };
     let ((), got) = within(STEP, "carry a message", async { tokio::join!(send, recv) }).await;
     assert_eq!(&got[..], msg);
@@ -345,4 +349,35 @@ async fn direct_open_error_names_the_fix() {
     };
     let text = err.to_string();
     assert!(text.contains("bob") && text.contains("path auto"), "{text}");
+}
+
+/// `send_bytes` (no copy) and `feed` interleave on one stream, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_bytes_and_feed_keep_order_on_a_direct_stream() {
+    let mesh = Mesh::start().await;
+    let alice = mesh.client("alice").await;
+    let bob = mesh.client("bob").await;
+    let (a, b) = open_pair_with(&alice, &bob, "mix", PathMode::Direct).await;
+    let big = bytes::Bytes::from(payload(9, 2 << 20));
+    let send = async {
+        let mut s = a.open_stream().await.expect("open stream");
+        s.feed(b"small one").await.expect("feed");
+        s.send_bytes(big.clone()).await.expect("send_bytes");
+        s.feed(b"small two").await.expect("feed");
+        s.finish().await.expect("finish");
+    };
+    let recv = async {
+        let mut r = b.accept_stream().await.expect("accept").expect("stream");
+        let mut got = Vec::new();
+        while let Some(m) = r.recv().await.expect("recv") {
+            got.push(m);
+        }
+        got
+    };
+    let ((), got) = within(STEP, "mixed stream", async { tokio::join!(send, recv) }).await;
+    assert_eq!(got.len(), 3);
+    assert_eq!(&got[0][..], b"small one");
+    assert_eq!(got[1], big);
+    assert_eq!(&got[2][..], b"small two");
+    mesh.coordinator.shutdown().await;
 }

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use clap::Parser;
 use qmesh_certs::transport::Tuning;
 use qmesh_certs::{Ca, Identity, Trust};
+use qmesh_client::PathMode;
 use qmesh_client::{Channel, Client, ClientConfig, MessageReceiver, MessageSender};
 use qmesh_coordinator::{Config, Coordinator};
 use quinn::{Connection, Endpoint};
@@ -445,8 +446,13 @@ impl Bench {
     }
 
     async fn relay_channel(&mut self) -> Result<Channel> {
+        self.channel(PathMode::Relay).await
+    }
+
+    async fn channel(&mut self, mode: PathMode) -> Result<Channel> {
         let name = self.name("c");
-        Ok(self.alice.open_str(&format!("mesh/bob!{name}")).await?)
+        let address = format!("mesh/bob!{name}").parse()?;
+        Ok(self.alice.open_with(&address, mode).await?)
     }
 
     fn row(
@@ -474,6 +480,7 @@ impl Bench {
         let size = self.plan.bulk;
         let chunk = Bytes::from(vec![7u8; MIB as usize]);
         let (mut raw, mut relayed, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+        let mut direct = Vec::new();
         let conn = self.raw.connect(&self.raw_client).await?;
         for _ in 0..self.runs {
             // Raw: one stream, write_chunk → read_chunk, single hop.
@@ -499,7 +506,7 @@ impl Bench {
             let mut out = ch.open_stream().await?;
             out.send(b"S").await?;
             for _ in 0..size / MIB {
-                out.send(&chunk).await?;
+                out.send_bytes(chunk.clone()).await?;
             }
             out.finish().await?;
             let got = answer_u64(&ch).await?;
@@ -513,7 +520,25 @@ impl Bench {
                 cpu.push((b - a) / (size as f64 / (1024.0 * MIB as f64)));
             }
             ch.close("done").await?;
+
+            // Direct: the same on a direct-only channel, peer to peer.
+            let ch = self.channel(PathMode::Direct).await?;
+            let t = Instant::now();
+            let mut out = ch.open_stream().await?;
+            out.send(b"S").await?;
+            for _ in 0..size / MIB {
+                out.send_bytes(chunk.clone()).await?;
+            }
+            out.finish().await?;
+            let got = answer_u64(&ch).await?;
+            let secs = t.elapsed().as_secs_f64();
+            if got != size {
+                bail!("direct bulk moved {got} of {size} bytes");
+            }
+            direct.push(size as f64 / secs / 1e6);
+            ch.close("done").await?;
         }
+        let direct = median(direct);
         let (raw, relayed) = (median(raw), median(relayed));
         let label = format!("bulk {} MiB, relayed vs raw", size / MIB);
         self.row(
@@ -523,6 +548,15 @@ impl Bench {
             relayed,
             ">= 0.5x",
             Some(relayed / raw >= 0.5),
+        );
+        let label = format!("bulk {} MiB, direct vs raw", size / MIB);
+        self.row(
+            &label,
+            "MB/s",
+            Some(raw),
+            direct,
+            ">= 0.95x",
+            Some(direct / raw >= 0.95),
         );
         if !cpu.is_empty() {
             self.row(
@@ -672,7 +706,8 @@ impl Bench {
             for _ in 0..self.plan.opens {
                 let name = self.name("o");
                 let start = Instant::now();
-                let ch = self.alice.open_str(&format!("mesh/bob!{name}")).await?;
+                let address = format!("mesh/bob!{name}").parse()?;
+                let ch = self.alice.open_with(&address, PathMode::Relay).await?;
                 t.push(start.elapsed().as_secs_f64() * 1e6);
                 keep.push(ch);
             }
