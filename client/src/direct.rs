@@ -300,9 +300,10 @@ impl Direct {
         }
     }
 
-    /// Dial every candidate at once and keep the first connection up;
-    /// when every attempt fails early (the peer had not heard of us yet,
-    /// or its NAT was still closed), try again until the deadline.
+    /// Dial every candidate at once and keep the first connection up. Each
+    /// candidate is dialed again shortly after an attempt fails (the peer
+    /// had not heard of us yet, or its NAT was still closed), until the
+    /// deadline; a candidate that never answers does not hold up the rest.
     async fn dial(
         self: &Arc<Self>,
         peer: &Arc<Peer>,
@@ -313,48 +314,50 @@ impl Direct {
             qmesh_certs::direct_client_config(&self.identity, peer.fingerprint)
                 .map_err(|e| e.to_string())?;
         config.transport_config(direct_transport(&self.tuning));
-        let mut failures = Vec::new();
-        while Instant::now() < deadline {
-            let mut attempts = JoinSet::new();
-            for &addr in candidates {
-                match self
-                    .endpoint
-                    .connect_with(config.clone(), addr, "qmesh-peer")
-                {
-                    Ok(c) => {
-                        attempts.spawn(async move { (addr, c.await) });
+        let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+        let mut attempts = JoinSet::new();
+        for &addr in candidates {
+            let (endpoint, config, failures) =
+                (self.endpoint.clone(), config.clone(), failures.clone());
+            attempts.spawn(async move {
+                loop {
+                    let outcome = match endpoint.connect_with(config.clone(), addr, "qmesh-peer") {
+                        Ok(connecting) => connecting.await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match outcome {
+                        Ok(conn) => return Some((addr, conn)),
+                        Err(e) => {
+                            debug!(%addr, cause = %e, "dial failed; trying again");
+                            let mut f = lock(&failures);
+                            f.retain(|x| !x.starts_with(&format!("{addr}: ")));
+                            f.push(format!("{addr}: {e}"));
+                        }
                     }
-                    Err(e) => failures.push(format!("{addr}: {e}")),
-                }
-            }
-            failures.clear();
-            let won = tokio::time::timeout_at(deadline, async {
-                while let Some(done) = attempts.join_next().await {
-                    match done {
-                        Ok((addr, Ok(conn))) => return Some((addr, conn)),
-                        Ok((addr, Err(e))) => failures.push(format!("{addr}: {e}")),
-                        Err(_) => {}
+                    if Instant::now() + PUNCH_EVERY * 2 >= deadline {
+                        return None;
                     }
+                    tokio::time::sleep(PUNCH_EVERY * 2).await;
                 }
-                None
-            })
-            .await;
-            // Losing attempts still in flight are dropped (and so abandoned).
-            attempts.abort_all();
-            match won {
-                Ok(Some((addr, conn))) => {
-                    info!(peer = %peer.name, %addr, "direct path up (dialed)");
-                    self.adopt(peer, conn);
-                    return Ok(());
-                }
-                Ok(None) => {
-                    debug!(peer = %peer.name, failures = ?failures, "every dial failed; trying again");
-                    tokio::time::sleep_until((Instant::now() + PUNCH_EVERY * 2).min(deadline))
-                        .await;
-                }
-                Err(_) => break,
-            }
+            });
         }
+        let won = tokio::time::timeout_at(deadline, async {
+            while let Some(done) = attempts.join_next().await {
+                if let Ok(Some(found)) = done {
+                    return Some(found);
+                }
+            }
+            None
+        })
+        .await;
+        // Losing attempts still in flight are dropped (and so abandoned).
+        attempts.abort_all();
+        if let Ok(Some((addr, conn))) = won {
+            info!(peer = %peer.name, %addr, "direct path up (dialed)");
+            self.adopt(peer, conn);
+            return Ok(());
+        }
+        let failures = lock(&failures).clone();
         let why = match report.failure() {
             Some(cert) => format!("a peer address presented the wrong certificate: {cert}"),
             None if failures.is_empty() => "no answer".to_owned(),
@@ -636,10 +639,12 @@ impl Direct {
 }
 
 /// Transport settings of direct connections: the client's, with a short
-/// initial RTT estimate so a dial whose first packets met a closed NAT
-/// retries after about 150 ms rather than a second.
+/// initial RTT estimate (10 ms), so that a dial whose first packet met a NAT
+/// the peer had not punched open yet is sent again after about 60 ms rather
+/// than a second. On a long path this costs a few early resends of the
+/// first packet, until the first RTT sample.
 pub(crate) fn direct_transport(tuning: &Tuning) -> Arc<quinn::TransportConfig> {
     let mut t = tuning.transport();
-    t.initial_rtt(Duration::from_millis(50));
+    t.initial_rtt(Duration::from_millis(10));
     Arc::new(t)
 }

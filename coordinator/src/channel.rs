@@ -9,7 +9,7 @@
 //! (after the source's data streams were relayed) or a `Lost` when the
 //! source disappeared.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use qmesh_proto::codec::{read_frame, write_frame};
@@ -153,6 +153,16 @@ async fn open(
         );
         return fail(&mut a_send, OpenFailCode::PeerNotPresent, msg).await;
     };
+    let max = shared.config.max_channels_per_client;
+    for (side, who) in [(&session, "this client is"), (&callee, "the peer is")] {
+        if side.channels().len() >= max {
+            let msg = format!(
+                "{who} already in {max} channels, the most this coordinator allows one \
+                 client; close some first"
+            );
+            return fail(&mut a_send, OpenFailCode::TooManyChannels, msg).await;
+        }
+    }
     if path == PathMode::Direct {
         let unable = [&session, &callee].into_iter().find(|s| s.direct.is_none());
         if let Some(s) = unable {
@@ -271,13 +281,40 @@ async fn open(
     info!(number, ?path, introduced = direct, "joined");
 
     let drain = shared.config.drain_timeout;
+    let ends = Ends {
+        left: AtomicU8::new(2),
+        sides: [(&session, a_id), (&callee, b_id)],
+    };
     tokio::join!(
-        forward(&session, a_recv, &side_a, b_send, drain),
-        forward(&callee, b_recv, &side_b, a_send, drain),
+        forward(&session, a_recv, &side_a, b_send, drain, &ends),
+        forward(&callee, b_recv, &side_b, a_send, drain, &ends),
     );
-    session.channels().remove(&a_id);
-    callee.channels().remove(&b_id);
+    ends.release();
     info!("ended");
+}
+
+/// The two terminal messages of a channel. Once both are on their way, no
+/// more data streams belong to it (each side's `Close` was forwarded only
+/// after its relayed streams arrived), so it stops counting against either
+/// client's channel limit before the last terminal reaches its client.
+struct Ends<'a> {
+    left: AtomicU8,
+    sides: [(&'a Arc<Session>, u64); 2],
+}
+
+impl Ends<'_> {
+    /// One terminal message is about to be sent.
+    fn one_sent(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.release();
+        }
+    }
+
+    fn release(&self) {
+        for (session, id) in self.sides {
+            session.channels().remove(&id);
+        }
+    }
 }
 
 /// Forward the control frames `from` sends to the other side until the
@@ -288,6 +325,7 @@ async fn forward(
     from_side: &ChannelSide,
     mut to: SendStream,
     drain: std::time::Duration,
+    ends: &Ends<'_>,
 ) {
     let mut terminal_sent = false;
     let terminal = loop {
@@ -319,6 +357,7 @@ async fn forward(
                     streams,
                     relayed,
                 };
+                ends.one_sent();
                 if write_frame(&mut to, &close).await.is_err() {
                     break None;
                 }
@@ -349,6 +388,7 @@ async fn forward(
     if let Some(reason) = terminal.filter(|_| !terminal_sent) {
         debug!(side = %from.name, cause = %reason, "lost");
         let reason = clip_reason(&reason);
+        ends.one_sent();
         let _ = write_frame(&mut to, &ChannelMsg::Lost { reason }).await;
     }
     let _ = to.finish();

@@ -26,6 +26,12 @@ pub struct Config {
     /// Kernel UDP socket buffer size to ask for (send and receive), so a
     /// burst of handshakes or a fast stream is not dropped by the kernel.
     pub socket_buffer: usize,
+    /// Most clients connected at once; the next one is refused with
+    /// `RejectCode::Full`. `None`: no limit.
+    pub max_clients: Option<usize>,
+    /// Most channels one client may be part of at once (as opener or
+    /// callee); an open past it fails with `OpenFailCode::TooManyChannels`.
+    pub max_channels_per_client: usize,
 }
 
 impl Config {
@@ -39,6 +45,8 @@ impl Config {
             answer_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             socket_buffer: qmesh_certs::transport::SOCKET_BUFFER,
+            max_clients: None,
+            max_channels_per_client: 1024,
         }
     }
 }

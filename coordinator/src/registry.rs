@@ -35,6 +35,32 @@ pub struct Registry<H> {
     sessions: HashMap<String, (SessionId, H)>,
     next_id: SessionId,
     accepting: bool,
+    capacity: Option<usize>,
+}
+
+/// An admitted session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted<H> {
+    /// Its number.
+    pub id: SessionId,
+    /// Its handle, as `make` returned it.
+    pub handle: H,
+    /// The session it took the name over from (the same credential
+    /// reconnecting), which the caller should now close.
+    pub replaced: Option<H>,
+}
+
+/// What `admit` should do about the current holder of a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// It has ended (its leave is not processed yet): take the name.
+    Gone,
+    /// It is live and holds the same credential as the newcomer: the
+    /// newcomer takes over (a client that changed networks gets its name
+    /// back at once).
+    SameCredential,
+    /// It is live and someone else: the name is taken.
+    Other,
 }
 
 impl<H> Default for Registry<H> {
@@ -43,6 +69,7 @@ impl<H> Default for Registry<H> {
             sessions: HashMap::new(),
             next_id: 1,
             accepting: true,
+            capacity: None,
         }
     }
 }
@@ -53,19 +80,24 @@ impl<H: Clone> Registry<H> {
         Self::default()
     }
 
+    /// At most `max` sessions at once (`None`: no limit).
+    pub fn set_capacity(&mut self, max: Option<usize>) {
+        self.capacity = max;
+    }
+
     /// Decide on a hello. On success the session is registered under `name`
-    /// with the handle `make(id)` returns, and the id and handle are returned.
+    /// with the handle `make(id)` returns.
     ///
-    /// A name is taken while its holder is registered, unless `gone` says
-    /// the holder has already ended (its leave not yet processed); such a
-    /// holder is replaced.
+    /// `holder` judges the current holder of `name`, if any: one that is
+    /// [`Holder::Gone`] or holds the [`Holder::SameCredential`] is replaced
+    /// (and returned in [`Admitted::replaced`]); any other keeps the name.
     pub fn admit(
         &mut self,
         version: u32,
         name: &str,
         make: impl FnOnce(SessionId) -> H,
-        gone: impl Fn(&H) -> bool,
-    ) -> Result<(SessionId, H), Rejection> {
+        holder: impl Fn(&H) -> Holder,
+    ) -> Result<Admitted<H>, Rejection> {
         if !self.accepting {
             return Err(Rejection {
                 code: RejectCode::ShuttingDown,
@@ -87,20 +119,39 @@ impl<H: Clone> Registry<H> {
                 message: e.to_string(),
             });
         }
-        if self.sessions.get(name).is_some_and(|(_, h)| !gone(h)) {
+        let current = self.sessions.get(name).map(|(_, h)| holder(h));
+        if current == Some(Holder::Other) {
             return Err(Rejection {
                 code: RejectCode::NameTaken,
                 message: format!(
-                    "the name \"{name}\" is taken by a connected client; choose another name \
-                     or wait until that client leaves"
+                    "the name \"{name}\" is taken by a connected client with another \
+                     credential; choose another name or wait until that client leaves"
                 ),
             });
+        }
+        if let Some(max) = self.capacity {
+            if current.is_none() && self.sessions.len() >= max {
+                return Err(Rejection {
+                    code: RejectCode::Full,
+                    message: format!(
+                        "the coordinator holds its maximum of {max} clients; try again later \
+                         or ask its operator to raise max_clients"
+                    ),
+                });
+            }
         }
         let id = self.next_id;
         self.next_id += 1;
         let handle = make(id);
-        self.sessions.insert(name.to_owned(), (id, handle.clone()));
-        Ok((id, handle))
+        let replaced = self
+            .sessions
+            .insert(name.to_owned(), (id, handle.clone()))
+            .map(|(_, old)| old);
+        Ok(Admitted {
+            id,
+            handle,
+            replaced,
+        })
     }
 
     /// Remove the session `id` holding `name`. Returns whether it was there;
@@ -141,34 +192,33 @@ impl<H: Clone> Registry<H> {
 mod tests {
     use super::*;
 
+    /// Admit `name` with handle = id; the current holder is judged `judge`.
+    fn admit(
+        reg: &mut Registry<u64>,
+        name: &str,
+        judge: Holder,
+    ) -> Result<Admitted<u64>, Rejection> {
+        reg.admit(PROTOCOL_VERSION, name, |id| id, |_| judge)
+    }
+
     #[test]
     fn names_are_unique_until_their_holder_leaves() {
         let mut reg = Registry::new();
-        let (a, _) = reg
-            .admit(PROTOCOL_VERSION, "alice", |id| id, |_| false)
-            .unwrap();
-        let err = reg
-            .admit(PROTOCOL_VERSION, "alice", |id| id, |_| false)
-            .unwrap_err();
+        let a = admit(&mut reg, "alice", Holder::Other).unwrap().id;
+        let err = admit(&mut reg, "alice", Holder::Other).unwrap_err();
         assert_eq!(err.code, RejectCode::NameTaken);
         assert!(err.message.contains("\"alice\""), "{}", err.message);
         assert!(reg.leave("alice", a));
-        let (b, _) = reg
-            .admit(PROTOCOL_VERSION, "alice", |id| id, |_| false)
-            .unwrap();
+        let b = admit(&mut reg, "alice", Holder::Other).unwrap().id;
         assert_ne!(a, b);
     }
 
     #[test]
     fn stale_leave_keeps_the_new_holder() {
         let mut reg = Registry::new();
-        let (a, _) = reg
-            .admit(PROTOCOL_VERSION, "bob", |id| id, |_| false)
-            .unwrap();
+        let a = admit(&mut reg, "bob", Holder::Other).unwrap().id;
         assert!(reg.leave("bob", a));
-        let (b, _) = reg
-            .admit(PROTOCOL_VERSION, "bob", |id| id, |_| false)
-            .unwrap();
+        let b = admit(&mut reg, "bob", Holder::Other).unwrap().id;
         assert!(!reg.leave("bob", a));
         assert_eq!(reg.lookup("bob"), Some(&b));
     }
@@ -177,41 +227,50 @@ mod tests {
     fn version_and_name_are_checked_with_helpful_messages() {
         let mut reg: Registry<u64> = Registry::new();
         let err = reg
-            .admit(PROTOCOL_VERSION + 1, "carol", |id| id, |_| false)
+            .admit(PROTOCOL_VERSION + 1, "carol", |id| id, |_| Holder::Other)
             .unwrap_err();
         assert_eq!(err.code, RejectCode::VersionMismatch);
         assert!(err.message.contains(&format!("version {PROTOCOL_VERSION}")));
-        let err = reg
-            .admit(PROTOCOL_VERSION, "Carol", |id| id, |_| false)
-            .unwrap_err();
+        let err = admit(&mut reg, "Carol", Holder::Other).unwrap_err();
         assert_eq!(err.code, RejectCode::InvalidName);
-        let err = reg
-            .admit(PROTOCOL_VERSION, "", |id| id, |_| false)
-            .unwrap_err();
+        let err = admit(&mut reg, "", Holder::Other).unwrap_err();
         assert_eq!(err.code, RejectCode::InvalidName);
         assert!(reg.is_empty());
     }
 
     #[test]
-    fn a_holder_that_is_gone_is_replaced() {
+    fn a_holder_that_is_gone_or_has_the_same_credential_is_replaced() {
         let mut reg = Registry::new();
-        let (a, _) = reg
-            .admit(PROTOCOL_VERSION, "erin", |id| id, |_| false)
-            .unwrap();
-        let (b, _) = reg
-            .admit(PROTOCOL_VERSION, "erin", |id| id, |h| *h == a)
-            .unwrap();
-        assert_eq!(reg.lookup("erin"), Some(&b));
-        assert!(!reg.leave("erin", a));
+        let a = admit(&mut reg, "erin", Holder::Other).unwrap();
+        let b = admit(&mut reg, "erin", Holder::Gone).unwrap();
+        assert_eq!(b.replaced, Some(a.id));
+        let c = admit(&mut reg, "erin", Holder::SameCredential).unwrap();
+        assert_eq!(c.replaced, Some(b.id));
+        assert_eq!(reg.lookup("erin"), Some(&c.id));
+        assert!(!reg.leave("erin", a.id));
+        assert!(!reg.leave("erin", b.id));
+        assert_eq!(reg.len(), 1);
+    }
+
+    #[test]
+    fn capacity_refuses_newcomers_but_not_takeovers() {
+        let mut reg = Registry::new();
+        reg.set_capacity(Some(2));
+        admit(&mut reg, "a", Holder::Other).unwrap();
+        admit(&mut reg, "b", Holder::Other).unwrap();
+        let err = admit(&mut reg, "c", Holder::Other).unwrap_err();
+        assert_eq!(err.code, RejectCode::Full);
+        assert!(err.message.contains("max_clients"), "{}", err.message);
+        // The same credential taking its name back needs no new room.
+        assert!(admit(&mut reg, "a", Holder::SameCredential).is_ok());
+        assert_eq!(reg.len(), 2);
     }
 
     #[test]
     fn shutdown_refuses_new_sessions() {
         let mut reg: Registry<u64> = Registry::new();
         reg.stop_accepting();
-        let err = reg
-            .admit(PROTOCOL_VERSION, "dave", |id| id, |_| false)
-            .unwrap_err();
+        let err = admit(&mut reg, "dave", Holder::Other).unwrap_err();
         assert_eq!(err.code, RejectCode::ShuttingDown);
     }
 }

@@ -26,7 +26,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::channel::ChannelSide;
 use crate::config::Config;
-use crate::registry::{Registry, Rejection, SessionId};
+use crate::registry::{Admitted, Holder, Registry, Rejection, SessionId};
 
 /// Starting a coordinator failed.
 #[derive(Debug, thiserror::Error)]
@@ -142,11 +142,13 @@ impl Coordinator {
             addr: config.listen,
             source,
         })?;
+        let mut registry = Registry::new();
+        registry.set_capacity(config.max_clients);
         Ok(Self {
             endpoint,
             shared: Arc::new(Shared {
                 config,
-                registry: Mutex::new(Registry::new()),
+                registry: Mutex::new(registry),
                 stats: Arc::default(),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
@@ -369,10 +371,29 @@ async fn hello(
                 channels: Mutex::new(HashMap::new()),
             })
         },
-        |held| held.conn.close_reason().is_some(),
+        |held| {
+            if held.conn.close_reason().is_some() {
+                Holder::Gone
+            } else if held.fingerprint == fingerprint {
+                Holder::SameCredential
+            } else {
+                Holder::Other
+            }
+        },
     );
     match admitted {
-        Ok((id, session)) => {
+        Ok(Admitted {
+            id,
+            handle: session,
+            replaced,
+        }) => {
+            if let Some(old) = replaced {
+                info!(name = %name, old = old.id, new = id, "the same credential connected again; closing its old session");
+                old.conn.close(
+                    VarInt::from_u32(ConnCode::Replaced.code()),
+                    b"this name was taken over by a new session with the same credential",
+                );
+            }
             let welcome = SessionMsg::Welcome {
                 session: id,
                 observed: conn.remote_address(),

@@ -497,10 +497,19 @@ async fn duplicate_name_is_refused() {
     );
     first.ready().await;
 
+    // Another bob, with a key of its own (another state directory).
+    let elsewhere = tempdir();
     let exit = qmesh(
         &coord.localhost(),
         &ca,
-        &["--name", "bob", "listen", "chat"],
+        &[
+            OsStr::new("--name"),
+            OsStr::new("bob"),
+            OsStr::new("--state-dir"),
+            elsewhere.path().as_os_str(),
+            OsStr::new("listen"),
+            OsStr::new("chat"),
+        ],
     )
     .finish()
     .await;

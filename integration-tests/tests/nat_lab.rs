@@ -35,7 +35,9 @@ fn unavailable() -> Option<String> {
             return Some(format!("`{tool}` is not installed (iproute2, nftables)"));
         }
     }
-    let probe = format!("qmprobe{}", std::process::id() % 100_000);
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = format!("qmp{}x{n}", std::process::id() % 100_000);
     let made = Command::new("ip").args(["netns", "add", &probe]).output();
     match made {
         Ok(o) if o.status.success() => {

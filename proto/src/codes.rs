@@ -68,6 +68,10 @@ numbered! {
         Internal = 9, "internal error";
         /// The client may not join.
         NotAuthorised = 10, "not authorised";
+        /// The coordinator holds as many clients as it is configured for.
+        Full = 11, "coordinator full";
+        /// A new session with the same credential took over this name.
+        Replaced = 12, "replaced by a newer session";
     }
 }
 
@@ -106,6 +110,8 @@ pub enum RejectCode {
     NotAuthorised,
     /// The coordinator is shutting down.
     ShuttingDown,
+    /// The coordinator holds as many clients as it is configured for.
+    Full,
 }
 
 impl RejectCode {
@@ -117,6 +123,7 @@ impl RejectCode {
             Self::InvalidName => ConnCode::InvalidName,
             Self::NotAuthorised => ConnCode::NotAuthorised,
             Self::ShuttingDown => ConnCode::Shutdown,
+            Self::Full => ConnCode::Full,
         }
     }
 
@@ -129,6 +136,7 @@ impl RejectCode {
             Self::InvalidName,
             Self::NotAuthorised,
             Self::ShuttingDown,
+            Self::Full,
         ]
         .into_iter()
         .find(|r| r.conn_code() == code)
@@ -157,6 +165,9 @@ pub enum OpenFailCode {
     /// A direct-only channel was asked for, and no direct path exists or
     /// came up in time.
     DirectUnavailable,
+    /// The opener or the peer is part of as many channels as the
+    /// coordinator allows one client.
+    TooManyChannels,
 }
 
 #[cfg(test)]
@@ -177,6 +188,8 @@ mod tests {
             ConnCode::HelloTimeout,
             ConnCode::Internal,
             ConnCode::NotAuthorised,
+            ConnCode::Full,
+            ConnCode::Replaced,
         ];
         for (i, c) in all.iter().enumerate() {
             assert_eq!(c.code() as usize, i);

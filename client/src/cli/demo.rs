@@ -46,8 +46,9 @@ pub(crate) async fn run() -> Result<()> {
     let at_bob = accepted?;
     let at_alice = opened?;
     println!(
-        "alice        channel {} ready (relayed by the coordinator)",
-        at_alice.label()
+        "alice        channel {} ready, path {}",
+        at_alice.label(),
+        at_alice.path()
     );
 
     let mut to_bob = at_alice.open_stream().await?;

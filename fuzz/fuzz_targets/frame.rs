@@ -1,0 +1,38 @@
+//! `decode_frame` on arbitrary bytes, for every message type a qmesh peer
+//! reads: session control, channel control and data stream headers.
+//!
+//! Decoding must never panic. Every message that decodes must re-encode
+//! with `encode_frame` and decode back to the same value (round trip).
+//! Frames are decoded one after the other from the front of the input, as
+//! a reader that buffers a stream would.
+#![no_main]
+
+use std::fmt::Debug;
+
+use libfuzzer_sys::fuzz_target;
+use qmesh_proto::codec::{decode_frame, encode_frame};
+use qmesh_proto::msg::{ChannelMsg, SessionMsg, StreamHeader};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+fn frames<T: Serialize + DeserializeOwned + PartialEq + Debug>(mut buf: &[u8]) {
+    while let Ok(Some((msg, used))) = decode_frame::<T>(buf) {
+        assert!(used >= 4 && used <= buf.len(), "used {used} of {}", buf.len());
+        let frame = encode_frame(&msg)
+            .unwrap_or_else(|e| panic!("{msg:?} decoded but does not encode: {e}"));
+        match decode_frame::<T>(&frame) {
+            Ok(Some((back, back_used))) => {
+                assert_eq!(back, msg, "round trip changed the message");
+                assert_eq!(back_used, frame.len(), "re-encoded frame not used whole");
+            }
+            other => panic!("re-encoded {msg:?} does not decode: {other:?}"),
+        }
+        buf = &buf[used..];
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    frames::<SessionMsg>(data);
+    frames::<ChannelMsg>(data);
+    frames::<StreamHeader>(data);
+});
