@@ -392,6 +392,28 @@ mod tests {
     }
 
     #[test]
+    fn address_lists_longer_than_the_limit_are_refused_without_reserving_for_them() {
+        // Hello v2 "", Some, then a list claiming u32::MAX addresses: the
+        // fuzzer's case, which used to reserve 1 MiB before failing.
+        let body = [0u8, 2, 0, 1, 0xfc, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            decode::<SessionMsg>(&body),
+            Err(DecodeError::Malformed(_))
+        ));
+        // Nine addresses are one too many, eight are fine.
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
+        let hello = |n| SessionMsg::Hello {
+            version: 2,
+            name: "a".into(),
+            direct: Some(vec![addr; n]),
+        };
+        let nine = encode(&hello(9)).unwrap();
+        assert!(decode::<SessionMsg>(&nine).is_err());
+        let eight = encode(&hello(8)).unwrap();
+        assert_eq!(decode::<SessionMsg>(&eight).unwrap(), hello(8));
+    }
+
+    #[test]
     fn string_length_beyond_limit_is_refused() {
         // Variant 0 (Hello), version 1, then a name claiming u32::MAX bytes.
         let body = [0u8, 1, 0xfc, 0xff, 0xff, 0xff, 0xff];

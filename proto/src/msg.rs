@@ -35,6 +35,7 @@ pub enum SessionMsg {
         /// off). `Some`: it can, and these are addresses it has for itself
         /// (at most [`crate::limits::MAX_REPORTED_ADDRS`]), to be tried
         /// besides the address the coordinator observes.
+        #[serde(deserialize_with = "bounded::option_addrs")]
         direct: Option<Vec<SocketAddr>>,
     },
     /// Coordinator → client: the session is up.
@@ -151,6 +152,7 @@ pub struct PeerIntro {
     /// The peer's address as the coordinator sees it.
     pub observed: SocketAddr,
     /// The addresses the peer reported for itself.
+    #[serde(deserialize_with = "bounded::addrs")]
     pub addrs: Vec<SocketAddr>,
     /// Whether this side dials (the other side listens). The coordinator
     /// picks the same dialer for every channel between two clients.
@@ -173,4 +175,76 @@ pub enum StreamHeader {
         /// The coordinator's channel number.
         channel: u64,
     },
+}
+
+/// Address lists that decode without trusting their declared length: a
+/// list longer than [`MAX_REPORTED_ADDRS`] is an error, and no more room than
+/// that is reserved whatever the length prefix claims (serde's own `Vec`
+/// reserves up to 1 MiB from the prefix alone).
+mod bounded {
+    use std::fmt;
+    use std::net::SocketAddr;
+
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+
+    use crate::limits::MAX_REPORTED_ADDRS;
+
+    struct Addrs;
+
+    impl<'de> Visitor<'de> for Addrs {
+        type Value = Vec<SocketAddr>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "at most {MAX_REPORTED_ADDRS} socket addresses")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            if seq.size_hint().is_some_and(|n| n > MAX_REPORTED_ADDRS) {
+                return Err(A::Error::custom(format!(
+                    "more than {MAX_REPORTED_ADDRS} addresses"
+                )));
+            }
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_REPORTED_ADDRS));
+            while let Some(a) = seq.next_element()? {
+                if out.len() == MAX_REPORTED_ADDRS {
+                    return Err(A::Error::custom(format!(
+                        "more than {MAX_REPORTED_ADDRS} addresses"
+                    )));
+                }
+                out.push(a);
+            }
+            Ok(out)
+        }
+    }
+
+    pub(super) fn addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+        d.deserialize_seq(Addrs)
+    }
+
+    struct OptionAddrs;
+
+    impl<'de> Visitor<'de> for OptionAddrs {
+        type Value = Option<Vec<SocketAddr>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(
+                f,
+                "an optional list of at most {MAX_REPORTED_ADDRS} addresses"
+            )
+        }
+
+        fn visit_none<E: Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            addrs(d).map(Some)
+        }
+    }
+
+    pub(super) fn option_addrs<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<SocketAddr>>, D::Error> {
+        d.deserialize_option(OptionAddrs)
+    }
 }
