@@ -640,7 +640,7 @@ impl Direct {
 
 /// Transport settings of direct connections: the client's, with a short
 /// initial RTT estimate (10 ms), so that a dial whose first packet met a NAT
-/// the peer had not punched open yet is sent again after about 60 ms rather
+/// the peer had not punched open yet is sent again after about 35 ms rather
 /// than a second. On a long path this costs a few early resends of the
 /// first packet, until the first RTT sample.
 pub(crate) fn direct_transport(tuning: &Tuning) -> Arc<quinn::TransportConfig> {

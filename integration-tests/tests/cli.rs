@@ -499,17 +499,22 @@ async fn duplicate_name_is_refused() {
 
     // Another bob, with a key of its own (another state directory).
     let elsewhere = tempdir();
-    let exit = qmesh(
-        &coord.localhost(),
-        &ca,
-        &[
-            OsStr::new("--name"),
-            OsStr::new("bob"),
+    let coordinator = coord.localhost();
+    let exit = Proc::spawn(
+        "qmesh",
+        [
+            OsStr::new("--coordinator"),
+            OsStr::new(&coordinator),
+            OsStr::new("--ca"),
+            ca.as_os_str(),
             OsStr::new("--state-dir"),
             elsewhere.path().as_os_str(),
+            OsStr::new("--name"),
+            OsStr::new("bob"),
             OsStr::new("listen"),
             OsStr::new("chat"),
         ],
+        &[],
     )
     .finish()
     .await;
