@@ -154,13 +154,17 @@ async fn open(
         return fail(&mut a_send, OpenFailCode::PeerNotPresent, msg).await;
     };
     let max = shared.config.max_channels_per_client;
+    let mut slots = Vec::with_capacity(2);
     for (side, who) in [(&session, "this client is"), (&callee, "the peer is")] {
-        if side.channels().len() >= max {
-            let msg = format!(
-                "{who} already in {max} channels, the most this coordinator allows one \
-                 client; close some first"
-            );
-            return fail(&mut a_send, OpenFailCode::TooManyChannels, msg).await;
+        match Slot::take(side, max) {
+            Some(slot) => slots.push(slot),
+            None => {
+                let msg = format!(
+                    "{who} already in {max} channels, the most this coordinator allows one \
+                     client; close some first"
+                );
+                return fail(&mut a_send, OpenFailCode::TooManyChannels, msg).await;
+            }
         }
     }
     if path == PathMode::Direct {
@@ -284,6 +288,7 @@ async fn open(
     let ends = Ends {
         left: AtomicU8::new(2),
         sides: [(&session, a_id), (&callee, b_id)],
+        slots: std::sync::Mutex::new(slots),
     };
     tokio::join!(
         forward(&session, a_recv, &side_a, b_send, drain, &ends),
@@ -300,6 +305,8 @@ async fn open(
 struct Ends<'a> {
     left: AtomicU8,
     sides: [(&'a Arc<Session>, u64); 2],
+    /// The two clients' channel slots, given back on release.
+    slots: std::sync::Mutex<Vec<Slot>>,
 }
 
 impl Ends<'_> {
@@ -314,6 +321,33 @@ impl Ends<'_> {
         for (session, id) in self.sides {
             session.channels().remove(&id);
         }
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+}
+
+/// One of a client's `max_channels_per_client` places, held from the open's
+/// check until the channel ends (or the open fails); taken atomically, so
+/// concurrent opens cannot pass the limit.
+struct Slot(Arc<Session>);
+
+impl Slot {
+    fn take(session: &Arc<Session>, max: usize) -> Option<Slot> {
+        session
+            .slots
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(session.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.slots.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -58,7 +58,19 @@ enum Command {
         /// every channel it had) is reported lost.
         #[arg(long, default_value_t = 30)]
         idle_timeout: u64,
+        /// Most clients connected at once; the next is refused as full.
+        #[arg(long)]
+        max_clients: Option<usize>,
+        /// Most channels one client may be part of at once.
+        #[arg(long, default_value_t = 1024)]
+        max_channels_per_client: usize,
     },
+}
+
+/// Limits of `run`.
+struct Limits {
+    max_clients: Option<usize>,
+    max_channels_per_client: usize,
 }
 
 fn main() -> Result<()> {
@@ -87,9 +99,15 @@ fn main() -> Result<()> {
             key,
             state_dir,
             idle_timeout,
+            max_clients,
+            max_channels_per_client,
         } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            runtime.block_on(run(listen, cert, key, state_dir, idle_timeout))
+            let limits = Limits {
+                max_clients,
+                max_channels_per_client: max_channels_per_client.max(1),
+            };
+            runtime.block_on(run(listen, cert, key, state_dir, idle_timeout, limits))
         }
     }
 }
@@ -130,6 +148,7 @@ async fn run(
     key: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     idle_timeout: u64,
+    limits: Limits,
 ) -> Result<()> {
     let listen = listen_addr(&listen)?;
     let (identity, ca_note) = match (cert, key) {
@@ -149,6 +168,8 @@ async fn run(
     };
     let mut config = Config::new(identity);
     config.listen = listen;
+    config.max_clients = limits.max_clients;
+    config.max_channels_per_client = limits.max_channels_per_client;
     config.tuning = config
         .tuning
         .with_idle_timeout(Duration::from_secs(idle_timeout.max(1)));

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use qmesh_certs::transport::{StreamAllowance, StreamKind};
@@ -90,6 +90,9 @@ pub(crate) struct Session {
     /// This session's side of each joined channel, by the id of the channel
     /// control stream on this connection.
     pub(crate) channels: Mutex<HashMap<u64, Arc<ChannelSide>>>,
+    /// Channels this client is part of, joined or being opened: what
+    /// `max_channels_per_client` counts.
+    pub(crate) slots: AtomicUsize,
 }
 
 impl Session {
@@ -369,6 +372,7 @@ async fn hello(
                 fingerprint,
                 direct: direct.clone(),
                 channels: Mutex::new(HashMap::new()),
+                slots: AtomicUsize::new(0),
             })
         },
         |held| {

@@ -134,3 +134,40 @@ async fn channels_past_the_per_client_cap_are_refused_with_a_code() {
     drop(second);
     mesh.coordinator.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_opens_cannot_pass_the_channel_cap() {
+    let mesh = Mesh::start_with(|c| c.max_channels_per_client = 2).await;
+    let a = mesh.client("a").await;
+    let b = mesh.client("b").await;
+    // b accepts whatever it is offered.
+    let acceptor = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Some(offer) = b.accept().await {
+                if let Ok(ch) = offer.accept().await {
+                    kept.push(ch);
+                }
+            }
+            kept
+        })
+    };
+    let mut opens = tokio::task::JoinSet::new();
+    for i in 0..6 {
+        let a = a.clone();
+        opens.spawn(async move { a.open_str(&format!("mesh/b!c{i}")).await });
+    }
+    let (mut ok, mut capped) = (Vec::new(), 0);
+    while let Some(r) = within(STEP, "opens", opens.join_next()).await {
+        match r.expect("task") {
+            Ok(ch) => ok.push(ch),
+            Err(e) if e.code() == Some(OpenFailCode::TooManyChannels) => capped += 1,
+            Err(e) => panic!("unexpected open failure: {e}"),
+        }
+    }
+    assert_eq!(ok.len(), 2, "exactly the cap succeeds");
+    assert_eq!(capped, 4);
+    acceptor.abort();
+    mesh.coordinator.shutdown().await;
+}
