@@ -188,27 +188,24 @@ impl Proc {
 
     /// Wait for a stdout line for which `pred` holds; return it.
     pub async fn stdout_line(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let limit = format!("{}: stdout line {what}", self.what);
-        let found = within(STEP, &limit, async {
-            while let Some(line) = self.stdout.next().await {
-                if pred(&line) {
-                    return Some(line);
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Some(line) => line,
-            None => self.ended_without(&format!("a stdout line {what}")).await,
-        }
+        self.line(false, what, pred).await
     }
 
     /// Wait for a stderr line for which `pred` holds; return it.
     pub async fn stderr_line(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let limit = format!("{}: stderr line {what}", self.what);
+        self.line(true, what, pred).await
+    }
+
+    async fn line(&mut self, stderr: bool, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let name = if stderr { "stderr" } else { "stdout" };
+        let limit = format!("{}: {name} line {what}", self.what);
+        let lines = if stderr {
+            &mut self.stderr
+        } else {
+            &mut self.stdout
+        };
         let found = within(STEP, &limit, async {
-            while let Some(line) = self.stderr.next().await {
+            while let Some(line) = lines.next().await {
                 if pred(&line) {
                     return Some(line);
                 }
@@ -218,7 +215,7 @@ impl Proc {
         .await;
         match found {
             Some(line) => line,
-            None => self.ended_without(&format!("a stderr line {what}")).await,
+            None => self.ended_without(&format!("a {name} line {what}")).await,
         }
     }
 
