@@ -93,11 +93,17 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 /// [`Identity::self_signed`] will do). The coordinator reads its
 /// fingerprint with [`crate::peer_fingerprint`] and vouches for it to peers.
 pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, CertError> {
+    server_config_with(identity, &crate::ClientAuth::any(Arc::new(|_| false)))
+}
+
+/// A quinn server configuration presenting `identity` that admits the
+/// client certificates `auth` allows (see [`crate::ClientAuth`]).
+pub fn server_config_with(
+    identity: &Identity,
+    auth: &crate::ClientAuth,
+) -> Result<quinn::ServerConfig, CertError> {
     let provider = provider();
-    let verifier = Arc::new(crate::peer::ClientCertCheck::new(
-        provider.clone(),
-        Arc::new(|_| true),
-    ));
+    let verifier = auth.verifier();
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

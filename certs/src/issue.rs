@@ -216,6 +216,40 @@ impl Ca {
         self.issue(params)
     }
 
+    /// Issues a client certificate for `name` (common name and DNS name)
+    /// for the public key of `presented`, a certificate whose key the
+    /// client has just proved it holds (in a TLS handshake), valid for
+    /// `ttl` from now. This is how token enrollment and renewal certify a
+    /// key that never leaves the client.
+    pub fn issue_client_for(
+        &self,
+        presented: &CertificateDer<'_>,
+        name: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Issued, CertError> {
+        let leaf = parse_cert(presented, "the presented certificate")?;
+        let spki = rcgen::SubjectPublicKeyInfo::from_der(leaf.public_key().raw)?;
+        let mut params = leaf_params(name)?;
+        params.subject_alt_names = vec![SanType::DnsName(dns_name(name)?)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let now = OffsetDateTime::now_utc();
+        let ttl = Duration::try_from(ttl)
+            .unwrap_or(LEAF_VALIDITY)
+            .min(LEAF_VALIDITY);
+        // A short backdate: enough for clocks a little behind, and short
+        // beside lifetimes of hours.
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + ttl;
+        let cert = params.signed_by(&spki, &self.issuer)?;
+        Ok(Issued {
+            cert: cert.der().clone(),
+            expires: params.not_after.unix_timestamp().max(0) as u64,
+        })
+    }
+
     fn issue(&self, params: CertificateParams) -> Result<Identity, CertError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -233,6 +267,16 @@ impl fmt::Debug for Ca {
             .field("key", &"<elided>")
             .finish()
     }
+}
+
+/// A certificate issued for a key the CA does not hold
+/// ([`Ca::issue_client_for`]).
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The certificate.
+    pub cert: CertificateDer<'static>,
+    /// When it expires, in seconds since the Unix epoch.
+    pub expires: u64,
 }
 
 /// A certificate chain and its private key: what a server or client presents.

@@ -36,6 +36,7 @@
 //! - `error`: [`CertError`].
 #![warn(missing_docs)]
 
+pub mod clientauth;
 mod config;
 mod error;
 mod fingerprint;
@@ -44,12 +45,23 @@ mod peer;
 mod pem;
 pub mod transport;
 
-pub use config::{client_config, client_config_with_identity, server_config, Trust, VerifyReport};
+pub use clientauth::ClientAuth;
+pub use config::{
+    client_config, client_config_with_identity, server_config, server_config_with, Trust,
+    VerifyReport,
+};
 pub use error::CertError;
 pub use fingerprint::Fingerprint;
-pub use issue::{Ca, Identity};
-pub use peer::{direct_client_config, direct_server_config, peer_fingerprint, AcceptFingerprint};
+pub use issue::{Ca, Identity, Issued};
+pub use peer::{
+    direct_client_config, direct_server_config, peer_chain, peer_fingerprint, AcceptFingerprint,
+};
 pub use pem::{certs_from_pem, load_certs};
+
+/// A DER certificate as a PEM `CERTIFICATE` block.
+pub fn pem_encode_cert(der: &[u8]) -> String {
+    pem::encode("CERTIFICATE", der)
+}
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -28,6 +28,13 @@ use crate::{CertError, Fingerprint, Identity, VerifyReport};
 /// Which client certificate fingerprints a verifier lets in.
 pub type AcceptFingerprint = Arc<dyn Fn(&Fingerprint) -> bool + Send + Sync>;
 
+/// The certificate chain (leaf first) the peer of `conn` presented.
+pub fn peer_chain(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
+    let identity = conn.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    (!chain.is_empty()).then(|| *chain)
+}
+
 /// Verifies a client certificate: it must parse as X.509, be within its
 /// validity period, have a fingerprint `accept` allows, and its key must
 /// sign the TLS 1.3 handshake.

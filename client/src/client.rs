@@ -63,7 +63,7 @@ impl Drop for Inner {
 }
 
 /// The name the coordinator's certificate must carry for this host.
-fn server_name(host: &Host) -> String {
+pub(crate) fn server_name(host: &Host) -> String {
     match host {
         Host::Shorthand(_) => host
             .to_ip()
@@ -76,7 +76,7 @@ fn server_name(host: &Host) -> String {
     }
 }
 
-async fn resolve(host: &Host, port: u16) -> Result<SocketAddr, ConnectError> {
+pub(crate) async fn resolve(host: &Host, port: u16) -> Result<SocketAddr, ConnectError> {
     if let Some(ip) = host.to_ip() {
         return Ok(SocketAddr::new(ip, port));
     }
@@ -151,8 +151,30 @@ fn reported_addrs(coordinator: SocketAddr, port: u16, extra: &[SocketAddr]) -> V
     out
 }
 
+/// What a TLS alert from the coordinator means for this client's
+/// certificate, when the connection ended with one.
+fn tls_refusal(err: &ConnectionError) -> Option<&'static str> {
+    let code = match err {
+        ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        ConnectionError::TransportError(t) => u64::from(t.code),
+        _ => return None,
+    };
+    // QUIC carries a TLS alert as CRYPTO_ERROR 0x100 + alert.
+    let alert = code.checked_sub(0x100).filter(|a| *a < 0x100)?;
+    Some(match alert {
+        42 => "the coordinator refused this client's certificate as malformed (TLS alert bad_certificate)",
+        43 => "the coordinator refused this client's certificate: it is not a client certificate (TLS alert unsupported_certificate)",
+        44 => "the coordinator refused this client's certificate: the operator revoked it (TLS alert certificate_revoked); ask them for a new credential",
+        45 => "the coordinator refused this client's certificate: it has expired or is not valid yet (TLS alert certificate_expired); check this machine's clock, renew it, or enroll again with a new token",
+        46 | 49 => "the coordinator refused this client's certificate (TLS alert certificate_unknown or access_denied)",
+        48 => "the coordinator refused this client's certificate: it is not signed by the coordinator's client CA (TLS alert unknown_ca); ask the operator for a certificate, or a token to enroll with",
+        116 => "the coordinator requires a client certificate and none was presented (TLS alert certificate_required)",
+        _ => return None,
+    })
+}
+
 /// Map a connection error seen while connecting to what the user should hear.
-fn connect_failure(
+pub(crate) fn connect_failure(
     err: ConnectionError,
     report: &qmesh_certs::VerifyReport,
     addr: &str,
@@ -167,6 +189,9 @@ fn connect_failure(
         if let Some(code) = code {
             return ConnectError::Rejected { code, message };
         }
+    }
+    if let Some(refused) = tls_refusal(&err) {
+        return ConnectError::CertificateRefused(refused.into());
     }
     if matches!(err, ConnectionError::TimedOut) {
         return ConnectError::Handshake {

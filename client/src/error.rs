@@ -31,6 +31,10 @@ pub enum ConnectError {
     /// The coordinator's certificate did not verify.
     #[error("{0}; check --ca (or the pinned fingerprint) and the coordinator host name")]
     Certificate(String),
+    /// The coordinator refused this client's certificate in the TLS
+    /// handshake (revoked, expired, wrong CA, …).
+    #[error("{0}")]
+    CertificateRefused(String),
     /// The QUIC or TLS handshake failed for another reason.
     #[error("cannot connect to the coordinator at {addr}: {reason}")]
     Handshake {

@@ -60,6 +60,7 @@ pub mod channel;
 pub mod client;
 pub mod config;
 mod direct;
+pub mod enroll;
 pub mod error;
 pub mod stream;
 

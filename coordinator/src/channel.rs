@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::policy::Decision;
 use crate::server::{read_error_code, violation, Session, Shared};
 
 /// Data streams one side has sent into a channel.
@@ -31,6 +32,9 @@ pub(crate) struct StreamCount {
     pub(crate) accepted: u64,
     /// Of those, streams still being relayed.
     pub(crate) active: u64,
+    /// Of those, streams the relay refused (too many at once): they never
+    /// reach the other side.
+    pub(crate) dropped: u64,
 }
 
 /// One side of a joined channel, as seen from that side's connection.
@@ -132,7 +136,7 @@ async fn open(
     shared: Arc<Shared>,
     session: Arc<Session>,
     (mut a_send, mut a_recv): (SendStream, RecvStream),
-    (peer, channel, path): (String, String, PathMode),
+    (peer, channel, mut path): (String, String, PathMode),
     label: Arc<str>,
 ) {
     if let Err(e) = validate_client_name(&peer) {
@@ -145,6 +149,34 @@ async fn open(
         let msg =
             format!("\"{peer}\" is this client's own name; a channel joins two different clients");
         return fail(&mut a_send, OpenFailCode::SelfChannel, msg).await;
+    }
+    // Access control comes before presence: a denied client learns
+    // nothing about who is connected.
+    match shared.policy().decide(&session.name, &peer, &channel) {
+        Decision::Deny => {
+            let msg = format!(
+                "denied by the coordinator's policy: \"{}\" may not open channel \"{channel}\" \
+                 on \"{peer}\"; ask the operator to allow it",
+                session.name
+            );
+            info!(cause = %msg, "open denied");
+            return fail(&mut a_send, OpenFailCode::Denied, msg).await;
+        }
+        Decision::Allow { direct: false } if path == PathMode::Direct => {
+            let msg = format!(
+                "denied by the coordinator's policy: channel \"{channel}\" from \"{}\" to \
+                 \"{peer}\" may not go direct; open with path auto or relay",
+                session.name
+            );
+            info!(cause = %msg, "direct open denied");
+            return fail(&mut a_send, OpenFailCode::Denied, msg).await;
+        }
+        Decision::Allow { direct: false } => path = PathMode::Relay,
+        Decision::Allow { direct: true } => {}
+    }
+    if let Err(flood) = session.limiter.pass(0, 1).await {
+        violation(&session.conn, ConnCode::RateExceeded, &flood.to_string());
+        return;
     }
     let found = shared.registry().lookup(&peer).cloned();
     let Some(callee) = found else {
@@ -386,10 +418,12 @@ async fn forward(
                     );
                 }
                 debug!(by = %from.name, "close");
+                // Streams the relay refused never reach the other side.
+                let dropped = from_side.streams.borrow().dropped;
                 let close = ChannelMsg::Close {
                     reason,
-                    streams,
-                    relayed,
+                    streams: streams.saturating_sub(dropped),
+                    relayed: relayed.saturating_sub(dropped),
                 };
                 ends.one_sent();
                 if write_frame(&mut to, &close).await.is_err() {

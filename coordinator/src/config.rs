@@ -1,7 +1,13 @@
 //! Coordinator configuration.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::auth::Auth;
+use crate::limit::RateLimits;
+use crate::policy::Policy;
 
 use qmesh_certs::transport::Tuning;
 use qmesh_certs::Identity;
@@ -32,6 +38,30 @@ pub struct Config {
     /// Most channels one client may be part of at once (as opener or
     /// callee); an open past it fails with `OpenFailCode::TooManyChannels`.
     pub max_channels_per_client: usize,
+    /// Most data streams one side of a channel may have in flight through
+    /// the relay at once; more are stopped with `StreamCode::TooManyStreams`.
+    pub max_streams_per_channel: usize,
+    /// Largest data message the relay passes on; a stream declaring a
+    /// longer one is reset with `StreamCode::MessageTooLarge`.
+    pub max_message: u64,
+    /// Per-client rate limits on relayed bytes and messages.
+    pub rate: RateLimits,
+    /// Most connections at once that have not finished their hello;
+    /// past half of it unvalidated addresses get a QUIC Retry, past all of
+    /// it new connections are refused.
+    pub max_pending: usize,
+    /// The connection receive window before the hello is accepted: all a
+    /// peer that has not authenticated can make the coordinator buffer.
+    pub pre_auth_window: u32,
+    /// Who may join (auth mode, enrollment, revocations).
+    pub auth: Arc<Auth>,
+    /// Who may open what; [`Policy::allow_all`] when none is configured.
+    pub policy: Policy,
+    /// The TOML file the policy is reloaded from (SIGHUP, `policy reload`).
+    pub config_file: Option<PathBuf>,
+    /// The state directory: revocations, token state and the admin socket
+    /// (`admin.sock`). `None`: no admin socket.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -47,6 +77,15 @@ impl Config {
             socket_buffer: qmesh_certs::transport::SOCKET_BUFFER,
             max_clients: None,
             max_channels_per_client: 1024,
+            max_streams_per_channel: 1024,
+            max_message: qmesh_proto::limits::DEFAULT_MAX_MESSAGE as u64,
+            rate: RateLimits::default(),
+            max_pending: 4096,
+            pre_auth_window: 64 * 1024,
+            auth: Arc::new(Auth::development()),
+            policy: Policy::allow_all(),
+            config_file: None,
+            state_dir: None,
         }
     }
 }

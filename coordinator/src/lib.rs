@@ -33,14 +33,21 @@
 
 #![warn(missing_docs)]
 
+pub mod admin;
+pub mod auth;
 mod channel;
 pub mod config;
 pub mod devcert;
+pub mod file;
+mod files;
+pub mod limit;
 pub mod logging;
+pub mod policy;
 pub mod registry;
 mod relay;
 pub mod server;
 pub mod socket;
+pub mod token;
 
 pub use config::Config;
 pub use registry::Registry;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use qmesh_certs::Identity;
+use qmesh_coordinator::auth::{token_key, Auth, AuthMode, DEFAULT_CERT_TTL};
 use qmesh_coordinator::devcert::{dev_identity, write_certs};
 use qmesh_coordinator::{logging, Config, Coordinator};
 use qmesh_proto::Address;
@@ -40,37 +41,136 @@ enum Command {
         force: bool,
     },
     /// Serve clients.
-    Run {
-        /// Where to listen, as a connpipe address.
-        #[arg(long, default_value = "quic/*4:7447")]
-        listen: String,
-        /// Coordinator certificate (PEM). Without it a development
-        /// certificate is made in the state directory.
-        #[arg(long, requires = "key")]
-        cert: Option<PathBuf>,
-        /// Coordinator private key (PEM).
-        #[arg(long, requires = "cert")]
-        key: Option<PathBuf>,
-        /// Directory for the development CA and certificate.
+    Run(RunArgs),
+    /// Enrollment tokens (token mode).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Revoke a client: close its session within a second and refuse its
+    /// certificate from now on.
+    Revoke {
+        /// The client name.
+        #[arg(
+            required_unless_present = "fingerprint",
+            conflicts_with = "fingerprint"
+        )]
+        name: Option<String>,
+        /// Revoke one certificate by its SHA-256 fingerprint (hex) instead.
         #[arg(long)]
-        state_dir: Option<PathBuf>,
-        /// Seconds without hearing from a client before its session (and
-        /// every channel it had) is reported lost.
-        #[arg(long, default_value_t = 30)]
-        idle_timeout: u64,
-        /// Most clients connected at once; the next is refused as full.
-        #[arg(long)]
-        max_clients: Option<usize>,
-        /// Most channels one client may be part of at once.
-        #[arg(long, default_value_t = 1024)]
-        max_channels_per_client: usize,
+        fingerprint: Option<String>,
+        #[command(flatten)]
+        place: Place,
+    },
+    /// Check or reload the access policy.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
     },
 }
 
-/// Limits of `run`.
-struct Limits {
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a new one-use enrollment token.
+    Create {
+        /// The client name it enrolls, or a pattern with `*` and `?`.
+        #[arg(long)]
+        name: String,
+        /// How long it can be used, e.g. 1h, 30m, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+        #[command(flatten)]
+        place: Place,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Dry run: check a config file and report every error.
+    Check {
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Make a running coordinator re-read its policy (as SIGHUP does);
+    /// with errors it keeps the policy in force and reports them.
+    Reload {
+        #[command(flatten)]
+        place: Place,
+    },
+}
+
+/// Which coordinator an operator command is for.
+#[derive(Debug, clap::Args)]
+struct Place {
+    /// The coordinator's state directory.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The coordinator's config file (for its state_dir).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl Place {
+    fn state_dir(&self) -> Result<PathBuf> {
+        if let Some(dir) = &self.state_dir {
+            return Ok(dir.clone());
+        }
+        if let Some(path) = &self.config {
+            let checked = qmesh_coordinator::file::check_file(path)
+                .map_err(|e| anyhow::anyhow!(e.join("\n")))?;
+            if let Some(dir) = checked.file.state_dir {
+                return Ok(dir);
+            }
+        }
+        Ok(default_state_dir())
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// TOML config file; flags given here override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where to listen, as a connpipe address [default: quic/*4:7447].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Coordinator certificate (PEM). Without it a development
+    /// certificate is made in the state directory.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Coordinator private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// State directory: development certificate, revocations, token mode's
+    /// client CA and keys, and the admin socket.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Who may join: open (development only), token or ca [default: open].
+    #[arg(long, value_enum)]
+    auth: Option<AuthMode>,
+    /// ca mode: the CA file client certificates must chain to.
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
+    /// token mode: lifetime of issued client certificates [default: 24h].
+    #[arg(long)]
+    cert_ttl: Option<humantime::Duration>,
+    /// Seconds without hearing from a client before its session (and
+    /// every channel it had) is reported lost [default: 30].
+    #[arg(long)]
+    idle_timeout: Option<u64>,
+    /// Most clients connected at once; the next is refused as full.
+    #[arg(long)]
     max_clients: Option<usize>,
-    max_channels_per_client: usize,
+    /// Most channels one client may be part of at once [default: 1024].
+    #[arg(long)]
+    max_channels_per_client: Option<usize>,
+    /// Relayed bytes per second per client; 0: unlimited [default: 256 MiB].
+    #[arg(long)]
+    bytes_per_second: Option<u64>,
+    /// Relayed messages per second per client; 0: unlimited [default: 1000000].
+    #[arg(long)]
+    messages_per_second: Option<u64>,
 }
 
 fn main() -> Result<()> {
@@ -93,23 +193,76 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Run {
-            listen,
-            cert,
-            key,
-            state_dir,
-            idle_timeout,
-            max_clients,
-            max_channels_per_client,
-        } => {
+        Command::Run(args) => {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            let limits = Limits {
-                max_clients,
-                max_channels_per_client: max_channels_per_client.max(1),
-            };
-            runtime.block_on(run(listen, cert, key, state_dir, idle_timeout, limits))
+            runtime.block_on(run(args))
+        }
+        Command::Token {
+            command: TokenCommand::Create { name, ttl, place },
+        } => {
+            let dir = place.state_dir()?;
+            let key = token_key(&dir)?;
+            let token = key.create(&name, ttl.into())?;
+            println!("{token}");
+            eprintln!(
+                "one-use token for {name}, valid for {ttl}; the client joins once with: qmesh --token <token> --name {} …",
+                if name.contains(['*', '?']) { "NAME" } else { &name }
+            );
+            Ok(())
+        }
+        Command::Revoke {
+            name,
+            fingerprint,
+            place,
+        } => admin(
+            &place,
+            qmesh_coordinator::admin::Request::Revoke { name, fingerprint },
+        ),
+        Command::Policy {
+            command: PolicyCommand::Check { config },
+        } => match qmesh_coordinator::file::check_file(&config) {
+            Ok(checked) => {
+                match &checked.policy {
+                    Some(p) => println!("{}: ok, {} policy rule(s)", config.display(), p.len()),
+                    None => println!(
+                        "{}: ok, no [policy] table (everything is allowed)",
+                        config.display()
+                    ),
+                }
+                Ok(())
+            }
+            Err(errors) => {
+                for e in &errors {
+                    eprintln!("error: {e}");
+                }
+                bail!("{} error(s) in {}", errors.len(), config.display())
+            }
+        },
+        Command::Policy {
+            command: PolicyCommand::Reload { place },
+        } => admin(&place, qmesh_coordinator::admin::Request::Reload),
+    }
+}
+
+/// Send one admin request and print the reply.
+fn admin(place: &Place, request: qmesh_coordinator::admin::Request) -> Result<()> {
+    let dir = place.state_dir()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let reply = runtime.block_on(qmesh_coordinator::admin::request(&dir, &request))?;
+    for line in &reply.lines {
+        if reply.ok {
+            println!("{line}");
+        } else {
+            eprintln!("{line}");
         }
     }
+    if !reply.ok {
+        bail!("the coordinator did not do it (see above)");
+    }
+    Ok(())
 }
 
 fn default_state_dir() -> PathBuf {
@@ -142,22 +295,35 @@ fn listen_addr(listen: &str) -> Result<SocketAddr> {
     }
 }
 
-async fn run(
-    listen: String,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    state_dir: Option<PathBuf>,
-    idle_timeout: u64,
-    limits: Limits,
-) -> Result<()> {
+async fn run(args: RunArgs) -> Result<()> {
+    let checked = match &args.config {
+        Some(path) => Some(qmesh_coordinator::file::check_file(path).map_err(|errors| {
+            anyhow::anyhow!("{} error(s):\n  {}", errors.len(), errors.join("\n  "))
+        })?),
+        None => None,
+    };
+    let file = checked.as_ref().map(|c| c.file.clone()).unwrap_or_default();
+    let listen = args
+        .listen
+        .clone()
+        .or(file.listen.clone())
+        .unwrap_or_else(|| "quic/*4:7447".into());
     let listen = listen_addr(&listen)?;
-    let (identity, ca_note) = match (cert, key) {
+    let dir = args
+        .state_dir
+        .clone()
+        .or(file.state_dir.clone())
+        .unwrap_or_else(default_state_dir);
+    let (identity, ca_note) = match (
+        args.cert.clone().or(file.cert.clone()),
+        args.key.clone().or(file.key.clone()),
+    ) {
         (Some(cert), Some(key)) => {
-            let identity = Identity::load(&cert, &key).context("loading --cert/--key")?;
+            let identity =
+                Identity::load(&cert, &key).context("loading the coordinator --cert/--key")?;
             (identity, None)
         }
         _ => {
-            let dir = state_dir.unwrap_or_else(default_state_dir);
             let files = dev_identity(&dir).with_context(|| {
                 format!("preparing the development certificate in {}", dir.display())
             })?;
@@ -166,21 +332,113 @@ async fn run(
             (files.identity, Some(files.ca_path))
         }
     };
+    let mode = args.auth.or(file.auth.mode).unwrap_or(AuthMode::Open);
+    let auth = match mode {
+        AuthMode::Open => Auth::open(Some(&dir))?,
+        AuthMode::Ca => {
+            let path = args
+                .client_ca
+                .clone()
+                .or(file.auth.client_ca.clone())
+                .context("--auth ca needs --client-ca FILE (or [auth] client_ca): the CA client certificates must chain to")?;
+            let roots = qmesh_certs::load_certs(&path)
+                .with_context(|| format!("loading the client CA {}", path.display()))?;
+            Auth::ca(roots, Some(&dir))?
+        }
+        AuthMode::Token => {
+            let ttl = args
+                .cert_ttl
+                .map(Duration::from)
+                .or(checked.as_ref().and_then(|c| c.cert_ttl))
+                .unwrap_or(DEFAULT_CERT_TTL);
+            Auth::token(&dir, ttl)?
+        }
+    };
     let mut config = Config::new(identity);
     config.listen = listen;
-    config.max_clients = limits.max_clients;
-    config.max_channels_per_client = limits.max_channels_per_client;
+    config.auth = std::sync::Arc::new(auth);
+    config.state_dir = Some(dir.clone());
+    config.config_file = args.config.clone();
+    let limits = &file.limits;
+    config.max_clients = args.max_clients.or(limits.max_clients);
+    if let Some(n) = args
+        .max_channels_per_client
+        .or(limits.max_channels_per_client)
+    {
+        config.max_channels_per_client = n.max(1);
+    }
+    if let Some(n) = limits.max_streams_per_channel {
+        config.max_streams_per_channel = n.max(1);
+    }
+    if let Some(n) = limits.max_message_size {
+        config.max_message = n.max(1);
+    }
+    if let Some(n) = limits.max_pending {
+        config.max_pending = n.max(2);
+    }
+    let nonzero = |v: u64| (v > 0).then_some(v);
+    if let Some(v) = args.bytes_per_second.or(limits.bytes_per_second) {
+        config.rate.bytes_per_sec = nonzero(v);
+    }
+    if let Some(v) = args.messages_per_second.or(limits.messages_per_second) {
+        config.rate.messages_per_sec = nonzero(v);
+    }
+    if let Some(c) = &checked {
+        if let Some(d) = c.burst {
+            config.rate.burst = d;
+        }
+        if let Some(d) = c.flood_after {
+            config.rate.flood_after = d;
+        }
+        if let Some(d) = c.hello_timeout {
+            config.hello_timeout = d;
+        }
+        if let Some(p) = &c.policy {
+            config.policy = p.clone();
+        }
+    }
+    let idle = args
+        .idle_timeout
+        .map(Duration::from_secs)
+        .or(checked.as_ref().and_then(|c| c.idle_timeout))
+        .unwrap_or(Duration::from_secs(30));
     config.tuning = config
         .tuning
-        .with_idle_timeout(Duration::from_secs(idle_timeout.max(1)));
+        .with_idle_timeout(idle.max(Duration::from_secs(1)));
+    let policy_rules = checked
+        .as_ref()
+        .and_then(|c| c.policy.as_ref())
+        .map(|p| p.len());
     let coordinator = Coordinator::bind(config)?;
+    let control = coordinator.control();
     // Install the signal handlers before saying we are up, so that a
     // SIGTERM sent right after the listening line still stops us cleanly.
     let shutdown = shutdown_signal()?;
+    reload_on_hangup(control)?;
     println!(
-        "qmesh-coordinator listening on quic/{}",
+        "qmesh-coordinator listening on quic/{} (auth {mode})",
         coordinator.local_addr()
     );
+    match mode {
+        AuthMode::Open => {
+            eprintln!(
+                "WARNING: auth mode is open: any client with any certificate may join under any \
+                 free name. Use it for development only; deploy with --auth token or --auth ca."
+            );
+            tracing::warn!("auth mode open: for development only");
+        }
+        AuthMode::Token => println!(
+            "token mode: enroll clients with `qmesh-coordinator token create --name NAME --state-dir {}`",
+            display_path(&dir)
+        ),
+        AuthMode::Ca => {}
+    }
+    match policy_rules {
+        Some(n) => println!(
+            "access policy: {n} rule(s); reload with SIGHUP or `qmesh-coordinator policy reload`"
+        ),
+        None => println!("access policy: none (every client may open every channel)"),
+    }
     if let Some(ca) = &ca_note {
         println!("clients need the CA file: {}", display_path(ca));
         println!(
@@ -189,6 +447,25 @@ async fn run(
         );
     }
     coordinator.run(shutdown).await;
+    Ok(())
+}
+
+/// Reload the policy on SIGHUP.
+fn reload_on_hangup(control: qmesh_coordinator::server::Control) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the policy");
+                // Errors are logged by reload_policy; the old policy stays.
+                let _ = control.reload_policy();
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = control;
     Ok(())
 }
 

@@ -171,6 +171,11 @@ impl<H: Clone> Registry<H> {
         self.sessions.get(name).map(|(_, h)| h)
     }
 
+    /// Every registered session, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &H> {
+        self.sessions.values().map(|(_, h)| h)
+    }
+
     /// Number of registered sessions.
     pub fn len(&self) -> usize {
         self.sessions.len()

@@ -24,6 +24,7 @@ use tokio::time::timeout;
 use tracing::{debug, trace, warn};
 
 use crate::channel::StreamCount;
+use crate::limit::{MessageCounter, TooLong};
 use crate::server::{Session, Shared};
 
 fn code(c: StreamCode) -> VarInt {
@@ -77,10 +78,22 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
         let _ = recv.stop(code(StreamCode::UnknownChannel));
         return;
     };
+    let max_streams = shared.config.max_streams_per_channel as u64;
+    let mut over = false;
     side.streams.send_modify(|c| {
         c.accepted += 1;
-        c.active += 1;
+        if c.active >= max_streams {
+            over = true;
+            c.dropped += 1;
+        } else {
+            c.active += 1;
+        }
     });
+    if over {
+        debug!(channel = %side.label, max_streams, "stopping data stream: too many at once on the channel");
+        let _ = recv.stop(code(StreamCode::TooManyStreams));
+        return;
+    }
     let _active = Active(&side.streams);
     let mut send = match side.peer_conn.open_uni().await {
         Ok(s) => s,
@@ -98,7 +111,7 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
     }
     shared.stats.streams_relayed.fetch_add(1, Ordering::Relaxed);
     trace!(channel = %side.label, "relaying stream");
-    copy(&shared, &mut recv, &mut send).await;
+    copy(&shared, &session, &mut recv, &mut send).await;
 }
 
 /// Chunks taken from the inbound stream per read: each is one received
@@ -108,7 +121,8 @@ const CHUNKS_PER_READ: usize = 32;
 
 /// Copy `recv` to `send` in batches of chunks, passing resets and stops
 /// across. At most one batch is held here; the rest waits in QUIC's windows.
-async fn copy(shared: &Shared, recv: &mut RecvStream, send: &mut SendStream) {
+async fn copy(shared: &Shared, session: &Session, recv: &mut RecvStream, send: &mut SendStream) {
+    let mut counter = MessageCounter::new(shared.config.max_message);
     let mut bufs: [Bytes; CHUNKS_PER_READ] = std::array::from_fn(|_| Bytes::new());
     // A reader that stops its stream is passed back to the writer at once,
     // not only at the next write: the stream's QUIC credit is freed then.
@@ -129,6 +143,27 @@ async fn copy(shared: &Shared, recv: &mut RecvStream, send: &mut SendStream) {
         match read {
             Ok(Some(n)) => {
                 let bytes: u64 = bufs[..n].iter().map(|b| b.len() as u64).sum();
+                let mut messages = 0;
+                for b in &bufs[..n] {
+                    match counter.feed(b) {
+                        Ok(m) => messages += m,
+                        Err(TooLong { len, max }) => {
+                            debug!(client = %session.name, len, max, "resetting data stream: message over the size limit");
+                            let _ = recv.stop(code(StreamCode::MessageTooLarge));
+                            let _ = send.reset(code(StreamCode::MessageTooLarge));
+                            return;
+                        }
+                    }
+                }
+                if let Err(flood) = session.limiter.pass(bytes, messages).await {
+                    crate::server::violation(
+                        &session.conn,
+                        qmesh_proto::codes::ConnCode::RateExceeded,
+                        &flood.to_string(),
+                    );
+                    let _ = send.reset(code(StreamCode::PeerLost));
+                    return;
+                }
                 // One contiguous buffer per batch: quinn's send buffer walks
                 // its segments to build each packet, so a few large
                 // segments cost less than many packet-sized ones (profiled:

@@ -9,15 +9,16 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use qmesh_certs::transport::{StreamAllowance, StreamKind};
 use qmesh_certs::Fingerprint;
 use qmesh_proto::codec::{read_frame, write_frame, DecodeError, ReadFrameError};
-use qmesh_proto::codes::ConnCode;
+use qmesh_proto::codes::{ConnCode, RejectCode};
 use qmesh_proto::msg::SessionMsg;
 use qmesh_proto::PROTOCOL_VERSION;
 use quinn::{Connection, Endpoint, VarInt};
+use rustls_pki_types::CertificateDer;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,8 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::channel::ChannelSide;
 use crate::config::Config;
+use crate::limit::Limiter;
+use crate::policy::Policy;
 use crate::registry::{Admitted, Holder, Registry, Rejection, SessionId};
 
 /// Starting a coordinator failed.
@@ -55,6 +58,12 @@ pub struct Stats {
     pub streams_relayed: AtomicU64,
     /// Payload bytes relayed since start.
     pub bytes_relayed: AtomicU64,
+    /// Hellos and enrollments refused since start.
+    pub hellos_refused: AtomicU64,
+    /// Certificates issued (enrollments and renewals) since start.
+    pub certificates_issued: AtomicU64,
+    /// Connections that have not finished their hello, now.
+    pub pending: AtomicU64,
 }
 
 /// State shared by all of a coordinator's tasks.
@@ -67,12 +76,148 @@ pub(crate) struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// The number the next joined channel gets.
     pub(crate) next_channel: AtomicU64,
+    /// The access policy in force.
+    pub(crate) policy: RwLock<Arc<Policy>>,
 }
 
 impl Shared {
     pub(crate) fn registry(&self) -> MutexGuard<'_, Registry<Arc<Session>>> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// What `revoke` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// Certificates newly added to the revocation list.
+    pub certificates: usize,
+    /// Whether a connected session was closed.
+    pub disconnected: bool,
+}
+
+/// Operator actions on a running coordinator: revocation and policy
+/// reload. The admin socket and the SIGHUP handler use it; so can a
+/// program embedding the coordinator.
+#[derive(Debug, Clone)]
+pub struct Control(Arc<Shared>);
+
+impl Control {
+    /// Revoke every certificate `name` holds (its session's, and in `token`
+    /// mode every unexpired one issued for it) and close its session with
+    /// `ConnCode::Revoked`.
+    pub fn revoke(&self, name: &str) -> Revoked {
+        let auth = &self.0.config.auth;
+        let session = self.0.registry().lookup(name).cloned();
+        let mut fps = auth.issued_for(name);
+        fps.extend(session.as_ref().map(|s| s.fingerprint));
+        let certificates = fps
+            .into_iter()
+            .filter(|fp| auth.revocations().add(*fp, name))
+            .count();
+        let disconnected = session.is_some_and(|s| close_revoked(&s));
+        info!(name, certificates, disconnected, "revoked");
+        Revoked {
+            certificates,
+            disconnected,
+        }
+    }
+
+    /// Revoke one certificate by fingerprint and close the session that
+    /// holds it, if any.
+    pub fn revoke_fingerprint(&self, fp: Fingerprint) -> Revoked {
+        let holder = self
+            .0
+            .registry()
+            .iter()
+            .find(|s| s.fingerprint == fp)
+            .cloned();
+        let name = holder
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_else(|| "-".into());
+        let certificates = usize::from(self.0.config.auth.revocations().add(fp, &name));
+        let disconnected = holder.is_some_and(|s| close_revoked(&s));
+        info!(fingerprint = %fp, certificates, disconnected, "revoked");
+        Revoked {
+            certificates,
+            disconnected,
+        }
+    }
+
+    /// Put `policy` in force for opens from now on.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.0.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.0.policy()
+    }
+
+    /// Re-read the policy from the config file after checking it; on any
+    /// error the policy in force stays and every error is returned.
+    pub fn reload_policy(&self) -> Result<String, Vec<String>> {
+        let Some(path) = &self.0.config.config_file else {
+            return Err(vec![
+                "this coordinator was started without --config, so there is no policy file to reload".into(),
+            ]);
+        };
+        match crate::file::check_file(path) {
+            Ok(checked) => {
+                let rules = checked.policy.as_ref().map(|p| p.len());
+                self.set_policy(checked.policy.unwrap_or_else(Policy::allow_all));
+                let what = match rules {
+                    Some(n) => format!(
+                        "policy reloaded from {}: {n} rules in force",
+                        path.display()
+                    ),
+                    None => format!(
+                        "policy reloaded from {}: no [policy] table, everything is allowed",
+                        path.display()
+                    ),
+                };
+                info!("{what}");
+                Ok(what)
+            }
+            Err(errors) => {
+                for e in &errors {
+                    warn!(file = %path.display(), error = %e, "policy reload refused; the old policy stays");
+                }
+                Err(errors)
+            }
+        }
+    }
+
+    /// The coordinator's counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.0.stats.clone()
+    }
+
+    /// Names of the connected clients, sorted.
+    pub fn clients(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.0.registry().iter().map(|s| s.name.clone()).collect();
+        names.sort();
+        names
+    }
+}
+
+fn close_revoked(session: &Session) -> bool {
+    if session.conn.close_reason().is_some() {
+        return false;
+    }
+    warn!(name = %session.name, "closing a revoked client's session");
+    session.conn.close(
+        VarInt::from_u32(ConnCode::Revoked.code()),
+        b"the operator revoked this client's certificate; ask them for a new credential",
+    );
+    true
 }
 
 /// One admitted client.
@@ -93,6 +238,8 @@ pub(crate) struct Session {
     /// Channels this client is part of, joined or being opened: what
     /// `max_channels_per_client` counts.
     pub(crate) slots: AtomicUsize,
+    /// This client's rate limits.
+    pub(crate) limiter: Limiter,
 }
 
 impl Session {
@@ -126,8 +273,16 @@ pub struct Coordinator {
 impl Coordinator {
     /// Bind the UDP socket and build the TLS configuration.
     pub fn bind(config: Config) -> Result<Self, BindError> {
-        let mut server = qmesh_certs::server_config(&config.identity)?;
-        server.transport_config(config.tuning.transport_config());
+        let mut server =
+            qmesh_certs::server_config_with(&config.identity, config.auth.client_auth())?;
+        // Before the hello is accepted a peer gets one bidirectional stream
+        // (the session stream), no unidirectional ones, and a small
+        // connection window; `hello` opens them up once it has joined.
+        let mut transport = config.tuning.transport();
+        transport.receive_window(VarInt::from_u32(config.pre_auth_window));
+        transport.max_concurrent_bidi_streams(VarInt::from_u32(1));
+        transport.max_concurrent_uni_streams(VarInt::from_u32(0));
+        server.transport_config(Arc::new(transport));
         let socket =
             crate::socket::bind_udp(config.listen, config.socket_buffer).map_err(|source| {
                 BindError::Socket {
@@ -147,6 +302,7 @@ impl Coordinator {
         })?;
         let mut registry = Registry::new();
         registry.set_capacity(config.max_clients);
+        let policy = config.policy.clone();
         Ok(Self {
             endpoint,
             shared: Arc::new(Shared {
@@ -156,6 +312,7 @@ impl Coordinator {
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
                 next_channel: AtomicU64::new(1),
+                policy: RwLock::new(Arc::new(policy)),
             }),
         })
     }
@@ -172,13 +329,24 @@ impl Coordinator {
         self.shared.stats.clone()
     }
 
+    /// Operator actions (revoke, policy reload) on this coordinator.
+    pub fn control(&self) -> Control {
+        Control(self.shared.clone())
+    }
+
     /// Serve until `shutdown` completes, then stop accepting, close every
     /// session with [`ConnCode::Shutdown`] and return once all tasks ended.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Self { endpoint, shared } = self;
         let span = info_span!("coordinator", id = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default());
         async move {
-            info!(listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+            info!(listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), auth = %shared.config.auth.mode(), "listening");
+            if let Some(dir) = &shared.config.state_dir {
+                match crate::admin::listen(dir, Control(shared.clone()), shared.shutdown.clone()) {
+                    Ok(task) => { shared.tasks.spawn(task.in_current_span()); }
+                    Err(e) => warn!(cause = %e, "no admin socket; revoke and policy reload work through signals only"),
+                }
+            }
             let mut shutdown = pin!(shutdown);
             loop {
                 tokio::select! {
@@ -216,12 +384,14 @@ impl Coordinator {
     pub fn spawn(self) -> CoordinatorHandle {
         let addr = self.local_addr();
         let stats = self.stats();
+        let control = self.control();
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(self.run(async move { token.cancelled().await }));
         CoordinatorHandle {
             addr,
             stats,
+            control,
             stop,
             task: Some(task),
         }
@@ -233,6 +403,7 @@ impl Coordinator {
 pub struct CoordinatorHandle {
     addr: SocketAddr,
     stats: Arc<Stats>,
+    control: Control,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -246,6 +417,11 @@ impl CoordinatorHandle {
     /// The coordinator's counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Operator actions (revoke, policy reload) on this coordinator.
+    pub fn control(&self) -> &Control {
+        &self.control
     }
 
     /// Stop the coordinator and wait until it has.
@@ -265,8 +441,31 @@ impl Drop for CoordinatorHandle {
     }
 }
 
+/// Counts a connection as pending (not through its hello) until dropped.
+struct Pending(Arc<Shared>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.stats.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
+    let pending = shared.stats.pending.fetch_add(1, Ordering::Relaxed) as usize;
+    let guard = Pending(shared.clone());
+    let max = shared.config.max_pending.max(2);
+    if pending >= max {
+        debug!(peer = %remote, pending, "refusing a connection: too many handshakes in progress");
+        incoming.refuse();
+        return;
+    }
+    if pending >= max / 2 && !incoming.remote_address_validated() {
+        // Under load, make the peer prove its address before any state is
+        // kept for it.
+        let _ = incoming.retry();
+        return;
+    }
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
@@ -287,11 +486,81 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
             return;
         }
     };
-    run_session(shared, conn, deadline).await;
+    run_session(shared, conn, deadline, guard).await;
+}
+
+/// Refuse a hello or an enrollment: the `Reject` on the session stream,
+/// then a close carrying the same sentence.
+async fn refuse(
+    shared: &Shared,
+    conn: &Connection,
+    send: &mut quinn::SendStream,
+    name: &str,
+    code: RejectCode,
+    message: &str,
+) {
+    shared.stats.hellos_refused.fetch_add(1, Ordering::Relaxed);
+    info!(peer = %conn.remote_address(), name = %name, code = ?code, cause = %message, "hello refused");
+    let message = qmesh_proto::limits::clip_reason(message);
+    let reject = SessionMsg::Reject {
+        code,
+        message: message.clone(),
+    };
+    if write_frame(send, &reject).await.is_ok() && send.finish().is_ok() {
+        // Let the rejection arrive before the close; the close carries the
+        // same sentence in case it does not.
+        let _ = timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+    }
+    conn.close(
+        VarInt::from_u32(code.conn_code().code()),
+        message.as_bytes(),
+    );
+}
+
+/// Answer an enrollment or renewal, then end the connection.
+async fn enroll(
+    shared: &Shared,
+    conn: &Connection,
+    mut send: quinn::SendStream,
+    chain: &[CertificateDer<'static>],
+    (version, name, token): (u32, String, Option<String>),
+) {
+    if version != PROTOCOL_VERSION {
+        let msg = format!("this coordinator speaks protocol version {PROTOCOL_VERSION}, the client {version}; upgrade the older side");
+        return refuse(
+            shared,
+            conn,
+            &mut send,
+            &name,
+            RejectCode::VersionMismatch,
+            &msg,
+        )
+        .await;
+    }
+    let renewal = token.is_none();
+    match shared.config.auth.enroll(&name, token.as_deref(), chain) {
+        Ok((cert_pem, expires)) => {
+            shared
+                .stats
+                .certificates_issued
+                .fetch_add(1, Ordering::Relaxed);
+            info!(peer = %conn.remote_address(), name = %name, expires, renewal, "certificate issued");
+            let reply = SessionMsg::Enrolled { cert_pem, expires };
+            if write_frame(&mut send, &reply).await.is_ok() && send.finish().is_ok() {
+                let _ = timeout(std::time::Duration::from_secs(2), send.stopped()).await;
+            }
+            conn.close(
+                VarInt::from_u32(ConnCode::Normal.code()),
+                b"certificate issued",
+            );
+        }
+        Err((code, message)) => refuse(shared, conn, &mut send, &name, code, &message).await,
+    }
 }
 
 /// Wait for the hello and answer it; returns the admitted session and its
-/// control stream, or `None` when the connection was refused or closed.
+/// control stream, or `None` when the connection was refused, enrolled or
+/// closed.
 async fn hello(
     shared: &Arc<Shared>,
     conn: &Connection,
@@ -314,12 +583,30 @@ async fn hello(
         Ok(None) => return None,
         Ok(Some(x)) => x,
     };
+    // The server configuration requires a client certificate, so a missing
+    // one here means the TLS layer and this code disagree.
+    let Some(chain) = qmesh_certs::peer_chain(conn) else {
+        violation(
+            conn,
+            ConnCode::Internal,
+            "no client certificate after the handshake",
+        );
+        return None;
+    };
     let (version, name, direct) = match msg {
         Ok(Some(SessionMsg::Hello {
             version,
             name,
             direct,
         })) => (version, name, direct),
+        Ok(Some(SessionMsg::Enroll {
+            version,
+            name,
+            token,
+        })) => {
+            enroll(shared, conn, send, &chain, (version, name, token)).await;
+            return None;
+        }
         Ok(Some(other)) => {
             let what = format!("expected hello, got {}", session_msg_name(&other));
             violation(conn, ConnCode::UnexpectedMessage, &what);
@@ -351,16 +638,13 @@ async fn hello(
         violation(conn, ConnCode::Malformed, &what);
         return None;
     }
-    // The server configuration requires a client certificate, so a missing
-    // one here means the TLS layer and this code disagree.
-    let Some(fingerprint) = qmesh_certs::peer_fingerprint(conn) else {
-        violation(
-            conn,
-            ConnCode::Internal,
-            "no client certificate after the handshake",
-        );
-        return None;
-    };
+    if version == PROTOCOL_VERSION {
+        if let Err((code, message)) = shared.config.auth.check_hello(&name, &chain) {
+            refuse(shared, conn, &mut send, &name, code, &message).await;
+            return None;
+        }
+    }
+    let fingerprint = Fingerprint::of(&chain[0]);
     let admitted = shared.registry().admit(
         version,
         &name,
@@ -373,6 +657,7 @@ async fn hello(
                 direct: direct.clone(),
                 channels: Mutex::new(HashMap::new()),
                 slots: AtomicUsize::new(0),
+                limiter: Limiter::new(&shared.config.rate),
             })
         },
         |held| {
@@ -398,6 +683,12 @@ async fn hello(
                     b"this name was taken over by a new session with the same credential",
                 );
             }
+            // Authenticated: open the windows and stream limits that were
+            // kept small until now.
+            let tuning = &shared.config.tuning;
+            conn.set_receive_window(VarInt::from_u32(tuning.conn_window));
+            conn.set_max_concurrent_bi_streams(VarInt::from_u32(tuning.max_bidi_streams));
+            conn.set_max_concurrent_uni_streams(VarInt::from_u32(tuning.max_uni_streams));
             let welcome = SessionMsg::Welcome {
                 session: id,
                 observed: conn.remote_address(),
@@ -413,21 +704,12 @@ async fn hello(
             Some((session, send, recv))
         }
         Err(Rejection { code, message }) => {
-            info!(peer = %conn.remote_address(), name = %name, client_version = version, ours = PROTOCOL_VERSION, cause = %message, "hello refused");
-            let message = qmesh_proto::limits::clip_reason(&message);
-            let reject = SessionMsg::Reject {
-                code,
-                message: message.clone(),
-            };
-            if write_frame(&mut send, &reject).await.is_ok() && send.finish().is_ok() {
-                // Let the rejection arrive before the close; the close
-                // carries the same sentence in case it does not.
-                let _ = timeout(std::time::Duration::from_secs(1), send.stopped()).await;
-            }
-            conn.close(
-                VarInt::from_u32(code.conn_code().code()),
-                message.as_bytes(),
+            debug!(
+                client_version = version,
+                ours = PROTOCOL_VERSION,
+                "registry refused"
             );
+            refuse(shared, conn, &mut send, &name, code, &message).await;
             None
         }
     }
@@ -438,11 +720,20 @@ fn session_msg_name(msg: &SessionMsg) -> &'static str {
         SessionMsg::Hello { .. } => "hello",
         SessionMsg::Welcome { .. } => "welcome",
         SessionMsg::Reject { .. } => "reject",
+        SessionMsg::Enroll { .. } => "enroll",
+        SessionMsg::Enrolled { .. } => "enrolled",
     }
 }
 
-async fn run_session(shared: Arc<Shared>, conn: Connection, deadline: tokio::time::Instant) {
-    let Some((session, _send, mut recv)) = hello(&shared, &conn, deadline).await else {
+async fn run_session(
+    shared: Arc<Shared>,
+    conn: Connection,
+    deadline: tokio::time::Instant,
+    pending: Pending,
+) {
+    let hello = hello(&shared, &conn, deadline).await;
+    drop(pending);
+    let Some((session, _send, mut recv)) = hello else {
         return;
     };
     let span = info_span!("session", id = %session.name);

@@ -267,6 +267,25 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_enroll() {
+        check(
+            SessionMsg::Enroll {
+                version: 3,
+                name: "bob".into(),
+                token: Some("t1".into()),
+            },
+            "0000000a030303626f6201027431",
+        );
+        check(
+            SessionMsg::Enrolled {
+                cert_pem: "PEM".into(),
+                expires: 1000,
+            },
+            "00000008040350454dfbe803",
+        );
+    }
+
+    #[test]
     fn snapshot_open() {
         check(
             ChannelMsg::Open {
@@ -530,6 +549,15 @@ mod tests {
                 }),
             (any::<u64>(), arb_addr())
                 .prop_map(|(session, observed)| SessionMsg::Welcome { session, observed }),
+            (any::<u32>(), arb_text(), proptest::option::of(arb_text())).prop_map(
+                |(version, name, token)| SessionMsg::Enroll {
+                    version,
+                    name,
+                    token
+                }
+            ),
+            (arb_text(), any::<u64>())
+                .prop_map(|(cert_pem, expires)| SessionMsg::Enrolled { cert_pem, expires }),
             arb_text().prop_map(|message| SessionMsg::Reject {
                 code: RejectCode::InvalidName,
                 message

@@ -72,6 +72,13 @@ numbered! {
         Full = 11, "coordinator full";
         /// A new session with the same credential took over this name.
         Replaced = 12, "replaced by a newer session";
+        /// The operator revoked this client's certificate.
+        Revoked = 13, "certificate revoked";
+        /// An enrollment token was unknown, expired, already used or not
+        /// for this name.
+        BadToken = 14, "bad enrollment token";
+        /// The client sent past its rate limit's flood threshold.
+        RateExceeded = 15, "rate limit exceeded";
     }
 }
 
@@ -92,6 +99,9 @@ numbered! {
         Malformed = 5, "malformed stream";
         /// The stream's frame was longer than the limit.
         FrameTooLarge = 6, "frame too large";
+        /// The channel already carries as many data streams at once as the
+        /// coordinator allows.
+        TooManyStreams = 7, "too many streams on the channel";
     }
 }
 
@@ -112,6 +122,9 @@ pub enum RejectCode {
     ShuttingDown,
     /// The coordinator holds as many clients as it is configured for.
     Full,
+    /// An enrollment token was unknown, expired, already used or not for
+    /// this name.
+    BadToken,
 }
 
 impl RejectCode {
@@ -124,6 +137,7 @@ impl RejectCode {
             Self::NotAuthorised => ConnCode::NotAuthorised,
             Self::ShuttingDown => ConnCode::Shutdown,
             Self::Full => ConnCode::Full,
+            Self::BadToken => ConnCode::BadToken,
         }
     }
 
@@ -137,6 +151,7 @@ impl RejectCode {
             Self::NotAuthorised,
             Self::ShuttingDown,
             Self::Full,
+            Self::BadToken,
         ]
         .into_iter()
         .find(|r| r.conn_code() == code)
@@ -168,6 +183,8 @@ pub enum OpenFailCode {
     /// The opener or the peer is part of as many channels as the
     /// coordinator allows one client.
     TooManyChannels,
+    /// The coordinator's access policy does not allow this open.
+    Denied,
 }
 
 #[cfg(test)]
@@ -190,6 +207,9 @@ mod tests {
             ConnCode::NotAuthorised,
             ConnCode::Full,
             ConnCode::Replaced,
+            ConnCode::Revoked,
+            ConnCode::BadToken,
+            ConnCode::RateExceeded,
         ];
         for (i, c) in all.iter().enumerate() {
             assert_eq!(c.code() as usize, i);

@@ -52,6 +52,30 @@ pub enum SessionMsg {
         /// Why, as a sentence that says what was expected.
         message: String,
     },
+    /// Client → coordinator, first frame instead of a hello: issue me a
+    /// client certificate for `name`, for the key of the certificate I
+    /// presented in this connection's TLS handshake.
+    ///
+    /// With a `token` (from `qmesh-coordinator token create`) this is
+    /// enrollment: the token is used up. Without one it is renewal, and the
+    /// connection must present a certificate the coordinator issued for
+    /// `name`. Answered with [`SessionMsg::Enrolled`] or
+    /// [`SessionMsg::Reject`]; the connection then closes.
+    Enroll {
+        /// [`crate::PROTOCOL_VERSION`] of the client.
+        version: u32,
+        /// The name to be issued a certificate for.
+        name: String,
+        /// The one-use enrollment token, or `None` to renew.
+        token: Option<String>,
+    },
+    /// Coordinator → client: the issued certificate.
+    Enrolled {
+        /// The certificate, PEM, for the key the client presented.
+        cert_pem: String,
+        /// When it expires, in seconds since the Unix epoch.
+        expires: u64,
+    },
 }
 
 /// Messages on a channel control stream.

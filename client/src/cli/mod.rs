@@ -58,6 +58,12 @@ pub(crate) struct Cli {
     /// The private key (PEM) of --cert.
     #[arg(long, global = true, requires = "cert")]
     key: Option<PathBuf>,
+    /// A one-use enrollment token from the operator (`qmesh-coordinator
+    /// token create`): used once to get a certificate for this client's
+    /// key, which is kept in the state directory and renewed before it
+    /// expires.
+    #[arg(long, global = true, env = "QMESH_TOKEN")]
+    token: Option<String>,
     /// Take no direct channels: everything goes through the coordinator.
     #[arg(long, global = true)]
     no_direct: bool,
@@ -130,6 +136,68 @@ fn default_state_dir() -> PathBuf {
     }
 }
 
+/// Where the identity of `name` is kept: certificate and key files.
+fn identity_files(cli: &Cli, name: &str) -> (PathBuf, PathBuf) {
+    let dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
+    (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    )
+}
+
+/// Enroll with `token` (or renew without one), save the issued
+/// certificate next to its key, and return it.
+async fn enroll_and_save(
+    (cert, key): &(PathBuf, PathBuf),
+    config: &ClientConfig,
+    token: Option<&str>,
+) -> Result<Identity> {
+    let what = if token.is_some() {
+        "enrolling"
+    } else {
+        "renewing the certificate"
+    };
+    let enrolled = qmesh_client::enroll::enroll(config, token)
+        .await
+        .with_context(|| format!("{what} with {} as {}", config.coordinator, config.name))?;
+    enrolled
+        .identity
+        .save(cert, key)
+        .with_context(|| format!("saving the issued certificate as {}", cert.display()))?;
+    let left = enrolled
+        .expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    info!(cert = %cert.display(), valid_for_s = left.as_secs(), "{what}: certificate issued");
+    Ok(enrolled.identity)
+}
+
+/// Renew the kept certificate when it is due, again and again, while the
+/// client runs; new connections use the renewed one.
+fn renew_in_background(files: (PathBuf, PathBuf), mut config: ClientConfig) {
+    tokio::spawn(async move {
+        loop {
+            let Some(identity) = config.identity.clone() else {
+                return;
+            };
+            let Some(at) = qmesh_client::enroll::renew_at(&identity) else {
+                return;
+            };
+            let wait = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
+            match enroll_and_save(&files, &config, None).await {
+                Ok(renewed) => config.identity = Some(Arc::new(renewed)),
+                Err(e) => {
+                    tracing::warn!(cause = %format!("{e:#}"), "certificate renewal failed; retrying in a minute");
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            }
+        }
+    });
+}
+
 /// The identity for `name`: `--cert`/`--key` when given, else the one kept
 /// in the state directory, made there on first use.
 fn load_identity(cli: &Cli, name: &str) -> Result<Identity> {
@@ -138,8 +206,7 @@ fn load_identity(cli: &Cli, name: &str) -> Result<Identity> {
             .with_context(|| format!("loading --cert {} --key {}", cert.display(), key.display()));
     }
     let dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
-    let cert = dir.join(format!("{name}.pem"));
-    let key = dir.join(format!("{name}-key.pem"));
+    let (cert, key) = identity_files(cli, name);
     if cert.exists() || key.exists() {
         return Identity::load(&cert, &key).with_context(|| {
             format!(
@@ -189,9 +256,32 @@ impl Cli {
     }
 
     async fn connect(&self, default_name: Option<String>) -> Result<Client> {
-        let config = self.config(default_name)?;
+        let mut config = self.config(default_name)?;
+        let kept = self.cert.is_none();
+        let files = identity_files(self, &config.name);
+        if let (Some(identity), true) = (config.identity.clone(), kept) {
+            let issued = qmesh_client::enroll::is_issued(&identity);
+            let due = qmesh_client::enroll::renew_at(&identity)
+                .is_some_and(|at| at <= std::time::SystemTime::now());
+            if let (Some(token), false) = (&self.token, issued) {
+                config.identity = Some(Arc::new(
+                    enroll_and_save(&files, &config, Some(token)).await?,
+                ));
+            } else if issued && due {
+                config.identity = Some(Arc::new(enroll_and_save(&files, &config, None).await?));
+            }
+        }
         let what = format!("connecting to {} as {}", config.coordinator, config.name);
-        Client::connect(config).await.context(what)
+        let client = Client::connect(config.clone()).await.context(what)?;
+        if kept
+            && config
+                .identity
+                .as_deref()
+                .is_some_and(qmesh_client::enroll::is_issued)
+        {
+            renew_in_background(files, config);
+        }
+        Ok(client)
     }
 }
 

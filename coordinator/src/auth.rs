@@ -1,0 +1,434 @@
+//! Who may join: the auth modes, enrollment, revocation.
+//!
+//! - `open` (development only): any client certificate; a name is bound to
+//!   the certificate that holds it for the life of the session.
+//! - `token`: clients enroll once with a one-use token and get a
+//!   short-lived certificate for their own key, signed by the
+//!   coordinator's client CA (`client-ca.pem` in the state directory); they
+//!   join with it and renew it before it expires.
+//! - `ca`: clients present certificates signed by a configured client CA;
+//!   the names a certificate may use are its DNS subject alternative names.
+//!
+//! In every mode revoked certificates are refused in the TLS handshake
+//! (alert `certificate_revoked`), and the revocation list is kept in the
+//! state directory.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use qmesh_certs::{Ca, ClientAuth, Fingerprint};
+use qmesh_proto::codes::RejectCode;
+use rustls_pki_types::CertificateDer;
+use serde::Deserialize;
+
+use crate::files::write_private;
+use crate::token::{TokenKey, UsedTokens};
+
+/// The auth mode a coordinator runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Any client certificate may join (development only).
+    Open,
+    /// Clients enroll with one-use tokens and get short-lived certificates.
+    Token,
+    /// Clients present certificates signed by a configured client CA.
+    Ca,
+}
+
+impl fmt::Display for AuthMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AuthMode::Open => "open",
+            AuthMode::Token => "token",
+            AuthMode::Ca => "ca",
+        })
+    }
+}
+
+/// Default lifetime of a certificate issued in `token` mode.
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Append one line to a state file (created 0600).
+fn append_line(path: &Path, line: &str) {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let written = options
+        .open(path)
+        .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|_| f.sync_data()));
+    if let Err(e) = written {
+        tracing::error!(file = %path.display(), cause = %e, "cannot write a state file");
+    }
+}
+
+/// Lines of a state file as whitespace-separated fields (missing file: none).
+fn read_records(path: &Path) -> Result<Vec<Vec<String>>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .filter(|f| !f.is_empty() && !f[0].starts_with('#'))
+        .collect())
+}
+
+/// Revoked certificate fingerprints, kept in `revoked` in the state
+/// directory (one `fingerprint name unix-time` per line).
+#[derive(Debug, Default)]
+pub struct Revocations {
+    set: RwLock<HashSet<Fingerprint>>,
+    file: Option<PathBuf>,
+}
+
+impl Revocations {
+    fn load(dir: Option<&Path>) -> Result<Revocations> {
+        let file = dir.map(|d| d.join("revoked"));
+        let mut set = HashSet::new();
+        if let Some(path) = &file {
+            for fields in read_records(path)? {
+                if let Ok(fp) = fields[0].parse::<Fingerprint>() {
+                    set.insert(fp);
+                }
+            }
+        }
+        Ok(Revocations {
+            set: RwLock::new(set),
+            file,
+        })
+    }
+
+    /// Whether `fp` is revoked.
+    pub fn contains(&self, fp: &Fingerprint) -> bool {
+        self.set
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(fp)
+    }
+
+    /// Revoke `fp` (held by `name`); returns whether it was new.
+    pub fn add(&self, fp: Fingerprint, name: &str) -> bool {
+        let new = self
+            .set
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fp);
+        if new {
+            if let Some(path) = &self.file {
+                append_line(path, &format!("{fp} {name} {}\n", now_secs()));
+            }
+        }
+        new
+    }
+
+    /// How many fingerprints are revoked.
+    pub fn len(&self) -> usize {
+        self.set.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The state of `token` mode.
+struct TokenState {
+    ca: Ca,
+    key: TokenKey,
+    used: UsedTokens,
+    ttl: Duration,
+    /// Certificates issued per name, until they expire: what `revoke NAME`
+    /// revokes besides the sessions it finds.
+    issued: RwLock<HashMap<String, Vec<(Fingerprint, u64)>>>,
+    issued_file: PathBuf,
+}
+
+/// The coordinator's authentication: what the TLS layer admits and what a
+/// hello or an enrollment must show.
+pub struct Auth {
+    mode: AuthMode,
+    client: ClientAuth,
+    token: Option<TokenState>,
+    revoked: Arc<Revocations>,
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auth")
+            .field("mode", &self.mode)
+            .field("revoked", &self.revoked.len())
+            .finish()
+    }
+}
+
+/// The client CA of `token` mode in `dir`: `client-ca.pem` and
+/// `client-ca-key.pem`, made when missing.
+pub fn token_ca(dir: &Path) -> Result<Ca> {
+    let (cert, key) = (dir.join("client-ca.pem"), dir.join("client-ca-key.pem"));
+    if cert.exists() && key.exists() {
+        return Ca::load(&cert, &key).with_context(|| format!("loading {}", cert.display()));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let ca = Ca::generate("qmesh client CA")?;
+    ca.save(&cert, &key)?;
+    Ok(ca)
+}
+
+/// The token key of `token` mode in `dir` (`token.key`), made when missing.
+pub fn token_key(dir: &Path) -> Result<TokenKey> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    TokenKey::load_or_create(&dir.join("token.key"))
+}
+
+impl Auth {
+    fn build(
+        mode: AuthMode,
+        state_dir: Option<&Path>,
+        roots: Vec<CertificateDer<'static>>,
+        token: Option<TokenState>,
+    ) -> Result<Auth> {
+        let revoked = Arc::new(Revocations::load(state_dir)?);
+        let check = {
+            let revoked = revoked.clone();
+            Arc::new(move |fp: &Fingerprint| revoked.contains(fp))
+        };
+        let client = match mode {
+            AuthMode::Open => ClientAuth::any(check),
+            AuthMode::Ca => ClientAuth::ca(roots, false, check)?,
+            AuthMode::Token => ClientAuth::ca(roots, true, check)?,
+        };
+        Ok(Auth {
+            mode,
+            client,
+            token,
+            revoked,
+        })
+    }
+
+    /// `open` mode with revocations in memory only.
+    pub fn development() -> Auth {
+        let revoked = Arc::new(Revocations::default());
+        let check = {
+            let revoked = revoked.clone();
+            Arc::new(move |fp: &Fingerprint| revoked.contains(fp))
+        };
+        Auth {
+            mode: AuthMode::Open,
+            client: ClientAuth::any(check),
+            token: None,
+            revoked,
+        }
+    }
+
+    /// `open` mode. Revocations are kept in `state_dir` when given.
+    pub fn open(state_dir: Option<&Path>) -> Result<Auth> {
+        Auth::build(AuthMode::Open, state_dir, Vec::new(), None)
+    }
+
+    /// `ca` mode: clients present certificates that chain to `client_ca`.
+    pub fn ca(client_ca: Vec<CertificateDer<'static>>, state_dir: Option<&Path>) -> Result<Auth> {
+        Auth::build(AuthMode::Ca, state_dir, client_ca, None)
+    }
+
+    /// `token` mode with its state in `state_dir` (client CA, token key,
+    /// used tokens, issued certificates); issued certificates live `ttl`.
+    pub fn token(state_dir: &Path, ttl: Duration) -> Result<Auth> {
+        let ca = token_ca(state_dir)?;
+        let key = token_key(state_dir)?;
+        let used = UsedTokens::load(&state_dir.join("tokens-used"))?;
+        let issued_file = state_dir.join("issued");
+        let now = now_secs();
+        let mut issued: HashMap<String, Vec<(Fingerprint, u64)>> = HashMap::new();
+        for f in read_records(&issued_file)? {
+            if let (Some(fp), Some(name), Some(exp)) = (
+                f.first().and_then(|s| s.parse::<Fingerprint>().ok()),
+                f.get(1),
+                f.get(2).and_then(|s| s.parse::<u64>().ok()),
+            ) {
+                if exp >= now {
+                    issued.entry(name.clone()).or_default().push((fp, exp));
+                }
+            }
+        }
+        let kept: String = issued
+            .iter()
+            .flat_map(|(n, v)| v.iter().map(move |(fp, e)| format!("{fp} {n} {e}\n")))
+            .collect();
+        write_private(&issued_file, kept.as_bytes())?;
+        let roots = vec![ca.cert_der().clone()];
+        let state = TokenState {
+            ca,
+            key,
+            used,
+            ttl,
+            issued: RwLock::new(issued),
+            issued_file,
+        };
+        Auth::build(AuthMode::Token, Some(state_dir), roots, Some(state))
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// The TLS-level check of client certificates.
+    pub fn client_auth(&self) -> &ClientAuth {
+        &self.client
+    }
+
+    /// The revocation list.
+    pub fn revocations(&self) -> &Revocations {
+        &self.revoked
+    }
+
+    /// Certificates issued for `name` that have not expired (`token` mode).
+    pub fn issued_for(&self, name: &str) -> Vec<Fingerprint> {
+        let Some(t) = &self.token else {
+            return Vec::new();
+        };
+        let now = now_secs();
+        t.issued
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .map(|v| {
+                v.iter()
+                    .filter(|(_, e)| *e >= now)
+                    .map(|(fp, _)| *fp)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether a hello for `name` with the certificate chain `chain` may
+    /// join; the refusal says what to do.
+    pub(crate) fn check_hello(
+        &self,
+        name: &str,
+        chain: &[CertificateDer<'static>],
+    ) -> Result<(), (RejectCode, String)> {
+        if let Some(fp) = chain.first().map(Fingerprint::of) {
+            if self.revoked.contains(&fp) {
+                return Err((
+                    RejectCode::NotAuthorised,
+                    "this certificate has been revoked by the operator".into(),
+                ));
+            }
+        }
+        match self.mode {
+            AuthMode::Open => Ok(()),
+            AuthMode::Ca | AuthMode::Token => {
+                let Some(names) = self.client.issued_names(chain) else {
+                    let what = if self.mode == AuthMode::Token {
+                        "this coordinator admits enrolled clients only: ask the operator for a token \
+                         (qmesh-coordinator token create --name NAME) and connect once with --token"
+                    } else {
+                        "this coordinator admits certificates from its client CA only; \
+                         ask the operator for one and pass it with --cert/--key"
+                    };
+                    return Err((RejectCode::NotAuthorised, what.into()));
+                };
+                if names.iter().any(|n| n == name) {
+                    Ok(())
+                } else {
+                    Err((
+                        RejectCode::NotAuthorised,
+                        format!(
+                            "this certificate is for {}, so it cannot join as {name}; \
+                             connect with --name {}",
+                            if names.is_empty() {
+                                "no name".to_owned()
+                            } else {
+                                names.join(", ")
+                            },
+                            names.first().map(String::as_str).unwrap_or("…")
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Enrollment (with a token) or renewal (without): a certificate for
+    /// `name` and the key of `chain[0]`, PEM, and when it expires.
+    pub(crate) fn enroll(
+        &self,
+        name: &str,
+        token: Option<&str>,
+        chain: &[CertificateDer<'static>],
+    ) -> Result<(String, u64), (RejectCode, String)> {
+        let Some(state) = &self.token else {
+            return Err((
+                RejectCode::NotAuthorised,
+                format!(
+                    "this coordinator runs in {} mode and issues no certificates; connect without --token",
+                    self.mode
+                ),
+            ));
+        };
+        if let Err(e) = qmesh_proto::name::validate_client_name(name) {
+            return Err((RejectCode::InvalidName, e.to_string()));
+        }
+        let Some(leaf) = chain.first() else {
+            return Err((RejectCode::NotAuthorised, "no certificate presented".into()));
+        };
+        match token {
+            Some(token) => {
+                let claims = state
+                    .key
+                    .verify(token)
+                    .map_err(|e| (RejectCode::BadToken, e.to_string()))?;
+                state
+                    .used
+                    .redeem(&claims, name)
+                    .map_err(|e| (RejectCode::BadToken, e.to_string()))?;
+            }
+            None => self
+                .check_hello(name, chain)
+                .map_err(|(code, msg)| (code, format!("cannot renew: {msg}")))?,
+        }
+        let issued = state
+            .ca
+            .issue_client_for(leaf, name, state.ttl)
+            .map_err(|e| {
+                (
+                    RejectCode::InvalidName,
+                    format!("cannot issue a certificate for {name}: {e}"),
+                )
+            })?;
+        let fp = Fingerprint::of(&issued.cert);
+        {
+            let now = now_secs();
+            let mut map = state.issued.write().unwrap_or_else(|e| e.into_inner());
+            let list = map.entry(name.to_owned()).or_default();
+            list.retain(|(_, e)| *e >= now);
+            list.push((fp, issued.expires));
+        }
+        append_line(
+            &state.issued_file,
+            &format!("{fp} {name} {}\n", issued.expires),
+        );
+        Ok((qmesh_certs::pem_encode_cert(&issued.cert), issued.expires))
+    }
+}

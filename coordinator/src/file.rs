@@ -1,0 +1,283 @@
+//! The coordinator's TOML config file (`qmesh-coordinator run --config`).
+//!
+//! ```toml
+//! listen = "quic/*4:7447"
+//! state_dir = "/var/lib/qmesh-coordinator"
+//! cert = "coordinator.pem"          # relative to this file
+//! key = "coordinator-key.pem"
+//!
+//! [auth]
+//! mode = "token"                    # open | token | ca
+//! cert_ttl = "24h"                  # token mode: issued certificate lifetime
+//! # client_ca = "clients-ca.pem"    # ca mode
+//!
+//! [limits]
+//! max_clients = 10000
+//! max_channels_per_client = 1024
+//! max_streams_per_channel = 1024
+//! max_message_size = 67108864
+//! hello_timeout = "10s"
+//! idle_timeout = "30s"
+//! bytes_per_second = 268435456      # 0: unlimited
+//! messages_per_second = 1000000     # 0: unlimited
+//! burst = "250ms"
+//! flood_after = "5s"
+//! max_pending = 4096
+//!
+//! [policy]                          # see the policy module
+//! ```
+//!
+//! Every setting is optional; command-line flags override the file.
+//! [`check_file`] is the dry run: it reports every error it finds.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::AuthMode;
+use crate::policy::{Policy, PolicySpec};
+
+/// The file as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Where to listen, as a connpipe address.
+    pub listen: Option<String>,
+    /// The state directory.
+    pub state_dir: Option<PathBuf>,
+    /// The coordinator certificate (PEM).
+    pub cert: Option<PathBuf>,
+    /// Its key (PEM).
+    pub key: Option<PathBuf>,
+    /// `[auth]`.
+    #[serde(default)]
+    pub auth: AuthSection,
+    /// `[limits]`.
+    #[serde(default)]
+    pub limits: LimitsSection,
+    /// `[policy]`.
+    pub policy: Option<PolicySpec>,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// The mode; `open` when absent.
+    pub mode: Option<AuthMode>,
+    /// The client CA file (`ca` mode).
+    pub client_ca: Option<PathBuf>,
+    /// Lifetime of issued certificates (`token` mode), e.g. `24h`.
+    pub cert_ttl: Option<String>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(missing_docs)]
+pub struct LimitsSection {
+    pub max_clients: Option<usize>,
+    pub max_channels_per_client: Option<usize>,
+    pub max_streams_per_channel: Option<usize>,
+    pub max_message_size: Option<u64>,
+    pub hello_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub bytes_per_second: Option<u64>,
+    pub messages_per_second: Option<u64>,
+    pub burst: Option<String>,
+    pub flood_after: Option<String>,
+    pub max_pending: Option<usize>,
+}
+
+/// A checked file: its settings (paths made relative to the file's
+/// directory) with durations parsed and the policy compiled.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The file's settings.
+    pub file: FileConfig,
+    /// The compiled policy, if the file has one.
+    pub policy: Option<Policy>,
+    /// `[auth] cert_ttl`.
+    pub cert_ttl: Option<Duration>,
+    /// `[limits] hello_timeout`.
+    pub hello_timeout: Option<Duration>,
+    /// `[limits] idle_timeout`.
+    pub idle_timeout: Option<Duration>,
+    /// `[limits] burst`.
+    pub burst: Option<Duration>,
+    /// `[limits] flood_after`.
+    pub flood_after: Option<Duration>,
+}
+
+fn duration(field: &str, value: &Option<String>, errors: &mut Vec<String>) -> Option<Duration> {
+    let v = value.as_ref()?;
+    match humantime::parse_duration(v) {
+        Ok(d) if !d.is_zero() => Some(d),
+        Ok(_) => {
+            errors.push(format!("{field} = \"{v}\" must be more than zero"));
+            None
+        }
+        Err(e) => {
+            errors.push(format!(
+                "{field} = \"{v}\" is not a duration like 30s or 24h: {e}"
+            ));
+            None
+        }
+    }
+}
+
+/// Parse and check config text; `base` is the directory relative paths
+/// are taken from. Every error found is returned.
+pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
+    let mut file: FileConfig = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
+    let mut errors = Vec::new();
+    let rel = |p: &mut Option<PathBuf>| {
+        if let Some(path) = p {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+    };
+    rel(&mut file.cert);
+    rel(&mut file.key);
+    rel(&mut file.state_dir);
+    rel(&mut file.auth.client_ca);
+    if file.cert.is_some() != file.key.is_some() {
+        errors.push("cert and key go together: give both or neither".into());
+    }
+    let mode = file.auth.mode.unwrap_or(AuthMode::Open);
+    match (mode, &file.auth.client_ca) {
+        (AuthMode::Ca, None) => errors.push(
+            "[auth] mode = \"ca\" needs client_ca, the CA file client certificates must chain to"
+                .into(),
+        ),
+        (AuthMode::Ca, Some(ca)) => {
+            if let Err(e) = qmesh_certs::load_certs(ca) {
+                errors.push(format!("[auth] client_ca: {e}"));
+            }
+        }
+        (_, Some(_)) => errors.push(format!(
+            "[auth] client_ca is only used in ca mode, not {mode}"
+        )),
+        _ => {}
+    }
+    if mode == AuthMode::Token && file.state_dir.is_none() {
+        errors.push("[auth] mode = \"token\" needs state_dir (or --state-dir): the client CA, token key and used tokens live there".into());
+    }
+    let cert_ttl = duration("[auth] cert_ttl", &file.auth.cert_ttl, &mut errors);
+    if cert_ttl.is_some() && mode != AuthMode::Token {
+        errors.push(format!(
+            "[auth] cert_ttl is only used in token mode, not {mode}"
+        ));
+    }
+    let l = &file.limits;
+    let hello_timeout = duration("[limits] hello_timeout", &l.hello_timeout, &mut errors);
+    let idle_timeout = duration("[limits] idle_timeout", &l.idle_timeout, &mut errors);
+    let burst = duration("[limits] burst", &l.burst, &mut errors);
+    let flood_after = duration("[limits] flood_after", &l.flood_after, &mut errors);
+    for (field, v) in [
+        ("max_clients", l.max_clients),
+        ("max_channels_per_client", l.max_channels_per_client),
+        ("max_streams_per_channel", l.max_streams_per_channel),
+        ("max_pending", l.max_pending),
+    ] {
+        if v == Some(0) {
+            errors.push(format!("[limits] {field} must be at least 1"));
+        }
+    }
+    if l.max_message_size == Some(0) {
+        errors.push("[limits] max_message_size must be at least 1".into());
+    }
+    let policy = match &file.policy {
+        Some(spec) => match Policy::from_spec(spec) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                errors.extend(e.into_iter().map(|e| format!("[policy] {e}")));
+                None
+            }
+        },
+        None => None,
+    };
+    if errors.is_empty() {
+        Ok(Checked {
+            file,
+            policy,
+            cert_ttl,
+            hello_timeout,
+            idle_timeout,
+            burst,
+            flood_after,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+/// Read and check a config file (the dry run).
+pub fn check_file(path: &Path) -> Result<Checked, Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    check_text(&text, base).map_err(|errors| {
+        errors
+            .into_iter()
+            .map(|e| format!("{}: {e}", path.display()))
+            .collect()
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file_checks() {
+        let c = check_text(
+            r#"
+            listen = "quic/127.0.0.1:0"
+            state_dir = "state"
+            [auth]
+            mode = "token"
+            cert_ttl = "1h"
+            [limits]
+            bytes_per_second = 1000
+            flood_after = "3s"
+            [[policy.allow]]
+            from = ["*"]
+            to = ["*"]
+            channels = ["chat"]
+            "#,
+            Path::new("/etc/qmesh"),
+        )
+        .unwrap();
+        assert_eq!(c.cert_ttl, Some(Duration::from_secs(3600)));
+        assert_eq!(c.flood_after, Some(Duration::from_secs(3)));
+        assert_eq!(c.file.state_dir, Some(PathBuf::from("/etc/qmesh/state")));
+        assert_eq!(c.policy.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let errs = check_text(
+            r#"
+            cert = "x.pem"
+            [auth]
+            mode = "ca"
+            cert_ttl = "soon"
+            [limits]
+            max_clients = 0
+            [[policy.allow]]
+            from = ["@ghosts"]
+            to = ["*"]
+            channels = ["*"]
+            "#,
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(errs.len(), 5, "{errs:#?}");
+        let typo = check_text("[limits]\nmax_clinets = 3\n", Path::new(".")).unwrap_err();
+        assert!(typo[0].contains("max_clinets"), "{typo:?}");
+    }
+}

@@ -1,0 +1,330 @@
+//! One-use enrollment tokens.
+//!
+//! A token is `qmt1_` + hex(payload) + `_` + hex(HMAC-SHA256(key, payload)).
+//! The payload is the expiry (8 bytes, big-endian Unix seconds), a random
+//! 16-byte nonce and the name pattern it is for (UTF-8, at most 64 bytes).
+//! The key is 32 random bytes in the coordinator's state directory, so
+//! `qmesh-coordinator token create` works offline, without the running
+//! coordinator. A token works once: the coordinator records each used nonce
+//! (in memory and in `tokens-used` in the state directory) until the token
+//! would have expired anyway.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::files::{read_small, write_private};
+
+/// Longest token text accepted; anything longer is refused before decoding.
+pub const MAX_TOKEN_LEN: usize = 512;
+/// Longest name pattern a token may carry.
+pub const MAX_PATTERN_LEN: usize = 64;
+const PREFIX: &str = "qmt1_";
+const NONCE: usize = 16;
+
+/// Why a token was not accepted. Each sentence says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// The text is not a token at all.
+    #[error("this is not a qmesh enrollment token (they start with qmt1_); copy the whole token `qmesh-coordinator token create` printed")]
+    Malformed,
+    /// The signature does not match this coordinator's token key.
+    #[error("this token was not issued by this coordinator (or its token key changed); ask the operator for a new one")]
+    BadSignature,
+    /// The token's lifetime is over.
+    #[error("this token expired {ago} s ago; ask the operator for a new one")]
+    Expired {
+        /// Seconds since it expired.
+        ago: u64,
+    },
+    /// The name asked for does not match the token's pattern.
+    #[error("this token is for names matching `{pattern}`, not `{name}`")]
+    WrongName {
+        /// The token's pattern.
+        pattern: String,
+        /// The name asked for.
+        name: String,
+    },
+    /// The token was used before.
+    #[error("this token was already used (a token works once); ask the operator for a new one")]
+    Used,
+}
+
+/// What a valid token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    /// Unix seconds after which the token is refused.
+    pub expires: u64,
+    /// The names it enrolls (`*` and `?` wildcards).
+    pub pattern: String,
+    nonce: [u8; NONCE],
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Whether `name` matches a pattern with `*` and `?` wildcards.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    wildmatch::WildMatch::new(pattern).matches(name)
+}
+
+/// The HMAC key tokens are signed with.
+#[derive(Debug)]
+pub struct TokenKey {
+    key: hmac::Key,
+}
+
+impl TokenKey {
+    /// The key in `path`, made (32 random bytes, mode 0600) when missing.
+    pub fn load_or_create(path: &Path) -> anyhow::Result<TokenKey> {
+        let bytes = if path.exists() {
+            let text = read_small(path, 1024)?;
+            let bytes = hex::decode(text.trim())
+                .map_err(|e| anyhow::anyhow!("{} is not a hex token key: {e}", path.display()))?;
+            if bytes.len() != 32 {
+                anyhow::bail!("{} must hold 32 bytes of hex", path.display());
+            }
+            bytes
+        } else {
+            let mut bytes = vec![0u8; 32];
+            SystemRandom::new()
+                .fill(&mut bytes)
+                .map_err(|_| anyhow::anyhow!("no random bytes for the token key"))?;
+            write_private(path, format!("{}\n", hex::encode(&bytes)).as_bytes())?;
+            bytes
+        };
+        Ok(TokenKey {
+            key: hmac::Key::new(hmac::HMAC_SHA256, &bytes),
+        })
+    }
+
+    /// A new token for names matching `pattern`, valid for `ttl`.
+    pub fn create(&self, pattern: &str, ttl: Duration) -> anyhow::Result<String> {
+        if pattern.is_empty() || pattern.len() > MAX_PATTERN_LEN {
+            anyhow::bail!("a token's name pattern must be 1 to {MAX_PATTERN_LEN} bytes");
+        }
+        let mut nonce = [0u8; NONCE];
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| anyhow::anyhow!("no random bytes for the token"))?;
+        let expires = now_secs().saturating_add(ttl.as_secs().max(1));
+        let mut payload = Vec::with_capacity(8 + NONCE + pattern.len());
+        payload.extend_from_slice(&expires.to_be_bytes());
+        payload.extend_from_slice(&nonce);
+        payload.extend_from_slice(pattern.as_bytes());
+        let tag = hmac::sign(&self.key, &payload);
+        Ok(format!(
+            "{PREFIX}{}_{}",
+            hex::encode(&payload),
+            hex::encode(tag.as_ref())
+        ))
+    }
+
+    /// Check a token's form and signature (not its expiry or use).
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let token = token.trim();
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::Malformed);
+        }
+        let body = token.strip_prefix(PREFIX).ok_or(TokenError::Malformed)?;
+        let (payload, tag) = body.split_once('_').ok_or(TokenError::Malformed)?;
+        let payload = hex::decode(payload).map_err(|_| TokenError::Malformed)?;
+        let tag = hex::decode(tag).map_err(|_| TokenError::Malformed)?;
+        hmac::verify(&self.key, &payload, &tag).map_err(|_| TokenError::BadSignature)?;
+        parse_payload(&payload)
+    }
+}
+
+/// Decode a signed payload. Public for the fuzz target; signature checks
+/// happen before this in [`TokenKey::verify`].
+pub fn parse_payload(payload: &[u8]) -> Result<Claims, TokenError> {
+    if payload.len() < 8 + NONCE + 1 || payload.len() > 8 + NONCE + MAX_PATTERN_LEN {
+        return Err(TokenError::Malformed);
+    }
+    let (expires, rest) = payload.split_at(8);
+    let (nonce, pattern) = rest.split_at(NONCE);
+    let expires = u64::from_be_bytes(expires.try_into().map_err(|_| TokenError::Malformed)?);
+    let nonce: [u8; NONCE] = nonce.try_into().map_err(|_| TokenError::Malformed)?;
+    let pattern = std::str::from_utf8(pattern)
+        .map_err(|_| TokenError::Malformed)?
+        .to_owned();
+    Ok(Claims {
+        expires,
+        pattern,
+        nonce,
+    })
+}
+
+/// Nonces of used tokens, until they expire; kept in a file so that a
+/// restart does not make a used token good again.
+#[derive(Debug)]
+pub struct UsedTokens {
+    used: Mutex<HashMap<[u8; NONCE], u64>>,
+    file: Option<PathBuf>,
+}
+
+impl UsedTokens {
+    /// An empty set kept in memory only.
+    pub fn in_memory() -> UsedTokens {
+        UsedTokens {
+            used: Mutex::new(HashMap::new()),
+            file: None,
+        }
+    }
+
+    /// The set recorded in `path` (missing: empty), without expired
+    /// entries; new entries are appended to it.
+    pub fn load(path: &Path) -> anyhow::Result<UsedTokens> {
+        let mut used = HashMap::new();
+        let now = now_secs();
+        if path.exists() {
+            let text = std::fs::read_to_string(path)?;
+            for line in text.lines() {
+                let mut parts = line.split_whitespace();
+                let (Some(n), Some(e)) = (parts.next(), parts.next()) else {
+                    continue;
+                };
+                let (Ok(n), Ok(e)) = (hex::decode(n), e.parse::<u64>()) else {
+                    continue;
+                };
+                if let Ok(n) = <[u8; NONCE]>::try_from(n.as_slice()) {
+                    if e >= now {
+                        used.insert(n, e);
+                    }
+                }
+            }
+            let kept: String = used
+                .iter()
+                .map(|(n, e)| format!("{} {e}\n", hex::encode(n)))
+                .collect();
+            write_private(path, kept.as_bytes())?;
+        }
+        Ok(UsedTokens {
+            used: Mutex::new(used),
+            file: Some(path.to_owned()),
+        })
+    }
+
+    /// Use up a verified token for `name`: it must match the name, be
+    /// unexpired and unused. Exactly one of concurrent uses succeeds.
+    pub fn redeem(&self, claims: &Claims, name: &str) -> Result<(), TokenError> {
+        let now = now_secs();
+        if now > claims.expires {
+            return Err(TokenError::Expired {
+                ago: now - claims.expires,
+            });
+        }
+        if !pattern_matches(&claims.pattern, name) {
+            return Err(TokenError::WrongName {
+                pattern: claims.pattern.clone(),
+                name: name.to_owned(),
+            });
+        }
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        used.retain(|_, e| *e >= now);
+        if used.contains_key(&claims.nonce) {
+            return Err(TokenError::Used);
+        }
+        used.insert(claims.nonce, claims.expires);
+        if let Some(path) = &self.file {
+            let line = format!("{} {}\n", hex::encode(claims.nonce), claims.expires);
+            let written = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|_| f.sync_data()));
+            if let Err(e) = written {
+                tracing::error!(file = %path.display(), cause = %e, "cannot record a used token; it stays used until restart");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn key(dir: &Path) -> TokenKey {
+        TokenKey::load_or_create(&dir.join("token.key")).unwrap()
+    }
+
+    #[test]
+    fn a_token_works_once_for_matching_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key(dir.path());
+        let used = UsedTokens::load(&dir.path().join("used")).unwrap();
+        let t = k.create("ci-*", Duration::from_secs(60)).unwrap();
+        let claims = k.verify(&t).unwrap();
+        assert!(matches!(
+            used.redeem(&claims, "alice"),
+            Err(TokenError::WrongName { .. })
+        ));
+        used.redeem(&claims, "ci-7").unwrap();
+        assert_eq!(used.redeem(&claims, "ci-8"), Err(TokenError::Used));
+        // A restart keeps it used.
+        let again = UsedTokens::load(&dir.path().join("used")).unwrap();
+        assert_eq!(again.redeem(&claims, "ci-7"), Err(TokenError::Used));
+        // The key file is reused, so the token still verifies.
+        assert_eq!(key(dir.path()).verify(&t).unwrap(), claims);
+    }
+
+    #[test]
+    fn tampered_foreign_and_expired_tokens_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let k = key(dir.path());
+        let t = k.create("alice", Duration::from_secs(60)).unwrap();
+        assert_eq!(key(other.path()).verify(&t), Err(TokenError::BadSignature));
+        // Change the pattern's last byte: the signature no longer matches.
+        let (head, tag) = t.rsplit_once('_').unwrap();
+        let mut head = head.to_owned();
+        head.pop();
+        head.push('0');
+        assert_eq!(
+            k.verify(&format!("{head}_{tag}")),
+            Err(TokenError::BadSignature)
+        );
+        for junk in ["", "qmt1_", "qmt1_zz_zz", "hello", &"a".repeat(4000)] {
+            assert_eq!(k.verify(junk), Err(TokenError::Malformed), "{junk}");
+        }
+        let mut claims = k.verify(&t).unwrap();
+        claims.expires = now_secs() - 10;
+        assert!(matches!(
+            UsedTokens::in_memory().redeem(&claims, "alice"),
+            Err(TokenError::Expired { .. })
+        ));
+    }
+
+    #[test]
+    fn concurrent_redeems_have_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key(dir.path());
+        let used = std::sync::Arc::new(UsedTokens::in_memory());
+        let claims = k
+            .verify(&k.create("alice", Duration::from_secs(60)).unwrap())
+            .unwrap();
+        let wins: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|_| {
+                    let used = used.clone();
+                    let claims = claims.clone();
+                    s.spawn(move || used.redeem(&claims, "alice").is_ok() as usize)
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(wins, 1);
+    }
+}
