@@ -328,12 +328,29 @@ impl Auth {
         name: &str,
         chain: &[CertificateDer<'static>],
     ) -> Result<(), (RejectCode, String)> {
-        if let Some(fp) = chain.first().map(Fingerprint::of) {
-            if self.revoked.contains(&fp) {
+        // The TLS layer checked these already, except on a resumed TLS
+        // session, where rustls restores the certificate from the ticket
+        // without verifying it again.
+        let Some(leaf) = chain.first() else {
+            return Err((RejectCode::NotAuthorised, "no certificate presented".into()));
+        };
+        if self.revoked.contains(&Fingerprint::of(leaf)) {
+            return Err((
+                RejectCode::NotAuthorised,
+                "this certificate has been revoked by the operator; ask them for a new credential"
+                    .into(),
+            ));
+        }
+        let now = now_secs() as i64;
+        match qmesh_certs::clientauth::validity(leaf) {
+            Some((from, until)) if from <= now && now <= until => {}
+            _ => {
                 return Err((
                     RejectCode::NotAuthorised,
-                    "this certificate has been revoked by the operator".into(),
-                ));
+                    "this certificate has expired or is not valid yet; check the clock, renew it, \
+                     or enroll again with a new token"
+                        .into(),
+                ))
             }
         }
         match self.mode {

@@ -416,9 +416,10 @@ async fn run(args: RunArgs) -> Result<()> {
     let shutdown = shutdown_signal()?;
     reload_on_hangup(control)?;
     println!(
-        "qmesh-coordinator listening on quic/{} (auth {mode})",
+        "qmesh-coordinator listening on quic/{}",
         coordinator.local_addr()
     );
+    println!("auth mode: {mode}");
     match mode {
         AuthMode::Open => {
             eprintln!(

@@ -385,6 +385,7 @@ impl Coordinator {
         let addr = self.local_addr();
         let stats = self.stats();
         let control = self.control();
+        let endpoint = self.endpoint.clone();
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(self.run(async move { token.cancelled().await }));
@@ -392,6 +393,7 @@ impl Coordinator {
             addr,
             stats,
             control,
+            endpoint,
             stop,
             task: Some(task),
         }
@@ -404,6 +406,7 @@ pub struct CoordinatorHandle {
     addr: SocketAddr,
     stats: Arc<Stats>,
     control: Control,
+    endpoint: Endpoint,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -422,6 +425,12 @@ impl CoordinatorHandle {
     /// Operator actions (revoke, policy reload) on this coordinator.
     pub fn control(&self) -> &Control {
         &self.control
+    }
+
+    /// QUIC connections the endpoint still holds state for, authenticated
+    /// or not (closed ones count until they have drained).
+    pub fn open_connections(&self) -> usize {
+        self.endpoint.open_connections()
     }
 
     /// Stop the coordinator and wait until it has.

@@ -110,6 +110,17 @@ impl TokenKey {
 
     /// A new token for names matching `pattern`, valid for `ttl`.
     pub fn create(&self, pattern: &str, ttl: Duration) -> anyhow::Result<String> {
+        let expires = now_secs().saturating_add(ttl.as_secs().max(1));
+        self.create_until(pattern, UNIX_EPOCH + Duration::from_secs(expires))
+    }
+
+    /// A new token for names matching `pattern`, refused after `expires`
+    /// (which may be in the past: tests use that).
+    pub fn create_until(&self, pattern: &str, expires: SystemTime) -> anyhow::Result<String> {
+        let expires = expires
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         if pattern.is_empty() || pattern.len() > MAX_PATTERN_LEN {
             anyhow::bail!("a token's name pattern must be 1 to {MAX_PATTERN_LEN} bytes");
         }
@@ -117,7 +128,6 @@ impl TokenKey {
         SystemRandom::new()
             .fill(&mut nonce)
             .map_err(|_| anyhow::anyhow!("no random bytes for the token"))?;
-        let expires = now_secs().saturating_add(ttl.as_secs().max(1));
         let mut payload = Vec::with_capacity(8 + NONCE + pattern.len());
         payload.extend_from_slice(&expires.to_be_bytes());
         payload.extend_from_slice(&nonce);
