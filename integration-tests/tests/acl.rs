@@ -1,0 +1,268 @@
+//! Access control and limits: policy allow/deny/direct, reload with a dry
+//! run, the flood cut-off, streams per channel and the message size limit.
+
+use std::path::Path as FsPath;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use qmesh_client::{Client, Path, PathMode};
+use qmesh_coordinator::limit::RateLimits;
+use qmesh_coordinator::policy::Policy;
+use qmesh_integration_tests::{open_pair, open_pair_with, within, Mesh, STEP};
+use qmesh_proto::codes::{OpenFailCode, StreamCode};
+use qmesh_proto::Address;
+
+const POLICY: &str = r#"
+[policy.groups]
+ops = ["alice"]
+
+[[policy.allow]]
+from = ["@ops"]
+to = ["bob"]
+channels = ["chat", "logs-*"]
+
+[[policy.allow]]
+from = ["alice"]
+to = ["bob"]
+channels = ["fast"]
+direct = true
+"#;
+
+fn policy(text: &str) -> Policy {
+    qmesh_coordinator::file::check_text(text, FsPath::new("."))
+        .unwrap()
+        .policy
+        .unwrap()
+}
+
+async fn open_code(from: &Client, address: &str, mode: PathMode) -> Option<OpenFailCode> {
+    let address: Address = address.parse().unwrap();
+    within(STEP, "open", from.open_with(&address, mode))
+        .await
+        .err()
+        .and_then(|e| {
+            assert!(
+                e.code() != Some(OpenFailCode::Denied) || e.to_string().contains("policy"),
+                "{e}"
+            );
+            e.code()
+        })
+}
+
+#[tokio::test]
+async fn the_policy_allows_what_it_lists_denies_the_rest_and_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("coordinator.toml");
+    std::fs::write(&file, POLICY).unwrap();
+    let path = file.clone();
+    let mesh = Mesh::start_with(move |c| {
+        c.policy = policy(POLICY);
+        c.config_file = Some(path);
+    })
+    .await;
+    let (alice, bob, carol) = tokio::join!(
+        mesh.client("alice"),
+        mesh.client("bob"),
+        mesh.client("carol")
+    );
+
+    // Allowed, relayed only: auto stays relayed, direct is denied.
+    let (a, b) = open_pair_with(&alice, &bob, "logs-1", PathMode::Auto).await;
+    assert_eq!(a.path(), Path::Relay);
+    assert_eq!(b.path(), Path::Relay);
+    assert_eq!(
+        open_code(&alice, "mesh/bob!chat", PathMode::Direct).await,
+        Some(OpenFailCode::Denied)
+    );
+    // Allowed with direct.
+    let (a, _b) = open_pair_with(&alice, &bob, "fast", PathMode::Direct).await;
+    assert!(matches!(a.path(), Path::Direct { .. }));
+    // Denied: another channel, another opener, the other direction; and
+    // a denied opener learns nothing about presence.
+    for (who, address) in [
+        (&alice, "mesh/bob!shell"),
+        (&carol, "mesh/bob!chat"),
+        (&bob, "mesh/alice!chat"),
+        (&carol, "mesh/nobody!chat"),
+    ] {
+        assert_eq!(
+            open_code(who, address, PathMode::Auto).await,
+            Some(OpenFailCode::Denied),
+            "{} {address}",
+            who.name()
+        );
+    }
+    let joined = mesh.coordinator.stats().channels_joined.load(Relaxed);
+    assert_eq!(joined, 2);
+
+    // A broken file is refused whole, with every error; the policy in
+    // force stays.
+    std::fs::write(
+        &file,
+        "[[policy.allow]]\nfrom = [\"@nobody\"]\nto = []\nchannels = [\"*\"]\n",
+    )
+    .unwrap();
+    let errors = mesh.coordinator.control().reload_policy().unwrap_err();
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    assert_eq!(
+        open_code(&carol, "mesh/bob!chat", PathMode::Auto).await,
+        Some(OpenFailCode::Denied)
+    );
+    let (_a, _b) = open_pair(&alice, &bob, "chat").await;
+
+    // A good file takes effect for the next open.
+    std::fs::write(
+        &file,
+        "[[policy.allow]]\nfrom = [\"carol\"]\nto = [\"bob\"]\nchannels = [\"chat\"]\n",
+    )
+    .unwrap();
+    let done = mesh.coordinator.control().reload_policy().unwrap();
+    assert!(done.contains("1 rules"), "{done}");
+    let (_c, _b) = open_pair(&carol, &bob, "chat").await;
+    assert_eq!(
+        open_code(&alice, "mesh/bob!chat", PathMode::Auto).await,
+        Some(OpenFailCode::Denied)
+    );
+}
+
+#[tokio::test]
+async fn a_flooding_client_is_cut_off_and_others_carry_on() {
+    let mesh = Mesh::start_with(|c| {
+        c.rate = RateLimits {
+            bytes_per_sec: Some(64 * 1024),
+            messages_per_sec: None,
+            burst: Duration::from_millis(250),
+            flood_after: Duration::from_secs(1),
+        };
+    })
+    .await;
+    let (alice, bob, carol, dave) = tokio::join!(
+        mesh.client("alice"),
+        mesh.client("bob"),
+        mesh.client("carol"),
+        mesh.client("dave")
+    );
+    let (flood_out, _flood_in) = open_pair(&alice, &bob, "flood").await;
+    let (calm_out, calm_in) = open_pair(&carol, &dave, "calm").await;
+
+    // 64 streams pushing 256 KiB each at once: about 16 MiB waiting at a
+    // 64 KiB/s limit, far past one second of backlog.
+    let mut pushers = Vec::new();
+    for _ in 0..64 {
+        let mut s = flood_out.open_stream().await.unwrap();
+        pushers.push(tokio::spawn(async move {
+            let _ = s.send(&vec![1u8; 256 * 1024]).await;
+            let _ = s.finish().await;
+        }));
+    }
+    let why = within(STEP, "alice cut off", alice.closed()).await;
+    assert!(why.contains("rate limit exceeded"), "{why}");
+    assert!(why.contains("slow down"), "{why}");
+    for p in pushers {
+        let _ = p.await;
+    }
+    // Carol and dave, each within their own limit, are unaffected.
+    let mut out = calm_out.open_stream().await.unwrap();
+    out.send(b"still here").await.unwrap();
+    out.finish().await.unwrap();
+    let mut inbox = within(STEP, "calm stream", calm_in.accept_stream())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&inbox.recv().await.unwrap().unwrap()[..], b"still here");
+}
+
+#[tokio::test]
+async fn a_sender_over_the_rate_on_one_stream_is_slowed_not_cut_off() {
+    let mesh = Mesh::start_with(|c| {
+        c.rate = RateLimits {
+            bytes_per_sec: Some(512 * 1024),
+            messages_per_sec: Some(200),
+            burst: Duration::from_millis(100),
+            flood_after: Duration::from_secs(5),
+        };
+    })
+    .await;
+    let (alice, bob) = tokio::join!(mesh.client("alice"), mesh.client("bob"));
+    let (out, inn) = open_pair(&alice, &bob, "bulk").await;
+    let sender = tokio::spawn(async move {
+        let mut s = out.open_stream().await.unwrap();
+        // 1 MiB in 64 KiB messages and 100 tiny messages: over both rates.
+        for _ in 0..16 {
+            s.send(&vec![2u8; 64 * 1024]).await.unwrap();
+        }
+        for _ in 0..100 {
+            s.feed(b"x").await.unwrap();
+        }
+        s.finish().await.unwrap();
+        out
+    });
+    let mut inbox = within(STEP, "stream", inn.accept_stream())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut got = 0;
+    while let Some(m) = within(STEP, "message", inbox.recv()).await.unwrap() {
+        got += m.len();
+    }
+    assert_eq!(got, 16 * 64 * 1024 + 100);
+    let _out = sender.await.unwrap();
+    // Still connected: another channel opens.
+    let (_a, _b) = open_pair(&alice, &bob, "after").await;
+}
+
+#[tokio::test]
+async fn streams_per_channel_and_message_size_are_bounded_at_the_relay() {
+    let mesh = Mesh::start_with(|c| {
+        c.max_streams_per_channel = 2;
+        c.max_message = 1000;
+    })
+    .await;
+    let (alice, bob) = tokio::join!(mesh.client("alice"), mesh.client("bob"));
+    let (out, inn) = open_pair(&alice, &bob, "small").await;
+    // A message over the coordinator's limit: the sender's stream is
+    // stopped with MessageTooLarge; the channel lives on.
+    let mut big = out.open_stream().await.unwrap();
+    big.send(&[0u8; 1001]).await.unwrap();
+    let code = within(STEP, "big stream stopped", big.stopped()).await;
+    assert_eq!(
+        code.map(|c| c.into_inner()),
+        Some(u64::from(StreamCode::MessageTooLarge.code()))
+    );
+    // Three streams held open at once: one of them is stopped with
+    // TooManyStreams, the other two are relayed.
+    let mut held = Vec::new();
+    for i in 0..3u8 {
+        let mut s = out.open_stream().await.unwrap();
+        s.send(&[i]).await.unwrap();
+        held.push(s);
+    }
+    let stops = held.iter().map(|s| Box::pin(s.stopped()));
+    let (first, _, _) = within(
+        STEP,
+        "a stream stopped",
+        futures_util::future::select_all(stops),
+    )
+    .await;
+    assert_eq!(
+        first.map(|c| c.into_inner()),
+        Some(u64::from(StreamCode::TooManyStreams.code()))
+    );
+    let mut relayed = 0;
+    for _ in 0..2 {
+        let mut r = within(STEP, "relayed stream", inn.accept_stream())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            within(STEP, "its byte", r.recv())
+                .await
+                .unwrap()
+                .unwrap()
+                .len(),
+            1
+        );
+        relayed += 1;
+    }
+    assert_eq!(relayed, 2);
+}
