@@ -144,8 +144,8 @@ pub fn dns_names(der: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// When a DER certificate expires, in seconds since the Unix epoch, and
-/// when it became valid; `None` if it does not parse.
+/// A DER certificate's validity period as (not before, not after), in
+/// seconds since the Unix epoch; `None` if it does not parse.
 pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     let v = cert.validity();

@@ -76,11 +76,29 @@ pub(crate) fn key_label(key: &PrivateKeyDer<'_>) -> &'static str {
 }
 
 /// Reads a whole text file.
+/// Largest PEM file read: far more than any certificate chain or key.
+const MAX_PEM_FILE: u64 = 1024 * 1024;
+
+/// Reads a PEM file of at most 1 MiB (a path to `/dev/zero` or a huge file
+/// is refused, not read until memory runs out).
 pub(crate) fn read_text(path: &Path) -> Result<String, CertError> {
-    fs::read_to_string(path).map_err(|source| CertError::Io {
+    use std::io::Read;
+    let io = |source| CertError::Io {
         path: path.to_owned(),
         source,
-    })
+    };
+    let file = fs::File::open(path).map_err(io)?;
+    let mut text = String::new();
+    file.take(MAX_PEM_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    if text.len() as u64 > MAX_PEM_FILE {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_PEM_FILE} bytes; is this a PEM file?"),
+        )));
+    }
+    Ok(text)
 }
 
 /// Writes a public file (certificates), replacing any previous content.
