@@ -32,7 +32,7 @@ pub type AcceptFingerprint = Arc<dyn Fn(&Fingerprint) -> bool + Send + Sync>;
 pub fn peer_chain(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
     let identity = conn.peer_identity()?;
     let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    (!chain.is_empty()).then(|| *chain)
+    (!chain.is_empty()).then_some(*chain)
 }
 
 /// Verifies a client certificate: it must parse as X.509, be within its

@@ -1,6 +1,8 @@
 //! Access control and limits: policy allow/deny/direct, reload with a dry
 //! run, the flood cut-off, streams per channel and the message size limit.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 use std::path::Path as FsPath;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;

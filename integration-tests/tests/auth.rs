@@ -2,6 +2,8 @@
 //! application frame processed), token enrollment and renewal, revocation
 //! in every mode, and impersonation attempts relayed and direct.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 

@@ -4,6 +4,8 @@
 //!
 //! Every wait is bounded and waits for an event (a line of output, an exit).
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 

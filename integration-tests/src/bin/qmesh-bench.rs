@@ -193,6 +193,9 @@ fn serve_coordinator(dir: &Path) -> Result<()> {
     runtime.block_on(async {
         let mut config = Config::new(identity);
         config.listen = "127.0.0.1:0".parse()?;
+        // The raw baseline has no rate limits; the relay still counts
+        // every message and checks its size.
+        config.rate = qmesh_coordinator::limit::RateLimits::unlimited();
         let coordinator = Coordinator::bind(config)?;
         println!("port {}", coordinator.local_addr().port());
         std::io::stdout().flush()?;
