@@ -115,6 +115,12 @@ pub fn renew_at(identity: &Identity) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(not_before.max(0) as u64 + life * 2 / 3))
 }
 
+/// When `identity`'s certificate expires; `None` when it does not parse.
+pub fn expires_at(identity: &Identity) -> Option<SystemTime> {
+    let (_, not_after) = qmesh_certs::clientauth::validity(identity.chain.first()?)?;
+    Some(UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64))
+}
+
 /// Whether `identity`'s certificate was issued by a CA (not self-signed).
 pub fn is_issued(identity: &Identity) -> bool {
     identity

@@ -162,9 +162,6 @@ pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
         )),
         _ => {}
     }
-    if mode == AuthMode::Token && file.state_dir.is_none() {
-        errors.push("[auth] mode = \"token\" needs state_dir (or --state-dir): the client CA, token key and used tokens live there".into());
-    }
     let cert_ttl = duration("[auth] cert_ttl", &file.auth.cert_ttl, &mut errors);
     if cert_ttl.is_some() && mode != AuthMode::Token {
         errors.push(format!(

@@ -165,9 +165,9 @@ impl Control {
     /// error the policy in force stays and every error is returned.
     pub fn reload_policy(&self) -> Result<String, Vec<String>> {
         let Some(path) = &self.0.config.config_file else {
-            return Err(vec![
-                "this coordinator was started without --config, so there is no policy file to reload".into(),
-            ]);
+            let what = "this coordinator was started without --config, so there is no policy file to reload";
+            warn!("policy reload refused: {what}");
+            return Err(vec![what.into()]);
         };
         match crate::file::check_file(path) {
             Ok(checked) => {
@@ -344,7 +344,7 @@ impl Coordinator {
             if let Some(dir) = &shared.config.state_dir {
                 match crate::admin::listen(dir, Control(shared.clone()), shared.shutdown.clone()) {
                     Ok(task) => { shared.tasks.spawn(task.in_current_span()); }
-                    Err(e) => warn!(cause = %e, "no admin socket; revoke and policy reload work through signals only"),
+                    Err(e) => warn!(cause = %e, "no admin socket: the revoke and policy reload commands cannot reach this coordinator (SIGHUP still reloads the policy)"),
                 }
             }
             let mut shutdown = pin!(shutdown);

@@ -248,9 +248,14 @@ impl UsedTokens {
         used.insert(claims.nonce, claims.expires);
         if let Some(path) = &self.file {
             let line = format!("{} {}\n", hex::encode(claims.nonce), claims.expires);
-            let written = OpenOptions::new()
-                .create(true)
-                .append(true)
+            let mut options = OpenOptions::new();
+            options.create(true).append(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                options.mode(0o600);
+            }
+            let written = options
                 .open(path)
                 .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|_| f.sync_data()));
             if let Err(e) = written {

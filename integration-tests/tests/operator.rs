@@ -185,6 +185,19 @@ async fn token_mode_from_token_to_message_then_revoke() {
     let exit = back.finish().await;
     assert!(!exit.status.success());
     assert!(exit.stderr.contains("revoked"), "{}", show(&exit));
+    assert!(
+        exit.stderr.contains("run once with --token"),
+        "{}",
+        show(&exit)
+    );
+    // Until the operator gives her a new token: she enrolls a new key.
+    let fresh_token = token(dir.path(), "alice").await;
+    let mut back = coord.qmesh(
+        clients.path(),
+        &["--name", "alice", "--token", &fresh_token, "listen", "chat"],
+    );
+    back.ready().await;
+    back.kill().await;
     coord.proc.terminate();
     let _ = coord.proc.finish().await;
 }

@@ -256,33 +256,87 @@ impl Cli {
     }
 
     async fn connect(&self, default_name: Option<String>) -> Result<Client> {
+        use qmesh_client::enroll::{expires_at, is_issued, renew_at};
         let mut config = self.config(default_name)?;
         let kept = self.cert.is_none();
         let files = identity_files(self, &config.name);
+        // With --token and a kept issued certificate that still looks good,
+        // try it first and enroll again only if the coordinator refuses it.
+        let mut token_fallback = None;
         if let (Some(identity), true) = (config.identity.clone(), kept) {
-            let issued = qmesh_client::enroll::is_issued(&identity);
-            let due = qmesh_client::enroll::renew_at(&identity)
-                .is_some_and(|at| at <= std::time::SystemTime::now());
-            if let (Some(token), false) = (&self.token, issued) {
-                config.identity = Some(Arc::new(
-                    enroll_and_save(&files, &config, Some(token)).await?,
-                ));
-            } else if issued && due {
-                config.identity = Some(Arc::new(enroll_and_save(&files, &config, None).await?));
+            let now = std::time::SystemTime::now();
+            let issued = is_issued(&identity);
+            let expired = expires_at(&identity).is_some_and(|t| t <= now);
+            let due = renew_at(&identity).is_some_and(|t| t <= now);
+            match (&self.token, issued) {
+                (Some(token), false) => {
+                    let enrolled = enroll_and_save(&files, &config, Some(token)).await?;
+                    config.identity = Some(Arc::new(enrolled));
+                }
+                (Some(token), true) if expired => {
+                    let enrolled = enroll_fresh(&files, &config, token).await?;
+                    config.identity = Some(Arc::new(enrolled));
+                }
+                (Some(token), true) => token_fallback = Some(token.clone()),
+                (None, true) if due && !expired => {
+                    let renewed = enroll_and_save(&files, &config, None).await?;
+                    config.identity = Some(Arc::new(renewed));
+                }
+                _ => {}
             }
         }
         let what = format!("connecting to {} as {}", config.coordinator, config.name);
-        let client = Client::connect(config.clone()).await.context(what)?;
-        if kept
-            && config
-                .identity
-                .as_deref()
-                .is_some_and(qmesh_client::enroll::is_issued)
-        {
+        let client = match Client::connect(config.clone()).await {
+            Ok(client) => client,
+            Err(e) if refused_credential(&e) => match token_fallback {
+                Some(token) => {
+                    info!(cause = %e, "the kept certificate was refused; enrolling again with --token and a new key");
+                    config.identity = Some(Arc::new(enroll_fresh(&files, &config, &token).await?));
+                    Client::connect(config.clone()).await.context(what)?
+                }
+                None if kept && config.identity.as_deref().is_some_and(is_issued) => {
+                    return Err(e).context(format!(
+                        "{what} (to enroll again, run once with --token and a new token from the operator)"
+                    ))
+                }
+                None => return Err(e).context(what),
+            },
+            Err(e) => return Err(e).context(what),
+        };
+        if kept && config.identity.as_deref().is_some_and(is_issued) {
             renew_in_background(files, config);
         }
         Ok(client)
     }
+}
+
+/// Whether the coordinator refused this client's credential (revoked,
+/// expired, not admitted), as opposed to failing otherwise.
+fn refused_credential(e: &qmesh_client::error::ConnectError) -> bool {
+    use qmesh_client::error::ConnectError;
+    use qmesh_proto::codes::RejectCode;
+    matches!(
+        e,
+        ConnectError::CertificateRefused(_)
+            | ConnectError::Rejected {
+                code: RejectCode::NotAuthorised,
+                ..
+            }
+    )
+}
+
+/// Enroll with `token` under a new key (the kept one was refused or has
+/// expired), and keep the result.
+async fn enroll_fresh(
+    files: &(PathBuf, PathBuf),
+    config: &ClientConfig,
+    token: &str,
+) -> Result<Identity> {
+    let mut fresh = config.clone();
+    fresh.identity = Some(Arc::new(
+        Identity::self_signed(&config.name).context("making a key and certificate")?,
+    ));
+    enroll_and_save(files, &fresh, Some(token)).await
 }
 
 /// Run the parsed command.
