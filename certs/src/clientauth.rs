@@ -152,6 +152,14 @@ pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
     Some((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
+/// SHA-256 of a DER certificate's subject public key info: the same for
+/// every certificate issued for one key (a renewal keeps the key).
+pub fn key_id(der: &[u8]) -> Option<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(Sha256::digest(cert.public_key().raw).into())
+}
+
 /// Whether a DER certificate names itself as its issuer.
 pub fn is_self_signed(der: &[u8]) -> bool {
     X509Certificate::from_der(der)

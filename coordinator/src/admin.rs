@@ -8,6 +8,8 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::DirBuilderExt;
+
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -125,9 +127,12 @@ fn handle(control: &Control, request: Request) -> Reply {
 async fn serve_one(control: Control, stream: tokio::net::UnixStream) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .await?;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        BufReader::new(read.take(MAX_REQUEST)).read_line(&mut line),
+    )
+    .await
+    .context("no request line within 5 s")??;
     let reply = match serde_json::from_str::<Request>(line.trim()) {
         Ok(req) => {
             info!(request = ?req, "admin request");
@@ -153,7 +158,14 @@ pub fn listen(
     cancel: CancellationToken,
 ) -> Result<impl Future<Output = ()>> {
     let path = socket_path(dir);
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if !dir.exists() {
+        // Owner only: the socket, keys and lists live here.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(&path).is_ok() {
             bail!(

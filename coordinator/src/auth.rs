@@ -421,9 +421,26 @@ impl Auth {
                     .redeem(&claims, name)
                     .map_err(|e| (RejectCode::BadToken, e.to_string()))?;
             }
-            None => self
-                .check_hello(name, chain)
-                .map_err(|(code, msg)| (code, format!("cannot renew: {msg}")))?,
+            None => {
+                self.check_hello(name, chain)
+                    .map_err(|(code, msg)| (code, format!("cannot renew: {msg}")))?;
+                // Renewal is for certificates past half their life: a
+                // client cannot make the coordinator sign in a loop.
+                if let Some((from, until)) = qmesh_certs::clientauth::validity(leaf) {
+                    let half = from + (until - from) / 2;
+                    let now = now_secs() as i64;
+                    if now < half {
+                        return Err((
+                            RejectCode::NotAuthorised,
+                            format!(
+                                "cannot renew yet: this certificate is not past half its life; \
+                                 renew in {} s",
+                                half - now
+                            ),
+                        ));
+                    }
+                }
+            }
         }
         let issued = state
             .ca
@@ -446,6 +463,16 @@ impl Auth {
             &state.issued_file,
             &format!("{fp} {name} {}\n", issued.expires),
         );
+        // A revocation that landed while this was issued covers the
+        // presented certificate; it covers the new one too.
+        if self.revoked.contains(&Fingerprint::of(leaf)) {
+            self.revoked.add(fp, name);
+            return Err((
+                RejectCode::NotAuthorised,
+                "this certificate has been revoked by the operator; ask them for a new credential"
+                    .into(),
+            ));
+        }
         Ok((qmesh_certs::pem_encode_cert(&issued.cert), issued.expires))
     }
 }

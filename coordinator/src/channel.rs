@@ -119,6 +119,11 @@ pub(crate) async fn handle_open(
             return;
         }
     };
+    // Every open counts as a message, denied or not.
+    if let Err(flood) = session.limiter.pass(0, 1).await {
+        violation(conn, ConnCode::RateExceeded, &flood.to_string());
+        return;
+    }
     let label: Arc<str> = format!("{}>{}!{}", session.name, peer, channel).into();
     let span = info_span!("channel", id = %label);
     open(
@@ -173,10 +178,6 @@ async fn open(
         }
         Decision::Allow { direct: false } => path = PathMode::Relay,
         Decision::Allow { direct: true } => {}
-    }
-    if let Err(flood) = session.limiter.pass(0, 1).await {
-        violation(&session.conn, ConnCode::RateExceeded, &flood.to_string());
-        return;
     }
     let found = shared.registry().lookup(&peer).cloned();
     let Some(callee) = found else {

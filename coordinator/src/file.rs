@@ -213,8 +213,7 @@ pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
 
 /// Read and check a config file (the dry run).
 pub fn check_file(path: &Path) -> Result<Checked, Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+    let text = crate::files::read_small(path, 1024 * 1024).map_err(|e| vec![format!("{e:#}")])?;
     let base = path.parent().unwrap_or(Path::new("."));
     check_text(&text, base).map_err(|errors| {
         errors

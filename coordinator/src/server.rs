@@ -121,7 +121,7 @@ impl Control {
             .into_iter()
             .filter(|fp| auth.revocations().add(*fp, name))
             .count();
-        let disconnected = session.is_some_and(|s| close_revoked(&s));
+        let disconnected = session.is_some_and(|s| close_revoked(&s)) | self.close_all_revoked();
         info!(name, certificates, disconnected, "revoked");
         Revoked {
             certificates,
@@ -143,12 +143,25 @@ impl Control {
             .map(|s| s.name.clone())
             .unwrap_or_else(|| "-".into());
         let certificates = usize::from(self.0.config.auth.revocations().add(fp, &name));
-        let disconnected = holder.is_some_and(|s| close_revoked(&s));
+        let disconnected = holder.is_some_and(|s| close_revoked(&s)) | self.close_all_revoked();
         info!(fingerprint = %fp, certificates, disconnected, "revoked");
         Revoked {
             certificates,
             disconnected,
         }
+    }
+
+    /// Close every session whose certificate is revoked (one certificate
+    /// may hold several names); returns whether any was.
+    fn close_all_revoked(&self) -> bool {
+        let revoked: Vec<Arc<Session>> = self
+            .0
+            .registry()
+            .iter()
+            .filter(|s| self.0.config.auth.revocations().contains(&s.fingerprint))
+            .cloned()
+            .collect();
+        revoked.iter().fold(false, |any, s| close_revoked(s) | any)
     }
 
     /// Put `policy` in force for opens from now on.
@@ -229,6 +242,9 @@ pub(crate) struct Session {
     /// The fingerprint of the certificate the client presented in the TLS
     /// handshake (never what the client claims).
     pub(crate) fingerprint: Fingerprint,
+    /// SHA-256 of the certificate's public key: what "the same credential"
+    /// compares, so a renewed certificate takes its name back.
+    pub(crate) key: Option<[u8; 32]>,
     /// Addresses the client reported for itself, or `None` when it cannot
     /// take direct channels.
     pub(crate) direct: Option<Vec<SocketAddr>>,
@@ -450,6 +466,10 @@ impl Drop for CoordinatorHandle {
     }
 }
 
+/// How long a refusal, an issued certificate or a welcome may take to be
+/// written before the connection is closed anyway.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Counts a connection as pending (not through its hello) until dropped.
 struct Pending(Arc<Shared>);
 
@@ -515,11 +535,16 @@ async fn refuse(
         code,
         message: message.clone(),
     };
-    if write_frame(send, &reject).await.is_ok() && send.finish().is_ok() {
-        // Let the rejection arrive before the close; the close carries the
-        // same sentence in case it does not.
-        let _ = timeout(std::time::Duration::from_secs(1), send.stopped()).await;
-    }
+    // Bounded: a peer that never opens its window must not hold the
+    // connection (and its pending place) past a second.
+    let _ = timeout(LINGER, async {
+        if write_frame(send, &reject).await.is_ok() && send.finish().is_ok() {
+            // Let the rejection arrive before the close; the close carries
+            // the same sentence in case it does not.
+            let _ = send.stopped().await;
+        }
+    })
+    .await;
     conn.close(
         VarInt::from_u32(code.conn_code().code()),
         message.as_bytes(),
@@ -555,9 +580,12 @@ async fn enroll(
                 .fetch_add(1, Ordering::Relaxed);
             info!(peer = %conn.remote_address(), name = %name, expires, renewal, "certificate issued");
             let reply = SessionMsg::Enrolled { cert_pem, expires };
-            if write_frame(&mut send, &reply).await.is_ok() && send.finish().is_ok() {
-                let _ = timeout(std::time::Duration::from_secs(2), send.stopped()).await;
-            }
+            let _ = timeout(LINGER * 2, async {
+                if write_frame(&mut send, &reply).await.is_ok() && send.finish().is_ok() {
+                    let _ = send.stopped().await;
+                }
+            })
+            .await;
             conn.close(
                 VarInt::from_u32(ConnCode::Normal.code()),
                 b"certificate issued",
@@ -654,6 +682,7 @@ async fn hello(
         }
     }
     let fingerprint = Fingerprint::of(&chain[0]);
+    let key = qmesh_certs::clientauth::key_id(&chain[0]);
     let admitted = shared.registry().admit(
         version,
         &name,
@@ -663,6 +692,7 @@ async fn hello(
                 name: name.clone(),
                 conn: conn.clone(),
                 fingerprint,
+                key,
                 direct: direct.clone(),
                 channels: Mutex::new(HashMap::new()),
                 slots: AtomicUsize::new(0),
@@ -672,7 +702,8 @@ async fn hello(
         |held| {
             if held.conn.close_reason().is_some() {
                 Holder::Gone
-            } else if held.fingerprint == fingerprint {
+            } else if held.fingerprint == fingerprint || (key.is_some() && held.key == key) {
+                // The same certificate, or one renewed for the same key.
                 Holder::SameCredential
             } else {
                 Holder::Other
@@ -702,8 +733,23 @@ async fn hello(
                 session: id,
                 observed: conn.remote_address(),
             };
-            if write_frame(&mut send, &welcome).await.is_err() {
+            let written =
+                tokio::time::timeout_at(deadline + LINGER, write_frame(&mut send, &welcome)).await;
+            if !matches!(written, Ok(Ok(()))) {
                 shared.registry().leave(&name, id);
+                violation(
+                    conn,
+                    ConnCode::HelloTimeout,
+                    "the welcome could not be delivered in time",
+                );
+                return None;
+            }
+            // A revocation that landed between the check above and the
+            // admission: revoke adds to the list, then closes what the
+            // registry holds, so one of the two sees this session.
+            if shared.config.auth.revocations().contains(&fingerprint) {
+                shared.registry().leave(&name, id);
+                close_revoked(&session);
                 return None;
             }
             shared

@@ -54,6 +54,9 @@ pub enum TokenError {
     /// The token was used before.
     #[error("this token was already used (a token works once); ask the operator for a new one")]
     Used,
+    /// The coordinator could not record the use, so it does not accept it.
+    #[error("the coordinator could not record this token's use (a storage problem on its side); the token is not used up, try again later")]
+    Unrecorded,
 }
 
 /// What a valid token says.
@@ -259,7 +262,9 @@ impl UsedTokens {
                 .open(path)
                 .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|_| f.sync_data()));
             if let Err(e) = written {
-                tracing::error!(file = %path.display(), cause = %e, "cannot record a used token; it stays used until restart");
+                tracing::error!(file = %path.display(), cause = %e, "cannot record a used token; refusing it");
+                used.remove(&claims.nonce);
+                return Err(TokenError::Unrecorded);
             }
         }
         Ok(())

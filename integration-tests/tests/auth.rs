@@ -78,7 +78,13 @@ async fn ca_mesh(ca: &TestCa) -> Mesh {
 }
 
 async fn token_mesh(dir: &std::path::Path) -> Mesh {
-    let auth = Auth::token(dir, Duration::from_secs(3600)).unwrap();
+    token_mesh_ttl(dir, Duration::from_secs(3600)).await
+}
+
+/// Issued certificates live `ttl` (plus the 5-minute backdate), so with a
+/// short one they are past half their life at once and may renew.
+async fn token_mesh_ttl(dir: &std::path::Path, ttl: Duration) -> Mesh {
+    let auth = Auth::token(dir, ttl).unwrap();
     Mesh::start_with(|c| c.auth = Arc::new(auth)).await
 }
 
@@ -199,7 +205,7 @@ async fn a_client_without_a_certificate_is_refused_in_the_handshake() {
 #[tokio::test]
 async fn token_mode_enrolls_once_renews_and_refuses_bad_tokens() {
     let dir = tempfile::tempdir().unwrap();
-    let mesh = token_mesh(dir.path()).await;
+    let mesh = token_mesh_ttl(dir.path(), Duration::from_secs(120)).await;
     let key = token_key(dir.path()).unwrap();
 
     // Without enrolling: told how to get in.
@@ -243,7 +249,7 @@ async fn token_mode_enrolls_once_renews_and_refuses_bad_tokens() {
         own_key,
         "the key never changes hands"
     );
-    assert!(enrolled.expires > SystemTime::now() + Duration::from_secs(3000));
+    assert!(enrolled.expires > SystemTime::now() + Duration::from_secs(100));
     // It works once.
     let again = within(STEP, "enroll", enroll(&mesh.config("alice"), Some(&token)))
         .await
@@ -295,6 +301,59 @@ async fn token_mode_enrolls_once_renews_and_refuses_bad_tokens() {
         matches!(&e, ConnectError::Rejected { message, .. } if message.contains("this certificate is for bob")),
         "{e}"
     );
+}
+
+#[tokio::test]
+async fn renewal_before_half_the_lifetime_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = token_mesh(dir.path()).await;
+    let token = token_key(dir.path())
+        .unwrap()
+        .create("alice", Duration::from_secs(60))
+        .unwrap();
+    let id = enroll(&mesh.config("alice"), Some(&token))
+        .await
+        .unwrap()
+        .identity;
+    let e = within(
+        STEP,
+        "renew",
+        enroll(&with_identity(mesh.config("alice"), id), None),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ConnectError::Rejected { message, .. } if message.contains("cannot renew yet")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_takes_its_name_back_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = token_mesh_ttl(dir.path(), Duration::from_secs(120)).await;
+    let token = token_key(dir.path())
+        .unwrap()
+        .create("alice", Duration::from_secs(60))
+        .unwrap();
+    let first = enroll(&mesh.config("alice"), Some(&token))
+        .await
+        .unwrap()
+        .identity;
+    let old = try_connect(with_identity(mesh.config("alice"), first.clone()))
+        .await
+        .unwrap();
+    let renewed = enroll(&with_identity(mesh.config("alice"), first), None)
+        .await
+        .unwrap()
+        .identity;
+    // Same key, new certificate: the old session is replaced.
+    let new = try_connect(with_identity(mesh.config("alice"), renewed))
+        .await
+        .unwrap();
+    let why = within(STEP, "old session replaced", old.closed()).await;
+    assert!(why.contains("replaced"), "{why}");
+    assert_eq!(new.name(), "alice");
 }
 
 #[tokio::test]
