@@ -59,6 +59,12 @@ impl Drop for Inner {
         }
         self.conn
             .close(VarInt::from_u32(ConnCode::Normal.code()), b"client dropped");
+        // An endpoint of this client's own: close it, or the direct accept
+        // loop keeps it (its socket and buffers) alive after the client.
+        if self.owns_endpoint {
+            self.endpoint
+                .close(VarInt::from_u32(ConnCode::Normal.code()), b"client dropped");
+        }
     }
 }
 

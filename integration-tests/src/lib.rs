@@ -152,6 +152,9 @@ pub fn bin(name: &str) -> PathBuf {
         let status = std::process::Command::new(cargo)
             .args(&args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
+            // The test's own CARGO_MANIFEST_DIR would make ring's build
+            // script rerun, rebuilding the TLS stack for every test binary.
+            .env_remove("CARGO_MANIFEST_DIR")
             .status()
             .expect("running cargo build");
         assert!(status.success(), "building the binaries failed");
