@@ -15,7 +15,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -63,17 +62,7 @@ fn now_secs() -> u64 {
 
 /// Append one line to a state file (created 0600).
 fn append_line(path: &Path, line: &str) {
-    let mut options = std::fs::OpenOptions::new();
-    options.create(true).append(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let written = options
-        .open(path)
-        .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|_| f.sync_data()));
-    if let Err(e) = written {
+    if let Err(e) = crate::files::append_private(path, line) {
         tracing::error!(file = %path.display(), cause = %e, "cannot write a state file");
     }
 }

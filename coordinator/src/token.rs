@@ -10,8 +10,6 @@
 //! would have expired anyway.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -251,17 +249,7 @@ impl UsedTokens {
         used.insert(claims.nonce, claims.expires);
         if let Some(path) = &self.file {
             let line = format!("{} {}\n", hex::encode(claims.nonce), claims.expires);
-            let mut options = OpenOptions::new();
-            options.create(true).append(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                options.mode(0o600);
-            }
-            let written = options
-                .open(path)
-                .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|_| f.sync_data()));
-            if let Err(e) = written {
+            if let Err(e) = crate::files::append_private(path, &line) {
                 tracing::error!(file = %path.display(), cause = %e, "cannot record a used token; refusing it");
                 used.remove(&claims.nonce);
                 return Err(TokenError::Unrecorded);
