@@ -179,6 +179,29 @@ fn invalid(e: CertificateError) -> rustls::Error {
     rustls::Error::InvalidCertificate(e)
 }
 
+/// Parse a presented leaf certificate (trailing bytes refused) and check it
+/// is within its validity period at `now`: the checks every client
+/// certificate verifier here starts with.
+pub(crate) fn parse_valid_leaf<'a>(
+    der: &'a CertificateDer<'_>,
+    now: UnixTime,
+) -> Result<X509Certificate<'a>, rustls::Error> {
+    let (rest, cert) =
+        X509Certificate::from_der(der).map_err(|_| invalid(CertificateError::BadEncoding))?;
+    if !rest.is_empty() {
+        return Err(invalid(CertificateError::BadEncoding));
+    }
+    let secs = now.as_secs() as i64;
+    let validity = cert.validity();
+    if secs < validity.not_before.timestamp() {
+        return Err(invalid(CertificateError::NotValidYet));
+    }
+    if secs > validity.not_after.timestamp() {
+        return Err(invalid(CertificateError::Expired));
+    }
+    Ok(cert)
+}
+
 impl ClientCertVerifier for Verifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         // No hints: a client has one certificate and presents it.
@@ -192,19 +215,7 @@ impl ClientCertVerifier for Verifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let auth = &self.0;
-        let (rest, cert) = X509Certificate::from_der(end_entity)
-            .map_err(|_| invalid(CertificateError::BadEncoding))?;
-        if !rest.is_empty() {
-            return Err(invalid(CertificateError::BadEncoding));
-        }
-        let secs = now.as_secs() as i64;
-        let validity = cert.validity();
-        if secs < validity.not_before.timestamp() {
-            return Err(invalid(CertificateError::NotValidYet));
-        }
-        if secs > validity.not_after.timestamp() {
-            return Err(invalid(CertificateError::Expired));
-        }
+        let cert = parse_valid_leaf(end_entity, now)?;
         if (auth.revoked)(&Fingerprint::of(end_entity)) {
             return Err(invalid(CertificateError::Revoked));
         }

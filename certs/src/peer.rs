@@ -17,8 +17,6 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
-use x509_parser::certificate::X509Certificate;
-use x509_parser::prelude::FromDer;
 
 use qmesh_proto::DIRECT_ALPN;
 
@@ -66,23 +64,7 @@ impl ClientCertVerifier for ClientCertCheck {
         _intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let (rest, cert) = X509Certificate::from_der(end_entity)
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        if !rest.is_empty() {
-            return Err(rustls::Error::InvalidCertificate(
-                CertificateError::BadEncoding,
-            ));
-        }
-        let now = now.as_secs() as i64;
-        let validity = cert.validity();
-        if now < validity.not_before.timestamp() {
-            return Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidYet,
-            ));
-        }
-        if now > validity.not_after.timestamp() {
-            return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
-        }
+        crate::clientauth::parse_valid_leaf(end_entity, now)?;
         if !(self.accept)(&Fingerprint::of(end_entity)) {
             return Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
