@@ -88,6 +88,21 @@ async fn token_mesh_ttl(dir: &std::path::Path, ttl: Duration) -> Mesh {
     Mesh::start_with(|c| c.auth = Arc::new(auth)).await
 }
 
+/// Enroll `name` with a fresh token from the coordinator in `dir`; returns
+/// its configuration carrying the issued certificate.
+async fn enrolled(mesh: &Mesh, dir: &std::path::Path, name: &str) -> ClientConfig {
+    let token = token_key(dir)
+        .unwrap()
+        .create(name, Duration::from_secs(60))
+        .unwrap();
+    let config = mesh.config(name);
+    let id = within(STEP, "enroll", enroll(&config, Some(&token)))
+        .await
+        .unwrap()
+        .identity;
+    with_identity(config, id)
+}
+
 async fn try_connect(config: ClientConfig) -> Result<Client, ConnectError> {
     within(STEP, "connect", Client::connect(config)).await
 }
@@ -307,21 +322,10 @@ async fn token_mode_enrolls_once_renews_and_refuses_bad_tokens() {
 async fn renewal_before_half_the_lifetime_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mesh = token_mesh(dir.path()).await;
-    let token = token_key(dir.path())
-        .unwrap()
-        .create("alice", Duration::from_secs(60))
-        .unwrap();
-    let id = enroll(&mesh.config("alice"), Some(&token))
+    let config = enrolled(&mesh, dir.path(), "alice").await;
+    let e = within(STEP, "renew", enroll(&config, None))
         .await
-        .unwrap()
-        .identity;
-    let e = within(
-        STEP,
-        "renew",
-        enroll(&with_identity(mesh.config("alice"), id), None),
-    )
-    .await
-    .unwrap_err();
+        .unwrap_err();
     assert!(
         matches!(&e, ConnectError::Rejected { message, .. } if message.contains("cannot renew yet")),
         "{e}"
@@ -332,21 +336,9 @@ async fn renewal_before_half_the_lifetime_is_refused() {
 async fn a_renewed_certificate_takes_its_name_back_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let mesh = token_mesh_ttl(dir.path(), Duration::from_secs(120)).await;
-    let token = token_key(dir.path())
-        .unwrap()
-        .create("alice", Duration::from_secs(60))
-        .unwrap();
-    let first = enroll(&mesh.config("alice"), Some(&token))
-        .await
-        .unwrap()
-        .identity;
-    let old = try_connect(with_identity(mesh.config("alice"), first.clone()))
-        .await
-        .unwrap();
-    let renewed = enroll(&with_identity(mesh.config("alice"), first), None)
-        .await
-        .unwrap()
-        .identity;
+    let config = enrolled(&mesh, dir.path(), "alice").await;
+    let old = try_connect(config.clone()).await.unwrap();
+    let renewed = enroll(&config, None).await.unwrap().identity;
     // Same key, new certificate: the old session is replaced.
     let new = try_connect(with_identity(mesh.config("alice"), renewed))
         .await
@@ -393,15 +385,7 @@ async fn alice_config(mesh: &Mesh, ca: &TestCa, dir: &std::path::Path, mode: &st
             Identity::self_signed("alice").unwrap(),
         ),
         "ca" => with_identity(mesh.config("alice"), ca.valid("alice")),
-        _ => {
-            let token = token_key(dir)
-                .unwrap()
-                .create("alice", Duration::from_secs(60))
-                .unwrap();
-            let config = mesh.config("alice");
-            let id = enroll(&config, Some(&token)).await.unwrap().identity;
-            with_identity(config, id)
-        }
+        _ => enrolled(mesh, dir, "alice").await,
     }
 }
 
@@ -418,15 +402,7 @@ async fn revoke_disconnects_within_a_second_and_refuses_afterwards_in_every_mode
         let config = alice_config(&mesh, &ca, dir.path(), mode).await;
         let bob_config = match mode {
             "ca" => with_identity(mesh.config("bob"), ca.valid("bob")),
-            "token" => {
-                let token = token_key(dir.path())
-                    .unwrap()
-                    .create("bob", Duration::from_secs(60))
-                    .unwrap();
-                let c = mesh.config("bob");
-                let id = enroll(&c, Some(&token)).await.unwrap().identity;
-                with_identity(c, id)
-            }
+            "token" => enrolled(&mesh, dir.path(), "bob").await,
             _ => mesh.config("bob"),
         };
         let alice = try_connect(config.clone()).await.unwrap();
