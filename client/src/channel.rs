@@ -13,6 +13,7 @@ use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::StreamCode;
 use qmesh_proto::limits::clip_reason;
 use qmesh_proto::msg::{ChannelMsg, PathMode, PeerIntro, StreamHeader};
+use qmesh_proto::Interface;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
@@ -139,9 +140,20 @@ struct Shared {
     /// Which path new data streams take.
     path: watch::Sender<Path>,
     span: Span,
+    /// The interface the channel is on, and which side offers it.
+    offer: Offer,
     /// Counts the control stream against this client's stream allowance
     /// while the channel lives (channels the peer opened).
     _guard: Option<StreamGuard>,
+}
+
+/// The interface a channel is on, when the callee declares interfaces.
+#[derive(Debug, Clone)]
+pub(crate) struct Offer {
+    /// The callee's manifest for the channel name.
+    pub(crate) interface: Option<Interface>,
+    /// Whether this side is the callee (the side that offers it).
+    pub(crate) offerer: bool,
 }
 
 impl Shared {
@@ -258,6 +270,7 @@ impl Pending {
         guard: Option<StreamGuard>,
         number: u64,
         intro: Option<PeerIntro>,
+        offer: Offer,
     ) -> Channel {
         let Pending { parts, id, tx, rx } = self;
         let span = tracing::info_span!("channel", id = %parts.label);
@@ -287,6 +300,7 @@ impl Pending {
             direct,
             path: watch::Sender::new(Path::Relay),
             span: span.clone(),
+            offer,
             _guard: guard,
         });
         info!(parent: &span, number, mode = ?parts.mode, direct = shared.link.is_some(), "ready");
@@ -703,9 +717,20 @@ impl IncomingChannel {
         }
         let reply = timeout(self.open_timeout, read_frame::<ChannelMsg, _>(&mut recv)).await;
         match reply {
-            Ok(Ok(Some(ChannelMsg::Ready { channel, peer }))) => {
-                Ok(pending.ready((send, recv), self.guard.take(), channel, peer))
-            }
+            Ok(Ok(Some(ChannelMsg::Ready {
+                channel,
+                peer,
+                interface,
+            }))) => Ok(pending.ready(
+                (send, recv),
+                self.guard.take(),
+                channel,
+                peer,
+                Offer {
+                    interface,
+                    offerer: true,
+                },
+            )),
             Ok(Ok(Some(ChannelMsg::Lost { reason }))) => {
                 pending.abandon();
                 Err(AcceptError::Withdrawn(reason))

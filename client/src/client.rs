@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tracing::{debug, info, info_span, warn, Instrument, Span};
 
-use crate::channel::{lock, Channel, IncomingChannel, Parts, PartsBox, Pending, Routes};
+use crate::channel::{lock, Channel, IncomingChannel, Offer, Parts, PartsBox, Pending, Routes};
 use crate::config::ClientConfig;
 use crate::direct::{Direct, DirectParts, PeerSet};
 use crate::error::{ConnectError, OpenError};
@@ -300,6 +300,12 @@ impl Client {
             write_frame(&mut send, &hello)
                 .await
                 .map_err(|e| ConnectError::Session(e.to_string()))?;
+            let interfaces = SessionMsg::Interfaces {
+                list: config.interfaces.clone(),
+            };
+            write_frame(&mut send, &interfaces)
+                .await
+                .map_err(|e| ConnectError::Session(e.to_string()))?;
             let reply = read_frame::<SessionMsg, _>(&mut recv).await;
             Ok::<_, ConnectError>((send, recv, reply))
         }
@@ -496,8 +502,13 @@ impl Client {
                 Ok(Ok(Some(ChannelMsg::Ready {
                     channel: number,
                     peer: intro,
+                    interface,
                 }))) => {
-                    let ch = pending.ready((send, recv), None, number, intro);
+                    let offer = Offer {
+                        interface,
+                        offerer: false,
+                    };
+                    let ch = pending.ready((send, recv), None, number, intro, offer);
                     if mode != PathMode::Direct {
                         return Ok(ch);
                     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use qmesh_certs::transport::Tuning;
 use qmesh_certs::{CertError, Fingerprint, Identity, Trust};
 use qmesh_proto::limits::DEFAULT_MAX_MESSAGE;
-use qmesh_proto::Address;
+use qmesh_proto::{Address, Interface};
 
 /// How a client connects and behaves.
 #[derive(Debug, Clone)]
@@ -39,6 +39,10 @@ pub struct ClientConfig {
     pub identity: Option<Arc<Identity>>,
     /// Direct channels: whether this client takes them, and their timings.
     pub direct: DirectConfig,
+    /// The interfaces this client offers, sent to the coordinator at hello
+    /// ([`crate::Client::set_interfaces`] changes them later). Empty: the
+    /// client declares none, and peers may open any channel name on it.
+    pub interfaces: Vec<Interface>,
     /// The TLS and transport configuration last built from `trust` and
     /// `tuning`, shared by clones of this config.
     tls: TlsCache,
@@ -108,6 +112,7 @@ impl ClientConfig {
             incoming_backlog: 64,
             identity: None,
             direct: DirectConfig::default(),
+            interfaces: Vec::new(),
             tls: TlsCache::default(),
         }
     }

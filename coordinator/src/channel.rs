@@ -64,11 +64,19 @@ fn msg_name(msg: &ChannelMsg) -> &'static str {
         ChannelMsg::OpenFailed { .. } => "open-failed",
         ChannelMsg::Close { .. } => "close",
         ChannelMsg::Lost { .. } => "lost",
+        ChannelMsg::Describe { .. } => "describe",
+        ChannelMsg::Manifest { .. } => "manifest",
+        ChannelMsg::Watch { .. } => "watch",
+        ChannelMsg::Presence(_) => "presence",
+        ChannelMsg::Join { .. } => "join",
+        ChannelMsg::Joined { .. } => "joined",
+        ChannelMsg::Members { .. } => "members",
+        ChannelMsg::MemberCount { .. } => "member-count",
     }
 }
 
 /// Tell the opener the channel could not be opened.
-async fn fail(send: &mut SendStream, code: OpenFailCode, message: String) {
+pub(crate) async fn fail(send: &mut SendStream, code: OpenFailCode, message: String) {
     info!(code = ?code, cause = %message, "open failed");
     let msg = ChannelMsg::OpenFailed {
         code,
@@ -79,7 +87,9 @@ async fn fail(send: &mut SendStream, code: OpenFailCode, message: String) {
     }
 }
 
-/// Handle a channel control stream the client `session` opened.
+/// Handle a new bidirectional stream the client `session` opened: a
+/// channel open, or one of the requests that use a stream of their own
+/// (describe, presence, broadcast).
 pub(crate) async fn handle_open(
     shared: Arc<Shared>,
     session: Arc<Session>,
@@ -103,9 +113,21 @@ pub(crate) async fn handle_open(
             channel,
             path,
         }))) => (peer, channel, path),
+        Ok(Ok(Some(ChannelMsg::Describe { peer, channel }))) => {
+            return crate::presence::describe(&shared, &session, a_send, &peer, &channel).await;
+        }
+        Ok(Ok(Some(ChannelMsg::Watch { live }))) => {
+            return crate::presence::watch(&shared, &session, a_send, a_recv, live).await;
+        }
+        Ok(Ok(Some(ChannelMsg::Join { group }))) => {
+            return crate::broadcast::join(&shared, &session, a_send, a_recv, group).await;
+        }
+        Ok(Ok(Some(ChannelMsg::Members { group }))) => {
+            return crate::broadcast::members(&shared, a_send, group).await;
+        }
         Ok(Ok(Some(other))) => {
             let what = format!(
-                "expected open on a new channel stream, got {}",
+                "expected open, describe, watch, join or members on a new stream, got {}",
                 msg_name(&other)
             );
             violation(conn, ConnCode::UnexpectedMessage, &what);
@@ -186,6 +208,15 @@ async fn open(
         );
         return fail(&mut a_send, OpenFailCode::PeerNotPresent, msg).await;
     };
+    let offered = callee.interfaces();
+    let interface = offered.iter().find(|i| i.name == channel).cloned();
+    if interface.is_none() && !offered.is_empty() {
+        let msg = format!(
+            "no such interface: \"{peer}\" does not offer \"{channel}\"; it offers: {}",
+            qmesh_proto::manifest::names(&offered)
+        );
+        return fail(&mut a_send, OpenFailCode::NoSuchInterface, msg).await;
+    }
     let max = shared.config.max_channels_per_client;
     let mut slots = Vec::with_capacity(2);
     for (side, who) in [(&session, "this client is"), (&callee, "the peer is")] {
@@ -312,6 +343,7 @@ async fn open(
     let ready = |peer| ChannelMsg::Ready {
         channel: number,
         peer,
+        interface: interface.clone(),
     };
     let _ = write_frame(&mut a_send, &ready(a_intro)).await;
     let _ = write_frame(&mut b_send, &ready(b_intro)).await;

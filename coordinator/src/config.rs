@@ -1,5 +1,6 @@
 //! Coordinator configuration.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +13,8 @@ use crate::policy::Policy;
 use qmesh_certs::transport::Tuning;
 use qmesh_certs::Identity;
 use qmesh_proto::address::DEFAULT_COORDINATOR_PORT;
+use qmesh_proto::heartbeat::Heartbeat;
+use qmesh_proto::msg::GroupPolicy;
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
@@ -62,6 +65,37 @@ pub struct Config {
     /// The state directory: revocations, token state and the admin socket
     /// (`admin.sock`). `None`: no admin socket.
     pub state_dir: Option<PathBuf>,
+    /// Pings on each session stream, and how much silence closes a session
+    /// with `ConnCode::HeartbeatMissed`.
+    pub heartbeat: Heartbeat,
+    /// Presence events a watcher may fall behind by before it is told it
+    /// lagged.
+    pub presence_buffer: usize,
+    /// Broadcast groups with a configured policy; other groups get
+    /// [`GroupConfig::default`].
+    pub groups: HashMap<String, GroupConfig>,
+}
+
+/// How a broadcast group treats its members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupConfig {
+    /// What happens to a member that falls behind.
+    pub policy: GroupPolicy,
+    /// Broadcasts queued per member before it counts as behind.
+    pub buffer: usize,
+    /// Largest broadcast body.
+    pub max_message: usize,
+}
+
+impl Default for GroupConfig {
+    /// Policy `lag`, 256 queued per member, 64 KiB bodies.
+    fn default() -> Self {
+        Self {
+            policy: GroupPolicy::Lag,
+            buffer: 256,
+            max_message: qmesh_proto::limits::DEFAULT_MAX_BROADCAST,
+        }
+    }
 }
 
 impl Config {
@@ -86,6 +120,9 @@ impl Config {
             policy: Policy::allow_all(),
             config_file: None,
             state_dir: None,
+            heartbeat: Heartbeat::default(),
+            presence_buffer: 1024,
+            groups: HashMap::new(),
         }
     }
 }

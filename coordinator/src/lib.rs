@@ -35,6 +35,7 @@
 
 pub mod admin;
 pub mod auth;
+mod broadcast;
 mod channel;
 pub mod config;
 pub mod devcert;
@@ -43,6 +44,7 @@ mod files;
 pub mod limit;
 pub mod logging;
 pub mod policy;
+mod presence;
 pub mod registry;
 mod relay;
 pub mod server;

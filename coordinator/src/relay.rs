@@ -48,9 +48,10 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
         read_frame::<StreamHeader, _>(&mut recv),
     )
     .await;
-    let channel = match header {
-        Ok(Ok(Some(StreamHeader::Data { channel }))) => channel,
-        Ok(Ok(Some(StreamHeader::Direct { .. }))) => {
+    let (channel, messages) = match header {
+        Ok(Ok(Some(StreamHeader::Data { channel }))) => (channel, false),
+        Ok(Ok(Some(StreamHeader::Messages { channel }))) => (channel, true),
+        Ok(Ok(Some(StreamHeader::Direct { .. } | StreamHeader::DirectMessages { .. }))) => {
             warn!(client = %session.name, "stopping data stream: a direct-connection header sent to the coordinator");
             let _ = recv.stop(code(StreamCode::Malformed));
             return;
@@ -102,8 +103,14 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
             return;
         }
     };
-    let header = StreamHeader::Data {
-        channel: side.peer_channel,
+    let header = if messages {
+        StreamHeader::Messages {
+            channel: side.peer_channel,
+        }
+    } else {
+        StreamHeader::Data {
+            channel: side.peer_channel,
+        }
     };
     if write_frame(&mut send, &header).await.is_err() {
         let _ = recv.stop(code(StreamCode::PeerLost));

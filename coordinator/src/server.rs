@@ -15,7 +15,9 @@ use qmesh_certs::transport::{StreamAllowance, StreamKind};
 use qmesh_certs::Fingerprint;
 use qmesh_proto::codec::{read_frame, write_frame, DecodeError, ReadFrameError};
 use qmesh_proto::codes::{ConnCode, RejectCode};
-use qmesh_proto::msg::SessionMsg;
+use qmesh_proto::heartbeat::{self, StreamEnd};
+use qmesh_proto::manifest::{validate_interfaces, Interface};
+use qmesh_proto::msg::{PresenceEvent, SessionMsg};
 use qmesh_proto::PROTOCOL_VERSION;
 use quinn::{Connection, Endpoint, VarInt};
 use rustls_pki_types::CertificateDer;
@@ -78,6 +80,10 @@ pub(crate) struct Shared {
     pub(crate) next_channel: AtomicU64,
     /// The access policy in force.
     pub(crate) policy: RwLock<Arc<Policy>>,
+    /// Joins, leaves and interface changes, for presence watchers.
+    pub(crate) presence: tokio::sync::broadcast::Sender<PresenceEvent>,
+    /// Broadcast groups by name.
+    pub(crate) groups: crate::broadcast::Groups,
 }
 
 impl Shared {
@@ -256,9 +262,19 @@ pub(crate) struct Session {
     pub(crate) slots: AtomicUsize,
     /// This client's rate limits.
     pub(crate) limiter: Limiter,
+    /// The interfaces the client offers (empty: it declares none).
+    pub(crate) interfaces: Mutex<Arc<Vec<Interface>>>,
 }
 
 impl Session {
+    /// The interfaces the client offers now.
+    pub(crate) fn interfaces(&self) -> Arc<Vec<Interface>> {
+        self.interfaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub(crate) fn channels(&self) -> MutexGuard<'_, HashMap<u64, Arc<ChannelSide>>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -322,6 +338,8 @@ impl Coordinator {
         Ok(Self {
             endpoint,
             shared: Arc::new(Shared {
+                presence: tokio::sync::broadcast::channel(config.presence_buffer.max(1)).0,
+                groups: crate::broadcast::Groups::default(),
                 config,
                 registry: Mutex::new(registry),
                 stats: Arc::default(),
@@ -675,12 +693,61 @@ async fn hello(
         violation(conn, ConnCode::Malformed, &what);
         return None;
     }
+    let mut recv = recv;
+    let mut interfaces = Vec::new();
     if version == PROTOCOL_VERSION {
         if let Err((code, message)) = shared.config.auth.check_hello(&name, &chain) {
             refuse(shared, conn, &mut send, &name, code, &message).await;
             return None;
         }
+        // The client's interfaces follow its hello at once.
+        let declared =
+            tokio::time::timeout_at(deadline, read_frame::<SessionMsg, _>(&mut recv)).await;
+        match declared {
+            Ok(Ok(Some(SessionMsg::Interfaces { list }))) => {
+                if let Err(what) = validate_interfaces(&list) {
+                    violation(
+                        conn,
+                        ConnCode::Malformed,
+                        &format!("bad interface list: {what}"),
+                    );
+                    return None;
+                }
+                interfaces = list;
+            }
+            Ok(Ok(Some(other))) => {
+                let what = format!(
+                    "expected interfaces after hello, got {}",
+                    session_msg_name(&other)
+                );
+                violation(conn, ConnCode::UnexpectedMessage, &what);
+                return None;
+            }
+            Ok(Ok(None)) => {
+                violation(
+                    conn,
+                    ConnCode::Malformed,
+                    "session stream ended after hello",
+                );
+                return None;
+            }
+            Ok(Err(e)) => {
+                if let Some(code) = read_error_code(&e) {
+                    violation(conn, code, &format!("bad interface list: {e}"));
+                }
+                return None;
+            }
+            Err(_) => {
+                violation(
+                    conn,
+                    ConnCode::HelloTimeout,
+                    "no interface list within the hello timeout",
+                );
+                return None;
+            }
+        }
     }
+    let interfaces = Arc::new(interfaces);
     let fingerprint = Fingerprint::of(&chain[0]);
     let key = qmesh_certs::clientauth::key_id(&chain[0]);
     let admitted = shared.registry().admit(
@@ -697,6 +764,7 @@ async fn hello(
                 channels: Mutex::new(HashMap::new()),
                 slots: AtomicUsize::new(0),
                 limiter: Limiter::new(&shared.config.rate),
+                interfaces: Mutex::new(interfaces.clone()),
             })
         },
         |held| {
@@ -716,6 +784,7 @@ async fn hello(
             handle: session,
             replaced,
         }) => {
+            let rejoined = replaced.is_some();
             if let Some(old) = replaced {
                 info!(name = %name, old = old.id, new = id, "the same credential connected again; closing its old session");
                 old.conn.close(
@@ -756,6 +825,18 @@ async fn hello(
                 .stats
                 .sessions_admitted
                 .fetch_add(1, Ordering::Relaxed);
+            let interfaces = interfaces.to_vec();
+            let _ = shared.presence.send(if rejoined {
+                PresenceEvent::Changed {
+                    name: name.clone(),
+                    interfaces,
+                }
+            } else {
+                PresenceEvent::Joined {
+                    name: name.clone(),
+                    interfaces,
+                }
+            });
             Some((session, send, recv))
         }
         Err(Rejection { code, message }) => {
@@ -777,6 +858,9 @@ fn session_msg_name(msg: &SessionMsg) -> &'static str {
         SessionMsg::Reject { .. } => "reject",
         SessionMsg::Enroll { .. } => "enroll",
         SessionMsg::Enrolled { .. } => "enrolled",
+        SessionMsg::Interfaces { .. } => "interfaces",
+        SessionMsg::Ping { .. } => "ping",
+        SessionMsg::Pong { .. } => "pong",
     }
 }
 
@@ -788,16 +872,31 @@ async fn run_session(
 ) {
     let hello = hello(&shared, &conn, deadline).await;
     drop(pending);
-    let Some((session, _send, mut recv)) = hello else {
+    let Some((session, send, recv)) = hello else {
         return;
     };
     let span = info_span!("session", id = %session.name);
     async {
         info!(peer = %conn.remote_address(), session = session.id, "joined");
-        // After the welcome the client sends nothing more on the session
-        // stream; anything it does send is a protocol violation. The read is
-        // pinned outside the loop so that it is never cancelled mid-frame.
-        let mut session_read = pin!(read_frame::<SessionMsg, _>(&mut recv));
+        // After the welcome the session stream carries heartbeats both
+        // ways and the client's interface updates; anything else is a
+        // protocol violation.
+        let (_keep_open, nothing_to_send) = tokio::sync::mpsc::channel(1);
+        let updates = {
+            let shared = shared.clone();
+            let session = session.clone();
+            move |msg: SessionMsg| match msg {
+                SessionMsg::Interfaces { list } => {
+                    validate_interfaces(&list).map_err(|e| format!("bad interface list: {e}"))?;
+                    *session.interfaces.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(list.clone());
+                    debug!(interfaces = list.len(), "interfaces updated");
+                    let _ = shared.presence.send(PresenceEvent::Changed { name: session.name.clone(), interfaces: list });
+                    Ok(())
+                }
+                other => Err(format!("unexpected {} after welcome", session_msg_name(&other))),
+            }
+        };
+        let mut session_stream = pin!(heartbeat::drive(recv, send, shared.config.heartbeat, nothing_to_send, updates));
         let tuning = &shared.config.tuning;
         let bi_allowance = StreamAllowance::new(conn.clone(), StreamKind::Bi, tuning.max_bidi_streams, tuning.stream_ceiling);
         let uni_allowance = StreamAllowance::new(conn.clone(), StreamKind::Uni, tuning.max_uni_streams, tuning.stream_ceiling);
@@ -807,13 +906,16 @@ async fn run_session(
                     conn.close(VarInt::from_u32(ConnCode::Shutdown.code()), b"coordinator shutting down");
                     break;
                 }
-                msg = &mut session_read => {
-                    match msg {
-                        Ok(Some(other)) => violation(&conn, ConnCode::UnexpectedMessage, &format!("unexpected {} after welcome", session_msg_name(&other))),
-                        Ok(None) => conn.close(VarInt::from_u32(ConnCode::Normal.code()), b"session stream finished"),
-                        Err(e) => if let Some(code) = read_error_code(&e) {
-                            violation(&conn, code, &format!("bad session frame: {e}"));
-                        },
+                end = &mut session_stream => {
+                    match end {
+                        StreamEnd::Finished => conn.close(VarInt::from_u32(ConnCode::Normal.code()), b"session stream finished"),
+                        StreamEnd::Silent { .. } => {
+                            let why = format!("{end}; closing the session");
+                            info!(cause = %why, "client silent");
+                            conn.close(VarInt::from_u32(ConnCode::HeartbeatMissed.code()), why.as_bytes());
+                        }
+                        StreamEnd::Violation(what) => violation(&conn, ConnCode::UnexpectedMessage, &what),
+                        StreamEnd::Failed(_) | StreamEnd::Stopped => {}
                     }
                     break;
                 }
@@ -835,7 +937,9 @@ async fn run_session(
                 },
             }
         }
-        shared.registry().leave(&session.name, session.id);
+        if shared.registry().leave(&session.name, session.id) {
+            let _ = shared.presence.send(PresenceEvent::Left { name: session.name.clone() });
+        }
         let reason = conn
             .close_reason()
             .map(|e| crate::describe_close(&e))

@@ -128,6 +128,53 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
     Ok(msg)
 }
 
+/// The encoded size of `msg`, whatever its size.
+pub fn encoded_len<T: Serialize>(msg: &T) -> Result<usize, EncodeError> {
+    bincode::serde::encode_to_vec(msg, bincode::config::standard())
+        .map(|v| v.len())
+        .map_err(|e| EncodeError::Serialize(e.to_string()))
+}
+
+/// Encode an application value (a typed message on a channel) as a bare
+/// body, without the control-frame size limit: the data message limit of
+/// the stream it goes on applies instead.
+pub fn encode_value<T: Serialize>(value: &T) -> Result<Vec<u8>, EncodeError> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .map_err(|e| EncodeError::Serialize(e.to_string()))
+}
+
+/// Largest body [`decode_value`] takes: the data message ceiling.
+const VALUE_CEILING: usize = 64 * 1024 * 1024;
+
+/// Decode an application value from a whole message body.
+///
+/// A length declared inside the body can make the decoder reserve at most
+/// the next step of 16 KiB, 256 KiB, 4 MiB or 64 MiB above the body's own
+/// size, never more: a short body cannot claim a large allocation.
+pub fn decode_value<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
+    fn with<T: DeserializeOwned, const N: usize>(body: &[u8]) -> Result<T, DecodeError> {
+        let config = bincode::config::standard().with_limit::<N>();
+        let (value, used) = bincode::serde::decode_from_slice(body, config)
+            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        if used != body.len() {
+            return Err(DecodeError::TrailingBytes {
+                extra: body.len() - used,
+            });
+        }
+        Ok(value)
+    }
+    match body.len() {
+        n if n <= 16 * 1024 => with::<T, { 16 * 1024 }>(body),
+        n if n <= 256 * 1024 => with::<T, { 256 * 1024 }>(body),
+        n if n <= 4 * 1024 * 1024 => with::<T, { 4 * 1024 * 1024 }>(body),
+        n if n <= VALUE_CEILING => with::<T, VALUE_CEILING>(body),
+        len => Err(DecodeError::TooLarge {
+            len,
+            limit: VALUE_CEILING,
+        }),
+    }
+}
+
 /// The 4-byte big-endian prefix for a body of `len` bytes.
 ///
 /// `len` must fit in a `u32`; callers check their limits first.
@@ -213,7 +260,10 @@ mod tests {
 
     use super::*;
     use crate::codes::{OpenFailCode, RejectCode};
-    use crate::msg::{ChannelMsg, PathMode, PeerIntro, SessionMsg, StreamHeader};
+    use crate::manifest::{Direction, Interface};
+    use crate::msg::{
+        ChannelMsg, GroupPolicy, PathMode, PeerIntro, PresenceEvent, SessionMsg, StreamHeader,
+    };
 
     /// Freeze the wire bytes of a message (iroh `check_expected_bytes`).
     fn check<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T, hex: &str) {
@@ -242,6 +292,106 @@ mod tests {
             },
             "00000009000205616c69636500",
         );
+    }
+
+    fn iface() -> Interface {
+        Interface::new("web", "pages")
+            .with_direction(Direction::Send)
+            .with_schema("html")
+            .with_version("2")
+    }
+
+    #[test]
+    fn snapshot_version_4_messages() {
+        check(
+            SessionMsg::Interfaces {
+                list: vec![iface()],
+            },
+            "00000015050103776562057061676573000468746d6c000132",
+        );
+        check(SessionMsg::Ping { seq: 5 }, "000000020605");
+        check(SessionMsg::Pong { seq: 5 }, "000000020705");
+        check(
+            ChannelMsg::Ready {
+                channel: 7,
+                peer: None,
+                interface: Some(iface()),
+            },
+            "000000170407000103776562057061676573000468746d6c000132",
+        );
+        check(
+            ChannelMsg::Describe {
+                peer: "bob".into(),
+                channel: "web".into(),
+            },
+            "000000090803626f6203776562",
+        );
+        check(
+            ChannelMsg::Manifest { interface: iface() },
+            "000000140903776562057061676573000468746d6c000132",
+        );
+        check(ChannelMsg::Watch { live: true }, "000000020a01");
+        check(
+            ChannelMsg::Presence(PresenceEvent::Joined {
+                name: "bob".into(),
+                interfaces: vec![],
+            }),
+            "000000070b0203626f6200",
+        );
+        check(ChannelMsg::Presence(PresenceEvent::Synced), "000000020b01");
+        check(
+            ChannelMsg::Presence(PresenceEvent::Left { name: "bob".into() }),
+            "000000060b0303626f62",
+        );
+        check(
+            ChannelMsg::Join {
+                group: "ops".into(),
+            },
+            "000000050c036f7073",
+        );
+        check(
+            ChannelMsg::Joined {
+                members: 3,
+                policy: GroupPolicy::Evict,
+                max_message: 65536,
+            },
+            "000000080d0302fc00000100",
+        );
+        check(
+            ChannelMsg::Members {
+                group: "ops".into(),
+            },
+            "000000050e036f7073",
+        );
+        check(
+            ChannelMsg::MemberCount {
+                group: "ops".into(),
+                members: 2,
+            },
+            "000000060f036f707302",
+        );
+        check(StreamHeader::Messages { channel: 4 }, "000000020204");
+        check(StreamHeader::DirectMessages { channel: 4 }, "000000020304");
+    }
+
+    #[test]
+    fn too_many_interfaces_are_refused_before_allocation() {
+        // A list that claims a million entries in a few bytes.
+        let mut body = vec![5u8]; // SessionMsg::Interfaces
+        body.extend_from_slice(&[0xfc, 0x40, 0x42, 0x0f, 0x00]); // varint 1_000_000
+        let err = decode::<SessionMsg>(&body).unwrap_err();
+        assert!(err.to_string().contains("interfaces"), "{err}");
+    }
+
+    #[test]
+    fn values_decode_within_their_body_size() {
+        let v: Vec<String> = vec!["a".into(), "bc".into()];
+        let body = encode_value(&v).unwrap();
+        assert_eq!(decode_value::<Vec<String>>(&body).unwrap(), v);
+        // A string that claims 60 MiB in a 6-byte body.
+        let lie = [0xfc, 0x00, 0x00, 0xc0, 0x03, b'x'];
+        assert!(decode_value::<String>(&lie).is_err());
+        assert!(decode_value::<u8>(&[1, 2]).is_err(), "trailing bytes");
     }
 
     #[test]
@@ -330,8 +480,9 @@ mod tests {
             ChannelMsg::Ready {
                 channel: 7,
                 peer: None,
+                interface: None,
             },
-            "00000003040700",
+            "0000000404070000",
         );
         check(
             ChannelMsg::Ready {
@@ -342,8 +493,9 @@ mod tests {
                     addrs: vec![SocketAddr::from((Ipv4Addr::new(192, 168, 1, 2), 7000))],
                     dial: true,
                 }),
+                interface: None,
             },
-            "0000003704fb2c0101abababababababababababababababababababababababababababababababab000a000001fb581b0100c0a80102fb581b01",
+            "0000003804fb2c0101abababababababababababababababababababababababababababababababab000a000001fb581b0100c0a80102fb581b0100",
         );
     }
 
@@ -486,8 +638,13 @@ mod tests {
             }),
             Just(ChannelMsg::Accept),
             arb_text().prop_map(|reason| ChannelMsg::Refuse { reason }),
-            (any::<u64>(), proptest::option::of(arb_intro()))
-                .prop_map(|(channel, peer)| ChannelMsg::Ready { channel, peer }),
+            (any::<u64>(), proptest::option::of(arb_intro())).prop_map(|(channel, peer)| {
+                ChannelMsg::Ready {
+                    channel,
+                    peer,
+                    interface: None,
+                }
+            }),
             arb_text().prop_map(|message| ChannelMsg::OpenFailed {
                 code: OpenFailCode::Refused,
                 message

@@ -79,6 +79,8 @@ numbered! {
         BadToken = 14, "bad enrollment token";
         /// The client sent past its rate limit's flood threshold.
         RateExceeded = 15, "rate limit exceeded";
+        /// The peer missed the configured number of heartbeats in a row.
+        HeartbeatMissed = 16, "heartbeats missed";
     }
 }
 
@@ -102,6 +104,14 @@ numbered! {
         /// The channel already carries as many data streams at once as the
         /// coordinator allows.
         TooManyStreams = 7, "too many streams on the channel";
+        /// The stream sends against the direction of the channel's
+        /// interface.
+        WrongDirection = 8, "sent against the interface's direction";
+        /// The member was evicted from a broadcast group for falling
+        /// behind.
+        Evicted = 9, "evicted from the group";
+        /// The sender went over a quota of the interface.
+        OverQuota = 10, "over the interface's quota";
     }
 }
 
@@ -185,6 +195,11 @@ pub enum OpenFailCode {
     TooManyChannels,
     /// The coordinator's access policy does not allow this open.
     Denied,
+    /// The peer declares interfaces and this channel name is not one of
+    /// them; the message lists the ones it offers.
+    NoSuchInterface,
+    /// The peer's interface takes no more channels at once.
+    OverQuota,
 }
 
 #[cfg(test)]
@@ -210,6 +225,7 @@ mod tests {
             ConnCode::Revoked,
             ConnCode::BadToken,
             ConnCode::RateExceeded,
+            ConnCode::HeartbeatMissed,
         ];
         for (i, c) in all.iter().enumerate() {
             assert_eq!(c.code() as usize, i);

@@ -16,16 +16,23 @@
 //!   length-prefixed frames and size limits.
 //! - [`codes`]: typed connection and stream close codes and rejection codes.
 //! - [`limits`]: protocol constants: ALPN, version, frame and message limits.
+//! - [`manifest`]: interfaces a client offers and their manifests.
+//! - [`heartbeat`]: pings on the session stream, and when silence means lost.
+//! - [`envelope`]: one-way messages, requests and replies on a channel.
 
 #![warn(missing_docs)]
 
 pub mod address;
 pub mod codec;
 pub mod codes;
+pub mod envelope;
+pub mod heartbeat;
 pub mod limits;
+pub mod manifest;
 pub mod msg;
 pub mod name;
 
 pub use address::{Address, AddressError};
 pub use codec::DecodeError;
 pub use limits::{ALPN, DIRECT_ALPN, PROTOCOL_VERSION};
+pub use manifest::{Direction, Interface};

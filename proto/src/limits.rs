@@ -12,7 +12,7 @@ pub const DIRECT_ALPN: &[u8] = b"qmesh-direct/1";
 pub const MAX_REPORTED_ADDRS: usize = 8;
 
 /// The protocol version carried in `Hello`. The coordinator refuses any other.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest control frame body (session and channel control streams and data
 /// stream headers). A declared length above this is refused before any
@@ -27,6 +27,9 @@ pub const DEFAULT_MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// Hard ceiling on a configured message size: the length prefix is a `u32`.
 pub const MAX_MESSAGE_CEILING: usize = u32::MAX as usize;
+
+/// Default largest broadcast message body (64 KiB).
+pub const DEFAULT_MAX_BROADCAST: usize = 64 * 1024;
 
 /// Longest free-text reason (close and refusal reasons, error messages) a
 /// sender puts in a message; longer reasons are cut at a character boundary.

@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::codes::{OpenFailCode, RejectCode};
+use crate::manifest::Interface;
 
 /// Messages on the session control stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +77,27 @@ pub enum SessionMsg {
         /// When it expires, in seconds since the Unix epoch.
         expires: u64,
     },
+    /// Client → coordinator: the interfaces this client offers, replacing
+    /// what it declared before. Sent right after the hello (before the
+    /// welcome; an empty list declares none) and again whenever they
+    /// change. At most [`crate::manifest::MAX_INTERFACES`], distinct valid
+    /// channel names, [`crate::manifest::MAX_INTERFACES_BYTES`] encoded.
+    Interfaces {
+        /// The offered interfaces.
+        #[serde(deserialize_with = "bounded::interfaces")]
+        list: Vec<Interface>,
+    },
+    /// Either side → the other, after the welcome: are you there? Answered
+    /// with a [`SessionMsg::Pong`] carrying the same number.
+    Ping {
+        /// The sender's sequence number.
+        seq: u64,
+    },
+    /// The answer to a [`SessionMsg::Ping`].
+    Pong {
+        /// The number of the ping it answers.
+        seq: u64,
+    },
 }
 
 /// Messages on a channel control stream.
@@ -123,6 +145,9 @@ pub enum ChannelMsg {
         /// channel is relay-only or the other side cannot take direct
         /// channels.
         peer: Option<PeerIntro>,
+        /// The callee's manifest for this channel name, when the callee
+        /// declares interfaces: both sides keep to its direction.
+        interface: Option<Interface>,
     },
     /// Coordinator → opener: the channel could not be opened.
     OpenFailed {
@@ -153,6 +178,145 @@ pub enum ChannelMsg {
         /// What the coordinator saw.
         reason: String,
     },
+    /// Client → coordinator, first frame of a new stream: the manifest of
+    /// interface `channel` on `peer`, without opening it (the control side
+    /// alone). Answered with [`ChannelMsg::Manifest`] or
+    /// [`ChannelMsg::OpenFailed`]; the coordinator then finishes the stream.
+    Describe {
+        /// The offerer's client name.
+        peer: String,
+        /// The interface's channel name.
+        channel: String,
+    },
+    /// Coordinator → client: the manifest asked for, as the offerer
+    /// declared it.
+    Manifest {
+        /// The manifest.
+        interface: Interface,
+    },
+    /// Client → coordinator, first frame of a new stream: who is online
+    /// and what they offer. The coordinator answers with one
+    /// [`PresenceEvent::Present`] per client and then
+    /// [`PresenceEvent::Synced`]; with `live`, it goes on sending changes
+    /// until either side finishes the stream.
+    Watch {
+        /// Keep sending changes after the list.
+        live: bool,
+    },
+    /// Coordinator → watcher: one presence event.
+    Presence(PresenceEvent),
+    /// Client → coordinator, first frame of a new stream: join broadcast
+    /// group `group`. Answered with [`ChannelMsg::Joined`] (or
+    /// [`ChannelMsg::OpenFailed`]); after that the stream carries data
+    /// messages: the member's broadcasts towards the coordinator, and
+    /// [`crate::envelope::GroupEvent`]s towards the member.
+    Join {
+        /// The group's name (channel-name rules).
+        group: String,
+    },
+    /// Coordinator → member: joined.
+    Joined {
+        /// Members now in the group, this one included.
+        members: u64,
+        /// What happens when this member falls behind.
+        policy: GroupPolicy,
+        /// Largest broadcast body the group carries.
+        max_message: u64,
+    },
+    /// Client → coordinator, first frame of a new stream: how many members
+    /// group `group` has. Answered with [`ChannelMsg::MemberCount`].
+    Members {
+        /// The group's name.
+        group: String,
+    },
+    /// Coordinator → client: the member count asked for (0 for a group
+    /// nobody is in).
+    MemberCount {
+        /// The group's name.
+        group: String,
+        /// Members now.
+        members: u64,
+    },
+}
+
+/// What the coordinator tells a presence watcher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PresenceEvent {
+    /// `name` is online and offers `interfaces` (the list before
+    /// [`PresenceEvent::Synced`]).
+    Present {
+        /// The client's name.
+        name: String,
+        /// What it offers.
+        #[serde(deserialize_with = "bounded::interfaces")]
+        interfaces: Vec<Interface>,
+    },
+    /// Every client online when the watch began has been listed.
+    Synced,
+    /// `name` joined, offering `interfaces`.
+    Joined {
+        /// The client's name.
+        name: String,
+        /// What it offers.
+        #[serde(deserialize_with = "bounded::interfaces")]
+        interfaces: Vec<Interface>,
+    },
+    /// `name` left.
+    Left {
+        /// The client's name.
+        name: String,
+    },
+    /// `name` changed what it offers; `interfaces` is the new list.
+    Changed {
+        /// The client's name.
+        name: String,
+        /// What it offers now.
+        #[serde(deserialize_with = "bounded::interfaces")]
+        interfaces: Vec<Interface>,
+    },
+    /// The watcher fell more than the coordinator's buffer behind; `missed`
+    /// events were dropped. Watch again for a fresh list.
+    Lagged {
+        /// Events dropped.
+        missed: u64,
+    },
+}
+
+/// What a broadcast group does with a member that falls behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum GroupPolicy {
+    /// The group waits for the slowest member: senders are slowed.
+    Block,
+    /// The slow member skips messages and is told how many it missed.
+    #[default]
+    Lag,
+    /// The slow member is removed from the group.
+    Evict,
+}
+
+impl std::fmt::Display for GroupPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GroupPolicy::Block => "block",
+            GroupPolicy::Lag => "lag",
+            GroupPolicy::Evict => "evict",
+        })
+    }
+}
+
+impl std::str::FromStr for GroupPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "block" => Ok(GroupPolicy::Block),
+            "lag" => Ok(GroupPolicy::Lag),
+            "evict" => Ok(GroupPolicy::Evict),
+            other => Err(format!(
+                "unknown group policy {other:?}; use block, lag or evict"
+            )),
+        }
+    }
 }
 
 /// Which path a channel's data takes.
@@ -199,6 +363,27 @@ pub enum StreamHeader {
         /// The coordinator's channel number.
         channel: u64,
     },
+    /// As [`StreamHeader::Data`], for the sender's message stream: its data
+    /// messages are [`crate::envelope::Envelope`]s.
+    Messages {
+        /// Control stream id of the channel on this connection.
+        channel: u64,
+    },
+    /// As [`StreamHeader::Direct`], for the sender's message stream.
+    DirectMessages {
+        /// The coordinator's channel number.
+        channel: u64,
+    },
+}
+
+impl StreamHeader {
+    /// Whether the stream carries envelopes rather than application data.
+    pub fn is_messages(&self) -> bool {
+        matches!(
+            self,
+            StreamHeader::Messages { .. } | StreamHeader::DirectMessages { .. }
+        )
+    }
 }
 
 /// Address lists that decode without trusting their declared length: a
@@ -212,6 +397,7 @@ mod bounded {
     use serde::de::{Deserializer, Error, SeqAccess, Visitor};
 
     use crate::limits::MAX_REPORTED_ADDRS;
+    use crate::manifest::MAX_INTERFACES;
 
     struct Addrs;
 
@@ -264,6 +450,37 @@ mod bounded {
         fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
             addrs(d).map(Some)
         }
+    }
+
+    struct Interfaces;
+
+    impl<'de> Visitor<'de> for Interfaces {
+        type Value = Vec<crate::manifest::Interface>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "at most {MAX_INTERFACES} interfaces")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let too_many = || A::Error::custom(format!("more than {MAX_INTERFACES} interfaces"));
+            if seq.size_hint().is_some_and(|n| n > MAX_INTERFACES) {
+                return Err(too_many());
+            }
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_INTERFACES));
+            while let Some(i) = seq.next_element()? {
+                if out.len() == MAX_INTERFACES {
+                    return Err(too_many());
+                }
+                out.push(i);
+            }
+            Ok(out)
+        }
+    }
+
+    pub(super) fn interfaces<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<crate::manifest::Interface>, D::Error> {
+        d.deserialize_seq(Interfaces)
     }
 
     pub(super) fn option_addrs<'de, D: Deserializer<'de>>(

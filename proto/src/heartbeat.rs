@@ -1,0 +1,294 @@
+//! Heartbeats and the session stream after the welcome.
+//!
+//! Once a session is up, both sides keep its session control stream open.
+//! Each side sends a [`SessionMsg::Ping`] every `interval` and answers every
+//! ping with a [`SessionMsg::Pong`]. Any frame heard counts as a sign of
+//! life; a side that hears nothing for `misses × interval` declares the
+//! other lost. A side that leaves finishes the stream (or closes the
+//! connection with a normal code): that is a graceful end, never a loss.
+//!
+//! [`drive`] is that loop, over any reader and writer, so the same code
+//! runs on QUIC streams and, in tests, on in-memory pipes under tokio's
+//! paused clock.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::codec::{read_frame, write_frame};
+use crate::msg::SessionMsg;
+
+/// How often to ping, and how many silent intervals mean lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Time between pings.
+    pub interval: Duration,
+    /// Intervals without hearing anything after which the other side is
+    /// lost (at least 1).
+    pub misses: u32,
+}
+
+impl Default for Heartbeat {
+    /// A ping every 5 s; lost after 3 silent intervals (15 s).
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            misses: 3,
+        }
+    }
+}
+
+impl Heartbeat {
+    /// A heartbeat of `interval`, lost after `misses` silent intervals.
+    pub fn new(interval: Duration, misses: u32) -> Self {
+        Self {
+            interval,
+            misses: misses.max(1),
+        }
+    }
+
+    /// How long silence may last before the other side is lost.
+    pub fn limit(&self) -> Duration {
+        self.interval.saturating_mul(self.misses.max(1))
+    }
+}
+
+/// How the session stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The other side finished the stream: it left.
+    Finished,
+    /// The other side was silent for the whole limit.
+    Silent {
+        /// How long nothing was heard.
+        silent_for: Duration,
+        /// The heartbeat in force.
+        heartbeat: Heartbeat,
+    },
+    /// The other side sent something it must not; the string says what.
+    Violation(String),
+    /// Reading or writing failed (the connection went away).
+    Failed(String),
+    /// This side asked to stop (its outgoing queue was closed).
+    Stopped,
+}
+
+impl std::fmt::Display for StreamEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamEnd::Finished => f.write_str("the other side left"),
+            StreamEnd::Silent {
+                silent_for,
+                heartbeat,
+            } => write!(
+                f,
+                "nothing heard for {} ms: {} heartbeats missed (interval {} ms)",
+                silent_for.as_millis(),
+                heartbeat.misses,
+                heartbeat.interval.as_millis()
+            ),
+            StreamEnd::Violation(what) => write!(f, "protocol violation: {what}"),
+            StreamEnd::Failed(what) => write!(f, "session stream failed: {what}"),
+            StreamEnd::Stopped => f.write_str("stopped"),
+        }
+    }
+}
+
+/// Run the session stream: ping every `heartbeat.interval`, answer pings,
+/// write what arrives on `outgoing`, and hand every other frame to
+/// `on_frame` (which returns an error to end the stream as a violation).
+/// Returns how the stream ended.
+pub async fn drive<R, W>(
+    mut reader: R,
+    mut writer: W,
+    heartbeat: Heartbeat,
+    mut outgoing: mpsc::Receiver<SessionMsg>,
+    mut on_frame: impl FnMut(SessionMsg) -> Result<(), String>,
+) -> StreamEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // Frames are read in their own loop: a frame read must never be
+    // cancelled half way.
+    let (frames_tx, mut frames) = mpsc::channel(1);
+    let read_loop = async move {
+        loop {
+            let frame = read_frame::<SessionMsg, _>(&mut reader).await;
+            let last = !matches!(frame, Ok(Some(_)));
+            if frames_tx.send(frame).await.is_err() || last {
+                return;
+            }
+        }
+    };
+    let main_loop = async {
+        let mut ticks = tokio::time::interval(heartbeat.interval);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        ticks.tick().await;
+        let mut heard = Instant::now();
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                biased;
+                frame = frames.recv() => {
+                    heard = Instant::now();
+                    let msg = match frame {
+                        Some(Ok(Some(msg))) => msg,
+                        Some(Ok(None)) => return StreamEnd::Finished,
+                        Some(Err(e)) => return StreamEnd::Violation(format!("bad session frame: {e}")),
+                        None => return StreamEnd::Failed("reader ended".into()),
+                    };
+                    match msg {
+                        SessionMsg::Ping { seq } => {
+                            if let Err(e) = write_frame(&mut writer, &SessionMsg::Pong { seq }).await {
+                                return write_failed(&mut frames, e, heartbeat).await;
+                            }
+                        }
+                        SessionMsg::Pong { .. } => {}
+                        other => if let Err(what) = on_frame(other) {
+                            return StreamEnd::Violation(what);
+                        },
+                    }
+                }
+                _ = ticks.tick() => {
+                    let silent_for = heard.elapsed();
+                    if silent_for >= heartbeat.limit() {
+                        return StreamEnd::Silent { silent_for, heartbeat };
+                    }
+                    seq += 1;
+                    if let Err(e) = write_frame(&mut writer, &SessionMsg::Ping { seq }).await {
+                        return write_failed(&mut frames, e, heartbeat).await;
+                    }
+                }
+                msg = outgoing.recv() => match msg {
+                    Some(msg) => if let Err(e) = write_frame(&mut writer, &msg).await {
+                        return write_failed(&mut frames, e, heartbeat).await;
+                    },
+                    None => {
+                        let _ = writer.shutdown().await;
+                        return StreamEnd::Stopped;
+                    }
+                },
+            }
+        }
+    };
+    tokio::select! {
+        end = main_loop => end,
+        // The read loop only returns once the main loop has seen its last
+        // frame or has gone; the main loop reports either way.
+        () = async { read_loop.await; std::future::pending::<()>().await } => StreamEnd::Stopped,
+    }
+}
+
+/// A write failed: when the other side finished its stream just before
+/// (it left, and its end is gone), that is the end to report.
+async fn write_failed(
+    frames: &mut mpsc::Receiver<Result<Option<SessionMsg>, crate::codec::ReadFrameError>>,
+    err: crate::codec::WriteFrameError,
+    heartbeat: Heartbeat,
+) -> StreamEnd {
+    let next = tokio::time::timeout(heartbeat.limit(), async {
+        loop {
+            match frames.recv().await {
+                Some(Ok(Some(_))) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    match next {
+        Ok(Some(Ok(None))) => StreamEnd::Finished,
+        _ => StreamEnd::Failed(err.to_string()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn hb() -> Heartbeat {
+        Heartbeat::new(Duration::from_secs(1), 3)
+    }
+
+    /// A silent peer (its end of the pipe open, nothing written) is lost
+    /// after misses × interval, not before, and not much later.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_is_lost_after_misses_times_interval() {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (r, w) = tokio::io::split(ours);
+        let (_tx, rx) = mpsc::channel(1);
+        let start = Instant::now();
+        let end = drive(r, w, hb(), rx, |_| Ok(())).await;
+        let took = start.elapsed();
+        assert!(matches!(end, StreamEnd::Silent { .. }), "{end:?}");
+        assert!(took >= hb().limit(), "{took:?}");
+        assert!(took <= hb().limit() + hb().interval, "{took:?}");
+        drop(theirs);
+    }
+
+    /// Two sides that both run the loop keep each other alive for an hour
+    /// of virtual time; then one leaves and the other sees it finished,
+    /// never as lost.
+    #[tokio::test(start_paused = true)]
+    async fn live_peers_stay_up_and_a_graceful_leave_is_not_a_loss() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        let (a_tx, a_rx) = mpsc::channel(1);
+        let (_b_tx, b_rx) = mpsc::channel(1);
+        let a_side = tokio::spawn(drive(ar, aw, hb(), a_rx, |_| Ok(())));
+        let b_side = tokio::spawn(drive(br, bw, hb(), b_rx, |_| Ok(())));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!a_side.is_finished() && !b_side.is_finished());
+        drop(a_tx); // a stops, dropping its writer: the stream is finished
+        assert_eq!(a_side.await.unwrap(), StreamEnd::Stopped);
+        assert_eq!(b_side.await.unwrap(), StreamEnd::Finished);
+    }
+
+    /// A peer that finishes its stream at once is finished, however long
+    /// the heartbeat.
+    #[tokio::test(start_paused = true)]
+    async fn finishing_is_reported_as_finished() {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let (r, w) = tokio::io::split(ours);
+        let (_tx, rx) = mpsc::channel(1);
+        theirs.shutdown().await.unwrap();
+        let end = drive(r, w, hb(), rx, |_| Ok(())).await;
+        assert_eq!(end, StreamEnd::Finished);
+    }
+
+    /// Frames other than pings and pongs go to the callback; its error
+    /// ends the stream as a violation.
+    #[tokio::test(start_paused = true)]
+    async fn other_frames_reach_the_callback() {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let (r, w) = tokio::io::split(ours);
+        let (_tx, rx) = mpsc::channel(1);
+        write_frame(&mut theirs, &SessionMsg::Interfaces { list: vec![] })
+            .await
+            .unwrap();
+        write_frame(
+            &mut theirs,
+            &SessionMsg::Welcome {
+                session: 1,
+                observed: "127.0.0.1:1".parse().unwrap(),
+            },
+        )
+        .await
+        .unwrap();
+        let mut seen = Vec::new();
+        let end = drive(r, w, hb(), rx, |m| match m {
+            SessionMsg::Interfaces { .. } => {
+                seen.push("interfaces");
+                Ok(())
+            }
+            _ => Err("unexpected".into()),
+        })
+        .await;
+        assert_eq!(seen, ["interfaces"]);
+        assert_eq!(end, StreamEnd::Violation("unexpected".into()));
+    }
+}
