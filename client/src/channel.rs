@@ -21,8 +21,16 @@ use tracing::{debug, info, Instrument, Span};
 
 use qmesh_certs::transport::StreamGuard;
 
+use bytes::Bytes;
+use qmesh_proto::envelope::Envelope;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 use crate::direct::{Direct, Link, LinkUse};
-use crate::error::{AcceptError, CloseError, StreamError};
+use crate::error::{AcceptError, CloseError, RequestError, SendError, StreamError};
+use crate::events::{self, ChannelRef, Event, Events};
+use crate::messages::{read_streams, Inbox, Incoming, OpenOut, Outbox, Waiting};
+use crate::quota::ChannelSlot;
 use crate::stream::{MessageReceiver, MessageSender};
 
 /// Which side ended a channel gracefully.
@@ -70,8 +78,27 @@ impl fmt::Display for ChannelEnd {
 /// Where a channel's incoming data streams are delivered.
 pub(crate) type StreamTx = mpsc::Sender<(RecvStream, StreamGuard)>;
 
-/// Where incoming relayed data streams go, by channel control stream id.
-pub(crate) type Routes = Arc<Mutex<HashMap<u64, StreamTx>>>;
+/// Where a channel's incoming streams go: data streams to
+/// [`Channel::accept_stream`], the peer's message streams to its readers.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    pub(crate) data: StreamTx,
+    pub(crate) messages: StreamTx,
+}
+
+impl Route {
+    /// The sender for a stream of this kind.
+    pub(crate) fn pick(&self, messages: bool) -> &StreamTx {
+        if messages {
+            &self.messages
+        } else {
+            &self.data
+        }
+    }
+}
+
+/// Where incoming relayed streams go, by channel control stream id.
+pub(crate) type Routes = Arc<Mutex<HashMap<u64, Route>>>;
 
 /// The path a channel's new data streams take from this side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +132,10 @@ struct State {
     peer_close: Option<u64>,
     /// The control stream is over (lost, or closed both ways).
     done: bool,
+    /// The peer's message streams that arrived.
+    msg_streams: u64,
+    /// Of those, the ones still being read.
+    msg_readers: u64,
 }
 
 #[derive(Debug, Default)]
@@ -142,6 +173,20 @@ struct Shared {
     span: Span,
     /// The interface the channel is on, and which side offers it.
     offer: Offer,
+    /// Where lifecycle and request events go.
+    events: Option<Events>,
+    /// This side's requests waiting for replies.
+    waiting: Arc<Waiting>,
+    /// This side's message stream.
+    outbox: Arc<Outbox>,
+    request_timeout: std::time::Duration,
+    max_requests: usize,
+    /// The interface's quota, when this side offers it with one: holds the
+    /// channel's place under the cap while the channel lives.
+    quota: Option<ChannelSlot>,
+    /// Whether Ready, and then the end, have been reported to the events
+    /// hub: the end is reported only after Ready, and each only once.
+    reported: Mutex<(bool, bool)>,
     /// Counts the control stream against this client's stream allowance
     /// while the channel lives (channels the peer opened).
     _guard: Option<StreamGuard>,
@@ -158,15 +203,67 @@ pub(crate) struct Offer {
 
 impl Shared {
     fn end(&self, end: ChannelEnd) {
-        self.state.send_if_modified(|s| {
+        let first = self.state.send_if_modified(|s| {
             if s.end.is_none() {
                 info!(parent: &self.span, how = %end, "ended");
-                s.end = Some(end);
+                s.end = Some(end.clone());
                 true
             } else {
                 false
             }
         });
+        if first {
+            // Requests still waiting will get no reply now.
+            self.waiting.fail_all();
+            let mut reported = lock(&self.reported);
+            if reported.0 && !reported.1 {
+                reported.1 = true;
+                events::emit(&self.events, || Event::ended(self.channel_ref(), &end));
+            }
+        }
+    }
+
+    /// Report Ready (once), and the end too if it came first.
+    fn report_ready(&self) {
+        let mut reported = lock(&self.reported);
+        if reported.0 {
+            return;
+        }
+        reported.0 = true;
+        events::emit(&self.events, || Event::Ready {
+            channel: self.channel_ref(),
+        });
+        let end = self.state.borrow().end.clone();
+        if let Some(end) = end {
+            reported.1 = true;
+            events::emit(&self.events, || Event::ended(self.channel_ref(), &end));
+        }
+    }
+
+    pub(crate) fn channel_ref(&self) -> ChannelRef {
+        ChannelRef {
+            label: self.label.clone(),
+            peer: self.peer.clone(),
+            name: self.name.clone(),
+        }
+    }
+
+    /// Whether this side may send data (streams, one-way messages,
+    /// requests) under the interface's direction; the error says why not.
+    fn check_direction(&self) -> Result<(), String> {
+        match &self.offer.interface {
+            Some(i) if !i.direction.may_send(self.offer.offerer) => Err(format!(
+                "interface \"{}\" is {} from the offerer's side, so {} may not send on it",
+                i.name,
+                i.direction,
+                if self.offer.offerer {
+                    "its offerer"
+                } else {
+                    "the side that opened it"
+                }
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Set the channel's path from its link's state (an event when it
@@ -189,8 +286,135 @@ impl Shared {
         });
     }
 
+    /// Wait until the path is direct, up to `limit`; the reason when it
+    /// does not become direct.
+    pub(crate) async fn wait_direct(&self, limit: std::time::Duration) -> Result<(), String> {
+        let Some(link) = &self.link else {
+            return Err("the peer cannot take direct channels".into());
+        };
+        let mut state = link.peer.watch();
+        let up = timeout(limit, state.wait_for(|s| !matches!(s, Link::Connecting))).await;
+        let seen = match up {
+            Ok(Ok(link)) => link.clone(),
+            Ok(Err(_)) => return Err("the client is closing".into()),
+            Err(_) => return Err(format!("no direct path within {} s", limit.as_secs())),
+        };
+        match seen {
+            Link::Up(_) => {
+                self.show_path(&seen);
+                Ok(())
+            }
+            Link::Down(reason) => Err(reason),
+            Link::Connecting => Err("the client is closing".into()),
+        }
+    }
+
+    /// The header of a stream through the coordinator.
+    fn relay_header(&self, messages: bool) -> StreamHeader {
+        let channel = self.id;
+        if messages {
+            StreamHeader::Messages { channel }
+        } else {
+            StreamHeader::Data { channel }
+        }
+    }
+
+    /// Pick the connection and header for a new data stream; `true` when
+    /// it goes through the coordinator.
+    async fn stream_route(
+        &self,
+        messages: bool,
+    ) -> Result<(Connection, StreamHeader, bool), StreamError> {
+        let relay = (self.conn.clone(), self.relay_header(messages), true);
+        let direct = |c: Connection| {
+            let channel = self.number;
+            let header = if messages {
+                StreamHeader::DirectMessages { channel }
+            } else {
+                StreamHeader::Direct { channel }
+            };
+            (c, header, false)
+        };
+        match (&self.link, self.mode) {
+            (None, PathMode::Direct) => Err(StreamError::DirectUnavailable(
+                "the peer cannot take direct channels".into(),
+            )),
+            (None, _) | (_, PathMode::Relay) => Ok(relay),
+            (Some(link), mode) => match link.peer.conn() {
+                Some(c) => Ok(direct(c)),
+                None if mode == PathMode::Direct => {
+                    let limit = self
+                        .direct
+                        .as_ref()
+                        .map(|d| d.timeout())
+                        .unwrap_or_default();
+                    self.wait_direct(limit)
+                        .await
+                        .map_err(StreamError::DirectUnavailable)?;
+                    link.peer.conn().map(direct).ok_or_else(|| {
+                        StreamError::DirectUnavailable("the direct path went down".into())
+                    })
+                }
+                None => Ok(relay),
+            },
+        }
+    }
+
+    /// Open a data stream (or, with `messages`, this side's message
+    /// stream) on the channel's current path, and say which path.
+    pub(crate) async fn open_stream(
+        &self,
+        messages: bool,
+    ) -> Result<(MessageSender, Path), StreamError> {
+        if lock(&self.local).closed || self.state.borrow().end.is_some() {
+            return Err(StreamError::ChannelEnded);
+        }
+        let (conn, header, mut relayed) = self.stream_route(messages).await?;
+        {
+            let mut local = lock(&self.local);
+            if local.closed || self.state.borrow().end.is_some() {
+                return Err(StreamError::ChannelEnded);
+            }
+            local.opened += 1;
+            local.relayed += u64::from(relayed);
+        }
+        let open = |conn: Connection, header: StreamHeader| async move {
+            let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+            write_frame(&mut send, &header)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(send)
+        };
+        let mut opened = open(conn, header).await;
+        if opened.is_err() && !relayed && self.mode == PathMode::Auto {
+            // The direct connection died under us: this stream goes relayed.
+            debug!(parent: &self.span, "direct stream failed; using the relay");
+            relayed = true;
+            lock(&self.local).relayed += 1;
+            opened = open(self.conn.clone(), self.relay_header(messages)).await;
+        }
+        let path = if relayed {
+            Path::Relay
+        } else {
+            *self.path.borrow()
+        };
+        match opened {
+            Ok(send) => Ok((MessageSender::new(send, self.max_message), path)),
+            Err(e) => {
+                // It never left: do not count it in the close.
+                let mut local = lock(&self.local);
+                local.opened -= 1;
+                local.relayed -= u64::from(relayed);
+                Err(StreamError::Session(e))
+            }
+        }
+    }
+
     /// Send this side's close (once) and finish the control stream.
     async fn send_close(&self, reason: &str) {
+        // The message stream ends before the close, so everything sent on
+        // it is delivered first.
+        self.outbox.finish().await;
         let (streams, relayed) = {
             let mut local = lock(&self.local);
             if local.closed {
@@ -221,6 +445,7 @@ impl Shared {
 pub struct Channel {
     shared: Arc<Shared>,
     streams: tokio::sync::Mutex<(mpsc::Receiver<(RecvStream, StreamGuard)>, u64)>,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
     routes: Routes,
 }
 
@@ -237,14 +462,24 @@ pub(crate) struct Parts {
     pub(crate) direct: Option<Arc<Direct>>,
     /// The path the opener asked for.
     pub(crate) mode: PathMode,
+    pub(crate) events: Option<Events>,
+    pub(crate) request_timeout: std::time::Duration,
+    pub(crate) max_requests: usize,
+    pub(crate) message_backlog: usize,
+    /// The offered interface's quota slot (channels this side accepted).
+    pub(crate) quota: Option<ChannelSlot>,
+    /// Report Ready only when [`Channel::report_ready`] is called (an
+    /// open reports it once it returns the channel).
+    pub(crate) defer_ready: bool,
 }
 
 /// A channel whose route is registered but which is not ready yet.
 pub(crate) struct Pending {
     parts: Parts,
     id: u64,
-    tx: StreamTx,
+    tx: Route,
     rx: mpsc::Receiver<(RecvStream, StreamGuard)>,
+    msg_rx: mpsc::Receiver<(RecvStream, StreamGuard)>,
 }
 
 impl Pending {
@@ -252,9 +487,17 @@ impl Pending {
     /// stream is `send`, before the channel can receive any.
     pub(crate) fn register(parts: Parts, send: &SendStream) -> Self {
         let id = u64::from(send.id());
-        let (tx, rx) = mpsc::channel(parts.max_streams.max(1));
+        let (data, rx) = mpsc::channel(parts.max_streams.max(1));
+        let (messages, msg_rx) = mpsc::channel(4);
+        let tx = Route { data, messages };
         lock(&parts.routes).insert(id, tx.clone());
-        Self { parts, id, tx, rx }
+        Self {
+            parts,
+            id,
+            tx,
+            rx,
+            msg_rx,
+        }
     }
 
     /// Give up on the channel.
@@ -272,7 +515,13 @@ impl Pending {
         intro: Option<PeerIntro>,
         offer: Offer,
     ) -> Channel {
-        let Pending { parts, id, tx, rx } = self;
+        let Pending {
+            parts,
+            id,
+            tx,
+            rx,
+            msg_rx,
+        } = self;
         let span = tracing::info_span!("channel", id = %parts.label);
         let link = match (&parts.direct, intro, parts.mode) {
             (Some(direct), Some(intro), PathMode::Auto | PathMode::Direct) => {
@@ -283,7 +532,9 @@ impl Pending {
             _ => None,
         };
         let direct = link.as_ref().and(parts.direct.clone());
-        let shared = Arc::new(Shared {
+        let path = watch::Sender::new(Path::Relay);
+        let path_rx = path.subscribe();
+        let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| Shared {
             id,
             peer: parts.peer,
             name: parts.name,
@@ -298,22 +549,93 @@ impl Pending {
             mode: parts.mode,
             link,
             direct,
-            path: watch::Sender::new(Path::Relay),
+            path,
             span: span.clone(),
             offer,
+            events: parts.events,
+            waiting: Arc::default(),
+            outbox: Arc::new(Outbox::new(open_messages(weak.clone()), path_rx)),
+            request_timeout: parts.request_timeout,
+            max_requests: parts.max_requests,
+            quota: parts.quota,
+            reported: Mutex::new((false, false)),
             _guard: guard,
         });
         info!(parent: &span, number, mode = ?parts.mode, direct = shared.link.is_some(), "ready");
         if let Some(link) = &shared.link {
             tokio::spawn(follow_path(shared.clone(), link.peer.watch()).instrument(span.clone()));
         }
-        tokio::spawn(control(shared.clone(), recv).instrument(span));
+        tokio::spawn(control(shared.clone(), recv).instrument(span.clone()));
+        let (deliver, incoming) = mpsc::channel(parts.message_backlog.max(1));
+        let inbox = Arc::new(Inbox {
+            label: shared.label.clone(),
+            max_message: shared.max_message,
+            waiting: shared.waiting.clone(),
+            outbox: shared.outbox.clone(),
+            peer_may_send: shared
+                .offer
+                .interface
+                .as_ref()
+                .is_none_or(|i| i.direction.may_send(!shared.offer.offerer)),
+            quota: shared.quota.as_ref().map(|q| q.gate().clone()),
+        });
+        let weak = Arc::downgrade(&shared);
+        let counted = {
+            let weak = weak.clone();
+            move |delta: i64| {
+                if let Some(s) = weak.upgrade() {
+                    s.state.send_modify(|st| {
+                        if delta > 0 {
+                            st.msg_streams += 1;
+                            st.msg_readers += 1;
+                        } else {
+                            st.msg_readers = st.msg_readers.saturating_sub(1);
+                        }
+                    });
+                }
+            }
+        };
+        let over_quota = move |why: String| {
+            if let Some(s) = weak.upgrade() {
+                info!(parent: &s.span, cause = %why, "closing a channel over its quota");
+                tokio::spawn(async move {
+                    s.end(ChannelEnd::Closed {
+                        by: Side::Local,
+                        reason: why.clone(),
+                    });
+                    s.send_close(&why).await;
+                });
+            }
+        };
+        tokio::spawn(read_streams(inbox, msg_rx, deliver, counted, over_quota).instrument(span));
+        if !parts.defer_ready {
+            shared.report_ready();
+        }
         Channel {
             shared,
             streams: tokio::sync::Mutex::new((rx, 0)),
+            incoming: tokio::sync::Mutex::new(incoming),
             routes: parts.routes,
         }
     }
+}
+
+/// What opens a channel's message stream: the channel's own
+/// [`Shared::open_stream`], reached through a weak reference (the outbox
+/// lives inside the channel).
+fn open_messages(weak: std::sync::Weak<Shared>) -> OpenOut {
+    Box::new(move || {
+        let weak = weak.clone();
+        Box::pin(async move {
+            let shared = weak
+                .upgrade()
+                .ok_or_else(|| SendError::Stream("the channel is gone".into()))?;
+            shared
+                .open_stream(true)
+                .await
+                .map_err(|e| SendError::Stream(e.to_string()))
+        })
+    })
 }
 
 /// Keep the channel's path in step with its direct link: direct while the
@@ -431,113 +753,24 @@ impl Channel {
     /// Wait until the path is direct, up to `limit`; the reason when it
     /// does not become direct.
     pub(crate) async fn wait_direct(&self, limit: std::time::Duration) -> Result<(), String> {
-        let Some(link) = &self.shared.link else {
-            return Err("the peer cannot take direct channels".into());
-        };
-        let mut state = link.peer.watch();
-        let up = timeout(limit, state.wait_for(|s| !matches!(s, Link::Connecting))).await;
-        let seen = match up {
-            Ok(Ok(link)) => link.clone(),
-            Ok(Err(_)) => return Err("the client is closing".into()),
-            Err(_) => return Err(format!("no direct path within {} s", limit.as_secs())),
-        };
-        match seen {
-            Link::Up(_) => {
-                self.shared.show_path(&seen);
-                Ok(())
-            }
-            Link::Down(reason) => Err(reason),
-            Link::Connecting => Err("the client is closing".into()),
-        }
+        self.shared.wait_direct(limit).await
     }
 
-    /// Pick the connection and header for a new data stream; `true` when
-    /// it goes through the coordinator.
-    async fn stream_route(&self) -> Result<(Connection, StreamHeader, bool), StreamError> {
-        let relay = (
-            self.shared.conn.clone(),
-            StreamHeader::Data {
-                channel: self.shared.id,
-            },
-            true,
-        );
-        let direct = |c: Connection| {
-            (
-                c,
-                StreamHeader::Direct {
-                    channel: self.shared.number,
-                },
-                false,
-            )
-        };
-        match (&self.shared.link, self.shared.mode) {
-            (None, PathMode::Direct) => Err(StreamError::DirectUnavailable(
-                "the peer cannot take direct channels".into(),
-            )),
-            (None, _) | (_, PathMode::Relay) => Ok(relay),
-            (Some(link), mode) => match link.peer.conn() {
-                Some(c) => Ok(direct(c)),
-                None if mode == PathMode::Direct => {
-                    let limit = self
-                        .shared
-                        .direct
-                        .as_ref()
-                        .map(|d| d.timeout())
-                        .unwrap_or_default();
-                    self.wait_direct(limit)
-                        .await
-                        .map_err(StreamError::DirectUnavailable)?;
-                    link.peer.conn().map(direct).ok_or_else(|| {
-                        StreamError::DirectUnavailable("the direct path went down".into())
-                    })
-                }
-                None => Ok(relay),
-            },
-        }
+    /// Report the channel ready to the event hub (opens do it as they
+    /// return).
+    pub(crate) fn report_ready(&self) {
+        self.shared.report_ready();
     }
 
     /// Open a data stream to the peer, on the channel's current path.
+    ///
+    /// Fails with [`StreamError::WrongDirection`] when the channel's
+    /// interface does not let this side send.
     pub async fn open_stream(&self) -> Result<MessageSender, StreamError> {
-        if lock(&self.shared.local).closed || self.shared.state.borrow().end.is_some() {
-            return Err(StreamError::ChannelEnded);
-        }
-        let (conn, header, mut relayed) = self.stream_route().await?;
-        {
-            let mut local = lock(&self.shared.local);
-            if local.closed || self.shared.state.borrow().end.is_some() {
-                return Err(StreamError::ChannelEnded);
-            }
-            local.opened += 1;
-            local.relayed += u64::from(relayed);
-        }
-        let open = |conn: Connection, header: StreamHeader| async move {
-            let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
-            write_frame(&mut send, &header)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(send)
-        };
-        let mut opened = open(conn, header).await;
-        if opened.is_err() && !relayed && self.shared.mode == PathMode::Auto {
-            // The direct connection died under us: this stream goes relayed.
-            debug!(parent: &self.shared.span, "direct stream failed; using the relay");
-            relayed = true;
-            lock(&self.shared.local).relayed += 1;
-            let header = StreamHeader::Data {
-                channel: self.shared.id,
-            };
-            opened = open(self.shared.conn.clone(), header).await;
-        }
-        match opened {
-            Ok(send) => Ok(MessageSender::new(send, self.shared.max_message)),
-            Err(e) => {
-                // It never left: do not count it in the close.
-                let mut local = lock(&self.shared.local);
-                local.opened -= 1;
-                local.relayed -= u64::from(relayed);
-                Err(StreamError::Session(e))
-            }
-        }
+        self.shared
+            .check_direction()
+            .map_err(StreamError::WrongDirection)?;
+        self.shared.open_stream(false).await.map(|(s, _)| s)
     }
 
     /// The next data stream the peer opened, or `None` once the channel has
@@ -560,7 +793,7 @@ impl Channel {
             {
                 let st = state.borrow_and_update();
                 match st.peer_close {
-                    Some(n) if *accepted >= n => return Ok(None),
+                    Some(n) if *accepted + st.msg_streams >= n => return Ok(None),
                     Some(_) => {
                         give_up.get_or_insert_with(|| {
                             tokio::time::Instant::now() + self.shared.close_timeout
@@ -588,6 +821,185 @@ impl Channel {
                 changed = state.changed() => if changed.is_err() { return Ok(None) },
             }
         }
+    }
+
+    /// Send a one-way message on this side's message stream. Messages sent
+    /// this way arrive in order at the peer's [`Channel::recv_message`]
+    /// (across a path change, the first ones on the new path may overtake
+    /// the last ones on the old).
+    pub async fn send_message(&self, body: &[u8]) -> Result<(), SendError> {
+        self.shared
+            .check_direction()
+            .map_err(SendError::WrongDirection)?;
+        self.shared
+            .outbox
+            .send(Envelope::OneWay(Bytes::copy_from_slice(body)))
+            .await
+    }
+
+    /// Send a typed one-way message (bincode).
+    pub async fn send_value<T: Serialize>(&self, value: &T) -> Result<(), SendError> {
+        let body = crate::messages::encode(value)?;
+        self.send_message(&body).await
+    }
+
+    /// Send a request and wait for its reply, up to the configured request
+    /// timeout ([`crate::ClientConfig::request_timeout`], 5 s by default).
+    ///
+    /// Ends in exactly one of: the reply, or
+    /// [`RequestError::ReplyMissing`] (timeout, the channel ended, or the
+    /// request could not be sent). The same outcome is reported as
+    /// [`Event::Reply`] or [`Event::ReplyMissing`].
+    pub async fn request(&self, body: &[u8]) -> Result<Bytes, RequestError> {
+        self.request_within(body, self.shared.request_timeout).await
+    }
+
+    /// [`Channel::request`] with its own timeout.
+    pub async fn request_within(
+        &self,
+        body: &[u8],
+        limit: std::time::Duration,
+    ) -> Result<Bytes, RequestError> {
+        let mut id = 0;
+        let outcome = self.request_inner(body, limit, &mut id).await;
+        let channel = self.shared.channel_ref();
+        events::emit(&self.shared.events, || match &outcome {
+            Ok(body) => Event::Reply {
+                channel,
+                id,
+                body: body.clone(),
+            },
+            Err(e) => Event::ReplyMissing {
+                channel,
+                id,
+                reason: e.to_string(),
+            },
+        });
+        outcome
+    }
+
+    async fn request_inner(
+        &self,
+        body: &[u8],
+        limit: std::time::Duration,
+        id_out: &mut u64,
+    ) -> Result<Bytes, RequestError> {
+        let missing = |reason: String| RequestError::ReplyMissing { reason };
+        self.shared.check_direction().map_err(missing)?;
+        if let Some(end) = self.end() {
+            return Err(missing(format!("the channel has ended ({end})")));
+        }
+        let Some((id, reply)) = self.shared.waiting.register(self.shared.max_requests) else {
+            return Err(missing(format!(
+                "{} requests are already waiting for replies on this channel, the most allowed",
+                self.shared.max_requests
+            )));
+        };
+        *id_out = id;
+        // Forget the request however this ends (a dropped future too).
+        struct Forget<'a>(&'a Waiting, u64);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                self.0.forget(self.1);
+            }
+        }
+        let _forget = Forget(&self.shared.waiting, id);
+        let env = Envelope::Request {
+            id,
+            body: Bytes::copy_from_slice(body),
+        };
+        self.shared
+            .outbox
+            .send(env)
+            .await
+            .map_err(|e| missing(format!("the request could not be sent: {e}")))?;
+        match timeout(limit, reply).await {
+            Ok(Ok(body)) => Ok(body),
+            Ok(Err(_)) => Err(missing(match self.end() {
+                Some(end) => format!("the channel ended before the reply ({end})"),
+                None => "the channel ended before the reply".into(),
+            })),
+            Err(_) => Err(missing(format!("no reply within {} ms", limit.as_millis()))),
+        }
+    }
+
+    /// Send a typed request and decode the typed reply.
+    pub async fn request_value<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        request: &Q,
+    ) -> Result<R, RequestError> {
+        let body = crate::messages::encode(request).map_err(|e| RequestError::ReplyMissing {
+            reason: e.to_string(),
+        })?;
+        let reply = self.request(&body).await?;
+        crate::messages::decode(&reply).map_err(|e| RequestError::Decode(e.to_string()))
+    }
+
+    /// The next one-way message or request from the peer, or `None` once
+    /// the channel has ended and the peer's message streams are read out.
+    pub async fn recv_message(&self) -> Option<Incoming> {
+        let mut incoming = self.incoming.lock().await;
+        let mut state = self.shared.state.subscribe();
+        loop {
+            if let Ok(m) = incoming.try_recv() {
+                return Some(m);
+            }
+            {
+                let st = state.borrow_and_update();
+                if st.end.is_some() && st.msg_readers == 0 && (st.done || st.peer_close.is_some()) {
+                    return incoming.try_recv().ok();
+                }
+            }
+            tokio::select! {
+                m = incoming.recv() => return m,
+                changed = state.changed() => if changed.is_err() { return None },
+            }
+        }
+    }
+
+    /// Answer the peer until the channel ends: `handler` gets each one-way
+    /// message and request body; what it returns is sent back — as the
+    /// reply to a request, as a one-way message otherwise. `None` sends
+    /// nothing (a request then reaches the peer as reply missing).
+    pub async fn serve<F, Fut>(&self, handler: F)
+    where
+        F: Fn(Bytes) -> Fut,
+        Fut: std::future::Future<Output = Option<Bytes>>,
+    {
+        while let Some(incoming) = self.recv_message().await {
+            match incoming {
+                Incoming::Message(body) => {
+                    if let Some(out) = handler(body).await {
+                        if let Err(e) = self.send_message(&out).await {
+                            debug!(parent: &self.shared.span, cause = %e, "answer not sent");
+                        }
+                    }
+                }
+                Incoming::Request(req) => {
+                    let body = req.body.clone();
+                    if let Some(out) = handler(body).await {
+                        if let Err(e) = req.reply(&out).await {
+                            debug!(parent: &self.shared.span, cause = %e, "reply not sent");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Replies dropped on this channel because no request waited for them
+    /// (late, or never asked).
+    pub fn dropped_replies(&self) -> u64 {
+        self.shared
+            .waiting
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The manifest of the interface this channel is on, when the callee
+    /// declares interfaces.
+    pub fn interface(&self) -> Option<&Interface> {
+        self.shared.offer.interface.as_ref()
     }
 
     /// Send one message on a new data stream and finish it. For many
@@ -702,7 +1114,7 @@ impl IncomingChannel {
 
     /// Accept the channel and wait until it is ready.
     pub async fn accept(mut self) -> Result<Channel, AcceptError> {
-        let (mut send, mut recv) = self
+        let (send, recv) = self
             .streams
             .take()
             .ok_or_else(|| AcceptError::Withdrawn("already answered".into()))?;
@@ -710,6 +1122,28 @@ impl IncomingChannel {
             .parts
             .take()
             .ok_or_else(|| AcceptError::Withdrawn("already answered".into()))?;
+        let events = parts.events.clone();
+        let channel = ChannelRef {
+            label: parts.label.clone(),
+            peer: parts.peer.clone(),
+            name: parts.name.clone(),
+        };
+        let outcome = self.accept_parts(parts, send, recv).await;
+        if let Err(e) = &outcome {
+            events::emit(&events, || Event::OpenError {
+                channel,
+                message: e.to_string(),
+            });
+        }
+        outcome
+    }
+
+    async fn accept_parts(
+        &mut self,
+        parts: Parts,
+        mut send: SendStream,
+        mut recv: RecvStream,
+    ) -> Result<Channel, AcceptError> {
         let pending = Pending::register(parts, &send);
         if let Err(e) = write_frame(&mut send, &ChannelMsg::Accept).await {
             pending.abandon();

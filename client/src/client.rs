@@ -1,8 +1,8 @@
 //! The client: one QUIC connection to the coordinator, one session on it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use qmesh_certs::transport::{StreamAllowance, StreamGuard, StreamKind};
 use qmesh_proto::address::Host;
@@ -20,6 +20,9 @@ use crate::channel::{lock, Channel, IncomingChannel, Offer, Parts, PartsBox, Pen
 use crate::config::ClientConfig;
 use crate::direct::{Direct, DirectParts, PeerSet};
 use crate::error::{ConnectError, OpenError};
+use crate::events::{self, ChannelRef, Event};
+use crate::quota::Gate;
+use qmesh_proto::heartbeat::{Heartbeat, StreamEnd};
 
 /// A connected qmesh client. Cheap to clone; the session ends when the last
 /// clone is dropped or [`Client::close`] is called.
@@ -45,8 +48,12 @@ struct Inner {
     /// The fingerprint of this client's certificate.
     fingerprint: qmesh_certs::Fingerprint,
     incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingChannel>>,
-    /// Held open for the life of the session: finishing it leaves.
-    _session_stream: Mutex<(SendStream, RecvStream)>,
+    /// Frames for the session stream (interface updates).
+    session_tx: mpsc::Sender<SessionMsg>,
+    /// Runs the session stream: heartbeats, and the end of the session.
+    session_task: JoinHandle<()>,
+    /// Quotas on offered interfaces, by name.
+    gates: HashMap<String, Arc<Gate>>,
     driver: JoinHandle<()>,
     span: Span,
 }
@@ -54,6 +61,7 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.driver.abort();
+        self.session_task.abort();
         if let Some(d) = &self.direct {
             d.close_all();
         }
@@ -218,6 +226,21 @@ impl Client {
         Self::connect_on(None, config).await
     }
 
+    /// The connection to the coordinator.
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.inner.conn
+    }
+
+    /// This client's configuration.
+    pub(crate) fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// Queue a frame for the session stream.
+    pub(crate) async fn session_send(&self, msg: SessionMsg) -> Result<(), ()> {
+        self.inner.session_tx.send(msg).await.map_err(|_| ())
+    }
+
     /// Connect as [`Client::connect`] does, over `endpoint` when given, so
     /// that many clients in one process can share a few UDP sockets.
     pub async fn connect_on(
@@ -228,7 +251,9 @@ impl Client {
         let secs = config.connect_timeout.as_secs();
         let coord_text = config.coordinator.to_string();
         let endpoint = endpoint.cloned();
-        match timeout(
+        let events = config.events.clone();
+        let name = config.name.clone();
+        let outcome = match timeout(
             config.connect_timeout,
             Self::connect_inner(endpoint, config, span.clone()),
         )
@@ -240,7 +265,18 @@ impl Client {
                 addr: coord_text,
                 secs,
             }),
-        }
+        };
+        events::emit(&events, || match &outcome {
+            Ok(c) => Event::Connected {
+                name,
+                session: c.session_id(),
+            },
+            Err(e) => Event::ConnectError {
+                name,
+                message: e.to_string(),
+            },
+        });
+        outcome
     }
 
     async fn connect_inner(
@@ -353,6 +389,16 @@ impl Client {
                 span: span.clone(),
             })
         });
+        let (session_tx, session_rx) = mpsc::channel(4);
+        let session_task = tokio::spawn(
+            run_session_stream(conn.clone(), send, recv, config.heartbeat, session_rx)
+                .instrument(span.clone()),
+        );
+        let gates = config
+            .quotas
+            .iter()
+            .map(|(name, q)| (name.clone(), Gate::new(name, *q)))
+            .collect();
         let routes: Routes = Arc::default();
         let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_backlog.max(1));
         let driver = tokio::spawn(
@@ -373,7 +419,9 @@ impl Client {
                 direct,
                 fingerprint: identity.fingerprint(),
                 incoming: tokio::sync::Mutex::new(incoming_rx),
-                _session_stream: Mutex::new((send, recv)),
+                session_tx,
+                session_task,
+                gates,
                 driver,
                 span,
             }),
@@ -428,6 +476,7 @@ impl Client {
     }
 
     fn parts(&self, peer: String, name: String, label: String, mode: PathMode) -> Parts {
+        let c = &self.inner.config;
         Parts {
             conn: self.inner.conn.clone(),
             routes: self.inner.routes.clone(),
@@ -439,10 +488,16 @@ impl Client {
             max_streams: self.inner.config.tuning.stream_ceiling as usize,
             direct: self.inner.direct.clone(),
             mode,
+            events: c.events.clone(),
+            request_timeout: c.request_timeout,
+            max_requests: c.max_requests.max(1),
+            message_backlog: c.message_backlog,
+            quota: None,
+            defer_ready: false,
         }
     }
 
-    fn session_error(&self) -> String {
+    pub(crate) fn session_error(&self) -> String {
         match self.inner.conn.close_reason() {
             Some(c) => qmesh_certs::transport::describe_close(&c),
             None => "the session is closing".into(),
@@ -469,6 +524,29 @@ impl Client {
     ///   none comes up within [`crate::config::DirectConfig::timeout`].
     /// - [`PathMode::Relay`]: always through the coordinator.
     pub async fn open_with(&self, address: &Address, mode: PathMode) -> Result<Channel, OpenError> {
+        let outcome = self.open_inner(address, mode).await;
+        match &outcome {
+            Ok(ch) => ch.report_ready(),
+            Err(e) => {
+                let (peer, name) = address
+                    .mesh()
+                    .map(|(p, c)| (p.to_owned(), c.to_owned()))
+                    .unwrap_or_else(|_| (String::new(), address.to_string()));
+                let channel = ChannelRef {
+                    label: format!("{}>{}!{}", self.inner.name, peer, name),
+                    peer,
+                    name,
+                };
+                events::emit(&self.inner.config.events, || Event::OpenError {
+                    channel,
+                    message: e.to_string(),
+                });
+            }
+        }
+        outcome
+    }
+
+    async fn open_inner(&self, address: &Address, mode: PathMode) -> Result<Channel, OpenError> {
         let (peer, channel) = address.mesh()?;
         let label = format!("{}>{}!{}", self.inner.name, peer, channel);
         let span = info_span!(parent: &self.inner.span, "channel", id = %label);
@@ -479,10 +557,10 @@ impl Client {
                 .open_bi()
                 .await
                 .map_err(|_| OpenError::Session(self.session_error()))?;
-            let pending = Pending::register(
-                self.parts(peer.to_owned(), channel.to_owned(), label.clone(), mode),
-                &send,
-            );
+            let mut parts = self.parts(peer.to_owned(), channel.to_owned(), label.clone(), mode);
+            // Ready is reported once open returns it.
+            parts.defer_ready = true;
+            let pending = Pending::register(parts, &send);
             let open = ChannelMsg::Open {
                 peer: peer.to_owned(),
                 channel: channel.to_owned(),
@@ -561,17 +639,31 @@ impl Client {
 
     /// The next channel a peer wants to open with this client, or `None`
     /// once the session has ended.
+    ///
+    /// An offer for an interface at its channel quota is refused here, with
+    /// a reason that says so, and not returned.
     pub async fn accept(&self) -> Option<IncomingChannel> {
         let mut incoming = self.inner.incoming.lock().await;
-        let mut offer = incoming.recv().await?;
-        let label = format!("{}>{}!{}", offer.from, self.inner.name, offer.channel);
-        offer.parts = Some(PartsBox(self.parts(
-            offer.from.clone(),
-            offer.channel.clone(),
-            label,
-            offer.mode,
-        )));
-        Some(offer)
+        loop {
+            let mut offer = incoming.recv().await?;
+            let quota = match self.inner.gates.get(&offer.channel) {
+                Some(gate) => match gate.take_channel() {
+                    Ok(slot) => Some(slot),
+                    Err(why) => {
+                        info!(parent: &self.inner.span, from = %offer.from, cause = %why, "refusing a channel over quota");
+                        offer.refuse(&why).await;
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let label = format!("{}>{}!{}", offer.from, self.inner.name, offer.channel);
+            let mut parts =
+                self.parts(offer.from.clone(), offer.channel.clone(), label, offer.mode);
+            parts.quota = quota;
+            offer.parts = Some(PartsBox(parts));
+            return Some(offer);
+        }
     }
 
     /// Leave: close the connection with a normal code and `reason`. On an
@@ -714,14 +806,18 @@ async fn route(
     header_timeout: std::time::Duration,
     guard: StreamGuard,
 ) {
-    let channel = match timeout(header_timeout, read_frame::<StreamHeader, _>(&mut recv)).await {
-        Ok(Ok(Some(StreamHeader::Data { channel }))) => channel,
-        _ => {
-            let _ = recv.stop(VarInt::from_u32(StreamCode::Malformed.code()));
-            return;
-        }
-    };
-    let tx = lock(&routes).get(&channel).cloned();
+    let (channel, messages) =
+        match timeout(header_timeout, read_frame::<StreamHeader, _>(&mut recv)).await {
+            Ok(Ok(Some(StreamHeader::Data { channel }))) => (channel, false),
+            Ok(Ok(Some(StreamHeader::Messages { channel }))) => (channel, true),
+            _ => {
+                let _ = recv.stop(VarInt::from_u32(StreamCode::Malformed.code()));
+                return;
+            }
+        };
+    let tx = lock(&routes)
+        .get(&channel)
+        .map(|r| r.pick(messages).clone());
     let Some(tx) = tx else {
         debug!(channel, "data stream for a channel that is gone");
         let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
@@ -729,5 +825,47 @@ async fn route(
     };
     if let Err(mpsc::error::SendError((mut recv, _))) = tx.send((recv, guard)).await {
         let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
+    }
+}
+
+/// Run the session stream until it ends: heartbeats both ways and this
+/// client's interface updates. A silent coordinator closes the connection
+/// with [`ConnCode::HeartbeatMissed`], so every channel ends as lost.
+async fn run_session_stream(
+    conn: Connection,
+    send: SendStream,
+    recv: RecvStream,
+    heartbeat: Heartbeat,
+    outgoing: mpsc::Receiver<SessionMsg>,
+) {
+    let end = qmesh_proto::heartbeat::drive(recv, send, heartbeat, outgoing, |msg| {
+        Err(format!(
+            "the coordinator sent an unexpected {msg:?} on the session stream"
+        ))
+    })
+    .await;
+    match end {
+        StreamEnd::Silent { .. } => {
+            let why = format!("the coordinator is silent: {end}");
+            warn!(cause = %why, "closing the session");
+            conn.close(
+                VarInt::from_u32(ConnCode::HeartbeatMissed.code()),
+                why.as_bytes(),
+            );
+        }
+        StreamEnd::Finished => {
+            conn.close(
+                VarInt::from_u32(ConnCode::Normal.code()),
+                b"the coordinator finished the session stream",
+            );
+        }
+        StreamEnd::Violation(what) => {
+            warn!(cause = %what, "closing the session");
+            conn.close(
+                VarInt::from_u32(ConnCode::UnexpectedMessage.code()),
+                what.as_bytes(),
+            );
+        }
+        StreamEnd::Failed(_) | StreamEnd::Stopped => {}
     }
 }

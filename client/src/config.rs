@@ -1,13 +1,18 @@
 //! Client configuration.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use qmesh_certs::transport::Tuning;
 use qmesh_certs::{CertError, Fingerprint, Identity, Trust};
+use qmesh_proto::heartbeat::Heartbeat;
 use qmesh_proto::limits::DEFAULT_MAX_MESSAGE;
 use qmesh_proto::{Address, Interface};
+
+use crate::events::Events;
+use crate::quota::Quota;
 
 /// How a client connects and behaves.
 #[derive(Debug, Clone)]
@@ -39,6 +44,21 @@ pub struct ClientConfig {
     pub identity: Option<Arc<Identity>>,
     /// Direct channels: whether this client takes them, and their timings.
     pub direct: DirectConfig,
+    /// How long a request waits for its reply (5 s).
+    pub request_timeout: Duration,
+    /// Most requests one channel may have waiting for replies at once.
+    pub max_requests: usize,
+    /// One-way messages and requests a channel holds until
+    /// [`crate::Channel::recv_message`] takes them; past it the peer is
+    /// slowed by flow control.
+    pub message_backlog: usize,
+    /// Pings to the coordinator, and how much silence means it is lost
+    /// (then the session and every channel end as lost).
+    pub heartbeat: Heartbeat,
+    /// Where to report lifecycle and request events, if anywhere.
+    pub events: Option<Events>,
+    /// Quotas on offered interfaces, by interface name.
+    pub quotas: HashMap<String, Quota>,
     /// The interfaces this client offers, sent to the coordinator at hello
     /// ([`crate::Client::set_interfaces`] changes them later). Empty: the
     /// client declares none, and peers may open any channel name on it.
@@ -113,6 +133,12 @@ impl ClientConfig {
             identity: None,
             direct: DirectConfig::default(),
             interfaces: Vec::new(),
+            request_timeout: Duration::from_secs(5),
+            max_requests: 4096,
+            message_backlog: 256,
+            heartbeat: Heartbeat::default(),
+            events: None,
+            quotas: HashMap::new(),
             tls: TlsCache::default(),
         }
     }
@@ -128,6 +154,16 @@ impl ClientConfig {
     /// Trust exactly the coordinator certificate with this fingerprint.
     pub fn trust_fingerprint(fingerprint: Fingerprint) -> Trust {
         Trust::Pinned(fingerprint)
+    }
+
+    /// Offer `interface`, with `quota` on it.
+    pub fn offer(mut self, interface: Interface, quota: Quota) -> Self {
+        if quota != Quota::default() {
+            self.quotas.insert(interface.name.clone(), quota);
+        }
+        self.interfaces.retain(|i| i.name != interface.name);
+        self.interfaces.push(interface);
+        self
     }
 
     /// Set the idle timeout (and the keep-alive to a third of it).

@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn, Instrument, Span};
 
-use crate::channel::{lock, StreamTx};
+use crate::channel::{lock, Route};
 
 /// What a punch datagram carries. It does not parse as a QUIC packet (the
 /// fixed bit is clear), so a QUIC endpoint that receives one drops it.
@@ -100,7 +100,7 @@ pub(crate) struct Direct {
     peers: Arc<Mutex<HashMap<Fingerprint, Arc<Peer>>>>,
     /// Where data streams of each channel go, by the coordinator's channel
     /// number, with the fingerprint of the only peer that may send them.
-    routes: Mutex<HashMap<u64, (Fingerprint, StreamTx)>>,
+    routes: Mutex<HashMap<u64, (Fingerprint, Route)>>,
     /// Wakes stream routers waiting for a route to be registered.
     routed: Notify,
     tuning: Tuning,
@@ -483,8 +483,9 @@ impl Direct {
             read_frame::<StreamHeader, _>(&mut recv),
         )
         .await;
-        let channel = match header {
-            Ok(Ok(Some(StreamHeader::Direct { channel }))) => channel,
+        let (channel, messages) = match header {
+            Ok(Ok(Some(StreamHeader::Direct { channel }))) => (channel, false),
+            Ok(Ok(Some(StreamHeader::DirectMessages { channel }))) => (channel, true),
             _ => {
                 let _ = recv.stop(VarInt::from_u32(StreamCode::Malformed.code()));
                 return;
@@ -516,14 +517,14 @@ impl Direct {
             return;
         }
         if let Err(tokio::sync::mpsc::error::SendError((mut recv, _))) =
-            tx.send((recv, guard)).await
+            tx.pick(messages).send((recv, guard)).await
         {
             let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
         }
     }
 
     /// Deliver direct streams of channel `number` from `peer` to `tx`.
-    pub(crate) fn add_route(&self, number: u64, peer: Fingerprint, tx: StreamTx) {
+    pub(crate) fn add_route(&self, number: u64, peer: Fingerprint, tx: Route) {
         lock(&self.routes).insert(number, (peer, tx));
         self.routed.notify_waiters();
     }

@@ -93,6 +93,9 @@ pub enum OpenError {
     /// The coordinator broke the protocol.
     #[error("protocol error from the coordinator: {0}")]
     Protocol(String),
+    /// An interface list breaks the rules (names, count, size).
+    #[error("bad interface list: {0}")]
+    Interfaces(String),
     /// A direct-only channel was asked for and no direct path came up; the
     /// channel was closed. Open it with path `auto` to fall back to the
     /// relay.
@@ -139,6 +142,9 @@ pub enum StreamError {
     /// The channel is direct-only and its direct path is not up.
     #[error("no direct path for this direct-only channel: {0}")]
     DirectUnavailable(String),
+    /// The channel's interface does not let this side send.
+    #[error("sending against the interface's direction: {0}")]
+    WrongDirection(String),
 }
 
 /// Sending a message failed.
@@ -158,6 +164,27 @@ pub enum SendError {
     /// The stream or session failed.
     #[error("stream failed: {0}")]
     Stream(String),
+    /// The channel's interface does not let this side send.
+    #[error("sending against the interface's direction: {0}")]
+    WrongDirection(String),
+    /// A typed value could not be encoded.
+    #[error("cannot encode the value: {0}")]
+    Encode(String),
+}
+
+/// A request ended without a usable reply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// No reply came: the timeout passed, the channel ended, or the
+    /// request could not be sent (the reason says which).
+    #[error("reply missing: {reason}")]
+    ReplyMissing {
+        /// Why.
+        reason: String,
+    },
+    /// A reply came but is not the expected type.
+    #[error("the reply does not decode as the expected type: {0}")]
+    Decode(String),
 }
 
 /// Receiving a message failed.
@@ -181,6 +208,9 @@ pub enum RecvError {
     /// The stream or session failed.
     #[error("stream failed: {0}")]
     Stream(String),
+    /// A message does not decode as the expected type.
+    #[error("the message does not decode as the expected type: {0}")]
+    Decode(String),
 }
 
 /// A graceful close did not complete.

@@ -52,6 +52,10 @@
 //! - [`client`]: [`Client`]: connect, open, accept, leave.
 //! - [`channel`]: [`Channel`], [`IncomingChannel`], [`ChannelEnd`].
 //! - [`stream`]: [`MessageSender`], [`MessageReceiver`]: whole messages.
+//! - [`messages`]: one-way messages, requests and replies on a channel.
+//! - [`events`]: exact events, by handler or by polling.
+//! - [`presence`]: manifests, who is online, and changes.
+//! - [`quota`]: limits on offered interfaces.
 //! - [`error`]: one error enum per operation.
 
 #![warn(missing_docs)]
@@ -62,15 +66,25 @@ pub mod config;
 mod direct;
 pub mod enroll;
 pub mod error;
+pub mod events;
+pub mod messages;
+pub mod presence;
+pub mod quota;
 pub mod stream;
 
 pub use channel::{Channel, ChannelEnd, IncomingChannel, Path, Side};
 pub use client::Client;
 pub use config::{ClientConfig, DirectConfig};
 pub use error::{
-    AcceptError, CloseError, ConnectError, OpenError, RecvError, SendError, StreamError,
+    AcceptError, CloseError, ConnectError, OpenError, RecvError, RequestError, SendError,
+    StreamError,
 };
+pub use events::{Event, Events};
+pub use messages::{Incoming, Request};
 pub use qmesh_certs::{Fingerprint, Identity, Trust};
+pub use qmesh_proto::heartbeat::Heartbeat;
 pub use qmesh_proto::msg::PathMode;
 pub use qmesh_proto::Address;
+pub use qmesh_proto::{Direction, Interface};
+pub use quota::Quota;
 pub use stream::{MessageReceiver, MessageSender};
