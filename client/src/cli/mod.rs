@@ -2,6 +2,7 @@
 
 mod demo;
 mod listen;
+mod messaging;
 mod send;
 
 use std::path::PathBuf;
@@ -70,6 +71,13 @@ pub(crate) struct Cli {
     /// Seconds a direct path may take to come up.
     #[arg(long, global = true, default_value_t = 5)]
     direct_timeout: u64,
+    /// Seconds between heartbeats to the coordinator.
+    #[arg(long, global = true, default_value_t = 5)]
+    heartbeat: u64,
+    /// Heartbeats missed in a row after which the coordinator counts as
+    /// lost.
+    #[arg(long, global = true, default_value_t = 3)]
+    heartbeat_misses: u32,
     /// Log filter, e.g. `info` or `debug` (else RUST_LOG).
     #[arg(long, global = true)]
     pub(crate) log: Option<String>,
@@ -103,6 +111,33 @@ enum Command {
     /// Run a coordinator and two clients in this process and show a channel
     /// at work.
     Demo,
+    /// Send one request and print the reply (exit 1 when it is missing).
+    Request {
+        /// The channel, e.g. `mesh/bob!echo`.
+        address: String,
+        /// The request body.
+        body: String,
+        /// Milliseconds to wait for the reply.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Offer interface CHANNEL and answer every request on it with its body
+    /// (echo), until interrupted.
+    Serve {
+        /// The channel name to serve, e.g. `echo`.
+        channel: String,
+    },
+    /// List the clients online and what they offer.
+    Peers {
+        /// Go on printing joins, leaves and interface changes.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Print the manifest of an interface, e.g. `mesh/bob!web`.
+    Describe {
+        /// The interface's address.
+        address: String,
+    },
 }
 
 /// `--mode` values.
@@ -252,12 +287,26 @@ impl Cli {
         config.identity = Some(Arc::new(identity));
         config.direct.enabled = !self.no_direct;
         config.direct.timeout = Duration::from_secs(self.direct_timeout.max(1));
+        config.heartbeat = qmesh_client::Heartbeat::new(
+            Duration::from_secs(self.heartbeat.max(1)),
+            self.heartbeat_misses,
+        );
         Ok(config)
     }
 
     async fn connect(&self, default_name: Option<String>) -> Result<Client> {
+        self.connect_offering(default_name, Vec::new()).await
+    }
+
+    /// Connect, offering `interfaces`.
+    async fn connect_offering(
+        &self,
+        default_name: Option<String>,
+        interfaces: Vec<qmesh_client::Interface>,
+    ) -> Result<Client> {
         use qmesh_client::enroll::{expires_at, is_issued, renew_at};
         let mut config = self.config(default_name)?;
+        config.interfaces = interfaces;
         let kept = self.cert.is_none();
         let files = identity_files(self, &config.name);
         // With --token and a kept issued certificate that still looks good,
@@ -357,5 +406,35 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             send::run(client, address, file.clone(), (*mode).into()).await
         }
         Command::Demo => demo::run().await,
+        Command::Request {
+            address,
+            body,
+            timeout_ms,
+        } => {
+            let client = cli
+                .connect(Some(format!("request-{}", std::process::id())))
+                .await?;
+            let limit = Duration::from_millis((*timeout_ms).max(1));
+            messaging::request(client, address, body, limit).await
+        }
+        Command::Serve { channel } => {
+            qmesh_proto::name::validate_channel_name(channel)
+                .with_context(|| format!("the channel name {channel:?}"))?;
+            let offer = vec![messaging::echo_interface(channel)];
+            let client = cli.connect_offering(None, offer).await?;
+            messaging::serve(client, channel).await
+        }
+        Command::Peers { watch } => {
+            let client = cli
+                .connect(Some(format!("peers-{}", std::process::id())))
+                .await?;
+            messaging::peers(client, *watch).await
+        }
+        Command::Describe { address } => {
+            let client = cli
+                .connect(Some(format!("describe-{}", std::process::id())))
+                .await?;
+            messaging::describe(client, address).await
+        }
     }
 }

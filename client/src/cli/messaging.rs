@@ -1,0 +1,138 @@
+//! `qmesh request`, `qmesh serve`, `qmesh peers` and `qmesh describe`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use qmesh_client::{Client, Interface};
+use qmesh_proto::msg::PresenceEvent;
+use tracing::info;
+
+/// The manifest `qmesh serve NAME` offers.
+pub(crate) fn echo_interface(channel: &str) -> Interface {
+    Interface::new(channel, "echo: answers every request with its body, and every one-way message with the same message")
+        .with_schema("any bytes in; the same bytes back")
+}
+
+/// Send one request and print the reply; a missing reply is an error.
+pub(crate) async fn request(
+    client: Client,
+    address: &str,
+    body: &str,
+    limit: Duration,
+) -> Result<()> {
+    let channel = client
+        .open_str(address)
+        .await
+        .with_context(|| format!("opening {address}"))?;
+    let outcome = channel.request_within(body.as_bytes(), limit).await;
+    let _ = channel.close("request done").await;
+    client.close("done").await;
+    let reply = outcome.with_context(|| format!("request to {address}"))?;
+    println!("{}", String::from_utf8_lossy(&reply));
+    Ok(())
+}
+
+/// Answer requests on `channel` with their body, until interrupted.
+pub(crate) async fn serve(client: Client, channel: &str) -> Result<()> {
+    info!(channel, "serving echo");
+    eprintln!(
+        "qmesh: {} serves echo on mesh/{}!{channel}",
+        client.name(),
+        client.name()
+    );
+    loop {
+        let offer = tokio::select! {
+            offer = client.accept() => offer,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let Some(offer) = offer else {
+            bail!("the session ended: {}", client.closed().await);
+        };
+        if offer.channel() != channel {
+            let why = format!("this client serves only \"{channel}\"");
+            offer.refuse(&why).await;
+            continue;
+        }
+        tokio::spawn(async move {
+            let from = offer.peer().to_owned();
+            match offer.accept().await {
+                Ok(ch) => {
+                    let ch = Arc::new(ch);
+                    ch.serve(|body| async move { Some(body) }).await;
+                    let how = ch.ended().await;
+                    info!(peer = %from, how = %how, "channel ended");
+                }
+                Err(e) => info!(peer = %from, cause = %e, "accept failed"),
+            }
+        });
+    }
+    client.close("interrupted").await;
+    Ok(())
+}
+
+fn offers(list: &[Interface]) -> String {
+    if list.is_empty() {
+        return "declares no interfaces".into();
+    }
+    let each: Vec<String> = list
+        .iter()
+        .map(|i| format!("{} ({}, v{})", i.name, i.direction, i.version))
+        .collect();
+    format!("offers {}", each.join(", "))
+}
+
+/// List who is online; with `watch`, go on printing changes.
+pub(crate) async fn peers(client: Client, watch: bool) -> Result<()> {
+    if !watch {
+        for peer in client.peers().await.context("listing peers")? {
+            println!("{}: {}", peer.name, offers(&peer.interfaces));
+        }
+        client.close("done").await;
+        return Ok(());
+    }
+    let mut events = client.watch().await.context("watching presence")?;
+    loop {
+        let event = tokio::select! {
+            e = events.next() => e,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let Some(event) = event else {
+            bail!("the presence watch ended: {}", client.closed().await);
+        };
+        match event {
+            PresenceEvent::Present { name, interfaces } => {
+                println!("{name}: {}", offers(&interfaces))
+            }
+            PresenceEvent::Synced => println!("-- watching for changes"),
+            PresenceEvent::Joined { name, interfaces } => {
+                println!("joined {name}: {}", offers(&interfaces))
+            }
+            PresenceEvent::Left { name } => println!("left {name}"),
+            PresenceEvent::Changed { name, interfaces } => {
+                println!("changed {name}: {}", offers(&interfaces))
+            }
+            PresenceEvent::Lagged { missed } => {
+                eprintln!(
+                    "qmesh: missed {missed} presence events; run `qmesh peers` for the full list"
+                )
+            }
+        }
+    }
+    client.close("interrupted").await;
+    Ok(())
+}
+
+/// Print the manifest of an interface.
+pub(crate) async fn describe(client: Client, address: &str) -> Result<()> {
+    let parsed = address
+        .parse()
+        .with_context(|| format!("the address {address:?}"))?;
+    let manifest = client
+        .describe(&parsed)
+        .await
+        .with_context(|| format!("describing {address}"))?;
+    print!("{manifest}");
+    client.close("done").await;
+    Ok(())
+}
