@@ -844,6 +844,11 @@ async fn run_session_stream(
         ))
     })
     .await;
+    if conn.close_reason().is_some() {
+        // The session is already over (this client left, or the
+        // connection ended): nothing to add.
+        return;
+    }
     match end {
         StreamEnd::Silent { .. } => {
             let why = format!("the coordinator is silent: {end}");

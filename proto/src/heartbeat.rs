@@ -137,6 +137,7 @@ where
                     let msg = match frame {
                         Some(Ok(Some(msg))) => msg,
                         Some(Ok(None)) => return StreamEnd::Finished,
+                        Some(Err(crate::codec::ReadFrameError::Io(e))) => return StreamEnd::Failed(e.to_string()),
                         Some(Err(e)) => return StreamEnd::Violation(format!("bad session frame: {e}")),
                         None => return StreamEnd::Failed("reader ended".into()),
                     };
