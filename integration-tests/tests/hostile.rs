@@ -26,6 +26,14 @@ macro_rules! frame {
     };
 }
 
+/// A hello followed by the (empty) interface list that protocol 4 sends
+/// with it.
+fn hello_frames(hello: &SessionMsg) -> Vec<u8> {
+    let mut bytes = frame!(hello);
+    bytes.extend(frame!(SessionMsg::Interfaces { list: vec![] }));
+    bytes
+}
+
 // ---------------------------------------------------------------------------
 // Warnings: every test installs (once per process) a subscriber that keeps
 // the text of each `warn` and `error` event, so a test can check that the
@@ -211,7 +219,7 @@ impl Raw {
             name: name.into(),
             direct: None,
         };
-        let (send, mut recv) = raw.send_bi(&frame!(hello)).await;
+        let (send, mut recv) = raw.send_bi(&hello_frames(&hello)).await;
         let reply = within(STEP, "welcome", read_frame::<SessionMsg, _>(&mut recv))
             .await
             .expect("read welcome");
@@ -365,6 +373,8 @@ async fn hello_with_another_version_is_rejected_with_version_mismatch() {
         name: "future".into(),
         direct: None,
     };
+    // An older or newer client sends no interface list: the version alone
+    // decides.
     let (_send, mut recv) = raw.send_bi(&frame!(hello)).await;
     let reply = within(STEP, "reject", read_frame::<SessionMsg, _>(&mut recv))
         .await
@@ -401,7 +411,7 @@ async fn hello_with_an_invalid_name_is_rejected_with_invalid_name() {
         name: "Not Valid".into(),
         direct: None,
     };
-    let (_send, mut recv) = raw.send_bi(&frame!(hello)).await;
+    let (_send, mut recv) = raw.send_bi(&hello_frames(&hello)).await;
     let reply = within(STEP, "reject", read_frame::<SessionMsg, _>(&mut recv))
         .await
         .expect("read reject");
@@ -495,7 +505,7 @@ async fn hello_claiming_a_connected_name_is_rejected_with_name_taken() {
         name: "alice".into(),
         direct: None,
     };
-    let (_send, mut recv) = raw.send_bi(&frame!(hello)).await;
+    let (_send, mut recv) = raw.send_bi(&hello_frames(&hello)).await;
     let reply = within(STEP, "reject", read_frame::<SessionMsg, _>(&mut recv))
         .await
         .expect("read reject");
