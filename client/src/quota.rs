@@ -18,10 +18,9 @@ use crate::channel::lock;
 pub struct Quota {
     /// Most channels on the interface at once.
     pub max_channels: Option<usize>,
-    /// Most messages per second over all of the interface's channels
-    /// (one-way messages and requests, and messages on data streams read
-    /// through [`crate::MessageReceiver`]); bursts of up to one second's
-    /// worth pass.
+    /// Most one-way messages and requests per second over all of the
+    /// interface's channels (messages on data streams are not counted);
+    /// bursts of up to one second's worth pass.
     pub messages_per_second: Option<u32>,
 }
 
