@@ -1,4 +1,5 @@
-//! Broadcast groups (being built: joins are refused for now).
+//! Broadcast groups: not built yet. Joins and member counts are refused
+//! with a sentence that says so.
 
 use std::sync::Arc;
 
@@ -7,10 +8,6 @@ use quinn::{RecvStream, SendStream};
 
 use crate::channel::fail;
 use crate::server::{Session, Shared};
-
-/// The coordinator's broadcast groups.
-#[derive(Debug, Default)]
-pub(crate) struct Groups {}
 
 /// Serve a member's group stream.
 pub(crate) async fn join(
