@@ -525,6 +525,33 @@ async fn exactly_one_terminal_event_per_action_under_random_peer_kills() {
         within(STEP, "bob's acceptor ends", acceptor).await.unwrap();
     }
     assert!(modes.len() == 4, "every mode played: {modes:?}");
+    // The rounds came out every way there is to come out.
+    let ends = |f: fn(&ChannelEnd) -> bool| {
+        outcomes
+            .values()
+            .filter(|o| o.end.as_ref().is_some_and(f))
+            .count()
+    };
+    assert!(
+        ends(|e| matches!(e, ChannelEnd::Lost { .. })) > 0,
+        "{outcomes:#?}"
+    );
+    assert!(
+        ends(|e| matches!(
+            e,
+            ChannelEnd::Closed {
+                by: Side::Local,
+                ..
+            }
+        )) > 0,
+        "{outcomes:#?}"
+    );
+    assert!(
+        ends(|e| matches!(e, ChannelEnd::Closed { by: Side::Peer, .. })) > 0,
+        "{outcomes:#?}"
+    );
+    assert!(outcomes.values().any(|o| o.replies > 0), "{outcomes:#?}");
+    assert!(outcomes.values().any(|o| o.missing > 0), "{outcomes:#?}");
 
     // The hub reports each outcome once; an end may be reported just after
     // `ended` returns, so wait for the count, then check for extras.
