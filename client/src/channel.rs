@@ -885,7 +885,9 @@ impl Channel {
         id_out: &mut u64,
     ) -> Result<Bytes, RequestError> {
         let missing = |reason: String| RequestError::ReplyMissing { reason };
-        self.shared.check_direction().map_err(missing)?;
+        self.shared
+            .check_direction()
+            .map_err(|e| missing(format!("sending against the interface's direction: {e}")))?;
         if let Some(end) = self.end() {
             return Err(missing(format!("the channel has ended ({end})")));
         }
