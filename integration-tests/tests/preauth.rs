@@ -403,9 +403,14 @@ async fn garbage(kind: Garbage, seed: u64, target: Target) -> (u16, Duration) {
             })
             .await;
             // CRYPTO_ERROR carrying TLS alert certificate_required (116).
+            // Under load the close can be lost on the way: the client,
+            // which already thinks the handshake is done, then gets a
+            // stateless reset because the coordinator kept no state for it.
+            // Either way nothing was accepted.
             assert!(
                 matches!(&closed, ConnectionError::ConnectionClosed(c)
-                    if u64::from(c.error_code) == 0x100 + 116),
+                    if u64::from(c.error_code) == 0x100 + 116)
+                    || matches!(&closed, ConnectionError::Reset),
                 "no certificate: {closed}"
             );
             handshake_time = start.elapsed();
