@@ -442,7 +442,17 @@ impl Client {
         }
     }
 
-    fn session_error(&self) -> String {
+    /// The connection to the coordinator.
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.inner.conn
+    }
+
+    /// This client's configuration.
+    pub(crate) fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn session_error(&self) -> String {
         match self.inner.conn.close_reason() {
             Some(c) => qmesh_certs::transport::describe_close(&c),
             None => "the session is closing".into(),

@@ -52,10 +52,12 @@
 //! - [`client`]: [`Client`]: connect, open, accept, leave.
 //! - [`channel`]: [`Channel`], [`IncomingChannel`], [`ChannelEnd`].
 //! - [`stream`]: [`MessageSender`], [`MessageReceiver`]: whole messages.
+//! - [`broadcast`]: [`Group`]: broadcast groups relayed by the coordinator.
 //! - [`error`]: one error enum per operation.
 
 #![warn(missing_docs)]
 
+pub mod broadcast;
 pub mod channel;
 pub mod client;
 pub mod config;
@@ -64,6 +66,7 @@ pub mod enroll;
 pub mod error;
 pub mod stream;
 
+pub use broadcast::{Group, GroupEvent, GroupPolicy};
 pub use channel::{Channel, ChannelEnd, IncomingChannel, Path, Side};
 pub use client::Client;
 pub use config::{ClientConfig, DirectConfig};
