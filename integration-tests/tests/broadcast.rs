@@ -405,10 +405,13 @@ async fn oversized_broadcast_cuts_off_only_that_member() {
         direct: None,
     };
     let (mut session_send, mut session_recv) = conn.open_bi().await.unwrap();
-    session_send
-        .write_all(&encode_frame(&hello).unwrap())
-        .await
-        .unwrap();
+    let no_interfaces = SessionMsg::Interfaces { list: Vec::new() };
+    for msg in [hello, no_interfaces] {
+        session_send
+            .write_all(&encode_frame(&msg).unwrap())
+            .await
+            .unwrap();
+    }
     let welcome = within(
         STEP,
         "welcome",
