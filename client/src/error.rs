@@ -205,6 +205,9 @@ pub enum RecvError {
     /// The stream ended in the middle of a message.
     #[error("the stream ended in the middle of a message")]
     Truncated,
+    /// A message broke the protocol (a group event that does not parse).
+    #[error("malformed message: {0}")]
+    Malformed(String),
     /// The stream or session failed.
     #[error("stream failed: {0}")]
     Stream(String),

@@ -56,10 +56,12 @@
 //! - [`events`]: exact events, by handler or by polling.
 //! - [`presence`]: manifests, who is online, and changes.
 //! - [`quota`]: limits on offered interfaces.
+//! - [`broadcast`]: [`Group`]: broadcast groups relayed by the coordinator.
 //! - [`error`]: one error enum per operation.
 
 #![warn(missing_docs)]
 
+pub mod broadcast;
 pub mod channel;
 pub mod client;
 pub mod config;
@@ -72,6 +74,7 @@ pub mod presence;
 pub mod quota;
 pub mod stream;
 
+pub use broadcast::{Group, GroupEvent, GroupPolicy};
 pub use channel::{Channel, ChannelEnd, IncomingChannel, Path, Side};
 pub use client::Client;
 pub use config::{ClientConfig, DirectConfig};

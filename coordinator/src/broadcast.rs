@@ -1,28 +1,515 @@
-//! Broadcast groups: not built yet. Joins and member counts are refused
-//! with a sentence that says so.
+//! Broadcast groups: every member's message reaches every member.
+//!
+//! A client joins group `G` by opening a stream with `ChannelMsg::Join`.
+//! After `Joined`, the member's side of the stream carries broadcast
+//! bodies (length-prefixed data messages) and the coordinator's side
+//! carries `GroupEvent`s.
+//!
+//! Each member has two tasks, joined in [`serve`]:
+//!
+//! - a **reader**, which reads the member's bodies (the length checked
+//!   against the group's `max_message` before anything is allocated),
+//!   stamps them with the member's session name and fans them out to every
+//!   member, the sender included;
+//! - a **writer**, which drains the member's queue (at most
+//!   [`GroupConfig::buffer`] events) onto its stream.
+//!
+//! When a member's queue is full its group's [`GroupPolicy`] decides:
+//! `Block` waits for room (so the sender's reader stops reading and QUIC
+//! flow control slows the sender), `Lag` drops the message for that member
+//! and counts it (the count is sent as `Missed` before the next event it
+//! gets, or as soon as its queue runs empty), `Evict` removes the member:
+//! its writer sends `Evicted` and finishes the stream, its reader stops.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use qmesh_proto::codes::OpenFailCode;
-use quinn::{RecvStream, SendStream};
+use bytes::Bytes;
+use qmesh_proto::codec::{check_length, length_prefix, write_frame};
+use qmesh_proto::codes::{ConnCode, OpenFailCode, StreamCode};
+use qmesh_proto::envelope::GroupEvent;
+use qmesh_proto::limits::{clip_reason, LENGTH_PREFIX, MAX_MESSAGE_CEILING};
+use qmesh_proto::msg::{ChannelMsg, GroupPolicy};
+use qmesh_proto::name::validate_channel_name;
+use quinn::{ReadExactError, RecvStream, SendStream, VarInt};
+use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::channel::fail;
-use crate::server::{Session, Shared};
+use crate::config::GroupConfig;
+use crate::server::{violation, Session, Shared};
 
-/// Serve a member's group stream.
+/// Most bytes a `GroupEvent::Message` puts in front of the body: kind,
+/// name length, and a name of at most 255 bytes.
+const MESSAGE_HEAD: usize = 2 + u8::MAX as usize;
+
+fn code(c: StreamCode) -> VarInt {
+    VarInt::from_u32(c.code())
+}
+
+/// The coordinator's broadcast groups, by name. Empty groups are removed.
+#[derive(Debug, Default)]
+pub(crate) struct Groups {
+    map: Mutex<HashMap<String, Arc<Group>>>,
+    /// The number the next member gets.
+    next_member: AtomicU64,
+}
+
+impl Groups {
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Group>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Members of `name` now (0 when nobody is in it).
+    pub(crate) fn count(&self, name: &str) -> u64 {
+        self.map().get(name).map_or(0, |g| g.members().len() as u64)
+    }
+
+    /// Add `member` to group `name`, made with `config` if it has no
+    /// members; returns the group and its member count.
+    fn add(&self, name: &str, config: GroupConfig, member: Arc<Member>) -> (Arc<Group>, u64) {
+        let mut map = self.map();
+        let group = map
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Group {
+                    name: name.to_owned(),
+                    config,
+                    members: Mutex::new(Arc::new(Vec::new())),
+                })
+            })
+            .clone();
+        let mut members = group.members.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list = Vec::with_capacity(members.len() + 1);
+        list.extend(members.iter().cloned());
+        list.push(member);
+        let count = list.len() as u64;
+        *members = Arc::new(list);
+        drop(members);
+        (group, count)
+    }
+
+    /// Take member `id` out of `group` (and the group out of the map when
+    /// it is left empty). Whether it was still a member.
+    fn remove(&self, group: &Group, id: u64) -> bool {
+        let mut map = self.map();
+        let mut members = group.members.lock().unwrap_or_else(|e| e.into_inner());
+        if !members.iter().any(|m| m.id == id) {
+            return false;
+        }
+        let list: Vec<_> = members.iter().filter(|m| m.id != id).cloned().collect();
+        let empty = list.is_empty();
+        *members = Arc::new(list);
+        drop(members);
+        if empty {
+            map.remove(&group.name);
+        }
+        true
+    }
+}
+
+/// One group: its configuration and members.
+#[derive(Debug)]
+struct Group {
+    name: String,
+    config: GroupConfig,
+    /// Replaced (never changed in place) on every join and leave, so a
+    /// fan-out takes a snapshot without holding the lock.
+    members: Mutex<Arc<Vec<Arc<Member>>>>,
+}
+
+impl Group {
+    fn members(&self) -> Arc<Vec<Arc<Member>>> {
+        self.members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// How a member's time in the group ended.
+#[derive(Debug, Clone)]
+enum End {
+    /// It left (finished its side, or its connection ended).
+    Left,
+    /// It fell behind in a group with policy `evict`.
+    Evicted(String),
+}
+
+/// One member of a group, as the fan-out sees it.
+#[derive(Debug)]
+struct Member {
+    id: u64,
+    name: String,
+    queue: mpsc::Sender<Item>,
+    /// Broadcasts dropped for this member (policy `lag`) and not yet
+    /// reported. Taken under this lock together with queue operations, so
+    /// counts and messages keep their order.
+    missed: Mutex<u64>,
+    /// Set once, when the member's time in the group ends.
+    end: Mutex<Option<End>>,
+    ended: CancellationToken,
+}
+
+impl Member {
+    fn missed(&self) -> MutexGuard<'_, u64> {
+        self.missed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Record how the member's time ended; the first cause wins.
+    fn end(&self, end: End) {
+        let mut slot = self.end.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(end);
+        }
+        drop(slot);
+        self.ended.cancel();
+    }
+
+    fn how_ended(&self) -> Option<End> {
+        self.end.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// One entry of a member's queue: the broadcasts missed just before it,
+/// then the event itself (a whole data message, length prefix included).
+#[derive(Debug)]
+struct Item {
+    missed: u64,
+    event: Bytes,
+}
+
+/// Serve a member's group stream: join, relay, leave.
 pub(crate) async fn join(
-    _shared: &Arc<Shared>,
-    _session: &Arc<Session>,
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
     mut send: SendStream,
-    _recv: RecvStream,
+    recv: RecvStream,
     group: String,
 ) {
-    let msg = format!("cannot join group \"{group}\": broadcast is not built yet");
-    fail(&mut send, OpenFailCode::Refused, msg).await;
+    if let Err(e) = validate_channel_name(&group) {
+        let msg = format!("cannot join group {group:?}: {e}");
+        return fail(&mut send, OpenFailCode::InvalidAddress, msg).await;
+    }
+    // A join counts as a message against the rate limit, as an open does.
+    if let Err(flood) = session.limiter.pass(0, 1).await {
+        violation(&session.conn, ConnCode::RateExceeded, &flood.to_string());
+        return;
+    }
+    let span = info_span!("group", group = %group, member = %session.name);
+    serve(shared, session, send, recv, group)
+        .instrument(span)
+        .await;
+}
+
+async fn serve(
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+    mut send: SendStream,
+    recv: RecvStream,
+    name: String,
+) {
+    let mut config = shared.config.groups.get(&name).copied().unwrap_or_default();
+    config.buffer = config.buffer.max(1);
+    config.max_message = config.max_message.min(MAX_MESSAGE_CEILING - MESSAGE_HEAD);
+    let (tx, rx) = mpsc::channel(config.buffer);
+    let member = Arc::new(Member {
+        id: shared.groups.next_member.fetch_add(1, Ordering::Relaxed),
+        name: session.name.clone(),
+        queue: tx,
+        missed: Mutex::new(0),
+        end: Mutex::new(None),
+        ended: CancellationToken::new(),
+    });
+    // The group keeps the configuration it was made with while it has
+    // members.
+    let (group, members) = shared.groups.add(&name, config, member.clone());
+    let config = group.config;
+    let joined = ChannelMsg::Joined {
+        members,
+        policy: config.policy,
+        max_message: config.max_message as u64,
+    };
+    if write_frame(&mut send, &joined).await.is_err() {
+        shared.groups.remove(&group, member.id);
+        return;
+    }
+    info!(members, policy = %config.policy, "joined");
+    let drain = shared.config.drain_timeout;
+    tokio::join!(read_member(shared, session, &group, &member, recv), async {
+        write_member(&member, rx, send, drain).await;
+        // The member's side can take no more (it stopped reading it, or
+        // its connection ended): it is out of the group.
+        if shared.groups.remove(&group, member.id) {
+            member.end(End::Left);
+        }
+    },);
+    match member.how_ended() {
+        Some(End::Evicted(_)) => info!("evicted"),
+        _ => info!("left"),
+    }
+}
+
+/// Read the member's broadcasts and fan each out, until it leaves, is
+/// evicted, or breaks the rules.
+async fn read_member(
+    shared: &Shared,
+    session: &Session,
+    group: &Arc<Group>,
+    member: &Arc<Member>,
+    mut recv: RecvStream,
+) {
+    let max = group.config.max_message;
+    let stop = |recv: &mut RecvStream, c: StreamCode| {
+        let _ = recv.stop(code(c));
+    };
+    loop {
+        let body = tokio::select! {
+            biased;
+            _ = member.ended.cancelled() => {
+                // Evicted (or its side of the stream failed): the member
+                // may send no more.
+                let c = match member.how_ended() {
+                    Some(End::Evicted(_)) => StreamCode::Evicted,
+                    _ => StreamCode::PeerLost,
+                };
+                stop(&mut recv, c);
+                break;
+            }
+            _ = shared.shutdown.cancelled() => break,
+            body = read_body(&mut recv, max) => body,
+        };
+        let body = match body {
+            Ok(Some(body)) => body,
+            Ok(None) => {
+                debug!("member finished its side");
+                break;
+            }
+            Err(BodyError::TooLarge { len }) => {
+                warn!(
+                    len,
+                    max, "stopping group stream: broadcast over the group's size limit"
+                );
+                stop(&mut recv, StreamCode::MessageTooLarge);
+                break;
+            }
+            Err(BodyError::Truncated) => {
+                warn!("group stream ended inside a broadcast");
+                break;
+            }
+            Err(BodyError::Lost) => break,
+        };
+        if let Err(flood) = session.limiter.pass(body.len() as u64, 1).await {
+            violation(&session.conn, ConnCode::RateExceeded, &flood.to_string());
+            break;
+        }
+        let event = GroupEvent::Message {
+            from: session.name.clone(),
+            body: Bytes::new(),
+        };
+        let head = event.head();
+        let mut wire = Vec::with_capacity(LENGTH_PREFIX + head.len() + body.len());
+        wire.extend_from_slice(&length_prefix(head.len() + body.len()));
+        wire.extend_from_slice(&head);
+        wire.extend_from_slice(&body);
+        fan_out(shared, group, Bytes::from(wire)).await;
+    }
+    if shared.groups.remove(group, member.id) {
+        member.end(End::Left);
+    }
+}
+
+enum BodyError {
+    TooLarge { len: usize },
+    Truncated,
+    Lost,
+}
+
+/// The next broadcast body, `None` at a clean end of the member's side. The
+/// declared length is checked against `max` before anything is allocated.
+async fn read_body(recv: &mut RecvStream, max: usize) -> Result<Option<Vec<u8>>, BodyError> {
+    let mut prefix = [0u8; LENGTH_PREFIX];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(ReadExactError::FinishedEarly(_)) => return Err(BodyError::Truncated),
+        Err(ReadExactError::ReadError(_)) => return Err(BodyError::Lost),
+    }
+    let len = check_length(prefix, max).map_err(|_| BodyError::TooLarge {
+        len: u32::from_be_bytes(prefix) as usize,
+    })?;
+    let mut body = vec![0u8; len];
+    match recv.read_exact(&mut body).await {
+        Ok(()) => Ok(Some(body)),
+        Err(ReadExactError::FinishedEarly(_)) => Err(BodyError::Truncated),
+        Err(ReadExactError::ReadError(_)) => Err(BodyError::Lost),
+    }
+}
+
+/// Give `event` to every member of `group`, following the group's policy
+/// for members whose queue is full.
+async fn fan_out(shared: &Shared, group: &Group, event: Bytes) {
+    let members = group.members();
+    for member in members.iter() {
+        match group.config.policy {
+            GroupPolicy::Block => {
+                let item = Item {
+                    missed: 0,
+                    event: event.clone(),
+                };
+                // An error means the member is gone: nothing to wait for.
+                tokio::select! {
+                    _ = member.queue.send(item) => {}
+                    _ = member.ended.cancelled() => {}
+                    _ = shared.shutdown.cancelled() => return,
+                }
+            }
+            GroupPolicy::Lag => {
+                let mut missed = member.missed();
+                let item = Item {
+                    missed: *missed,
+                    event: event.clone(),
+                };
+                match member.queue.try_send(item) {
+                    Ok(()) => *missed = 0,
+                    Err(TrySendError::Full(_)) => *missed += 1,
+                    Err(TrySendError::Closed(_)) => {}
+                }
+            }
+            GroupPolicy::Evict => {
+                let item = Item {
+                    missed: 0,
+                    event: event.clone(),
+                };
+                if let Err(TrySendError::Full(_)) = member.queue.try_send(item) {
+                    evict(shared, group, member);
+                }
+            }
+        }
+    }
+}
+
+fn evict(shared: &Shared, group: &Group, member: &Member) {
+    if !shared.groups.remove(group, member.id) {
+        return;
+    }
+    let reason = format!(
+        "evicted from group \"{}\": fell {} messages behind (policy evict); rejoin to continue",
+        group.name, group.config.buffer
+    );
+    warn!(group = %group.name, member = %member.name, behind = group.config.buffer, "evicting a slow member");
+    member.end(End::Evicted(reason));
+}
+
+/// Write the member's queue to its stream until it leaves or is evicted.
+async fn write_member(
+    member: &Member,
+    mut queue: mpsc::Receiver<Item>,
+    mut send: SendStream,
+    drain: Duration,
+) {
+    loop {
+        // A count of missed broadcasts goes out when the queue runs empty
+        // too, so a member that caught up learns of the last ones.
+        let next = {
+            let mut missed = member.missed();
+            match queue.try_recv() {
+                Ok(item) => Some(item),
+                Err(TryRecvError::Empty) if *missed > 0 => Some(Item {
+                    missed: std::mem::take(&mut *missed),
+                    event: Bytes::new(),
+                }),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => break,
+            }
+        };
+        let item = match next {
+            Some(item) => item,
+            None => tokio::select! {
+                biased;
+                _ = member.ended.cancelled() => break,
+                item = queue.recv() => match item {
+                    Some(item) => item,
+                    None => break,
+                },
+            },
+        };
+        if member.ended.is_cancelled() {
+            break;
+        }
+        if item.missed > 0 {
+            let missed = GroupEvent::Missed { count: item.missed }.to_bytes();
+            let mut wire = Vec::with_capacity(LENGTH_PREFIX + missed.len());
+            wire.extend_from_slice(&length_prefix(missed.len()));
+            wire.extend_from_slice(&missed);
+            if !write(member, &mut send, Bytes::from(wire), drain).await {
+                return;
+            }
+        }
+        if !item.event.is_empty() && !write(member, &mut send, item.event, drain).await {
+            return;
+        }
+    }
+    // No more fan-out waits on this member.
+    drop(queue);
+    if let Some(End::Evicted(reason)) = member.how_ended() {
+        let evicted = GroupEvent::Evicted {
+            reason: clip_reason(&reason),
+        }
+        .to_bytes();
+        let mut wire = Vec::with_capacity(LENGTH_PREFIX + evicted.len());
+        wire.extend_from_slice(&length_prefix(evicted.len()));
+        wire.extend_from_slice(&evicted);
+        match tokio::time::timeout(drain, send.write_chunk(Bytes::from(wire))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                debug!("evicted member read nothing in time; resetting its stream");
+                let _ = send.reset(code(StreamCode::Evicted));
+                return;
+            }
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Write one whole event. Once the member has ended, a write that cannot
+/// complete within `drain` resets the stream. Whether the stream is still
+/// usable.
+async fn write(member: &Member, send: &mut SendStream, event: Bytes, drain: Duration) -> bool {
+    let stalled = async {
+        member.ended.cancelled().await;
+        tokio::time::sleep(drain).await;
+    };
+    tokio::select! {
+        r = send.write_chunk(event) => r.is_ok(),
+        _ = stalled => {
+            debug!("member ended and read nothing in time; resetting its stream");
+            let code = match member.how_ended() {
+                Some(End::Evicted(_)) => StreamCode::Evicted,
+                _ => StreamCode::Cancelled,
+            };
+            let _ = send.reset(self::code(code));
+            false
+        }
+    }
 }
 
 /// Answer a member count query.
-pub(crate) async fn members(_shared: &Arc<Shared>, mut send: SendStream, group: String) {
-    let msg = format!("cannot count group \"{group}\": broadcast is not built yet");
-    fail(&mut send, OpenFailCode::Refused, msg).await;
+pub(crate) async fn members(shared: &Arc<Shared>, mut send: SendStream, group: String) {
+    if let Err(e) = validate_channel_name(&group) {
+        let msg = format!("cannot count group {group:?}: {e}");
+        return fail(&mut send, OpenFailCode::InvalidAddress, msg).await;
+    }
+    let members = shared.groups.count(&group);
+    debug!(group = %group, members, "member count");
+    if write_frame(&mut send, &ChannelMsg::MemberCount { group, members })
+        .await
+        .is_ok()
+    {
+        let _ = send.finish();
+    }
 }

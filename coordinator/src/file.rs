@@ -25,17 +25,24 @@
 //! max_pending = 4096
 //!
 //! [policy]                          # see the policy module
+//!
+//! [groups.ops]                      # a broadcast group's settings
+//! policy = "block"                  # block | lag | evict (default lag)
+//! buffer = 64                       # messages queued per member (256)
+//! max_message = 4096                # largest message, bytes (65536)
 //! ```
 //!
 //! Every setting is optional; command-line flags override the file.
 //! [`check_file`] is the dry run: it reports every error it finds.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::auth::AuthMode;
+use crate::config::GroupConfig;
 use crate::policy::{Policy, PolicySpec};
 
 /// The file as written.
@@ -58,7 +65,26 @@ pub struct FileConfig {
     pub limits: LimitsSection,
     /// `[policy]`.
     pub policy: Option<PolicySpec>,
+    /// `[groups.NAME]`: broadcast groups with settings of their own.
+    #[serde(default)]
+    pub groups: HashMap<String, GroupSection>,
 }
+
+/// `[groups.NAME]`: one broadcast group's settings; each defaults to
+/// [`GroupConfig::default`]'s.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSection {
+    /// `block`, `lag` or `evict`.
+    pub policy: Option<String>,
+    /// Messages queued per member before it counts as behind.
+    pub buffer: Option<usize>,
+    /// Largest message, in bytes.
+    pub max_message: Option<usize>,
+}
+
+/// Largest `buffer` a group may configure.
+pub const MAX_GROUP_BUFFER: usize = 1 << 20;
 
 /// `[auth]`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -108,6 +134,48 @@ pub struct Checked {
     pub burst: Option<Duration>,
     /// `[limits] flood_after`.
     pub flood_after: Option<Duration>,
+    /// `[groups.NAME]`, checked.
+    pub groups: HashMap<String, GroupConfig>,
+}
+
+fn check_groups(
+    sections: &HashMap<String, GroupSection>,
+    errors: &mut Vec<String>,
+) -> HashMap<String, GroupConfig> {
+    let mut groups = HashMap::new();
+    let mut names: Vec<_> = sections.keys().collect();
+    names.sort();
+    for name in names {
+        let section = &sections[name];
+        let at = format!("[groups.{name}]");
+        if let Err(e) = qmesh_proto::name::validate_channel_name(name) {
+            errors.push(format!("{at}: not a group name: {e}"));
+        }
+        let mut group = GroupConfig::default();
+        if let Some(p) = &section.policy {
+            match p.parse() {
+                Ok(policy) => group.policy = policy,
+                Err(e) => errors.push(format!("{at} policy: {e}")),
+            }
+        }
+        match section.buffer {
+            Some(b) if b == 0 || b > MAX_GROUP_BUFFER => errors.push(format!(
+                "{at} buffer = {b} must be from 1 to {MAX_GROUP_BUFFER}"
+            )),
+            Some(b) => group.buffer = b,
+            None => {}
+        }
+        let ceiling = qmesh_proto::limits::MAX_MESSAGE_CEILING / 2;
+        match section.max_message {
+            Some(m) if m == 0 || m > ceiling => errors.push(format!(
+                "{at} max_message = {m} must be from 1 to {ceiling}"
+            )),
+            Some(m) => group.max_message = m,
+            None => {}
+        }
+        groups.insert(name.clone(), group);
+    }
+    groups
 }
 
 fn duration(field: &str, value: &Option<String>, errors: &mut Vec<String>) -> Option<Duration> {
@@ -196,6 +264,7 @@ pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
         },
         None => None,
     };
+    let groups = check_groups(&file.groups, &mut errors);
     if errors.is_empty() {
         Ok(Checked {
             file,
@@ -205,6 +274,7 @@ pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
             idle_timeout,
             burst,
             flood_after,
+            groups,
         })
     } else {
         Err(errors)
@@ -252,6 +322,30 @@ mod tests {
         assert_eq!(c.flood_after, Some(Duration::from_secs(3)));
         assert_eq!(c.file.state_dir, Some(PathBuf::from("/etc/qmesh/state")));
         assert_eq!(c.policy.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn groups_check_and_default() {
+        let c = check_text(
+            "[groups.ops]\npolicy = \"evict\"\nbuffer = 8\n[groups.chat]\nmax_message = 100\n",
+            Path::new("."),
+        )
+        .unwrap();
+        let ops = c.groups["ops"];
+        assert_eq!(ops.policy, qmesh_proto::msg::GroupPolicy::Evict);
+        assert_eq!((ops.buffer, ops.max_message), (8, 64 * 1024));
+        let chat = c.groups["chat"];
+        assert_eq!(chat.policy, qmesh_proto::msg::GroupPolicy::Lag);
+        assert_eq!((chat.buffer, chat.max_message), (256, 100));
+        let errs = check_text(
+            "[groups.ops]\npolicy = \"drop\"\nbuffer = 0\nmax_message = 0\n[groups.\"Bad Name\"]\n",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(errs.len(), 4, "{errs:#?}");
+        assert!(errs
+            .iter()
+            .any(|e| e.contains("unknown group policy \"drop\"")));
     }
 
     #[test]

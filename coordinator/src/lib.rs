@@ -27,6 +27,7 @@
 //! - [`server`]: [`Coordinator`], the accept loop, sessions and shutdown.
 //! - `channel`: channel open, join, forwarding and close.
 //! - `relay`: the data stream relay.
+//! - `broadcast`: broadcast groups: fan-out and slow-member policies.
 //! - [`devcert`]: development and deployment certificate files.
 //! - [`socket`]: UDP socket setup.
 //! - [`logging`]: the connpipe log format used by the binaries.

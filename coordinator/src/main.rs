@@ -396,6 +396,7 @@ async fn run(args: RunArgs) -> Result<()> {
         if let Some(p) = &c.policy {
             config.policy = p.clone();
         }
+        config.groups = c.groups.clone();
     }
     let idle = args
         .idle_timeout

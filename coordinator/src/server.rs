@@ -82,6 +82,8 @@ pub(crate) struct Shared {
     pub(crate) policy: RwLock<Arc<Policy>>,
     /// Joins, leaves and interface changes, for presence watchers.
     pub(crate) presence: tokio::sync::broadcast::Sender<PresenceEvent>,
+    /// Broadcast groups by name.
+    pub(crate) groups: crate::broadcast::Groups,
 }
 
 impl Shared {
@@ -337,6 +339,7 @@ impl Coordinator {
             endpoint,
             shared: Arc::new(Shared {
                 presence: tokio::sync::broadcast::channel(config.presence_buffer.max(1)).0,
+                groups: crate::broadcast::Groups::default(),
                 config,
                 registry: Mutex::new(registry),
                 stats: Arc::default(),

@@ -526,3 +526,45 @@ async fn duplicate_name_is_refused() {
     );
     assert!(first.running(), "the first bob should still be running");
 }
+
+/// `qmesh broadcast GROUP`: two members exchange a line, each printing
+/// every group message as `SENDER: TEXT` (its own included); `--count`
+/// prints the member count; stdin EOF leaves with status 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_members_exchange_lines() {
+    let state = tempdir();
+    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let joined = |l: &str| l.starts_with("qmesh: joined group room");
+    let mut ann = qmesh(&coord.v4(), &ca, &["--name", "ann", "broadcast", "room"]);
+    ann.stderr_line("`joined group`", joined).await;
+    let mut ben = qmesh(&coord.v4(), &ca, &["--name", "ben", "broadcast", "room"]);
+    let line = ben.stderr_line("`joined group`", joined).await;
+    assert!(line.contains("2 members, policy lag"), "{line}");
+
+    ann.write_stdin(b"hello from ann\n").await;
+    for p in [&mut ben, &mut ann] {
+        let got = p.stdout_line("ann's line", |_| true).await;
+        assert_eq!(got, "ann: hello from ann");
+    }
+    ben.write_stdin(b"hi ann\n").await;
+    for p in [&mut ann, &mut ben] {
+        let got = p.stdout_line("ben's line", |_| true).await;
+        assert_eq!(got, "ben: hi ann");
+    }
+
+    let counted = qmesh(
+        &coord.v4(),
+        &ca,
+        &["--name", "counter", "broadcast", "room", "--count"],
+    )
+    .finish()
+    .await;
+    assert!(counted.status.success(), "count failed: {}", show(&counted));
+    assert_eq!(counted.stdout.trim(), "2");
+
+    for mut p in [ann, ben] {
+        p.feed_stdin(b"").await;
+        let exit = p.finish().await;
+        assert!(exit.status.success(), "broadcast failed: {}", show(&exit));
+    }
+}

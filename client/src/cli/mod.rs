@@ -1,5 +1,6 @@
 //! The `qmesh` command line: argument parsing and the subcommands.
 
+mod broadcast;
 mod demo;
 mod listen;
 mod messaging;
@@ -107,6 +108,15 @@ enum Command {
         /// (relay).
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         mode: Mode,
+    },
+    /// Join a broadcast group: each stdin line is sent to every member,
+    /// and every member's message is printed as `SENDER: TEXT`.
+    Broadcast {
+        /// The group's name (e.g. `ops`).
+        group: String,
+        /// Print the group's member count and exit instead.
+        #[arg(long)]
+        count: bool,
     },
     /// Run a coordinator and two clients in this process and show a channel
     /// at work.
@@ -404,6 +414,16 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                 .connect(Some(format!("send-{}", std::process::id())))
                 .await?;
             send::run(client, address, file.clone(), (*mode).into()).await
+        }
+        Command::Broadcast { group, count } => {
+            let client = cli
+                .connect(Some(format!("broadcast-{}", std::process::id())))
+                .await?;
+            if *count {
+                broadcast::count(client, group).await
+            } else {
+                broadcast::run(client, group).await
+            }
         }
         Command::Demo => demo::run().await,
         Command::Request {

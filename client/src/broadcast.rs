@@ -1,0 +1,222 @@
+//! Broadcast groups: join a named group and exchange messages with every
+//! member, relayed by the coordinator.
+//!
+//! [`Client::join`] opens one stream to the coordinator for the group.
+//! [`Group::send`] broadcasts a message; every member (this one included)
+//! receives it as [`GroupEvent::Message`] with the sender's name as the
+//! coordinator knows it. A member that falls behind is treated as the
+//! group's [`GroupPolicy`] says: the group waits (`Block`), the member is
+//! told how many messages it skipped with [`GroupEvent::Missed`] (`Lag`),
+//! or it is removed with [`GroupEvent::Evicted`] (`Evict`).
+
+use std::sync::Arc;
+
+use qmesh_proto::codec::{read_frame, write_frame};
+use qmesh_proto::codes::{OpenFailCode, StreamCode};
+use qmesh_proto::limits::{MAX_MESSAGE_CEILING, MAX_REASON};
+use qmesh_proto::msg::ChannelMsg;
+use qmesh_proto::name::validate_channel_name;
+use quinn::VarInt;
+use tokio::sync::Mutex;
+use tokio::time::timeout;
+use tracing::{debug, info};
+
+pub use qmesh_proto::envelope::GroupEvent;
+pub use qmesh_proto::msg::GroupPolicy;
+
+use crate::client::Client;
+use crate::error::{OpenError, RecvError, SendError};
+use crate::stream::{MessageReceiver, MessageSender};
+
+/// Most bytes a [`GroupEvent::Message`] adds in front of the body.
+const MESSAGE_HEAD: usize = 2 + u8::MAX as usize;
+
+/// Membership of one broadcast group. Cheap to clone: clones share the
+/// membership, and sends from several clones are sent one after another.
+#[derive(Debug, Clone)]
+pub struct Group {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    members_at_join: u64,
+    policy: GroupPolicy,
+    max_message: usize,
+    /// `None` once the member has left.
+    send: Mutex<Option<MessageSender>>,
+    recv: Mutex<MessageReceiver>,
+}
+
+impl Client {
+    /// Join broadcast group `group` (channel-name rules) and wait for the
+    /// coordinator's answer.
+    ///
+    /// Fails with [`OpenError::Failed`] and
+    /// [`OpenFailCode::InvalidAddress`] for a bad group name.
+    pub async fn join(&self, group: &str) -> Result<Group, OpenError> {
+        if let Err(e) = validate_channel_name(group) {
+            return Err(OpenError::Failed {
+                code: OpenFailCode::InvalidAddress,
+                message: format!("bad group name {group:?}: {e}"),
+            });
+        }
+        let (mut send, mut recv) = self
+            .connection()
+            .open_bi()
+            .await
+            .map_err(|_| OpenError::Session(self.session_error()))?;
+        let join = ChannelMsg::Join {
+            group: group.to_owned(),
+        };
+        if write_frame(&mut send, &join).await.is_err() {
+            return Err(OpenError::Session(self.session_error()));
+        }
+        let limit = self.config().open_timeout;
+        let reply = timeout(limit, read_frame::<ChannelMsg, _>(&mut recv)).await;
+        match reply {
+            Ok(Ok(Some(ChannelMsg::Joined {
+                members,
+                policy,
+                max_message,
+            }))) => {
+                let max_message = usize::try_from(max_message)
+                    .unwrap_or(usize::MAX)
+                    .min(MAX_MESSAGE_CEILING - MESSAGE_HEAD);
+                info!(group, members, %policy, "joined group");
+                // Events: a message with its head, or an eviction reason.
+                let max_event = (max_message + MESSAGE_HEAD).max(MAX_REASON + 1);
+                Ok(Group {
+                    inner: Arc::new(Inner {
+                        name: group.to_owned(),
+                        members_at_join: members,
+                        policy,
+                        max_message,
+                        send: Mutex::new(Some(MessageSender::new(send, max_message))),
+                        recv: Mutex::new(MessageReceiver::new(recv, max_event)),
+                    }),
+                })
+            }
+            Ok(Ok(Some(ChannelMsg::OpenFailed { code, message }))) => {
+                info!(group, code = ?code, cause = %message, "join failed");
+                Err(OpenError::Failed { code, message })
+            }
+            Ok(Ok(Some(other))) => Err(OpenError::Protocol(format!(
+                "unexpected {other:?} in answer to a join"
+            ))),
+            Ok(Ok(None)) | Ok(Err(_)) => Err(OpenError::Session(self.session_error())),
+            Err(_) => {
+                let _ = send.reset(VarInt::from_u32(StreamCode::Cancelled.code()));
+                Err(OpenError::Timeout {
+                    secs: limit.as_secs(),
+                })
+            }
+        }
+    }
+
+    /// How many members group `group` has now (0 for a group nobody is
+    /// in).
+    pub async fn group_members(&self, group: &str) -> Result<u64, OpenError> {
+        if let Err(e) = validate_channel_name(group) {
+            return Err(OpenError::Failed {
+                code: OpenFailCode::InvalidAddress,
+                message: format!("bad group name {group:?}: {e}"),
+            });
+        }
+        let (mut send, mut recv) = self
+            .connection()
+            .open_bi()
+            .await
+            .map_err(|_| OpenError::Session(self.session_error()))?;
+        let ask = ChannelMsg::Members {
+            group: group.to_owned(),
+        };
+        if write_frame(&mut send, &ask).await.is_err() {
+            return Err(OpenError::Session(self.session_error()));
+        }
+        let _ = send.finish();
+        let limit = self.config().open_timeout;
+        match timeout(limit, read_frame::<ChannelMsg, _>(&mut recv)).await {
+            Ok(Ok(Some(ChannelMsg::MemberCount {
+                group: answered,
+                members,
+            }))) if answered == group => Ok(members),
+            Ok(Ok(Some(ChannelMsg::OpenFailed { code, message }))) => {
+                Err(OpenError::Failed { code, message })
+            }
+            Ok(Ok(Some(other))) => Err(OpenError::Protocol(format!(
+                "unexpected {other:?} in answer to a member count"
+            ))),
+            Ok(Ok(None)) | Ok(Err(_)) => Err(OpenError::Session(self.session_error())),
+            Err(_) => Err(OpenError::Timeout {
+                secs: limit.as_secs(),
+            }),
+        }
+    }
+}
+
+impl Group {
+    /// The group's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Members in the group when this one joined, itself included.
+    pub fn members_at_join(&self) -> u64 {
+        self.inner.members_at_join
+    }
+
+    /// What the group does with a member that falls behind.
+    pub fn policy(&self) -> GroupPolicy {
+        self.inner.policy
+    }
+
+    /// The largest message the group carries.
+    pub fn max_message(&self) -> usize {
+        self.inner.max_message
+    }
+
+    /// Broadcast one message to every member, this one included. In a
+    /// group with policy `Block` this waits while the slowest member is
+    /// behind.
+    ///
+    /// Fails with [`SendError::TooLarge`] over [`Group::max_message`],
+    /// with [`SendError::Stopped`] once this member was evicted (code
+    /// [`StreamCode::Evicted`]) or cut off, and with
+    /// [`SendError::Stream`] after [`Group::leave`].
+    pub async fn send(&self, body: &[u8]) -> Result<(), SendError> {
+        let mut send = self.inner.send.lock().await;
+        match send.as_mut() {
+            Some(s) => s.send(body).await,
+            None => Err(SendError::Stream("this member has left the group".into())),
+        }
+    }
+
+    /// The next event: a member's message, a count of messages this member
+    /// missed, or its eviction. `Ok(None)` once the coordinator has ended
+    /// the membership (after a leave or an eviction).
+    pub async fn recv(&self) -> Result<Option<GroupEvent>, RecvError> {
+        let mut recv = self.inner.recv.lock().await;
+        let Some(msg) = recv.recv().await? else {
+            return Ok(None);
+        };
+        let event = GroupEvent::parse(msg).map_err(|e| RecvError::Malformed(e.to_string()))?;
+        if let GroupEvent::Evicted { reason } = &event {
+            info!(group = %self.inner.name, cause = %reason, "evicted from group");
+        }
+        Ok(Some(event))
+    }
+
+    /// Leave the group: end this member's side. The coordinator then ends
+    /// the stream, so [`Group::recv`] returns `None` after any events
+    /// already on their way. Ends the membership for every clone.
+    pub async fn leave(self) -> Result<(), SendError> {
+        let taken = self.inner.send.lock().await.take();
+        debug!(group = %self.inner.name, "leaving group");
+        match taken {
+            Some(s) => s.finish().await,
+            None => Ok(()),
+        }
+    }
+}
