@@ -11,14 +11,12 @@
 
 use std::sync::Arc;
 
-use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::{OpenFailCode, StreamCode};
 use qmesh_proto::limits::{MAX_MESSAGE_CEILING, MAX_REASON};
 use qmesh_proto::msg::ChannelMsg;
 use qmesh_proto::name::validate_channel_name;
 use quinn::VarInt;
 use tokio::sync::Mutex;
-use tokio::time::timeout;
 use tracing::{debug, info};
 
 pub use qmesh_proto::envelope::GroupEvent;
@@ -56,31 +54,17 @@ impl Client {
     /// Fails with [`OpenError::Failed`] and
     /// [`OpenFailCode::InvalidAddress`] for a bad group name.
     pub async fn join(&self, group: &str) -> Result<Group, OpenError> {
-        if let Err(e) = validate_channel_name(group) {
-            return Err(OpenError::Failed {
-                code: OpenFailCode::InvalidAddress,
-                message: format!("bad group name {group:?}: {e}"),
-            });
-        }
-        let (mut send, mut recv) = self
-            .connection()
-            .open_bi()
-            .await
-            .map_err(|_| OpenError::Session(self.session_error()))?;
+        check_group(group)?;
         let join = ChannelMsg::Join {
             group: group.to_owned(),
         };
-        if write_frame(&mut send, &join).await.is_err() {
-            return Err(OpenError::Session(self.session_error()));
-        }
-        let limit = self.config().open_timeout;
-        let reply = timeout(limit, read_frame::<ChannelMsg, _>(&mut recv)).await;
-        match reply {
-            Ok(Ok(Some(ChannelMsg::Joined {
+        let (mut send, mut recv) = self.request_stream(&join).await?;
+        match self.next_answer(&mut recv).await {
+            Ok(ChannelMsg::Joined {
                 members,
                 policy,
                 max_message,
-            }))) => {
+            }) => {
                 let max_message = usize::try_from(max_message)
                     .unwrap_or(usize::MAX)
                     .min(MAX_MESSAGE_CEILING - MESSAGE_HEAD);
@@ -98,19 +82,15 @@ impl Client {
                     }),
                 })
             }
-            Ok(Ok(Some(ChannelMsg::OpenFailed { code, message }))) => {
-                info!(group, code = ?code, cause = %message, "join failed");
-                Err(OpenError::Failed { code, message })
-            }
-            Ok(Ok(Some(other))) => Err(OpenError::Protocol(format!(
+            Ok(other) => Err(OpenError::Protocol(format!(
                 "unexpected {other:?} in answer to a join"
             ))),
-            Ok(Ok(None)) | Ok(Err(_)) => Err(OpenError::Session(self.session_error())),
-            Err(_) => {
-                let _ = send.reset(VarInt::from_u32(StreamCode::Cancelled.code()));
-                Err(OpenError::Timeout {
-                    secs: limit.as_secs(),
-                })
+            Err(e) => {
+                info!(group, cause = %e, "join failed");
+                if matches!(e, OpenError::Timeout { .. }) {
+                    let _ = send.reset(VarInt::from_u32(StreamCode::Cancelled.code()));
+                }
+                Err(e)
             }
         }
     }
@@ -118,42 +98,30 @@ impl Client {
     /// How many members group `group` has now (0 for a group nobody is
     /// in).
     pub async fn group_members(&self, group: &str) -> Result<u64, OpenError> {
-        if let Err(e) = validate_channel_name(group) {
-            return Err(OpenError::Failed {
-                code: OpenFailCode::InvalidAddress,
-                message: format!("bad group name {group:?}: {e}"),
-            });
-        }
-        let (mut send, mut recv) = self
-            .connection()
-            .open_bi()
-            .await
-            .map_err(|_| OpenError::Session(self.session_error()))?;
+        check_group(group)?;
         let ask = ChannelMsg::Members {
             group: group.to_owned(),
         };
-        if write_frame(&mut send, &ask).await.is_err() {
-            return Err(OpenError::Session(self.session_error()));
-        }
+        let (mut send, mut recv) = self.request_stream(&ask).await?;
         let _ = send.finish();
-        let limit = self.config().open_timeout;
-        match timeout(limit, read_frame::<ChannelMsg, _>(&mut recv)).await {
-            Ok(Ok(Some(ChannelMsg::MemberCount {
+        match self.next_answer(&mut recv).await? {
+            ChannelMsg::MemberCount {
                 group: answered,
                 members,
-            }))) if answered == group => Ok(members),
-            Ok(Ok(Some(ChannelMsg::OpenFailed { code, message }))) => {
-                Err(OpenError::Failed { code, message })
-            }
-            Ok(Ok(Some(other))) => Err(OpenError::Protocol(format!(
+            } if answered == group => Ok(members),
+            other => Err(OpenError::Protocol(format!(
                 "unexpected {other:?} in answer to a member count"
             ))),
-            Ok(Ok(None)) | Ok(Err(_)) => Err(OpenError::Session(self.session_error())),
-            Err(_) => Err(OpenError::Timeout {
-                secs: limit.as_secs(),
-            }),
         }
     }
+}
+
+/// Refuse a bad group name before anything is sent.
+fn check_group(group: &str) -> Result<(), OpenError> {
+    validate_channel_name(group).map_err(|e| OpenError::Failed {
+        code: OpenFailCode::InvalidAddress,
+        message: format!("bad group name {group:?}: {e}"),
+    })
 }
 
 impl Group {

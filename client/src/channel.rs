@@ -82,18 +82,27 @@ pub(crate) type StreamTx = mpsc::Sender<(RecvStream, StreamGuard)>;
 /// [`Channel::accept_stream`], the peer's message streams to its readers.
 #[derive(Debug, Clone)]
 pub(crate) struct Route {
-    pub(crate) data: StreamTx,
-    pub(crate) messages: StreamTx,
+    data: StreamTx,
+    messages: StreamTx,
+    /// The channel's state, to count the data streams that arrive.
+    state: watch::Sender<State>,
 }
 
 impl Route {
-    /// The sender for a stream of this kind.
-    pub(crate) fn pick(&self, messages: bool) -> &StreamTx {
-        if messages {
-            &self.messages
-        } else {
-            &self.data
+    /// Hand an incoming stream to its channel; the stream back when the
+    /// channel is gone.
+    pub(crate) async fn deliver(
+        &self,
+        messages: bool,
+        stream: (RecvStream, StreamGuard),
+    ) -> Result<(), RecvStream> {
+        let tx = if messages { &self.messages } else { &self.data };
+        tx.send(stream).await.map_err(|e| (e.0).0)?;
+        if !messages {
+            // Message streams are counted by their reader.
+            self.state.send_modify(|s| s.data_arrived += 1);
         }
+        Ok(())
     }
 }
 
@@ -134,6 +143,8 @@ struct State {
     done: bool,
     /// The peer's message streams that arrived.
     msg_streams: u64,
+    /// The peer's data streams that arrived (accepted or not).
+    data_arrived: u64,
     /// Of those, the ones still being read.
     msg_readers: u64,
 }
@@ -155,6 +166,8 @@ struct Shared {
     name: String,
     label: String,
     conn: Connection,
+    /// Why this client closed its session, when it did.
+    closed_why: Arc<std::sync::OnceLock<String>>,
     max_message: usize,
     close_timeout: std::time::Duration,
     ctrl: tokio::sync::Mutex<Option<SendStream>>,
@@ -203,24 +216,21 @@ pub(crate) struct Offer {
 
 impl Shared {
     fn end(&self, end: ChannelEnd) {
-        let first = self.state.send_if_modified(|s| {
-            if s.end.is_none() {
-                info!(parent: &self.span, how = %end, "ended");
-                s.end = Some(end.clone());
-                true
-            } else {
-                false
-            }
-        });
-        if first {
-            // Requests still waiting will get no reply now.
-            self.waiting.fail_all();
-            let mut reported = lock(&self.reported);
-            if reported.0 && !reported.1 {
-                reported.1 = true;
-                events::emit(&self.events, || Event::ended(self.channel_ref(), &end));
-            }
+        // One step, under the report lock: the hub hears of the end before
+        // anyone waiting in `ended()` wakes, so a caller that has seen the
+        // end finds its event already queued.
+        let mut reported = lock(&self.reported);
+        if self.state.borrow().end.is_some() {
+            return;
         }
+        info!(parent: &self.span, how = %end, "ended");
+        if reported.0 && !reported.1 {
+            reported.1 = true;
+            events::emit(&self.events, || Event::ended(self.channel_ref(), &end));
+        }
+        // Requests still waiting will get no reply now.
+        self.waiting.fail_all();
+        self.state.send_modify(|s| s.end = Some(end));
     }
 
     /// Report Ready (once), and the end too if it came first.
@@ -451,6 +461,8 @@ pub struct Channel {
 
 pub(crate) struct Parts {
     pub(crate) conn: Connection,
+    /// Why this client closed its session, when it did.
+    pub(crate) closed_why: Arc<std::sync::OnceLock<String>>,
     pub(crate) routes: Routes,
     pub(crate) peer: String,
     pub(crate) name: String,
@@ -489,7 +501,11 @@ impl Pending {
         let id = u64::from(send.id());
         let (data, rx) = mpsc::channel(parts.max_streams.max(1));
         let (messages, msg_rx) = mpsc::channel(4);
-        let tx = Route { data, messages };
+        let tx = Route {
+            data,
+            messages,
+            state: watch::Sender::new(State::default()),
+        };
         lock(&parts.routes).insert(id, tx.clone());
         Self {
             parts,
@@ -523,6 +539,7 @@ impl Pending {
             msg_rx,
         } = self;
         let span = tracing::info_span!("channel", id = %parts.label);
+        let state = tx.state.clone();
         let link = match (&parts.direct, intro, parts.mode) {
             (Some(direct), Some(intro), PathMode::Auto | PathMode::Direct) => {
                 let link = direct.link(&parts.peer, &intro);
@@ -540,11 +557,12 @@ impl Pending {
             name: parts.name,
             label: parts.label,
             conn: parts.conn,
+            closed_why: parts.closed_why,
             max_message: parts.max_message,
             close_timeout: parts.close_timeout,
             ctrl: tokio::sync::Mutex::new(Some(send)),
             local: Mutex::new(Local::default()),
-            state: watch::Sender::new(State::default()),
+            state,
             number,
             mode: parts.mode,
             link,
@@ -701,7 +719,7 @@ async fn control(shared: Arc<Shared>, mut recv: RecvStream) {
                 let reason = match shared.conn.close_reason() {
                     Some(c) => format!(
                         "connection to the coordinator ended: {}",
-                        qmesh_certs::transport::describe_close(&c)
+                        crate::client::describe_end(&c, &shared.closed_why)
                     ),
                     None => format!("channel control stream failed: {e}"),
                 };
@@ -939,22 +957,44 @@ impl Channel {
 
     /// The next one-way message or request from the peer, or `None` once
     /// the channel has ended and the peer's message streams are read out.
+    ///
+    /// After a graceful close by the peer, every message it sent before
+    /// closing comes first: the close counts the streams the peer opened,
+    /// and this waits for all of them to arrive (or, should one never
+    /// arrive, for the close timeout).
     pub async fn recv_message(&self) -> Option<Incoming> {
         let mut incoming = self.incoming.lock().await;
         let mut state = self.shared.state.subscribe();
+        let mut give_up: Option<tokio::time::Instant> = None;
         loop {
             if let Ok(m) = incoming.try_recv() {
                 return Some(m);
             }
             {
                 let st = state.borrow_and_update();
-                if st.end.is_some() && st.msg_readers == 0 && (st.done || st.peer_close.is_some()) {
+                let all_arrived = match st.peer_close {
+                    Some(n) => st.data_arrived + st.msg_streams >= n,
+                    None => st.done,
+                };
+                if st.end.is_some() && st.msg_readers == 0 && all_arrived {
                     return incoming.try_recv().ok();
                 }
+                if st.peer_close.is_some() {
+                    give_up.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + self.shared.close_timeout
+                    });
+                }
             }
+            let deadline = async {
+                match give_up {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 m = incoming.recv() => return m,
                 changed = state.changed() => if changed.is_err() { return None },
+                _ = deadline => return incoming.try_recv().ok(),
             }
         }
     }

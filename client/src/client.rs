@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use qmesh_certs::transport::{StreamAllowance, StreamGuard, StreamKind};
 use qmesh_proto::address::Host;
@@ -42,6 +42,10 @@ struct Inner {
     /// Whether `endpoint` was made for this client alone.
     owns_endpoint: bool,
     conn: Connection,
+    /// Why this client closed its session, when it did (the coordinator
+    /// went silent, or broke the protocol): what `closed` and the lost
+    /// channels report instead of "closed locally".
+    closed_why: Arc<OnceLock<String>>,
     routes: Routes,
     /// Direct connections, when this client takes direct channels.
     direct: Option<Arc<Direct>>,
@@ -226,16 +230,6 @@ impl Client {
         Self::connect_on(None, config).await
     }
 
-    /// The connection to the coordinator.
-    pub(crate) fn connection(&self) -> &Connection {
-        &self.inner.conn
-    }
-
-    /// This client's configuration.
-    pub(crate) fn config(&self) -> &ClientConfig {
-        &self.inner.config
-    }
-
     /// Queue a frame for the session stream.
     pub(crate) async fn session_send(&self, msg: SessionMsg) -> Result<(), ()> {
         self.inner.session_tx.send(msg).await.map_err(|_| ())
@@ -390,9 +384,17 @@ impl Client {
             })
         });
         let (session_tx, session_rx) = mpsc::channel(4);
+        let closed_why = Arc::new(OnceLock::new());
         let session_task = tokio::spawn(
-            run_session_stream(conn.clone(), send, recv, config.heartbeat, session_rx)
-                .instrument(span.clone()),
+            run_session_stream(
+                conn.clone(),
+                closed_why.clone(),
+                send,
+                recv,
+                config.heartbeat,
+                session_rx,
+            )
+            .instrument(span.clone()),
         );
         let gates = config
             .quotas
@@ -415,6 +417,7 @@ impl Client {
                 endpoint,
                 owns_endpoint,
                 conn,
+                closed_why,
                 routes,
                 direct,
                 fingerprint: identity.fingerprint(),
@@ -479,6 +482,7 @@ impl Client {
         let c = &self.inner.config;
         Parts {
             conn: self.inner.conn.clone(),
+            closed_why: self.inner.closed_why.clone(),
             routes: self.inner.routes.clone(),
             peer,
             name,
@@ -497,9 +501,44 @@ impl Client {
         }
     }
 
+    /// Open a bidirectional stream to the coordinator and write `first`
+    /// on it: the start of a describe, presence, join or member count.
+    pub(crate) async fn request_stream(
+        &self,
+        first: &ChannelMsg,
+    ) -> Result<(SendStream, RecvStream), OpenError> {
+        let (mut send, recv) = self
+            .inner
+            .conn
+            .open_bi()
+            .await
+            .map_err(|_| OpenError::Session(self.session_error()))?;
+        write_frame(&mut send, first)
+            .await
+            .map_err(|_| OpenError::Session(self.session_error()))?;
+        Ok((send, recv))
+    }
+
+    /// The coordinator's next answer on a stream from
+    /// [`Client::request_stream`], within the open timeout. An
+    /// `OpenFailed` answer comes back as the error it carries.
+    pub(crate) async fn next_answer(&self, recv: &mut RecvStream) -> Result<ChannelMsg, OpenError> {
+        let limit = self.inner.config.open_timeout;
+        match timeout(limit, read_frame::<ChannelMsg, _>(recv)).await {
+            Ok(Ok(Some(ChannelMsg::OpenFailed { code, message }))) => {
+                Err(OpenError::Failed { code, message })
+            }
+            Ok(Ok(Some(answer))) => Ok(answer),
+            Ok(Ok(None) | Err(_)) => Err(OpenError::Session(self.session_error())),
+            Err(_) => Err(OpenError::Timeout {
+                secs: limit.as_secs(),
+            }),
+        }
+    }
+
     pub(crate) fn session_error(&self) -> String {
         match self.inner.conn.close_reason() {
-            Some(c) => qmesh_certs::transport::describe_close(&c),
+            Some(c) => describe_end(&c, &self.inner.closed_why),
             None => "the session is closing".into(),
         }
     }
@@ -688,7 +727,7 @@ impl Client {
 
     /// Wait until the session ends and say why.
     pub async fn closed(&self) -> String {
-        qmesh_certs::transport::describe_close(&self.inner.conn.closed().await)
+        describe_end(&self.inner.conn.closed().await, &self.inner.closed_why)
     }
 
     /// The coordinator address this client connected to.
@@ -815,30 +854,30 @@ async fn route(
                 return;
             }
         };
-    let tx = lock(&routes)
-        .get(&channel)
-        .map(|r| r.pick(messages).clone());
+    let tx = lock(&routes).get(&channel).cloned();
     let Some(tx) = tx else {
         debug!(channel, "data stream for a channel that is gone");
         let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
         return;
     };
-    if let Err(mpsc::error::SendError((mut recv, _))) = tx.send((recv, guard)).await {
+    if let Err(mut recv) = tx.deliver(messages, (recv, guard)).await {
         let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
     }
 }
 
 /// Run the session stream until it ends: heartbeats both ways and this
 /// client's interface updates. A silent coordinator closes the connection
-/// with [`ConnCode::HeartbeatMissed`], so every channel ends as lost.
+/// with [`ConnCode::HeartbeatMissed`], so every channel ends as lost; the
+/// reason goes to `closed_why` first.
 async fn run_session_stream(
     conn: Connection,
+    closed_why: Arc<OnceLock<String>>,
     send: SendStream,
     recv: RecvStream,
     heartbeat: Heartbeat,
     outgoing: mpsc::Receiver<SessionMsg>,
 ) {
-    let end = qmesh_proto::heartbeat::drive(recv, send, heartbeat, outgoing, |msg| {
+    let end = qmesh_proto::heartbeat::drive(recv, send, heartbeat, Some(outgoing), |msg| {
         Err(format!(
             "the coordinator sent an unexpected {msg:?} on the session stream"
         ))
@@ -849,28 +888,31 @@ async fn run_session_stream(
         // connection ended): nothing to add.
         return;
     }
-    match end {
+    let (code, why) = match end {
         StreamEnd::Silent { .. } => {
             let why = format!("the coordinator is silent: {end}");
             warn!(cause = %why, "closing the session");
-            conn.close(
-                VarInt::from_u32(ConnCode::HeartbeatMissed.code()),
-                why.as_bytes(),
-            );
+            (ConnCode::HeartbeatMissed, why)
         }
-        StreamEnd::Finished => {
-            conn.close(
-                VarInt::from_u32(ConnCode::Normal.code()),
-                b"the coordinator finished the session stream",
-            );
-        }
+        StreamEnd::Finished => (
+            ConnCode::Normal,
+            "the coordinator finished the session stream".to_owned(),
+        ),
         StreamEnd::Violation(what) => {
             warn!(cause = %what, "closing the session");
-            conn.close(
-                VarInt::from_u32(ConnCode::UnexpectedMessage.code()),
-                what.as_bytes(),
-            );
+            (ConnCode::UnexpectedMessage, what)
         }
-        StreamEnd::Failed(_) | StreamEnd::Stopped => {}
+        StreamEnd::Failed(_) | StreamEnd::Stopped => return,
+    };
+    let _ = closed_why.set(why.clone());
+    conn.close(VarInt::from_u32(code.code()), why.as_bytes());
+}
+
+/// Why a session ended, for the user: the reason this client gave when it
+/// closed the session itself, otherwise the close as QUIC reports it.
+pub(crate) fn describe_end(err: &ConnectionError, closed_why: &OnceLock<String>) -> String {
+    match (err, closed_why.get()) {
+        (ConnectionError::LocallyClosed, Some(why)) => why.clone(),
+        _ => qmesh_certs::transport::describe_close(err),
     }
 }

@@ -516,9 +516,7 @@ impl Direct {
             let _ = recv.stop(VarInt::from_u32(StreamCode::UnknownChannel.code()));
             return;
         }
-        if let Err(tokio::sync::mpsc::error::SendError((mut recv, _))) =
-            tx.pick(messages).send((recv, guard)).await
-        {
+        if let Err(mut recv) = tx.deliver(messages, (recv, guard)).await {
             let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
         }
     }

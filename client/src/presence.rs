@@ -14,7 +14,7 @@
 //! # Ok(()) }
 //! ```
 
-use qmesh_proto::codec::{read_frame, write_frame};
+use qmesh_proto::codec::read_frame;
 use qmesh_proto::manifest::validate_interfaces;
 use qmesh_proto::msg::{ChannelMsg, PresenceEvent, SessionMsg};
 use qmesh_proto::{Address, Interface};
@@ -57,21 +57,6 @@ impl Watch {
 }
 
 impl Client {
-    async fn request_stream(
-        &self,
-        first: &ChannelMsg,
-    ) -> Result<(SendStream, RecvStream), OpenError> {
-        let (mut send, recv) = self
-            .connection()
-            .open_bi()
-            .await
-            .map_err(|_| OpenError::Session(self.session_error()))?;
-        write_frame(&mut send, first)
-            .await
-            .map_err(|_| OpenError::Session(self.session_error()))?;
-        Ok((send, recv))
-    }
-
     /// The manifest of interface `mesh/peer!channel`, as its offerer
     /// declared it, without opening a channel. Fails with
     /// [`OpenFailCode::NoSuchInterface`](qmesh_proto::codes::OpenFailCode::NoSuchInterface)
@@ -85,21 +70,11 @@ impl Client {
         };
         let (mut send, mut recv) = self.request_stream(&ask).await?;
         let _ = send.finish();
-        let answer = tokio::time::timeout(
-            self.config().open_timeout,
-            read_frame::<ChannelMsg, _>(&mut recv),
-        )
-        .await;
-        match answer {
-            Ok(Ok(Some(ChannelMsg::Manifest { interface }))) => Ok(interface),
-            Ok(Ok(Some(ChannelMsg::OpenFailed { code, message }))) => {
-                Err(OpenError::Failed { code, message })
-            }
-            Ok(Ok(Some(other))) => Err(OpenError::Protocol(format!("unexpected {other:?}"))),
-            Ok(_) => Err(OpenError::Session(self.session_error())),
-            Err(_) => Err(OpenError::Timeout {
-                secs: self.config().open_timeout.as_secs(),
-            }),
+        match self.next_answer(&mut recv).await? {
+            ChannelMsg::Manifest { interface } => Ok(interface),
+            other => Err(OpenError::Protocol(format!(
+                "unexpected {other:?} in answer to describe"
+            ))),
         }
     }
 
@@ -111,24 +86,15 @@ impl Client {
         let _ = send.finish();
         let mut out = Vec::new();
         loop {
-            let frame = tokio::time::timeout(
-                self.config().open_timeout,
-                read_frame::<ChannelMsg, _>(&mut recv),
-            )
-            .await;
-            match frame {
-                Ok(Ok(Some(ChannelMsg::Presence(PresenceEvent::Present { name, interfaces })))) => {
+            match self.next_answer(&mut recv).await? {
+                ChannelMsg::Presence(PresenceEvent::Present { name, interfaces }) => {
                     out.push(Peer { name, interfaces });
                 }
-                Ok(Ok(Some(ChannelMsg::Presence(PresenceEvent::Synced)))) => return Ok(out),
-                Ok(Ok(Some(other))) => {
-                    return Err(OpenError::Protocol(format!("unexpected {other:?}")))
-                }
-                Ok(_) => return Err(OpenError::Session(self.session_error())),
-                Err(_) => {
-                    return Err(OpenError::Timeout {
-                        secs: self.config().open_timeout.as_secs(),
-                    })
+                ChannelMsg::Presence(PresenceEvent::Synced) => return Ok(out),
+                other => {
+                    return Err(OpenError::Protocol(format!(
+                        "unexpected {other:?} in the list of peers"
+                    )))
                 }
             }
         }

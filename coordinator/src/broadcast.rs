@@ -40,7 +40,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::channel::fail;
 use crate::config::GroupConfig;
-use crate::server::{violation, Session, Shared};
+use crate::server::{Session, Shared};
 
 /// Most bytes a `GroupEvent::Message` puts in front of the body: kind,
 /// name length, and a name of at most 255 bytes.
@@ -196,7 +196,7 @@ pub(crate) async fn join(
     }
     // A join counts as a message against the rate limit, as an open does.
     if let Err(flood) = session.limiter.pass(0, 1).await {
-        violation(&session.conn, ConnCode::RateExceeded, &flood.to_string());
+        session.violation(ConnCode::RateExceeded, &flood.to_string());
         return;
     }
     let span = info_span!("group", group = %group, member = %session.name);
@@ -303,7 +303,7 @@ async fn read_member(
             Err(BodyError::Lost) => break,
         };
         if let Err(flood) = session.limiter.pass(body.len() as u64, 1).await {
-            violation(&session.conn, ConnCode::RateExceeded, &flood.to_string());
+            session.violation(ConnCode::RateExceeded, &flood.to_string());
             break;
         }
         let event = GroupEvent::Message {

@@ -23,7 +23,7 @@ use tokio::time::timeout;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::policy::Decision;
-use crate::server::{read_error_code, violation, Session, Shared};
+use crate::server::{read_error_code, Session, Shared};
 
 /// Data streams one side has sent into a channel.
 #[derive(Debug, Default, Clone, Copy)]
@@ -96,7 +96,6 @@ pub(crate) async fn handle_open(
     a_send: SendStream,
     mut a_recv: RecvStream,
 ) {
-    let conn = &session.conn;
     let first = timeout(
         shared.config.hello_timeout,
         read_frame::<ChannelMsg, _>(&mut a_recv),
@@ -130,20 +129,20 @@ pub(crate) async fn handle_open(
                 "expected open, describe, watch, join or members on a new stream, got {}",
                 msg_name(&other)
             );
-            violation(conn, ConnCode::UnexpectedMessage, &what);
+            session.violation(ConnCode::UnexpectedMessage, &what);
             return;
         }
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             if let Some(code) = read_error_code(&e) {
-                violation(conn, code, &format!("bad channel open: {e}"));
+                session.violation(code, &format!("bad channel open: {e}"));
             }
             return;
         }
     };
     // Every open counts as a message, denied or not.
     if let Err(flood) = session.limiter.pass(0, 1).await {
-        violation(conn, ConnCode::RateExceeded, &flood.to_string());
+        session.violation(ConnCode::RateExceeded, &flood.to_string());
         return;
     }
     let label: Arc<str> = format!("{}>{}!{}", session.name, peer, channel).into();
@@ -291,14 +290,14 @@ async fn open(
         }
         Ok(Ok(Some(other))) => {
             let what = format!("expected accept or refuse, got {}", msg_name(&other));
-            violation(&callee.conn, ConnCode::UnexpectedMessage, &what);
+            callee.violation(ConnCode::UnexpectedMessage, &what);
             let msg = format!("peer \"{peer}\" broke the protocol and was disconnected");
             return fail(&mut a_send, OpenFailCode::PeerLeft, msg).await;
         }
         Ok(Ok(None)) | Ok(Err(_)) => {
             if let Ok(Err(e)) = &answer {
                 if let Some(code) = read_error_code(e) {
-                    violation(&callee.conn, code, &format!("bad channel answer: {e}"));
+                    callee.violation(code, &format!("bad channel answer: {e}"));
                 }
             }
             let msg = format!("peer \"{peer}\" left before answering");
@@ -466,7 +465,7 @@ async fn forward(
             }
             Ok(Some(other)) => {
                 let what = format!("unexpected {} on a joined channel", msg_name(&other));
-                violation(&from.conn, ConnCode::UnexpectedMessage, &what);
+                from.violation(ConnCode::UnexpectedMessage, &what);
                 break Some(format!(
                     "\"{}\" broke the protocol and was disconnected",
                     from.name
@@ -480,7 +479,7 @@ async fn forward(
             }
             Err(e) => {
                 if let Some(code) = read_error_code(&e) {
-                    violation(&from.conn, code, &format!("bad channel frame: {e}"));
+                    from.violation(code, &format!("bad channel frame: {e}"));
                 }
                 break Some(lost_reason(from, Some(&e.to_string())));
             }
@@ -520,9 +519,13 @@ fn introduce(a: &Session, b: &Session) -> (Option<PeerIntro>, Option<PeerIntro>)
 /// Why `from` is gone, for a `Lost` message.
 fn lost_reason(from: &Session, stream_error: Option<&str>) -> String {
     match from.conn.close_reason() {
-        Some(quinn::ConnectionError::LocallyClosed) => {
-            format!("\"{}\" was disconnected by the coordinator", from.name)
-        }
+        Some(quinn::ConnectionError::LocallyClosed) => match from.closed_why.get() {
+            Some(why) => format!(
+                "\"{}\" was disconnected by the coordinator: {why}",
+                from.name
+            ),
+            None => format!("\"{}\" was disconnected by the coordinator", from.name),
+        },
         Some(e) => format!(
             "\"{}\" disconnected: {}",
             from.name,

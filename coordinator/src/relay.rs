@@ -163,8 +163,7 @@ async fn copy(shared: &Shared, session: &Session, recv: &mut RecvStream, send: &
                     }
                 }
                 if let Err(flood) = session.limiter.pass(bytes, messages).await {
-                    crate::server::violation(
-                        &session.conn,
+                    session.violation(
                         qmesh_proto::codes::ConnCode::RateExceeded,
                         &flood.to_string(),
                     );

@@ -232,9 +232,9 @@ fn close_revoked(session: &Session) -> bool {
         return false;
     }
     warn!(name = %session.name, "closing a revoked client's session");
-    session.conn.close(
-        VarInt::from_u32(ConnCode::Revoked.code()),
-        b"the operator revoked this client's certificate; ask them for a new credential",
+    session.close(
+        ConnCode::Revoked,
+        "the operator revoked this client's certificate; ask them for a new credential",
     );
     true
 }
@@ -264,9 +264,27 @@ pub(crate) struct Session {
     pub(crate) limiter: Limiter,
     /// The interfaces the client offers (empty: it declares none).
     pub(crate) interfaces: Mutex<Arc<Vec<Interface>>>,
+    /// Why the coordinator closed this session, when it did: the reason
+    /// its peers' channels are told.
+    pub(crate) closed_why: std::sync::OnceLock<String>,
 }
 
 impl Session {
+    /// Close the session with `code`, and keep `why` for the peers of its
+    /// channels. The first close is the one that counts.
+    pub(crate) fn close(&self, code: ConnCode, why: &str) {
+        let _ = self.closed_why.set(why.to_owned());
+        self.conn
+            .close(VarInt::from_u32(code.code()), why.as_bytes());
+    }
+
+    /// Close the session because the client broke the protocol, and say
+    /// so at `warn`.
+    pub(crate) fn violation(&self, code: ConnCode, what: &str) {
+        warn!(name = %self.name, peer = %self.conn.remote_address(), code = %code, cause = what, "closing connection");
+        self.close(code, what);
+    }
+
     /// The interfaces the client offers now.
     pub(crate) fn interfaces(&self) -> Arc<Vec<Interface>> {
         self.interfaces
@@ -765,6 +783,7 @@ async fn hello(
                 slots: AtomicUsize::new(0),
                 limiter: Limiter::new(&shared.config.rate),
                 interfaces: Mutex::new(interfaces.clone()),
+                closed_why: std::sync::OnceLock::new(),
             })
         },
         |held| {
@@ -787,9 +806,9 @@ async fn hello(
             let rejoined = replaced.is_some();
             if let Some(old) = replaced {
                 info!(name = %name, old = old.id, new = id, "the same credential connected again; closing its old session");
-                old.conn.close(
-                    VarInt::from_u32(ConnCode::Replaced.code()),
-                    b"this name was taken over by a new session with the same credential",
+                old.close(
+                    ConnCode::Replaced,
+                    "this name was taken over by a new session with the same credential",
                 );
             }
             // Authenticated: open the windows and stream limits that were
@@ -881,7 +900,6 @@ async fn run_session(
         // After the welcome the session stream carries heartbeats both
         // ways and the client's interface updates; anything else is a
         // protocol violation.
-        let (_keep_open, nothing_to_send) = tokio::sync::mpsc::channel(1);
         let updates = {
             let shared = shared.clone();
             let session = session.clone();
@@ -896,25 +914,25 @@ async fn run_session(
                 other => Err(format!("unexpected {} after welcome", session_msg_name(&other))),
             }
         };
-        let mut session_stream = pin!(heartbeat::drive(recv, send, shared.config.heartbeat, nothing_to_send, updates));
+        let mut session_stream = pin!(heartbeat::drive(recv, send, shared.config.heartbeat, None, updates));
         let tuning = &shared.config.tuning;
         let bi_allowance = StreamAllowance::new(conn.clone(), StreamKind::Bi, tuning.max_bidi_streams, tuning.stream_ceiling);
         let uni_allowance = StreamAllowance::new(conn.clone(), StreamKind::Uni, tuning.max_uni_streams, tuning.stream_ceiling);
         loop {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => {
-                    conn.close(VarInt::from_u32(ConnCode::Shutdown.code()), b"coordinator shutting down");
+                    session.close(ConnCode::Shutdown, "coordinator shutting down");
                     break;
                 }
                 end = &mut session_stream => {
                     match end {
-                        StreamEnd::Finished => conn.close(VarInt::from_u32(ConnCode::Normal.code()), b"session stream finished"),
+                        StreamEnd::Finished => session.close(ConnCode::Normal, "session stream finished"),
                         StreamEnd::Silent { .. } => {
                             let why = format!("{end}; closing the session");
                             info!(cause = %why, "client silent");
-                            conn.close(VarInt::from_u32(ConnCode::HeartbeatMissed.code()), why.as_bytes());
+                            session.close(ConnCode::HeartbeatMissed, &why);
                         }
-                        StreamEnd::Violation(what) => violation(&conn, ConnCode::UnexpectedMessage, &what),
+                        StreamEnd::Violation(what) => session.violation(ConnCode::UnexpectedMessage, &what),
                         StreamEnd::Failed(_) | StreamEnd::Stopped => {}
                     }
                     break;

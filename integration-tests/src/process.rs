@@ -264,11 +264,18 @@ impl Proc {
 
     /// Send SIGTERM.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Send the signal named `name` (`TERM`, `STOP`, `CONT`, …) with
+    /// `kill -NAME`.
+    pub fn signal(&self, name: &str) {
         let status = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
             .status()
             .expect("running kill");
-        assert!(status.success(), "kill -TERM {} failed", self.what);
+        assert!(status.success(), "kill -{name} {} failed", self.what);
     }
 }
 

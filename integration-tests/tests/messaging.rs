@@ -553,8 +553,8 @@ async fn exactly_one_terminal_event_per_action_under_random_peer_kills() {
     assert!(outcomes.values().any(|o| o.replies > 0), "{outcomes:#?}");
     assert!(outcomes.values().any(|o| o.missing > 0), "{outcomes:#?}");
 
-    // The hub reports each outcome once; an end may be reported just after
-    // `ended` returns, so wait for the count, then check for extras.
+    // The hub reports each outcome once: wait for the count, then check
+    // for extras.
     let expected: usize = outcomes
         .values()
         .map(|o| 1 + usize::from(o.open_ok) + o.replies + o.missing)

@@ -11,6 +11,8 @@
 //! runs on QUIC streams and, in tests, on in-memory pipes under tokio's
 //! paused clock.
 
+use std::future::Future;
+use std::pin::{pin, Pin};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -97,110 +99,116 @@ impl std::fmt::Display for StreamEnd {
 }
 
 /// Run the session stream: ping every `heartbeat.interval`, answer pings,
-/// write what arrives on `outgoing`, and hand every other frame to
-/// `on_frame` (which returns an error to end the stream as a violation).
-/// Returns how the stream ended.
+/// write what arrives on `outgoing` (when there is one), and hand every
+/// other frame to `on_frame` (which returns an error to end the stream as a
+/// violation). Returns how the stream ended.
+///
+/// It holds no queue and no task of its own: one frame read is kept in
+/// flight across the loop (a frame read must never be cancelled half way),
+/// so an idle session costs only this future.
 pub async fn drive<R, W>(
-    mut reader: R,
+    reader: R,
     mut writer: W,
     heartbeat: Heartbeat,
-    mut outgoing: mpsc::Receiver<SessionMsg>,
+    mut outgoing: Option<mpsc::Receiver<SessionMsg>>,
     mut on_frame: impl FnMut(SessionMsg) -> Result<(), String>,
 ) -> StreamEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // Frames are read in their own loop: a frame read must never be
-    // cancelled half way.
-    let (frames_tx, mut frames) = mpsc::channel(1);
-    let read_loop = async move {
-        loop {
-            let frame = read_frame::<SessionMsg, _>(&mut reader).await;
-            let last = !matches!(frame, Ok(Some(_)));
-            if frames_tx.send(frame).await.is_err() || last {
-                return;
-            }
-        }
-    };
-    let main_loop = async {
-        let mut ticks = tokio::time::interval(heartbeat.interval);
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        ticks.tick().await;
-        let mut heard = Instant::now();
-        let mut seq = 0u64;
-        loop {
-            tokio::select! {
-                biased;
-                frame = frames.recv() => {
-                    heard = Instant::now();
-                    let msg = match frame {
-                        Some(Ok(Some(msg))) => msg,
-                        Some(Ok(None)) => return StreamEnd::Finished,
-                        Some(Err(crate::codec::ReadFrameError::Io(e))) => return StreamEnd::Failed(e.to_string()),
-                        Some(Err(e)) => return StreamEnd::Violation(format!("bad session frame: {e}")),
-                        None => return StreamEnd::Failed("reader ended".into()),
-                    };
-                    match msg {
-                        SessionMsg::Ping { seq } => {
-                            if let Err(e) = write_frame(&mut writer, &SessionMsg::Pong { seq }).await {
-                                return write_failed(&mut frames, e, heartbeat).await;
-                            }
+    let mut read = pin!(read_next(reader));
+    let mut ticks = tokio::time::interval(heartbeat.interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticks.tick().await;
+    let mut heard = Instant::now();
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            (reader, frame) = &mut read => {
+                heard = Instant::now();
+                let msg = match frame {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => return StreamEnd::Finished,
+                    Err(crate::codec::ReadFrameError::Io(e)) => return StreamEnd::Failed(e.to_string()),
+                    Err(e) => return StreamEnd::Violation(format!("bad session frame: {e}")),
+                };
+                read.set(read_next(reader));
+                match msg {
+                    SessionMsg::Ping { seq } => {
+                        if let Err(e) = write_frame(&mut writer, &SessionMsg::Pong { seq }).await {
+                            return write_failed(read, e, heartbeat).await;
                         }
-                        SessionMsg::Pong { .. } => {}
-                        other => if let Err(what) = on_frame(other) {
-                            return StreamEnd::Violation(what);
-                        },
                     }
-                }
-                _ = ticks.tick() => {
-                    let silent_for = heard.elapsed();
-                    if silent_for >= heartbeat.limit() {
-                        return StreamEnd::Silent { silent_for, heartbeat };
-                    }
-                    seq += 1;
-                    if let Err(e) = write_frame(&mut writer, &SessionMsg::Ping { seq }).await {
-                        return write_failed(&mut frames, e, heartbeat).await;
-                    }
-                }
-                msg = outgoing.recv() => match msg {
-                    Some(msg) => if let Err(e) = write_frame(&mut writer, &msg).await {
-                        return write_failed(&mut frames, e, heartbeat).await;
+                    SessionMsg::Pong { .. } => {}
+                    other => if let Err(what) = on_frame(other) {
+                        return StreamEnd::Violation(what);
                     },
-                    None => {
-                        let _ = writer.shutdown().await;
-                        return StreamEnd::Stopped;
-                    }
-                },
+                }
             }
+            _ = ticks.tick() => {
+                let silent_for = heard.elapsed();
+                if silent_for >= heartbeat.limit() {
+                    return StreamEnd::Silent { silent_for, heartbeat };
+                }
+                seq += 1;
+                if let Err(e) = write_frame(&mut writer, &SessionMsg::Ping { seq }).await {
+                    return write_failed(read, e, heartbeat).await;
+                }
+            }
+            msg = next_outgoing(&mut outgoing) => match msg {
+                Some(msg) => if let Err(e) = write_frame(&mut writer, &msg).await {
+                    return write_failed(read, e, heartbeat).await;
+                },
+                None => {
+                    let _ = writer.shutdown().await;
+                    return StreamEnd::Stopped;
+                }
+            },
         }
-    };
-    tokio::select! {
-        end = main_loop => end,
-        // The read loop only returns once the main loop has seen its last
-        // frame or has gone; the main loop reports either way.
-        () = async { read_loop.await; std::future::pending::<()>().await } => StreamEnd::Stopped,
+    }
+}
+
+/// Read one frame, and hand the reader back with it.
+async fn read_next<R: AsyncRead + Unpin>(mut reader: R) -> (R, FrameResult) {
+    let frame = read_frame::<SessionMsg, _>(&mut reader).await;
+    (reader, frame)
+}
+
+type FrameResult = Result<Option<SessionMsg>, crate::codec::ReadFrameError>;
+
+/// The next frame to send; never ready without an `outgoing` queue.
+async fn next_outgoing(outgoing: &mut Option<mpsc::Receiver<SessionMsg>>) -> Option<SessionMsg> {
+    match outgoing {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
 /// A write failed: when the other side finished its stream just before
 /// (it left, and its end is gone), that is the end to report.
-async fn write_failed(
-    frames: &mut mpsc::Receiver<Result<Option<SessionMsg>, crate::codec::ReadFrameError>>,
+async fn write_failed<R, F>(
+    read: Pin<&mut F>,
     err: crate::codec::WriteFrameError,
     heartbeat: Heartbeat,
-) -> StreamEnd {
-    let next = tokio::time::timeout(heartbeat.limit(), async {
+) -> StreamEnd
+where
+    R: AsyncRead + Unpin,
+    F: Future<Output = (R, FrameResult)>,
+{
+    let next = tokio::time::timeout(heartbeat.limit(), async move {
+        let (mut reader, mut frame) = read.await;
         loop {
-            match frames.recv().await {
-                Some(Ok(Some(_))) => continue,
+            match frame {
+                Ok(Some(_)) => frame = read_frame::<SessionMsg, _>(&mut reader).await,
                 other => return other,
             }
         }
     })
     .await;
     match next {
-        Ok(Some(Ok(None))) => StreamEnd::Finished,
+        Ok(Ok(None)) => StreamEnd::Finished,
         _ => StreamEnd::Failed(err.to_string()),
     }
 }
@@ -222,7 +230,7 @@ mod tests {
         let (r, w) = tokio::io::split(ours);
         let (_tx, rx) = mpsc::channel(1);
         let start = Instant::now();
-        let end = drive(r, w, hb(), rx, |_| Ok(())).await;
+        let end = drive(r, w, hb(), Some(rx), |_| Ok(())).await;
         let took = start.elapsed();
         assert!(matches!(end, StreamEnd::Silent { .. }), "{end:?}");
         assert!(took >= hb().limit(), "{took:?}");
@@ -240,8 +248,8 @@ mod tests {
         let (br, bw) = tokio::io::split(b);
         let (a_tx, a_rx) = mpsc::channel(1);
         let (_b_tx, b_rx) = mpsc::channel(1);
-        let a_side = tokio::spawn(drive(ar, aw, hb(), a_rx, |_| Ok(())));
-        let b_side = tokio::spawn(drive(br, bw, hb(), b_rx, |_| Ok(())));
+        let a_side = tokio::spawn(drive(ar, aw, hb(), Some(a_rx), |_| Ok(())));
+        let b_side = tokio::spawn(drive(br, bw, hb(), Some(b_rx), |_| Ok(())));
         tokio::time::sleep(Duration::from_secs(3600)).await;
         assert!(!a_side.is_finished() && !b_side.is_finished());
         drop(a_tx); // a stops, dropping its writer: the stream is finished
@@ -257,7 +265,7 @@ mod tests {
         let (r, w) = tokio::io::split(ours);
         let (_tx, rx) = mpsc::channel(1);
         theirs.shutdown().await.unwrap();
-        let end = drive(r, w, hb(), rx, |_| Ok(())).await;
+        let end = drive(r, w, hb(), Some(rx), |_| Ok(())).await;
         assert_eq!(end, StreamEnd::Finished);
     }
 
@@ -281,7 +289,7 @@ mod tests {
         .await
         .unwrap();
         let mut seen = Vec::new();
-        let end = drive(r, w, hb(), rx, |m| match m {
+        let end = drive(r, w, hb(), Some(rx), |m| match m {
             SessionMsg::Interfaces { .. } => {
                 seen.push("interfaces");
                 Ok(())

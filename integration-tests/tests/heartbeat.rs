@@ -1,0 +1,168 @@
+//! Heartbeats through real processes: a frozen process (SIGSTOP) keeps its
+//! connection open as far as QUIC can tell until the idle timeout, so only
+//! the heartbeat on the session stream notices it. Both directions: the
+//! coordinator notices a frozen client, a client notices a frozen
+//! coordinator. The idle timeouts here are far longer than the heartbeat's
+//! `misses × interval`, so an end that names the heartbeat came from it.
+//!
+//! The exact deadline (lost after `misses × interval`, not before) is tested
+//! with tokio's paused clock in `proto/src/heartbeat.rs`; these tests print
+//! how long detection took and assert what was reported.
+
+use std::ffi::OsStr;
+use std::time::{Duration, Instant};
+
+use qmesh_client::{ChannelEnd, Client};
+use qmesh_integration_tests::process::{show, Proc};
+use qmesh_integration_tests::{open_pair, within, Mesh, STEP};
+use qmesh_proto::address::Address;
+use qmesh_proto::heartbeat::Heartbeat;
+
+/// The heartbeat under test: lost after 3 × 200 ms.
+fn quick() -> Heartbeat {
+    Heartbeat::new(Duration::from_millis(200), 3)
+}
+
+/// Far longer than the heartbeat's 600 ms: an end before it is the
+/// heartbeat's doing.
+const IDLE: Duration = Duration::from_secs(60);
+
+/// Test 1: a frozen client is closed by the coordinator's heartbeat, its
+/// peers' channels end lost with the heartbeat named, and the client, once
+/// thawed, learns it was closed for missing heartbeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_client_is_closed_by_the_coordinators_heartbeat_and_its_peers_see_lost() {
+    let mesh = Mesh::start_with(|c| {
+        c.heartbeat = quick();
+        c.tuning = c.tuning.clone().with_idle_timeout(IDLE);
+    })
+    .await;
+    let bob = within(
+        STEP,
+        "bob",
+        Client::connect(mesh.config("bob").with_idle_timeout(IDLE)),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, mesh.ca.cert_pem()).unwrap();
+    // Alice's own heartbeat is slow (60 s × 3) so that, once thawed, she
+    // reads the coordinator's close before her own timers could fire.
+    let coordinator = mesh.address.to_string();
+    let args: Vec<&OsStr> = vec![
+        "--name".as_ref(),
+        "alice".as_ref(),
+        "--idle-timeout".as_ref(),
+        "60".as_ref(),
+        "--heartbeat".as_ref(),
+        "60".as_ref(),
+        "--coordinator".as_ref(),
+        coordinator.as_ref(),
+        "--ca".as_ref(),
+        ca.as_os_str(),
+        "send".as_ref(),
+        "mesh/bob!chat".as_ref(),
+        "--mode".as_ref(),
+        "relay".as_ref(),
+    ];
+    let mut alice = Proc::spawn("qmesh", args, &[]);
+    let offer = within(STEP, "offer", bob.accept()).await.unwrap();
+    let ch = within(STEP, "accept", offer.accept()).await.unwrap();
+
+    alice.signal("STOP");
+    let frozen = Instant::now();
+    let end = within(STEP, "bob's channel ends", ch.ended()).await;
+    let took = frozen.elapsed();
+    alice.signal("CONT");
+    match &end {
+        ChannelEnd::Lost { reason } => {
+            assert!(
+                reason.contains("\"alice\" was disconnected by the coordinator"),
+                "{reason}"
+            );
+            assert!(reason.contains("3 heartbeats missed"), "{reason}");
+        }
+        other => panic!("expected lost, got {other:?}"),
+    }
+    eprintln!("frozen client closed by the coordinator after {took:?} (heartbeat 3 × 200 ms)");
+
+    // Thawed, alice reads the close the coordinator sent meanwhile.
+    let exit = alice.finish().await;
+    assert!(!exit.status.success(), "{}", show(&exit));
+    assert!(
+        exit.stderr.contains("heartbeat") && exit.stderr.contains("3 heartbeats missed"),
+        "{}",
+        show(&exit)
+    );
+    // Bob's own session is untouched.
+    let (_a, _b) = open_pair(&bob, &mesh.client("carol").await, "after").await;
+}
+
+/// Test 2: a frozen coordinator is noticed by its clients' heartbeats: each
+/// client's session closes saying the coordinator is silent, and every
+/// channel ends lost, not closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_coordinator_is_noticed_by_the_clients_heartbeat_and_channels_end_lost() {
+    let state = tempfile::tempdir().unwrap();
+    let args: Vec<&OsStr> = vec![
+        "run".as_ref(),
+        "--listen".as_ref(),
+        "quic/$4:0".as_ref(),
+        "--state-dir".as_ref(),
+        state.path().as_os_str(),
+    ];
+    let mut coord = Proc::spawn("qmesh-coordinator", args, &[]);
+    let listening = coord
+        .stdout_line("`qmesh-coordinator listening on`", |l| {
+            l.starts_with("qmesh-coordinator listening on ")
+        })
+        .await;
+    let port = listening
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("no port in {listening:?}"));
+    let ca_line = coord
+        .stdout_line("`clients need the CA file:`", |l| {
+            l.starts_with("clients need the CA file: ")
+        })
+        .await;
+    let ca_path = ca_line
+        .strip_prefix("clients need the CA file: ")
+        .expect("prefix");
+    let trust = qmesh_certs::Trust::ca_file(std::path::Path::new(ca_path)).unwrap();
+    let address: Address = format!("quic/localhost:{port}").parse().unwrap();
+    let connect = |name: &str| {
+        let mut config = qmesh_client::ClientConfig::new(address.clone(), name, trust.clone())
+            .with_idle_timeout(IDLE);
+        config.heartbeat = quick();
+        within(STEP, "connect", Client::connect(config))
+    };
+    let alice = connect("alice").await.unwrap();
+    let bob = connect("bob").await.unwrap();
+    let (a, b) = open_pair(&alice, &bob, "chat").await;
+
+    coord.signal("STOP");
+    let frozen = Instant::now();
+    for (who, client, ch) in [("alice", &alice, &a), ("bob", &bob, &b)] {
+        let why = within(STEP, "session closes", client.closed()).await;
+        assert!(why.contains("the coordinator is silent"), "{who}: {why}");
+        match within(STEP, "channel ends", ch.ended()).await {
+            ChannelEnd::Lost { reason } => {
+                assert!(
+                    reason.contains("the coordinator is silent"),
+                    "{who}: {reason}"
+                )
+            }
+            other => panic!("{who}: expected lost, got {other:?}"),
+        }
+    }
+    eprintln!(
+        "frozen coordinator noticed by both clients after {:?} (heartbeat 3 × 200 ms)",
+        frozen.elapsed()
+    );
+    coord.signal("CONT");
+    coord.terminate();
+    let exit = coord.finish().await;
+    assert!(exit.status.success(), "{}", show(&exit));
+}
