@@ -27,7 +27,7 @@ shift
 
 fuzz_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$fuzz_dir")
-all_targets=(frame read_frame address cert client_cert token config)
+all_targets=(frame read_frame envelope address cert client_cert token config)
 if [[ $# -gt 0 ]]; then
     targets=("$@")
     for t in "${targets[@]}"; do

@@ -148,9 +148,12 @@ const VALUE_CEILING: usize = 64 * 1024 * 1024;
 
 /// Decode an application value from a whole message body.
 ///
-/// A length declared inside the body can make the decoder reserve at most
-/// the next step of 16 KiB, 256 KiB, 4 MiB or 64 MiB above the body's own
-/// size, never more: a short body cannot claim a large allocation.
+/// The decoder reads at most the next step of 16 KiB, 256 KiB, 4 MiB or
+/// 64 MiB above the body's own size. A length declared for a collection
+/// inside the body makes serde reserve room for at most that many
+/// elements, and never more than 1 MiB (serde's own cap on preallocation):
+/// a short body can make one allocation of up to 1 MiB per nested
+/// collection, freed when decoding fails.
 pub fn decode_value<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
     fn with<T: DeserializeOwned, const N: usize>(body: &[u8]) -> Result<T, DecodeError> {
         let config = bincode::config::standard().with_limit::<N>();
