@@ -59,6 +59,8 @@ struct Plan {
     bulk: u64,
     small: [(usize, u64); 3],
     rtt: usize,
+    /// Rounds of 100 requests in flight at once.
+    batches: usize,
     opens: usize,
     connects: usize,
     idle: usize,
@@ -71,6 +73,7 @@ impl Plan {
                 bulk: 64 * MIB,
                 small: [(16, 100_000), (256, 50_000), (4096, 10_000)],
                 rtt: 200,
+                batches: 20,
                 opens: 50,
                 connects: 200,
                 idle: 500,
@@ -80,6 +83,7 @@ impl Plan {
                 bulk: 1024 * MIB,
                 small: [(16, 1_000_000), (256, 500_000), (4096, 100_000)],
                 rtt: 2_000,
+                batches: 200,
                 opens: 300,
                 connects: 1_000,
                 idle: 10_000,
@@ -382,6 +386,9 @@ async fn bob_serves(bob: Client) {
         tokio::spawn(async move {
             let Ok(ch) = offer.accept().await else { return };
             let ch = Arc::new(ch);
+            // Requests are answered with their body.
+            let server = ch.clone();
+            tokio::spawn(async move { server.serve(|body| async move { Some(body) }).await });
             while let Ok(Some(mut inbox)) = ch.accept_stream().await {
                 let ch = ch.clone();
                 tokio::spawn(async move {
@@ -683,6 +690,83 @@ impl Bench {
             "µs",
             Some(r99),
             q99,
+            "measured",
+            None,
+        );
+        Ok(())
+    }
+
+    /// Requests and replies on a relayed channel against the raw echo: one
+    /// at a time (latency), and 100 in flight at once (rate).
+    async fn requests(&mut self) -> Result<()> {
+        const IN_FLIGHT: usize = 100;
+        let conn = self.raw.connect(&self.raw_client).await?;
+        let msg = [7u8; 64];
+        let (mut raw50, mut req50, mut raw_rate, mut req_rate) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..self.runs {
+            let (mut send, recv) = conn.open_bi().await?;
+            send.write_all(b"E").await?;
+            let mut out = MessageSender::new(send, MAX);
+            let mut inbox = MessageReceiver::new(recv, MAX);
+            let mut t = Vec::new();
+            for _ in 0..self.plan.rtt {
+                let start = Instant::now();
+                out.send(&msg).await?;
+                inbox.recv().await?.context("raw echo")?;
+                t.push(start.elapsed().as_secs_f64() * 1e6);
+            }
+            raw50.push(percentile(&mut t, 0.5));
+            let start = Instant::now();
+            for _ in 0..self.plan.batches {
+                for _ in 0..IN_FLIGHT {
+                    out.feed(&msg).await?;
+                }
+                out.flush().await?;
+                for _ in 0..IN_FLIGHT {
+                    inbox.recv().await?.context("raw echo")?;
+                }
+            }
+            raw_rate.push((self.plan.batches * IN_FLIGHT) as f64 / start.elapsed().as_secs_f64());
+            drop(out);
+
+            let ch = self.relay_channel().await?;
+            ch.request(&msg).await?;
+            let mut t = Vec::new();
+            for _ in 0..self.plan.rtt {
+                let start = Instant::now();
+                let reply = ch.request(&msg).await?;
+                t.push(start.elapsed().as_secs_f64() * 1e6);
+                if reply[..] != msg[..] {
+                    bail!("a reply that is not the request");
+                }
+            }
+            req50.push(percentile(&mut t, 0.5));
+            let start = Instant::now();
+            for _ in 0..self.plan.batches {
+                let replies =
+                    futures_util::future::join_all((0..IN_FLIGHT).map(|_| ch.request(&msg))).await;
+                for r in replies {
+                    r?;
+                }
+            }
+            req_rate.push((self.plan.batches * IN_FLIGHT) as f64 / start.elapsed().as_secs_f64());
+            ch.close("done").await?;
+        }
+        let (r50, q50) = (median(raw50), median(req50));
+        self.row(
+            "request/reply 64 B p50, relayed vs raw echo",
+            "µs",
+            Some(r50),
+            q50,
+            "measured",
+            None,
+        );
+        let (r, q) = (median(raw_rate), median(req_rate));
+        self.row(
+            "100 requests in flight 64 B, relayed vs raw echo",
+            "req/s",
+            Some(r),
+            q,
             "measured",
             None,
         );
@@ -1053,6 +1137,9 @@ async fn run(args: Args) -> Result<()> {
     }
     if wants("rtt") {
         bench.rtt().await.context("round trip")?;
+    }
+    if wants("requests") {
+        bench.requests().await.context("requests")?;
     }
     if wants("open") {
         bench.open().await.context("channel open")?;
