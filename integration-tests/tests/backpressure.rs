@@ -1,11 +1,13 @@
 //! A reader that stops reading stops its writer, the coordinator's memory
 //! stays bounded, and other channels keep flowing.
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use qmesh_client::{Client, ClientConfig};
+use qmesh_client::{Channel, Client, ClientConfig, Incoming};
 use qmesh_integration_tests::{bin, memory_kib, open_pair, within, STEP};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
@@ -27,8 +29,15 @@ fn message(i: u64) -> Vec<u8> {
     m
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_reader_blocks_its_writer_with_bounded_coordinator_memory() {
+/// A coordinator process and four clients connected to it.
+struct Setup {
+    coordinator: tokio::process::Child,
+    pid: u32,
+    clients: [Client; 4],
+    _state: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
     let state = tempfile::tempdir().unwrap();
     let mut coordinator = tokio::process::Command::new(bin("qmesh-coordinator"))
         .args([
@@ -76,6 +85,45 @@ async fn a_stalled_reader_blocks_its_writer_with_bounded_coordinator_memory() {
         connect("carol"),
         connect("dave")
     );
+    Setup {
+        coordinator,
+        pid,
+        clients: [alice, bob, carol, dave],
+        _state: state,
+    }
+}
+
+/// Carol moves `OTHER` to dave in full, as the time in which a stalled
+/// pair could have run ahead; the other pair must keep flowing.
+async fn other_pair_moves(fast_out: &Channel, fast_in: &Channel) {
+    let fast = async {
+        let mut out = fast_out.open_stream().await.unwrap();
+        for i in 0..OTHER / MIB {
+            out.send(&message(i)).await.unwrap();
+        }
+        out.finish().await.unwrap();
+    };
+    let drain = async {
+        let mut inbox = fast_in.accept_stream().await.unwrap().unwrap();
+        let mut n = 0u64;
+        while let Some(m) = inbox.recv().await.unwrap() {
+            assert!(m == message(n), "fast message {n}");
+            n += 1;
+        }
+        n
+    };
+    let ((), moved) = within(STEP * 2, "other pair", async { tokio::join!(fast, drain) }).await;
+    assert_eq!(moved, OTHER / MIB, "the other pair kept flowing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_blocks_its_writer_with_bounded_coordinator_memory() {
+    let Setup {
+        mut coordinator,
+        pid,
+        clients: [alice, bob, carol, dave],
+        ..
+    } = setup().await;
     let (slow_out, slow_in) = open_pair(&alice, &bob, "slow").await;
     let (fast_out, fast_in) = open_pair(&carol, &dave, "fast").await;
     let (idle_rss, _) = memory_kib(pid).unwrap();
@@ -105,24 +153,7 @@ async fn a_stalled_reader_blocks_its_writer_with_bounded_coordinator_memory() {
         .unwrap();
 
     // Meanwhile carol moves 64 MiB to dave in full.
-    let fast = async {
-        let mut out = fast_out.open_stream().await.unwrap();
-        for i in 0..OTHER / MIB {
-            out.send(&message(i)).await.unwrap();
-        }
-        out.finish().await.unwrap();
-    };
-    let drain = async {
-        let mut inbox = fast_in.accept_stream().await.unwrap().unwrap();
-        let mut n = 0u64;
-        while let Some(m) = inbox.recv().await.unwrap() {
-            assert!(m == message(n), "fast message {n}");
-            n += 1;
-        }
-        n
-    };
-    let ((), moved) = within(STEP * 2, "other pair", async { tokio::join!(fast, drain) }).await;
-    assert_eq!(moved, OTHER / MIB, "the other pair kept flowing");
+    other_pair_moves(&fast_out, &fast_in).await;
 
     let ahead = written.load(Ordering::SeqCst);
     let (rss, peak) = memory_kib(pid).unwrap();
@@ -159,6 +190,88 @@ async fn a_stalled_reader_blocks_its_writer_with_bounded_coordinator_memory() {
     assert_eq!(n, PUSH / MIB);
     let (_, peak) = memory_kib(pid).unwrap();
     eprintln!("coordinator peak after the 256 MiB drained: {peak} KiB");
+    within(STEP, "close", slow_out.close("done")).await.unwrap();
+    let _ = coordinator.start_kill();
+}
+
+/// One-way messages of `SMALL` bytes for the message-stream case.
+const SMALL: usize = 16 * 1024;
+/// Messages alice tries to push at a bob who does not read: 64 MiB, four
+/// times the bound.
+const SMALL_PUSH: u64 = 64 * MIB / SMALL as u64;
+/// Most the stalled message sender may get ahead: bob's message backlog
+/// (256 messages, 4 MiB here) and the three stream windows, with room.
+const MESSAGE_BOUND: u64 = 16 * MIB;
+
+fn small(i: u64) -> Vec<u8> {
+    let mut m = vec![(i % 251) as u8; SMALL];
+    m[..8].copy_from_slice(&i.to_be_bytes());
+    m
+}
+
+/// The message layer keeps the same bound: a receiver that does not call
+/// `recv_message` holds its sender back once its backlog and the stream
+/// windows are full; then every message arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_message_reader_holds_its_sender_back() {
+    let Setup {
+        mut coordinator,
+        pid,
+        clients: [alice, bob, carol, dave],
+        ..
+    } = setup().await;
+    let (slow_out, slow_in) = open_pair(&alice, &bob, "slow").await;
+    let (fast_out, fast_in) = open_pair(&carol, &dave, "fast").await;
+    let (idle_rss, _) = memory_kib(pid).unwrap();
+
+    let sent = Arc::new(AtomicU64::new(0));
+    let (started_tx, mut started) = watch::channel(false);
+    let sender = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            for i in 0..SMALL_PUSH {
+                slow_out.send_message(&small(i)).await.unwrap();
+                sent.fetch_add(1, Ordering::SeqCst);
+                let _ = started_tx.send(true);
+            }
+            slow_out
+        })
+    };
+    within(STEP, "sender started", started.wait_for(|s| *s))
+        .await
+        .unwrap();
+    other_pair_moves(&fast_out, &fast_in).await;
+
+    let ahead = sent.load(Ordering::SeqCst) * SMALL as u64;
+    let (_, peak) = memory_kib(pid).unwrap();
+    eprintln!(
+        "paused message reader: sender {} KiB ahead; coordinator grew by {} KiB",
+        ahead / 1024,
+        peak.saturating_sub(idle_rss)
+    );
+    assert!(
+        ahead <= MESSAGE_BOUND,
+        "sender {ahead} bytes ahead, bound {MESSAGE_BOUND}"
+    );
+    assert!(
+        peak.saturating_sub(idle_rss) <= COORDINATOR_BOUND_KIB,
+        "coordinator grew by {} KiB",
+        peak - idle_rss
+    );
+
+    // Bob reads now: every message arrives, in order and intact.
+    let read = async {
+        for n in 0..SMALL_PUSH {
+            match slow_in.recv_message().await {
+                Some(Incoming::Message(m)) => assert!(m[..] == small(n)[..], "message {n}"),
+                other => panic!("message {n}: got {other:?}"),
+            }
+        }
+    };
+    let ((), slow_out) = within(STEP * 2, "paused pair drains", async {
+        tokio::join!(read, async { sender.await.unwrap() })
+    })
+    .await;
     within(STEP, "close", slow_out.close("done")).await.unwrap();
     let _ = coordinator.start_kill();
 }

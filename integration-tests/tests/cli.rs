@@ -568,3 +568,119 @@ async fn broadcast_members_exchange_lines() {
         assert!(exit.status.success(), "broadcast failed: {}", show(&exit));
     }
 }
+
+/// `qmesh serve`, `request`, `peers [--watch]` and `describe` from a shell:
+/// a request is echoed; a request nobody answers says its reply is missing
+/// and exits non-zero; `peers` lists what each client offers, `--watch`
+/// prints joins and leaves as they happen; `describe` prints the manifest;
+/// a name that is not offered is refused with what is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_serve_peers_and_describe_from_a_shell() {
+    let state = tempdir();
+    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let run = |args: &[&str]| qmesh(&coord.v4(), &ca, args);
+
+    let mut bob = run(&["--name", "bob", "serve", "echo"]);
+    bob.stderr_line("`serves echo`", |l| {
+        l.contains("bob serves echo on mesh/bob!echo")
+    })
+    .await;
+    let mut carol = run(&["--name", "carol", "listen", "quiet"]);
+    carol.ready().await;
+
+    let mut watcher = run(&["--name", "watcher", "peers", "--watch"]);
+    let mut present = Vec::new();
+    loop {
+        let line = watcher.stdout_line("a present peer", |_| true).await;
+        if line == "-- watching for changes" {
+            break;
+        }
+        present.push(line);
+    }
+    present.sort();
+    assert_eq!(present.len(), 3, "{present:?}");
+    assert!(
+        present[0].starts_with("bob: offers echo (both, v"),
+        "{present:?}"
+    );
+    assert_eq!(present[1], "carol: declares no interfaces");
+    assert_eq!(present[2], "watcher: declares no interfaces");
+
+    let asked = run(&["--name", "alice", "request", "mesh/bob!echo", "ping"])
+        .finish()
+        .await;
+    assert!(asked.status.success(), "request failed: {}", show(&asked));
+    assert_eq!(asked.stdout.trim(), "ping");
+    assert_eq!(
+        watcher.stdout_line("alice joins", |_| true).await,
+        "joined alice: declares no interfaces"
+    );
+    assert_eq!(
+        watcher.stdout_line("alice leaves", |_| true).await,
+        "left alice"
+    );
+
+    let unanswered = run(&[
+        "--name",
+        "dave",
+        "request",
+        "mesh/carol!quiet",
+        "hello?",
+        "--timeout-ms",
+        "300",
+    ])
+    .finish()
+    .await;
+    assert!(
+        !unanswered.status.success(),
+        "a missing reply must fail: {}",
+        show(&unanswered)
+    );
+    assert!(
+        unanswered
+            .stderr
+            .contains("reply missing: no reply within 300 ms"),
+        "{}",
+        show(&unanswered)
+    );
+    assert!(unanswered.stdout.is_empty(), "{}", show(&unanswered));
+
+    let listed = run(&["--name", "erin", "peers"]).finish().await;
+    assert!(listed.status.success(), "peers failed: {}", show(&listed));
+    assert!(
+        listed
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("bob: offers echo (both, v")),
+        "{}",
+        show(&listed)
+    );
+
+    let described = run(&["describe", "mesh/bob!echo"]).finish().await;
+    assert!(
+        described.status.success(),
+        "describe failed: {}",
+        show(&described)
+    );
+    assert!(
+        described
+            .stdout
+            .starts_with("interface: echo\npurpose:   echo: answers every request"),
+        "{}",
+        show(&described)
+    );
+    let nope = run(&["describe", "mesh/bob!web"]).finish().await;
+    assert!(!nope.status.success(), "{}", show(&nope));
+    assert!(
+        nope.stderr.contains("no such interface") && nope.stderr.contains("echo"),
+        "{}",
+        show(&nope)
+    );
+
+    for mut p in [bob, watcher] {
+        p.signal("INT");
+        let exit = p.finish().await;
+        assert!(exit.status.success(), "after ^C: {}", show(&exit));
+    }
+    carol.kill().await;
+}
