@@ -643,17 +643,8 @@ impl Bench {
         let msg = [9u8; 64];
         let (mut raw50, mut raw99, mut rel50, mut rel99) = (vec![], vec![], vec![], vec![]);
         for _ in 0..self.runs {
-            let (mut send, recv) = conn.open_bi().await?;
-            send.write_all(b"E").await?;
-            let mut out = MessageSender::new(send, MAX);
-            let mut inbox = MessageReceiver::new(recv, MAX);
-            let mut t = Vec::new();
-            for _ in 0..self.plan.rtt {
-                let start = Instant::now();
-                out.send(&msg).await?;
-                inbox.recv().await?.context("raw echo")?;
-                t.push(start.elapsed().as_secs_f64() * 1e6);
-            }
+            let (mut out, mut inbox) = raw_echo(&conn).await?;
+            let mut t = raw_round_trips(&mut out, &mut inbox, &msg, self.plan.rtt).await?;
             raw50.push(percentile(&mut t, 0.5));
             raw99.push(percentile(&mut t, 0.99));
 
@@ -704,17 +695,8 @@ impl Bench {
         let msg = [7u8; 64];
         let (mut raw50, mut req50, mut raw_rate, mut req_rate) = (vec![], vec![], vec![], vec![]);
         for _ in 0..self.runs {
-            let (mut send, recv) = conn.open_bi().await?;
-            send.write_all(b"E").await?;
-            let mut out = MessageSender::new(send, MAX);
-            let mut inbox = MessageReceiver::new(recv, MAX);
-            let mut t = Vec::new();
-            for _ in 0..self.plan.rtt {
-                let start = Instant::now();
-                out.send(&msg).await?;
-                inbox.recv().await?.context("raw echo")?;
-                t.push(start.elapsed().as_secs_f64() * 1e6);
-            }
+            let (mut out, mut inbox) = raw_echo(&conn).await?;
+            let mut t = raw_round_trips(&mut out, &mut inbox, &msg, self.plan.rtt).await?;
             raw50.push(percentile(&mut t, 0.5));
             let start = Instant::now();
             for _ in 0..self.plan.batches {
@@ -1008,6 +990,33 @@ impl Bench {
         self.row(&case, "KiB", Some(r), q, "<= 40", Some(q <= 40.0));
         Ok(())
     }
+}
+
+/// Open a stream to the raw server's echo.
+async fn raw_echo(conn: &quinn::Connection) -> Result<(MessageSender, MessageReceiver)> {
+    let (mut send, recv) = conn.open_bi().await?;
+    send.write_all(b"E").await?;
+    Ok((
+        MessageSender::new(send, MAX),
+        MessageReceiver::new(recv, MAX),
+    ))
+}
+
+/// `n` round trips of `msg` through a raw echo, each in µs.
+async fn raw_round_trips(
+    out: &mut MessageSender,
+    inbox: &mut MessageReceiver,
+    msg: &[u8],
+    n: usize,
+) -> Result<Vec<f64>> {
+    let mut t = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        out.send(msg).await?;
+        inbox.recv().await?.context("raw echo")?;
+        t.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(t)
 }
 
 /// Wait (up to 10 s) until every connection on `endpoints` has finished
