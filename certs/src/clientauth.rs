@@ -17,19 +17,16 @@
 use std::fmt;
 use std::sync::Arc;
 
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, DistinguishedName, RootCertStore};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
 use crate::config::provider;
+use crate::signature::{handshake_signatures, Signatures};
 use crate::{CertError, Fingerprint};
 
 /// Says whether a certificate fingerprint has been revoked.
@@ -43,7 +40,7 @@ pub struct ClientAuth {
     webpki: Option<Arc<dyn ClientCertVerifier>>,
     self_signed: bool,
     revoked: RevokedCheck,
-    provider: Arc<CryptoProvider>,
+    signatures: Signatures,
 }
 
 impl fmt::Debug for ClientAuth {
@@ -64,7 +61,7 @@ impl ClientAuth {
             webpki: None,
             self_signed: true,
             revoked,
-            provider: provider(),
+            signatures: Signatures::of(&provider()),
         }
     }
 
@@ -98,7 +95,7 @@ impl ClientAuth {
             webpki: Some(webpki),
             self_signed,
             revoked,
-            provider,
+            signatures: Signatures::of(&provider),
         })
     }
 
@@ -121,7 +118,7 @@ impl ClientAuth {
 
     /// The rustls verifier for this auth.
     pub(crate) fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
-        Arc::new(Verifier(self.clone()))
+        Arc::new(Verifier { auth: self.clone() })
     }
 }
 
@@ -167,11 +164,14 @@ pub fn is_self_signed(der: &[u8]) -> bool {
         .unwrap_or(false)
 }
 
-struct Verifier(ClientAuth);
+/// The rustls face of a [`ClientAuth`].
+struct Verifier {
+    auth: ClientAuth,
+}
 
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        self.auth.fmt(f)
     }
 }
 
@@ -214,7 +214,7 @@ impl ClientCertVerifier for Verifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let auth = &self.0;
+        let auth = &self.auth;
         let cert = parse_valid_leaf(end_entity, now)?;
         if (auth.revoked)(&Fingerprint::of(end_entity)) {
             return Err(invalid(CertificateError::Revoked));
@@ -231,40 +231,7 @@ impl ClientCertVerifier for Verifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0
-            .provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    handshake_signatures!(auth.signatures);
 
     fn client_auth_mandatory(&self) -> bool {
         true

@@ -11,6 +11,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
+use crate::signature::{handshake_signatures, Signatures};
 use crate::{load_certs, CertError, Fingerprint, Identity};
 
 use qmesh_proto::ALPN;
@@ -144,12 +145,12 @@ fn client_config_inner(
             provider.clone(),
             report.clone(),
         )?),
-        Trust::Pinned(pin) => Arc::new(PinnedVerifier {
-            pin: *pin,
-            subject: "the coordinator",
-            provider: provider.clone(),
-            report: report.clone(),
-        }),
+        Trust::Pinned(pin) => Arc::new(PinnedVerifier::new(
+            *pin,
+            "the coordinator",
+            &provider,
+            report.clone(),
+        )),
     };
     // `dangerous()` is merely how rustls spells "custom verifier": both
     // verifiers here check the certificate and the handshake signature.
@@ -266,11 +267,29 @@ impl ServerCertVerifier for CaVerifier {
 /// and still verifies the handshake signature against its key.
 #[derive(Debug)]
 pub(crate) struct PinnedVerifier {
-    pub(crate) pin: Fingerprint,
+    pin: Fingerprint,
     /// Whose certificate it is, for the report: "the coordinator", "the peer".
-    pub(crate) subject: &'static str,
-    pub(crate) provider: Arc<CryptoProvider>,
-    pub(crate) report: VerifyReport,
+    subject: &'static str,
+    signatures: Signatures,
+    report: VerifyReport,
+}
+
+impl PinnedVerifier {
+    /// Accept only the certificate with fingerprint `pin`, reporting a
+    /// mismatch as `subject`'s ("the coordinator", "the peer").
+    pub(crate) fn new(
+        pin: Fingerprint,
+        subject: &'static str,
+        provider: &CryptoProvider,
+        report: VerifyReport,
+    ) -> PinnedVerifier {
+        PinnedVerifier {
+            pin,
+            subject,
+            signatures: Signatures::of(provider),
+            report,
+        }
+    }
 }
 
 impl ServerCertVerifier for PinnedVerifier {
@@ -297,37 +316,5 @@ impl ServerCertVerifier for PinnedVerifier {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    handshake_signatures!(signatures);
 }

@@ -27,10 +27,16 @@
 //! - `fingerprint`: [`Fingerprint`], the SHA-256 of a certificate's DER.
 //! - `config`: [`server_config`], [`client_config`],
 //!   [`client_config_with_identity`], [`Trust`] and [`VerifyReport`].
+//! - [`clientauth`]: [`ClientAuth`], the coordinator's check of client
+//!   certificates in the open, ca and token modes, with revocation; and
+//!   readers of a certificate's names, validity and key.
 //! - `peer`: client certificates as the coordinator checks them, and the
 //!   configurations of direct client-to-client connections
 //!   ([`direct_server_config`], [`direct_client_config`],
 //!   [`peer_fingerprint`]).
+//! - `signature`: the handshake-signature check (TLS 1.2 and 1.3, the
+//!   provider's schemes) that the verifiers in `clientauth`, `config` and
+//!   `peer` share.
 //! - [`transport`]: QUIC transport tuning ([`transport::Tuning`]) shared by
 //!   the coordinator and clients.
 //! - `error`: [`CertError`].
@@ -43,6 +49,7 @@ mod fingerprint;
 mod issue;
 mod peer;
 mod pem;
+mod signature;
 pub mod transport;
 
 pub use clientauth::ClientAuth;

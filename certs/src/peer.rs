@@ -12,15 +12,15 @@
 use std::sync::Arc;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::{CertificateError, DistinguishedName};
 use rustls_pki_types::{CertificateDer, UnixTime};
 
 use qmesh_proto::DIRECT_ALPN;
 
 use crate::config::{provider, PinnedVerifier};
+use crate::signature::{handshake_signatures, Signatures};
 use crate::{CertError, Fingerprint, Identity, VerifyReport};
 
 /// Which client certificate fingerprints a verifier lets in.
@@ -37,7 +37,7 @@ pub fn peer_chain(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static
 /// validity period, have a fingerprint `accept` allows, and its key must
 /// sign the TLS 1.3 handshake.
 pub(crate) struct ClientCertCheck {
-    provider: Arc<CryptoProvider>,
+    signatures: Signatures,
     accept: AcceptFingerprint,
 }
 
@@ -48,8 +48,11 @@ impl std::fmt::Debug for ClientCertCheck {
 }
 
 impl ClientCertCheck {
-    pub(crate) fn new(provider: Arc<CryptoProvider>, accept: AcceptFingerprint) -> Self {
-        Self { provider, accept }
+    pub(crate) fn new(provider: &CryptoProvider, accept: AcceptFingerprint) -> Self {
+        Self {
+            signatures: Signatures::of(provider),
+            accept,
+        }
     }
 }
 
@@ -73,39 +76,7 @@ impl ClientCertVerifier for ClientCertCheck {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    handshake_signatures!(signatures);
 
     fn client_auth_mandatory(&self) -> bool {
         true
@@ -128,7 +99,7 @@ pub fn direct_server_config(
     accept: AcceptFingerprint,
 ) -> Result<quinn::ServerConfig, CertError> {
     let provider = provider();
-    let verifier = Arc::new(ClientCertCheck::new(provider.clone(), accept));
+    let verifier = Arc::new(ClientCertCheck::new(&provider, accept));
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -147,12 +118,12 @@ pub fn direct_client_config(
 ) -> Result<(quinn::ClientConfig, VerifyReport), CertError> {
     let provider = provider();
     let report = VerifyReport::default();
-    let verifier = Arc::new(PinnedVerifier {
-        pin: peer,
-        subject: "the peer",
-        provider: provider.clone(),
-        report: report.clone(),
-    });
+    let verifier = Arc::new(PinnedVerifier::new(
+        peer,
+        "the peer",
+        &provider,
+        report.clone(),
+    ));
     // `dangerous()` is how rustls spells "custom verifier": the pinned
     // verifier checks the fingerprint and the handshake signature.
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -171,7 +142,7 @@ mod tests {
     use super::*;
 
     fn check(accept: AcceptFingerprint) -> ClientCertCheck {
-        ClientCertCheck::new(provider(), accept)
+        ClientCertCheck::new(&provider(), accept)
     }
 
     fn now() -> UnixTime {
