@@ -1,16 +1,37 @@
 //! Shared helpers for the qmesh end-to-end tests: a coordinator on loopback
 //! with a CA made in memory, clients that trust it, timeouts on every wait,
 //! and paths to the built binaries for process tests.
+//!
+//! # Layout
+//!
+//! - this file: [`Mesh`] (an in-process coordinator with its CA, and its
+//!   clients), [`within`] and [`within_ok`] (every await bounded),
+//!   [`open_pair`], [`message_flows`], [`bin`] (the built binaries),
+//!   [`memory_kib`] and [`payload`].
+//! - [`process`]: a workspace binary run as a process ([`process::Proc`]),
+//!   its output read line by line.
+//! - [`target`]: coordinators for a test to aim at: [`target::Target`] (what
+//!   a raw peer needs to reach one) and [`target::CoordinatorProc`] (a
+//!   `qmesh-coordinator run` process).
+//! - [`raw`]: [`raw::Raw`], a peer that writes hand-made frames, for what a
+//!   buggy or hostile peer sends.
+//! - [`warnings`]: the `warn` and `error` events of the test process, kept
+//!   so a test can check the coordinator reported a peer.
+#![warn(missing_docs)]
 
 pub mod process;
+pub mod raw;
+pub mod target;
+pub mod warnings;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Once;
 use std::time::Duration;
 
+use bytes::Bytes;
 use qmesh_certs::{Ca, Trust};
-use qmesh_client::{Channel, Client, ClientConfig, PathMode};
+use qmesh_client::{Channel, Client, ClientConfig, MessageReceiver, PathMode};
 use qmesh_coordinator::{Config, Coordinator, CoordinatorHandle};
 use qmesh_proto::Address;
 
@@ -22,6 +43,42 @@ pub async fn within<F: Future>(limit: Duration, what: &str, f: F) -> F::Output {
     match tokio::time::timeout(limit, f).await {
         Ok(v) => v,
         Err(_) => panic!("timed out after {limit:?}: {what}"),
+    }
+}
+
+/// Await `f`, which must succeed within `limit`: fails the test naming
+/// `what` if it times out, returns an error or returns `None`; otherwise
+/// returns the value.
+pub async fn within_ok<F>(limit: Duration, what: &str, f: F) -> <F::Output as Expected>::Value
+where
+    F: Future,
+    F::Output: Expected,
+{
+    within(limit, what, f).await.expected(what)
+}
+
+/// What a step of a test must produce: the value in an `Ok` or a `Some`.
+pub trait Expected {
+    /// The value.
+    type Value;
+
+    /// The value; panics naming the step `what` when there is none.
+    fn expected(self, what: &str) -> Self::Value;
+}
+
+impl<T, E: std::fmt::Display> Expected for Result<T, E> {
+    type Value = T;
+
+    fn expected(self, what: &str) -> T {
+        self.unwrap_or_else(|e| panic!("{what}: {e}"))
+    }
+}
+
+impl<T> Expected for Option<T> {
+    type Value = T;
+
+    fn expected(self, what: &str) -> T {
+        self.unwrap_or_else(|| panic!("{what}: ended with nothing"))
     }
 }
 
@@ -90,10 +147,14 @@ impl Mesh {
 
     /// Connect a client named `name`.
     pub async fn client(&self, name: &str) -> Client {
-        within(STEP, "connect", Client::connect(self.config(name)))
-            .await
-            .unwrap_or_else(|e| panic!("connecting {name}: {e}"))
+        connect(self.config(name)).await
     }
+}
+
+/// Connect a client with `config`, which must succeed.
+pub async fn connect(config: ClientConfig) -> Client {
+    let what = format!("connecting {}", config.name);
+    within_ok(STEP, &what, Client::connect(config)).await
 }
 
 /// `opener` opens `mesh/{callee}!{channel}`, relay-only, and `callee`
@@ -123,6 +184,29 @@ pub async fn open_pair_with(
     })
     .await;
     (opened.expect("open"), accepted)
+}
+
+/// `from` sends `msg` on a stream of its own, and the next stream `to`
+/// accepts carries it.
+pub async fn message_flows(from: &Channel, to: &Channel, msg: &[u8]) {
+    let text = String::from_utf8_lossy(msg);
+    within_ok(STEP, &format!("sending {text:?}"), from.send_one(msg)).await;
+    let got = next_message(&mut next_stream(to).await).await;
+    assert_eq!(&got[..], msg, "the message that came");
+}
+
+/// The next stream `ch` accepts, which must come before the channel ends.
+pub async fn next_stream(ch: &Channel) -> MessageReceiver {
+    within_ok(STEP, "accepting a stream", ch.accept_stream())
+        .await
+        .unwrap_or_else(|| panic!("{} ended instead of giving a stream", ch.label()))
+}
+
+/// The next message on `stream`, which must come before its end.
+pub async fn next_message(stream: &mut MessageReceiver) -> Bytes {
+    within_ok(STEP, "receiving a message", stream.recv())
+        .await
+        .unwrap_or_else(|| panic!("the stream ended instead of giving a message"))
 }
 
 /// Path of a workspace binary (`qmesh`, `qmesh-coordinator`), building it
@@ -188,4 +272,41 @@ pub fn payload(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn within_ok_gives_the_value_of_an_ok_or_a_some() {
+        assert_eq!(within_ok(STEP, "ok", async { Ok::<_, String>(7) }).await, 7);
+        assert_eq!(within_ok(STEP, "some", async { Some("x") }).await, "x");
+    }
+
+    #[tokio::test(start_paused = true)]
+    #[should_panic(expected = "reading the reply: connection lost")]
+    async fn within_ok_fails_naming_the_step_and_the_error() {
+        within_ok(STEP, "reading the reply", async {
+            Err::<(), _>("connection lost")
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    #[should_panic(expected = "accepting a stream: ended with nothing")]
+    async fn within_ok_fails_on_none() {
+        within_ok(STEP, "accepting a stream", async { None::<u8> }).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    #[should_panic(expected = "timed out after 60s: the welcome")]
+    async fn within_ok_fails_when_the_step_takes_too_long() {
+        within_ok(
+            STEP,
+            "the welcome",
+            std::future::pending::<Result<(), String>>(),
+        )
+        .await;
+    }
 }

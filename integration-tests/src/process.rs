@@ -2,6 +2,7 @@
 //! line by line, every wait bounded and waiting for an event.
 
 use std::ffi::OsStr;
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
-use crate::{bin, within, STEP};
+use crate::{bin, within, within_ok, STEP};
 
 /// Environment variables of the binaries that must not leak in from the
 /// environment the tests run in.
@@ -39,6 +40,7 @@ pub struct Lines {
 }
 
 impl Lines {
+    /// Read `from` line by line on a task of its own.
     pub fn read(from: impl AsyncRead + Unpin + Send + 'static) -> Lines {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -169,12 +171,11 @@ impl Proc {
     /// Write `data` to stdin and flush it, keeping stdin open.
     pub async fn write_stdin(&mut self, data: &[u8]) {
         let stdin = self.stdin.as_mut().expect("stdin still open");
-        within(STEP, "writing stdin", async {
+        within_ok(STEP, "writing stdin", async {
             stdin.write_all(data).await?;
             stdin.flush().await
         })
-        .await
-        .expect("writing stdin");
+        .await;
     }
 
     /// Write `data` to stdin and close it. A process that exits early
@@ -225,6 +226,7 @@ impl Proc {
             .await;
     }
 
+    /// Fail the test: the process ended without printing `wanted`.
     pub async fn ended_without(&mut self, wanted: &str) -> String {
         let exit = self.finish_within(STEP).await;
         panic!(
@@ -238,12 +240,11 @@ impl Proc {
         self.finish_within(STEP).await
     }
 
+    /// As [`Proc::finish`], waiting at most `limit`.
     pub async fn finish_within(&mut self, limit: Duration) -> Exit {
         self.stdin.take();
         let what = format!("{} to exit", self.what);
-        let status = within(limit, &what, self.child.wait())
-            .await
-            .expect("waiting for the process");
+        let status = within_ok(limit, &what, self.child.wait()).await;
         let (stdout, stderr) = within(STEP, &format!("{} output", self.what), async {
             (self.stdout.all().await, self.stderr.all().await)
         })
@@ -277,6 +278,20 @@ impl Proc {
             .expect("running kill");
         assert!(status.success(), "kill -{name} {} failed", self.what);
     }
+}
+
+/// `qmesh --coordinator COORDINATOR --ca CA --state-dir STATE_DIR ARGS...`.
+pub fn qmesh<S: AsRef<OsStr>>(coordinator: &str, ca: &Path, state_dir: &Path, args: &[S]) -> Proc {
+    let mut all: Vec<&OsStr> = vec![
+        "--coordinator".as_ref(),
+        coordinator.as_ref(),
+        "--ca".as_ref(),
+        ca.as_os_str(),
+        "--state-dir".as_ref(),
+        state_dir.as_os_str(),
+    ];
+    all.extend(args.iter().map(|a| a.as_ref()));
+    Proc::spawn("qmesh", all, &[])
 }
 
 /// Describe an exit for assertion messages.

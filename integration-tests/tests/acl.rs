@@ -10,7 +10,9 @@ use std::time::Duration;
 use qmesh_client::{Client, Path, PathMode};
 use qmesh_coordinator::limit::RateLimits;
 use qmesh_coordinator::policy::Policy;
-use qmesh_integration_tests::{open_pair, open_pair_with, within, Mesh, STEP};
+use qmesh_integration_tests::{
+    next_message, next_stream, open_pair, open_pair_with, within, within_ok, Mesh, STEP,
+};
 use qmesh_proto::codes::{OpenFailCode, StreamCode};
 use qmesh_proto::Address;
 
@@ -167,11 +169,8 @@ async fn a_flooding_client_is_cut_off_and_others_carry_on() {
     let mut out = calm_out.open_stream().await.unwrap();
     out.send(b"still here").await.unwrap();
     out.finish().await.unwrap();
-    let mut inbox = within(STEP, "calm stream", calm_in.accept_stream())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&inbox.recv().await.unwrap().unwrap()[..], b"still here");
+    let mut inbox = next_stream(&calm_in).await;
+    assert_eq!(&next_message(&mut inbox).await[..], b"still here");
 }
 
 #[tokio::test]
@@ -199,12 +198,9 @@ async fn a_sender_over_the_rate_on_one_stream_is_slowed_not_cut_off() {
         s.finish().await.unwrap();
         out
     });
-    let mut inbox = within(STEP, "stream", inn.accept_stream())
-        .await
-        .unwrap()
-        .unwrap();
+    let mut inbox = next_stream(&inn).await;
     let mut got = 0;
-    while let Some(m) = within(STEP, "message", inbox.recv()).await.unwrap() {
+    while let Some(m) = within_ok(STEP, "message", inbox.recv()).await {
         got += m.len();
     }
     assert_eq!(got, 16 * 64 * 1024 + 100);
@@ -252,18 +248,8 @@ async fn streams_per_channel_and_message_size_are_bounded_at_the_relay() {
     );
     let mut relayed = 0;
     for _ in 0..2 {
-        let mut r = within(STEP, "relayed stream", inn.accept_stream())
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            within(STEP, "its byte", r.recv())
-                .await
-                .unwrap()
-                .unwrap()
-                .len(),
-            1
-        );
+        let mut r = next_stream(&inn).await;
+        assert_eq!(next_message(&mut r).await.len(), 1);
         relayed += 1;
     }
     assert_eq!(relayed, 2);

@@ -12,7 +12,10 @@ use qmesh_client::enroll::enroll;
 use qmesh_client::error::ConnectError;
 use qmesh_client::{Client, ClientConfig, Path, PathMode};
 use qmesh_coordinator::auth::{token_key, Auth};
-use qmesh_integration_tests::{open_pair, open_pair_with, within, Mesh, STEP};
+use qmesh_integration_tests::raw::without_certificate;
+use qmesh_integration_tests::{
+    next_message, next_stream, open_pair, open_pair_with, within, within_ok, Mesh, STEP,
+};
 use qmesh_proto::codes::RejectCode;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -96,9 +99,8 @@ async fn enrolled(mesh: &Mesh, dir: &std::path::Path, name: &str) -> ClientConfi
         .create(name, Duration::from_secs(60))
         .unwrap();
     let config = mesh.config(name);
-    let id = within(STEP, "enroll", enroll(&config, Some(&token)))
+    let id = within_ok(STEP, "enroll", enroll(&config, Some(&token)))
         .await
-        .unwrap()
         .identity;
     with_identity(config, id)
 }
@@ -191,22 +193,7 @@ async fn ca_mode_refuses_each_bad_certificate_with_its_reason() {
 #[tokio::test]
 async fn a_client_without_a_certificate_is_refused_in_the_handshake() {
     let mesh = Mesh::start().await;
-    let (config, _report) = qmesh_certs::client_config(&mesh.trust).unwrap();
-    let endpoint = qmesh_certs::transport::client_endpoint("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint
-        .connect_with(config, mesh.coordinator.local_addr(), "localhost")
-        .unwrap();
-    let closed = within(STEP, "refusal", async {
-        match conn.await {
-            Err(e) => e,
-            Ok(c) => {
-                // The client may finish its side of the handshake first.
-                let _ = c.open_bi().await;
-                c.closed().await
-            }
-        }
-    })
-    .await;
+    let (_, closed) = without_certificate(&mesh.target()).await;
     let code = match &closed {
         quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
         other => panic!("{other}"),
@@ -256,9 +243,7 @@ async fn token_mode_enrolls_once_renews_and_refuses_bad_tokens() {
     let own = Identity::self_signed("alice").unwrap();
     let own_key = own.key_pem();
     let config = with_identity(mesh.config("alice"), own);
-    let enrolled = within(STEP, "enroll", enroll(&config, Some(&token)))
-        .await
-        .unwrap();
+    let enrolled = within_ok(STEP, "enroll", enroll(&config, Some(&token))).await;
     assert_eq!(
         enrolled.identity.key_pem(),
         own_key,
@@ -280,9 +265,8 @@ async fn token_mode_enrolls_once_renews_and_refuses_bad_tokens() {
         .unwrap();
     let bob_token = key.create("b*", Duration::from_secs(60)).unwrap();
     let bob_config = mesh.config("bob");
-    let bob_id = within(STEP, "enroll", enroll(&bob_config, Some(&bob_token)))
+    let bob_id = within_ok(STEP, "enroll", enroll(&bob_config, Some(&bob_token)))
         .await
-        .unwrap()
         .identity;
     let bob = try_connect(with_identity(bob_config, bob_id.clone()))
         .await
@@ -291,17 +275,16 @@ async fn token_mode_enrolls_once_renews_and_refuses_bad_tokens() {
     let mut out = to_bob.open_stream().await.unwrap();
     out.send(b"enrolled").await.unwrap();
     out.finish().await.unwrap();
-    let mut inbox = from_alice.accept_stream().await.unwrap().unwrap();
-    assert_eq!(&inbox.recv().await.unwrap().unwrap()[..], b"enrolled");
+    let mut inbox = next_stream(&from_alice).await;
+    assert_eq!(&next_message(&mut inbox).await[..], b"enrolled");
 
     // Renewal: the issued certificate gets a new one for the same key.
-    let renewed = within(
+    let renewed = within_ok(
         STEP,
         "renew",
         enroll(&with_identity(mesh.config("bob"), bob_id.clone()), None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_ne!(renewed.identity.fingerprint(), bob_id.fingerprint());
     assert_eq!(renewed.identity.key_pem(), bob_id.key_pem());
     // Renewing for another name than the certificate's is refused.

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use qmesh_client::{Channel, Client, ClientConfig, Incoming};
-use qmesh_integration_tests::{bin, memory_kib, open_pair, within, STEP};
+use qmesh_integration_tests::{
+    bin, connect, memory_kib, next_stream, open_pair, within, within_ok, STEP,
+};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 
@@ -58,9 +60,8 @@ async fn setup() -> Setup {
     let mut lines = BufReader::new(coordinator.stdout.take().unwrap()).lines();
     let (mut port, mut ca) = (None, None);
     while port.is_none() || ca.is_none() {
-        let line = within(STEP, "coordinator start", lines.next_line())
+        let line = within_ok(STEP, "coordinator start", lines.next_line())
             .await
-            .unwrap()
             .unwrap();
         if let Some(addr) = line.strip_prefix("qmesh-coordinator listening on quic/") {
             port = addr.rsplit(':').next().map(|p| p.parse::<u16>().unwrap());
@@ -71,19 +72,12 @@ async fn setup() -> Setup {
     }
     let address: qmesh_proto::Address = format!("quic/$4:{}", port.unwrap()).parse().unwrap();
     let trust = ClientConfig::trust_ca_file(std::path::Path::new(&ca.unwrap())).unwrap();
-    let connect = |name: &str| {
-        let config = ClientConfig::new(address.clone(), name, trust.clone());
-        async move {
-            within(STEP, "connect", Client::connect(config))
-                .await
-                .unwrap()
-        }
-    };
+    let client = |name: &str| connect(ClientConfig::new(address.clone(), name, trust.clone()));
     let (alice, bob, carol, dave) = tokio::join!(
-        connect("alice"),
-        connect("bob"),
-        connect("carol"),
-        connect("dave")
+        client("alice"),
+        client("bob"),
+        client("carol"),
+        client("dave")
     );
     Setup {
         coordinator,
@@ -144,13 +138,8 @@ async fn a_stalled_reader_blocks_its_writer_with_bounded_coordinator_memory() {
             slow_out
         })
     };
-    let mut stalled = within(STEP, "stalled stream", slow_in.accept_stream())
-        .await
-        .unwrap()
-        .unwrap();
-    within(STEP, "writer started", started.wait_for(|s| *s))
-        .await
-        .unwrap();
+    let mut stalled = next_stream(&slow_in).await;
+    within_ok(STEP, "writer started", started.wait_for(|s| *s)).await;
 
     // Meanwhile carol moves 64 MiB to dave in full.
     other_pair_moves(&fast_out, &fast_in).await;
@@ -190,7 +179,7 @@ async fn a_stalled_reader_blocks_its_writer_with_bounded_coordinator_memory() {
     assert_eq!(n, PUSH / MIB);
     let (_, peak) = memory_kib(pid).unwrap();
     eprintln!("coordinator peak after the 256 MiB drained: {peak} KiB");
-    within(STEP, "close", slow_out.close("done")).await.unwrap();
+    within_ok(STEP, "close", slow_out.close("done")).await;
     let _ = coordinator.start_kill();
 }
 
@@ -237,9 +226,7 @@ async fn a_paused_message_reader_holds_its_sender_back() {
             slow_out
         })
     };
-    within(STEP, "sender started", started.wait_for(|s| *s))
-        .await
-        .unwrap();
+    within_ok(STEP, "sender started", started.wait_for(|s| *s)).await;
     other_pair_moves(&fast_out, &fast_in).await;
 
     let ahead = sent.load(Ordering::SeqCst) * SMALL as u64;
@@ -272,6 +259,6 @@ async fn a_paused_message_reader_holds_its_sender_back() {
         tokio::join!(read, async { sender.await.unwrap() })
     })
     .await;
-    within(STEP, "close", slow_out.close("done")).await.unwrap();
+    within_ok(STEP, "close", slow_out.close("done")).await;
     let _ = coordinator.start_kill();
 }

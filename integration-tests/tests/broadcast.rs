@@ -9,17 +9,16 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use qmesh_client::{Client, Group, GroupEvent, GroupPolicy, SendError};
 use qmesh_coordinator::config::GroupConfig;
-use qmesh_integration_tests::{within, Mesh, STEP};
-use qmesh_proto::codec::{encode_frame, read_frame, write_frame};
+use qmesh_integration_tests::raw::Raw;
+use qmesh_integration_tests::{within, within_ok, Mesh, STEP};
+use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::{OpenFailCode, StreamCode};
-use qmesh_proto::msg::{ChannelMsg, SessionMsg};
-use qmesh_proto::PROTOCOL_VERSION;
-use quinn::{Endpoint, VarInt};
+use qmesh_proto::msg::ChannelMsg;
+use quinn::VarInt;
 use tokio::sync::watch;
 
 /// Connect `n` clients named `{prefix}00`.. and join each to `group`.
@@ -27,7 +26,7 @@ async fn members(mesh: &Mesh, prefix: &str, n: usize, group: &str) -> Vec<(Clien
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let client = mesh.client(&format!("{prefix}{i:02}")).await;
-        let joined = within(STEP, "join", client.join(group)).await.unwrap();
+        let joined = within_ok(STEP, "join", client.join(group)).await;
         out.push((client, joined));
     }
     out
@@ -38,7 +37,7 @@ async fn members(mesh: &Mesh, prefix: &str, n: usize, group: &str) -> Vec<(Clien
 async fn messages(group: &Group, n: usize) -> Vec<(String, Vec<u8>)> {
     let mut got = Vec::with_capacity(n);
     while got.len() < n {
-        match within(STEP, "group event", group.recv()).await.unwrap() {
+        match within_ok(STEP, "group event", group.recv()).await {
             Some(GroupEvent::Message { from, body }) => got.push((from, body.to_vec())),
             other => panic!("expected a message, got {other:?} after {}", got.len()),
         }
@@ -72,7 +71,7 @@ async fn twenty_members_get_every_message_once_in_order_with_stamped_sender() {
         }));
     }
     for (me, task) in tasks.into_iter().enumerate() {
-        let got = within(STEP, "member done", task).await.unwrap();
+        let got = within_ok(STEP, "member done", task).await;
         let mut next: HashMap<String, usize> = HashMap::new();
         for (from, body) in got {
             let text = String::from_utf8(body).unwrap();
@@ -91,8 +90,8 @@ async fn twenty_members_get_every_message_once_in_order_with_stamped_sender() {
     // One leaves: its stream ends, and the count drops.
     let (_, leaver) = &all[N - 1];
     let reader = leaver.clone();
-    within(STEP, "leave", leaver.clone().leave()).await.unwrap();
-    assert!(within(STEP, "end", reader.recv()).await.unwrap().is_none());
+    within_ok(STEP, "leave", leaver.clone().leave()).await;
+    assert!(within_ok(STEP, "end", reader.recv()).await.is_none());
     let count = within(STEP, "count", all[0].0.group_members("room")).await;
     assert_eq!(count.unwrap(), N as u64 - 1);
     // The others still talk.
@@ -107,9 +106,7 @@ async fn twenty_members_get_every_message_once_in_order_with_stamped_sender() {
         Err(SendError::Stream(_))
     ));
     assert_eq!(
-        within(STEP, "count", all[0].0.group_members("nobody-here"))
-            .await
-            .unwrap(),
+        within_ok(STEP, "count", all[0].0.group_members("nobody-here")).await,
         0
     );
     mesh.coordinator.shutdown().await;
@@ -166,12 +163,8 @@ async fn slow_member_run(policy: GroupPolicy, blocked: bool) -> Run {
     // the coordinator fills quickly.
     let mut config = mesh.config("slow");
     config.tuning.stream_window = 16 * 1024;
-    let slow_client = within(STEP, "connect slow", Client::connect(config))
-        .await
-        .unwrap();
-    let slow = within(STEP, "join slow", slow_client.join("g"))
-        .await
-        .unwrap();
+    let slow_client = within_ok(STEP, "connect slow", Client::connect(config)).await;
+    let slow = within_ok(STEP, "join slow", slow_client.join("g")).await;
     assert_eq!(slow.members_at_join(), FAST as u64 + 1);
     assert_eq!(slow.policy(), policy);
 
@@ -226,10 +219,10 @@ async fn slow_member_run(policy: GroupPolicy, blocked: bool) -> Run {
         let numbers: Vec<u32> = got.iter().map(|(_, b)| number(b)).collect();
         assert_eq!(numbers, (0..TOTAL).collect::<Vec<_>>());
     }
-    within(STEP, "sender", &mut sending).await.unwrap();
+    within_ok(STEP, "sender", &mut sending).await;
     let mut got = Vec::new();
     for r in readers {
-        got.push(within(STEP, "fast member", r).await.unwrap());
+        got.push(within_ok(STEP, "fast member", r).await);
     }
     Run {
         fast: got,
@@ -268,7 +261,7 @@ async fn lag_skips_messages_for_a_slow_member_and_says_how_many() {
     let (mut received, mut missed, mut last) = (0u64, 0u64, None);
     let mut missed_events = 0;
     while received + missed < TOTAL as u64 {
-        match within(STEP, "slow event", run.slow.recv()).await.unwrap() {
+        match within_ok(STEP, "slow event", run.slow.recv()).await {
             Some(GroupEvent::Message { from, body }) => {
                 assert_eq!(from, "f00");
                 let n = number(&body);
@@ -304,7 +297,7 @@ async fn evict_removes_a_slow_member() {
     // the end of the stream.
     let mut last = None;
     let reason = loop {
-        match within(STEP, "slow event", run.slow.recv()).await.unwrap() {
+        match within_ok(STEP, "slow event", run.slow.recv()).await {
             Some(GroupEvent::Message { body, .. }) => {
                 let n = number(&body);
                 assert!(last < Some(n));
@@ -319,10 +312,7 @@ async fn evict_removes_a_slow_member() {
         "{reason}"
     );
     assert!(last.is_none_or(|n| n < TOTAL - 1));
-    assert!(within(STEP, "end", run.slow.recv())
-        .await
-        .unwrap()
-        .is_none());
+    assert!(within_ok(STEP, "end", run.slow.recv()).await.is_none());
     // It can send no more: the coordinator stopped its side.
     let sent = within(STEP, "send after eviction", async {
         loop {
@@ -344,7 +334,7 @@ async fn bodies_cannot_change_the_stamped_sender() {
     let mesh = Mesh::start().await;
     let all = members(&mesh, "s", 2, "spoof").await;
     let mallory = mesh.client("mallory").await;
-    let m = within(STEP, "join", mallory.join("spoof")).await.unwrap();
+    let m = within_ok(STEP, "join", mallory.join("spoof")).await;
     // A body that looks like a whole group event from s00, and one that
     // looks like a chat line from s00.
     let forged = GroupEvent::Message {
@@ -387,39 +377,8 @@ async fn oversized_broadcast_cuts_off_only_that_member() {
     assert_eq!(honest[0].1.max_message(), 1024);
 
     // A raw client says hello, joins, and declares a 1 GiB broadcast.
-    let identity = qmesh_certs::Identity::self_signed("raw").unwrap();
-    let (config, _) = qmesh_certs::client_config_with_identity(&mesh.trust, &identity).unwrap();
-    let endpoint = Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
-    let conn = within(
-        STEP,
-        "raw handshake",
-        endpoint
-            .connect_with(config, mesh.coordinator.local_addr(), "localhost")
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    let hello = SessionMsg::Hello {
-        version: PROTOCOL_VERSION,
-        name: "hostile".into(),
-        direct: None,
-    };
-    let (mut session_send, mut session_recv) = conn.open_bi().await.unwrap();
-    let no_interfaces = SessionMsg::Interfaces { list: Vec::new() };
-    for msg in [hello, no_interfaces] {
-        session_send
-            .write_all(&encode_frame(&msg).unwrap())
-            .await
-            .unwrap();
-    }
-    let welcome = within(
-        STEP,
-        "welcome",
-        read_frame::<SessionMsg, _>(&mut session_recv),
-    )
-    .await
-    .unwrap();
-    assert!(matches!(welcome, Some(SessionMsg::Welcome { .. })));
+    let (raw, _session_send, _session_recv) = Raw::join(&mesh.target(), "hostile").await;
+    let conn = &raw.conn;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     write_frame(
         &mut send,
@@ -429,9 +388,7 @@ async fn oversized_broadcast_cuts_off_only_that_member() {
     )
     .await
     .unwrap();
-    let joined = within(STEP, "joined", read_frame::<ChannelMsg, _>(&mut recv))
-        .await
-        .unwrap();
+    let joined = within_ok(STEP, "joined", read_frame::<ChannelMsg, _>(&mut recv)).await;
     assert!(
         matches!(
             joined,
@@ -443,9 +400,12 @@ async fn oversized_broadcast_cuts_off_only_that_member() {
         ),
         "{joined:?}"
     );
-    send.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
-    send.write_all(b"just the start").await.unwrap();
-    let stopped = within(STEP, "stopped", send.stopped()).await.unwrap();
+    // The length prefix and the start of the body in one write: the
+    // coordinator may stop the stream as soon as it has read the prefix.
+    let mut start = (1u32 << 30).to_be_bytes().to_vec();
+    start.extend_from_slice(b"just the start");
+    send.write_all(&start).await.unwrap();
+    let stopped = within_ok(STEP, "stopped", send.stopped()).await;
     assert_eq!(
         stopped,
         Some(VarInt::from_u32(StreamCode::MessageTooLarge.code()))

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use qmesh_certs::Identity;
 use qmesh_client::{Client, ConnectError};
-use qmesh_integration_tests::{open_pair, within, Mesh, STEP};
+use qmesh_integration_tests::{
+    connect, next_message, next_stream, open_pair, within, within_ok, Mesh, STEP,
+};
 use qmesh_proto::codes::{OpenFailCode, RejectCode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -16,14 +18,15 @@ async fn the_same_credential_takes_its_name_back_and_another_is_refused() {
     let identity = Arc::new(Identity::self_signed("alice").expect("identity"));
     let mut config = mesh.config("alice");
     config.identity = Some(identity.clone());
-    let old = within(STEP, "connect", Client::connect(config.clone()))
-        .await
-        .expect("first session");
+    let old = connect(config.clone()).await;
 
     // The same key from a new socket (a client that changed networks).
-    let new = within(STEP, "reconnect", Client::connect(config))
-        .await
-        .expect("the same credential must get its name back");
+    let new = within_ok(
+        STEP,
+        "reconnecting: the same credential must get its name back",
+        Client::connect(config),
+    )
+    .await;
     let why = within(STEP, "old session ends", old.closed()).await;
     assert!(why.contains("replaced"), "old session: {why}");
     assert_ne!(new.session_id(), old.session_id());
@@ -91,17 +94,8 @@ async fn the_client_after_the_cap_is_refused_and_the_others_carry_on() {
     let (x, y) = open_pair(&a, &b, "after-cap").await;
     let mut s = x.open_stream().await.expect("stream");
     s.send(b"fine").await.expect("send");
-    let mut r = within(STEP, "accept", y.accept_stream())
-        .await
-        .expect("accept")
-        .expect("stream");
-    assert_eq!(
-        &within(STEP, "recv", r.recv())
-            .await
-            .expect("recv")
-            .expect("msg")[..],
-        b"fine"
-    );
+    let mut r = next_stream(&y).await;
+    assert_eq!(&next_message(&mut r).await[..], b"fine");
     mesh.coordinator.shutdown().await;
 }
 
@@ -118,9 +112,7 @@ async fn channels_past_the_per_client_cap_are_refused_with_a_code() {
     assert_eq!(err.code(), Some(OpenFailCode::TooManyChannels), "{err}");
     assert!(err.to_string().contains("close some first"), "{err}");
     // Closing one makes room.
-    within(STEP, "close", first.0.close("done"))
-        .await
-        .expect("close");
+    within_ok(STEP, "close", first.0.close("done")).await;
     drop(first);
     let offer = async {
         let o = b.accept().await.expect("offer");

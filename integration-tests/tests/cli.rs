@@ -10,74 +10,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use qmesh_integration_tests::payload;
-use qmesh_integration_tests::process::{show, Exit, Proc};
+use qmesh_integration_tests::process::{self, show, Exit, Proc};
+use qmesh_integration_tests::target::CoordinatorProc as Coord;
 
 /// How fast a failure that needs no timeout must be reported: well under
 /// the client's 30 s open timeout.
 const QUICK: Duration = Duration::from_secs(15);
-
-/// A running `qmesh-coordinator run`.
-struct Coord {
-    proc: Proc,
-    port: u16,
-}
-
-impl Coord {
-    /// `qmesh-coordinator run --listen 'quic/$4:0' EXTRA...`, once it has
-    /// printed where it listens.
-    async fn start<S: AsRef<OsStr>>(extra: &[S]) -> Coord {
-        let mut args: Vec<&OsStr> = vec!["run".as_ref(), "--listen".as_ref(), "quic/$4:0".as_ref()];
-        args.extend(extra.iter().map(|a| a.as_ref()));
-        let mut proc = Proc::spawn("qmesh-coordinator", args, &[]);
-        let line = proc
-            .stdout_line("`qmesh-coordinator listening on`", |l| {
-                l.starts_with("qmesh-coordinator listening on ")
-            })
-            .await;
-        let addr = line
-            .strip_prefix("qmesh-coordinator listening on quic/")
-            .unwrap_or_else(|| panic!("not a quic/ address: {line:?}"));
-        let (ip, port) = addr
-            .rsplit_once(':')
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
-        assert_eq!(
-            ip, "127.0.0.1",
-            "quic/$4 should listen on 127.0.0.1: {line:?}"
-        );
-        let port: u16 = port
-            .parse()
-            .unwrap_or_else(|_| panic!("bad port in {line:?}"));
-        assert_ne!(port, 0, "the real port, not the requested one: {line:?}");
-        Coord { proc, port }
-    }
-
-    /// Start with a development CA in `state_dir`; returns the CA path it
-    /// printed.
-    async fn start_dev(state_dir: &Path) -> (Coord, PathBuf) {
-        let mut coord = Coord::start(&[OsStr::new("--state-dir"), state_dir.as_os_str()]).await;
-        let line = coord
-            .proc
-            .stdout_line("`clients need the CA file:`", |l| {
-                l.starts_with("clients need the CA file: ")
-            })
-            .await;
-        let ca = PathBuf::from(
-            line.strip_prefix("clients need the CA file: ")
-                .expect("prefix"),
-        );
-        (coord, ca)
-    }
-
-    /// `quic/$4:PORT`.
-    fn v4(&self) -> String {
-        format!("quic/$4:{}", self.port)
-    }
-
-    /// `quic/localhost:PORT`.
-    fn localhost(&self) -> String {
-        format!("quic/localhost:{}", self.port)
-    }
-}
 
 /// `qmesh --coordinator COORD --ca CA --state-dir DIR ARGS...`, with the
 /// client state kept next to the CA file.
@@ -86,16 +24,13 @@ fn qmesh<S: AsRef<OsStr>>(coordinator: &str, ca: &Path, args: &[S]) -> Proc {
         .parent()
         .expect("the CA file is in a directory")
         .join("client-state");
-    let mut all: Vec<&OsStr> = vec![
-        "--coordinator".as_ref(),
-        coordinator.as_ref(),
-        "--ca".as_ref(),
-        ca.as_os_str(),
-        "--state-dir".as_ref(),
-        state.as_os_str(),
-    ];
-    all.extend(args.iter().map(|a| a.as_ref()));
-    Proc::spawn("qmesh", all, &[])
+    process::qmesh(coordinator, ca, &state, args)
+}
+
+/// A coordinator with a development CA in `state_dir`; returns the CA path
+/// it printed.
+async fn start_dev(state_dir: &Path) -> (Coord, PathBuf) {
+    Coord::start_dev(state_dir, &[] as &[&OsStr]).await
 }
 
 fn tempdir() -> tempfile::TempDir {
@@ -120,7 +55,7 @@ async fn make_certs(dir: &Path, hosts: &[&str]) -> Exit {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_lines_to_a_listener() {
     let state = tempdir();
-    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let (coord, ca) = start_dev(state.path()).await;
     assert!(ca.is_file(), "the CA file {} does not exist", ca.display());
     let state_real = std::fs::canonicalize(state.path()).expect("canonical state dir");
     let ca_real = std::fs::canonicalize(&ca).expect("canonical CA path");
@@ -177,7 +112,7 @@ async fn send_lines_to_a_listener() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_direct_says_its_path_and_keeps_its_identity() {
     let state = tempdir();
-    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let (coord, ca) = start_dev(state.path()).await;
     let mut bob = qmesh(&coord.v4(), &ca, &["--name", "bob", "listen", "chat"]);
     bob.ready().await;
     let cert = ca
@@ -223,7 +158,7 @@ async fn send_direct_says_its_path_and_keeps_its_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_direct_to_a_relay_only_peer_fails_clearly() {
     let state = tempdir();
-    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let (coord, ca) = start_dev(state.path()).await;
     let mut bob = qmesh(
         &coord.v4(),
         &ca,
@@ -257,7 +192,7 @@ async fn send_direct_to_a_relay_only_peer_fails_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_reuses_the_development_ca() {
     let state = tempdir();
-    let (mut first, ca) = Coord::start_dev(state.path()).await;
+    let (mut first, ca) = start_dev(state.path()).await;
     let before = std::fs::read(&ca).expect("reading the CA file");
     // `run` prints its listening line before it installs its SIGTERM
     // handler; a client it has served shows it is past that point.
@@ -271,7 +206,7 @@ async fn restart_reuses_the_development_ca() {
     let exit = first.proc.finish().await;
     assert!(exit.status.success(), "first run: {}", show(&exit));
 
-    let (second, ca_again) = Coord::start_dev(state.path()).await;
+    let (second, ca_again) = start_dev(state.path()).await;
     assert_eq!(ca_again, ca, "the CA file moved");
     let after = std::fs::read(&ca).expect("reading the CA file again");
     assert!(before == after, "the CA file changed on restart");
@@ -290,7 +225,7 @@ async fn restart_reuses_the_development_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_with_another_ca_is_refused() {
     let state = tempdir();
-    let (coord, _ca) = Coord::start_dev(state.path()).await;
+    let (coord, _ca) = start_dev(state.path()).await;
     let other = tempdir();
     make_certs(other.path(), &["localhost"]).await;
     let other_ca = other.path().join("ca.pem");
@@ -321,7 +256,7 @@ async fn client_with_another_ca_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_to_absent_peer_fails_quickly() {
     let state = tempdir();
-    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let (coord, ca) = start_dev(state.path()).await;
     let started = Instant::now();
     // Stdin is closed at once: the open must fail before any line is read.
     let mut send = qmesh(&coord.localhost(), &ca, &["send", "mesh/nobody!chat"]);
@@ -341,7 +276,7 @@ async fn send_to_absent_peer_fails_quickly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_transfer_keeps_name_and_bytes() {
     let state = tempdir();
-    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let (coord, ca) = start_dev(state.path()).await;
     let files = tempdir();
     let src = files.path().join("src");
     std::fs::create_dir_all(&src).expect("source dir");
@@ -412,7 +347,7 @@ async fn demo_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_coordinator_and_tells_clients() {
     let state = tempdir();
-    let (mut coord, ca) = Coord::start_dev(state.path()).await;
+    let (mut coord, ca) = start_dev(state.path()).await;
     let mut bob = qmesh(
         &coord.localhost(),
         &ca,
@@ -489,7 +424,7 @@ async fn certs_then_run_with_cert_and_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_name_is_refused() {
     let state = tempdir();
-    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let (coord, ca) = start_dev(state.path()).await;
     let mut first = qmesh(
         &coord.localhost(),
         &ca,
@@ -533,7 +468,7 @@ async fn duplicate_name_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broadcast_members_exchange_lines() {
     let state = tempdir();
-    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let (coord, ca) = start_dev(state.path()).await;
     let joined = |l: &str| l.starts_with("qmesh: joined group room");
     let mut ann = qmesh(&coord.v4(), &ca, &["--name", "ann", "broadcast", "room"]);
     ann.stderr_line("`joined group`", joined).await;
@@ -577,7 +512,7 @@ async fn broadcast_members_exchange_lines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_serve_peers_and_describe_from_a_shell() {
     let state = tempdir();
-    let (coord, ca) = Coord::start_dev(state.path()).await;
+    let (coord, ca) = start_dev(state.path()).await;
     let run = |args: &[&str]| qmesh(&coord.v4(), &ca, args);
 
     let mut bob = run(&["--name", "bob", "serve", "echo"]);

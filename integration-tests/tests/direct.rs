@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use qmesh_certs::Identity;
 use qmesh_client::{Channel, ChannelEnd, Client, OpenError, Path, PathMode};
-use qmesh_integration_tests::{open_pair_with, payload, within, Mesh, STEP};
+use qmesh_integration_tests::{connect, open_pair_with, payload, within, within_ok, Mesh, STEP};
 use qmesh_proto::codes::OpenFailCode;
 
 /// Send `msg` from `from` and check it arrives whole at `to`.
@@ -36,13 +36,12 @@ async fn carries(from: &Channel, to: &Channel, msg: &[u8]) {
 
 async fn direct_soon(ch: &Channel) -> SocketAddr {
     let mut path = ch.watch_path();
-    let seen = within(
+    let seen = within_ok(
         STEP,
         "path becomes direct",
         path.wait_for(|p| matches!(p, Path::Direct { .. })),
     )
-    .await
-    .expect("path watch");
+    .await;
     match *seen {
         Path::Direct { remote } => remote,
         Path::Relay => unreachable!(),
@@ -51,13 +50,12 @@ async fn direct_soon(ch: &Channel) -> SocketAddr {
 
 async fn relay_soon(ch: &Channel) {
     let mut path = ch.watch_path();
-    within(
+    within_ok(
         STEP,
         "path falls back to the relay",
         path.wait_for(|p| *p == Path::Relay),
     )
-    .await
-    .expect("path watch");
+    .await;
 }
 
 fn relayed_streams(mesh: &Mesh) -> u64 {
@@ -96,7 +94,7 @@ async fn direct_mode_moves_data_peer_to_peer() {
     let links = alice.direct_links().borrow().clone();
     assert_eq!(links.get("bob"), Some(&bob.observed_addr()));
 
-    within(STEP, "close", a.close("done")).await.expect("close");
+    within_ok(STEP, "close", a.close("done")).await;
     assert!(matches!(
         within(STEP, "bob's end", b.ended()).await,
         ChannelEnd::Closed { .. }
@@ -113,9 +111,7 @@ async fn auto_starts_relayed_and_moves_to_direct_with_an_event() {
     // Ready at once, relayed, and usable before the direct path is up.
     let mut path = a.watch_path();
     carries(&a, &b, b"early").await;
-    within(STEP, "path event", path.changed())
-        .await
-        .expect("path event");
+    within_ok(STEP, "path event", path.changed()).await;
     direct_soon(&a).await;
     direct_soon(&b).await;
 
@@ -148,12 +144,8 @@ async fn one_connection_per_pair_closed_after_the_grace_period() {
         c.direct.grace = Duration::from_millis(200);
         c
     };
-    let alice = within(STEP, "connect", Client::connect(config("alice")))
-        .await
-        .expect("alice");
-    let bob = within(STEP, "connect", Client::connect(config("bob")))
-        .await
-        .expect("bob");
+    let alice = connect(config("alice")).await;
+    let bob = connect(config("bob")).await;
     let mut pairs = Vec::new();
     for name in ["one", "two", "three"] {
         pairs.push(open_pair_with(&alice, &bob, name, PathMode::Direct).await);
@@ -167,23 +159,21 @@ async fn one_connection_per_pair_closed_after_the_grace_period() {
 
     let mut links = alice.direct_links();
     for (a, b) in pairs {
-        within(STEP, "close", a.close("done")).await.expect("close");
+        within_ok(STEP, "close", a.close("done")).await;
         drop((a, b));
     }
-    within(
+    within_ok(
         STEP,
         "link closes after the grace period",
         links.wait_for(|l| l.is_empty()),
     )
-    .await
-    .expect("links watch");
-    within(
+    .await;
+    within_ok(
         STEP,
         "bob's side closes too",
         bob.direct_links().wait_for(|l| l.is_empty()),
     )
-    .await
-    .expect("links watch");
+    .await;
     mesh.coordinator.shutdown().await;
 }
 
@@ -222,13 +212,12 @@ async fn direct_only_to_a_client_on_a_shared_endpoint_fails_clearly() {
     let alice = mesh.client("alice").await;
     let endpoint =
         qmesh_certs::transport::client_endpoint("127.0.0.1:0".parse().expect("addr")).expect("ep");
-    let bob = within(
+    let bob = within_ok(
         STEP,
         "connect",
         Client::connect_on(Some(&endpoint), mesh.config("bob")),
     )
-    .await
-    .expect("bob");
+    .await;
     assert!(!bob.takes_direct());
     let err = within(
         STEP,
@@ -318,9 +307,7 @@ async fn a_dialer_refuses_an_impostor_at_a_reported_address() {
     let bob = mesh.client("bob").await;
     let mut config = mesh.config("mallory");
     config.direct.advertise = vec![impostor_addr];
-    let mallory = within(STEP, "connect", Client::connect(config))
-        .await
-        .expect("mallory");
+    let mallory = connect(config).await;
     // "bob" sorts before "mallory": bob dials every address mallory has,
     // the impostor's included.
     let (b, m) = open_pair_with(&bob, &mallory, "chat", PathMode::Direct).await;

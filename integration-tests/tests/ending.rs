@@ -4,7 +4,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use qmesh_client::{ChannelEnd, Side};
-use qmesh_integration_tests::{bin, open_pair, payload, within, Mesh, STEP};
+use qmesh_integration_tests::{
+    bin, next_message, next_stream, open_pair, payload, within, within_ok, Mesh, STEP,
+};
 use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,13 +24,13 @@ async fn a_close_right_after_sending_still_delivers_every_stream_first() {
         // Dropping finishes the stream without waiting for it to arrive.
         drop(out);
     }
-    within(STEP, "close", a.close("sent three")).await.unwrap();
+    within_ok(STEP, "close", a.close("sent three")).await;
 
     let mut streams = 0u64;
-    while let Some(mut inbox) = within(STEP, "accept", b.accept_stream()).await.unwrap() {
+    while let Some(mut inbox) = within_ok(STEP, "accept", b.accept_stream()).await {
         let mut n = 0u64;
         let mut first = None;
-        while let Some(m) = within(STEP, "recv", inbox.recv()).await.unwrap() {
+        while let Some(m) = within_ok(STEP, "recv", inbox.recv()).await {
             first.get_or_insert_with(|| m.clone());
             n += 1;
         }
@@ -57,9 +59,7 @@ async fn a_peer_that_leaves_reaches_every_channel_as_lost_and_a_closed_channel_s
     let (a1, b1) = open_pair(&alice, &bob, "one").await;
     let (a2, _b2) = open_pair(&alice, &bob, "two").await;
     let (a3, b3) = open_pair(&alice, &bob, "three").await;
-    within(STEP, "close three", a3.close("finished"))
-        .await
-        .unwrap();
+    within_ok(STEP, "close three", a3.close("finished")).await;
     assert!(matches!(b3.end(), Some(ChannelEnd::Closed { .. })));
 
     within(STEP, "bob leaves", bob.close("going home")).await;
@@ -87,13 +87,12 @@ async fn a_peer_that_leaves_reaches_every_channel_as_lost_and_a_closed_channel_s
 async fn a_killed_peer_is_reported_lost_within_the_idle_timeout() {
     const IDLE: Duration = Duration::from_secs(2);
     let mesh = Mesh::start_with(|c| c.tuning = c.tuning.clone().with_idle_timeout(IDLE)).await;
-    let bob = within(
+    let bob = within_ok(
         STEP,
         "bob",
         qmesh_client::Client::connect(mesh.config("bob").with_idle_timeout(IDLE)),
     )
-    .await
-    .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, mesh.ca.cert_pem()).unwrap();
@@ -112,28 +111,19 @@ async fn a_killed_peer_is_reported_lost_within_the_idle_timeout() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let offer = within(STEP, "offer", bob.accept()).await.unwrap();
-    let ch = within(STEP, "accept", offer.accept()).await.unwrap();
+    let offer = within_ok(STEP, "offer", bob.accept()).await;
+    let ch = within_ok(STEP, "accept", offer.accept()).await;
     let mut stdin = alice.stdin.take().unwrap();
     stdin.write_all(b"first line\n").await.unwrap();
     stdin.flush().await.unwrap();
-    let mut inbox = within(STEP, "stream", ch.accept_stream())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        &within(STEP, "header", inbox.recv()).await.unwrap().unwrap()[..],
-        b"qmesh-text/1"
-    );
-    assert_eq!(
-        &within(STEP, "line", inbox.recv()).await.unwrap().unwrap()[..],
-        b"first line"
-    );
+    let mut inbox = next_stream(&ch).await;
+    assert_eq!(&next_message(&mut inbox).await[..], b"qmesh-text/1");
+    assert_eq!(&next_message(&mut inbox).await[..], b"first line");
 
     // Kill alice mid-stream: no close of any kind reaches the coordinator.
     alice.start_kill().unwrap();
     let killed = Instant::now();
-    within(STEP, "reap", alice.wait()).await.unwrap();
+    within_ok(STEP, "reap", alice.wait()).await;
     let end = within(IDLE * 5, "lost", ch.ended()).await;
     let took = killed.elapsed();
     match end {

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use qmesh_client::{ChannelEnd, Client};
 use qmesh_integration_tests::process::{show, Proc};
-use qmesh_integration_tests::{open_pair, within, Mesh, STEP};
+use qmesh_integration_tests::target::CoordinatorProc;
+use qmesh_integration_tests::{connect, open_pair, within, within_ok, Mesh, STEP};
 use qmesh_proto::address::Address;
 use qmesh_proto::heartbeat::Heartbeat;
 
@@ -37,13 +38,12 @@ async fn a_frozen_client_is_closed_by_the_coordinators_heartbeat_and_its_peers_s
         c.tuning = c.tuning.clone().with_idle_timeout(IDLE);
     })
     .await;
-    let bob = within(
+    let bob = within_ok(
         STEP,
         "bob",
         Client::connect(mesh.config("bob").with_idle_timeout(IDLE)),
     )
-    .await
-    .unwrap();
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, mesh.ca.cert_pem()).unwrap();
@@ -67,8 +67,8 @@ async fn a_frozen_client_is_closed_by_the_coordinators_heartbeat_and_its_peers_s
         "relay".as_ref(),
     ];
     let mut alice = Proc::spawn("qmesh", args, &[]);
-    let offer = within(STEP, "offer", bob.accept()).await.unwrap();
-    let ch = within(STEP, "accept", offer.accept()).await.unwrap();
+    let offer = within_ok(STEP, "offer", bob.accept()).await;
+    let ch = within_ok(STEP, "accept", offer.accept()).await;
 
     alice.signal("STOP");
     let frozen = Instant::now();
@@ -105,41 +105,18 @@ async fn a_frozen_client_is_closed_by_the_coordinators_heartbeat_and_its_peers_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_coordinator_is_noticed_by_the_clients_heartbeat_and_channels_end_lost() {
     let state = tempfile::tempdir().unwrap();
-    let args: Vec<&OsStr> = vec![
-        "run".as_ref(),
-        "--listen".as_ref(),
-        "quic/$4:0".as_ref(),
-        "--state-dir".as_ref(),
-        state.path().as_os_str(),
-    ];
-    let mut coord = Proc::spawn("qmesh-coordinator", args, &[]);
-    let listening = coord
-        .stdout_line("`qmesh-coordinator listening on`", |l| {
-            l.starts_with("qmesh-coordinator listening on ")
-        })
-        .await;
-    let port = listening
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse::<u16>().ok())
-        .unwrap_or_else(|| panic!("no port in {listening:?}"));
-    let ca_line = coord
-        .stdout_line("`clients need the CA file:`", |l| {
-            l.starts_with("clients need the CA file: ")
-        })
-        .await;
-    let ca_path = ca_line
-        .strip_prefix("clients need the CA file: ")
-        .expect("prefix");
-    let trust = qmesh_certs::Trust::ca_file(std::path::Path::new(ca_path)).unwrap();
-    let address: Address = format!("quic/localhost:{port}").parse().unwrap();
-    let connect = |name: &str| {
+    let (coord, ca) = CoordinatorProc::start_dev(state.path(), &[] as &[&OsStr]).await;
+    let trust = qmesh_certs::Trust::ca_file(&ca).unwrap();
+    let address: Address = coord.localhost().parse().unwrap();
+    let mut coord = coord.proc;
+    let client = |name: &str| {
         let mut config = qmesh_client::ClientConfig::new(address.clone(), name, trust.clone())
             .with_idle_timeout(IDLE);
         config.heartbeat = quick();
-        within(STEP, "connect", Client::connect(config))
+        connect(config)
     };
-    let alice = connect("alice").await.unwrap();
-    let bob = connect("bob").await.unwrap();
+    let alice = client("alice").await;
+    let bob = client("bob").await;
     let (a, b) = open_pair(&alice, &bob, "chat").await;
 
     coord.signal("STOP");

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use qmesh_client::Client;
-use qmesh_integration_tests::{payload, within, Mesh, STEP};
+use qmesh_integration_tests::{next_message, next_stream, payload, within, within_ok, Mesh, STEP};
 
 const CLIENTS: usize = 50;
 const FANOUT: usize = 5;
@@ -173,7 +173,7 @@ async fn hundreds_of_concurrent_channels_and_streams_past_the_initial_limits() {
     );
     let mut outs = Vec::new();
     for i in 0..N {
-        let mut out = within(STEP, "open stream", a.open_stream()).await.unwrap();
+        let mut out = within_ok(STEP, "open stream", a.open_stream()).await;
         out.send(&payload(i as u64, 10)).await.unwrap();
         outs.push(out);
     }
@@ -182,18 +182,15 @@ async fn hundreds_of_concurrent_channels_and_streams_past_the_initial_limits() {
     let mut seen = Vec::new();
     let mut inboxes = Vec::new();
     for _ in 0..N {
-        let mut inbox = within(STEP, "accept stream", b.accept_stream())
-            .await
-            .unwrap()
-            .unwrap();
-        seen.push(within(STEP, "recv", inbox.recv()).await.unwrap().unwrap());
+        let mut inbox = next_stream(b).await;
+        seen.push(next_message(&mut inbox).await);
         inboxes.push(inbox);
     }
     for out in outs {
-        within(STEP, "finish", out.finish()).await.unwrap();
+        within_ok(STEP, "finish", out.finish()).await;
     }
     for mut inbox in inboxes {
-        assert!(within(STEP, "end", inbox.recv()).await.unwrap().is_none());
+        assert!(within_ok(STEP, "end", inbox.recv()).await.is_none());
     }
     for i in 0..N as u64 {
         assert!(

@@ -11,27 +11,18 @@ use std::time::Duration;
 
 use qmesh_client::events::{Event, Events};
 use qmesh_client::{
-    Channel, ChannelEnd, Client, ClientConfig, Direction, Incoming, Interface, OpenError, Quota,
-    RequestError, SendError, Side, StreamError,
+    Channel, ChannelEnd, Client, Direction, Incoming, Interface, OpenError, Quota, RequestError,
+    SendError, Side, StreamError,
 };
-use qmesh_integration_tests::{open_pair, within, Mesh, STEP};
+use qmesh_integration_tests::{connect, open_pair, within, within_ok, Mesh, STEP};
 use qmesh_proto::codes::OpenFailCode;
 use qmesh_proto::msg::PresenceEvent;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
-async fn connect(config: ClientConfig) -> Client {
-    let name = config.name.clone();
-    within(STEP, "connect", Client::connect(config))
-        .await
-        .unwrap_or_else(|e| panic!("connecting {name}: {e}"))
-}
-
 /// The next message or request on `ch`, which must come.
 async fn next_incoming(ch: &Channel) -> Incoming {
-    within(STEP, "recv_message", ch.recv_message())
-        .await
-        .expect("a message")
+    within_ok(STEP, "recv_message", ch.recv_message()).await
 }
 
 /// The next request on `ch`, which must come.
@@ -244,9 +235,7 @@ async fn typed_messages_and_requests_round_trip() {
             .await
         })
     };
-    let count: Answer = within(STEP, "served request", a.request_value(&Query::Count))
-        .await
-        .unwrap();
+    let count: Answer = within_ok(STEP, "served request", a.request_value(&Query::Count)).await;
     assert_eq!(
         count,
         Answer {
@@ -254,10 +243,8 @@ async fn typed_messages_and_requests_round_trip() {
             value: 3.0
         }
     );
-    within(STEP, "close", a.close("done")).await.unwrap();
-    within(STEP, "serve ends with the channel", server)
-        .await
-        .unwrap();
+    within_ok(STEP, "close", a.close("done")).await;
+    within_ok(STEP, "serve ends with the channel", server).await;
     mesh.coordinator.shutdown().await;
 }
 
@@ -304,7 +291,7 @@ async fn handlers_and_polling_see_the_same_events_in_the_same_order() {
         Some(OpenFailCode::PeerNotPresent)
     );
 
-    within(STEP, "close", a.close("done")).await.unwrap();
+    within_ok(STEP, "close", a.close("done")).await;
     assert_eq!(
         within(STEP, "bob's end", b.ended()).await,
         ChannelEnd::Closed {
@@ -522,7 +509,7 @@ async fn exactly_one_terminal_event_per_action_under_random_peer_kills() {
             outcomes.get_mut(ch.label()).unwrap().end = Some(end);
         }
         bob.close("round over").await;
-        within(STEP, "bob's acceptor ends", acceptor).await.unwrap();
+        within_ok(STEP, "bob's acceptor ends", acceptor).await;
     }
     assert!(modes.len() == 4, "every mode played: {modes:?}");
     // The rounds came out every way there is to come out.
@@ -644,10 +631,10 @@ async fn interfaces_describe_peers_and_no_such_interface() {
     config.interfaces = vec![web.clone(), echo.clone()];
     let bob = connect(config).await;
 
-    let mut watch = within(STEP, "watch", alice.watch()).await.unwrap();
+    let mut watch = within_ok(STEP, "watch", alice.watch()).await;
     let mut present = BTreeMap::new();
     loop {
-        match within(STEP, "presence", watch.next()).await.unwrap() {
+        match within_ok(STEP, "presence", watch.next()).await {
             PresenceEvent::Present { name, interfaces } => {
                 assert!(present.insert(name, interfaces).is_none());
             }
@@ -663,13 +650,12 @@ async fn interfaces_describe_peers_and_no_such_interface() {
         ])
     );
 
-    let described = within(
+    let described = within_ok(
         STEP,
         "describe",
         alice.describe(&"mesh/bob!web".parse().unwrap()),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(described, web);
 
     let no_such = |e: OpenError| match e {
@@ -694,7 +680,7 @@ async fn interfaces_describe_peers_and_no_such_interface() {
             .unwrap_err(),
     );
 
-    let mut peers = within(STEP, "peers", alice.peers()).await.unwrap();
+    let mut peers = within_ok(STEP, "peers", alice.peers()).await;
     peers.sort_by(|a, b| a.name.cmp(&b.name));
     let listed: Vec<_> = peers
         .iter()
@@ -707,22 +693,21 @@ async fn interfaces_describe_peers_and_no_such_interface() {
 
     let carol = mesh.client("carol").await;
     assert_eq!(
-        within(STEP, "carol joins", watch.next()).await.unwrap(),
+        within_ok(STEP, "carol joins", watch.next()).await,
         PresenceEvent::Joined {
             name: "carol".into(),
             interfaces: vec![]
         }
     );
     let feed = Interface::new("feed", "updates").with_version("2.1");
-    within(
+    within_ok(
         STEP,
         "set interfaces",
         bob.set_interfaces(vec![feed.clone()]),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
-        within(STEP, "bob changes", watch.next()).await.unwrap(),
+        within_ok(STEP, "bob changes", watch.next()).await,
         PresenceEvent::Changed {
             name: "bob".into(),
             interfaces: vec![feed.clone()]
@@ -730,13 +715,12 @@ async fn interfaces_describe_peers_and_no_such_interface() {
     );
     // The change is in force: web is gone, feed is there.
     assert_eq!(
-        within(
+        within_ok(
             STEP,
             "describe feed",
             alice.describe(&"mesh/bob!feed".parse().unwrap())
         )
-        .await
-        .unwrap(),
+        .await,
         feed
     );
     let gone = within(
@@ -750,7 +734,7 @@ async fn interfaces_describe_peers_and_no_such_interface() {
 
     carol.close("bye").await;
     assert_eq!(
-        within(STEP, "carol leaves", watch.next()).await.unwrap(),
+        within_ok(STEP, "carol leaves", watch.next()).await,
         PresenceEvent::Left {
             name: "carol".into()
         }
@@ -787,9 +771,7 @@ async fn direction_is_enforced_at_the_sender() {
     }
 
     // The offerer sends; the opener receives.
-    within(STEP, "bob sends", b.send_message(b"update 1"))
-        .await
-        .unwrap();
+    within_ok(STEP, "bob sends", b.send_message(b"update 1")).await;
     match next_incoming(&a).await {
         Incoming::Message(m) => assert_eq!(&m[..], b"update 1"),
         Incoming::Request(r) => panic!("expected a message, got request {r:?}"),
@@ -822,11 +804,9 @@ async fn over_quota_peers_are_told_why_and_cut_off() {
         })
     };
 
-    let a = within(STEP, "first open", alice.open_str("mesh/bob!api"))
-        .await
-        .unwrap();
+    let a = within_ok(STEP, "first open", alice.open_str("mesh/bob!api")).await;
     // Bob holds the channel (and so its place under the cap).
-    let b = within(STEP, "bob's side", taken.recv()).await.unwrap();
+    let b = within_ok(STEP, "bob's side", taken.recv()).await;
     match within(STEP, "second open", alice.open_str("mesh/bob!api")).await {
         Err(OpenError::Failed { code, message }) => {
             assert_eq!(code, OpenFailCode::Refused, "{message}");
@@ -873,7 +853,7 @@ async fn a_graceful_close_is_closed_not_lost_and_messages_sent_before_it_arrive(
     for i in 0..50u32 {
         a.send_message(format!("m{i}").as_bytes()).await.unwrap();
     }
-    within(STEP, "close", a.close("bye")).await.unwrap();
+    within_ok(STEP, "close", a.close("bye")).await;
     for i in 0..50u32 {
         match next_incoming(&b).await {
             Incoming::Message(m) => assert_eq!(&m[..], format!("m{i}").as_bytes()),

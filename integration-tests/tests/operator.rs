@@ -9,7 +9,8 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use qmesh_integration_tests::process::{show, Proc};
+use qmesh_integration_tests::process::{self, show, Proc};
+use qmesh_integration_tests::target::CoordinatorProc;
 
 struct Coord {
     proc: Proc,
@@ -21,52 +22,19 @@ struct Coord {
 
 /// `qmesh-coordinator run --listen quic/$4:0 --state-dir DIR ARGS`.
 async fn start(dir: &Path, args: &[&OsStr]) -> Coord {
-    let mut all: Vec<&OsStr> = vec![
-        "run".as_ref(),
-        "--listen".as_ref(),
-        "quic/$4:0".as_ref(),
-        "--state-dir".as_ref(),
-        dir.as_os_str(),
-    ];
-    all.extend_from_slice(args);
-    let mut proc = Proc::spawn("qmesh-coordinator", all, &[]);
-    let line = proc
-        .stdout_line("listening", |l| {
-            l.starts_with("qmesh-coordinator listening on ")
-        })
-        .await;
-    let port = line.rsplit(':').next().unwrap().parse().unwrap();
-    let mut banner = vec![line];
-    let seen = std::sync::Mutex::new(Vec::new());
-    let ca = proc
-        .stdout_line("CA file", |l| {
-            seen.lock().unwrap().push(l.to_owned());
-            l.starts_with("clients need the CA file: ")
-        })
-        .await;
-    banner.extend(seen.into_inner().unwrap());
-    let ca = PathBuf::from(ca.strip_prefix("clients need the CA file: ").unwrap());
+    let (coord, ca) = CoordinatorProc::start_dev(dir, args).await;
     Coord {
-        proc,
-        port,
+        proc: coord.proc,
+        port: coord.port,
         ca,
-        banner,
+        banner: coord.banner,
     }
 }
 
 impl Coord {
     fn qmesh(&self, client_state: &Path, args: &[&str]) -> Proc {
         let coordinator = format!("quic/$4:{}", self.port);
-        let mut all: Vec<&OsStr> = vec![
-            "--coordinator".as_ref(),
-            coordinator.as_ref(),
-            "--ca".as_ref(),
-            self.ca.as_os_str(),
-            "--state-dir".as_ref(),
-            client_state.as_os_str(),
-        ];
-        all.extend(args.iter().map(OsStr::new));
-        Proc::spawn("qmesh", all, &[])
+        process::qmesh(&coordinator, &self.ca, client_state, args)
     }
 }
 

@@ -36,21 +36,22 @@
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use qmesh_certs::{Identity, Trust};
-use qmesh_client::{Client, ClientConfig};
-use qmesh_integration_tests::process::{show, Proc};
-use qmesh_integration_tests::{memory_kib, open_pair, payload, within, STEP};
-use qmesh_proto::codec::{encode_frame, read_frame};
+use qmesh_client::ClientConfig;
+use qmesh_integration_tests::process::show;
+use qmesh_integration_tests::raw::{frame, without_certificate, Raw};
+use qmesh_integration_tests::target::{CoordinatorProc, Target};
+use qmesh_integration_tests::{
+    connect, memory_kib, message_flows, open_pair, payload, within, STEP,
+};
 use qmesh_proto::codes::{ConnCode, RejectCode};
 use qmesh_proto::limits::MAX_CONTROL_FRAME;
 use qmesh_proto::msg::SessionMsg;
-use qmesh_proto::{Address, PROTOCOL_VERSION};
-use quinn::{Connection, ConnectionError, Endpoint, VarInt};
+use qmesh_proto::PROTOCOL_VERSION;
+use quinn::{ConnectionError, VarInt};
 use tokio::task::JoinSet;
 
 /// Garbage rounds measured against the baseline (after one warm-up round).
@@ -109,21 +110,10 @@ const KINDS: [Garbage; 8] = [
     Garbage::Enroll,
 ];
 
-/// What a garbage client needs to reach the coordinator.
-#[derive(Debug, Clone)]
-struct Target {
-    addr: SocketAddr,
-    trust: Trust,
-    /// A self-signed client certificate, which open mode admits to the
-    /// hello.
-    identity: Arc<Identity>,
-}
-
 /// The coordinator process and how to reach it.
 struct Coordinator {
-    proc: Proc,
+    coord: CoordinatorProc,
     pid: u32,
-    address: Address,
     target: Target,
     /// Client ports whose end the coordinator has not logged yet.
     unlogged: Arc<Mutex<HashSet<u16>>>,
@@ -141,49 +131,16 @@ impl Coordinator {
             format!("[limits]\nhello_timeout = \"{HELLO_TIMEOUT_SECS}s\"\n"),
         )
         .expect("writing the config file");
-        let mut proc = Proc::spawn(
-            "qmesh-coordinator",
-            [
-                OsStr::new("run"),
-                OsStr::new("--listen"),
-                OsStr::new("quic/$4:0"),
-                OsStr::new("--state-dir"),
-                state.path().as_os_str(),
-                OsStr::new("--config"),
-                config.as_os_str(),
-            ],
-            &[],
-        );
-        let listening = proc
-            .stdout_line("naming the port", |l| {
-                l.starts_with("qmesh-coordinator listening on quic/")
-            })
-            .await;
-        let port: u16 = listening
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no port in {listening:?}"));
-        let ca_line = proc
-            .stdout_line("naming the CA file", |l| {
-                l.starts_with("clients need the CA file: ")
-            })
-            .await;
-        let ca = ca_line
-            .strip_prefix("clients need the CA file: ")
-            .expect("prefix");
-        let trust = ClientConfig::trust_ca_file(std::path::Path::new(ca)).expect("CA file");
-        let address = format!("quic/$4:{port}").parse().expect("address");
-        let pid = proc.pid();
+        let (coord, ca) =
+            CoordinatorProc::start_dev(state.path(), &[OsStr::new("--config"), config.as_os_str()])
+                .await;
+        let trust = ClientConfig::trust_ca_file(&ca).expect("CA file");
+        let pid = coord.proc.pid();
+        let target = Target::new(coord.addr(), trust);
         Coordinator {
-            proc,
+            coord,
             pid,
-            address,
-            target: Target {
-                addr: SocketAddr::from(([127, 0, 0, 1], port)),
-                trust,
-                identity: Arc::new(Identity::self_signed("garbage").expect("identity")),
-            },
+            target,
             unlogged: Arc::default(),
             panics: Arc::default(),
             _state: state,
@@ -204,7 +161,8 @@ impl Coordinator {
             unlogged.extend(ports);
         }
         let (unlogged, panics) = (self.unlogged.clone(), self.panics.clone());
-        self.proc
+        self.coord
+            .proc
             .stderr_line("for the end of every garbage connection", move |line| {
                 if line.contains("panicked at") {
                     panics.lock().expect("lock").push(line.to_owned());
@@ -223,33 +181,21 @@ impl Coordinator {
     /// A real client pair can still connect, join a channel and pass a
     /// message.
     async fn honest_pair_works(&self, round: usize) {
-        let connect = |name: String| {
-            let config = ClientConfig::new(self.address.clone(), &name, self.target.trust.clone());
-            async move {
-                within(STEP, "honest client connects", Client::connect(config))
-                    .await
-                    .unwrap_or_else(|e| panic!("{name} cannot connect after round {round}: {e}"))
-            }
+        let client = |name: String| {
+            connect(ClientConfig::new(
+                self.coord.address(),
+                &name,
+                self.target.trust.clone(),
+            ))
         };
         let (alice, bob) = tokio::join!(
-            connect(format!("alice{round}")),
-            connect(format!("bob{round}"))
+            client(format!("alice{round}")),
+            client(format!("bob{round}"))
         );
         let (a, b) = open_pair(&alice, &bob, "after-garbage").await;
         let msg = format!("still here after round {round}");
-        within(STEP, "alice sends", a.send_one(msg.as_bytes()))
-            .await
-            .expect("alice sends");
-        let mut at_bob = within(STEP, "bob accepts a stream", b.accept_stream())
-            .await
-            .expect("bob accepts a stream")
-            .expect("a stream");
-        let got = within(STEP, "bob receives", at_bob.recv())
-            .await
-            .expect("bob receives")
-            .expect("a message");
-        assert_eq!(&got[..], msg.as_bytes());
-        drop((at_bob, a, b));
+        message_flows(&a, &b, msg.as_bytes()).await;
+        drop((a, b));
         within(STEP, "honest clients leave", async {
             tokio::join!(alice.close("done"), bob.close("done"))
         })
@@ -289,77 +235,13 @@ fn logged_peer_port(line: &str) -> Option<u16> {
     digits.parse().ok()
 }
 
-/// A fresh endpoint, so each garbage connection has a port of its own.
-fn endpoint() -> (Endpoint, u16) {
-    let endpoint =
-        Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).expect("client endpoint");
-    let port = endpoint.local_addr().expect("local address").port();
-    (endpoint, port)
-}
-
-/// Complete the handshake presenting the self-signed certificate; also
-/// return how long it took since `start`.
-async fn handshake(endpoint: &Endpoint, target: &Target, start: Instant) -> (Connection, Duration) {
-    let (config, _report) =
-        qmesh_certs::client_config_with_identity(&target.trust, &target.identity)
-            .expect("client config");
-    let connecting = endpoint
-        .connect_with(config, target.addr, "localhost")
-        .expect("start handshake");
-    let conn = within(STEP, "garbage handshake", connecting)
-        .await
-        .expect("garbage handshake");
-    (conn, start.elapsed())
-}
-
-/// Wait for the coordinator to close `conn`; return the close code.
-async fn close_code(conn: &Connection) -> Option<ConnCode> {
-    match within(STEP, "coordinator closes", conn.closed()).await {
-        ConnectionError::ApplicationClosed(c) => ConnCode::from_code(c.error_code.into_inner()),
-        other => panic!("expected the coordinator to close the connection, got: {other}"),
-    }
-}
-
-/// Assert that the coordinator closed `conn` with one of `codes`.
-async fn closed_with(conn: &Connection, kind: Garbage, codes: &[ConnCode]) {
-    let code = close_code(conn).await;
+/// Assert that the coordinator closed `raw` with one of `codes`.
+async fn closed_with(raw: &Raw, kind: Garbage, codes: &[ConnCode]) {
+    let code = raw.close_code().await;
     assert!(
         code.is_some_and(|c| codes.contains(&c)),
         "{kind:?}: closed with {code:?}, expected one of {codes:?}"
     );
-}
-
-/// Write `bytes` on a new (the first) bidirectional stream, and finish it
-/// if `finish`. Hold the returned send half to keep an unfinished stream
-/// open: quinn finishes a stream whose send half is dropped.
-async fn send_first(
-    conn: &Connection,
-    bytes: &[u8],
-    finish: bool,
-) -> (quinn::SendStream, quinn::RecvStream) {
-    let (mut send, recv) = within(STEP, "open the session stream", conn.open_bi())
-        .await
-        .expect("open the session stream");
-    within(STEP, "write", send.write_all(bytes))
-        .await
-        .expect("write");
-    if finish {
-        send.finish().expect("finish");
-    }
-    (send, recv)
-}
-
-/// Read the coordinator's reject, then its close; check both carry `code`.
-async fn rejected_with(conn: &Connection, mut recv: quinn::RecvStream, code: RejectCode) {
-    let reply = within(STEP, "reject", read_frame::<SessionMsg, _>(&mut recv))
-        .await
-        .expect("read reject");
-    assert!(
-        matches!(&reply, Some(SessionMsg::Reject { code: c, .. }) if *c == code),
-        "expected a {code:?} reject, got {reply:?}"
-    );
-    let closed = close_code(conn).await;
-    assert_eq!(closed, Some(code.conn_code()), "close code after {code:?}");
 }
 
 /// Did the stream attempt `open` stay ungranted? It may also fail because
@@ -382,49 +264,46 @@ fn not_granted<T>(
 /// its handshake took (from the start of the round).
 async fn garbage(kind: Garbage, seed: u64, target: Target) -> (u16, Duration) {
     let start = Instant::now();
-    let (endpoint, port) = endpoint();
-    let handshake_time;
+    if kind == Garbage::NoCertificate {
+        let port = no_certificate(&target).await;
+        return (port, start.elapsed());
+    }
+    let raw = Raw::connect(&target).await;
+    let handshake_time = start.elapsed();
+    after_handshake(kind, seed, &raw).await;
+    (raw.local.port(), handshake_time)
+}
+
+/// (a) A connection without a client certificate, which the coordinator
+/// refuses in the handshake; returns its client port.
+async fn no_certificate(target: &Target) -> u16 {
+    let (port, closed) = without_certificate(target).await;
+    // CRYPTO_ERROR carrying TLS alert certificate_required (116).
+    // Under load the close can be lost on the way: the client,
+    // which already thinks the handshake is done, then gets a
+    // stateless reset because the coordinator kept no state for it.
+    // Either way nothing was accepted.
+    assert!(
+        matches!(&closed, ConnectionError::ConnectionClosed(c)
+            if u64::from(c.error_code) == 0x100 + 116)
+            || matches!(&closed, ConnectionError::Reset),
+        "no certificate: {closed}"
+    );
+    port
+}
+
+/// The garbage of `kind` on a connection that has completed its handshake.
+async fn after_handshake(kind: Garbage, seed: u64, raw: &Raw) {
     match kind {
-        Garbage::NoCertificate => {
-            let (config, _report) = qmesh_certs::client_config(&target.trust).expect("config");
-            let connecting = endpoint
-                .connect_with(config, target.addr, "localhost")
-                .expect("start handshake");
-            let closed = within(STEP, "refusal in the handshake", async {
-                match connecting.await {
-                    Err(e) => e,
-                    Ok(c) => {
-                        // The client may finish its side of the handshake
-                        // before the coordinator has checked it.
-                        let _ = c.open_bi().await;
-                        c.closed().await
-                    }
-                }
-            })
-            .await;
-            // CRYPTO_ERROR carrying TLS alert certificate_required (116).
-            // Under load the close can be lost on the way: the client,
-            // which already thinks the handshake is done, then gets a
-            // stateless reset because the coordinator kept no state for it.
-            // Either way nothing was accepted.
-            assert!(
-                matches!(&closed, ConnectionError::ConnectionClosed(c)
-                    if u64::from(c.error_code) == 0x100 + 116)
-                    || matches!(&closed, ConnectionError::Reset),
-                "no certificate: {closed}"
-            );
-            handshake_time = start.elapsed();
-        }
+        Garbage::NoCertificate => unreachable!("refused in the handshake"),
         Garbage::RandomBytes => {
-            let (conn, took) = handshake(&endpoint, &target, start).await;
-            handshake_time = took;
             let len = 1 + (seed as usize * 7919) % 4096;
-            let _session = send_first(&conn, &payload(seed, len), true).await;
+            let _session = raw.send_bi_finished(&payload(seed, len)).await;
             // Almost always a prefix above the limit; a small one is cut
             // short by the finish (malformed); a body that happens to
             // decode is some message other than a hello.
             closed_with(
-                &conn,
+                raw,
                 kind,
                 &[
                     ConnCode::FrameTooLarge,
@@ -435,22 +314,18 @@ async fn garbage(kind: Garbage, seed: u64, target: Target) -> (u16, Duration) {
             .await;
         }
         Garbage::RandomBody => {
-            let (conn, took) = handshake(&endpoint, &target, start).await;
-            handshake_time = took;
             let len = 1 + (seed as usize * 7919) % MAX_CONTROL_FRAME;
             let mut bytes = (len as u32).to_be_bytes().to_vec();
             bytes.extend(payload(seed, len));
-            let _session = send_first(&conn, &bytes, true).await;
+            let _session = raw.send_bi_finished(&bytes).await;
             closed_with(
-                &conn,
+                raw,
                 kind,
                 &[ConnCode::Malformed, ConnCode::UnexpectedMessage],
             )
             .await;
         }
         Garbage::Oversized => {
-            let (conn, took) = handshake(&endpoint, &target, start).await;
-            handshake_time = took;
             let declared = if seed % 2 == 0 {
                 MAX_CONTROL_FRAME as u32 + 1
             } else {
@@ -458,54 +333,43 @@ async fn garbage(kind: Garbage, seed: u64, target: Target) -> (u16, Duration) {
             };
             // Only the prefix, the stream left open: a coordinator that
             // waited for the body would end it with the hello timeout.
-            let _session = send_first(&conn, &declared.to_be_bytes(), false).await;
-            closed_with(&conn, kind, &[ConnCode::FrameTooLarge]).await;
+            let _session = raw.send_bi(&declared.to_be_bytes()).await;
+            closed_with(raw, kind, &[ConnCode::FrameTooLarge]).await;
         }
         Garbage::ExtraStreams => {
-            let (conn, took) = handshake(&endpoint, &target, start).await;
-            handshake_time = took;
             // The one session stream is allowed; start a length prefix on
             // it so the coordinator sees it.
-            let _session = send_first(&conn, &[0, 0], false).await;
+            let _session = raw.send_bi(&[0, 0]).await;
             let (uni, bi) = tokio::join!(
-                tokio::time::timeout(NO_CREDIT, conn.open_uni()),
-                tokio::time::timeout(NO_CREDIT, conn.open_bi()),
+                tokio::time::timeout(NO_CREDIT, raw.conn.open_uni()),
+                tokio::time::timeout(NO_CREDIT, raw.conn.open_bi()),
             );
             not_granted("a unidirectional stream", uni);
             not_granted("a second bidirectional stream", bi);
-            closed_with(&conn, kind, &[ConnCode::HelloTimeout]).await;
+            closed_with(raw, kind, &[ConnCode::HelloTimeout]).await;
         }
         Garbage::Silent => {
-            let (conn, took) = handshake(&endpoint, &target, start).await;
-            handshake_time = took;
-            closed_with(&conn, kind, &[ConnCode::HelloTimeout]).await;
+            closed_with(raw, kind, &[ConnCode::HelloTimeout]).await;
         }
         Garbage::WrongVersion => {
-            let (conn, took) = handshake(&endpoint, &target, start).await;
-            handshake_time = took;
             let hello = SessionMsg::Hello {
                 version: PROTOCOL_VERSION + 1 + (seed % 1000) as u32,
                 name: format!("future{seed}"),
                 direct: None,
             };
-            let (_send, recv) =
-                send_first(&conn, &encode_frame(&hello).expect("frame"), false).await;
-            rejected_with(&conn, recv, RejectCode::VersionMismatch).await;
+            let (_send, recv) = raw.send_bi(&frame(&hello)).await;
+            raw.rejected_with(recv, RejectCode::VersionMismatch).await;
         }
         Garbage::Enroll => {
-            let (conn, took) = handshake(&endpoint, &target, start).await;
-            handshake_time = took;
             let enroll = SessionMsg::Enroll {
                 version: PROTOCOL_VERSION,
                 name: format!("enrollee{seed}"),
                 token: (seed % 2 == 0).then(|| "not-a-token".into()),
             };
-            let (_send, recv) =
-                send_first(&conn, &encode_frame(&enroll).expect("frame"), false).await;
-            rejected_with(&conn, recv, RejectCode::NotAuthorised).await;
+            let (_send, recv) = raw.send_bi(&frame(&enroll)).await;
+            raw.rejected_with(recv, RejectCode::NotAuthorised).await;
         }
     }
-    (port, handshake_time)
 }
 
 /// One round of `PER_ROUND` concurrent garbage connections; returns their
@@ -549,7 +413,7 @@ async fn preauth_garbage_from_many_connections_no_panics_memory_back_to_baseline
         let garbage_time = t.elapsed();
         coordinator.all_logged(&ports).await;
         assert!(
-            coordinator.proc.running(),
+            coordinator.coord.proc.running(),
             "coordinator exited in round {n}"
         );
         coordinator.honest_pair_works(n + 1).await;
@@ -582,8 +446,8 @@ async fn preauth_garbage_from_many_connections_no_panics_memory_back_to_baseline
     );
 
     // It still shuts down cleanly, and never printed a panic.
-    coordinator.proc.terminate();
-    let exit = coordinator.proc.finish().await;
+    coordinator.coord.proc.terminate();
+    let exit = coordinator.coord.proc.finish().await;
     assert!(exit.status.success(), "coordinator exit: {}", show(&exit));
     assert!(
         !exit.stderr.contains("panicked at"),

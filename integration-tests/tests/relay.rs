@@ -1,7 +1,9 @@
 //! Relayed channels carry messages of any size, in order, both ways.
 
 use qmesh_client::{ChannelEnd, Side};
-use qmesh_integration_tests::{open_pair, payload, within, Mesh, STEP};
+use qmesh_integration_tests::{
+    connect, next_message, next_stream, open_pair, payload, within, within_ok, Mesh, STEP,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_both_ways_and_graceful_close() {
@@ -10,34 +12,22 @@ async fn messages_both_ways_and_graceful_close() {
     let bob = mesh.client("bob").await;
     let (a, b) = open_pair(&alice, &bob, "chat").await;
 
-    let mut to_bob = within(STEP, "open stream", a.open_stream()).await.unwrap();
+    let mut to_bob = within_ok(STEP, "open stream", a.open_stream()).await;
     to_bob.send(b"hello").await.unwrap();
-    let mut at_bob = within(STEP, "accept stream", b.accept_stream())
-        .await
-        .unwrap()
-        .unwrap();
-    let got = within(STEP, "recv", at_bob.recv()).await.unwrap().unwrap();
+    let mut at_bob = next_stream(&b).await;
+    let got = next_message(&mut at_bob).await;
     assert_eq!(&got[..], b"hello");
 
     let mut to_alice = b.open_stream().await.unwrap();
     to_alice.send(&payload(1, 100_000)).await.unwrap();
     to_alice.finish().await.unwrap();
-    let mut at_alice = within(STEP, "accept", a.accept_stream())
-        .await
-        .unwrap()
-        .unwrap();
-    let got = within(STEP, "recv", at_alice.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let mut at_alice = next_stream(&a).await;
+    let got = next_message(&mut at_alice).await;
     assert_eq!(got, payload(1, 100_000));
-    assert!(within(STEP, "eos", at_alice.recv())
-        .await
-        .unwrap()
-        .is_none());
+    assert!(within_ok(STEP, "eos", at_alice.recv()).await.is_none());
 
     to_bob.finish().await.unwrap();
-    within(STEP, "close", a.close("all done")).await.unwrap();
+    within_ok(STEP, "close", a.close("all done")).await;
     assert_eq!(
         within(STEP, "bob's end", b.ended()).await,
         ChannelEnd::Closed {
@@ -104,7 +94,7 @@ async fn ten_thousand_mixed_messages_both_ways_in_order() {
         tokio::join!(run(a, 1_000_000, 2_000_000), run(b, 2_000_000, 1_000_000))
     })
     .await;
-    within(STEP, "close", a.close("done")).await.unwrap();
+    within_ok(STEP, "close", a.close("done")).await;
     assert!(matches!(
         within(STEP, "end", b.ended()).await,
         ChannelEnd::Closed { .. }
@@ -137,9 +127,7 @@ async fn messages_over_the_limit_are_refused_on_both_ends() {
     let mesh = Mesh::start().await;
     let mut small = mesh.config("small");
     small.max_message = 1024 * 1024;
-    let small = within(STEP, "connect", qmesh_client::Client::connect(small))
-        .await
-        .unwrap();
+    let small = connect(small).await;
     let big = mesh.client("big").await;
     // `on_big` is big's side of the channel, `on_small` small's.
     let (on_big, on_small) = open_pair(&big, &small, "limits").await;
@@ -184,14 +172,8 @@ async fn a_reader_that_drops_its_stream_stops_the_writer_through_the_relay() {
     let (a, b) = open_pair(&alice, &bob, "stop").await;
     let mut out = a.open_stream().await.unwrap();
     out.send(b"one").await.unwrap();
-    let mut inbox = within(STEP, "accept", b.accept_stream())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        &within(STEP, "recv", inbox.recv()).await.unwrap().unwrap()[..],
-        b"one"
-    );
+    let mut inbox = next_stream(&b).await;
+    assert_eq!(&next_message(&mut inbox).await[..], b"one");
     // Bob is done with this stream while alice still holds it open.
     drop(inbox);
     // Alice learns without writing again: the relay passes the stop back.

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use qmesh_certs::{Ca, Trust};
 use qmesh_client::{Client, ConnectError, OpenError};
-use qmesh_integration_tests::{within, Mesh, STEP};
+use qmesh_integration_tests::{connect, next_message, next_stream, within, within_ok, Mesh, STEP};
 use qmesh_proto::codes::{OpenFailCode, RejectCode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,9 +54,7 @@ async fn opening_to_an_absent_peer_fails_at_once() {
     let mesh = Mesh::start().await;
     let mut config = mesh.config("alice");
     config.open_timeout = Duration::from_secs(600);
-    let alice = within(STEP, "connect", Client::connect(config))
-        .await
-        .unwrap();
+    let alice = connect(config).await;
     let started = Instant::now();
     let err = within(STEP, "open", alice.open_str("mesh/nobody!chat"))
         .await
@@ -111,16 +109,11 @@ async fn channels_between_one_pair_and_same_names_from_different_peers_are_indep
         s.finish().await.unwrap();
     }
     for (i, ch) in [&b1, &b2, &b3].into_iter().enumerate() {
-        let mut s = within(STEP, "accept", ch.accept_stream())
-            .await
-            .unwrap()
-            .unwrap();
-        let m = within(STEP, "recv", s.recv()).await.unwrap().unwrap();
+        let mut s = next_stream(ch).await;
+        let m = next_message(&mut s).await;
         assert_eq!(m, format!("from {i}").as_bytes());
     }
-    within(STEP, "close a2", a2.close("second done"))
-        .await
-        .unwrap();
+    within_ok(STEP, "close a2", a2.close("second done")).await;
     assert!(matches!(
         within(STEP, "b2", b2.ended()).await,
         qmesh_client::ChannelEnd::Closed { .. }
@@ -129,14 +122,8 @@ async fn channels_between_one_pair_and_same_names_from_different_peers_are_indep
     assert!(a1.end().is_none() && b1.end().is_none() && c1.end().is_none() && b3.end().is_none());
     let mut s = a1.open_stream().await.unwrap();
     s.send(b"still here").await.unwrap();
-    let mut r = within(STEP, "accept", b1.accept_stream())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        &within(STEP, "recv", r.recv()).await.unwrap().unwrap()[..],
-        b"still here"
-    );
+    let mut r = next_stream(&b1).await;
+    assert_eq!(&next_message(&mut r).await[..], b"still here");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,9 +170,7 @@ async fn a_pinned_fingerprint_is_trusted_and_a_wrong_one_refused() {
     let mesh = Mesh::start_with(|c| c.identity = identity).await;
     let mut config = mesh.config("alice");
     config.trust = Trust::Pinned(pin);
-    within(STEP, "pinned", Client::connect(config))
-        .await
-        .unwrap();
+    within_ok(STEP, "pinned", Client::connect(config)).await;
     let mut config = mesh.config("bob");
     config.trust = Trust::Pinned(Ca::generate("x").unwrap().fingerprint());
     let err = within(STEP, "wrong pin", Client::connect(config))
