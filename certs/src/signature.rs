@@ -113,7 +113,7 @@ mod tests {
         DigitallySignedStruct::read(&mut Reader::init(&wire)).unwrap()
     }
 
-    /// The three verifiers of this crate, as the checks they make.
+    /// One verifier's check of a handshake signature.
     type Check = Box<
         dyn Fn(
             &[u8],
@@ -122,53 +122,33 @@ mod tests {
         ) -> Result<HandshakeSignatureValid, rustls::Error>,
     >;
 
-    /// For each verifier: its name, its TLS 1.2 check, its TLS 1.3 check
-    /// and its schemes.
+    /// A verifier's name, its TLS 1.2 check, its TLS 1.3 check and its
+    /// schemes.
+    macro_rules! checks {
+        ($name:expr, $verifier:expr) => {{
+            let v = Arc::new($verifier);
+            let (v12, v13) = (v.clone(), v.clone());
+            let tls12: Check = Box::new(move |m, c, d| v12.verify_tls12_signature(m, c, d));
+            let tls13: Check = Box::new(move |m, c, d| v13.verify_tls13_signature(m, c, d));
+            ($name, tls12, tls13, v.supported_verify_schemes())
+        }};
+    }
+
+    /// The three verifiers of this crate, as their signature checks.
     fn verifiers() -> Vec<(&'static str, Check, Check, Vec<SignatureScheme>)> {
-        let auth = ClientAuth::any(Arc::new(|_| false)).verifier();
-        let check = Arc::new(ClientCertCheck::new(&provider(), Arc::new(|_| true)));
-        let pinned = Arc::new(PinnedVerifier::new(
-            Identity::self_signed("pinned").unwrap().fingerprint(),
-            "the peer",
-            &provider(),
-            VerifyReport::default(),
-        ));
+        let pin = Identity::self_signed("pinned").unwrap().fingerprint();
         vec![
-            (
+            checks!(
                 "client auth",
-                Box::new({
-                    let v = auth.clone();
-                    move |m, c, d| v.verify_tls12_signature(m, c, d)
-                }),
-                Box::new({
-                    let v = auth.clone();
-                    move |m, c, d| v.verify_tls13_signature(m, c, d)
-                }),
-                auth.supported_verify_schemes(),
+                ClientAuth::any(Arc::new(|_| false)).verifier()
             ),
-            (
+            checks!(
                 "direct client check",
-                Box::new({
-                    let v = check.clone();
-                    move |m, c, d| v.verify_tls12_signature(m, c, d)
-                }),
-                Box::new({
-                    let v = check.clone();
-                    move |m, c, d| v.verify_tls13_signature(m, c, d)
-                }),
-                check.supported_verify_schemes(),
+                ClientCertCheck::new(&provider(), Arc::new(|_| true))
             ),
-            (
+            checks!(
                 "pinned server",
-                Box::new({
-                    let v = pinned.clone();
-                    move |m, c, d| v.verify_tls12_signature(m, c, d)
-                }),
-                Box::new({
-                    let v = pinned.clone();
-                    move |m, c, d| v.verify_tls13_signature(m, c, d)
-                }),
-                pinned.supported_verify_schemes(),
+                PinnedVerifier::new(pin, "the peer", &provider(), VerifyReport::default())
             ),
         ]
     }
