@@ -17,130 +17,24 @@ use qmesh_proto::codes::{ConnCode, OpenFailCode, StreamCode};
 use qmesh_proto::limits::clip_reason;
 use qmesh_proto::msg::{ChannelMsg, PathMode, PeerIntro};
 use qmesh_proto::name::{validate_channel_name, validate_client_name};
-use quinn::{Connection, RecvStream, SendStream, VarInt};
+use quinn::{RecvStream, SendStream};
 use tokio::sync::watch;
 use tokio::time::timeout;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::policy::Decision;
-use crate::server::{read_error_code, Session, Shared};
+use crate::session::{ChannelSide, Session, Shared, StreamCount};
+use crate::wire::{code, fail, msg_name, read_error_code};
 
-/// Data streams one side has sent into a channel.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct StreamCount {
-    /// Streams whose header named this channel.
-    pub(crate) accepted: u64,
-    /// Of those, streams still being relayed.
-    pub(crate) active: u64,
-    /// Of those, streams the relay refused (too many at once): they never
-    /// reach the other side.
-    pub(crate) dropped: u64,
-}
-
-/// One side of a joined channel, as seen from that side's connection.
-#[derive(Debug)]
-pub(crate) struct ChannelSide {
-    /// `opener>callee!channel`, for logs.
-    pub(crate) label: Arc<str>,
-    /// The other side's connection.
-    pub(crate) peer_conn: Connection,
-    /// The channel's control stream id on the other side's connection.
-    pub(crate) peer_channel: u64,
-    /// Data streams this side has sent into the channel.
-    pub(crate) streams: watch::Sender<StreamCount>,
-}
-
-fn stream_code(code: StreamCode) -> VarInt {
-    VarInt::from_u32(code.code())
-}
-
-fn msg_name(msg: &ChannelMsg) -> &'static str {
-    match msg {
-        ChannelMsg::Open { .. } => "open",
-        ChannelMsg::Incoming { .. } => "incoming",
-        ChannelMsg::Accept => "accept",
-        ChannelMsg::Refuse { .. } => "refuse",
-        ChannelMsg::Ready { .. } => "ready",
-        ChannelMsg::OpenFailed { .. } => "open-failed",
-        ChannelMsg::Close { .. } => "close",
-        ChannelMsg::Lost { .. } => "lost",
-        ChannelMsg::Describe { .. } => "describe",
-        ChannelMsg::Manifest { .. } => "manifest",
-        ChannelMsg::Watch { .. } => "watch",
-        ChannelMsg::Presence(_) => "presence",
-        ChannelMsg::Join { .. } => "join",
-        ChannelMsg::Joined { .. } => "joined",
-        ChannelMsg::Members { .. } => "members",
-        ChannelMsg::MemberCount { .. } => "member-count",
-    }
-}
-
-/// Tell the opener the channel could not be opened.
-pub(crate) async fn fail(send: &mut SendStream, code: OpenFailCode, message: String) {
-    info!(code = ?code, cause = %message, "open failed");
-    let msg = ChannelMsg::OpenFailed {
-        code,
-        message: clip_reason(&message),
-    };
-    if write_frame(send, &msg).await.is_ok() {
-        let _ = send.finish();
-    }
-}
-
-/// Handle a new bidirectional stream the client `session` opened: a
-/// channel open, or one of the requests that use a stream of their own
-/// (describe, presence, broadcast).
+/// Open the channel `session` asked for on its stream `(a_send, a_recv)`:
+/// the rate limit first (every open counts as a message, denied or not),
+/// then the open itself in the channel's span.
 pub(crate) async fn handle_open(
     shared: Arc<Shared>,
     session: Arc<Session>,
-    a_send: SendStream,
-    mut a_recv: RecvStream,
+    (a_send, a_recv): (SendStream, RecvStream),
+    (peer, channel, path): (String, String, PathMode),
 ) {
-    let first = timeout(
-        shared.config.hello_timeout,
-        read_frame::<ChannelMsg, _>(&mut a_recv),
-    )
-    .await;
-    let (peer, channel, path) = match first {
-        Err(_) => {
-            debug!("channel stream opened but no open sent in time");
-            let _ = a_recv.stop(stream_code(StreamCode::Cancelled));
-            return;
-        }
-        Ok(Ok(Some(ChannelMsg::Open {
-            peer,
-            channel,
-            path,
-        }))) => (peer, channel, path),
-        Ok(Ok(Some(ChannelMsg::Describe { peer, channel }))) => {
-            return crate::presence::describe(&shared, &session, a_send, &peer, &channel).await;
-        }
-        Ok(Ok(Some(ChannelMsg::Watch { live }))) => {
-            return crate::presence::watch(&shared, &session, a_send, a_recv, live).await;
-        }
-        Ok(Ok(Some(ChannelMsg::Join { group }))) => {
-            return crate::broadcast::join(&shared, &session, a_send, a_recv, group).await;
-        }
-        Ok(Ok(Some(ChannelMsg::Members { group }))) => {
-            return crate::broadcast::members(&shared, a_send, group).await;
-        }
-        Ok(Ok(Some(other))) => {
-            let what = format!(
-                "expected open, describe, watch, join or members on a new stream, got {}",
-                msg_name(&other)
-            );
-            session.violation(ConnCode::UnexpectedMessage, &what);
-            return;
-        }
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            if let Some(code) = read_error_code(&e) {
-                session.violation(code, &format!("bad channel open: {e}"));
-            }
-            return;
-        }
-    };
-    // Every open counts as a message, denied or not.
     if let Err(flood) = session.limiter.pass(0, 1).await {
         session.violation(ConnCode::RateExceeded, &flood.to_string());
         return;
@@ -273,8 +167,8 @@ async fn open(
         answer = tokio::time::timeout_at(deadline, read_frame::<ChannelMsg, _>(&mut b_recv)) => answer,
         _ = read_frame::<ChannelMsg, _>(&mut a_recv) => {
             debug!("opener gave up before the callee answered");
-            let _ = b_send.reset(stream_code(StreamCode::Cancelled));
-            let _ = b_recv.stop(stream_code(StreamCode::Cancelled));
+            let _ = b_send.reset(code(StreamCode::Cancelled));
+            let _ = b_recv.stop(code(StreamCode::Cancelled));
             return;
         }
     };
@@ -304,7 +198,7 @@ async fn open(
             return fail(&mut a_send, OpenFailCode::PeerLeft, msg).await;
         }
         Err(_) => {
-            let _ = b_send.reset(stream_code(StreamCode::Cancelled));
+            let _ = b_send.reset(code(StreamCode::Cancelled));
             let msg = format!(
                 "peer \"{peer}\" did not answer within {} s",
                 answer_timeout.as_secs()

@@ -24,10 +24,25 @@
 //!
 //! - [`config`]: [`Config`], the coordinator's settings.
 //! - [`registry`]: [`Registry`], admission and routing as a plain type.
-//! - [`server`]: [`Coordinator`], the accept loop, sessions and shutdown.
+//! - [`server`]: [`Coordinator`], bind, the accept loop, each session's
+//!   task and shutdown.
+//! - `session`: the state every handler shares (`Shared`, `Session`,
+//!   [`Stats`], a joined channel's sides); imports no handler.
+//! - [`control`]: [`Control`](control::Control), operator actions:
+//!   revocation, policy reload, the client list.
+//! - `handshake`: the hello: admit, refuse or enroll a new connection.
+//! - `streams`: first-frame dispatch of each stream a client opens.
 //! - `channel`: channel open, join, forwarding and close.
 //! - `relay`: the data stream relay.
-//! - `broadcast`: broadcast groups: fan-out and slow-member policies.
+//! - `presence`: describe and presence watches.
+//! - `broadcast`: broadcast group streams: fan-out and slow-member policies.
+//! - `groups`: the broadcast groups' member lists and queues.
+//! - `wire`: helpers every handler shares: codes as `VarInt`s, reading a
+//!   frame within a deadline, the `OpenFailed` reply.
+//! - [`admin`]: the admin socket.
+//! - [`auth`], [`token`], [`policy`], [`limit`]: authentication modes,
+//!   enrollment tokens, the access policy and rate limits, as plain types.
+//! - [`file`](mod@file): the config file.
 //! - [`devcert`]: development and deployment certificate files.
 //! - [`socket`]: UDP socket setup.
 //! - [`logging`]: the connpipe log format used by the binaries.
@@ -39,9 +54,12 @@ pub mod auth;
 mod broadcast;
 mod channel;
 pub mod config;
+pub mod control;
 pub mod devcert;
 pub mod file;
 mod files;
+mod groups;
+mod handshake;
 pub mod limit;
 pub mod logging;
 pub mod policy;
@@ -49,8 +67,11 @@ mod presence;
 pub mod registry;
 mod relay;
 pub mod server;
+mod session;
 pub mod socket;
+mod streams;
 pub mod token;
+mod wire;
 
 pub use config::Config;
 pub use registry::Registry;

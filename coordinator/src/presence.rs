@@ -14,9 +14,9 @@ use quinn::{RecvStream, SendStream};
 use tokio::sync::broadcast::error::RecvError;
 use tracing::debug;
 
-use crate::channel::fail;
 use crate::policy::Decision;
-use crate::server::{Session, Shared};
+use crate::session::{Session, Shared};
+use crate::wire::fail;
 
 /// Answer a describe: the manifest of `channel` on `peer`, as declared.
 pub(crate) async fn describe(
