@@ -32,7 +32,10 @@
 //!   revocation, policy reload, the client list.
 //! - `handshake`: the hello: admit, refuse or enroll a new connection.
 //! - `streams`: first-frame dispatch of each stream a client opens.
-//! - `channel`: channel open, join, forwarding and close.
+//! - `open`: opening a channel decided as plain functions: a plan or a
+//!   typed refusal, the callee's answer judged, direct introductions.
+//! - `channel`: the I/O of an open (offer, answer, join), forwarding and
+//!   close.
 //! - `relay`: the data stream relay.
 //! - `presence`: describe and presence watches.
 //! - `broadcast`: broadcast group streams: fan-out and slow-member policies.
@@ -62,6 +65,7 @@ mod groups;
 mod handshake;
 pub mod limit;
 pub mod logging;
+mod open;
 pub mod policy;
 mod presence;
 pub mod registry;
