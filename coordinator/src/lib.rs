@@ -30,7 +30,10 @@
 //!   [`Stats`], a joined channel's sides); imports no handler.
 //! - [`control`]: [`Control`](control::Control), operator actions:
 //!   revocation, policy reload, the client list.
-//! - `handshake`: the hello: admit, refuse or enroll a new connection.
+//! - `admission`: admitting a hello decided as plain functions: join,
+//!   refuse, violation or enroll; who keeps a name.
+//! - `handshake`: the hello exchange, generic over the stream, and its
+//!   effects on the connection.
 //! - `streams`: first-frame dispatch of each stream a client opens.
 //! - `open`: opening a channel decided as plain functions: a plan or a
 //!   typed refusal, the callee's answer judged, direct introductions.
@@ -53,6 +56,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+mod admission;
 pub mod auth;
 mod broadcast;
 mod channel;

@@ -22,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use crate::admission::session_msg_name;
 use crate::config::Config;
-use crate::handshake::{hello, session_msg_name};
+use crate::handshake::hello;
 use crate::registry::Registry;
 use crate::session::Shared;
 
@@ -360,7 +361,7 @@ async fn run_session(
         }
         let reason = conn
             .close_reason()
-            .map(|e| crate::describe_close(&e))
+            .map(|e| qmesh_certs::transport::describe_close(&e))
             .unwrap_or_else(|| "closed".into());
         info!(reason = %reason, "left");
     }
