@@ -49,6 +49,7 @@
 //! - [`auth`], [`token`], [`policy`], [`limit`]: authentication modes,
 //!   enrollment tokens, the access policy and rate limits, as plain types.
 //! - [`file`](mod@file): the config file.
+//! - [`settings`]: `run`'s flags, the config file and defaults merged.
 //! - [`devcert`]: development and deployment certificate files.
 //! - [`socket`]: UDP socket setup.
 //! - [`logging`]: the connpipe log format used by the binaries.
@@ -76,6 +77,7 @@ pub mod registry;
 mod relay;
 pub mod server;
 mod session;
+pub mod settings;
 pub mod socket;
 mod streams;
 pub mod token;
