@@ -125,6 +125,17 @@ impl Refusal {
         )
     }
 
+    /// `peer` declares interfaces, and `channel` is not one of them.
+    pub(crate) fn no_such_interface(peer: &str, channel: &str, offered: &[Interface]) -> Self {
+        Self::new(
+            OpenFailCode::NoSuchInterface,
+            format!(
+                "no such interface: \"{peer}\" does not offer \"{channel}\"; it offers: {}",
+                qmesh_proto::manifest::names(offered)
+            ),
+        )
+    }
+
     /// The callee's connection ended before the offer reached it.
     pub(crate) fn left_before_offer(peer: &str) -> Self {
         Self::new(
@@ -209,13 +220,7 @@ pub(crate) fn decide(
         .find(|i| i.name == channel)
         .cloned();
     if interface.is_none() && !callee.interfaces.is_empty() {
-        return Err(Refusal::new(
-            OpenFailCode::NoSuchInterface,
-            format!(
-                "no such interface: \"{peer}\" does not offer \"{channel}\"; it offers: {}",
-                qmesh_proto::manifest::names(callee.interfaces)
-            ),
-        ));
+        return Err(Refusal::no_such_interface(peer, channel, callee.interfaces));
     }
     for (side, who) in [(opener, OPENER), (callee.party, CALLEE)] {
         if side.channels >= max_channels {
