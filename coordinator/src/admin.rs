@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::server::{Control, Revoked};
+use crate::control::{Control, Revoked};
 
 /// Longest request line read.
 const MAX_REQUEST: u64 = 4096;

@@ -21,9 +21,8 @@
 //! gets, or as soon as its queue runs empty), `Evict` removes the member:
 //! its writer sends `Evicted` and finishes the stream, its reader stops.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,154 +32,18 @@ use qmesh_proto::envelope::GroupEvent;
 use qmesh_proto::limits::{clip_reason, LENGTH_PREFIX, MAX_MESSAGE_CEILING};
 use qmesh_proto::msg::{ChannelMsg, GroupPolicy};
 use qmesh_proto::name::validate_channel_name;
-use quinn::{ReadExactError, RecvStream, SendStream, VarInt};
+use quinn::{ReadExactError, RecvStream, SendStream};
 use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::channel::fail;
-use crate::config::GroupConfig;
-use crate::server::{Session, Shared};
+use crate::groups::{End, Group, Item, Member};
+use crate::session::{Session, Shared};
+use crate::wire::{code, fail};
 
 /// Most bytes a `GroupEvent::Message` puts in front of the body: kind,
 /// name length, and a name of at most 255 bytes.
 const MESSAGE_HEAD: usize = 2 + u8::MAX as usize;
-
-fn code(c: StreamCode) -> VarInt {
-    VarInt::from_u32(c.code())
-}
-
-/// The coordinator's broadcast groups, by name. Empty groups are removed.
-#[derive(Debug, Default)]
-pub(crate) struct Groups {
-    map: Mutex<HashMap<String, Arc<Group>>>,
-    /// The number the next member gets.
-    next_member: AtomicU64,
-}
-
-impl Groups {
-    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Group>>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Members of `name` now (0 when nobody is in it).
-    pub(crate) fn count(&self, name: &str) -> u64 {
-        self.map().get(name).map_or(0, |g| g.members().len() as u64)
-    }
-
-    /// Add `member` to group `name`, made with `config` if it has no
-    /// members; returns the group and its member count.
-    fn add(&self, name: &str, config: GroupConfig, member: Arc<Member>) -> (Arc<Group>, u64) {
-        let mut map = self.map();
-        let group = map
-            .entry(name.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Group {
-                    name: name.to_owned(),
-                    config,
-                    members: Mutex::new(Arc::new(Vec::new())),
-                })
-            })
-            .clone();
-        let mut members = group.members.lock().unwrap_or_else(|e| e.into_inner());
-        let mut list = Vec::with_capacity(members.len() + 1);
-        list.extend(members.iter().cloned());
-        list.push(member);
-        let count = list.len() as u64;
-        *members = Arc::new(list);
-        drop(members);
-        (group, count)
-    }
-
-    /// Take member `id` out of `group` (and the group out of the map when
-    /// it is left empty). Whether it was still a member.
-    fn remove(&self, group: &Group, id: u64) -> bool {
-        let mut map = self.map();
-        let mut members = group.members.lock().unwrap_or_else(|e| e.into_inner());
-        if !members.iter().any(|m| m.id == id) {
-            return false;
-        }
-        let list: Vec<_> = members.iter().filter(|m| m.id != id).cloned().collect();
-        let empty = list.is_empty();
-        *members = Arc::new(list);
-        drop(members);
-        if empty {
-            map.remove(&group.name);
-        }
-        true
-    }
-}
-
-/// One group: its configuration and members.
-#[derive(Debug)]
-struct Group {
-    name: String,
-    config: GroupConfig,
-    /// Replaced (never changed in place) on every join and leave, so a
-    /// fan-out takes a snapshot without holding the lock.
-    members: Mutex<Arc<Vec<Arc<Member>>>>,
-}
-
-impl Group {
-    fn members(&self) -> Arc<Vec<Arc<Member>>> {
-        self.members
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
-
-/// How a member's time in the group ended.
-#[derive(Debug, Clone)]
-enum End {
-    /// It left (finished its side, or its connection ended).
-    Left,
-    /// It fell behind in a group with policy `evict`.
-    Evicted(String),
-}
-
-/// One member of a group, as the fan-out sees it.
-#[derive(Debug)]
-struct Member {
-    id: u64,
-    name: String,
-    queue: mpsc::Sender<Item>,
-    /// Broadcasts dropped for this member (policy `lag`) and not yet
-    /// reported. Taken under this lock together with queue operations, so
-    /// counts and messages keep their order.
-    missed: Mutex<u64>,
-    /// Set once, when the member's time in the group ends.
-    end: Mutex<Option<End>>,
-    ended: CancellationToken,
-}
-
-impl Member {
-    fn missed(&self) -> MutexGuard<'_, u64> {
-        self.missed.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Record how the member's time ended; the first cause wins.
-    fn end(&self, end: End) {
-        let mut slot = self.end.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
-            *slot = Some(end);
-        }
-        drop(slot);
-        self.ended.cancel();
-    }
-
-    fn how_ended(&self) -> Option<End> {
-        self.end.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-/// One entry of a member's queue: the broadcasts missed just before it,
-/// then the event itself (a whole data message, length prefix included).
-#[derive(Debug)]
-struct Item {
-    missed: u64,
-    event: Bytes,
-}
 
 /// Serve a member's group stream: join, relay, leave.
 pub(crate) async fn join(

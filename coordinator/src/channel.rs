@@ -15,132 +15,28 @@ use std::sync::Arc;
 use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::{ConnCode, OpenFailCode, StreamCode};
 use qmesh_proto::limits::clip_reason;
-use qmesh_proto::msg::{ChannelMsg, PathMode, PeerIntro};
-use qmesh_proto::name::{validate_channel_name, validate_client_name};
-use quinn::{Connection, RecvStream, SendStream, VarInt};
+use qmesh_proto::msg::{ChannelMsg, PathMode};
+use quinn::{RecvStream, SendStream};
 use tokio::sync::watch;
 use tokio::time::timeout;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::policy::Decision;
-use crate::server::{read_error_code, Session, Shared};
+use crate::open::{
+    decide, introduce, judge_answer, Answer, Callee, CalleeStream, Party, Reachable, Refusal,
+    Request, CALLEE, OPENER,
+};
+use crate::session::{ChannelSide, Session, Shared, StreamCount};
+use crate::wire::{code, fail, msg_name, read_error_code, read_within};
 
-/// Data streams one side has sent into a channel.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct StreamCount {
-    /// Streams whose header named this channel.
-    pub(crate) accepted: u64,
-    /// Of those, streams still being relayed.
-    pub(crate) active: u64,
-    /// Of those, streams the relay refused (too many at once): they never
-    /// reach the other side.
-    pub(crate) dropped: u64,
-}
-
-/// One side of a joined channel, as seen from that side's connection.
-#[derive(Debug)]
-pub(crate) struct ChannelSide {
-    /// `opener>callee!channel`, for logs.
-    pub(crate) label: Arc<str>,
-    /// The other side's connection.
-    pub(crate) peer_conn: Connection,
-    /// The channel's control stream id on the other side's connection.
-    pub(crate) peer_channel: u64,
-    /// Data streams this side has sent into the channel.
-    pub(crate) streams: watch::Sender<StreamCount>,
-}
-
-fn stream_code(code: StreamCode) -> VarInt {
-    VarInt::from_u32(code.code())
-}
-
-fn msg_name(msg: &ChannelMsg) -> &'static str {
-    match msg {
-        ChannelMsg::Open { .. } => "open",
-        ChannelMsg::Incoming { .. } => "incoming",
-        ChannelMsg::Accept => "accept",
-        ChannelMsg::Refuse { .. } => "refuse",
-        ChannelMsg::Ready { .. } => "ready",
-        ChannelMsg::OpenFailed { .. } => "open-failed",
-        ChannelMsg::Close { .. } => "close",
-        ChannelMsg::Lost { .. } => "lost",
-        ChannelMsg::Describe { .. } => "describe",
-        ChannelMsg::Manifest { .. } => "manifest",
-        ChannelMsg::Watch { .. } => "watch",
-        ChannelMsg::Presence(_) => "presence",
-        ChannelMsg::Join { .. } => "join",
-        ChannelMsg::Joined { .. } => "joined",
-        ChannelMsg::Members { .. } => "members",
-        ChannelMsg::MemberCount { .. } => "member-count",
-    }
-}
-
-/// Tell the opener the channel could not be opened.
-pub(crate) async fn fail(send: &mut SendStream, code: OpenFailCode, message: String) {
-    info!(code = ?code, cause = %message, "open failed");
-    let msg = ChannelMsg::OpenFailed {
-        code,
-        message: clip_reason(&message),
-    };
-    if write_frame(send, &msg).await.is_ok() {
-        let _ = send.finish();
-    }
-}
-
-/// Handle a new bidirectional stream the client `session` opened: a
-/// channel open, or one of the requests that use a stream of their own
-/// (describe, presence, broadcast).
+/// Open the channel `session` asked for on its stream `(a_send, a_recv)`:
+/// the rate limit first (every open counts as a message, denied or not),
+/// then the open itself in the channel's span.
 pub(crate) async fn handle_open(
     shared: Arc<Shared>,
     session: Arc<Session>,
-    a_send: SendStream,
-    mut a_recv: RecvStream,
+    (a_send, a_recv): (SendStream, RecvStream),
+    (peer, channel, path): (String, String, PathMode),
 ) {
-    let first = timeout(
-        shared.config.hello_timeout,
-        read_frame::<ChannelMsg, _>(&mut a_recv),
-    )
-    .await;
-    let (peer, channel, path) = match first {
-        Err(_) => {
-            debug!("channel stream opened but no open sent in time");
-            let _ = a_recv.stop(stream_code(StreamCode::Cancelled));
-            return;
-        }
-        Ok(Ok(Some(ChannelMsg::Open {
-            peer,
-            channel,
-            path,
-        }))) => (peer, channel, path),
-        Ok(Ok(Some(ChannelMsg::Describe { peer, channel }))) => {
-            return crate::presence::describe(&shared, &session, a_send, &peer, &channel).await;
-        }
-        Ok(Ok(Some(ChannelMsg::Watch { live }))) => {
-            return crate::presence::watch(&shared, &session, a_send, a_recv, live).await;
-        }
-        Ok(Ok(Some(ChannelMsg::Join { group }))) => {
-            return crate::broadcast::join(&shared, &session, a_send, a_recv, group).await;
-        }
-        Ok(Ok(Some(ChannelMsg::Members { group }))) => {
-            return crate::broadcast::members(&shared, a_send, group).await;
-        }
-        Ok(Ok(Some(other))) => {
-            let what = format!(
-                "expected open, describe, watch, join or members on a new stream, got {}",
-                msg_name(&other)
-            );
-            session.violation(ConnCode::UnexpectedMessage, &what);
-            return;
-        }
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            if let Some(code) = read_error_code(&e) {
-                session.violation(code, &format!("bad channel open: {e}"));
-            }
-            return;
-        }
-    };
-    // Every open counts as a message, denied or not.
     if let Err(flood) = session.limiter.pass(0, 1).await {
         session.violation(ConnCode::RateExceeded, &flood.to_string());
         return;
@@ -162,107 +58,74 @@ async fn open(
     shared: Arc<Shared>,
     session: Arc<Session>,
     (mut a_send, mut a_recv): (SendStream, RecvStream),
-    (peer, channel, mut path): (String, String, PathMode),
+    (peer, channel, path): (String, String, PathMode),
     label: Arc<str>,
 ) {
-    if let Err(e) = validate_client_name(&peer) {
-        return fail(&mut a_send, OpenFailCode::InvalidAddress, e.to_string()).await;
-    }
-    if let Err(e) = validate_channel_name(&channel) {
-        return fail(&mut a_send, OpenFailCode::InvalidAddress, e.to_string()).await;
-    }
-    if peer == session.name {
-        let msg =
-            format!("\"{peer}\" is this client's own name; a channel joins two different clients");
-        return fail(&mut a_send, OpenFailCode::SelfChannel, msg).await;
-    }
-    // Access control comes before presence: a denied client learns
-    // nothing about who is connected.
-    match shared.policy().decide(&session.name, &peer, &channel) {
-        Decision::Deny => {
-            let msg = format!(
-                "denied by the coordinator's policy: \"{}\" may not open channel \"{channel}\" \
-                 on \"{peer}\"; ask the operator to allow it",
-                session.name
-            );
-            info!(cause = %msg, "open denied");
-            return fail(&mut a_send, OpenFailCode::Denied, msg).await;
-        }
-        Decision::Allow { direct: false } if path == PathMode::Direct => {
-            let msg = format!(
-                "denied by the coordinator's policy: channel \"{channel}\" from \"{}\" to \
-                 \"{peer}\" may not go direct; open with path auto or relay",
-                session.name
-            );
-            info!(cause = %msg, "direct open denied");
-            return fail(&mut a_send, OpenFailCode::Denied, msg).await;
-        }
-        Decision::Allow { direct: false } => path = PathMode::Relay,
-        Decision::Allow { direct: true } => {}
-    }
-    let found = shared.registry().lookup(&peer).cloned();
-    let Some(callee) = found else {
-        let msg = format!(
-            "peer not present: no client named \"{peer}\" is connected to this coordinator"
-        );
-        return fail(&mut a_send, OpenFailCode::PeerNotPresent, msg).await;
-    };
-    let offered = callee.interfaces();
-    let interface = offered.iter().find(|i| i.name == channel).cloned();
-    if interface.is_none() && !offered.is_empty() {
-        let msg = format!(
-            "no such interface: \"{peer}\" does not offer \"{channel}\"; it offers: {}",
-            qmesh_proto::manifest::names(&offered)
-        );
-        return fail(&mut a_send, OpenFailCode::NoSuchInterface, msg).await;
-    }
     let max = shared.config.max_channels_per_client;
+    let callee = shared.registry().lookup(&peer).cloned();
+    let interfaces = callee.as_ref().map(|c| c.interfaces());
+    let request = Request {
+        peer: &peer,
+        channel: &channel,
+        path,
+    };
+    let decided = decide(
+        party(&session),
+        request,
+        callee
+            .as_ref()
+            .zip(interfaces.as_deref())
+            .map(|(c, i)| Callee {
+                party: party(c),
+                interfaces: i,
+            }),
+        &shared.policy(),
+        max,
+    );
+    let (plan, callee) = match (decided, callee) {
+        (Ok(plan), Some(callee)) => (plan, callee),
+        (Err(refusal), _) => {
+            if refusal.code == OpenFailCode::Denied {
+                info!(cause = %refusal.message, "open denied");
+            }
+            return fail(&mut a_send, refusal.code, refusal.message).await;
+        }
+        (Ok(_), None) => {
+            let refusal = Refusal::not_present(&peer);
+            return fail(&mut a_send, refusal.code, refusal.message).await;
+        }
+    };
+    // The counts `decide` saw may have moved since: the slots are taken
+    // atomically, so concurrent opens cannot pass the limit.
     let mut slots = Vec::with_capacity(2);
-    for (side, who) in [(&session, "this client is"), (&callee, "the peer is")] {
+    for (side, who) in [(&session, OPENER), (&callee, CALLEE)] {
         match Slot::take(side, max) {
             Some(slot) => slots.push(slot),
             None => {
-                let msg = format!(
-                    "{who} already in {max} channels, the most this coordinator allows one \
-                     client; close some first"
-                );
-                return fail(&mut a_send, OpenFailCode::TooManyChannels, msg).await;
+                let refusal = Refusal::too_many_channels(who, max);
+                return fail(&mut a_send, refusal.code, refusal.message).await;
             }
-        }
-    }
-    if path == PathMode::Direct {
-        let unable = [&session, &callee].into_iter().find(|s| s.direct.is_none());
-        if let Some(s) = unable {
-            let msg = format!(
-                "no direct path possible: \"{}\" cannot take direct channels (it shares its \
-                 UDP socket or has them turned off); open with path auto or relay instead",
-                s.name
-            );
-            return fail(&mut a_send, OpenFailCode::DirectUnavailable, msg).await;
         }
     }
     let answer_timeout = shared.config.answer_timeout;
     let deadline = tokio::time::Instant::now() + answer_timeout;
     let opened = tokio::time::timeout_at(deadline, async {
         let (mut send, recv) = callee.conn.open_bi().await.ok()?;
-        let incoming = ChannelMsg::Incoming {
-            from: session.name.clone(),
-            channel: channel.clone(),
-            path,
-        };
-        write_frame(&mut send, &incoming).await.ok()?;
+        write_frame(&mut send, &plan.incoming(&session.name, &channel))
+            .await
+            .ok()?;
         Some((send, recv))
     })
     .await;
     let (mut b_send, mut b_recv) = match opened {
         Ok(Some(s)) => s,
         Ok(None) => {
-            let msg = format!("peer \"{peer}\" left before the channel could be offered");
-            return fail(&mut a_send, OpenFailCode::PeerLeft, msg).await;
+            let refusal = Refusal::left_before_offer(&peer);
+            return fail(&mut a_send, refusal.code, refusal.message).await;
         }
         Err(_) => {
-            let msg = format!("peer \"{peer}\" has no room for another channel; try again later");
-            return fail(&mut a_send, OpenFailCode::Timeout, msg).await;
+            let refusal = Refusal::no_room(&peer);
+            return fail(&mut a_send, refusal.code, refusal.message).await;
         }
     };
     debug!("offered to callee");
@@ -270,47 +133,33 @@ async fn open(
     // Wait for the callee's answer; the opener giving up (its stream or
     // connection ending) cancels the offer.
     let answer = tokio::select! {
-        answer = tokio::time::timeout_at(deadline, read_frame::<ChannelMsg, _>(&mut b_recv)) => answer,
+        answer = read_within(deadline, &mut b_recv) => answer,
         _ = read_frame::<ChannelMsg, _>(&mut a_recv) => {
             debug!("opener gave up before the callee answered");
-            let _ = b_send.reset(stream_code(StreamCode::Cancelled));
-            let _ = b_recv.stop(stream_code(StreamCode::Cancelled));
+            let _ = b_send.reset(code(StreamCode::Cancelled));
+            let _ = b_recv.stop(code(StreamCode::Cancelled));
             return;
         }
     };
-    match answer {
-        Ok(Ok(Some(ChannelMsg::Accept))) => {}
-        Ok(Ok(Some(ChannelMsg::Refuse { reason }))) => {
-            let _ = b_send.finish();
-            let msg = format!(
-                "peer \"{peer}\" refused channel \"{channel}\": {}",
-                clip_reason(&reason)
-            );
-            return fail(&mut a_send, OpenFailCode::Refused, msg).await;
-        }
-        Ok(Ok(Some(other))) => {
-            let what = format!("expected accept or refuse, got {}", msg_name(&other));
-            callee.violation(ConnCode::UnexpectedMessage, &what);
-            let msg = format!("peer \"{peer}\" broke the protocol and was disconnected");
-            return fail(&mut a_send, OpenFailCode::PeerLeft, msg).await;
-        }
-        Ok(Ok(None)) | Ok(Err(_)) => {
-            if let Ok(Err(e)) = &answer {
-                if let Some(code) = read_error_code(e) {
-                    callee.violation(code, &format!("bad channel answer: {e}"));
-                }
+    if let Answer::Failed {
+        refusal,
+        callee_stream,
+        violation,
+    } = judge_answer(answer, &peer, &channel, answer_timeout)
+    {
+        match callee_stream {
+            CalleeStream::Finish => {
+                let _ = b_send.finish();
             }
-            let msg = format!("peer \"{peer}\" left before answering");
-            return fail(&mut a_send, OpenFailCode::PeerLeft, msg).await;
+            CalleeStream::Reset => {
+                let _ = b_send.reset(code(StreamCode::Cancelled));
+            }
+            CalleeStream::Leave => {}
         }
-        Err(_) => {
-            let _ = b_send.reset(stream_code(StreamCode::Cancelled));
-            let msg = format!(
-                "peer \"{peer}\" did not answer within {} s",
-                answer_timeout.as_secs()
-            );
-            return fail(&mut a_send, OpenFailCode::Timeout, msg).await;
+        if let Some((c, what)) = violation {
+            callee.violation(c, &what);
         }
+        return fail(&mut a_send, refusal.code, refusal.message).await;
     }
 
     // Join: register both sides before either hears Ready, so that a data
@@ -334,19 +183,15 @@ async fn open(
     shared.stats.channels_joined.fetch_add(1, Ordering::Relaxed);
     // A failed write means that side is gone; its forwarder reports it.
     let number = shared.next_channel.fetch_add(1, Ordering::Relaxed);
-    let (a_intro, b_intro) = match path {
-        PathMode::Relay => (None, None),
-        PathMode::Auto | PathMode::Direct => introduce(&session, &callee),
+    let (a_intro, b_intro) = if plan.introduces() {
+        introduce(reachable(&session), reachable(&callee))
+    } else {
+        (None, None)
     };
     let direct = a_intro.is_some();
-    let ready = |peer| ChannelMsg::Ready {
-        channel: number,
-        peer,
-        interface: interface.clone(),
-    };
-    let _ = write_frame(&mut a_send, &ready(a_intro)).await;
-    let _ = write_frame(&mut b_send, &ready(b_intro)).await;
-    info!(number, ?path, introduced = direct, "joined");
+    let _ = write_frame(&mut a_send, &plan.ready(number, a_intro)).await;
+    let _ = write_frame(&mut b_send, &plan.ready(number, b_intro)).await;
+    info!(number, path = ?plan.path, introduced = direct, "joined");
 
     let drain = shared.config.drain_timeout;
     let ends = Ends {
@@ -494,26 +339,23 @@ async fn forward(
     let _ = to.finish();
 }
 
-/// Introduce `a` and `b` to each other for a direct path: each learns the
-/// other's certificate fingerprint (from the TLS handshake), observed
-/// address and reported addresses. The client whose name sorts first
-/// dials, so every channel between two clients agrees on one dialer.
-/// `(None, None)` when either cannot take direct channels.
-fn introduce(a: &Session, b: &Session) -> (Option<PeerIntro>, Option<PeerIntro>) {
-    let (Some(a_addrs), Some(b_addrs)) = (&a.direct, &b.direct) else {
-        return (None, None);
-    };
-    let a_dials = a.name < b.name;
-    let intro = |other: &Session, addrs: &Vec<std::net::SocketAddr>, dial| PeerIntro {
-        fingerprint: other.fingerprint.0,
-        observed: other.conn.remote_address(),
-        addrs: addrs.clone(),
-        dial,
-    };
-    (
-        Some(intro(b, b_addrs, a_dials)),
-        Some(intro(a, a_addrs, !a_dials)),
-    )
+/// `session` as an open's decision sees it.
+fn party(session: &Session) -> Party<'_> {
+    Party {
+        name: &session.name,
+        direct: session.direct.as_deref(),
+        channels: session.slots.load(Ordering::Acquire),
+    }
+}
+
+/// `session` as a direct-path introduction describes it.
+fn reachable(session: &Session) -> Reachable<'_> {
+    Reachable {
+        name: &session.name,
+        fingerprint: session.fingerprint.0,
+        observed: session.conn.remote_address(),
+        direct: session.direct.as_deref(),
+    }
 }
 
 /// Why `from` is gone, for a `Lost` message.
@@ -529,7 +371,7 @@ fn lost_reason(from: &Session, stream_error: Option<&str>) -> String {
         Some(e) => format!(
             "\"{}\" disconnected: {}",
             from.name,
-            crate::describe_close(&e)
+            qmesh_certs::transport::describe_close(&e)
         ),
         None => format!(
             "\"{}\" abandoned the channel: {}",

@@ -24,10 +24,32 @@
 //!
 //! - [`config`]: [`Config`], the coordinator's settings.
 //! - [`registry`]: [`Registry`], admission and routing as a plain type.
-//! - [`server`]: [`Coordinator`], the accept loop, sessions and shutdown.
-//! - `channel`: channel open, join, forwarding and close.
+//! - [`server`]: [`Coordinator`], bind, the accept loop, each session's
+//!   task and shutdown.
+//! - `session`: the state every handler shares (`Shared`, `Session`,
+//!   [`Stats`], a joined channel's sides); imports no handler.
+//! - [`control`]: [`Control`](control::Control), operator actions:
+//!   revocation, policy reload, the client list.
+//! - `admission`: admitting a hello decided as plain functions: join,
+//!   refuse, violation or enroll; who keeps a name.
+//! - `handshake`: the hello exchange, generic over the stream, and its
+//!   effects on the connection.
+//! - `streams`: first-frame dispatch of each stream a client opens.
+//! - `open`: opening a channel decided as plain functions: a plan or a
+//!   typed refusal, the callee's answer judged, direct introductions.
+//! - `channel`: the I/O of an open (offer, answer, join), forwarding and
+//!   close.
 //! - `relay`: the data stream relay.
-//! - `broadcast`: broadcast groups: fan-out and slow-member policies.
+//! - `presence`: describe and presence watches.
+//! - `broadcast`: broadcast group streams: fan-out and slow-member policies.
+//! - `groups`: the broadcast groups' member lists and queues.
+//! - `wire`: helpers every handler shares: codes as `VarInt`s, reading a
+//!   frame within a deadline, the `OpenFailed` reply.
+//! - [`admin`]: the admin socket.
+//! - [`auth`], [`token`], [`policy`], [`limit`]: authentication modes,
+//!   enrollment tokens, the access policy and rate limits, as plain types.
+//! - [`file`](mod@file): the config file.
+//! - [`settings`]: `run`'s flags, the config file and defaults merged.
 //! - [`devcert`]: development and deployment certificate files.
 //! - [`socket`]: UDP socket setup.
 //! - [`logging`]: the connpipe log format used by the binaries.
@@ -35,22 +57,31 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+mod admission;
 pub mod auth;
 mod broadcast;
 mod channel;
 pub mod config;
+pub mod control;
 pub mod devcert;
 pub mod file;
 mod files;
+mod groups;
+mod handshake;
 pub mod limit;
 pub mod logging;
+mod open;
 pub mod policy;
 mod presence;
 pub mod registry;
 mod relay;
 pub mod server;
+mod session;
+pub mod settings;
 pub mod socket;
+mod streams;
 pub mod token;
+mod wire;
 
 pub use config::Config;
 pub use registry::Registry;

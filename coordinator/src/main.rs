@@ -1,16 +1,14 @@
 //! `qmesh-coordinator`: run a qmesh coordinator, or make its certificates.
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use qmesh_certs::Identity;
-use qmesh_coordinator::auth::{token_key, Auth, AuthMode, DEFAULT_CERT_TTL};
-use qmesh_coordinator::devcert::{dev_identity, write_certs};
-use qmesh_coordinator::{logging, Config, Coordinator};
-use qmesh_proto::Address;
+use qmesh_coordinator::auth::{token_key, AuthMode};
+use qmesh_coordinator::devcert::write_certs;
+use qmesh_coordinator::settings::{self, Flags};
+use qmesh_coordinator::{logging, Coordinator};
 
 /// The qmesh coordinator: clients connect to it by name and open channels
 /// to each other through it.
@@ -123,7 +121,7 @@ impl Place {
                 return Ok(dir);
             }
         }
-        Ok(default_state_dir())
+        Ok(settings::default_state_dir())
     }
 }
 
@@ -265,151 +263,32 @@ fn admin(place: &Place, request: qmesh_coordinator::admin::Request) -> Result<()
     Ok(())
 }
 
-fn default_state_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("XDG_STATE_HOME") {
-        return PathBuf::from(dir).join("qmesh-coordinator");
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        return PathBuf::from(home).join(".local/state/qmesh-coordinator");
-    }
-    PathBuf::from(".qmesh-coordinator")
-}
-
-fn listen_addr(listen: &str) -> Result<SocketAddr> {
-    let addr: Address = listen.parse().context("parsing --listen")?;
-    let (host, port) = addr
-        .quic_endpoint()
-        .context("--listen must be a quic/ address")?;
-    if let Some(ip) = host.to_ip() {
-        return Ok(SocketAddr::new(ip, port));
-    }
-    let name = host.to_string();
-    let name = if name == "$n" {
-        "localhost".to_owned()
-    } else {
-        name
-    };
-    match (name.as_str(), port).to_socket_addrs()?.next() {
-        Some(a) => Ok(a),
-        None => bail!("--listen host {name} does not resolve"),
+impl From<&RunArgs> for Flags {
+    fn from(args: &RunArgs) -> Self {
+        Flags {
+            config: args.config.clone(),
+            listen: args.listen.clone(),
+            cert: args.cert.clone(),
+            key: args.key.clone(),
+            state_dir: args.state_dir.clone(),
+            auth: args.auth,
+            client_ca: args.client_ca.clone(),
+            cert_ttl: args.cert_ttl.map(Duration::from),
+            idle_timeout: args.idle_timeout.map(Duration::from_secs),
+            max_clients: args.max_clients,
+            max_channels_per_client: args.max_channels_per_client,
+            bytes_per_second: args.bytes_per_second,
+            messages_per_second: args.messages_per_second,
+        }
     }
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let checked = match &args.config {
-        Some(path) => Some(qmesh_coordinator::file::check_file(path).map_err(|errors| {
-            anyhow::anyhow!("{} error(s):\n  {}", errors.len(), errors.join("\n  "))
-        })?),
-        None => None,
-    };
-    let file = checked.as_ref().map(|c| c.file.clone()).unwrap_or_default();
-    let listen = args
-        .listen
-        .clone()
-        .or(file.listen.clone())
-        .unwrap_or_else(|| "quic/*4:7447".into());
-    let listen = listen_addr(&listen)?;
-    let dir = args
-        .state_dir
-        .clone()
-        .or(file.state_dir.clone())
-        .unwrap_or_else(default_state_dir);
-    let (identity, ca_note) = match (
-        args.cert.clone().or(file.cert.clone()),
-        args.key.clone().or(file.key.clone()),
-    ) {
-        (Some(cert), Some(key)) => {
-            let identity =
-                Identity::load(&cert, &key).context("loading the coordinator --cert/--key")?;
-            (identity, None)
-        }
-        _ => {
-            let files = dev_identity(&dir).with_context(|| {
-                format!("preparing the development certificate in {}", dir.display())
-            })?;
-            let verb = if files.created { "created" } else { "reusing" };
-            tracing::info!(state_dir = %dir.display(), "{verb} development certificate");
-            (files.identity, Some(files.ca_path))
-        }
-    };
-    let mode = args.auth.or(file.auth.mode).unwrap_or(AuthMode::Open);
-    let auth = match mode {
-        AuthMode::Open => Auth::open(Some(&dir))?,
-        AuthMode::Ca => {
-            let path = args
-                .client_ca
-                .clone()
-                .or(file.auth.client_ca.clone())
-                .context("--auth ca needs --client-ca FILE (or [auth] client_ca): the CA client certificates must chain to")?;
-            let roots = qmesh_certs::load_certs(&path)
-                .with_context(|| format!("loading the client CA {}", path.display()))?;
-            Auth::ca(roots, Some(&dir))?
-        }
-        AuthMode::Token => {
-            let ttl = args
-                .cert_ttl
-                .map(Duration::from)
-                .or(checked.as_ref().and_then(|c| c.cert_ttl))
-                .unwrap_or(DEFAULT_CERT_TTL);
-            Auth::token(&dir, ttl)?
-        }
-    };
-    let mut config = Config::new(identity);
-    config.listen = listen;
-    config.auth = std::sync::Arc::new(auth);
-    config.state_dir = Some(dir.clone());
-    config.config_file = args.config.clone();
-    let limits = &file.limits;
-    config.max_clients = args.max_clients.or(limits.max_clients);
-    if let Some(n) = args
-        .max_channels_per_client
-        .or(limits.max_channels_per_client)
-    {
-        config.max_channels_per_client = n.max(1);
-    }
-    if let Some(n) = limits.max_streams_per_channel {
-        config.max_streams_per_channel = n.max(1);
-    }
-    if let Some(n) = limits.max_message_size {
-        config.max_message = n.max(1);
-    }
-    if let Some(n) = limits.max_pending {
-        config.max_pending = n.max(2);
-    }
-    let nonzero = |v: u64| (v > 0).then_some(v);
-    if let Some(v) = args.bytes_per_second.or(limits.bytes_per_second) {
-        config.rate.bytes_per_sec = nonzero(v);
-    }
-    if let Some(v) = args.messages_per_second.or(limits.messages_per_second) {
-        config.rate.messages_per_sec = nonzero(v);
-    }
-    if let Some(c) = &checked {
-        if let Some(d) = c.burst {
-            config.rate.burst = d;
-        }
-        if let Some(d) = c.flood_after {
-            config.rate.flood_after = d;
-        }
-        if let Some(d) = c.hello_timeout {
-            config.hello_timeout = d;
-        }
-        if let Some(p) = &c.policy {
-            config.policy = p.clone();
-        }
-        config.groups = c.groups.clone();
-    }
-    let idle = args
-        .idle_timeout
-        .map(Duration::from_secs)
-        .or(checked.as_ref().and_then(|c| c.idle_timeout))
-        .unwrap_or(Duration::from_secs(30));
-    config.tuning = config
-        .tuning
-        .with_idle_timeout(idle.max(Duration::from_secs(1)));
-    let policy_rules = checked
-        .as_ref()
-        .and_then(|c| c.policy.as_ref())
-        .map(|p| p.len());
+    let settings = settings::read(&Flags::from(&args))?;
+    let (config, ca_note) = settings.load()?;
+    let mode = settings.auth.mode();
+    let dir = &settings.state_dir;
+    let policy_rules = settings.policy.as_ref().map(|p| p.len());
     let coordinator = Coordinator::bind(config)?;
     let control = coordinator.control();
     // Install the signal handlers before saying we are up, so that a
@@ -431,7 +310,7 @@ async fn run(args: RunArgs) -> Result<()> {
         }
         AuthMode::Token => println!(
             "token mode: enroll clients with `qmesh-coordinator token create --name NAME --state-dir {}`",
-            display_path(&dir)
+            display_path(dir)
         ),
         AuthMode::Ca => {}
     }

@@ -14,9 +14,10 @@ use quinn::{RecvStream, SendStream};
 use tokio::sync::broadcast::error::RecvError;
 use tracing::debug;
 
-use crate::channel::fail;
+use crate::open::Refusal;
 use crate::policy::Decision;
-use crate::server::{Session, Shared};
+use crate::session::{Session, Shared};
+use crate::wire::fail;
 
 /// Answer a describe: the manifest of `channel` on `peer`, as declared.
 pub(crate) async fn describe(
@@ -40,18 +41,13 @@ pub(crate) async fn describe(
     }
     let found = shared.registry().lookup(peer).cloned();
     let Some(offerer) = found else {
-        let msg = format!(
-            "peer not present: no client named \"{peer}\" is connected to this coordinator"
-        );
-        return fail(&mut send, OpenFailCode::PeerNotPresent, msg).await;
+        let r = Refusal::not_present(peer);
+        return fail(&mut send, r.code, r.message).await;
     };
     let offered = offerer.interfaces();
     let Some(interface) = offered.iter().find(|i| i.name == channel).cloned() else {
-        let msg = format!(
-            "no such interface: \"{peer}\" does not offer \"{channel}\"; it offers: {}",
-            qmesh_proto::manifest::names(&offered)
-        );
-        return fail(&mut send, OpenFailCode::NoSuchInterface, msg).await;
+        let r = Refusal::no_such_interface(peer, channel, &offered);
+        return fail(&mut send, r.code, r.message).await;
     };
     if write_frame(&mut send, &ChannelMsg::Manifest { interface })
         .await

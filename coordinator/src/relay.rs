@@ -15,21 +15,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use qmesh_proto::codec::{read_frame, write_frame, DecodeError, ReadFrameError};
+use qmesh_proto::codec::{write_frame, DecodeError, ReadFrameError};
 use qmesh_proto::codes::StreamCode;
 use qmesh_proto::msg::StreamHeader;
-use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
+use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio::sync::watch;
-use tokio::time::timeout;
 use tracing::{debug, trace, warn};
 
-use crate::channel::StreamCount;
 use crate::limit::{MessageCounter, TooLong};
-use crate::server::{Session, Shared};
-
-fn code(c: StreamCode) -> VarInt {
-    VarInt::from_u32(c.code())
-}
+use crate::session::{Session, Shared, StreamCount};
+use crate::wire::{code, read_within, Read};
 
 /// Marks a relayed stream finished in its channel's count when dropped.
 struct Active<'a>(&'a watch::Sender<StreamCount>);
@@ -43,22 +38,17 @@ impl Drop for Active<'_> {
 
 /// Relay one data stream `session` opened.
 pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut recv: RecvStream) {
-    let header = timeout(
-        shared.config.hello_timeout,
-        read_frame::<StreamHeader, _>(&mut recv),
-    )
-    .await;
-    let (channel, messages) = match header {
-        Ok(Ok(Some(StreamHeader::Data { channel }))) => (channel, false),
-        Ok(Ok(Some(StreamHeader::Messages { channel }))) => (channel, true),
-        Ok(Ok(Some(StreamHeader::Direct { .. } | StreamHeader::DirectMessages { .. }))) => {
+    let deadline = tokio::time::Instant::now() + shared.config.hello_timeout;
+    let (channel, messages) = match read_within(deadline, &mut recv).await {
+        Read::Frame(StreamHeader::Data { channel }) => (channel, false),
+        Read::Frame(StreamHeader::Messages { channel }) => (channel, true),
+        Read::Frame(StreamHeader::Direct { .. } | StreamHeader::DirectMessages { .. }) => {
             warn!(client = %session.name, "stopping data stream: a direct-connection header sent to the coordinator");
             let _ = recv.stop(code(StreamCode::Malformed));
             return;
         }
-        Ok(Ok(None)) => return,
-        Ok(Err(ReadFrameError::Io(_))) => return,
-        Ok(Err(e)) => {
+        Read::Finished | Read::Failed(ReadFrameError::Io(_)) => return,
+        Read::Failed(e) => {
             let c = match e {
                 ReadFrameError::Decode(DecodeError::TooLarge { .. }) => StreamCode::FrameTooLarge,
                 _ => StreamCode::Malformed,
@@ -67,7 +57,7 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
             let _ = recv.stop(code(c));
             return;
         }
-        Err(_) => {
+        Read::TimedOut => {
             warn!(client = %session.name, "stopping data stream: no header in time");
             let _ = recv.stop(code(StreamCode::Malformed));
             return;

@@ -1,37 +1,35 @@
 //! The coordinator: accept loop, sessions and shutdown.
 //!
-//! One task per connection runs its session: hello, then accepting the
-//! channel control streams and data streams the client opens. Channel
-//! routing lives in the `channel` module, byte relaying in `relay`.
+//! One task per connection runs its session: the hello (in `handshake`),
+//! then the heartbeat and interface updates on the session stream, and
+//! every stream the client opens, handed to `streams` for dispatch.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use qmesh_certs::transport::{StreamAllowance, StreamKind};
-use qmesh_certs::Fingerprint;
-use qmesh_proto::codec::{read_frame, write_frame, DecodeError, ReadFrameError};
-use qmesh_proto::codes::{ConnCode, RejectCode};
+use qmesh_proto::codes::ConnCode;
 use qmesh_proto::heartbeat::{self, StreamEnd};
-use qmesh_proto::manifest::{validate_interfaces, Interface};
+use qmesh_proto::manifest::validate_interfaces;
 use qmesh_proto::msg::{PresenceEvent, SessionMsg};
-use qmesh_proto::PROTOCOL_VERSION;
 use quinn::{Connection, Endpoint, VarInt};
-use rustls_pki_types::CertificateDer;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use crate::channel::ChannelSide;
+use crate::admission::session_msg_name;
 use crate::config::Config;
-use crate::limit::Limiter;
-use crate::policy::Policy;
-use crate::registry::{Admitted, Holder, Registry, Rejection, SessionId};
+use crate::handshake::hello;
+use crate::registry::Registry;
+use crate::session::Shared;
+
+pub use crate::control::{Control, Revoked};
+pub use crate::session::Stats;
 
 /// Starting a coordinator failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,270 +45,6 @@ pub enum BindError {
         /// The OS error.
         source: std::io::Error,
     },
-}
-
-/// Counters a running coordinator keeps.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Sessions admitted since start.
-    pub sessions_admitted: AtomicU64,
-    /// Channels joined since start.
-    pub channels_joined: AtomicU64,
-    /// Data streams relayed since start.
-    pub streams_relayed: AtomicU64,
-    /// Payload bytes relayed since start.
-    pub bytes_relayed: AtomicU64,
-    /// Hellos and enrollments refused since start.
-    pub hellos_refused: AtomicU64,
-    /// Certificates issued (enrollments and renewals) since start.
-    pub certificates_issued: AtomicU64,
-    /// Connections that have not finished their hello, now.
-    pub pending: AtomicU64,
-}
-
-/// State shared by all of a coordinator's tasks.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) registry: Mutex<Registry<Arc<Session>>>,
-    pub(crate) stats: Arc<Stats>,
-    pub(crate) tasks: TaskTracker,
-    pub(crate) shutdown: CancellationToken,
-    /// The number the next joined channel gets.
-    pub(crate) next_channel: AtomicU64,
-    /// The access policy in force.
-    pub(crate) policy: RwLock<Arc<Policy>>,
-    /// Joins, leaves and interface changes, for presence watchers.
-    pub(crate) presence: tokio::sync::broadcast::Sender<PresenceEvent>,
-    /// Broadcast groups by name.
-    pub(crate) groups: crate::broadcast::Groups,
-}
-
-impl Shared {
-    pub(crate) fn registry(&self) -> MutexGuard<'_, Registry<Arc<Session>>> {
-        self.registry.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn policy(&self) -> Arc<Policy> {
-        self.policy
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
-
-/// What `revoke` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Revoked {
-    /// Certificates newly added to the revocation list.
-    pub certificates: usize,
-    /// Whether a connected session was closed.
-    pub disconnected: bool,
-}
-
-/// Operator actions on a running coordinator: revocation and policy
-/// reload. The admin socket and the SIGHUP handler use it; so can a
-/// program embedding the coordinator.
-#[derive(Debug, Clone)]
-pub struct Control(Arc<Shared>);
-
-impl Control {
-    /// Revoke every certificate `name` holds (its session's, and in `token`
-    /// mode every unexpired one issued for it) and close its session with
-    /// `ConnCode::Revoked`.
-    pub fn revoke(&self, name: &str) -> Revoked {
-        let auth = &self.0.config.auth;
-        let session = self.0.registry().lookup(name).cloned();
-        let mut fps = auth.issued_for(name);
-        fps.extend(session.as_ref().map(|s| s.fingerprint));
-        let certificates = fps
-            .into_iter()
-            .filter(|fp| auth.revocations().add(*fp, name))
-            .count();
-        let disconnected = session.is_some_and(|s| close_revoked(&s)) | self.close_all_revoked();
-        info!(name, certificates, disconnected, "revoked");
-        Revoked {
-            certificates,
-            disconnected,
-        }
-    }
-
-    /// Revoke one certificate by fingerprint and close the session that
-    /// holds it, if any.
-    pub fn revoke_fingerprint(&self, fp: Fingerprint) -> Revoked {
-        let holder = self
-            .0
-            .registry()
-            .iter()
-            .find(|s| s.fingerprint == fp)
-            .cloned();
-        let name = holder
-            .as_ref()
-            .map(|s| s.name.clone())
-            .unwrap_or_else(|| "-".into());
-        let certificates = usize::from(self.0.config.auth.revocations().add(fp, &name));
-        let disconnected = holder.is_some_and(|s| close_revoked(&s)) | self.close_all_revoked();
-        info!(fingerprint = %fp, certificates, disconnected, "revoked");
-        Revoked {
-            certificates,
-            disconnected,
-        }
-    }
-
-    /// Close every session whose certificate is revoked (one certificate
-    /// may hold several names); returns whether any was.
-    fn close_all_revoked(&self) -> bool {
-        let revoked: Vec<Arc<Session>> = self
-            .0
-            .registry()
-            .iter()
-            .filter(|s| self.0.config.auth.revocations().contains(&s.fingerprint))
-            .cloned()
-            .collect();
-        revoked.iter().fold(false, |any, s| close_revoked(s) | any)
-    }
-
-    /// Put `policy` in force for opens from now on.
-    pub fn set_policy(&self, policy: Policy) {
-        *self.0.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
-    }
-
-    /// The policy in force.
-    pub fn policy(&self) -> Arc<Policy> {
-        self.0.policy()
-    }
-
-    /// Re-read the policy from the config file after checking it; on any
-    /// error the policy in force stays and every error is returned.
-    pub fn reload_policy(&self) -> Result<String, Vec<String>> {
-        let Some(path) = &self.0.config.config_file else {
-            let what = "this coordinator was started without --config, so there is no policy file to reload";
-            warn!("policy reload refused: {what}");
-            return Err(vec![what.into()]);
-        };
-        match crate::file::check_file(path) {
-            Ok(checked) => {
-                let rules = checked.policy.as_ref().map(|p| p.len());
-                self.set_policy(checked.policy.unwrap_or_else(Policy::allow_all));
-                let what = match rules {
-                    Some(n) => format!(
-                        "policy reloaded from {}: {n} rules in force",
-                        path.display()
-                    ),
-                    None => format!(
-                        "policy reloaded from {}: no [policy] table, everything is allowed",
-                        path.display()
-                    ),
-                };
-                info!("{what}");
-                Ok(what)
-            }
-            Err(errors) => {
-                for e in &errors {
-                    warn!(file = %path.display(), error = %e, "policy reload refused; the old policy stays");
-                }
-                Err(errors)
-            }
-        }
-    }
-
-    /// The coordinator's counters.
-    pub fn stats(&self) -> Arc<Stats> {
-        self.0.stats.clone()
-    }
-
-    /// Names of the connected clients, sorted.
-    pub fn clients(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.0.registry().iter().map(|s| s.name.clone()).collect();
-        names.sort();
-        names
-    }
-}
-
-fn close_revoked(session: &Session) -> bool {
-    if session.conn.close_reason().is_some() {
-        return false;
-    }
-    warn!(name = %session.name, "closing a revoked client's session");
-    session.close(
-        ConnCode::Revoked,
-        "the operator revoked this client's certificate; ask them for a new credential",
-    );
-    true
-}
-
-/// One admitted client.
-#[derive(Debug)]
-pub(crate) struct Session {
-    pub(crate) id: SessionId,
-    pub(crate) name: String,
-    pub(crate) conn: Connection,
-    /// The fingerprint of the certificate the client presented in the TLS
-    /// handshake (never what the client claims).
-    pub(crate) fingerprint: Fingerprint,
-    /// SHA-256 of the certificate's public key: what "the same credential"
-    /// compares, so a renewed certificate takes its name back.
-    pub(crate) key: Option<[u8; 32]>,
-    /// Addresses the client reported for itself, or `None` when it cannot
-    /// take direct channels.
-    pub(crate) direct: Option<Vec<SocketAddr>>,
-    /// This session's side of each joined channel, by the id of the channel
-    /// control stream on this connection.
-    pub(crate) channels: Mutex<HashMap<u64, Arc<ChannelSide>>>,
-    /// Channels this client is part of, joined or being opened: what
-    /// `max_channels_per_client` counts.
-    pub(crate) slots: AtomicUsize,
-    /// This client's rate limits.
-    pub(crate) limiter: Limiter,
-    /// The interfaces the client offers (empty: it declares none).
-    pub(crate) interfaces: Mutex<Arc<Vec<Interface>>>,
-    /// Why the coordinator closed this session, when it did: the reason
-    /// its peers' channels are told.
-    pub(crate) closed_why: std::sync::OnceLock<String>,
-}
-
-impl Session {
-    /// Close the session with `code`, and keep `why` for the peers of its
-    /// channels. The first close is the one that counts.
-    pub(crate) fn close(&self, code: ConnCode, why: &str) {
-        let _ = self.closed_why.set(why.to_owned());
-        self.conn
-            .close(VarInt::from_u32(code.code()), why.as_bytes());
-    }
-
-    /// Close the session because the client broke the protocol, and say
-    /// so at `warn`.
-    pub(crate) fn violation(&self, code: ConnCode, what: &str) {
-        warn!(name = %self.name, peer = %self.conn.remote_address(), code = %code, cause = what, "closing connection");
-        self.close(code, what);
-    }
-
-    /// The interfaces the client offers now.
-    pub(crate) fn interfaces(&self) -> Arc<Vec<Interface>> {
-        self.interfaces
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    pub(crate) fn channels(&self) -> MutexGuard<'_, HashMap<u64, Arc<ChannelSide>>> {
-        self.channels.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Close `conn` because its peer broke the protocol, and say so at `warn`.
-pub(crate) fn violation(conn: &Connection, code: ConnCode, what: &str) {
-    warn!(peer = %conn.remote_address(), code = %code, cause = what, "closing connection");
-    conn.close(VarInt::from_u32(code.code()), what.as_bytes());
-}
-
-/// The close code for a frame that could not be read.
-pub(crate) fn read_error_code(err: &ReadFrameError) -> Option<ConnCode> {
-    match err {
-        ReadFrameError::Decode(DecodeError::TooLarge { .. }) => Some(ConnCode::FrameTooLarge),
-        ReadFrameError::Decode(_) | ReadFrameError::Truncated => Some(ConnCode::Malformed),
-        ReadFrameError::Io(_) => None,
-    }
 }
 
 /// A bound coordinator, ready to run.
@@ -357,7 +91,7 @@ impl Coordinator {
             endpoint,
             shared: Arc::new(Shared {
                 presence: tokio::sync::broadcast::channel(config.presence_buffer.max(1)).0,
-                groups: crate::broadcast::Groups::default(),
+                groups: crate::groups::Groups::default(),
                 config,
                 registry: Mutex::new(registry),
                 stats: Arc::default(),
@@ -502,10 +236,6 @@ impl Drop for CoordinatorHandle {
     }
 }
 
-/// How long a refusal, an issued certificate or a welcome may take to be
-/// written before the connection is closed anyway.
-const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// Counts a connection as pending (not through its hello) until dropped.
 struct Pending(Arc<Shared>);
 
@@ -552,335 +282,6 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
     };
     run_session(shared, conn, deadline, guard).await;
-}
-
-/// Refuse a hello or an enrollment: the `Reject` on the session stream,
-/// then a close carrying the same sentence.
-async fn refuse(
-    shared: &Shared,
-    conn: &Connection,
-    send: &mut quinn::SendStream,
-    name: &str,
-    code: RejectCode,
-    message: &str,
-) {
-    shared.stats.hellos_refused.fetch_add(1, Ordering::Relaxed);
-    info!(peer = %conn.remote_address(), name = %name, code = ?code, cause = %message, "hello refused");
-    let message = qmesh_proto::limits::clip_reason(message);
-    let reject = SessionMsg::Reject {
-        code,
-        message: message.clone(),
-    };
-    // Bounded: a peer that never opens its window must not hold the
-    // connection (and its pending place) past a second.
-    let _ = timeout(LINGER, async {
-        if write_frame(send, &reject).await.is_ok() && send.finish().is_ok() {
-            // Let the rejection arrive before the close; the close carries
-            // the same sentence in case it does not.
-            let _ = send.stopped().await;
-        }
-    })
-    .await;
-    conn.close(
-        VarInt::from_u32(code.conn_code().code()),
-        message.as_bytes(),
-    );
-}
-
-/// Answer an enrollment or renewal, then end the connection.
-async fn enroll(
-    shared: &Shared,
-    conn: &Connection,
-    mut send: quinn::SendStream,
-    chain: &[CertificateDer<'static>],
-    (version, name, token): (u32, String, Option<String>),
-) {
-    if version != PROTOCOL_VERSION {
-        let msg = format!("this coordinator speaks protocol version {PROTOCOL_VERSION}, the client {version}; upgrade the older side");
-        return refuse(
-            shared,
-            conn,
-            &mut send,
-            &name,
-            RejectCode::VersionMismatch,
-            &msg,
-        )
-        .await;
-    }
-    let renewal = token.is_none();
-    match shared.config.auth.enroll(&name, token.as_deref(), chain) {
-        Ok((cert_pem, expires)) => {
-            shared
-                .stats
-                .certificates_issued
-                .fetch_add(1, Ordering::Relaxed);
-            info!(peer = %conn.remote_address(), name = %name, expires, renewal, "certificate issued");
-            let reply = SessionMsg::Enrolled { cert_pem, expires };
-            let _ = timeout(LINGER * 2, async {
-                if write_frame(&mut send, &reply).await.is_ok() && send.finish().is_ok() {
-                    let _ = send.stopped().await;
-                }
-            })
-            .await;
-            conn.close(
-                VarInt::from_u32(ConnCode::Normal.code()),
-                b"certificate issued",
-            );
-        }
-        Err((code, message)) => refuse(shared, conn, &mut send, &name, code, &message).await,
-    }
-}
-
-/// Wait for the hello and answer it; returns the admitted session and its
-/// control stream, or `None` when the connection was refused, enrolled or
-/// closed.
-async fn hello(
-    shared: &Arc<Shared>,
-    conn: &Connection,
-    deadline: tokio::time::Instant,
-) -> Option<(Arc<Session>, quinn::SendStream, quinn::RecvStream)> {
-    let first = tokio::time::timeout_at(deadline, async {
-        let (send, mut recv) = conn.accept_bi().await.ok()?;
-        Some((send, read_frame::<SessionMsg, _>(&mut recv).await, recv))
-    })
-    .await;
-    let (mut send, msg, recv) = match first {
-        Err(_) => {
-            violation(
-                conn,
-                ConnCode::HelloTimeout,
-                "no hello within the hello timeout",
-            );
-            return None;
-        }
-        Ok(None) => return None,
-        Ok(Some(x)) => x,
-    };
-    // The server configuration requires a client certificate, so a missing
-    // one here means the TLS layer and this code disagree.
-    let Some(chain) = qmesh_certs::peer_chain(conn) else {
-        violation(
-            conn,
-            ConnCode::Internal,
-            "no client certificate after the handshake",
-        );
-        return None;
-    };
-    let (version, name, direct) = match msg {
-        Ok(Some(SessionMsg::Hello {
-            version,
-            name,
-            direct,
-        })) => (version, name, direct),
-        Ok(Some(SessionMsg::Enroll {
-            version,
-            name,
-            token,
-        })) => {
-            enroll(shared, conn, send, &chain, (version, name, token)).await;
-            return None;
-        }
-        Ok(Some(other)) => {
-            let what = format!("expected hello, got {}", session_msg_name(&other));
-            violation(conn, ConnCode::UnexpectedMessage, &what);
-            return None;
-        }
-        Ok(None) => {
-            violation(
-                conn,
-                ConnCode::Malformed,
-                "session stream ended before hello",
-            );
-            return None;
-        }
-        Err(e) => {
-            if let Some(code) = read_error_code(&e) {
-                violation(conn, code, &format!("bad hello: {e}"));
-            }
-            return None;
-        }
-    };
-    if direct
-        .as_ref()
-        .is_some_and(|a| a.len() > qmesh_proto::limits::MAX_REPORTED_ADDRS)
-    {
-        let what = format!(
-            "hello reports more than {} addresses",
-            qmesh_proto::limits::MAX_REPORTED_ADDRS
-        );
-        violation(conn, ConnCode::Malformed, &what);
-        return None;
-    }
-    let mut recv = recv;
-    let mut interfaces = Vec::new();
-    if version == PROTOCOL_VERSION {
-        if let Err((code, message)) = shared.config.auth.check_hello(&name, &chain) {
-            refuse(shared, conn, &mut send, &name, code, &message).await;
-            return None;
-        }
-        // The client's interfaces follow its hello at once.
-        let declared =
-            tokio::time::timeout_at(deadline, read_frame::<SessionMsg, _>(&mut recv)).await;
-        match declared {
-            Ok(Ok(Some(SessionMsg::Interfaces { list }))) => {
-                if let Err(what) = validate_interfaces(&list) {
-                    violation(
-                        conn,
-                        ConnCode::Malformed,
-                        &format!("bad interface list: {what}"),
-                    );
-                    return None;
-                }
-                interfaces = list;
-            }
-            Ok(Ok(Some(other))) => {
-                let what = format!(
-                    "expected interfaces after hello, got {}",
-                    session_msg_name(&other)
-                );
-                violation(conn, ConnCode::UnexpectedMessage, &what);
-                return None;
-            }
-            Ok(Ok(None)) => {
-                violation(
-                    conn,
-                    ConnCode::Malformed,
-                    "session stream ended after hello",
-                );
-                return None;
-            }
-            Ok(Err(e)) => {
-                if let Some(code) = read_error_code(&e) {
-                    violation(conn, code, &format!("bad interface list: {e}"));
-                }
-                return None;
-            }
-            Err(_) => {
-                violation(
-                    conn,
-                    ConnCode::HelloTimeout,
-                    "no interface list within the hello timeout",
-                );
-                return None;
-            }
-        }
-    }
-    let interfaces = Arc::new(interfaces);
-    let fingerprint = Fingerprint::of(&chain[0]);
-    let key = qmesh_certs::clientauth::key_id(&chain[0]);
-    let admitted = shared.registry().admit(
-        version,
-        &name,
-        |id| {
-            Arc::new(Session {
-                id,
-                name: name.clone(),
-                conn: conn.clone(),
-                fingerprint,
-                key,
-                direct: direct.clone(),
-                channels: Mutex::new(HashMap::new()),
-                slots: AtomicUsize::new(0),
-                limiter: Limiter::new(&shared.config.rate),
-                interfaces: Mutex::new(interfaces.clone()),
-                closed_why: std::sync::OnceLock::new(),
-            })
-        },
-        |held| {
-            if held.conn.close_reason().is_some() {
-                Holder::Gone
-            } else if held.fingerprint == fingerprint || (key.is_some() && held.key == key) {
-                // The same certificate, or one renewed for the same key.
-                Holder::SameCredential
-            } else {
-                Holder::Other
-            }
-        },
-    );
-    match admitted {
-        Ok(Admitted {
-            id,
-            handle: session,
-            replaced,
-        }) => {
-            let rejoined = replaced.is_some();
-            if let Some(old) = replaced {
-                info!(name = %name, old = old.id, new = id, "the same credential connected again; closing its old session");
-                old.close(
-                    ConnCode::Replaced,
-                    "this name was taken over by a new session with the same credential",
-                );
-            }
-            // Authenticated: open the windows and stream limits that were
-            // kept small until now.
-            let tuning = &shared.config.tuning;
-            conn.set_receive_window(VarInt::from_u32(tuning.conn_window));
-            conn.set_max_concurrent_bi_streams(VarInt::from_u32(tuning.max_bidi_streams));
-            conn.set_max_concurrent_uni_streams(VarInt::from_u32(tuning.max_uni_streams));
-            let welcome = SessionMsg::Welcome {
-                session: id,
-                observed: conn.remote_address(),
-            };
-            let written =
-                tokio::time::timeout_at(deadline + LINGER, write_frame(&mut send, &welcome)).await;
-            if !matches!(written, Ok(Ok(()))) {
-                shared.registry().leave(&name, id);
-                violation(
-                    conn,
-                    ConnCode::HelloTimeout,
-                    "the welcome could not be delivered in time",
-                );
-                return None;
-            }
-            // A revocation that landed between the check above and the
-            // admission: revoke adds to the list, then closes what the
-            // registry holds, so one of the two sees this session.
-            if shared.config.auth.revocations().contains(&fingerprint) {
-                shared.registry().leave(&name, id);
-                close_revoked(&session);
-                return None;
-            }
-            shared
-                .stats
-                .sessions_admitted
-                .fetch_add(1, Ordering::Relaxed);
-            let interfaces = interfaces.to_vec();
-            let _ = shared.presence.send(if rejoined {
-                PresenceEvent::Changed {
-                    name: name.clone(),
-                    interfaces,
-                }
-            } else {
-                PresenceEvent::Joined {
-                    name: name.clone(),
-                    interfaces,
-                }
-            });
-            Some((session, send, recv))
-        }
-        Err(Rejection { code, message }) => {
-            debug!(
-                client_version = version,
-                ours = PROTOCOL_VERSION,
-                "registry refused"
-            );
-            refuse(shared, conn, &mut send, &name, code, &message).await;
-            None
-        }
-    }
-}
-
-fn session_msg_name(msg: &SessionMsg) -> &'static str {
-    match msg {
-        SessionMsg::Hello { .. } => "hello",
-        SessionMsg::Welcome { .. } => "welcome",
-        SessionMsg::Reject { .. } => "reject",
-        SessionMsg::Enroll { .. } => "enroll",
-        SessionMsg::Enrolled { .. } => "enrolled",
-        SessionMsg::Interfaces { .. } => "interfaces",
-        SessionMsg::Ping { .. } => "ping",
-        SessionMsg::Pong { .. } => "pong",
-    }
 }
 
 async fn run_session(
@@ -940,7 +341,7 @@ async fn run_session(
                 bi = conn.accept_bi() => match bi {
                     Ok((send, recv)) => {
                         let guard = bi_allowance.opened();
-                        let task = crate::channel::handle_open(shared.clone(), session.clone(), send, recv);
+                        let task = crate::streams::bidi(shared.clone(), session.clone(), send, recv);
                         shared.tasks.spawn(async move { task.await; drop(guard) }.in_current_span());
                     }
                     Err(_) => break,
@@ -948,7 +349,7 @@ async fn run_session(
                 uni = conn.accept_uni() => match uni {
                     Ok(recv) => {
                         let guard = uni_allowance.opened();
-                        let task = crate::relay::relay_stream(shared.clone(), session.clone(), recv);
+                        let task = crate::streams::uni(shared.clone(), session.clone(), recv);
                         shared.tasks.spawn(async move { task.await; drop(guard) }.in_current_span());
                     }
                     Err(_) => break,
@@ -960,7 +361,7 @@ async fn run_session(
         }
         let reason = conn
             .close_reason()
-            .map(|e| crate::describe_close(&e))
+            .map(|e| qmesh_certs::transport::describe_close(&e))
             .unwrap_or_else(|| "closed".into());
         info!(reason = %reason, "left");
     }

@@ -1,0 +1,150 @@
+//! The coordinator's broadcast groups as state: which members each group
+//! has, each member's queue and how its time in the group ended. The
+//! `broadcast` module serves the streams; this one only keeps the lists.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::GroupConfig;
+
+/// The coordinator's broadcast groups, by name. Empty groups are removed.
+#[derive(Debug, Default)]
+pub(crate) struct Groups {
+    map: Mutex<HashMap<String, Arc<Group>>>,
+    /// The number the next member gets.
+    pub(crate) next_member: AtomicU64,
+}
+
+impl Groups {
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Group>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Members of `name` now (0 when nobody is in it).
+    pub(crate) fn count(&self, name: &str) -> u64 {
+        self.map().get(name).map_or(0, |g| g.members().len() as u64)
+    }
+
+    /// Add `member` to group `name`, made with `config` if it has no
+    /// members; returns the group and its member count.
+    pub(crate) fn add(
+        &self,
+        name: &str,
+        config: GroupConfig,
+        member: Arc<Member>,
+    ) -> (Arc<Group>, u64) {
+        let mut map = self.map();
+        let group = map
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Group {
+                    name: name.to_owned(),
+                    config,
+                    members: Mutex::new(Arc::new(Vec::new())),
+                })
+            })
+            .clone();
+        let mut members = group.members.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list = Vec::with_capacity(members.len() + 1);
+        list.extend(members.iter().cloned());
+        list.push(member);
+        let count = list.len() as u64;
+        *members = Arc::new(list);
+        drop(members);
+        (group, count)
+    }
+
+    /// Take member `id` out of `group` (and the group out of the map when
+    /// it is left empty). Whether it was still a member.
+    pub(crate) fn remove(&self, group: &Group, id: u64) -> bool {
+        let mut map = self.map();
+        let mut members = group.members.lock().unwrap_or_else(|e| e.into_inner());
+        if !members.iter().any(|m| m.id == id) {
+            return false;
+        }
+        let list: Vec<_> = members.iter().filter(|m| m.id != id).cloned().collect();
+        let empty = list.is_empty();
+        *members = Arc::new(list);
+        drop(members);
+        if empty {
+            map.remove(&group.name);
+        }
+        true
+    }
+}
+
+/// One group: its configuration and members.
+#[derive(Debug)]
+pub(crate) struct Group {
+    pub(crate) name: String,
+    pub(crate) config: GroupConfig,
+    /// Replaced (never changed in place) on every join and leave, so a
+    /// fan-out takes a snapshot without holding the lock.
+    members: Mutex<Arc<Vec<Arc<Member>>>>,
+}
+
+impl Group {
+    pub(crate) fn members(&self) -> Arc<Vec<Arc<Member>>> {
+        self.members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// How a member's time in the group ended.
+#[derive(Debug, Clone)]
+pub(crate) enum End {
+    /// It left (finished its side, or its connection ended).
+    Left,
+    /// It fell behind in a group with policy `evict`.
+    Evicted(String),
+}
+
+/// One member of a group, as the fan-out sees it.
+#[derive(Debug)]
+pub(crate) struct Member {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) queue: mpsc::Sender<Item>,
+    /// Broadcasts dropped for this member (policy `lag`) and not yet
+    /// reported. Taken under this lock together with queue operations, so
+    /// counts and messages keep their order.
+    pub(crate) missed: Mutex<u64>,
+    /// Set once, when the member's time in the group ends.
+    pub(crate) end: Mutex<Option<End>>,
+    pub(crate) ended: CancellationToken,
+}
+
+impl Member {
+    pub(crate) fn missed(&self) -> MutexGuard<'_, u64> {
+        self.missed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Record how the member's time ended; the first cause wins.
+    pub(crate) fn end(&self, end: End) {
+        let mut slot = self.end.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(end);
+        }
+        drop(slot);
+        self.ended.cancel();
+    }
+
+    pub(crate) fn how_ended(&self) -> Option<End> {
+        self.end.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// One entry of a member's queue: the broadcasts missed just before it,
+/// then the event itself (a whole data message, length prefix included).
+#[derive(Debug)]
+pub(crate) struct Item {
+    pub(crate) missed: u64,
+    pub(crate) event: Bytes,
+}

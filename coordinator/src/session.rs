@@ -1,0 +1,174 @@
+//! The state every handler shares: [`Shared`] (config, registry, policy,
+//! presence, groups, counters), one admitted client's [`Session`], and the
+//! [`ChannelSide`] a joined channel leaves on each of its two sessions.
+//!
+//! This module imports no handler: the handlers import it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use qmesh_certs::Fingerprint;
+use qmesh_proto::codes::ConnCode;
+use qmesh_proto::manifest::Interface;
+use qmesh_proto::msg::PresenceEvent;
+use quinn::Connection;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use crate::config::Config;
+use crate::groups::Groups;
+use crate::limit::Limiter;
+use crate::policy::Policy;
+use crate::registry::{Registry, SessionId};
+use crate::wire::code;
+
+/// Counters a running coordinator keeps.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Sessions admitted since start.
+    pub sessions_admitted: AtomicU64,
+    /// Channels joined since start.
+    pub channels_joined: AtomicU64,
+    /// Data streams relayed since start.
+    pub streams_relayed: AtomicU64,
+    /// Payload bytes relayed since start.
+    pub bytes_relayed: AtomicU64,
+    /// Hellos and enrollments refused since start.
+    pub hellos_refused: AtomicU64,
+    /// Certificates issued (enrollments and renewals) since start.
+    pub certificates_issued: AtomicU64,
+    /// Connections that have not finished their hello, now.
+    pub pending: AtomicU64,
+}
+
+/// State shared by all of a coordinator's tasks.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) registry: Mutex<Registry<Arc<Session>>>,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) tasks: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
+    /// The number the next joined channel gets.
+    pub(crate) next_channel: AtomicU64,
+    /// The access policy in force.
+    pub(crate) policy: RwLock<Arc<Policy>>,
+    /// Joins, leaves and interface changes, for presence watchers.
+    pub(crate) presence: tokio::sync::broadcast::Sender<PresenceEvent>,
+    /// Broadcast groups by name.
+    pub(crate) groups: Groups,
+}
+
+impl Shared {
+    pub(crate) fn registry(&self) -> MutexGuard<'_, Registry<Arc<Session>>> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// One admitted client.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(crate) id: SessionId,
+    pub(crate) name: String,
+    pub(crate) conn: Connection,
+    /// The fingerprint of the certificate the client presented in the TLS
+    /// handshake (never what the client claims).
+    pub(crate) fingerprint: Fingerprint,
+    /// SHA-256 of the certificate's public key: what "the same credential"
+    /// compares, so a renewed certificate takes its name back.
+    pub(crate) key: Option<[u8; 32]>,
+    /// Addresses the client reported for itself, or `None` when it cannot
+    /// take direct channels.
+    pub(crate) direct: Option<Vec<SocketAddr>>,
+    /// This session's side of each joined channel, by the id of the channel
+    /// control stream on this connection.
+    pub(crate) channels: Mutex<HashMap<u64, Arc<ChannelSide>>>,
+    /// Channels this client is part of, joined or being opened: what
+    /// `max_channels_per_client` counts.
+    pub(crate) slots: AtomicUsize,
+    /// This client's rate limits.
+    pub(crate) limiter: Limiter,
+    /// The interfaces the client offers (empty: it declares none).
+    pub(crate) interfaces: Mutex<Arc<Vec<Interface>>>,
+    /// Why the coordinator closed this session, when it did: the reason
+    /// its peers' channels are told.
+    pub(crate) closed_why: std::sync::OnceLock<String>,
+}
+
+impl Session {
+    /// Close the session with `code`, and keep `why` for the peers of its
+    /// channels. The first close is the one that counts.
+    pub(crate) fn close(&self, c: ConnCode, why: &str) {
+        let _ = self.closed_why.set(why.to_owned());
+        self.conn.close(code(c), why.as_bytes());
+    }
+
+    /// Close the session because the client broke the protocol, and say
+    /// so at `warn`.
+    pub(crate) fn violation(&self, code: ConnCode, what: &str) {
+        warn!(name = %self.name, peer = %self.conn.remote_address(), code = %code, cause = what, "closing connection");
+        self.close(code, what);
+    }
+
+    /// The interfaces the client offers now.
+    pub(crate) fn interfaces(&self) -> Arc<Vec<Interface>> {
+        self.interfaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn channels(&self) -> MutexGuard<'_, HashMap<u64, Arc<ChannelSide>>> {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Close this session because its certificate was revoked; whether it
+    /// was still open.
+    pub(crate) fn close_revoked(&self) -> bool {
+        if self.conn.close_reason().is_some() {
+            return false;
+        }
+        warn!(name = %self.name, "closing a revoked client's session");
+        self.close(
+            ConnCode::Revoked,
+            "the operator revoked this client's certificate; ask them for a new credential",
+        );
+        true
+    }
+}
+
+/// Data streams one side has sent into a channel.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct StreamCount {
+    /// Streams whose header named this channel.
+    pub(crate) accepted: u64,
+    /// Of those, streams still being relayed.
+    pub(crate) active: u64,
+    /// Of those, streams the relay refused (too many at once): they never
+    /// reach the other side.
+    pub(crate) dropped: u64,
+}
+
+/// One side of a joined channel, as seen from that side's connection.
+#[derive(Debug)]
+pub(crate) struct ChannelSide {
+    /// `opener>callee!channel`, for logs.
+    pub(crate) label: Arc<str>,
+    /// The other side's connection.
+    pub(crate) peer_conn: Connection,
+    /// The channel's control stream id on the other side's connection.
+    pub(crate) peer_channel: u64,
+    /// Data streams this side has sent into the channel.
+    pub(crate) streams: watch::Sender<StreamCount>,
+}
