@@ -4,9 +4,7 @@
 //! close by either side, with its reason) or [`ChannelEnd::Lost`] (the peer
 //! or the coordinator disappeared). [`Channel::ended`] reports it.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use qmesh_proto::codec::{read_frame, write_frame};
@@ -26,128 +24,18 @@ use qmesh_proto::envelope::Envelope;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub use crate::end::{ChannelEnd, Path, Side};
+
 use crate::direct::{Direct, Link, LinkUse};
+use crate::end::describe_end;
 use crate::error::{AcceptError, CloseError, RequestError, SendError, StreamError};
 use crate::events::{self, ChannelRef, Event, Events};
 use crate::messages::{read_streams, Inbox, Incoming, OpenOut, Outbox, Waiting};
 use crate::quota::ChannelSlot;
+use crate::routes::{Route, Routes};
+use crate::state::State;
 use crate::stream::{MessageReceiver, MessageSender};
-
-/// Which side ended a channel gracefully.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// This client closed it.
-    Local,
-    /// The peer closed it.
-    Peer,
-}
-
-/// How a channel ended. Every channel ends exactly once, one way.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChannelEnd {
-    /// Closed gracefully by one side, with its reason.
-    Closed {
-        /// Who closed it.
-        by: Side,
-        /// The closer's reason.
-        reason: String,
-    },
-    /// The peer or the coordinator disappeared.
-    Lost {
-        /// What was seen.
-        reason: String,
-    },
-}
-
-impl fmt::Display for ChannelEnd {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Closed {
-                by: Side::Local,
-                reason,
-            } => write!(f, "closed by this side: {reason}"),
-            Self::Closed {
-                by: Side::Peer,
-                reason,
-            } => write!(f, "closed by the peer: {reason}"),
-            Self::Lost { reason } => write!(f, "lost: {reason}"),
-        }
-    }
-}
-
-/// Where a channel's incoming data streams are delivered.
-pub(crate) type StreamTx = mpsc::Sender<(RecvStream, StreamGuard)>;
-
-/// Where a channel's incoming streams go: data streams to
-/// [`Channel::accept_stream`], the peer's message streams to its readers.
-#[derive(Debug, Clone)]
-pub(crate) struct Route {
-    data: StreamTx,
-    messages: StreamTx,
-    /// The channel's state, to count the data streams that arrive.
-    state: watch::Sender<State>,
-}
-
-impl Route {
-    /// Hand an incoming stream to its channel; the stream back when the
-    /// channel is gone.
-    pub(crate) async fn deliver(
-        &self,
-        messages: bool,
-        stream: (RecvStream, StreamGuard),
-    ) -> Result<(), RecvStream> {
-        let tx = if messages { &self.messages } else { &self.data };
-        tx.send(stream).await.map_err(|e| (e.0).0)?;
-        if !messages {
-            // Message streams are counted by their reader.
-            self.state.send_modify(|s| s.data_arrived += 1);
-        }
-        Ok(())
-    }
-}
-
-/// Where incoming relayed streams go, by channel control stream id.
-pub(crate) type Routes = Arc<Mutex<HashMap<u64, Route>>>;
-
-/// The path a channel's new data streams take from this side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Path {
-    /// Through the coordinator.
-    Relay,
-    /// On a direct connection to the peer at `remote`.
-    Direct {
-        /// The peer's address on the direct connection.
-        remote: SocketAddr,
-    },
-}
-
-impl fmt::Display for Path {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Path::Relay => f.write_str("relay"),
-            Path::Direct { remote } => write!(f, "direct ({remote})"),
-        }
-    }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-#[derive(Debug, Clone, Default)]
-struct State {
-    end: Option<ChannelEnd>,
-    /// The peer's close arrived, with the number of streams it sent.
-    peer_close: Option<u64>,
-    /// The control stream is over (lost, or closed both ways).
-    done: bool,
-    /// The peer's message streams that arrived.
-    msg_streams: u64,
-    /// The peer's data streams that arrived (accepted or not).
-    data_arrived: u64,
-    /// Of those, the ones still being read.
-    msg_readers: u64,
-}
+use crate::sync::lock;
 
 #[derive(Debug, Default)]
 struct Local {
@@ -719,7 +607,7 @@ async fn control(shared: Arc<Shared>, mut recv: RecvStream) {
                 let reason = match shared.conn.close_reason() {
                     Some(c) => format!(
                         "connection to the coordinator ended: {}",
-                        crate::client::describe_end(&c, &shared.closed_why)
+                        describe_end(&c, &shared.closed_why)
                     ),
                     None => format!("channel control stream failed: {e}"),
                 };
@@ -1046,11 +934,11 @@ impl Channel {
 
     /// Send one message on a new data stream and finish it. For many
     /// messages, open one stream with [`open_stream`](Self::open_stream).
-    pub async fn send_one(&self, msg: &[u8]) -> Result<(), crate::SendError> {
+    pub async fn send_one(&self, msg: &[u8]) -> Result<(), SendError> {
         let mut s = self
             .open_stream()
             .await
-            .map_err(|e| crate::SendError::Stream(e.to_string()))?;
+            .map_err(|e| SendError::Stream(e.to_string()))?;
         s.send(msg).await?;
         s.finish().await
     }

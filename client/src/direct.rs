@@ -27,7 +27,8 @@ use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn, Instrument, Span};
 
-use crate::channel::{lock, Route};
+use crate::routes::Route;
+use crate::sync::lock;
 
 /// What a punch datagram carries. It does not parse as a QUIC packet (the
 /// fixed bit is clear), so a QUIC endpoint that receives one drops it.

@@ -17,9 +17,9 @@ use qmesh_proto::msg::SessionMsg;
 use qmesh_proto::PROTOCOL_VERSION;
 use tokio::time::timeout;
 
-use crate::client::{connect_failure, resolve, server_name};
+use crate::config::ClientConfig;
+use crate::connect::{connect_failure, resolve, server_name};
 use crate::error::ConnectError;
-use crate::ClientConfig;
 
 /// A certificate the coordinator issued.
 #[derive(Debug)]

@@ -38,9 +38,11 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::channel::{lock, Path};
+use crate::end::Path;
 use crate::error::{RecvError, SendError};
+use crate::quota::Gate;
 use crate::stream::{MessageReceiver, MessageSender};
+use crate::sync::lock;
 
 /// What arrived on a channel's message stream.
 #[derive(Debug)]
@@ -232,7 +234,7 @@ pub(crate) struct Inbox {
     pub(crate) peer_may_send: bool,
     /// Counts each message against the interface's quota; an error ends
     /// the stream and says why.
-    pub(crate) quota: Option<Arc<crate::quota::Gate>>,
+    pub(crate) quota: Option<Arc<Gate>>,
 }
 
 /// Read the peer's message streams as they arrive, one task each, and
