@@ -33,19 +33,9 @@ use crate::events::{self, ChannelRef, Event, Events};
 use crate::messages::{read_streams, Inbox, Incoming, OpenOut, Outbox, Waiting};
 use crate::quota::ChannelSlot;
 use crate::routes::{Route, Routes};
-use crate::state::State;
+use crate::state::{ChannelState, Effects, Life, Report};
 use crate::stream::{MessageReceiver, MessageSender};
 use crate::sync::lock;
-
-#[derive(Debug, Default)]
-struct Local {
-    /// Data streams opened on this channel.
-    opened: u64,
-    /// Of those, the ones sent through the coordinator.
-    relayed: u64,
-    /// This side has sent its close.
-    closed: bool,
-}
 
 #[derive(Debug)]
 struct Shared {
@@ -58,9 +48,11 @@ struct Shared {
     closed_why: Arc<std::sync::OnceLock<String>>,
     max_message: usize,
     close_timeout: std::time::Duration,
-    ctrl: tokio::sync::Mutex<Option<SendStream>>,
-    local: Mutex<Local>,
-    state: watch::Sender<State>,
+    /// This side of the control stream, until the close or the end of the
+    /// control stream takes it (once; never held across an await).
+    ctrl: Mutex<Option<SendStream>>,
+    /// The channel's life: its one owner.
+    life: Arc<Life>,
     /// The coordinator's number for this channel.
     number: u64,
     /// The path the opener asked for.
@@ -85,9 +77,6 @@ struct Shared {
     /// The interface's quota, when this side offers it with one: holds the
     /// channel's place under the cap while the channel lives.
     quota: Option<ChannelSlot>,
-    /// Whether Ready, and then the end, have been reported to the events
-    /// hub: the end is reported only after Ready, and each only once.
-    reported: Mutex<(bool, bool)>,
     /// Counts the control stream against this client's stream allowance
     /// while the channel lives (channels the peer opened).
     _guard: Option<StreamGuard>,
@@ -103,39 +92,34 @@ pub(crate) struct Offer {
 }
 
 impl Shared {
-    fn end(&self, end: ChannelEnd) {
-        // One step, under the report lock: the hub hears of the end before
-        // anyone waiting in `ended()` wakes, so a caller that has seen the
-        // end finds its event already queued.
-        let mut reported = lock(&self.reported);
-        if self.state.borrow().end.is_some() {
-            return;
-        }
-        info!(parent: &self.span, how = %end, "ended");
-        if reported.0 && !reported.1 {
-            reported.1 = true;
-            events::emit(&self.events, || Event::ended(self.channel_ref(), &end));
-        }
-        // Requests still waiting will get no reply now.
-        self.waiting.fail_all();
-        self.state.send_modify(|s| s.end = Some(end));
+    /// Run a transition of the channel's state and report what it says
+    /// (before anyone watching sees the new state).
+    fn apply(&self, f: impl FnOnce(&mut ChannelState) -> Effects) -> Effects {
+        self.life.apply(f, |fx| {
+            if let Some(end) = &fx.ended {
+                info!(parent: &self.span, how = %end, "ended");
+                // Requests still waiting will get no reply now.
+                self.waiting.fail_all();
+            }
+            for report in &fx.reports {
+                events::emit(&self.events, || match report {
+                    Report::Ready => Event::Ready {
+                        channel: self.channel_ref(),
+                    },
+                    Report::Ended(end) => Event::ended(self.channel_ref(), end),
+                });
+            }
+        })
     }
 
     /// Report Ready (once), and the end too if it came first.
     fn report_ready(&self) {
-        let mut reported = lock(&self.reported);
-        if reported.0 {
-            return;
-        }
-        reported.0 = true;
-        events::emit(&self.events, || Event::Ready {
-            channel: self.channel_ref(),
-        });
-        let end = self.state.borrow().end.clone();
-        if let Some(end) = end {
-            reported.1 = true;
-            events::emit(&self.events, || Event::ended(self.channel_ref(), &end));
-        }
+        self.apply(ChannelState::ready);
+    }
+
+    /// How the channel ended, if it has.
+    fn end(&self) -> Option<ChannelEnd> {
+        self.life.now().end().cloned()
     }
 
     pub(crate) fn channel_ref(&self) -> ChannelRef {
@@ -264,18 +248,12 @@ impl Shared {
         &self,
         messages: bool,
     ) -> Result<(MessageSender, Path), StreamError> {
-        if lock(&self.local).closed || self.state.borrow().end.is_some() {
-            return Err(StreamError::ChannelEnded);
-        }
+        let ended = |_| StreamError::ChannelEnded;
+        self.life.now().may_open().map_err(ended)?;
         let (conn, header, mut relayed) = self.stream_route(messages).await?;
-        {
-            let mut local = lock(&self.local);
-            if local.closed || self.state.borrow().end.is_some() {
-                return Err(StreamError::ChannelEnded);
-            }
-            local.opened += 1;
-            local.relayed += u64::from(relayed);
-        }
+        self.life
+            .update(|s| s.stream_opening(relayed))
+            .map_err(ended)?;
         let open = |conn: Connection, header: StreamHeader| async move {
             let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
             write_frame(&mut send, &header)
@@ -288,7 +266,7 @@ impl Shared {
             // The direct connection died under us: this stream goes relayed.
             debug!(parent: &self.span, "direct stream failed; using the relay");
             relayed = true;
-            lock(&self.local).relayed += 1;
+            self.life.update(ChannelState::stream_rerouted);
             opened = open(self.conn.clone(), self.relay_header(messages)).await;
         }
         let path = if relayed {
@@ -300,33 +278,24 @@ impl Shared {
             Ok(send) => Ok((MessageSender::new(send, self.max_message), path)),
             Err(e) => {
                 // It never left: do not count it in the close.
-                let mut local = lock(&self.local);
-                local.opened -= 1;
-                local.relayed -= u64::from(relayed);
+                self.life.update(|s| s.stream_failed(relayed));
                 Err(StreamError::Session(e))
             }
         }
     }
 
-    /// Send this side's close (once) and finish the control stream.
-    async fn send_close(&self, reason: &str) {
-        // The message stream ends before the close, so everything sent on
-        // it is delivered first.
+    /// Carry out a transition that may close: finish the message stream
+    /// (so everything sent on it is delivered before the close), then send
+    /// the close, if the transition decided one, and finish the control
+    /// stream.
+    async fn send_close(&self, fx: Effects) {
         self.outbox.finish().await;
-        let (streams, relayed) = {
-            let mut local = lock(&self.local);
-            if local.closed {
-                return;
-            }
-            local.closed = true;
-            (local.opened, local.relayed)
-        };
-        let mut ctrl = self.ctrl.lock().await;
-        if let Some(mut send) = ctrl.take() {
+        let ctrl = fx.close.as_ref().and_then(|_| lock(&self.ctrl).take());
+        if let (Some(close), Some(mut send)) = (fx.close, ctrl) {
             let msg = ChannelMsg::Close {
-                reason: clip_reason(reason),
-                streams,
-                relayed,
+                reason: close.reason,
+                streams: close.streams,
+                relayed: close.relayed,
             };
             if write_frame(&mut send, &msg).await.is_ok() {
                 let _ = send.finish();
@@ -392,7 +361,7 @@ impl Pending {
         let tx = Route {
             data,
             messages,
-            state: watch::Sender::new(State::default()),
+            life: Arc::default(),
         };
         lock(&parts.routes).insert(id, tx.clone());
         Self {
@@ -427,7 +396,7 @@ impl Pending {
             msg_rx,
         } = self;
         let span = tracing::info_span!("channel", id = %parts.label);
-        let state = tx.state.clone();
+        let life = tx.life.clone();
         let link = match (&parts.direct, intro, parts.mode) {
             (Some(direct), Some(intro), PathMode::Auto | PathMode::Direct) => {
                 let link = direct.link(&parts.peer, &intro);
@@ -448,9 +417,8 @@ impl Pending {
             closed_why: parts.closed_why,
             max_message: parts.max_message,
             close_timeout: parts.close_timeout,
-            ctrl: tokio::sync::Mutex::new(Some(send)),
-            local: Mutex::new(Local::default()),
-            state,
+            ctrl: Mutex::new(Some(send)),
+            life,
             number,
             mode: parts.mode,
             link,
@@ -464,7 +432,6 @@ impl Pending {
             request_timeout: parts.request_timeout,
             max_requests: parts.max_requests,
             quota: parts.quota,
-            reported: Mutex::new((false, false)),
             _guard: guard,
         });
         info!(parent: &span, number, mode = ?parts.mode, direct = shared.link.is_some(), "ready");
@@ -490,12 +457,11 @@ impl Pending {
             let weak = weak.clone();
             move |delta: i64| {
                 if let Some(s) = weak.upgrade() {
-                    s.state.send_modify(|st| {
+                    s.life.update(|st| {
                         if delta > 0 {
-                            st.msg_streams += 1;
-                            st.msg_readers += 1;
+                            st.message_stream_arrived();
                         } else {
-                            st.msg_readers = st.msg_readers.saturating_sub(1);
+                            st.message_stream_read();
                         }
                     });
                 }
@@ -505,11 +471,8 @@ impl Pending {
             if let Some(s) = weak.upgrade() {
                 info!(parent: &s.span, cause = %why, "closing a channel over its quota");
                 tokio::spawn(async move {
-                    s.end(ChannelEnd::Closed {
-                        by: Side::Local,
-                        reason: why.clone(),
-                    });
-                    s.send_close(&why).await;
+                    let fx = s.apply(|st| st.close_local(&why));
+                    s.send_close(fx).await;
                 });
             }
         };
@@ -548,7 +511,7 @@ fn open_messages(weak: std::sync::Weak<Shared>) -> OpenOut {
 /// link is up, relayed otherwise. A direct-only channel whose link goes
 /// down after it was up is lost.
 async fn follow_path(shared: Arc<Shared>, mut link: watch::Receiver<Link>) {
-    let mut state = shared.state.subscribe();
+    let mut state = shared.life.watch();
     let mut was_up = false;
     loop {
         let now = link.borrow_and_update().clone();
@@ -557,70 +520,51 @@ async fn follow_path(shared: Arc<Shared>, mut link: watch::Receiver<Link>) {
         if let Link::Down(reason) = &now {
             if shared.mode == PathMode::Direct && was_up {
                 let reason = format!("direct path lost: {reason}");
-                shared.end(ChannelEnd::Lost {
-                    reason: reason.clone(),
-                });
-                shared.send_close(&reason).await;
+                let fx = shared.apply(|s| s.direct_lost(&reason));
+                shared.send_close(fx).await;
             }
             return;
         }
         tokio::select! {
             changed = link.changed() => if changed.is_err() { return },
-            _ = state.wait_for(|s| s.end.is_some()) => return,
+            _ = state.wait_for(|s| s.end().is_some()) => return,
         }
     }
 }
 
 /// Read the channel control stream until it ends, recording the end.
 async fn control(shared: Arc<Shared>, mut recv: RecvStream) {
-    loop {
+    let reason = loop {
         match read_frame::<ChannelMsg, _>(&mut recv).await {
             Ok(Some(ChannelMsg::Close {
                 reason, streams, ..
             })) => {
                 debug!(streams, "peer closed");
-                shared.state.send_modify(|s| s.peer_close = Some(streams));
-                shared.end(ChannelEnd::Closed {
-                    by: Side::Peer,
-                    reason: reason.clone(),
-                });
                 // Answer with our own close so the closer knows we saw it.
-                shared.send_close(&reason).await;
+                let fx = shared.apply(|s| s.peer_closed(&reason, streams));
+                shared.send_close(fx).await;
             }
-            Ok(Some(ChannelMsg::Lost { reason })) => {
-                shared.end(ChannelEnd::Lost { reason });
-                break;
-            }
-            Ok(Some(other)) => {
-                shared.end(ChannelEnd::Lost {
-                    reason: format!("the coordinator sent an unexpected {other:?}"),
-                });
-                break;
-            }
-            Ok(None) => {
-                shared.end(ChannelEnd::Lost {
-                    reason: "the coordinator ended the channel without a close".into(),
-                });
-                break;
-            }
+            Ok(Some(ChannelMsg::Lost { reason })) => break reason,
+            Ok(Some(other)) => break format!("the coordinator sent an unexpected {other:?}"),
+            Ok(None) => break "the coordinator ended the channel without a close".into(),
             Err(e) => {
-                let reason = match shared.conn.close_reason() {
+                break match shared.conn.close_reason() {
                     Some(c) => format!(
                         "connection to the coordinator ended: {}",
                         describe_end(&c, &shared.closed_why)
                     ),
                     None => format!("channel control stream failed: {e}"),
-                };
-                shared.end(ChannelEnd::Lost { reason });
-                break;
+                }
             }
         }
-    }
+    };
+    let fx = shared.apply(|s| s.control_ended(reason));
     // Nothing more will be forwarded; release our side too.
-    if let Some(mut send) = shared.ctrl.lock().await.take() {
-        let _ = send.finish();
+    if fx.finish_control {
+        if let Some(mut send) = lock(&shared.ctrl).take() {
+            let _ = send.finish();
+        }
     }
-    shared.state.send_modify(|s| s.done = true);
 }
 
 impl Channel {
@@ -683,7 +627,7 @@ impl Channel {
     /// ended and every stream the peer sent before its close was accepted
     /// (or, should one of those never arrive, the close timeout has passed).
     pub async fn accept_stream(&self) -> Result<Option<MessageReceiver>, StreamError> {
-        let mut state = self.shared.state.subscribe();
+        let mut state = self.shared.life.watch();
         let mut give_up: Option<tokio::time::Instant> = None;
         let mut guard = self.streams.lock().await;
         let (rx, accepted) = &mut *guard;
@@ -698,15 +642,13 @@ impl Channel {
             }
             {
                 let st = state.borrow_and_update();
-                match st.peer_close {
-                    Some(n) if *accepted + st.msg_streams >= n => return Ok(None),
-                    Some(_) => {
-                        give_up.get_or_insert_with(|| {
-                            tokio::time::Instant::now() + self.shared.close_timeout
-                        });
-                    }
-                    None if st.done => return Ok(None),
-                    None => {}
+                if st.streams_done(*accepted) {
+                    return Ok(None);
+                }
+                if st.peer_has_closed() {
+                    give_up.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + self.shared.close_timeout
+                    });
                 }
             }
             let deadline = async {
@@ -852,7 +794,7 @@ impl Channel {
     /// arrive, for the close timeout).
     pub async fn recv_message(&self) -> Option<Incoming> {
         let mut incoming = self.incoming.lock().await;
-        let mut state = self.shared.state.subscribe();
+        let mut state = self.shared.life.watch();
         let mut give_up: Option<tokio::time::Instant> = None;
         loop {
             if let Ok(m) = incoming.try_recv() {
@@ -860,14 +802,10 @@ impl Channel {
             }
             {
                 let st = state.borrow_and_update();
-                let all_arrived = match st.peer_close {
-                    Some(n) => st.data_arrived + st.msg_streams >= n,
-                    None => st.done,
-                };
-                if st.end.is_some() && st.msg_readers == 0 && all_arrived {
+                if st.messages_done() {
                     return incoming.try_recv().ok();
                 }
-                if st.peer_close.is_some() {
+                if st.peer_has_closed() {
                     give_up.get_or_insert_with(|| {
                         tokio::time::Instant::now() + self.shared.close_timeout
                     });
@@ -947,19 +885,13 @@ impl Channel {
     /// Data streams sent before the close are delivered first. Closing an
     /// ended channel returns at once.
     pub async fn close(&self, reason: &str) -> Result<(), CloseError> {
-        let already = self.shared.state.borrow().end.is_some();
-        if !already {
-            self.shared.end(ChannelEnd::Closed {
-                by: Side::Local,
-                reason: clip_reason(reason),
-            });
-        }
-        self.shared.send_close(reason).await;
-        let mut state = self.shared.state.subscribe();
+        let fx = self.shared.apply(|s| s.close_local(reason));
+        self.shared.send_close(fx).await;
+        let mut state = self.shared.life.watch();
         let secs = self.shared.close_timeout.as_secs();
         timeout(
             self.shared.close_timeout,
-            state.wait_for(|s| s.peer_close.is_some() || s.done),
+            state.wait_for(ChannelState::close_answered),
         )
         .await
         .map(|_| ())
@@ -968,9 +900,9 @@ impl Channel {
 
     /// How the channel ended, once it has.
     pub async fn ended(&self) -> ChannelEnd {
-        let mut state = self.shared.state.subscribe();
-        let end = match state.wait_for(|s| s.end.is_some()).await {
-            Ok(s) => s.end.clone(),
+        let mut state = self.shared.life.watch();
+        let end = match state.wait_for(|s| s.end().is_some()).await {
+            Ok(s) => s.end().cloned(),
             Err(_) => None,
         };
         end.unwrap_or(ChannelEnd::Lost {
@@ -980,7 +912,7 @@ impl Channel {
 
     /// How the channel ended, if it has.
     pub fn end(&self) -> Option<ChannelEnd> {
-        self.shared.state.borrow().end.clone()
+        self.shared.end()
     }
 }
 
@@ -990,14 +922,11 @@ impl Drop for Channel {
         if let Some(direct) = &self.shared.direct {
             direct.remove_route(self.shared.number);
         }
-        if self.shared.state.borrow().end.is_none() {
-            self.shared.end(ChannelEnd::Closed {
-                by: Side::Local,
-                reason: "channel dropped".into(),
-            });
+        let fx = self.shared.apply(ChannelState::dropped);
+        if fx.ended.is_some() {
             let shared = self.shared.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { shared.send_close("channel dropped").await });
+                rt.spawn(async move { shared.send_close(fx).await });
             }
         }
     }

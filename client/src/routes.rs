@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use qmesh_certs::transport::StreamGuard;
 use quinn::RecvStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use crate::state::State;
+use crate::state::Life;
 
 /// Where a channel's incoming data streams are delivered.
 pub(crate) type StreamTx = mpsc::Sender<(RecvStream, StreamGuard)>;
@@ -19,8 +19,8 @@ pub(crate) type StreamTx = mpsc::Sender<(RecvStream, StreamGuard)>;
 pub(crate) struct Route {
     pub(crate) data: StreamTx,
     pub(crate) messages: StreamTx,
-    /// The channel's state, to count the data streams that arrive.
-    pub(crate) state: watch::Sender<State>,
+    /// The channel's life, to count the data streams that arrive.
+    pub(crate) life: Arc<Life>,
 }
 
 impl Route {
@@ -35,7 +35,7 @@ impl Route {
         tx.send(stream).await.map_err(|e| (e.0).0)?;
         if !messages {
             // Message streams are counted by their reader.
-            self.state.send_modify(|s| s.data_arrived += 1);
+            self.life.update(|s| s.data_arrived());
         }
         Ok(())
     }
