@@ -12,7 +12,7 @@ use qmesh_proto::codes::StreamCode;
 use qmesh_proto::limits::clip_reason;
 use qmesh_proto::msg::{ChannelMsg, PathMode, PeerIntro, StreamHeader};
 use qmesh_proto::Interface;
-use quinn::{Connection, RecvStream, SendStream, VarInt};
+use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 use tracing::{debug, info, Instrument, Span};
@@ -36,6 +36,7 @@ use crate::routes::{Route, Routes};
 use crate::state::{ChannelState, Effects, Life, Report};
 use crate::stream::{MessageReceiver, MessageSender};
 use crate::sync::lock;
+use crate::wire::{read_within, Read, ToVarInt};
 
 #[derive(Debug)]
 struct Shared {
@@ -1008,13 +1009,12 @@ impl IncomingChannel {
             pending.abandon();
             return Err(AcceptError::Session(e.to_string()));
         }
-        let reply = timeout(self.open_timeout, read_frame::<ChannelMsg, _>(&mut recv)).await;
-        match reply {
-            Ok(Ok(Some(ChannelMsg::Ready {
+        match read_within(self.open_timeout, &mut recv).await {
+            Read::Frame(ChannelMsg::Ready {
                 channel,
                 peer,
                 interface,
-            }))) => Ok(pending.ready(
+            }) => Ok(pending.ready(
                 (send, recv),
                 self.guard.take(),
                 channel,
@@ -1024,23 +1024,29 @@ impl IncomingChannel {
                     offerer: true,
                 },
             )),
-            Ok(Ok(Some(ChannelMsg::Lost { reason }))) => {
+            Read::Frame(ChannelMsg::Lost { reason }) => {
                 pending.abandon();
                 Err(AcceptError::Withdrawn(reason))
             }
-            Ok(Ok(other)) => {
+            Read::Frame(other) => {
                 pending.abandon();
                 Err(AcceptError::Withdrawn(format!(
                     "unexpected answer from the coordinator: {other:?}"
                 )))
             }
-            Ok(Err(e)) => {
+            Read::Finished => {
+                pending.abandon();
+                Err(AcceptError::Withdrawn(
+                    "the coordinator finished the offer without an answer".into(),
+                ))
+            }
+            Read::Failed(e) => {
                 pending.abandon();
                 Err(AcceptError::Withdrawn(e.to_string()))
             }
-            Err(_) => {
+            Read::Late => {
                 pending.abandon();
-                let _ = send.reset(VarInt::from_u32(StreamCode::Cancelled.code()));
+                let _ = send.reset(StreamCode::Cancelled.varint());
                 Err(AcceptError::Withdrawn("no ready in time".into()))
             }
         }

@@ -4,11 +4,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
-use qmesh_proto::codec::{read_frame, write_frame};
+use qmesh_proto::codec::write_frame;
 use qmesh_proto::codes::{ConnCode, StreamCode};
 use qmesh_proto::msg::{ChannelMsg, PathMode, SessionMsg};
 use qmesh_proto::Address;
-use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -23,6 +23,7 @@ use crate::error::{ConnectError, OpenError};
 use crate::events::{self, ChannelRef, Event};
 use crate::quota::Gate;
 use crate::routes::Routes;
+use crate::wire::{read_within, Read, ToVarInt};
 
 /// A connected qmesh client. Cheap to clone; the session ends when the last
 /// clone is dropped or [`Client::close`] is called.
@@ -70,12 +71,12 @@ impl Drop for Inner {
             d.close_all();
         }
         self.conn
-            .close(VarInt::from_u32(ConnCode::Normal.code()), b"client dropped");
+            .close(ConnCode::Normal.varint(), b"client dropped");
         // An endpoint of this client's own: close it, or the direct accept
         // loop keeps it (its socket and buffers) alive after the client.
         if self.owns_endpoint {
             self.endpoint
-                .close(VarInt::from_u32(ConnCode::Normal.code()), b"client dropped");
+                .close(ConnCode::Normal.varint(), b"client dropped");
         }
     }
 }
@@ -273,13 +274,13 @@ impl Client {
     /// `OpenFailed` answer comes back as the error it carries.
     pub(crate) async fn next_answer(&self, recv: &mut RecvStream) -> Result<ChannelMsg, OpenError> {
         let limit = self.inner.config.open_timeout;
-        match timeout(limit, read_frame::<ChannelMsg, _>(recv)).await {
-            Ok(Ok(Some(ChannelMsg::OpenFailed { code, message }))) => {
+        match read_within(limit, recv).await {
+            Read::Frame(ChannelMsg::OpenFailed { code, message }) => {
                 Err(OpenError::Failed { code, message })
             }
-            Ok(Ok(Some(answer))) => Ok(answer),
-            Ok(Ok(None) | Err(_)) => Err(OpenError::Session(self.session_error())),
-            Err(_) => Err(OpenError::Timeout {
+            Read::Frame(answer) => Ok(answer),
+            Read::Finished | Read::Failed(_) => Err(OpenError::Session(self.session_error())),
+            Read::Late => Err(OpenError::Timeout {
                 secs: limit.as_secs(),
             }),
         }
@@ -359,17 +360,12 @@ impl Client {
                 return Err(OpenError::Session(self.session_error()));
             }
             let secs = self.inner.config.open_timeout.as_secs();
-            let reply = timeout(
-                self.inner.config.open_timeout,
-                read_frame::<ChannelMsg, _>(&mut recv),
-            )
-            .await;
-            match reply {
-                Ok(Ok(Some(ChannelMsg::Ready {
+            match read_within(self.inner.config.open_timeout, &mut recv).await {
+                Read::Frame(ChannelMsg::Ready {
                     channel: number,
                     peer: intro,
                     interface,
-                }))) => {
+                }) => {
                     let offer = Offer {
                         interface,
                         offerer: false,
@@ -395,22 +391,22 @@ impl Client {
                         }
                     }
                 }
-                Ok(Ok(Some(ChannelMsg::OpenFailed { code, message }))) => {
+                Read::Frame(ChannelMsg::OpenFailed { code, message }) => {
                     pending.abandon();
                     info!(code = ?code, cause = %message, "open failed");
                     Err(OpenError::Failed { code, message })
                 }
-                Ok(Ok(Some(other))) => {
+                Read::Frame(other) => {
                     pending.abandon();
                     Err(OpenError::Protocol(format!("unexpected {other:?}")))
                 }
-                Ok(Ok(None)) | Ok(Err(_)) => {
+                Read::Finished | Read::Failed(_) => {
                     pending.abandon();
                     Err(OpenError::Session(self.session_error()))
                 }
-                Err(_) => {
+                Read::Late => {
                     pending.abandon();
-                    let _ = send.reset(VarInt::from_u32(StreamCode::Cancelled.code()));
+                    let _ = send.reset(StreamCode::Cancelled.varint());
                     Err(OpenError::Timeout { secs })
                 }
             }
@@ -464,7 +460,7 @@ impl Client {
         }
         self.inner
             .conn
-            .close(VarInt::from_u32(ConnCode::Normal.code()), reason.as_bytes());
+            .close(ConnCode::Normal.varint(), reason.as_bytes());
         if self.inner.owns_endpoint {
             let _ = timeout(
                 std::time::Duration::from_secs(2),

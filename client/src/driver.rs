@@ -5,11 +5,11 @@
 use std::sync::{Arc, OnceLock};
 
 use qmesh_certs::transport::{StreamAllowance, StreamGuard, StreamKind};
-use qmesh_proto::codec::{read_frame, write_frame};
+use qmesh_proto::codec::write_frame;
 use qmesh_proto::codes::{ConnCode, StreamCode};
 use qmesh_proto::heartbeat::{Heartbeat, StreamEnd};
 use qmesh_proto::msg::{ChannelMsg, SessionMsg, StreamHeader};
-use quinn::{Connection, RecvStream, SendStream, VarInt};
+use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tracing::{debug, info, warn, Instrument};
@@ -18,6 +18,7 @@ use crate::channel::IncomingChannel;
 use crate::config::ClientConfig;
 use crate::routes::Routes;
 use crate::sync::lock;
+use crate::wire::{read_within, Read, ToVarInt};
 
 /// Accept what the coordinator opens towards this client: channel offers
 /// (bidirectional) and data streams (unidirectional).
@@ -73,20 +74,16 @@ async fn offer(
     config: ClientConfig,
     guard: StreamGuard,
 ) {
-    let first = timeout(
-        config.connect_timeout,
-        read_frame::<ChannelMsg, _>(&mut recv),
-    )
-    .await;
+    let first = read_within(config.connect_timeout, &mut recv).await;
     let (from, channel, mode) = match first {
-        Ok(Ok(Some(ChannelMsg::Incoming {
+        Read::Frame(ChannelMsg::Incoming {
             from,
             channel,
             path,
-        }))) => (from, channel, path),
+        }) => (from, channel, path),
         other => {
-            warn!(got = ?other.map(|r| r.map(|m| m.is_some())), "bad channel offer from the coordinator");
-            let _ = send.reset(VarInt::from_u32(StreamCode::Malformed.code()));
+            warn!(got = ?other, "bad channel offer from the coordinator");
+            let _ = send.reset(StreamCode::Malformed.varint());
             return;
         }
     };
@@ -128,23 +125,22 @@ async fn route(
     header_timeout: std::time::Duration,
     guard: StreamGuard,
 ) {
-    let (channel, messages) =
-        match timeout(header_timeout, read_frame::<StreamHeader, _>(&mut recv)).await {
-            Ok(Ok(Some(StreamHeader::Data { channel }))) => (channel, false),
-            Ok(Ok(Some(StreamHeader::Messages { channel }))) => (channel, true),
-            _ => {
-                let _ = recv.stop(VarInt::from_u32(StreamCode::Malformed.code()));
-                return;
-            }
-        };
+    let (channel, messages) = match read_within(header_timeout, &mut recv).await {
+        Read::Frame(StreamHeader::Data { channel }) => (channel, false),
+        Read::Frame(StreamHeader::Messages { channel }) => (channel, true),
+        _ => {
+            let _ = recv.stop(StreamCode::Malformed.varint());
+            return;
+        }
+    };
     let tx = lock(&routes).get(&channel).cloned();
     let Some(tx) = tx else {
         debug!(channel, "data stream for a channel that is gone");
-        let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
+        let _ = recv.stop(StreamCode::ChannelEnded.varint());
         return;
     };
     if let Err(mut recv) = tx.deliver(messages, (recv, guard)).await {
-        let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
+        let _ = recv.stop(StreamCode::ChannelEnded.varint());
     }
 }
 
@@ -188,5 +184,5 @@ pub(crate) async fn run_session_stream(
         StreamEnd::Failed(_) | StreamEnd::Stopped => return,
     };
     let _ = closed_why.set(why.clone());
-    conn.close(VarInt::from_u32(code.code()), why.as_bytes());
+    conn.close(code.varint(), why.as_bytes());
 }

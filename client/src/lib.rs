@@ -71,6 +71,7 @@
 //! - `end`: [`ChannelEnd`], [`Side`], [`Path`]: how channels and sessions end.
 //! - [`error`]: one error enum per operation.
 //! - `sync`: the crate's lock helper.
+//! - `wire`: close codes as QUIC varints; reading a frame within a deadline.
 
 #![warn(missing_docs)]
 
@@ -92,6 +93,7 @@ mod routes;
 mod state;
 pub mod stream;
 mod sync;
+mod wire;
 
 pub use broadcast::{Group, GroupEvent, GroupPolicy};
 pub use channel::{Channel, ChannelEnd, IncomingChannel, Path, Side};
