@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 
 use qmesh_proto::address::Host;
-use qmesh_proto::codec::{read_frame, write_frame};
+use qmesh_proto::codec::{read_frame, write_frame, ReadFrameError};
 use qmesh_proto::codes::ConnCode;
 use qmesh_proto::msg::SessionMsg;
 use qmesh_proto::PROTOCOL_VERSION;
@@ -108,11 +108,7 @@ fn direct_endpoint(
 /// the endpoint's port, then `extra`.
 fn reported_addrs(coordinator: SocketAddr, port: u16, extra: &[SocketAddr]) -> Vec<SocketAddr> {
     let mut out = Vec::new();
-    let any: SocketAddr = if coordinator.is_ipv6() {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    };
+    let any = bind_for(coordinator);
     // Connecting a UDP socket sends nothing; it only asks the routing table.
     if let Ok(probe) = std::net::UdpSocket::bind(any) {
         if probe.connect(coordinator).is_ok() {
@@ -184,6 +180,92 @@ pub(crate) fn connect_failure(
     }
 }
 
+/// The unspecified address of `towards`'s family, port 0: where to bind a
+/// socket that talks to it.
+pub(crate) fn bind_for(towards: SocketAddr) -> SocketAddr {
+    if towards.is_ipv6() {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    }
+}
+
+/// Which endpoint a client connects from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EndpointPlan {
+    /// An endpoint shared with other clients: never takes direct channels
+    /// (peers could not tell its clients apart).
+    Shared,
+    /// An endpoint of its own that also accepts direct connections.
+    Direct,
+    /// An endpoint of its own, relayed only.
+    Plain,
+}
+
+/// Choose the endpoint: `own` when the client makes its own, with direct
+/// channels when they are `direct` enabled.
+pub(crate) fn plan_endpoint(own: bool, direct: bool) -> EndpointPlan {
+    match (own, direct) {
+        (false, _) => EndpointPlan::Shared,
+        (true, true) => EndpointPlan::Direct,
+        (true, false) => EndpointPlan::Plain,
+    }
+}
+
+/// The frames that open a session: the hello (this client's name, the
+/// protocol version and, when it takes direct channels, the addresses it
+/// reports), then the interfaces it offers.
+pub(crate) fn hello(config: &ClientConfig, reported: Option<Vec<SocketAddr>>) -> [SessionMsg; 2] {
+    [
+        SessionMsg::Hello {
+            version: PROTOCOL_VERSION,
+            name: config.name.clone(),
+            direct: reported,
+        },
+        SessionMsg::Interfaces {
+            list: config.interfaces.clone(),
+        },
+    ]
+}
+
+/// What the coordinator's answer to a hello means.
+#[derive(Debug)]
+pub(crate) enum HelloAnswer {
+    /// Joined as session `session`, seen from `observed`.
+    Welcome {
+        /// The session number.
+        session: u64,
+        /// This client's address as the coordinator sees it.
+        observed: SocketAddr,
+    },
+    /// Refused, or answered with something else: the error to return.
+    Refused(ConnectError),
+    /// No answer: the connection's close says why; `otherwise` is the
+    /// error's text should no close come.
+    NoAnswer {
+        /// What to say without a close.
+        otherwise: String,
+    },
+}
+
+/// Decide what the answer to a hello means.
+pub(crate) fn judge_hello(reply: Result<Option<SessionMsg>, ReadFrameError>) -> HelloAnswer {
+    match reply {
+        Ok(Some(SessionMsg::Welcome { session, observed })) => {
+            HelloAnswer::Welcome { session, observed }
+        }
+        Ok(Some(SessionMsg::Reject { code, message })) => {
+            HelloAnswer::Refused(ConnectError::Rejected { code, message })
+        }
+        Ok(Some(other)) => HelloAnswer::Refused(ConnectError::Session(format!(
+            "expected welcome, got {other:?}"
+        ))),
+        Ok(None) | Err(_) => HelloAnswer::NoAnswer {
+            otherwise: format!("{reply:?}"),
+        },
+    }
+}
+
 /// Connect to the coordinator, say hello, and start the session's tasks.
 pub(crate) async fn join(
     endpoint: Option<Endpoint>,
@@ -195,21 +277,20 @@ pub(crate) async fn join(
     let addr = resolve(&host, port).await?;
     let coord_text = config.coordinator.to_string();
     let (client_config, report) = config.quic()?;
-    let bind: SocketAddr = if addr.is_ipv6() {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    };
+    let bind = bind_for(addr);
     let owns_endpoint = endpoint.is_none();
     let identity = config.identity()?;
     let peers: PeerSet = Arc::default();
-    let (endpoint, punch_socket) = match endpoint {
-        Some(e) => (e, None),
-        None if config.direct.enabled => {
+    let (endpoint, punch_socket) = match (
+        endpoint,
+        plan_endpoint(owns_endpoint, config.direct.enabled),
+    ) {
+        (Some(e), _) => (e, None),
+        (None, EndpointPlan::Direct) => {
             let (e, socket) = direct_endpoint(bind, &identity, &peers, config)?;
             (e, Some(socket))
         }
-        None => (
+        (None, _) => (
             qmesh_certs::transport::client_endpoint(bind).map_err(ConnectError::Socket)?,
             None,
         ),
@@ -234,20 +315,11 @@ pub(crate) async fn join(
             .open_bi()
             .await
             .map_err(|e| ConnectError::Session(e.to_string()))?;
-        let hello = SessionMsg::Hello {
-            version: PROTOCOL_VERSION,
-            name: config.name.clone(),
-            direct: reported.clone(),
-        };
-        write_frame(&mut send, &hello)
-            .await
-            .map_err(|e| ConnectError::Session(e.to_string()))?;
-        let interfaces = SessionMsg::Interfaces {
-            list: config.interfaces.clone(),
-        };
-        write_frame(&mut send, &interfaces)
-            .await
-            .map_err(|e| ConnectError::Session(e.to_string()))?;
+        for msg in hello(config, reported.clone()) {
+            write_frame(&mut send, &msg)
+                .await
+                .map_err(|e| ConnectError::Session(e.to_string()))?;
+        }
         let reply = read_frame::<SessionMsg, _>(&mut recv).await;
         Ok::<_, ConnectError>((send, recv, reply))
     }
@@ -261,22 +333,15 @@ pub(crate) async fn join(
             })
         }
     };
-    let (session, observed) = match reply {
-        Ok(Some(SessionMsg::Welcome { session, observed })) => (session, observed),
-        Ok(Some(SessionMsg::Reject { code, message })) => {
-            return Err(ConnectError::Rejected { code, message })
-        }
-        Ok(Some(other)) => {
-            return Err(ConnectError::Session(format!(
-                "expected welcome, got {other:?}"
-            )))
-        }
-        Ok(None) | Err(_) => {
+    let (session, observed) = match judge_hello(reply) {
+        HelloAnswer::Welcome { session, observed } => (session, observed),
+        HelloAnswer::Refused(e) => return Err(e),
+        HelloAnswer::NoAnswer { otherwise } => {
             // The close usually carries the rejection.
             let closed = timeout(std::time::Duration::from_secs(1), conn.closed()).await;
             return Err(match closed {
                 Ok(c) => connect_failure(c, &report, &coord_text),
-                Err(_) => ConnectError::Session(format!("{reply:?}")),
+                Err(_) => ConnectError::Session(otherwise),
             });
         }
     };
@@ -329,4 +394,110 @@ pub(crate) async fn join(
         session_task,
         driver,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use qmesh_proto::codes::RejectCode;
+
+    use super::*;
+
+    fn config() -> ClientConfig {
+        let address = "quic/localhost:4433".parse().expect("address");
+        let ca = qmesh_certs::Ca::generate("test CA").expect("ca");
+        let trust = qmesh_certs::Trust::Ca {
+            certs: vec![ca.cert_der().clone()],
+            source: "test".into(),
+        };
+        ClientConfig::new(address, "alice", trust)
+    }
+
+    #[test]
+    fn a_welcome_joins_with_its_session_and_observed_address() {
+        let observed: SocketAddr = "192.0.2.7:5000".parse().expect("addr");
+        let reply = Ok(Some(SessionMsg::Welcome {
+            session: 9,
+            observed,
+        }));
+        assert!(matches!(
+            judge_hello(reply),
+            HelloAnswer::Welcome { session: 9, observed: o } if o == observed
+        ));
+    }
+
+    #[test]
+    fn a_reject_is_returned_with_its_code_and_message() {
+        let reply = Ok(Some(SessionMsg::Reject {
+            code: RejectCode::NameTaken,
+            message: "alice is here".into(),
+        }));
+        match judge_hello(reply) {
+            HelloAnswer::Refused(ConnectError::Rejected { code, message }) => {
+                assert_eq!(
+                    (code, message.as_str()),
+                    (RejectCode::NameTaken, "alice is here")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn another_message_is_a_session_error_that_names_it() {
+        let reply = Ok(Some(SessionMsg::Interfaces { list: vec![] }));
+        match judge_hello(reply) {
+            HelloAnswer::Refused(ConnectError::Session(why)) => {
+                assert!(why.starts_with("expected welcome, got Interfaces"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_answer_asks_the_connection_close() {
+        assert!(matches!(
+            judge_hello(Ok(None)),
+            HelloAnswer::NoAnswer { .. }
+        ));
+    }
+
+    #[test]
+    fn a_shared_endpoint_never_takes_direct_channels() {
+        assert_eq!(plan_endpoint(false, true), EndpointPlan::Shared);
+        assert_eq!(plan_endpoint(false, false), EndpointPlan::Shared);
+        assert_eq!(plan_endpoint(true, true), EndpointPlan::Direct);
+        assert_eq!(plan_endpoint(true, false), EndpointPlan::Plain);
+    }
+
+    #[test]
+    fn sockets_bind_in_the_coordinators_address_family() {
+        assert_eq!(
+            bind_for("192.0.2.1:4433".parse().expect("v4")),
+            "0.0.0.0:0".parse().expect("any")
+        );
+        assert_eq!(
+            bind_for("[2001:db8::1]:4433".parse().expect("v6")),
+            "[::]:0".parse().expect("any")
+        );
+    }
+
+    #[test]
+    fn the_hello_names_the_client_its_version_and_then_its_interfaces() {
+        let reported = vec!["192.0.2.1:7000".parse().expect("addr")];
+        let [first, second] = hello(&config(), Some(reported.clone()));
+        match first {
+            SessionMsg::Hello {
+                version,
+                name,
+                direct,
+            } => {
+                assert_eq!(
+                    (version, name.as_str(), direct),
+                    (PROTOCOL_VERSION, "alice", Some(reported))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(second, SessionMsg::Interfaces { list } if list.is_empty()));
+    }
 }
