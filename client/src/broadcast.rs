@@ -15,7 +15,6 @@ use qmesh_proto::codes::{OpenFailCode, StreamCode};
 use qmesh_proto::limits::{MAX_MESSAGE_CEILING, MAX_REASON};
 use qmesh_proto::msg::ChannelMsg;
 use qmesh_proto::name::validate_channel_name;
-use quinn::VarInt;
 use tokio::sync::Mutex;
 use tracing::{debug, info};
 
@@ -25,6 +24,7 @@ pub use qmesh_proto::msg::GroupPolicy;
 use crate::client::Client;
 use crate::error::{OpenError, RecvError, SendError};
 use crate::stream::{MessageReceiver, MessageSender};
+use crate::wire::ToVarInt;
 
 /// Most bytes a [`GroupEvent::Message`] adds in front of the body.
 const MESSAGE_HEAD: usize = 2 + u8::MAX as usize;
@@ -88,7 +88,7 @@ impl Client {
             Err(e) => {
                 info!(group, cause = %e, "join failed");
                 if matches!(e, OpenError::Timeout { .. }) {
-                    let _ = send.reset(VarInt::from_u32(StreamCode::Cancelled.code()));
+                    let _ = send.reset(StreamCode::Cancelled.varint());
                 }
                 Err(e)
             }

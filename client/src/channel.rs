@@ -4,9 +4,7 @@
 //! close by either side, with its reason) or [`ChannelEnd::Lost`] (the peer
 //! or the coordinator disappeared). [`Channel::ended`] reports it.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use qmesh_proto::codec::{read_frame, write_frame};
@@ -14,7 +12,7 @@ use qmesh_proto::codes::StreamCode;
 use qmesh_proto::limits::clip_reason;
 use qmesh_proto::msg::{ChannelMsg, PathMode, PeerIntro, StreamHeader};
 use qmesh_proto::Interface;
-use quinn::{Connection, RecvStream, SendStream, VarInt};
+use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 use tracing::{debug, info, Instrument, Span};
@@ -26,138 +24,19 @@ use qmesh_proto::envelope::Envelope;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub use crate::end::{ChannelEnd, Path, Side};
+
 use crate::direct::{Direct, Link, LinkUse};
+use crate::end::describe_end;
 use crate::error::{AcceptError, CloseError, RequestError, SendError, StreamError};
 use crate::events::{self, ChannelRef, Event, Events};
 use crate::messages::{read_streams, Inbox, Incoming, OpenOut, Outbox, Waiting};
 use crate::quota::ChannelSlot;
+use crate::routes::{Route, Routes};
+use crate::state::{ChannelState, Effects, Life, Report};
 use crate::stream::{MessageReceiver, MessageSender};
-
-/// Which side ended a channel gracefully.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// This client closed it.
-    Local,
-    /// The peer closed it.
-    Peer,
-}
-
-/// How a channel ended. Every channel ends exactly once, one way.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChannelEnd {
-    /// Closed gracefully by one side, with its reason.
-    Closed {
-        /// Who closed it.
-        by: Side,
-        /// The closer's reason.
-        reason: String,
-    },
-    /// The peer or the coordinator disappeared.
-    Lost {
-        /// What was seen.
-        reason: String,
-    },
-}
-
-impl fmt::Display for ChannelEnd {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Closed {
-                by: Side::Local,
-                reason,
-            } => write!(f, "closed by this side: {reason}"),
-            Self::Closed {
-                by: Side::Peer,
-                reason,
-            } => write!(f, "closed by the peer: {reason}"),
-            Self::Lost { reason } => write!(f, "lost: {reason}"),
-        }
-    }
-}
-
-/// Where a channel's incoming data streams are delivered.
-pub(crate) type StreamTx = mpsc::Sender<(RecvStream, StreamGuard)>;
-
-/// Where a channel's incoming streams go: data streams to
-/// [`Channel::accept_stream`], the peer's message streams to its readers.
-#[derive(Debug, Clone)]
-pub(crate) struct Route {
-    data: StreamTx,
-    messages: StreamTx,
-    /// The channel's state, to count the data streams that arrive.
-    state: watch::Sender<State>,
-}
-
-impl Route {
-    /// Hand an incoming stream to its channel; the stream back when the
-    /// channel is gone.
-    pub(crate) async fn deliver(
-        &self,
-        messages: bool,
-        stream: (RecvStream, StreamGuard),
-    ) -> Result<(), RecvStream> {
-        let tx = if messages { &self.messages } else { &self.data };
-        tx.send(stream).await.map_err(|e| (e.0).0)?;
-        if !messages {
-            // Message streams are counted by their reader.
-            self.state.send_modify(|s| s.data_arrived += 1);
-        }
-        Ok(())
-    }
-}
-
-/// Where incoming relayed streams go, by channel control stream id.
-pub(crate) type Routes = Arc<Mutex<HashMap<u64, Route>>>;
-
-/// The path a channel's new data streams take from this side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Path {
-    /// Through the coordinator.
-    Relay,
-    /// On a direct connection to the peer at `remote`.
-    Direct {
-        /// The peer's address on the direct connection.
-        remote: SocketAddr,
-    },
-}
-
-impl fmt::Display for Path {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Path::Relay => f.write_str("relay"),
-            Path::Direct { remote } => write!(f, "direct ({remote})"),
-        }
-    }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-#[derive(Debug, Clone, Default)]
-struct State {
-    end: Option<ChannelEnd>,
-    /// The peer's close arrived, with the number of streams it sent.
-    peer_close: Option<u64>,
-    /// The control stream is over (lost, or closed both ways).
-    done: bool,
-    /// The peer's message streams that arrived.
-    msg_streams: u64,
-    /// The peer's data streams that arrived (accepted or not).
-    data_arrived: u64,
-    /// Of those, the ones still being read.
-    msg_readers: u64,
-}
-
-#[derive(Debug, Default)]
-struct Local {
-    /// Data streams opened on this channel.
-    opened: u64,
-    /// Of those, the ones sent through the coordinator.
-    relayed: u64,
-    /// This side has sent its close.
-    closed: bool,
-}
+use crate::sync::lock;
+use crate::wire::{read_within, Read, ToVarInt};
 
 #[derive(Debug)]
 struct Shared {
@@ -170,9 +49,11 @@ struct Shared {
     closed_why: Arc<std::sync::OnceLock<String>>,
     max_message: usize,
     close_timeout: std::time::Duration,
-    ctrl: tokio::sync::Mutex<Option<SendStream>>,
-    local: Mutex<Local>,
-    state: watch::Sender<State>,
+    /// This side of the control stream, until the close or the end of the
+    /// control stream takes it (once; never held across an await).
+    ctrl: Mutex<Option<SendStream>>,
+    /// The channel's life: its one owner.
+    life: Arc<Life>,
     /// The coordinator's number for this channel.
     number: u64,
     /// The path the opener asked for.
@@ -197,9 +78,6 @@ struct Shared {
     /// The interface's quota, when this side offers it with one: holds the
     /// channel's place under the cap while the channel lives.
     quota: Option<ChannelSlot>,
-    /// Whether Ready, and then the end, have been reported to the events
-    /// hub: the end is reported only after Ready, and each only once.
-    reported: Mutex<(bool, bool)>,
     /// Counts the control stream against this client's stream allowance
     /// while the channel lives (channels the peer opened).
     _guard: Option<StreamGuard>,
@@ -215,39 +93,34 @@ pub(crate) struct Offer {
 }
 
 impl Shared {
-    fn end(&self, end: ChannelEnd) {
-        // One step, under the report lock: the hub hears of the end before
-        // anyone waiting in `ended()` wakes, so a caller that has seen the
-        // end finds its event already queued.
-        let mut reported = lock(&self.reported);
-        if self.state.borrow().end.is_some() {
-            return;
-        }
-        info!(parent: &self.span, how = %end, "ended");
-        if reported.0 && !reported.1 {
-            reported.1 = true;
-            events::emit(&self.events, || Event::ended(self.channel_ref(), &end));
-        }
-        // Requests still waiting will get no reply now.
-        self.waiting.fail_all();
-        self.state.send_modify(|s| s.end = Some(end));
+    /// Run a transition of the channel's state and report what it says
+    /// (before anyone watching sees the new state).
+    fn apply(&self, f: impl FnOnce(&mut ChannelState) -> Effects) -> Effects {
+        self.life.apply(f, |fx| {
+            if let Some(end) = &fx.ended {
+                info!(parent: &self.span, how = %end, "ended");
+                // Requests still waiting will get no reply now.
+                self.waiting.fail_all();
+            }
+            for report in &fx.reports {
+                events::emit(&self.events, || match report {
+                    Report::Ready => Event::Ready {
+                        channel: self.channel_ref(),
+                    },
+                    Report::Ended(end) => Event::ended(self.channel_ref(), end),
+                });
+            }
+        })
     }
 
     /// Report Ready (once), and the end too if it came first.
     fn report_ready(&self) {
-        let mut reported = lock(&self.reported);
-        if reported.0 {
-            return;
-        }
-        reported.0 = true;
-        events::emit(&self.events, || Event::Ready {
-            channel: self.channel_ref(),
-        });
-        let end = self.state.borrow().end.clone();
-        if let Some(end) = end {
-            reported.1 = true;
-            events::emit(&self.events, || Event::ended(self.channel_ref(), &end));
-        }
+        self.apply(ChannelState::ready);
+    }
+
+    /// How the channel ended, if it has.
+    fn end(&self) -> Option<ChannelEnd> {
+        self.life.now().end().cloned()
     }
 
     pub(crate) fn channel_ref(&self) -> ChannelRef {
@@ -376,18 +249,12 @@ impl Shared {
         &self,
         messages: bool,
     ) -> Result<(MessageSender, Path), StreamError> {
-        if lock(&self.local).closed || self.state.borrow().end.is_some() {
-            return Err(StreamError::ChannelEnded);
-        }
+        let ended = |_| StreamError::ChannelEnded;
+        self.life.now().may_open().map_err(ended)?;
         let (conn, header, mut relayed) = self.stream_route(messages).await?;
-        {
-            let mut local = lock(&self.local);
-            if local.closed || self.state.borrow().end.is_some() {
-                return Err(StreamError::ChannelEnded);
-            }
-            local.opened += 1;
-            local.relayed += u64::from(relayed);
-        }
+        self.life
+            .update(|s| s.stream_opening(relayed))
+            .map_err(ended)?;
         let open = |conn: Connection, header: StreamHeader| async move {
             let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
             write_frame(&mut send, &header)
@@ -400,7 +267,7 @@ impl Shared {
             // The direct connection died under us: this stream goes relayed.
             debug!(parent: &self.span, "direct stream failed; using the relay");
             relayed = true;
-            lock(&self.local).relayed += 1;
+            self.life.update(ChannelState::stream_rerouted);
             opened = open(self.conn.clone(), self.relay_header(messages)).await;
         }
         let path = if relayed {
@@ -412,33 +279,24 @@ impl Shared {
             Ok(send) => Ok((MessageSender::new(send, self.max_message), path)),
             Err(e) => {
                 // It never left: do not count it in the close.
-                let mut local = lock(&self.local);
-                local.opened -= 1;
-                local.relayed -= u64::from(relayed);
+                self.life.update(|s| s.stream_failed(relayed));
                 Err(StreamError::Session(e))
             }
         }
     }
 
-    /// Send this side's close (once) and finish the control stream.
-    async fn send_close(&self, reason: &str) {
-        // The message stream ends before the close, so everything sent on
-        // it is delivered first.
+    /// Carry out a transition that may close: finish the message stream
+    /// (so everything sent on it is delivered before the close), then send
+    /// the close, if the transition decided one, and finish the control
+    /// stream.
+    async fn send_close(&self, fx: Effects) {
         self.outbox.finish().await;
-        let (streams, relayed) = {
-            let mut local = lock(&self.local);
-            if local.closed {
-                return;
-            }
-            local.closed = true;
-            (local.opened, local.relayed)
-        };
-        let mut ctrl = self.ctrl.lock().await;
-        if let Some(mut send) = ctrl.take() {
+        let ctrl = fx.close.as_ref().and_then(|_| lock(&self.ctrl).take());
+        if let (Some(close), Some(mut send)) = (fx.close, ctrl) {
             let msg = ChannelMsg::Close {
-                reason: clip_reason(reason),
-                streams,
-                relayed,
+                reason: close.reason,
+                streams: close.streams,
+                relayed: close.relayed,
             };
             if write_frame(&mut send, &msg).await.is_ok() {
                 let _ = send.finish();
@@ -504,7 +362,7 @@ impl Pending {
         let tx = Route {
             data,
             messages,
-            state: watch::Sender::new(State::default()),
+            life: Arc::default(),
         };
         lock(&parts.routes).insert(id, tx.clone());
         Self {
@@ -539,7 +397,7 @@ impl Pending {
             msg_rx,
         } = self;
         let span = tracing::info_span!("channel", id = %parts.label);
-        let state = tx.state.clone();
+        let life = tx.life.clone();
         let link = match (&parts.direct, intro, parts.mode) {
             (Some(direct), Some(intro), PathMode::Auto | PathMode::Direct) => {
                 let link = direct.link(&parts.peer, &intro);
@@ -560,9 +418,8 @@ impl Pending {
             closed_why: parts.closed_why,
             max_message: parts.max_message,
             close_timeout: parts.close_timeout,
-            ctrl: tokio::sync::Mutex::new(Some(send)),
-            local: Mutex::new(Local::default()),
-            state,
+            ctrl: Mutex::new(Some(send)),
+            life,
             number,
             mode: parts.mode,
             link,
@@ -576,7 +433,6 @@ impl Pending {
             request_timeout: parts.request_timeout,
             max_requests: parts.max_requests,
             quota: parts.quota,
-            reported: Mutex::new((false, false)),
             _guard: guard,
         });
         info!(parent: &span, number, mode = ?parts.mode, direct = shared.link.is_some(), "ready");
@@ -602,12 +458,11 @@ impl Pending {
             let weak = weak.clone();
             move |delta: i64| {
                 if let Some(s) = weak.upgrade() {
-                    s.state.send_modify(|st| {
+                    s.life.update(|st| {
                         if delta > 0 {
-                            st.msg_streams += 1;
-                            st.msg_readers += 1;
+                            st.message_stream_arrived();
                         } else {
-                            st.msg_readers = st.msg_readers.saturating_sub(1);
+                            st.message_stream_read();
                         }
                     });
                 }
@@ -617,11 +472,8 @@ impl Pending {
             if let Some(s) = weak.upgrade() {
                 info!(parent: &s.span, cause = %why, "closing a channel over its quota");
                 tokio::spawn(async move {
-                    s.end(ChannelEnd::Closed {
-                        by: Side::Local,
-                        reason: why.clone(),
-                    });
-                    s.send_close(&why).await;
+                    let fx = s.apply(|st| st.close_local(&why));
+                    s.send_close(fx).await;
                 });
             }
         };
@@ -660,7 +512,7 @@ fn open_messages(weak: std::sync::Weak<Shared>) -> OpenOut {
 /// link is up, relayed otherwise. A direct-only channel whose link goes
 /// down after it was up is lost.
 async fn follow_path(shared: Arc<Shared>, mut link: watch::Receiver<Link>) {
-    let mut state = shared.state.subscribe();
+    let mut state = shared.life.watch();
     let mut was_up = false;
     loop {
         let now = link.borrow_and_update().clone();
@@ -669,70 +521,51 @@ async fn follow_path(shared: Arc<Shared>, mut link: watch::Receiver<Link>) {
         if let Link::Down(reason) = &now {
             if shared.mode == PathMode::Direct && was_up {
                 let reason = format!("direct path lost: {reason}");
-                shared.end(ChannelEnd::Lost {
-                    reason: reason.clone(),
-                });
-                shared.send_close(&reason).await;
+                let fx = shared.apply(|s| s.direct_lost(&reason));
+                shared.send_close(fx).await;
             }
             return;
         }
         tokio::select! {
             changed = link.changed() => if changed.is_err() { return },
-            _ = state.wait_for(|s| s.end.is_some()) => return,
+            _ = state.wait_for(|s| s.end().is_some()) => return,
         }
     }
 }
 
 /// Read the channel control stream until it ends, recording the end.
 async fn control(shared: Arc<Shared>, mut recv: RecvStream) {
-    loop {
+    let reason = loop {
         match read_frame::<ChannelMsg, _>(&mut recv).await {
             Ok(Some(ChannelMsg::Close {
                 reason, streams, ..
             })) => {
                 debug!(streams, "peer closed");
-                shared.state.send_modify(|s| s.peer_close = Some(streams));
-                shared.end(ChannelEnd::Closed {
-                    by: Side::Peer,
-                    reason: reason.clone(),
-                });
                 // Answer with our own close so the closer knows we saw it.
-                shared.send_close(&reason).await;
+                let fx = shared.apply(|s| s.peer_closed(&reason, streams));
+                shared.send_close(fx).await;
             }
-            Ok(Some(ChannelMsg::Lost { reason })) => {
-                shared.end(ChannelEnd::Lost { reason });
-                break;
-            }
-            Ok(Some(other)) => {
-                shared.end(ChannelEnd::Lost {
-                    reason: format!("the coordinator sent an unexpected {other:?}"),
-                });
-                break;
-            }
-            Ok(None) => {
-                shared.end(ChannelEnd::Lost {
-                    reason: "the coordinator ended the channel without a close".into(),
-                });
-                break;
-            }
+            Ok(Some(ChannelMsg::Lost { reason })) => break reason,
+            Ok(Some(other)) => break format!("the coordinator sent an unexpected {other:?}"),
+            Ok(None) => break "the coordinator ended the channel without a close".into(),
             Err(e) => {
-                let reason = match shared.conn.close_reason() {
+                break match shared.conn.close_reason() {
                     Some(c) => format!(
                         "connection to the coordinator ended: {}",
-                        crate::client::describe_end(&c, &shared.closed_why)
+                        describe_end(&c, &shared.closed_why)
                     ),
                     None => format!("channel control stream failed: {e}"),
-                };
-                shared.end(ChannelEnd::Lost { reason });
-                break;
+                }
             }
         }
-    }
+    };
+    let fx = shared.apply(|s| s.control_ended(reason));
     // Nothing more will be forwarded; release our side too.
-    if let Some(mut send) = shared.ctrl.lock().await.take() {
-        let _ = send.finish();
+    if fx.finish_control {
+        if let Some(mut send) = lock(&shared.ctrl).take() {
+            let _ = send.finish();
+        }
     }
-    shared.state.send_modify(|s| s.done = true);
 }
 
 impl Channel {
@@ -795,7 +628,7 @@ impl Channel {
     /// ended and every stream the peer sent before its close was accepted
     /// (or, should one of those never arrive, the close timeout has passed).
     pub async fn accept_stream(&self) -> Result<Option<MessageReceiver>, StreamError> {
-        let mut state = self.shared.state.subscribe();
+        let mut state = self.shared.life.watch();
         let mut give_up: Option<tokio::time::Instant> = None;
         let mut guard = self.streams.lock().await;
         let (rx, accepted) = &mut *guard;
@@ -810,15 +643,13 @@ impl Channel {
             }
             {
                 let st = state.borrow_and_update();
-                match st.peer_close {
-                    Some(n) if *accepted + st.msg_streams >= n => return Ok(None),
-                    Some(_) => {
-                        give_up.get_or_insert_with(|| {
-                            tokio::time::Instant::now() + self.shared.close_timeout
-                        });
-                    }
-                    None if st.done => return Ok(None),
-                    None => {}
+                if st.streams_done(*accepted) {
+                    return Ok(None);
+                }
+                if st.peer_has_closed() {
+                    give_up.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + self.shared.close_timeout
+                    });
                 }
             }
             let deadline = async {
@@ -964,7 +795,7 @@ impl Channel {
     /// arrive, for the close timeout).
     pub async fn recv_message(&self) -> Option<Incoming> {
         let mut incoming = self.incoming.lock().await;
-        let mut state = self.shared.state.subscribe();
+        let mut state = self.shared.life.watch();
         let mut give_up: Option<tokio::time::Instant> = None;
         loop {
             if let Ok(m) = incoming.try_recv() {
@@ -972,14 +803,10 @@ impl Channel {
             }
             {
                 let st = state.borrow_and_update();
-                let all_arrived = match st.peer_close {
-                    Some(n) => st.data_arrived + st.msg_streams >= n,
-                    None => st.done,
-                };
-                if st.end.is_some() && st.msg_readers == 0 && all_arrived {
+                if st.messages_done() {
                     return incoming.try_recv().ok();
                 }
-                if st.peer_close.is_some() {
+                if st.peer_has_closed() {
                     give_up.get_or_insert_with(|| {
                         tokio::time::Instant::now() + self.shared.close_timeout
                     });
@@ -1046,11 +873,11 @@ impl Channel {
 
     /// Send one message on a new data stream and finish it. For many
     /// messages, open one stream with [`open_stream`](Self::open_stream).
-    pub async fn send_one(&self, msg: &[u8]) -> Result<(), crate::SendError> {
+    pub async fn send_one(&self, msg: &[u8]) -> Result<(), SendError> {
         let mut s = self
             .open_stream()
             .await
-            .map_err(|e| crate::SendError::Stream(e.to_string()))?;
+            .map_err(|e| SendError::Stream(e.to_string()))?;
         s.send(msg).await?;
         s.finish().await
     }
@@ -1059,19 +886,13 @@ impl Channel {
     /// Data streams sent before the close are delivered first. Closing an
     /// ended channel returns at once.
     pub async fn close(&self, reason: &str) -> Result<(), CloseError> {
-        let already = self.shared.state.borrow().end.is_some();
-        if !already {
-            self.shared.end(ChannelEnd::Closed {
-                by: Side::Local,
-                reason: clip_reason(reason),
-            });
-        }
-        self.shared.send_close(reason).await;
-        let mut state = self.shared.state.subscribe();
+        let fx = self.shared.apply(|s| s.close_local(reason));
+        self.shared.send_close(fx).await;
+        let mut state = self.shared.life.watch();
         let secs = self.shared.close_timeout.as_secs();
         timeout(
             self.shared.close_timeout,
-            state.wait_for(|s| s.peer_close.is_some() || s.done),
+            state.wait_for(ChannelState::close_answered),
         )
         .await
         .map(|_| ())
@@ -1080,9 +901,9 @@ impl Channel {
 
     /// How the channel ended, once it has.
     pub async fn ended(&self) -> ChannelEnd {
-        let mut state = self.shared.state.subscribe();
-        let end = match state.wait_for(|s| s.end.is_some()).await {
-            Ok(s) => s.end.clone(),
+        let mut state = self.shared.life.watch();
+        let end = match state.wait_for(|s| s.end().is_some()).await {
+            Ok(s) => s.end().cloned(),
             Err(_) => None,
         };
         end.unwrap_or(ChannelEnd::Lost {
@@ -1092,7 +913,7 @@ impl Channel {
 
     /// How the channel ended, if it has.
     pub fn end(&self) -> Option<ChannelEnd> {
-        self.shared.state.borrow().end.clone()
+        self.shared.end()
     }
 }
 
@@ -1102,14 +923,11 @@ impl Drop for Channel {
         if let Some(direct) = &self.shared.direct {
             direct.remove_route(self.shared.number);
         }
-        if self.shared.state.borrow().end.is_none() {
-            self.shared.end(ChannelEnd::Closed {
-                by: Side::Local,
-                reason: "channel dropped".into(),
-            });
+        let fx = self.shared.apply(ChannelState::dropped);
+        if fx.ended.is_some() {
             let shared = self.shared.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { shared.send_close("channel dropped").await });
+                rt.spawn(async move { shared.send_close(fx).await });
             }
         }
     }
@@ -1191,13 +1009,12 @@ impl IncomingChannel {
             pending.abandon();
             return Err(AcceptError::Session(e.to_string()));
         }
-        let reply = timeout(self.open_timeout, read_frame::<ChannelMsg, _>(&mut recv)).await;
-        match reply {
-            Ok(Ok(Some(ChannelMsg::Ready {
+        match read_within(self.open_timeout, &mut recv).await {
+            Read::Frame(ChannelMsg::Ready {
                 channel,
                 peer,
                 interface,
-            }))) => Ok(pending.ready(
+            }) => Ok(pending.ready(
                 (send, recv),
                 self.guard.take(),
                 channel,
@@ -1207,23 +1024,29 @@ impl IncomingChannel {
                     offerer: true,
                 },
             )),
-            Ok(Ok(Some(ChannelMsg::Lost { reason }))) => {
+            Read::Frame(ChannelMsg::Lost { reason }) => {
                 pending.abandon();
                 Err(AcceptError::Withdrawn(reason))
             }
-            Ok(Ok(other)) => {
+            Read::Frame(other) => {
                 pending.abandon();
                 Err(AcceptError::Withdrawn(format!(
                     "unexpected answer from the coordinator: {other:?}"
                 )))
             }
-            Ok(Err(e)) => {
+            Read::Finished => {
+                pending.abandon();
+                Err(AcceptError::Withdrawn(
+                    "the coordinator finished the offer without an answer".into(),
+                ))
+            }
+            Read::Failed(e) => {
                 pending.abandon();
                 Err(AcceptError::Withdrawn(e.to_string()))
             }
-            Err(_) => {
+            Read::Late => {
                 pending.abandon();
-                let _ = send.reset(VarInt::from_u32(StreamCode::Cancelled.code()));
+                let _ = send.reset(StreamCode::Cancelled.varint());
                 Err(AcceptError::Withdrawn("no ready in time".into()))
             }
         }

@@ -1,28 +1,29 @@
 //! The client: one QUIC connection to the coordinator, one session on it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
-use qmesh_certs::transport::{StreamAllowance, StreamGuard, StreamKind};
-use qmesh_proto::address::Host;
-use qmesh_proto::codec::{read_frame, write_frame};
+use qmesh_proto::codec::write_frame;
 use qmesh_proto::codes::{ConnCode, StreamCode};
-use qmesh_proto::msg::{ChannelMsg, PathMode, SessionMsg, StreamHeader};
-use qmesh_proto::{Address, PROTOCOL_VERSION};
-use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
+use qmesh_proto::msg::{ChannelMsg, PathMode, SessionMsg};
+use qmesh_proto::Address;
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
-use tracing::{debug, info, info_span, warn, Instrument, Span};
+use tracing::{info, info_span, Instrument, Span};
 
-use crate::channel::{lock, Channel, IncomingChannel, Offer, Parts, PartsBox, Pending, Routes};
+use crate::channel::{Channel, IncomingChannel, Offer, Parts, PartsBox, Pending};
 use crate::config::ClientConfig;
-use crate::direct::{Direct, DirectParts, PeerSet};
+use crate::connect::{join, Joined};
+use crate::direct::Direct;
+use crate::end::describe_end;
 use crate::error::{ConnectError, OpenError};
 use crate::events::{self, ChannelRef, Event};
 use crate::quota::Gate;
-use qmesh_proto::heartbeat::{Heartbeat, StreamEnd};
+use crate::routes::Routes;
+use crate::wire::{read_within, Read, ToVarInt};
 
 /// A connected qmesh client. Cheap to clone; the session ends when the last
 /// clone is dropped or [`Client::close`] is called.
@@ -70,156 +71,13 @@ impl Drop for Inner {
             d.close_all();
         }
         self.conn
-            .close(VarInt::from_u32(ConnCode::Normal.code()), b"client dropped");
+            .close(ConnCode::Normal.varint(), b"client dropped");
         // An endpoint of this client's own: close it, or the direct accept
         // loop keeps it (its socket and buffers) alive after the client.
         if self.owns_endpoint {
             self.endpoint
-                .close(VarInt::from_u32(ConnCode::Normal.code()), b"client dropped");
+                .close(ConnCode::Normal.varint(), b"client dropped");
         }
-    }
-}
-
-/// The name the coordinator's certificate must carry for this host.
-pub(crate) fn server_name(host: &Host) -> String {
-    match host {
-        Host::Shorthand(_) => host
-            .to_ip()
-            .map(|ip| ip.to_string())
-            .unwrap_or_else(|| "localhost".into()),
-        Host::Ipv4(ip) => ip.to_string(),
-        Host::Ipv6(ip) => ip.to_string(),
-        Host::Name(n) => n.clone(),
-        Host::Path(p) => p.clone(),
-    }
-}
-
-pub(crate) async fn resolve(host: &Host, port: u16) -> Result<SocketAddr, ConnectError> {
-    if let Some(ip) = host.to_ip() {
-        return Ok(SocketAddr::new(ip, port));
-    }
-    let name = server_name(host);
-    let found = tokio::net::lookup_host((name.as_str(), port))
-        .await
-        .map(|mut addrs| addrs.next());
-    match found {
-        Ok(Some(addr)) => Ok(addr),
-        Ok(None) => Err(ConnectError::Resolve {
-            host: name,
-            reason: "no addresses".into(),
-        }),
-        Err(e) => Err(ConnectError::Resolve {
-            host: name,
-            reason: e.to_string(),
-        }),
-    }
-}
-
-/// An endpoint of this client's own that also accepts direct connections
-/// from introduced peers, and the socket handle punches are sent with.
-fn direct_endpoint(
-    bind: SocketAddr,
-    identity: &Arc<qmesh_certs::Identity>,
-    peers: &PeerSet,
-    config: &ClientConfig,
-) -> Result<(Endpoint, Arc<dyn quinn::AsyncUdpSocket>), ConnectError> {
-    let known = peers.clone();
-    let accept: qmesh_certs::AcceptFingerprint = Arc::new(move |fp| lock(&known).contains_key(fp));
-    let mut server = qmesh_certs::direct_server_config(identity, accept)?;
-    server.transport_config(crate::direct::direct_transport(&config.tuning));
-    let std_socket = qmesh_certs::transport::bind_udp(bind, qmesh_certs::transport::SOCKET_BUFFER)
-        .map_err(ConnectError::Socket)?;
-    let runtime = Arc::new(quinn::TokioRuntime);
-    let socket =
-        quinn::Runtime::wrap_udp_socket(&*runtime, std_socket).map_err(ConnectError::Socket)?;
-    let endpoint = Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
-        Some(server),
-        socket.clone(),
-        runtime,
-    )
-    .map_err(ConnectError::Socket)?;
-    Ok((endpoint, socket))
-}
-
-/// The addresses this client reports for itself: the local address the OS
-/// would use towards the coordinator (its LAN address behind a NAT), with
-/// the endpoint's port, then `extra`.
-fn reported_addrs(coordinator: SocketAddr, port: u16, extra: &[SocketAddr]) -> Vec<SocketAddr> {
-    let mut out = Vec::new();
-    let any: SocketAddr = if coordinator.is_ipv6() {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    // Connecting a UDP socket sends nothing; it only asks the routing table.
-    if let Ok(probe) = std::net::UdpSocket::bind(any) {
-        if probe.connect(coordinator).is_ok() {
-            if let Ok(local) = probe.local_addr() {
-                out.push(SocketAddr::new(local.ip(), port));
-            }
-        }
-    }
-    for a in extra {
-        if !out.contains(a) {
-            out.push(*a);
-        }
-    }
-    out.truncate(qmesh_proto::limits::MAX_REPORTED_ADDRS);
-    out
-}
-
-/// What a TLS alert from the coordinator means for this client's
-/// certificate, when the connection ended with one.
-fn tls_refusal(err: &ConnectionError) -> Option<&'static str> {
-    let code = match err {
-        ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
-        ConnectionError::TransportError(t) => u64::from(t.code),
-        _ => return None,
-    };
-    // QUIC carries a TLS alert as CRYPTO_ERROR 0x100 + alert.
-    let alert = code.checked_sub(0x100).filter(|a| *a < 0x100)?;
-    Some(match alert {
-        42 => "the coordinator refused this client's certificate as malformed (TLS alert bad_certificate)",
-        43 => "the coordinator refused this client's certificate: it is not a client certificate (TLS alert unsupported_certificate)",
-        44 => "the coordinator refused this client's certificate: the operator revoked it (TLS alert certificate_revoked); ask them for a new credential",
-        45 => "the coordinator refused this client's certificate: it has expired or is not valid yet (TLS alert certificate_expired); check this machine's clock, renew it, or enroll again with a new token",
-        46 | 49 => "the coordinator refused this client's certificate (TLS alert certificate_unknown or access_denied)",
-        48 => "the coordinator refused this client's certificate: it is not signed by the coordinator's client CA (TLS alert unknown_ca); ask the operator for a certificate, or a token to enroll with",
-        116 => "the coordinator requires a client certificate and none was presented (TLS alert certificate_required)",
-        _ => return None,
-    })
-}
-
-/// Map a connection error seen while connecting to what the user should hear.
-pub(crate) fn connect_failure(
-    err: ConnectionError,
-    report: &qmesh_certs::VerifyReport,
-    addr: &str,
-) -> ConnectError {
-    if let Some(sentence) = report.failure() {
-        return ConnectError::Certificate(sentence);
-    }
-    if let ConnectionError::ApplicationClosed(close) = &err {
-        let message = String::from_utf8_lossy(&close.reason).into_owned();
-        let code = ConnCode::from_code(close.error_code.into_inner())
-            .and_then(qmesh_proto::codes::RejectCode::from_conn_code);
-        if let Some(code) = code {
-            return ConnectError::Rejected { code, message };
-        }
-    }
-    if let Some(refused) = tls_refusal(&err) {
-        return ConnectError::CertificateRefused(refused.into());
-    }
-    if matches!(err, ConnectionError::TimedOut) {
-        return ConnectError::Handshake {
-            addr: addr.to_owned(),
-            reason: "no answer within the idle timeout; is the coordinator running?".into(),
-        };
-    }
-    ConnectError::Handshake {
-        addr: addr.to_owned(),
-        reason: qmesh_certs::transport::describe_close(&err),
     }
 }
 
@@ -278,141 +136,33 @@ impl Client {
         config: ClientConfig,
         span: Span,
     ) -> Result<Client, ConnectError> {
-        let (host, port) = config.coordinator.quic_endpoint()?;
-        let host = host.clone();
-        let addr = resolve(&host, port).await?;
-        let coord_text = config.coordinator.to_string();
-        let (client_config, report) = config.quic()?;
-        let bind: SocketAddr = if addr.is_ipv6() {
-            (Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (Ipv4Addr::UNSPECIFIED, 0).into()
-        };
-        let owns_endpoint = endpoint.is_none();
-        let identity = config.identity()?;
-        let peers: PeerSet = Arc::default();
-        let (endpoint, punch_socket) = match endpoint {
-            Some(e) => (e, None),
-            None if config.direct.enabled => {
-                let (e, socket) = direct_endpoint(bind, &identity, &peers, &config)?;
-                (e, Some(socket))
-            }
-            None => (
-                qmesh_certs::transport::client_endpoint(bind).map_err(ConnectError::Socket)?,
-                None,
-            ),
-        };
-        let reported = punch_socket.as_ref().map(|_| {
-            let port = endpoint.local_addr().map(|a| a.port()).unwrap_or(0);
-            reported_addrs(addr, port, &config.direct.advertise)
-        });
-        let connecting = endpoint
-            .connect_with(client_config, addr, &server_name(&host))
-            .map_err(|e| ConnectError::Handshake {
-                addr: coord_text.clone(),
-                reason: e.to_string(),
-            })?;
-        let conn = connecting
-            .await
-            .map_err(|e| connect_failure(e, &report, &coord_text))?;
-
-        // Hello on the session control stream.
-        let session = async {
-            let (mut send, mut recv) = conn
-                .open_bi()
-                .await
-                .map_err(|e| ConnectError::Session(e.to_string()))?;
-            let hello = SessionMsg::Hello {
-                version: PROTOCOL_VERSION,
-                name: config.name.clone(),
-                direct: reported.clone(),
-            };
-            write_frame(&mut send, &hello)
-                .await
-                .map_err(|e| ConnectError::Session(e.to_string()))?;
-            let interfaces = SessionMsg::Interfaces {
-                list: config.interfaces.clone(),
-            };
-            write_frame(&mut send, &interfaces)
-                .await
-                .map_err(|e| ConnectError::Session(e.to_string()))?;
-            let reply = read_frame::<SessionMsg, _>(&mut recv).await;
-            Ok::<_, ConnectError>((send, recv, reply))
-        }
-        .await;
-        let (send, recv, reply) = match session {
-            Ok(x) => x,
-            Err(e) => {
-                return Err(match conn.close_reason() {
-                    Some(c) => connect_failure(c, &report, &coord_text),
-                    None => e,
-                })
-            }
-        };
-        let (session, observed) = match reply {
-            Ok(Some(SessionMsg::Welcome { session, observed })) => (session, observed),
-            Ok(Some(SessionMsg::Reject { code, message })) => {
-                return Err(ConnectError::Rejected { code, message })
-            }
-            Ok(Some(other)) => {
-                return Err(ConnectError::Session(format!(
-                    "expected welcome, got {other:?}"
-                )))
-            }
-            Ok(None) | Err(_) => {
-                // The close usually carries the rejection.
-                let closed = timeout(std::time::Duration::from_secs(1), conn.closed()).await;
-                return Err(match closed {
-                    Ok(c) => connect_failure(c, &report, &coord_text),
-                    Err(_) => ConnectError::Session(format!("{reply:?}")),
-                });
-            }
-        };
-        info!(parent: &span, session, observed = %observed, "connected to {}", &coord_text);
-
-        let direct = punch_socket.map(|socket| {
-            Direct::start(DirectParts {
-                endpoint: endpoint.clone(),
-                socket,
-                identity: identity.clone(),
-                peers: peers.clone(),
-                tuning: config.tuning.clone(),
-                timeout: config.direct.timeout,
-                grace: config.direct.grace,
-                header_timeout: config.connect_timeout,
-                span: span.clone(),
-            })
-        });
-        let (session_tx, session_rx) = mpsc::channel(4);
-        let closed_why = Arc::new(OnceLock::new());
-        let session_task = tokio::spawn(
-            run_session_stream(
-                conn.clone(),
-                closed_why.clone(),
-                send,
-                recv,
-                config.heartbeat,
-                session_rx,
-            )
-            .instrument(span.clone()),
-        );
+        let Joined {
+            session,
+            observed,
+            coordinator,
+            endpoint,
+            owns_endpoint,
+            conn,
+            closed_why,
+            routes,
+            direct,
+            fingerprint,
+            incoming,
+            session_tx,
+            session_task,
+            driver,
+        } = join(endpoint, &config, &span).await?;
         let gates = config
             .quotas
             .iter()
             .map(|(name, q)| (name.clone(), Gate::new(name, *q)))
             .collect();
-        let routes: Routes = Arc::default();
-        let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_backlog.max(1));
-        let driver = tokio::spawn(
-            drive(conn.clone(), routes.clone(), incoming_tx, config.clone())
-                .instrument(span.clone()),
-        );
         Ok(Client {
             inner: Arc::new(Inner {
                 name: config.name.clone(),
                 session,
                 observed,
-                coordinator: coord_text,
+                coordinator,
                 config,
                 endpoint,
                 owns_endpoint,
@@ -420,8 +170,8 @@ impl Client {
                 closed_why,
                 routes,
                 direct,
-                fingerprint: identity.fingerprint(),
-                incoming: tokio::sync::Mutex::new(incoming_rx),
+                fingerprint,
+                incoming: tokio::sync::Mutex::new(incoming),
                 session_tx,
                 session_task,
                 gates,
@@ -524,13 +274,13 @@ impl Client {
     /// `OpenFailed` answer comes back as the error it carries.
     pub(crate) async fn next_answer(&self, recv: &mut RecvStream) -> Result<ChannelMsg, OpenError> {
         let limit = self.inner.config.open_timeout;
-        match timeout(limit, read_frame::<ChannelMsg, _>(recv)).await {
-            Ok(Ok(Some(ChannelMsg::OpenFailed { code, message }))) => {
+        match read_within(limit, recv).await {
+            Read::Frame(ChannelMsg::OpenFailed { code, message }) => {
                 Err(OpenError::Failed { code, message })
             }
-            Ok(Ok(Some(answer))) => Ok(answer),
-            Ok(Ok(None) | Err(_)) => Err(OpenError::Session(self.session_error())),
-            Err(_) => Err(OpenError::Timeout {
+            Read::Frame(answer) => Ok(answer),
+            Read::Finished | Read::Failed(_) => Err(OpenError::Session(self.session_error())),
+            Read::Late => Err(OpenError::Timeout {
                 secs: limit.as_secs(),
             }),
         }
@@ -610,17 +360,12 @@ impl Client {
                 return Err(OpenError::Session(self.session_error()));
             }
             let secs = self.inner.config.open_timeout.as_secs();
-            let reply = timeout(
-                self.inner.config.open_timeout,
-                read_frame::<ChannelMsg, _>(&mut recv),
-            )
-            .await;
-            match reply {
-                Ok(Ok(Some(ChannelMsg::Ready {
+            match read_within(self.inner.config.open_timeout, &mut recv).await {
+                Read::Frame(ChannelMsg::Ready {
                     channel: number,
                     peer: intro,
                     interface,
-                }))) => {
+                }) => {
                     let offer = Offer {
                         interface,
                         offerer: false,
@@ -646,22 +391,22 @@ impl Client {
                         }
                     }
                 }
-                Ok(Ok(Some(ChannelMsg::OpenFailed { code, message }))) => {
+                Read::Frame(ChannelMsg::OpenFailed { code, message }) => {
                     pending.abandon();
                     info!(code = ?code, cause = %message, "open failed");
                     Err(OpenError::Failed { code, message })
                 }
-                Ok(Ok(Some(other))) => {
+                Read::Frame(other) => {
                     pending.abandon();
                     Err(OpenError::Protocol(format!("unexpected {other:?}")))
                 }
-                Ok(Ok(None)) | Ok(Err(_)) => {
+                Read::Finished | Read::Failed(_) => {
                     pending.abandon();
                     Err(OpenError::Session(self.session_error()))
                 }
-                Err(_) => {
+                Read::Late => {
                     pending.abandon();
-                    let _ = send.reset(VarInt::from_u32(StreamCode::Cancelled.code()));
+                    let _ = send.reset(StreamCode::Cancelled.varint());
                     Err(OpenError::Timeout { secs })
                 }
             }
@@ -715,7 +460,7 @@ impl Client {
         }
         self.inner
             .conn
-            .close(VarInt::from_u32(ConnCode::Normal.code()), reason.as_bytes());
+            .close(ConnCode::Normal.varint(), reason.as_bytes());
         if self.inner.owns_endpoint {
             let _ = timeout(
                 std::time::Duration::from_secs(2),
@@ -733,186 +478,5 @@ impl Client {
     /// The coordinator address this client connected to.
     pub fn coordinator(&self) -> &str {
         &self.inner.coordinator
-    }
-}
-
-/// Accept what the coordinator opens towards this client: channel offers
-/// (bidirectional) and data streams (unidirectional).
-async fn drive(
-    conn: Connection,
-    routes: Routes,
-    incoming: mpsc::Sender<IncomingChannel>,
-    config: ClientConfig,
-) {
-    let t = &config.tuning;
-    let bi_allowance = StreamAllowance::new(
-        conn.clone(),
-        StreamKind::Bi,
-        t.max_bidi_streams,
-        t.stream_ceiling,
-    );
-    let uni_allowance = StreamAllowance::new(
-        conn.clone(),
-        StreamKind::Uni,
-        t.max_uni_streams,
-        t.stream_ceiling,
-    );
-    loop {
-        tokio::select! {
-            bi = conn.accept_bi() => match bi {
-                Ok((send, recv)) => {
-                    // Channel control streams live as long as their channel;
-                    // the guard travels with the offer into the channel.
-                    let guard = bi_allowance.opened();
-                    tokio::spawn(offer(send, recv, incoming.clone(), config.clone(), guard).in_current_span());
-                }
-                Err(e) => {
-                    info!(reason = %qmesh_certs::transport::describe_close(&e), "session ended");
-                    break;
-                }
-            },
-            uni = conn.accept_uni() => match uni {
-                Ok(recv) => {
-                    let guard = uni_allowance.opened();
-                    tokio::spawn(route(recv, routes.clone(), config.connect_timeout, guard).in_current_span());
-                }
-                Err(_) => break,
-            },
-        }
-    }
-}
-
-/// Read a channel offer and queue it for `accept`.
-async fn offer(
-    mut send: SendStream,
-    mut recv: RecvStream,
-    incoming: mpsc::Sender<IncomingChannel>,
-    config: ClientConfig,
-    guard: StreamGuard,
-) {
-    let first = timeout(
-        config.connect_timeout,
-        read_frame::<ChannelMsg, _>(&mut recv),
-    )
-    .await;
-    let (from, channel, mode) = match first {
-        Ok(Ok(Some(ChannelMsg::Incoming {
-            from,
-            channel,
-            path,
-        }))) => (from, channel, path),
-        other => {
-            warn!(got = ?other.map(|r| r.map(|m| m.is_some())), "bad channel offer from the coordinator");
-            let _ = send.reset(VarInt::from_u32(StreamCode::Malformed.code()));
-            return;
-        }
-    };
-    debug!(from = %from, channel = %channel, "channel offered");
-    let offer = IncomingChannel {
-        from,
-        channel,
-        mode,
-        streams: Some((send, recv)),
-        parts: None,
-        open_timeout: config.open_timeout,
-        guard: Some(guard),
-    };
-    // A full backlog waits for room (the opener is waiting for an answer
-    // anyway, and QUIC's stream limit bounds how many offers can wait);
-    // past the open timeout the offer is refused as busy.
-    let mut offer = match timeout(config.open_timeout, incoming.reserve()).await {
-        Ok(Ok(permit)) => {
-            permit.send(offer);
-            return;
-        }
-        Ok(Err(_)) => return,
-        Err(_) => offer,
-    };
-    if let Some((mut send, _recv)) = offer.streams.take() {
-        let refuse = ChannelMsg::Refuse {
-            reason: "busy: nobody is accepting channels".into(),
-        };
-        if write_frame(&mut send, &refuse).await.is_ok() {
-            let _ = send.finish();
-        }
-    }
-}
-
-/// Hand a data stream to its channel.
-async fn route(
-    mut recv: RecvStream,
-    routes: Routes,
-    header_timeout: std::time::Duration,
-    guard: StreamGuard,
-) {
-    let (channel, messages) =
-        match timeout(header_timeout, read_frame::<StreamHeader, _>(&mut recv)).await {
-            Ok(Ok(Some(StreamHeader::Data { channel }))) => (channel, false),
-            Ok(Ok(Some(StreamHeader::Messages { channel }))) => (channel, true),
-            _ => {
-                let _ = recv.stop(VarInt::from_u32(StreamCode::Malformed.code()));
-                return;
-            }
-        };
-    let tx = lock(&routes).get(&channel).cloned();
-    let Some(tx) = tx else {
-        debug!(channel, "data stream for a channel that is gone");
-        let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
-        return;
-    };
-    if let Err(mut recv) = tx.deliver(messages, (recv, guard)).await {
-        let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
-    }
-}
-
-/// Run the session stream until it ends: heartbeats both ways and this
-/// client's interface updates. A silent coordinator closes the connection
-/// with [`ConnCode::HeartbeatMissed`], so every channel ends as lost; the
-/// reason goes to `closed_why` first.
-async fn run_session_stream(
-    conn: Connection,
-    closed_why: Arc<OnceLock<String>>,
-    send: SendStream,
-    recv: RecvStream,
-    heartbeat: Heartbeat,
-    outgoing: mpsc::Receiver<SessionMsg>,
-) {
-    let end = qmesh_proto::heartbeat::drive(recv, send, heartbeat, Some(outgoing), |msg| {
-        Err(format!(
-            "the coordinator sent an unexpected {msg:?} on the session stream"
-        ))
-    })
-    .await;
-    if conn.close_reason().is_some() {
-        // The session is already over (this client left, or the
-        // connection ended): nothing to add.
-        return;
-    }
-    let (code, why) = match end {
-        StreamEnd::Silent { .. } => {
-            let why = format!("the coordinator is silent: {end}");
-            warn!(cause = %why, "closing the session");
-            (ConnCode::HeartbeatMissed, why)
-        }
-        StreamEnd::Finished => (
-            ConnCode::Normal,
-            "the coordinator finished the session stream".to_owned(),
-        ),
-        StreamEnd::Violation(what) => {
-            warn!(cause = %what, "closing the session");
-            (ConnCode::UnexpectedMessage, what)
-        }
-        StreamEnd::Failed(_) | StreamEnd::Stopped => return,
-    };
-    let _ = closed_why.set(why.clone());
-    conn.close(VarInt::from_u32(code.code()), why.as_bytes());
-}
-
-/// Why a session ended, for the user: the reason this client gave when it
-/// closed the session itself, otherwise the close as QUIC reports it.
-pub(crate) fn describe_end(err: &ConnectionError, closed_why: &OnceLock<String>) -> String {
-    match (err, closed_why.get()) {
-        (ConnectionError::LocallyClosed, Some(why)) => why.clone(),
-        _ => qmesh_certs::transport::describe_close(err),
     }
 }

@@ -17,17 +17,18 @@ use std::time::Duration;
 
 use qmesh_certs::transport::{StreamAllowance, StreamKind, Tuning};
 use qmesh_certs::{Fingerprint, Identity};
-use qmesh_proto::codec::read_frame;
 use qmesh_proto::codes::{ConnCode, StreamCode};
 use qmesh_proto::msg::{PeerIntro, StreamHeader};
 use quinn::udp::Transmit;
-use quinn::{AsyncUdpSocket, Connection, Endpoint, RecvStream, VarInt};
+use quinn::{AsyncUdpSocket, Connection, Endpoint, RecvStream};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn, Instrument, Span};
 
-use crate::channel::{lock, Route};
+use crate::routes::Route;
+use crate::sync::lock;
+use crate::wire::{read_within, Read, ToVarInt};
 
 /// What a punch datagram carries. It does not parse as a QUIC packet (the
 /// fixed bit is clear), so a QUIC endpoint that receives one drops it.
@@ -398,10 +399,7 @@ impl Direct {
             qmesh_certs::peer_fingerprint(&conn).and_then(|fp| lock(&self.peers).get(&fp).cloned());
         let Some(peer) = peer else {
             // The introduction was withdrawn during the handshake.
-            conn.close(
-                VarInt::from_u32(ConnCode::NotAuthorised.code()),
-                b"not introduced",
-            );
+            conn.close(ConnCode::NotAuthorised.varint(), b"not introduced");
             return;
         };
         info!(peer = %peer.name, %remote, "direct path up (accepted)");
@@ -443,8 +441,8 @@ impl Direct {
                 bi = conn.accept_bi() => match bi {
                     Ok((mut send, mut recv)) => {
                         // Direct connections carry data streams only.
-                        let _ = send.reset(VarInt::from_u32(StreamCode::Malformed.code()));
-                        let _ = recv.stop(VarInt::from_u32(StreamCode::Malformed.code()));
+                        let _ = send.reset(StreamCode::Malformed.varint());
+                        let _ = recv.stop(StreamCode::Malformed.varint());
                     }
                     Err(e) => break qmesh_certs::transport::describe_close(&e),
                 },
@@ -478,16 +476,12 @@ impl Direct {
         from: Fingerprint,
         guard: qmesh_certs::transport::StreamGuard,
     ) {
-        let header = timeout(
-            self.header_timeout,
-            read_frame::<StreamHeader, _>(&mut recv),
-        )
-        .await;
+        let header = read_within(self.header_timeout, &mut recv).await;
         let (channel, messages) = match header {
-            Ok(Ok(Some(StreamHeader::Direct { channel }))) => (channel, false),
-            Ok(Ok(Some(StreamHeader::DirectMessages { channel }))) => (channel, true),
+            Read::Frame(StreamHeader::Direct { channel }) => (channel, false),
+            Read::Frame(StreamHeader::DirectMessages { channel }) => (channel, true),
             _ => {
-                let _ = recv.stop(VarInt::from_u32(StreamCode::Malformed.code()));
+                let _ = recv.stop(StreamCode::Malformed.varint());
                 return;
             }
         };
@@ -505,7 +499,7 @@ impl Direct {
         .await;
         let Ok((owner, tx)) = found else {
             debug!(channel, "direct stream for an unknown channel");
-            let _ = recv.stop(VarInt::from_u32(StreamCode::UnknownChannel.code()));
+            let _ = recv.stop(StreamCode::UnknownChannel.varint());
             return;
         };
         if owner != from {
@@ -513,11 +507,11 @@ impl Direct {
                 channel,
                 "a peer sent a direct stream for a channel that is not its own"
             );
-            let _ = recv.stop(VarInt::from_u32(StreamCode::UnknownChannel.code()));
+            let _ = recv.stop(StreamCode::UnknownChannel.varint());
             return;
         }
         if let Err(mut recv) = tx.deliver(messages, (recv, guard)).await {
-            let _ = recv.stop(VarInt::from_u32(StreamCode::ChannelEnded.code()));
+            let _ = recv.stop(StreamCode::ChannelEnded.varint());
         }
     }
 
@@ -565,10 +559,7 @@ impl Direct {
                     info!(peer = %peer.name, "closing the idle direct connection");
                 }
                 for c in conns {
-                    c.close(
-                        VarInt::from_u32(ConnCode::Normal.code()),
-                        b"no channels left",
-                    );
+                    c.close(ConnCode::Normal.varint(), b"no channels left");
                 }
                 peer.state
                     .send_replace(Link::Down("closed: no channels left".into()));
@@ -615,10 +606,7 @@ impl Direct {
         let Some(peer) = peer else { return false };
         let conns: Vec<Connection> = lock(&peer.conns).clone();
         for c in &conns {
-            c.close(
-                VarInt::from_u32(ConnCode::Normal.code()),
-                b"direct connection dropped",
-            );
+            c.close(ConnCode::Normal.varint(), b"direct connection dropped");
         }
         !conns.is_empty()
     }
@@ -628,7 +616,7 @@ impl Direct {
         let peers: Vec<Arc<Peer>> = lock(&self.peers).drain().map(|(_, p)| p).collect();
         for p in peers {
             for c in lock(&p.conns).drain(..) {
-                c.close(VarInt::from_u32(ConnCode::Normal.code()), b"client leaving");
+                c.close(ConnCode::Normal.varint(), b"client leaving");
             }
             p.state
                 .send_replace(Link::Down("the client is leaving".into()));

@@ -8,7 +8,6 @@
 //! [`renew_at`] says when a certificate is due for renewal (two thirds of
 //! its lifetime).
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use qmesh_certs::Identity;
@@ -17,9 +16,9 @@ use qmesh_proto::msg::SessionMsg;
 use qmesh_proto::PROTOCOL_VERSION;
 use tokio::time::timeout;
 
-use crate::client::{connect_failure, resolve, server_name};
+use crate::config::ClientConfig;
+use crate::connect::{bind_for, connect_failure, resolve, server_name};
 use crate::error::ConnectError;
-use crate::ClientConfig;
 
 /// A certificate the coordinator issued.
 #[derive(Debug)]
@@ -53,12 +52,8 @@ async fn enroll_inner(
     let coord_text = config.coordinator.to_string();
     let (client_config, report) = config.quic()?;
     let identity = config.identity()?;
-    let bind: SocketAddr = if addr.is_ipv6() {
-        (Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    let endpoint = qmesh_certs::transport::client_endpoint(bind).map_err(ConnectError::Socket)?;
+    let endpoint =
+        qmesh_certs::transport::client_endpoint(bind_for(addr)).map_err(ConnectError::Socket)?;
     let conn = endpoint
         .connect_with(client_config, addr, &server_name(host))
         .map_err(|e| ConnectError::Handshake {

@@ -40,7 +40,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::channel::{lock, ChannelEnd, Side};
+use crate::end::{ChannelEnd, Side};
+use crate::sync::lock;
 
 /// Which channel an event is about.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -48,16 +48,30 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: [`ClientConfig`]: coordinator, name, trust, timeouts, limits.
-//! - [`client`]: [`Client`]: connect, open, accept, leave.
-//! - [`channel`]: [`Channel`], [`IncomingChannel`], [`ChannelEnd`].
-//! - [`stream`]: [`MessageSender`], [`MessageReceiver`]: whole messages.
-//! - [`messages`]: one-way messages, requests and replies on a channel.
-//! - [`events`]: exact events, by handler or by polling.
-//! - [`presence`]: manifests, who is online, and changes.
-//! - [`quota`]: limits on offered interfaces.
+//! From the top down; each module imports only modules below it.
+//!
 //! - [`broadcast`]: [`Group`]: broadcast groups relayed by the coordinator.
+//! - [`presence`]: manifests, who is online, and changes.
+//! - `enroll`: enrolling with a token, and certificate renewal times.
+//! - [`client`]: [`Client`]: connect, open, accept, leave.
+//! - `connect`: resolving, the QUIC handshake and the hello; starts the
+//!   session's tasks.
+//! - `driver`: the session's tasks: channel offers, incoming streams, the
+//!   session stream.
+//! - [`channel`]: [`Channel`], [`IncomingChannel`]: a channel's streams,
+//!   messages and close, driven through its state.
+//! - `direct`: direct connections to peers and their hole punching.
+//! - `routes`: where incoming streams go, by channel.
+//! - [`messages`]: one-way messages, requests and replies on a channel.
+//! - [`config`]: [`ClientConfig`]: coordinator, name, trust, timeouts, limits.
+//! - `state`: a channel's life as a plain state type, and its one owner.
+//! - [`events`]: exact events, by handler or by polling.
+//! - [`quota`]: limits on offered interfaces.
+//! - [`stream`]: [`MessageSender`], [`MessageReceiver`]: whole messages.
+//! - `end`: [`ChannelEnd`], [`Side`], [`Path`]: how channels and sessions end.
 //! - [`error`]: one error enum per operation.
+//! - `sync`: the crate's lock helper.
+//! - `wire`: close codes as QUIC varints; reading a frame within a deadline.
 
 #![warn(missing_docs)]
 
@@ -65,14 +79,21 @@ pub mod broadcast;
 pub mod channel;
 pub mod client;
 pub mod config;
+mod connect;
 mod direct;
+mod driver;
+mod end;
 pub mod enroll;
 pub mod error;
 pub mod events;
 pub mod messages;
 pub mod presence;
 pub mod quota;
+mod routes;
+mod state;
 pub mod stream;
+mod sync;
+mod wire;
 
 pub use broadcast::{Group, GroupEvent, GroupPolicy};
 pub use channel::{Channel, ChannelEnd, IncomingChannel, Path, Side};

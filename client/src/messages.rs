@@ -36,11 +36,13 @@ use qmesh_proto::envelope::Envelope;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
-use crate::channel::{lock, Path};
+use crate::end::Path;
 use crate::error::{RecvError, SendError};
+use crate::quota::Gate;
 use crate::stream::{MessageReceiver, MessageSender};
+use crate::sync::lock;
 
 /// What arrived on a channel's message stream.
 #[derive(Debug)]
@@ -124,12 +126,23 @@ pub(crate) type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output 
 pub(crate) type OpenOut =
     Box<dyn Fn() -> BoxFuture<Result<(MessageSender, Path), SendError>> + Send + Sync>;
 
-/// This side's outgoing message stream.
+/// This side's outgoing message stream: a handle on the task that owns
+/// it. Sends queue (bounded) and are written in order; no lock is held
+/// while the stream opens (which may wait for a direct path) or writes.
 pub(crate) struct Outbox {
-    stream: tokio::sync::Mutex<Option<(MessageSender, Path)>>,
-    open: OpenOut,
-    path: tokio::sync::watch::Receiver<Path>,
+    commands: mpsc::Sender<Command>,
 }
+
+/// What the outbox task is asked to do.
+enum Command {
+    /// Write one envelope and say how it went.
+    Send(Envelope, oneshot::Sender<Result<(), SendError>>),
+    /// Finish the message stream, if one is open, and say when delivered.
+    Finish(oneshot::Sender<()>),
+}
+
+/// Sends that may wait for the outbox task before their senders wait.
+const OUTBOX_QUEUE: usize = 16;
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -138,43 +151,81 @@ impl std::fmt::Debug for Outbox {
 }
 
 impl Outbox {
+    /// Start the task that owns the message stream; it ends when the
+    /// outbox is dropped.
     pub(crate) fn new(open: OpenOut, path: tokio::sync::watch::Receiver<Path>) -> Self {
-        Self {
-            stream: tokio::sync::Mutex::new(None),
-            open,
-            path,
-        }
+        let (commands, rx) = mpsc::channel(OUTBOX_QUEUE);
+        tokio::spawn(run_outbox(rx, open, path).in_current_span());
+        Self { commands }
     }
 
     /// Send one envelope, opening the message stream first if there is
     /// none, or a new one when the path has changed since it was opened
     /// (the old one is finished in the background).
     pub(crate) async fn send(&self, env: Envelope) -> Result<(), SendError> {
-        let mut slot = self.stream.lock().await;
-        let now = *self.path.borrow();
-        if slot.as_ref().is_some_and(|(_, on)| *on != now) {
-            if let Some((old, _)) = slot.take() {
-                tokio::spawn(async move {
-                    let _ = old.finish().await;
-                });
-            }
-        }
-        if slot.is_none() {
-            *slot = Some((self.open)().await?);
-        }
-        let Some((out, _)) = slot.as_mut() else {
-            return Err(SendError::Stream("no message stream".into()));
-        };
-        out.send(&env.to_bytes()).await
+        let gone = || SendError::Stream("the channel is gone".into());
+        let (done, outcome) = oneshot::channel();
+        self.commands
+            .send(Command::Send(env, done))
+            .await
+            .map_err(|_| gone())?;
+        outcome.await.unwrap_or_else(|_| Err(gone()))
     }
 
     /// Finish the message stream, if one is open, and wait until it is
     /// delivered.
     pub(crate) async fn finish(&self) {
-        if let Some((out, _)) = self.stream.lock().await.take() {
-            let _ = out.finish().await;
+        let (done, finished) = oneshot::channel();
+        if self.commands.send(Command::Finish(done)).await.is_ok() {
+            let _ = finished.await;
         }
     }
+}
+
+/// Own the message stream: carry out the outbox's commands in order.
+async fn run_outbox(
+    mut commands: mpsc::Receiver<Command>,
+    open: OpenOut,
+    path: tokio::sync::watch::Receiver<Path>,
+) {
+    let mut slot: Option<(MessageSender, Path)> = None;
+    while let Some(command) = commands.recv().await {
+        match command {
+            Command::Send(env, done) => {
+                let outcome = send_on(&mut slot, &open, &path, env).await;
+                let _ = done.send(outcome);
+            }
+            Command::Finish(done) => {
+                if let Some((out, _)) = slot.take() {
+                    let _ = out.finish().await;
+                }
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Write `env` on the message stream in `slot`, (re)opening it on the
+/// current path first when needed.
+async fn send_on(
+    slot: &mut Option<(MessageSender, Path)>,
+    open: &OpenOut,
+    path: &tokio::sync::watch::Receiver<Path>,
+    env: Envelope,
+) -> Result<(), SendError> {
+    let now = *path.borrow();
+    if slot.as_ref().is_some_and(|(_, on)| *on != now) {
+        if let Some((old, _)) = slot.take() {
+            tokio::spawn(async move {
+                let _ = old.finish().await;
+            });
+        }
+    }
+    let (out, _) = match slot {
+        Some(open) => open,
+        None => slot.insert(open().await?),
+    };
+    out.send(&env.to_bytes()).await
 }
 
 /// Requests this side sent that wait for their reply.
@@ -232,7 +283,7 @@ pub(crate) struct Inbox {
     pub(crate) peer_may_send: bool,
     /// Counts each message against the interface's quota; an error ends
     /// the stream and says why.
-    pub(crate) quota: Option<Arc<crate::quota::Gate>>,
+    pub(crate) quota: Option<Arc<Gate>>,
 }
 
 /// Read the peer's message streams as they arrive, one task each, and

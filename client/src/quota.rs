@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::time::Instant;
 
-use crate::channel::lock;
+use crate::sync::lock;
 
 /// Limits on one offered interface. `None`: no limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -16,6 +16,7 @@ use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio::io::AsyncReadExt;
 
 use crate::error::{RecvError, SendError};
+use crate::wire::ToVarInt;
 
 /// Gathered bytes at which `feed` writes them out.
 const COALESCE: usize = 64 * 1024;
@@ -127,9 +128,7 @@ impl MessageSender {
     /// Abandon the stream; the receiver sees it reset with
     /// [`StreamCode::Cancelled`].
     pub fn cancel(mut self) {
-        let _ = self
-            .stream
-            .reset(VarInt::from_u32(StreamCode::Cancelled.code()));
+        let _ = self.stream.reset(StreamCode::Cancelled.varint());
     }
 }
 
@@ -180,9 +179,7 @@ impl MessageReceiver {
                 let len = match check_length(*prefix, self.max) {
                     Ok(len) => len,
                     Err(DecodeError::TooLarge { len, limit }) => {
-                        let _ = self
-                            .stream
-                            .stop(VarInt::from_u32(StreamCode::MessageTooLarge.code()));
+                        let _ = self.stream.stop(StreamCode::MessageTooLarge.varint());
                         return Err(RecvError::TooLarge { len, max: limit });
                     }
                     Err(_) => return Err(RecvError::Truncated),
@@ -214,6 +211,6 @@ impl MessageReceiver {
 
     /// Tell the sender to stop; its writes fail with `code`.
     pub fn stop(mut self, code: StreamCode) {
-        let _ = self.stream.stop(VarInt::from_u32(code.code()));
+        let _ = self.stream.stop(code.varint());
     }
 }

@@ -1,0 +1,188 @@
+//! The session driver: the tasks that serve one session with the
+//! coordinator once it is joined — accepting channel offers and data
+//! streams, and running the session stream (heartbeats, interface updates).
+
+use std::sync::{Arc, OnceLock};
+
+use qmesh_certs::transport::{StreamAllowance, StreamGuard, StreamKind};
+use qmesh_proto::codec::write_frame;
+use qmesh_proto::codes::{ConnCode, StreamCode};
+use qmesh_proto::heartbeat::{Heartbeat, StreamEnd};
+use qmesh_proto::msg::{ChannelMsg, SessionMsg, StreamHeader};
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::channel::IncomingChannel;
+use crate::config::ClientConfig;
+use crate::routes::Routes;
+use crate::sync::lock;
+use crate::wire::{read_within, Read, ToVarInt};
+
+/// Accept what the coordinator opens towards this client: channel offers
+/// (bidirectional) and data streams (unidirectional).
+pub(crate) async fn drive(
+    conn: Connection,
+    routes: Routes,
+    incoming: mpsc::Sender<IncomingChannel>,
+    config: ClientConfig,
+) {
+    let t = &config.tuning;
+    let bi_allowance = StreamAllowance::new(
+        conn.clone(),
+        StreamKind::Bi,
+        t.max_bidi_streams,
+        t.stream_ceiling,
+    );
+    let uni_allowance = StreamAllowance::new(
+        conn.clone(),
+        StreamKind::Uni,
+        t.max_uni_streams,
+        t.stream_ceiling,
+    );
+    loop {
+        tokio::select! {
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => {
+                    // Channel control streams live as long as their channel;
+                    // the guard travels with the offer into the channel.
+                    let guard = bi_allowance.opened();
+                    tokio::spawn(offer(send, recv, incoming.clone(), config.clone(), guard).in_current_span());
+                }
+                Err(e) => {
+                    info!(reason = %qmesh_certs::transport::describe_close(&e), "session ended");
+                    break;
+                }
+            },
+            uni = conn.accept_uni() => match uni {
+                Ok(recv) => {
+                    let guard = uni_allowance.opened();
+                    tokio::spawn(route(recv, routes.clone(), config.connect_timeout, guard).in_current_span());
+                }
+                Err(_) => break,
+            },
+        }
+    }
+}
+
+/// Read a channel offer and queue it for `accept`.
+async fn offer(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    incoming: mpsc::Sender<IncomingChannel>,
+    config: ClientConfig,
+    guard: StreamGuard,
+) {
+    let first = read_within(config.connect_timeout, &mut recv).await;
+    let (from, channel, mode) = match first {
+        Read::Frame(ChannelMsg::Incoming {
+            from,
+            channel,
+            path,
+        }) => (from, channel, path),
+        other => {
+            warn!(got = ?other, "bad channel offer from the coordinator");
+            let _ = send.reset(StreamCode::Malformed.varint());
+            return;
+        }
+    };
+    debug!(from = %from, channel = %channel, "channel offered");
+    let offer = IncomingChannel {
+        from,
+        channel,
+        mode,
+        streams: Some((send, recv)),
+        parts: None,
+        open_timeout: config.open_timeout,
+        guard: Some(guard),
+    };
+    // A full backlog waits for room (the opener is waiting for an answer
+    // anyway, and QUIC's stream limit bounds how many offers can wait);
+    // past the open timeout the offer is refused as busy.
+    let mut offer = match timeout(config.open_timeout, incoming.reserve()).await {
+        Ok(Ok(permit)) => {
+            permit.send(offer);
+            return;
+        }
+        Ok(Err(_)) => return,
+        Err(_) => offer,
+    };
+    if let Some((mut send, _recv)) = offer.streams.take() {
+        let refuse = ChannelMsg::Refuse {
+            reason: "busy: nobody is accepting channels".into(),
+        };
+        if write_frame(&mut send, &refuse).await.is_ok() {
+            let _ = send.finish();
+        }
+    }
+}
+
+/// Hand a data stream to its channel.
+async fn route(
+    mut recv: RecvStream,
+    routes: Routes,
+    header_timeout: std::time::Duration,
+    guard: StreamGuard,
+) {
+    let (channel, messages) = match read_within(header_timeout, &mut recv).await {
+        Read::Frame(StreamHeader::Data { channel }) => (channel, false),
+        Read::Frame(StreamHeader::Messages { channel }) => (channel, true),
+        _ => {
+            let _ = recv.stop(StreamCode::Malformed.varint());
+            return;
+        }
+    };
+    let tx = lock(&routes).get(&channel).cloned();
+    let Some(tx) = tx else {
+        debug!(channel, "data stream for a channel that is gone");
+        let _ = recv.stop(StreamCode::ChannelEnded.varint());
+        return;
+    };
+    if let Err(mut recv) = tx.deliver(messages, (recv, guard)).await {
+        let _ = recv.stop(StreamCode::ChannelEnded.varint());
+    }
+}
+
+/// Run the session stream until it ends: heartbeats both ways and this
+/// client's interface updates. A silent coordinator closes the connection
+/// with [`ConnCode::HeartbeatMissed`], so every channel ends as lost; the
+/// reason goes to `closed_why` first.
+pub(crate) async fn run_session_stream(
+    conn: Connection,
+    closed_why: Arc<OnceLock<String>>,
+    send: SendStream,
+    recv: RecvStream,
+    heartbeat: Heartbeat,
+    outgoing: mpsc::Receiver<SessionMsg>,
+) {
+    let end = qmesh_proto::heartbeat::drive(recv, send, heartbeat, Some(outgoing), |msg| {
+        Err(format!(
+            "the coordinator sent an unexpected {msg:?} on the session stream"
+        ))
+    })
+    .await;
+    if conn.close_reason().is_some() {
+        // The session is already over (this client left, or the
+        // connection ended): nothing to add.
+        return;
+    }
+    let (code, why) = match end {
+        StreamEnd::Silent { .. } => {
+            let why = format!("the coordinator is silent: {end}");
+            warn!(cause = %why, "closing the session");
+            (ConnCode::HeartbeatMissed, why)
+        }
+        StreamEnd::Finished => (
+            ConnCode::Normal,
+            "the coordinator finished the session stream".to_owned(),
+        ),
+        StreamEnd::Violation(what) => {
+            warn!(cause = %what, "closing the session");
+            (ConnCode::UnexpectedMessage, what)
+        }
+        StreamEnd::Failed(_) | StreamEnd::Stopped => return,
+    };
+    let _ = closed_why.set(why.clone());
+    conn.close(code.varint(), why.as_bytes());
+}

@@ -1,0 +1,45 @@
+//! The routing table: where the streams the coordinator (or a direct
+//! peer) opens towards this client are delivered, by channel.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use qmesh_certs::transport::StreamGuard;
+use quinn::RecvStream;
+use tokio::sync::mpsc;
+
+use crate::state::Life;
+
+/// Where a channel's incoming data streams are delivered.
+pub(crate) type StreamTx = mpsc::Sender<(RecvStream, StreamGuard)>;
+
+/// Where a channel's incoming streams go: data streams to
+/// [`crate::Channel::accept_stream`], the peer's message streams to its readers.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    pub(crate) data: StreamTx,
+    pub(crate) messages: StreamTx,
+    /// The channel's life, to count the data streams that arrive.
+    pub(crate) life: Arc<Life>,
+}
+
+impl Route {
+    /// Hand an incoming stream to its channel; the stream back when the
+    /// channel is gone.
+    pub(crate) async fn deliver(
+        &self,
+        messages: bool,
+        stream: (RecvStream, StreamGuard),
+    ) -> Result<(), RecvStream> {
+        let tx = if messages { &self.messages } else { &self.data };
+        tx.send(stream).await.map_err(|e| (e.0).0)?;
+        if !messages {
+            // Message streams are counted by their reader.
+            self.life.update(|s| s.data_arrived());
+        }
+        Ok(())
+    }
+}
+
+/// Where incoming relayed streams go, by channel control stream id.
+pub(crate) type Routes = Arc<Mutex<HashMap<u64, Route>>>;
