@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use qmesh_proto::codes::{OpenFailCode, StreamCode};
 use qmesh_proto::limits::{MAX_MESSAGE_CEILING, MAX_REASON};
-use qmesh_proto::msg::ChannelMsg;
+use qmesh_proto::msg::{JoinAnswer, MembersAnswer, StreamRequest};
 use qmesh_proto::name::validate_channel_name;
 use tokio::sync::Mutex;
 use tracing::{debug, info};
@@ -55,16 +55,21 @@ impl Client {
     /// [`OpenFailCode::InvalidAddress`] for a bad group name.
     pub async fn join(&self, group: &str) -> Result<Group, OpenError> {
         check_group(group)?;
-        let join = ChannelMsg::Join {
-            group: group.to_owned(),
+        let join = StreamRequest::Join {
+            group: group.into(),
         };
         let (mut send, mut recv) = self.request_stream(&join).await?;
-        match self.next_answer(&mut recv).await {
-            Ok(ChannelMsg::Joined {
+        let answer = match self.next_answer(&mut recv).await {
+            Ok(JoinAnswer::Joined {
                 members,
                 policy,
                 max_message,
-            }) => {
+            }) => Ok((members, policy, max_message)),
+            Ok(JoinAnswer::Failed(failure)) => Err(OpenError::from(failure)),
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok((members, policy, max_message)) => {
                 let max_message = usize::try_from(max_message)
                     .unwrap_or(usize::MAX)
                     .min(MAX_MESSAGE_CEILING - MESSAGE_HEAD);
@@ -82,9 +87,6 @@ impl Client {
                     }),
                 })
             }
-            Ok(other) => Err(OpenError::Protocol(format!(
-                "unexpected {other:?} in answer to a join"
-            ))),
             Err(e) => {
                 info!(group, cause = %e, "join failed");
                 if matches!(e, OpenError::Timeout { .. }) {
@@ -99,19 +101,22 @@ impl Client {
     /// in).
     pub async fn group_members(&self, group: &str) -> Result<u64, OpenError> {
         check_group(group)?;
-        let ask = ChannelMsg::Members {
-            group: group.to_owned(),
+        let ask = StreamRequest::Members {
+            group: group.into(),
         };
         let (mut send, mut recv) = self.request_stream(&ask).await?;
         let _ = send.finish();
         match self.next_answer(&mut recv).await? {
-            ChannelMsg::MemberCount {
+            MembersAnswer::Count {
                 group: answered,
                 members,
-            } if answered == group => Ok(members),
-            other => Err(OpenError::Protocol(format!(
-                "unexpected {other:?} in answer to a member count"
+            } if answered == *group => Ok(members),
+            MembersAnswer::Count {
+                group: answered, ..
+            } => Err(OpenError::Protocol(format!(
+                "the member count is for group {answered:?}, not {group:?}"
             ))),
+            MembersAnswer::Failed(failure) => Err(failure.into()),
         }
     }
 }

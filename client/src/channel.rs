@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::StreamCode;
 use qmesh_proto::limits::clip_reason;
-use qmesh_proto::msg::{ChannelMsg, PathMode, PeerIntro, StreamHeader};
-use qmesh_proto::Interface;
+use qmesh_proto::msg::{Close, Ending, IncomingAnswer, PathMode, PeerIntro, Ready, StreamHeader};
+use qmesh_proto::{ChannelId, Interface, StreamId};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
@@ -40,7 +40,9 @@ use crate::wire::{read_within, Read, ToVarInt};
 
 #[derive(Debug)]
 struct Shared {
-    id: u64,
+    /// This client's id of the channel's control stream: relayed data
+    /// streams name it.
+    id: StreamId,
     peer: String,
     name: String,
     label: String,
@@ -55,7 +57,7 @@ struct Shared {
     /// The channel's life: its one owner.
     life: Arc<Life>,
     /// The coordinator's number for this channel.
-    number: u64,
+    number: ChannelId,
     /// The path the opener asked for.
     mode: PathMode,
     /// The direct link this channel uses, when it may go direct.
@@ -293,7 +295,7 @@ impl Shared {
         self.outbox.finish().await;
         let ctrl = fx.close.as_ref().and_then(|_| lock(&self.ctrl).take());
         if let (Some(close), Some(mut send)) = (fx.close, ctrl) {
-            let msg = ChannelMsg::Close {
+            let msg = Close {
                 reason: close.reason,
                 streams: close.streams,
                 relayed: close.relayed,
@@ -346,7 +348,7 @@ pub(crate) struct Parts {
 /// A channel whose route is registered but which is not ready yet.
 pub(crate) struct Pending {
     parts: Parts,
-    id: u64,
+    id: StreamId,
     tx: Route,
     rx: mpsc::Receiver<(RecvStream, StreamGuard)>,
     msg_rx: mpsc::Receiver<(RecvStream, StreamGuard)>,
@@ -356,7 +358,7 @@ impl Pending {
     /// Register the route for data streams of the channel whose control
     /// stream is `send`, before the channel can receive any.
     pub(crate) fn register(parts: Parts, send: &SendStream) -> Self {
-        let id = u64::from(send.id());
+        let id = StreamId(u64::from(send.id()));
         let (data, rx) = mpsc::channel(parts.max_streams.max(1));
         let (messages, msg_rx) = mpsc::channel(4);
         let tx = Route {
@@ -385,7 +387,7 @@ impl Pending {
         self,
         (send, recv): (SendStream, RecvStream),
         guard: Option<StreamGuard>,
-        number: u64,
+        number: ChannelId,
         intro: Option<PeerIntro>,
         offer: Offer,
     ) -> Channel {
@@ -435,7 +437,7 @@ impl Pending {
             quota: parts.quota,
             _guard: guard,
         });
-        info!(parent: &span, number, mode = ?parts.mode, direct = shared.link.is_some(), "ready");
+        info!(parent: &span, %number, mode = ?parts.mode, direct = shared.link.is_some(), "ready");
         if let Some(link) = &shared.link {
             tokio::spawn(follow_path(shared.clone(), link.peer.watch()).instrument(span.clone()));
         }
@@ -536,17 +538,16 @@ async fn follow_path(shared: Arc<Shared>, mut link: watch::Receiver<Link>) {
 /// Read the channel control stream until it ends, recording the end.
 async fn control(shared: Arc<Shared>, mut recv: RecvStream) {
     let reason = loop {
-        match read_frame::<ChannelMsg, _>(&mut recv).await {
-            Ok(Some(ChannelMsg::Close {
+        match read_frame::<Ending, _>(&mut recv).await {
+            Ok(Some(Ending::Closed(Close {
                 reason, streams, ..
-            })) => {
+            }))) => {
                 debug!(streams, "peer closed");
                 // Answer with our own close so the closer knows we saw it.
                 let fx = shared.apply(|s| s.peer_closed(&reason, streams));
                 shared.send_close(fx).await;
             }
-            Ok(Some(ChannelMsg::Lost { reason })) => break reason,
-            Ok(Some(other)) => break format!("the coordinator sent an unexpected {other:?}"),
+            Ok(Some(Ending::Lost { reason })) => break reason,
             Ok(None) => break "the coordinator ended the channel without a close".into(),
             Err(e) => {
                 break match shared.conn.close_reason() {
@@ -1005,12 +1006,12 @@ impl IncomingChannel {
         mut recv: RecvStream,
     ) -> Result<Channel, AcceptError> {
         let pending = Pending::register(parts, &send);
-        if let Err(e) = write_frame(&mut send, &ChannelMsg::Accept).await {
+        if let Err(e) = write_frame(&mut send, &IncomingAnswer::Accept).await {
             pending.abandon();
             return Err(AcceptError::Session(e.to_string()));
         }
         match read_within(self.open_timeout, &mut recv).await {
-            Read::Frame(ChannelMsg::Ready {
+            Read::Frame(Ready {
                 channel,
                 peer,
                 interface,
@@ -1024,16 +1025,8 @@ impl IncomingChannel {
                     offerer: true,
                 },
             )),
-            Read::Frame(ChannelMsg::Lost { reason }) => {
-                pending.abandon();
-                Err(AcceptError::Withdrawn(reason))
-            }
-            Read::Frame(other) => {
-                pending.abandon();
-                Err(AcceptError::Withdrawn(format!(
-                    "unexpected answer from the coordinator: {other:?}"
-                )))
-            }
+            // The opener withdrew (or vanished): the coordinator resets
+            // or finishes the stream instead of sending the ready.
             Read::Finished => {
                 pending.abandon();
                 Err(AcceptError::Withdrawn(
@@ -1061,7 +1054,7 @@ impl IncomingChannel {
 }
 
 async fn refuse(send: &mut SendStream, reason: &str) {
-    let msg = ChannelMsg::Refuse {
+    let msg = IncomingAnswer::Refuse {
         reason: clip_reason(reason),
     };
     if write_frame(send, &msg).await.is_ok() {

@@ -4,11 +4,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
-use qmesh_proto::codec::write_frame;
+use qmesh_proto::codec::{write_frame, ReadFrameError};
 use qmesh_proto::codes::{ConnCode, StreamCode};
-use qmesh_proto::msg::{ChannelMsg, PathMode, SessionMsg};
+use qmesh_proto::msg::{ClientSession, Failure, Open, OpenAnswer, PathMode, Ready, StreamRequest};
 use qmesh_proto::Address;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -54,7 +55,7 @@ struct Inner {
     fingerprint: qmesh_certs::Fingerprint,
     incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingChannel>>,
     /// Frames for the session stream (interface updates).
-    session_tx: mpsc::Sender<SessionMsg>,
+    session_tx: mpsc::Sender<ClientSession>,
     /// Runs the session stream: heartbeats, and the end of the session.
     session_task: JoinHandle<()>,
     /// Quotas on offered interfaces, by name.
@@ -89,7 +90,7 @@ impl Client {
     }
 
     /// Queue a frame for the session stream.
-    pub(crate) async fn session_send(&self, msg: SessionMsg) -> Result<(), ()> {
+    pub(crate) async fn session_send(&self, msg: ClientSession) -> Result<(), ()> {
         self.inner.session_tx.send(msg).await.map_err(|_| ())
     }
 
@@ -255,7 +256,7 @@ impl Client {
     /// on it: the start of a describe, presence, join or member count.
     pub(crate) async fn request_stream(
         &self,
-        first: &ChannelMsg,
+        first: &StreamRequest,
     ) -> Result<(SendStream, RecvStream), OpenError> {
         let (mut send, recv) = self
             .inner
@@ -270,15 +271,16 @@ impl Client {
     }
 
     /// The coordinator's next answer on a stream from
-    /// [`Client::request_stream`], within the open timeout. An
-    /// `OpenFailed` answer comes back as the error it carries.
-    pub(crate) async fn next_answer(&self, recv: &mut RecvStream) -> Result<ChannelMsg, OpenError> {
+    /// [`Client::request_stream`], within the open timeout. A frame that
+    /// is not a `T` is a protocol error.
+    pub(crate) async fn next_answer<T: DeserializeOwned>(
+        &self,
+        recv: &mut RecvStream,
+    ) -> Result<T, OpenError> {
         let limit = self.inner.config.open_timeout;
         match read_within(limit, recv).await {
-            Read::Frame(ChannelMsg::OpenFailed { code, message }) => {
-                Err(OpenError::Failed { code, message })
-            }
             Read::Frame(answer) => Ok(answer),
+            Read::Failed(ReadFrameError::Decode(e)) => Err(OpenError::Protocol(e.to_string())),
             Read::Finished | Read::Failed(_) => Err(OpenError::Session(self.session_error())),
             Read::Late => Err(OpenError::Timeout {
                 secs: limit.as_secs(),
@@ -350,22 +352,22 @@ impl Client {
             // Ready is reported once open returns it.
             parts.defer_ready = true;
             let pending = Pending::register(parts, &send);
-            let open = ChannelMsg::Open {
-                peer: peer.to_owned(),
-                channel: channel.to_owned(),
+            let open = StreamRequest::Open(Open {
+                peer: peer.into(),
+                channel: channel.into(),
                 path: mode,
-            };
+            });
             if write_frame(&mut send, &open).await.is_err() {
                 pending.abandon();
                 return Err(OpenError::Session(self.session_error()));
             }
             let secs = self.inner.config.open_timeout.as_secs();
             match read_within(self.inner.config.open_timeout, &mut recv).await {
-                Read::Frame(ChannelMsg::Ready {
+                Read::Frame(OpenAnswer::Ready(Ready {
                     channel: number,
                     peer: intro,
                     interface,
-                }) => {
+                })) => {
                     let offer = Offer {
                         interface,
                         offerer: false,
@@ -391,14 +393,14 @@ impl Client {
                         }
                     }
                 }
-                Read::Frame(ChannelMsg::OpenFailed { code, message }) => {
+                Read::Frame(OpenAnswer::Failed(Failure { code, message })) => {
                     pending.abandon();
                     info!(code = ?code, cause = %message, "open failed");
                     Err(OpenError::Failed { code, message })
                 }
-                Read::Frame(other) => {
+                Read::Failed(ReadFrameError::Decode(e)) => {
                     pending.abandon();
-                    Err(OpenError::Protocol(format!("unexpected {other:?}")))
+                    Err(OpenError::Protocol(e.to_string()))
                 }
                 Read::Finished | Read::Failed(_) => {
                     pending.abandon();

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use qmesh_proto::address::Host;
 use qmesh_proto::codec::{read_frame, write_frame, ReadFrameError};
 use qmesh_proto::codes::ConnCode;
-use qmesh_proto::msg::SessionMsg;
+use qmesh_proto::msg::{self, ClientSession, Greeting, Hello, Reject, Welcome};
 use qmesh_proto::PROTOCOL_VERSION;
 use quinn::{Connection, ConnectionError, Endpoint};
 use tokio::sync::mpsc;
@@ -36,7 +36,7 @@ pub(crate) struct Joined {
     pub(crate) direct: Option<Arc<Direct>>,
     pub(crate) fingerprint: qmesh_certs::Fingerprint,
     pub(crate) incoming: mpsc::Receiver<IncomingChannel>,
-    pub(crate) session_tx: mpsc::Sender<SessionMsg>,
+    pub(crate) session_tx: mpsc::Sender<ClientSession>,
     pub(crate) session_task: JoinHandle<()>,
     pub(crate) driver: JoinHandle<()>,
 }
@@ -215,17 +215,20 @@ pub(crate) fn plan_endpoint(own: bool, direct: bool) -> EndpointPlan {
 /// The frames that open a session: the hello (this client's name, the
 /// protocol version and, when it takes direct channels, the addresses it
 /// reports), then the interfaces it offers.
-pub(crate) fn hello(config: &ClientConfig, reported: Option<Vec<SocketAddr>>) -> [SessionMsg; 2] {
-    [
-        SessionMsg::Hello {
+pub(crate) fn hello(
+    config: &ClientConfig,
+    reported: Option<Vec<SocketAddr>>,
+) -> (Greeting, ClientSession) {
+    (
+        Greeting::Hello(Hello {
             version: PROTOCOL_VERSION,
-            name: config.name.clone(),
+            name: config.name.clone().into(),
             direct: reported,
-        },
-        SessionMsg::Interfaces {
+        }),
+        ClientSession::Interfaces {
             list: config.interfaces.clone(),
         },
-    ]
+    )
 }
 
 /// What the coordinator's answer to a hello means.
@@ -238,10 +241,11 @@ pub(crate) enum HelloAnswer {
         /// This client's address as the coordinator sees it.
         observed: SocketAddr,
     },
-    /// Refused, or answered with something else: the error to return.
+    /// Refused: the error to return.
     Refused(ConnectError),
-    /// No answer: the connection's close says why; `otherwise` is the
-    /// error's text should no close come.
+    /// No answer, or a frame that is not an answer to a hello: the
+    /// connection's close says why; `otherwise` is the error's text should
+    /// no close come.
     NoAnswer {
         /// What to say without a close.
         otherwise: String,
@@ -249,17 +253,17 @@ pub(crate) enum HelloAnswer {
 }
 
 /// Decide what the answer to a hello means.
-pub(crate) fn judge_hello(reply: Result<Option<SessionMsg>, ReadFrameError>) -> HelloAnswer {
+pub(crate) fn judge_hello(reply: Result<Option<msg::HelloAnswer>, ReadFrameError>) -> HelloAnswer {
     match reply {
-        Ok(Some(SessionMsg::Welcome { session, observed })) => {
-            HelloAnswer::Welcome { session, observed }
+        Ok(Some(msg::HelloAnswer::Welcome(Welcome { session, observed }))) => {
+            HelloAnswer::Welcome {
+                session: session.into(),
+                observed,
+            }
         }
-        Ok(Some(SessionMsg::Reject { code, message })) => {
+        Ok(Some(msg::HelloAnswer::Reject(Reject { code, message }))) => {
             HelloAnswer::Refused(ConnectError::Rejected { code, message })
         }
-        Ok(Some(other)) => HelloAnswer::Refused(ConnectError::Session(format!(
-            "expected welcome, got {other:?}"
-        ))),
         Ok(None) | Err(_) => HelloAnswer::NoAnswer {
             otherwise: format!("{reply:?}"),
         },
@@ -315,12 +319,11 @@ pub(crate) async fn join(
             .open_bi()
             .await
             .map_err(|e| ConnectError::Session(e.to_string()))?;
-        for msg in hello(config, reported.clone()) {
-            write_frame(&mut send, &msg)
-                .await
-                .map_err(|e| ConnectError::Session(e.to_string()))?;
-        }
-        let reply = read_frame::<SessionMsg, _>(&mut recv).await;
+        let (greeting, interfaces) = hello(config, reported.clone());
+        let failed = |e: qmesh_proto::codec::WriteFrameError| ConnectError::Session(e.to_string());
+        write_frame(&mut send, &greeting).await.map_err(failed)?;
+        write_frame(&mut send, &interfaces).await.map_err(failed)?;
+        let reply = read_frame::<msg::HelloAnswer, _>(&mut recv).await;
         Ok::<_, ConnectError>((send, recv, reply))
     }
     .await;
@@ -415,10 +418,10 @@ mod tests {
     #[test]
     fn a_welcome_joins_with_its_session_and_observed_address() {
         let observed: SocketAddr = "192.0.2.7:5000".parse().expect("addr");
-        let reply = Ok(Some(SessionMsg::Welcome {
-            session: 9,
+        let reply = Ok(Some(msg::HelloAnswer::Welcome(Welcome {
+            session: 9.into(),
             observed,
-        }));
+        })));
         assert!(matches!(
             judge_hello(reply),
             HelloAnswer::Welcome { session: 9, observed: o } if o == observed
@@ -427,10 +430,10 @@ mod tests {
 
     #[test]
     fn a_reject_is_returned_with_its_code_and_message() {
-        let reply = Ok(Some(SessionMsg::Reject {
+        let reply = Ok(Some(msg::HelloAnswer::Reject(Reject {
             code: RejectCode::NameTaken,
             message: "alice is here".into(),
-        }));
+        })));
         match judge_hello(reply) {
             HelloAnswer::Refused(ConnectError::Rejected { code, message }) => {
                 assert_eq!(
@@ -442,12 +445,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn another_message_is_a_session_error_that_names_it() {
-        let reply = Ok(Some(SessionMsg::Interfaces { list: vec![] }));
+    /// A frame of another type does not decode as an answer: it is
+    /// malformed, and the connection's close is asked why.
+    #[tokio::test]
+    async fn another_message_is_malformed_and_asks_the_connection_close() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        write_frame(&mut a, &ClientSession::Interfaces { list: vec![] })
+            .await
+            .expect("write");
+        let reply = read_frame::<msg::HelloAnswer, _>(&mut b).await;
         match judge_hello(reply) {
-            HelloAnswer::Refused(ConnectError::Session(why)) => {
-                assert!(why.starts_with("expected welcome, got Interfaces"), "{why}");
+            HelloAnswer::NoAnswer { otherwise } => {
+                assert!(otherwise.contains("Decode"), "{otherwise}");
             }
             other => panic!("{other:?}"),
         }
@@ -484,13 +493,13 @@ mod tests {
     #[test]
     fn the_hello_names_the_client_its_version_and_then_its_interfaces() {
         let reported = vec!["192.0.2.1:7000".parse().expect("addr")];
-        let [first, second] = hello(&config(), Some(reported.clone()));
+        let (first, second) = hello(&config(), Some(reported.clone()));
         match first {
-            SessionMsg::Hello {
+            Greeting::Hello(Hello {
                 version,
                 name,
                 direct,
-            } => {
+            }) => {
                 assert_eq!(
                     (version, name.as_str(), direct),
                     (PROTOCOL_VERSION, "alice", Some(reported))
@@ -498,6 +507,6 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(second, SessionMsg::Interfaces { list } if list.is_empty()));
+        assert!(matches!(second, ClientSession::Interfaces { list } if list.is_empty()));
     }
 }

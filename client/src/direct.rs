@@ -19,6 +19,7 @@ use qmesh_certs::transport::{StreamAllowance, StreamKind, Tuning};
 use qmesh_certs::{Fingerprint, Identity};
 use qmesh_proto::codes::{ConnCode, StreamCode};
 use qmesh_proto::msg::{PeerIntro, StreamHeader};
+use qmesh_proto::ChannelId;
 use quinn::udp::Transmit;
 use quinn::{AsyncUdpSocket, Connection, Endpoint, RecvStream};
 use tokio::sync::{watch, Notify};
@@ -101,7 +102,7 @@ pub(crate) struct Direct {
     peers: Arc<Mutex<HashMap<Fingerprint, Arc<Peer>>>>,
     /// Where data streams of each channel go, by the coordinator's channel
     /// number, with the fingerprint of the only peer that may send them.
-    routes: Mutex<HashMap<u64, (Fingerprint, Route)>>,
+    routes: Mutex<HashMap<ChannelId, (Fingerprint, Route)>>,
     /// Wakes stream routers waiting for a route to be registered.
     routed: Notify,
     tuning: Tuning,
@@ -498,13 +499,13 @@ impl Direct {
         })
         .await;
         let Ok((owner, tx)) = found else {
-            debug!(channel, "direct stream for an unknown channel");
+            debug!(%channel, "direct stream for an unknown channel");
             let _ = recv.stop(StreamCode::UnknownChannel.varint());
             return;
         };
         if owner != from {
             warn!(
-                channel,
+                %channel,
                 "a peer sent a direct stream for a channel that is not its own"
             );
             let _ = recv.stop(StreamCode::UnknownChannel.varint());
@@ -516,13 +517,13 @@ impl Direct {
     }
 
     /// Deliver direct streams of channel `number` from `peer` to `tx`.
-    pub(crate) fn add_route(&self, number: u64, peer: Fingerprint, tx: Route) {
+    pub(crate) fn add_route(&self, number: ChannelId, peer: Fingerprint, tx: Route) {
         lock(&self.routes).insert(number, (peer, tx));
         self.routed.notify_waiters();
     }
 
     /// Stop delivering direct streams of channel `number`.
-    pub(crate) fn remove_route(&self, number: u64) {
+    pub(crate) fn remove_route(&self, number: ChannelId) {
         lock(&self.routes).remove(&number);
     }
 

@@ -8,7 +8,7 @@ use qmesh_certs::transport::{StreamAllowance, StreamGuard, StreamKind};
 use qmesh_proto::codec::write_frame;
 use qmesh_proto::codes::{ConnCode, StreamCode};
 use qmesh_proto::heartbeat::{Heartbeat, StreamEnd};
-use qmesh_proto::msg::{ChannelMsg, SessionMsg, StreamHeader};
+use qmesh_proto::msg::{ClientSession, CoordinatorSession, Incoming, IncomingAnswer, StreamHeader};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -74,13 +74,13 @@ async fn offer(
     config: ClientConfig,
     guard: StreamGuard,
 ) {
-    let first = read_within(config.connect_timeout, &mut recv).await;
+    let first = read_within::<Incoming, _>(config.connect_timeout, &mut recv).await;
     let (from, channel, mode) = match first {
-        Read::Frame(ChannelMsg::Incoming {
+        Read::Frame(Incoming {
             from,
             channel,
             path,
-        }) => (from, channel, path),
+        }) => (from.into_string(), channel.into_string(), path),
         other => {
             warn!(got = ?other, "bad channel offer from the coordinator");
             let _ = send.reset(StreamCode::Malformed.varint());
@@ -109,7 +109,7 @@ async fn offer(
         Err(_) => offer,
     };
     if let Some((mut send, _recv)) = offer.streams.take() {
-        let refuse = ChannelMsg::Refuse {
+        let refuse = IncomingAnswer::Refuse {
             reason: "busy: nobody is accepting channels".into(),
         };
         if write_frame(&mut send, &refuse).await.is_ok() {
@@ -135,7 +135,7 @@ async fn route(
     };
     let tx = lock(&routes).get(&channel).cloned();
     let Some(tx) = tx else {
-        debug!(channel, "data stream for a channel that is gone");
+        debug!(%channel, "data stream for a channel that is gone");
         let _ = recv.stop(StreamCode::ChannelEnded.varint());
         return;
     };
@@ -154,13 +154,17 @@ pub(crate) async fn run_session_stream(
     send: SendStream,
     recv: RecvStream,
     heartbeat: Heartbeat,
-    outgoing: mpsc::Receiver<SessionMsg>,
+    outgoing: mpsc::Receiver<ClientSession>,
 ) {
-    let end = qmesh_proto::heartbeat::drive(recv, send, heartbeat, Some(outgoing), |msg| {
-        Err(format!(
-            "the coordinator sent an unexpected {msg:?} on the session stream"
-        ))
-    })
+    // After the welcome the coordinator sends only pings and pongs, which
+    // `drive` answers itself: nothing reaches the callback.
+    let end = qmesh_proto::heartbeat::drive(
+        recv,
+        send,
+        heartbeat,
+        Some(outgoing),
+        |_: CoordinatorSession| Ok(()),
+    )
     .await;
     if conn.close_reason().is_some() {
         // The session is already over (this client left, or the

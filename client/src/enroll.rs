@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use qmesh_certs::Identity;
 use qmesh_proto::codec::{read_frame, write_frame};
-use qmesh_proto::msg::SessionMsg;
+use qmesh_proto::msg::{Enroll, EnrollAnswer, Greeting, Reject};
 use qmesh_proto::PROTOCOL_VERSION;
 use tokio::time::timeout;
 
@@ -64,17 +64,17 @@ async fn enroll_inner(
         .map_err(|e| connect_failure(e, &report, &coord_text))?;
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await.ok()?;
-        let msg = SessionMsg::Enroll {
+        let msg = Greeting::Enroll(Enroll {
             version: PROTOCOL_VERSION,
-            name: config.name.clone(),
+            name: config.name.clone().into(),
             token: token.map(str::to_owned),
-        };
+        });
         write_frame(&mut send, &msg).await.ok()?;
-        read_frame::<SessionMsg, _>(&mut recv).await.ok()?
+        read_frame::<EnrollAnswer, _>(&mut recv).await.ok()?
     }
     .await;
     let result = match exchange {
-        Some(SessionMsg::Enrolled { cert_pem, expires }) => {
+        Some(EnrollAnswer::Enrolled { cert_pem, expires }) => {
             let issued = Identity::from_pem(&cert_pem, &identity.key_pem()).map_err(|e| {
                 ConnectError::Session(format!("the issued certificate is not usable: {e}"))
             })?;
@@ -83,10 +83,9 @@ async fn enroll_inner(
                 expires: UNIX_EPOCH + Duration::from_secs(expires),
             })
         }
-        Some(SessionMsg::Reject { code, message }) => Err(ConnectError::Rejected { code, message }),
-        Some(other) => Err(ConnectError::Session(format!(
-            "expected a certificate, got {other:?}"
-        ))),
+        Some(EnrollAnswer::Reject(Reject { code, message })) => {
+            Err(ConnectError::Rejected { code, message })
+        }
         None => {
             let closed = timeout(Duration::from_secs(1), conn.closed()).await;
             Err(match closed {

@@ -108,6 +108,16 @@ pub enum OpenError {
     },
 }
 
+impl From<qmesh_proto::msg::Failure> for OpenError {
+    /// The coordinator's refusal of a request, as the error it carries.
+    fn from(f: qmesh_proto::msg::Failure) -> Self {
+        OpenError::Failed {
+            code: f.code,
+            message: f.message,
+        }
+    }
+}
+
 impl OpenError {
     /// The coordinator's code, when it refused the open.
     pub fn code(&self) -> Option<OpenFailCode> {

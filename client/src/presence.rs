@@ -16,7 +16,7 @@
 
 use qmesh_proto::codec::read_frame;
 use qmesh_proto::manifest::validate_interfaces;
-use qmesh_proto::msg::{ChannelMsg, PresenceEvent, SessionMsg};
+use qmesh_proto::msg::{ClientSession, DescribeAnswer, PresenceEvent, StreamRequest};
 use qmesh_proto::{Address, Interface};
 use quinn::{RecvStream, SendStream};
 
@@ -44,10 +44,10 @@ impl Watch {
     /// The next presence event, or `None` once the subscription has ended
     /// (the session ended, or the coordinator is shutting down).
     pub async fn next(&mut self) -> Option<PresenceEvent> {
-        match read_frame::<ChannelMsg, _>(&mut self.recv).await {
-            Ok(Some(ChannelMsg::Presence(e))) => Some(e),
-            _ => None,
-        }
+        read_frame::<PresenceEvent, _>(&mut self.recv)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// End the subscription.
@@ -64,36 +64,38 @@ impl Client {
     /// [`OpenFailCode::PeerNotPresent`](qmesh_proto::codes::OpenFailCode::PeerNotPresent).
     pub async fn describe(&self, address: &Address) -> Result<Interface, OpenError> {
         let (peer, channel) = address.mesh()?;
-        let ask = ChannelMsg::Describe {
-            peer: peer.to_owned(),
-            channel: channel.to_owned(),
+        let ask = StreamRequest::Describe {
+            peer: peer.into(),
+            channel: channel.into(),
         };
         let (mut send, mut recv) = self.request_stream(&ask).await?;
         let _ = send.finish();
         match self.next_answer(&mut recv).await? {
-            ChannelMsg::Manifest { interface } => Ok(interface),
-            other => Err(OpenError::Protocol(format!(
-                "unexpected {other:?} in answer to describe"
-            ))),
+            DescribeAnswer::Manifest { interface } => Ok(interface),
+            DescribeAnswer::Failed(failure) => Err(failure.into()),
         }
     }
 
     /// Who is online now, with what each offers (this client included).
     pub async fn peers(&self) -> Result<Vec<Peer>, OpenError> {
         let (mut send, mut recv) = self
-            .request_stream(&ChannelMsg::Watch { live: false })
+            .request_stream(&StreamRequest::Watch { live: false })
             .await?;
         let _ = send.finish();
         let mut out = Vec::new();
         loop {
             match self.next_answer(&mut recv).await? {
-                ChannelMsg::Presence(PresenceEvent::Present { name, interfaces }) => {
-                    out.push(Peer { name, interfaces });
+                PresenceEvent::Present { name, interfaces } => {
+                    out.push(Peer {
+                        name: name.into_string(),
+                        interfaces,
+                    });
                 }
-                ChannelMsg::Presence(PresenceEvent::Synced) => return Ok(out),
+                PresenceEvent::Synced => return Ok(out),
                 other => {
                     return Err(OpenError::Protocol(format!(
-                        "unexpected {other:?} in the list of peers"
+                        "unexpected {} in the list of peers",
+                        other.name()
                     )))
                 }
             }
@@ -105,7 +107,7 @@ impl Client {
     /// interface changes as they happen.
     pub async fn watch(&self) -> Result<Watch, OpenError> {
         let (send, recv) = self
-            .request_stream(&ChannelMsg::Watch { live: true })
+            .request_stream(&StreamRequest::Watch { live: true })
             .await?;
         Ok(Watch { send, recv })
     }
@@ -114,7 +116,7 @@ impl Client {
     /// once (presence reports it); channels already open are not affected.
     pub async fn set_interfaces(&self, list: Vec<Interface>) -> Result<(), OpenError> {
         validate_interfaces(&list).map_err(OpenError::Interfaces)?;
-        self.session_send(SessionMsg::Interfaces { list })
+        self.session_send(ClientSession::Interfaces { list })
             .await
             .map_err(|_| OpenError::Session(self.session_error()))
     }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use qmesh_certs::transport::StreamGuard;
+use qmesh_proto::StreamId;
 use quinn::RecvStream;
 use tokio::sync::mpsc;
 
@@ -42,4 +43,4 @@ impl Route {
 }
 
 /// Where incoming relayed streams go, by channel control stream id.
-pub(crate) type Routes = Arc<Mutex<HashMap<u64, Route>>>;
+pub(crate) type Routes = Arc<Mutex<HashMap<StreamId, Route>>>;

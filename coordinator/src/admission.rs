@@ -13,8 +13,8 @@ use qmesh_certs::Fingerprint;
 use qmesh_proto::codes::{ConnCode, RejectCode};
 use qmesh_proto::limits::MAX_REPORTED_ADDRS;
 use qmesh_proto::manifest::{validate_interfaces, Interface};
-use qmesh_proto::msg::SessionMsg;
-use qmesh_proto::PROTOCOL_VERSION;
+use qmesh_proto::msg::{ClientSession, Enroll, Greeting};
+use qmesh_proto::{ClientName, PROTOCOL_VERSION};
 
 use crate::registry::{Holder, Rejection};
 use crate::wire::{read_error_code, Read};
@@ -86,7 +86,7 @@ pub(crate) struct Joining {
     /// The protocol version the client speaks.
     pub(crate) version: u32,
     /// The name it asks for.
-    pub(crate) name: String,
+    pub(crate) name: ClientName,
     /// The addresses it reported, or `None` when it cannot take direct
     /// channels.
     pub(crate) direct: Option<Vec<SocketAddr>>,
@@ -100,6 +100,16 @@ impl Joining {
     }
 }
 
+/// Which greeting a refusal answers: a hello's is a `HelloAnswer`, an
+/// enrollment's an `EnrollAnswer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Greeted {
+    /// A `Greeting::Hello`.
+    Hello,
+    /// A `Greeting::Enroll`.
+    Enroll,
+}
+
 /// What the session stream's first frame leads to.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Hello {
@@ -109,16 +119,18 @@ pub(crate) enum Hello {
     /// version: answer it, then close.
     Enroll {
         /// The name to certify.
-        name: String,
+        name: ClientName,
         /// The enrollment token; `None` asks to renew.
         token: Option<String>,
     },
     /// Refuse `name`: send the refusal, then close.
     Refuse {
         /// The name the client asked for, for the log.
-        name: String,
+        name: ClientName,
         /// Why.
         refusal: Refusal,
+        /// The greeting refused, whose answer type carries the refusal.
+        greeting: Greeted,
     },
     /// Close the connection: the client broke the protocol.
     Violation(Violation),
@@ -130,15 +142,15 @@ pub(crate) enum Hello {
 /// check of a hello of this protocol version for a name (the certificate's
 /// validity, revocation, and whether it may use the name).
 pub(crate) fn first(
-    read: Read<SessionMsg>,
+    read: Read<Greeting>,
     check: impl FnOnce(&str) -> Result<(), Refusal>,
 ) -> Hello {
     match read {
-        Read::Frame(SessionMsg::Hello {
+        Read::Frame(Greeting::Hello(qmesh_proto::msg::Hello {
             version,
             name,
             direct,
-        }) => {
+        })) => {
             if direct
                 .as_ref()
                 .is_some_and(|a| a.len() > MAX_REPORTED_ADDRS)
@@ -156,16 +168,17 @@ pub(crate) fn first(
                     return Hello::Refuse {
                         name: joining.name,
                         refusal,
+                        greeting: Greeted::Hello,
                     };
                 }
             }
             Hello::Join(joining)
         }
-        Read::Frame(SessionMsg::Enroll {
+        Read::Frame(Greeting::Enroll(Enroll {
             version,
             name,
             token,
-        }) => {
+        })) => {
             if version != PROTOCOL_VERSION {
                 let message = format!(
                     "this coordinator speaks protocol version {PROTOCOL_VERSION}, the client \
@@ -177,14 +190,11 @@ pub(crate) fn first(
                         code: RejectCode::VersionMismatch,
                         message,
                     },
+                    greeting: Greeted::Enroll,
                 };
             }
             Hello::Enroll { name, token }
         }
-        Read::Frame(other) => Hello::Violation(Violation::new(
-            ConnCode::UnexpectedMessage,
-            format!("expected hello, got {}", session_msg_name(&other)),
-        )),
         Read::Finished => Hello::Violation(Violation::new(
             ConnCode::Malformed,
             "session stream ended before hello",
@@ -199,19 +209,16 @@ pub(crate) fn first(
 
 /// Judge the frame after a hello: the client's interface list. `Err(None)`
 /// when the stream failed with nobody at fault.
-pub(crate) fn interfaces(read: Read<SessionMsg>) -> Result<Vec<Interface>, Option<Violation>> {
+pub(crate) fn interfaces(read: Read<ClientSession>) -> Result<Vec<Interface>, Option<Violation>> {
     let violation = |code, what: String| Err(Some(Violation::new(code, what)));
     match read {
-        Read::Frame(SessionMsg::Interfaces { list }) => match validate_interfaces(&list) {
+        Read::Frame(ClientSession::Interfaces { list }) => match validate_interfaces(&list) {
             Ok(()) => Ok(list),
             Err(what) => violation(ConnCode::Malformed, format!("bad interface list: {what}")),
         },
         Read::Frame(other) => violation(
             ConnCode::UnexpectedMessage,
-            format!(
-                "expected interfaces after hello, got {}",
-                session_msg_name(&other)
-            ),
+            format!("expected interfaces after hello, got {}", other.name()),
         ),
         Read::Finished => violation(
             ConnCode::Malformed,
@@ -253,37 +260,24 @@ pub(crate) fn judge_holder(held_open: bool, held: Credential, new: Credential) -
     }
 }
 
-/// A session message's name, for logs and violation sentences.
-pub(crate) fn session_msg_name(msg: &SessionMsg) -> &'static str {
-    match msg {
-        SessionMsg::Hello { .. } => "hello",
-        SessionMsg::Welcome { .. } => "welcome",
-        SessionMsg::Reject { .. } => "reject",
-        SessionMsg::Enroll { .. } => "enroll",
-        SessionMsg::Enrolled { .. } => "enrolled",
-        SessionMsg::Interfaces { .. } => "interfaces",
-        SessionMsg::Ping { .. } => "ping",
-        SessionMsg::Pong { .. } => "pong",
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use qmesh_certs::{Ca, Identity};
-    use qmesh_proto::codec::{DecodeError, ReadFrameError};
+    use qmesh_proto::codec::{decode, encode, DecodeError, ReadFrameError};
     use qmesh_proto::manifest::Direction;
+    use qmesh_proto::msg::StreamRequest;
 
     use super::*;
     use crate::auth::Auth;
 
-    fn hello(version: u32, name: &str, addrs: usize) -> Read<SessionMsg> {
+    fn hello(version: u32, name: &str, addrs: usize) -> Read<Greeting> {
         let addr: SocketAddr = "192.0.2.1:1".parse().unwrap();
-        Read::Frame(SessionMsg::Hello {
+        Read::Frame(Greeting::Hello(qmesh_proto::msg::Hello {
             version,
             name: name.into(),
             direct: Some(vec![addr; addrs]),
-        })
+        }))
     }
 
     fn allow(_: &str) -> Result<(), Refusal> {
@@ -356,7 +350,8 @@ mod tests {
                 refusal: Refusal {
                     code: RejectCode::NotAuthorised,
                     message: "revoked".into()
-                }
+                },
+                greeting: Greeted::Hello,
             }
         );
     }
@@ -378,11 +373,11 @@ mod tests {
     #[test]
     fn an_enrollment_of_this_version_is_answered_and_of_another_refused() {
         let enroll = |version, token: Option<&str>| {
-            Read::Frame(SessionMsg::Enroll {
+            Read::Frame(Greeting::Enroll(Enroll {
                 version,
                 name: "alice".into(),
                 token: token.map(Into::into),
-            })
+            }))
         };
         assert_eq!(
             first(enroll(PROTOCOL_VERSION, Some("t")), allow),
@@ -398,18 +393,19 @@ mod tests {
                 token: None
             }
         );
-        let Hello::Refuse { refusal, .. } = first(enroll(PROTOCOL_VERSION + 1, None), allow) else {
+        let Hello::Refuse {
+            refusal, greeting, ..
+        } = first(enroll(PROTOCOL_VERSION + 1, None), allow)
+        else {
             panic!("not refused")
         };
+        assert_eq!(greeting, Greeted::Enroll);
         assert_eq!(refusal.code, RejectCode::VersionMismatch);
         assert!(refusal.message.contains("upgrade the older side"));
     }
 
     #[test]
     fn anything_but_a_hello_or_enrollment_first_breaks_the_protocol() {
-        let (code, what) = violation(first(Read::Frame(SessionMsg::Ping { seq: 1 }), allow));
-        assert_eq!(code, ConnCode::UnexpectedMessage);
-        assert_eq!(what, "expected hello, got ping");
         let (code, what) = violation(first(Read::Finished, allow));
         assert_eq!(
             (code, what.as_str()),
@@ -417,6 +413,12 @@ mod tests {
         );
         let (code, _) = violation(first(Read::Failed(ReadFrameError::Truncated), allow));
         assert_eq!(code, ConnCode::Malformed);
+        // A frame that is not a greeting does not decode as one.
+        let watch = encode(&StreamRequest::Watch { live: true }).unwrap();
+        let not_a_greeting = ReadFrameError::Decode(decode::<Greeting>(&watch).unwrap_err());
+        let (code, what) = violation(first(Read::Failed(not_a_greeting), allow));
+        assert_eq!(code, ConnCode::Malformed);
+        assert!(what.starts_with("bad hello: "), "{what}");
         let big = ReadFrameError::Decode(DecodeError::TooLarge { len: 9, limit: 1 });
         let (code, what) = violation(first(Read::Failed(big), allow));
         assert_eq!(code, ConnCode::FrameTooLarge);
@@ -435,16 +437,18 @@ mod tests {
     fn the_interface_list_is_validated_and_must_come_next() {
         let list = vec![interface("chat"), interface("logs")];
         assert_eq!(
-            interfaces(Read::Frame(SessionMsg::Interfaces { list: list.clone() })),
+            interfaces(Read::Frame(ClientSession::Interfaces {
+                list: list.clone()
+            })),
             Ok(list)
         );
         let twice = vec![interface("chat"), interface("chat")];
-        let v = interfaces(Read::Frame(SessionMsg::Interfaces { list: twice }))
+        let v = interfaces(Read::Frame(ClientSession::Interfaces { list: twice }))
             .unwrap_err()
             .unwrap();
         assert_eq!(v.code, ConnCode::Malformed);
         assert!(v.what.contains("declared twice"), "{}", v.what);
-        let v = interfaces(Read::Frame(SessionMsg::Pong { seq: 1 }))
+        let v = interfaces(Read::Frame(ClientSession::Pong { seq: 1 }))
             .unwrap_err()
             .unwrap();
         assert_eq!(v.code, ConnCode::UnexpectedMessage);

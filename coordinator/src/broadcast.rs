@@ -1,7 +1,7 @@
 //! Broadcast groups: every member's message reaches every member.
 //!
-//! A client joins group `G` by opening a stream with `ChannelMsg::Join`.
-//! After `Joined`, the member's side of the stream carries broadcast
+//! A client joins group `G` by opening a stream with
+//! `StreamRequest::Join`. After `JoinAnswer::Joined`, the member's side of the stream carries broadcast
 //! bodies (length-prefixed data messages) and the coordinator's side
 //! carries `GroupEvent`s.
 //!
@@ -30,8 +30,9 @@ use qmesh_proto::codec::{check_length, length_prefix, write_frame};
 use qmesh_proto::codes::{ConnCode, OpenFailCode, StreamCode};
 use qmesh_proto::envelope::GroupEvent;
 use qmesh_proto::limits::{clip_reason, LENGTH_PREFIX, MAX_MESSAGE_CEILING};
-use qmesh_proto::msg::{ChannelMsg, GroupPolicy};
+use qmesh_proto::msg::{GroupPolicy, JoinAnswer, MembersAnswer};
 use qmesh_proto::name::validate_channel_name;
+use qmesh_proto::GroupName;
 use quinn::{ReadExactError, RecvStream, SendStream};
 use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
 use tokio_util::sync::CancellationToken;
@@ -51,11 +52,17 @@ pub(crate) async fn join(
     session: &Arc<Session>,
     mut send: SendStream,
     recv: RecvStream,
-    group: String,
+    group: GroupName,
 ) {
     if let Err(e) = validate_channel_name(&group) {
-        let msg = format!("cannot join group {group:?}: {e}");
-        return fail(&mut send, OpenFailCode::InvalidAddress, msg).await;
+        let msg = format!("cannot join group {:?}: {e}", group.as_str());
+        return fail(
+            &mut send,
+            JoinAnswer::Failed,
+            OpenFailCode::InvalidAddress,
+            msg,
+        )
+        .await;
     }
     // A join counts as a message against the rate limit, as an open does.
     if let Err(flood) = session.limiter.pass(0, 1).await {
@@ -63,7 +70,7 @@ pub(crate) async fn join(
         return;
     }
     let span = info_span!("group", group = %group, member = %session.name);
-    serve(shared, session, send, recv, group)
+    serve(shared, session, send, recv, group.into_string())
         .instrument(span)
         .await;
 }
@@ -81,7 +88,7 @@ async fn serve(
     let (tx, rx) = mpsc::channel(config.buffer);
     let member = Arc::new(Member {
         id: shared.groups.next_member.fetch_add(1, Ordering::Relaxed),
-        name: session.name.clone(),
+        name: session.name.clone().into_string(),
         queue: tx,
         missed: Mutex::new(0),
         end: Mutex::new(None),
@@ -91,7 +98,7 @@ async fn serve(
     // members.
     let (group, members) = shared.groups.add(&name, config, member.clone());
     let config = group.config;
-    let joined = ChannelMsg::Joined {
+    let joined = JoinAnswer::Joined {
         members,
         policy: config.policy,
         max_message: config.max_message as u64,
@@ -170,7 +177,7 @@ async fn read_member(
             break;
         }
         let event = GroupEvent::Message {
-            from: session.name.clone(),
+            from: session.name.clone().into_string(),
             body: Bytes::new(),
         };
         let head = event.head();
@@ -362,14 +369,20 @@ async fn write(member: &Member, send: &mut SendStream, event: Bytes, drain: Dura
 }
 
 /// Answer a member count query.
-pub(crate) async fn members(shared: &Arc<Shared>, mut send: SendStream, group: String) {
+pub(crate) async fn members(shared: &Arc<Shared>, mut send: SendStream, group: GroupName) {
     if let Err(e) = validate_channel_name(&group) {
-        let msg = format!("cannot count group {group:?}: {e}");
-        return fail(&mut send, OpenFailCode::InvalidAddress, msg).await;
+        let msg = format!("cannot count group {:?}: {e}", group.as_str());
+        return fail(
+            &mut send,
+            MembersAnswer::Failed,
+            OpenFailCode::InvalidAddress,
+            msg,
+        )
+        .await;
     }
     let members = shared.groups.count(&group);
     debug!(group = %group, members, "member count");
-    if write_frame(&mut send, &ChannelMsg::MemberCount { group, members })
+    if write_frame(&mut send, &MembersAnswer::Count { group, members })
         .await
         .is_ok()
     {

@@ -1,13 +1,13 @@
 //! Channel routing: open, ask the callee, join, forward, close.
 //!
-//! The opener's channel control stream is handled by [`handle_open`]: it
-//! reads `Open`, finds the callee, opens a control stream to it with
-//! `Incoming`, and waits for `Accept` or `Refuse`. On accept both sides are
-//! registered (so data streams can be routed), both get `Ready`, and two
-//! forwarders join the control streams end to end. Each forwarder delivers
-//! exactly one terminal message to its destination: the source's `Close`
-//! (after the source's data streams were relayed) or a `Lost` when the
-//! source disappeared.
+//! The opener's channel control stream is handled by [`handle_open`]: with
+//! the `Open` it was given, it finds the callee, opens a control stream to
+//! it with `Incoming`, and waits for `Accept` or `Refuse`. On accept both
+//! sides are registered (so data streams can be routed), both get `Ready`
+//! (the opener in an `OpenAnswer`), and two forwarders join the control
+//! streams end to end. Each forwarder delivers exactly one `Ending` to its
+//! destination: the source's `Close` (after the source's data streams were
+//! relayed) or `Lost` when the source disappeared.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -15,7 +15,8 @@ use std::sync::Arc;
 use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::{ConnCode, OpenFailCode, StreamCode};
 use qmesh_proto::limits::clip_reason;
-use qmesh_proto::msg::{ChannelMsg, PathMode};
+use qmesh_proto::msg::{Close, Ending, Open, OpenAnswer};
+use qmesh_proto::{ChannelId, StreamId};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -26,7 +27,7 @@ use crate::open::{
     Request, CALLEE, OPENER,
 };
 use crate::session::{ChannelSide, Session, Shared, StreamCount};
-use crate::wire::{code, fail, msg_name, read_error_code, read_within};
+use crate::wire::{code, fail, read_error_code, read_within};
 
 /// Open the channel `session` asked for on its stream `(a_send, a_recv)`:
 /// the rate limit first (every open counts as a message, denied or not),
@@ -35,30 +36,32 @@ pub(crate) async fn handle_open(
     shared: Arc<Shared>,
     session: Arc<Session>,
     (a_send, a_recv): (SendStream, RecvStream),
-    (peer, channel, path): (String, String, PathMode),
+    open_request: Open,
 ) {
     if let Err(flood) = session.limiter.pass(0, 1).await {
         session.violation(ConnCode::RateExceeded, &flood.to_string());
         return;
     }
-    let label: Arc<str> = format!("{}>{}!{}", session.name, peer, channel).into();
-    let span = info_span!("channel", id = %label);
-    open(
-        shared,
-        session,
-        (a_send, a_recv),
-        (peer, channel, path),
-        label,
+    let label: Arc<str> = format!(
+        "{}>{}!{}",
+        session.name, open_request.peer, open_request.channel
     )
-    .instrument(span)
-    .await;
+    .into();
+    let span = info_span!("channel", id = %label);
+    open(shared, session, (a_send, a_recv), open_request, label)
+        .instrument(span)
+        .await;
 }
 
 async fn open(
     shared: Arc<Shared>,
     session: Arc<Session>,
     (mut a_send, mut a_recv): (SendStream, RecvStream),
-    (peer, channel, path): (String, String, PathMode),
+    Open {
+        peer,
+        channel,
+        path,
+    }: Open,
     label: Arc<str>,
 ) {
     let max = shared.config.max_channels_per_client;
@@ -88,11 +91,23 @@ async fn open(
             if refusal.code == OpenFailCode::Denied {
                 info!(cause = %refusal.message, "open denied");
             }
-            return fail(&mut a_send, refusal.code, refusal.message).await;
+            return fail(
+                &mut a_send,
+                OpenAnswer::Failed,
+                refusal.code,
+                refusal.message,
+            )
+            .await;
         }
         (Ok(_), None) => {
             let refusal = Refusal::not_present(&peer);
-            return fail(&mut a_send, refusal.code, refusal.message).await;
+            return fail(
+                &mut a_send,
+                OpenAnswer::Failed,
+                refusal.code,
+                refusal.message,
+            )
+            .await;
         }
     };
     // The counts `decide` saw may have moved since: the slots are taken
@@ -103,7 +118,13 @@ async fn open(
             Some(slot) => slots.push(slot),
             None => {
                 let refusal = Refusal::too_many_channels(who, max);
-                return fail(&mut a_send, refusal.code, refusal.message).await;
+                return fail(
+                    &mut a_send,
+                    OpenAnswer::Failed,
+                    refusal.code,
+                    refusal.message,
+                )
+                .await;
             }
         }
     }
@@ -121,11 +142,23 @@ async fn open(
         Ok(Some(s)) => s,
         Ok(None) => {
             let refusal = Refusal::left_before_offer(&peer);
-            return fail(&mut a_send, refusal.code, refusal.message).await;
+            return fail(
+                &mut a_send,
+                OpenAnswer::Failed,
+                refusal.code,
+                refusal.message,
+            )
+            .await;
         }
         Err(_) => {
             let refusal = Refusal::no_room(&peer);
-            return fail(&mut a_send, refusal.code, refusal.message).await;
+            return fail(
+                &mut a_send,
+                OpenAnswer::Failed,
+                refusal.code,
+                refusal.message,
+            )
+            .await;
         }
     };
     debug!("offered to callee");
@@ -134,7 +167,7 @@ async fn open(
     // connection ending) cancels the offer.
     let answer = tokio::select! {
         answer = read_within(deadline, &mut b_recv) => answer,
-        _ = read_frame::<ChannelMsg, _>(&mut a_recv) => {
+        _ = read_frame::<Close, _>(&mut a_recv) => {
             debug!("opener gave up before the callee answered");
             let _ = b_send.reset(code(StreamCode::Cancelled));
             let _ = b_recv.stop(code(StreamCode::Cancelled));
@@ -159,13 +192,19 @@ async fn open(
         if let Some((c, what)) = violation {
             callee.violation(c, &what);
         }
-        return fail(&mut a_send, refusal.code, refusal.message).await;
+        return fail(
+            &mut a_send,
+            OpenAnswer::Failed,
+            refusal.code,
+            refusal.message,
+        )
+        .await;
     }
 
     // Join: register both sides before either hears Ready, so that a data
     // stream sent right after Ready always finds its channel.
-    let a_id = u64::from(a_send.id());
-    let b_id = u64::from(b_send.id());
+    let a_id = StreamId(u64::from(a_send.id()));
+    let b_id = StreamId(u64::from(b_send.id()));
     let side_a = Arc::new(ChannelSide {
         label: label.clone(),
         peer_conn: callee.conn.clone(),
@@ -182,16 +221,16 @@ async fn open(
     callee.channels().insert(b_id, side_b.clone());
     shared.stats.channels_joined.fetch_add(1, Ordering::Relaxed);
     // A failed write means that side is gone; its forwarder reports it.
-    let number = shared.next_channel.fetch_add(1, Ordering::Relaxed);
+    let number = ChannelId(shared.next_channel.fetch_add(1, Ordering::Relaxed));
     let (a_intro, b_intro) = if plan.introduces() {
         introduce(reachable(&session), reachable(&callee))
     } else {
         (None, None)
     };
     let direct = a_intro.is_some();
-    let _ = write_frame(&mut a_send, &plan.ready(number, a_intro)).await;
+    let _ = write_frame(&mut a_send, &OpenAnswer::Ready(plan.ready(number, a_intro))).await;
     let _ = write_frame(&mut b_send, &plan.ready(number, b_intro)).await;
-    info!(number, path = ?plan.path, introduced = direct, "joined");
+    info!(number = %number, path = ?plan.path, introduced = direct, "joined");
 
     let drain = shared.config.drain_timeout;
     let ends = Ends {
@@ -213,7 +252,7 @@ async fn open(
 /// client's channel limit before the last terminal reaches its client.
 struct Ends<'a> {
     left: AtomicU8,
-    sides: [(&'a Arc<Session>, u64); 2],
+    sides: [(&'a Arc<Session>, StreamId); 2],
     /// The two clients' channel slots, given back on release.
     slots: std::sync::Mutex<Vec<Slot>>,
 }
@@ -260,8 +299,8 @@ impl Drop for Slot {
     }
 }
 
-/// Forward the control frames `from` sends to the other side until the
-/// channel ends, delivering exactly one `Close` or `Lost` to `to`.
+/// Forward the `Close` `from` sends to the other side until the channel
+/// ends, delivering exactly one `Ending` to `to`.
 async fn forward(
     from: &Session,
     mut from_recv: RecvStream,
@@ -272,11 +311,11 @@ async fn forward(
 ) {
     let mut terminal_sent = false;
     let terminal = loop {
-        match read_frame::<ChannelMsg, _>(&mut from_recv).await {
-            Ok(Some(ChannelMsg::Close { .. })) if terminal_sent => {
+        match read_frame::<Close, _>(&mut from_recv).await {
+            Ok(Some(_)) if terminal_sent => {
                 debug!(side = %from.name, "second close ignored");
             }
-            Ok(Some(ChannelMsg::Close {
+            Ok(Some(Close {
                 reason,
                 streams,
                 relayed,
@@ -297,24 +336,16 @@ async fn forward(
                 debug!(by = %from.name, "close");
                 // Streams the relay refused never reach the other side.
                 let dropped = from_side.streams.borrow().dropped;
-                let close = ChannelMsg::Close {
+                let close = Ending::Closed(Close {
                     reason,
                     streams: streams.saturating_sub(dropped),
                     relayed: relayed.saturating_sub(dropped),
-                };
+                });
                 ends.one_sent();
                 if write_frame(&mut to, &close).await.is_err() {
                     break None;
                 }
                 terminal_sent = true;
-            }
-            Ok(Some(other)) => {
-                let what = format!("unexpected {} on a joined channel", msg_name(&other));
-                from.violation(ConnCode::UnexpectedMessage, &what);
-                break Some(format!(
-                    "\"{}\" broke the protocol and was disconnected",
-                    from.name
-                ));
             }
             Ok(None) => {
                 break Some(format!(
@@ -334,7 +365,7 @@ async fn forward(
         debug!(side = %from.name, cause = %reason, "lost");
         let reason = clip_reason(&reason);
         ends.one_sent();
-        let _ = write_frame(&mut to, &ChannelMsg::Lost { reason }).await;
+        let _ = write_frame(&mut to, &Ending::Lost { reason }).await;
     }
     let _ = to.finish();
 }

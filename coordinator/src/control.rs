@@ -132,7 +132,12 @@ impl Control {
 
     /// Names of the connected clients, sorted.
     pub fn clients(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.0.registry().iter().map(|s| s.name.clone()).collect();
+        let mut names: Vec<String> = self
+            .0
+            .registry()
+            .iter()
+            .map(|s| s.name.clone().into_string())
+            .collect();
         names.sort();
         names
     }

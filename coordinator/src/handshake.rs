@@ -12,13 +12,14 @@
 //!
 //! ```text
 //! client                         coordinator
-//!   Hello{version,name,direct} ->
-//!   Interfaces{list}           ->   (this protocol version only)
-//!                              <-   Welcome{session,observed}
-//!                                   or Reject{code,message}, finish, close
-//!   Enroll{version,name,token} ->
-//!                              <-   Enrolled{cert_pem,expires}, finish, close
-//!                                   or Reject{code,message}, finish, close
+//!   Greeting::Hello{version,name,direct} ->
+//!   ClientSession::Interfaces{list}      ->   (this protocol version only)
+//!                                        <-   HelloAnswer::Welcome{session,observed}
+//!                                             or HelloAnswer::Reject, finish, close
+//!   Greeting::Enroll{version,name,token} ->
+//!                                        <-   EnrollAnswer::Enrolled{cert_pem,expires},
+//!                                             finish, close
+//!                                             or EnrollAnswer::Reject, finish, close
 //! ```
 
 use std::collections::HashMap;
@@ -32,15 +33,18 @@ use qmesh_proto::codec::write_frame;
 use qmesh_proto::codes::ConnCode;
 use qmesh_proto::limits::clip_reason;
 use qmesh_proto::manifest::Interface;
-use qmesh_proto::msg::{PresenceEvent, SessionMsg};
-use qmesh_proto::PROTOCOL_VERSION;
+use qmesh_proto::msg::{EnrollAnswer, HelloAnswer, PresenceEvent, Reject, Welcome};
+use qmesh_proto::{ClientName, PROTOCOL_VERSION};
 use quinn::Connection;
 use rustls_pki_types::CertificateDer;
+use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout_at, Instant};
 use tracing::{debug, info, warn};
 
-use crate::admission::{self, judge_holder, Credential, Hello, Joining, Refusal, Violation};
+use crate::admission::{
+    self, judge_holder, Credential, Greeted, Hello, Joining, Refusal, Violation,
+};
 use crate::limit::Limiter;
 use crate::registry::{Admitted, SessionId};
 use crate::session::{Session, Shared};
@@ -85,7 +89,7 @@ pub(crate) enum Outcome<A> {
     /// `linger`); close with the refusal's code and (clipped) sentence.
     Refused {
         /// The name asked for.
-        name: String,
+        name: ClientName,
         /// The refusal, its sentence clipped to a close reason.
         refusal: Refusal,
         /// Until when the `Reject` may still be on its way.
@@ -94,7 +98,7 @@ pub(crate) enum Outcome<A> {
     /// A certificate was issued and sent; close normally.
     Enrolled {
         /// The name certified.
-        name: String,
+        name: ClientName,
         /// When the certificate expires (Unix seconds).
         expires: u64,
         /// Whether it renewed a certificate (no token).
@@ -130,7 +134,7 @@ where
             return match gate.enroll(&name, token.as_deref()) {
                 Ok((cert_pem, expires)) => {
                     let linger = Instant::now() + LINGER * 2;
-                    let reply = SessionMsg::Enrolled { cert_pem, expires };
+                    let reply = EnrollAnswer::Enrolled { cert_pem, expires };
                     let _ = timeout_at(linger, finish_with(send, &reply)).await;
                     Outcome::Enrolled {
                         name,
@@ -139,10 +143,14 @@ where
                         linger,
                     }
                 }
-                Err(refusal) => reject(send, name, refusal).await,
+                Err(refusal) => reject(send, name, refusal, Greeted::Enroll).await,
             };
         }
-        Hello::Refuse { name, refusal } => return reject(send, name, refusal).await,
+        Hello::Refuse {
+            name,
+            refusal,
+            greeting,
+        } => return reject(send, name, refusal, greeting).await,
         Hello::Violation(v) => return Outcome::Violation(v),
         Hello::Gone => return Outcome::Gone,
     };
@@ -164,13 +172,13 @@ where
                 ours = PROTOCOL_VERSION,
                 "registry refused"
             );
-            return reject(send, joining.name, refusal).await;
+            return reject(send, joining.name, refusal, Greeted::Hello).await;
         }
     };
-    let welcome = SessionMsg::Welcome {
-        session: id,
+    let welcome = HelloAnswer::Welcome(Welcome {
+        session: qmesh_proto::SessionId(id),
         observed,
-    };
+    });
     match timeout_at(deadline + LINGER, write_frame(send, &welcome)).await {
         Ok(Ok(())) => Outcome::Admitted(admitted),
         _ => {
@@ -180,10 +188,15 @@ where
     }
 }
 
-/// Send `refusal` and finish the stream, bounded: a peer that never opens
-/// its window must not hold the connection (and its pending place) past
-/// [`LINGER`].
-async fn reject<W, A>(send: &mut W, name: String, refusal: Refusal) -> Outcome<A>
+/// Send `refusal` in the answer to `greeting` and finish the stream,
+/// bounded: a peer that never opens its window must not hold the
+/// connection (and its pending place) past [`LINGER`].
+async fn reject<W, A>(
+    send: &mut W,
+    name: ClientName,
+    refusal: Refusal,
+    greeting: Greeted,
+) -> Outcome<A>
 where
     W: AsyncWrite + Unpin,
 {
@@ -192,11 +205,17 @@ where
         ..refusal
     };
     let linger = Instant::now() + LINGER;
-    let reply = SessionMsg::Reject {
+    let reply = Reject {
         code: refusal.code,
         message: refusal.message.clone(),
     };
-    let _ = timeout_at(linger, finish_with(send, &reply)).await;
+    let sent = async {
+        match greeting {
+            Greeted::Hello => finish_with(send, &HelloAnswer::Reject(reply)).await,
+            Greeted::Enroll => finish_with(send, &EnrollAnswer::Reject(reply)).await,
+        }
+    };
+    let _ = timeout_at(linger, sent).await;
     Outcome::Refused {
         name,
         refusal,
@@ -205,7 +224,7 @@ where
 }
 
 /// Write `msg` as the last frame of the stream.
-async fn finish_with<W: AsyncWrite + Unpin>(send: &mut W, msg: &SessionMsg) -> bool {
+async fn finish_with<W: AsyncWrite + Unpin>(send: &mut W, msg: &impl Serialize) -> bool {
     write_frame(send, msg).await.is_ok() && send.shutdown().await.is_ok()
 }
 
@@ -403,6 +422,8 @@ mod tests {
     use qmesh_proto::codec::read_frame;
     use qmesh_proto::codes::RejectCode;
     use qmesh_proto::manifest::Direction;
+    use qmesh_proto::msg::{ClientSession, Enroll, Greeting, StreamRequest};
+    use serde::de::DeserializeOwned;
     use tokio::io::DuplexStream;
 
     use super::*;
@@ -415,7 +436,7 @@ mod tests {
         registry: Names,
         credential: Credential,
         refuse: Option<Refusal>,
-        admitted: Mutex<Vec<(String, Vec<Interface>)>>,
+        admitted: Mutex<Vec<(ClientName, Vec<Interface>)>>,
     }
 
     impl TestGate {
@@ -482,12 +503,12 @@ mod tests {
         "198.51.100.7:4433".parse().unwrap()
     }
 
-    fn hello(version: u32, name: &str) -> SessionMsg {
-        SessionMsg::Hello {
+    fn hello(version: u32, name: &str) -> Greeting {
+        Greeting::Hello(qmesh_proto::msg::Hello {
             version,
             name: name.into(),
             direct: None,
-        }
+        })
     }
 
     fn chat() -> Vec<Interface> {
@@ -501,25 +522,45 @@ mod tests {
         }]
     }
 
-    /// The client's half of the exchange: send `first`, then `interfaces`
-    /// when given, and read what the coordinator answers until a welcome
-    /// or the end of the stream.
+    /// The client's half of a hello: send `first`, then `interfaces` when
+    /// given, and read what the coordinator answers until a welcome or the
+    /// end of the stream.
     async fn client(
-        mut stream: DuplexStream,
-        first: SessionMsg,
+        stream: DuplexStream,
+        first: Greeting,
         interfaces: Option<Vec<Interface>>,
-    ) -> Vec<SessionMsg> {
+    ) -> Vec<HelloAnswer> {
+        answers(stream, first, interfaces, |a| {
+            matches!(a, HelloAnswer::Welcome(_))
+        })
+        .await
+    }
+
+    /// The client's half of an enrollment: send it, and read what the
+    /// coordinator answers until the end of the stream.
+    async fn enrollee(stream: DuplexStream, enroll: Enroll) -> Vec<EnrollAnswer> {
+        answers(stream, Greeting::Enroll(enroll), None, |_| false).await
+    }
+
+    /// Send `first` and `interfaces`, then read answers of type `A` until
+    /// one is `last` or the stream ends.
+    async fn answers<A: DeserializeOwned>(
+        mut stream: DuplexStream,
+        first: Greeting,
+        interfaces: Option<Vec<Interface>>,
+        last: impl Fn(&A) -> bool,
+    ) -> Vec<A> {
         write_frame(&mut stream, &first).await.unwrap();
         if let Some(list) = interfaces {
-            write_frame(&mut stream, &SessionMsg::Interfaces { list })
+            write_frame(&mut stream, &ClientSession::Interfaces { list })
                 .await
                 .unwrap();
         }
         let mut got = Vec::new();
-        while let Ok(Some(msg)) = read_frame::<SessionMsg, _>(&mut stream).await {
-            let welcomed = matches!(msg, SessionMsg::Welcome { .. });
+        while let Ok(Some(msg)) = read_frame::<A, _>(&mut stream).await {
+            let done = last(&msg);
             got.push(msg);
-            if welcomed {
+            if done {
                 break;
             }
         }
@@ -566,10 +607,10 @@ mod tests {
         assert_eq!(outcome, Outcome::Admitted(1));
         assert_eq!(
             got,
-            vec![SessionMsg::Welcome {
-                session: 1,
+            vec![HelloAnswer::Welcome(Welcome {
+                session: qmesh_proto::SessionId(1),
                 observed: observed()
-            }]
+            })]
         );
         assert_eq!(
             *gate.admitted.lock().unwrap(),
@@ -595,10 +636,10 @@ mod tests {
         assert_eq!(refusal.code, RejectCode::NameTaken);
         assert_eq!(
             got,
-            vec![SessionMsg::Reject {
+            vec![HelloAnswer::Reject(Reject {
                 code: RejectCode::NameTaken,
                 message: refusal.message
-            }],
+            })],
             "the refusal is sent, then the stream ends"
         );
     }
@@ -619,10 +660,10 @@ mod tests {
         assert!(refusal.message.len() < long.len());
         assert_eq!(
             got,
-            vec![SessionMsg::Reject {
+            vec![HelloAnswer::Reject(Reject {
                 code: RejectCode::NotAuthorised,
                 message: refusal.message
-            }]
+            })]
         );
         assert!(names.lock().unwrap().is_empty());
     }
@@ -638,10 +679,10 @@ mod tests {
         assert_eq!(refused(outcome).code, RejectCode::VersionMismatch);
         assert!(matches!(
             got[..],
-            [SessionMsg::Reject {
+            [HelloAnswer::Reject(Reject {
                 code: RejectCode::VersionMismatch,
                 ..
-            }]
+            })]
         ));
     }
 
@@ -649,12 +690,12 @@ mod tests {
     async fn an_enrollment_gets_its_certificate_or_a_refusal_and_the_stream_ends() {
         let names = Names::default();
         let gate = TestGate::new(&names, 1);
-        let enroll = |token: Option<&str>| SessionMsg::Enroll {
+        let enroll = |token: Option<&str>| Enroll {
             version: PROTOCOL_VERSION,
             name: "alice".into(),
             token: token.map(Into::into),
         };
-        let (outcome, got) = exchange(&gate, |s| client(s, enroll(Some("good")), None)).await;
+        let (outcome, got) = exchange(&gate, |s| enrollee(s, enroll(Some("good")))).await;
         assert!(matches!(
             outcome,
             Outcome::Enrolled {
@@ -665,21 +706,32 @@ mod tests {
         ));
         assert_eq!(
             got,
-            vec![SessionMsg::Enrolled {
+            vec![EnrollAnswer::Enrolled {
                 cert_pem: "certificate for alice".into(),
                 expires: 99
             }]
         );
-        let (outcome, _) = exchange(&gate, |s| client(s, enroll(None), None)).await;
+        let (outcome, _) = exchange(&gate, |s| enrollee(s, enroll(None))).await;
         assert!(matches!(outcome, Outcome::Enrolled { renewal: true, .. }));
-        let (outcome, got) = exchange(&gate, |s| client(s, enroll(Some("forged")), None)).await;
+        let (outcome, got) = exchange(&gate, |s| enrollee(s, enroll(Some("forged")))).await;
         assert_eq!(refused(outcome).code, RejectCode::BadToken);
         assert!(matches!(
             got[..],
-            [SessionMsg::Reject {
+            [EnrollAnswer::Reject(Reject {
                 code: RejectCode::BadToken,
                 ..
-            }]
+            })]
+        ));
+        let mut old = enroll(Some("good"));
+        old.version = PROTOCOL_VERSION - 1;
+        let (outcome, got) = exchange(&gate, |s| enrollee(s, old)).await;
+        assert_eq!(refused(outcome).code, RejectCode::VersionMismatch);
+        assert!(matches!(
+            got[..],
+            [EnrollAnswer::Reject(Reject {
+                code: RejectCode::VersionMismatch,
+                ..
+            })]
         ));
         assert!(names.lock().unwrap().is_empty(), "enrolling admits nobody");
     }
@@ -716,11 +768,11 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_message_other_than_hello_breaks_the_protocol() {
+    async fn a_message_other_than_a_greeting_is_malformed() {
         let names = Names::default();
         let gate = TestGate::new(&names, 1);
         let (outcome, ()) = exchange(&gate, |mut s| async move {
-            write_frame(&mut s, &SessionMsg::Ping { seq: 1 })
+            write_frame(&mut s, &StreamRequest::Watch { live: true })
                 .await
                 .unwrap();
         })
@@ -728,8 +780,8 @@ mod tests {
         let Outcome::Violation(v) = outcome else {
             panic!("{outcome:?}")
         };
-        assert_eq!(v.code, ConnCode::UnexpectedMessage);
-        assert_eq!(v.what, "expected hello, got ping");
+        assert_eq!(v.code, ConnCode::Malformed);
+        assert!(v.what.starts_with("bad hello: "), "{}", v.what);
         assert!(names.lock().unwrap().is_empty());
     }
 
@@ -741,7 +793,7 @@ mod tests {
             write_frame(&mut s, &hello(PROTOCOL_VERSION, "alice"))
                 .await
                 .unwrap();
-            write_frame(&mut s, &SessionMsg::Interfaces { list: chat() })
+            write_frame(&mut s, &ClientSession::Interfaces { list: chat() })
                 .await
                 .unwrap();
             // Gone before the welcome.

@@ -44,7 +44,7 @@
 //! - `broadcast`: broadcast group streams: fan-out and slow-member policies.
 //! - `groups`: the broadcast groups' member lists and queues.
 //! - `wire`: helpers every handler shares: codes as `VarInt`s, reading a
-//!   frame within a deadline, the `OpenFailed` reply.
+//!   frame within a deadline, the `Failed` answer.
 //! - [`admin`]: the admin socket.
 //! - [`auth`], [`token`], [`policy`], [`limit`]: authentication modes,
 //!   enrollment tokens, the access policy and rate limits, as plain types.
@@ -52,7 +52,6 @@
 //! - [`settings`]: `run`'s flags, the config file and defaults merged.
 //! - [`devcert`]: development and deployment certificate files.
 //! - [`socket`]: UDP socket setup.
-//! - [`logging`]: the connpipe log format used by the binaries.
 
 #![warn(missing_docs)]
 
@@ -69,7 +68,6 @@ mod files;
 mod groups;
 mod handshake;
 pub mod limit;
-pub mod logging;
 mod open;
 pub mod policy;
 mod presence;

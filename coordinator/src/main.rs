@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 use qmesh_coordinator::auth::{token_key, AuthMode};
 use qmesh_coordinator::devcert::write_certs;
 use qmesh_coordinator::settings::{self, Flags};
-use qmesh_coordinator::{logging, Coordinator};
+use qmesh_coordinator::Coordinator;
+use qmesh_proto::logging;
 
 /// The qmesh coordinator: clients connect to it by name and open channels
 /// to each other through it.

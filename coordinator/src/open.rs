@@ -14,11 +14,12 @@ use std::time::Duration;
 use qmesh_proto::codes::{ConnCode, OpenFailCode};
 use qmesh_proto::limits::clip_reason;
 use qmesh_proto::manifest::Interface;
-use qmesh_proto::msg::{ChannelMsg, PathMode, PeerIntro};
+use qmesh_proto::msg::{Incoming, IncomingAnswer, PathMode, PeerIntro, Ready};
 use qmesh_proto::name::{validate_channel_name, validate_client_name};
+use qmesh_proto::ChannelId;
 
 use crate::policy::{Decision, Policy};
-use crate::wire::{msg_name, read_error_code, Read};
+use crate::wire::{read_error_code, Read};
 
 /// One side of an open, as the decision sees it.
 #[derive(Debug, Clone, Copy)]
@@ -66,10 +67,10 @@ pub(crate) struct OpenPlan {
 
 impl OpenPlan {
     /// The offer to the callee.
-    pub(crate) fn incoming(&self, from: &str, channel: &str) -> ChannelMsg {
-        ChannelMsg::Incoming {
-            from: from.to_owned(),
-            channel: channel.to_owned(),
+    pub(crate) fn incoming(&self, from: &str, channel: &str) -> Incoming {
+        Incoming {
+            from: from.into(),
+            channel: channel.into(),
             path: self.path,
         }
     }
@@ -81,8 +82,8 @@ impl OpenPlan {
 
     /// The `Ready` for one side of joined channel `number`, with its
     /// introduction to the other side, if any.
-    pub(crate) fn ready(&self, number: u64, peer: Option<PeerIntro>) -> ChannelMsg {
-        ChannelMsg::Ready {
+    pub(crate) fn ready(&self, number: ChannelId, peer: Option<PeerIntro>) -> Ready {
+        Ready {
             channel: number,
             peer,
             interface: self.interface.clone(),
@@ -90,7 +91,7 @@ impl OpenPlan {
     }
 }
 
-/// Why an open failed: what the opener is told in `OpenFailed`.
+/// Why an open failed: what the opener is told in `OpenAnswer::Failed`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Refusal {
     /// The typed reason.
@@ -278,7 +279,7 @@ pub(crate) enum CalleeStream {
 /// Judge what the callee sent in answer to an offer of `channel` from
 /// `peer` (the callee's name), given `answer_timeout`.
 pub(crate) fn judge_answer(
-    answer: Read<ChannelMsg>,
+    answer: Read<IncomingAnswer>,
     peer: &str,
     channel: &str,
     answer_timeout: Duration,
@@ -289,8 +290,8 @@ pub(crate) fn judge_answer(
         violation,
     };
     match answer {
-        Read::Frame(ChannelMsg::Accept) => Answer::Accepted,
-        Read::Frame(ChannelMsg::Refuse { reason }) => failed(
+        Read::Frame(IncomingAnswer::Accept) => Answer::Accepted,
+        Read::Frame(IncomingAnswer::Refuse { reason }) => failed(
             OpenFailCode::Refused,
             format!(
                 "peer \"{peer}\" refused channel \"{channel}\": {}",
@@ -298,15 +299,6 @@ pub(crate) fn judge_answer(
             ),
             CalleeStream::Finish,
             None,
-        ),
-        Read::Frame(other) => failed(
-            OpenFailCode::PeerLeft,
-            format!("peer \"{peer}\" broke the protocol and was disconnected"),
-            CalleeStream::Leave,
-            Some((
-                ConnCode::UnexpectedMessage,
-                format!("expected accept or refuse, got {}", msg_name(&other)),
-            )),
         ),
         Read::Finished | Read::Failed(_) => {
             let violation = match &answer {
@@ -376,8 +368,9 @@ pub(crate) fn introduce(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use qmesh_proto::codec::ReadFrameError;
+    use qmesh_proto::codec::{decode, encode, ReadFrameError};
     use qmesh_proto::manifest::Direction;
+    use qmesh_proto::msg::{Open, StreamRequest};
 
     use super::*;
     use crate::policy::{PolicySpec, RuleSpec};
@@ -459,7 +452,7 @@ mod tests {
             assert_eq!(plan.introduces(), path != PathMode::Relay);
             assert_eq!(
                 plan.incoming("alice", "chat"),
-                ChannelMsg::Incoming {
+                Incoming {
                     from: "alice".into(),
                     channel: "chat".into(),
                     path
@@ -481,9 +474,9 @@ mod tests {
         .unwrap();
         assert_eq!(plan.interface, Some(interface("chat")));
         assert_eq!(
-            plan.ready(7, None),
-            ChannelMsg::Ready {
-                channel: 7,
+            plan.ready(ChannelId(7), None),
+            Ready {
+                channel: ChannelId(7),
                 peer: None,
                 interface: Some(interface("chat"))
             }
@@ -674,14 +667,14 @@ mod tests {
     #[test]
     fn an_accept_joins_the_channel() {
         assert_eq!(
-            judge_answer(Read::Frame(ChannelMsg::Accept), "bob", "chat", T),
+            judge_answer(Read::Frame(IncomingAnswer::Accept), "bob", "chat", T),
             Answer::Accepted
         );
     }
 
     #[test]
     fn a_refusal_is_passed_on_and_the_offer_finished() {
-        let answer = Read::Frame(ChannelMsg::Refuse {
+        let answer = Read::Frame(IncomingAnswer::Refuse {
             reason: "busy".into(),
         });
         let (code, msg, stream, violation) = failed(judge_answer(answer, "bob", "chat", T));
@@ -692,17 +685,20 @@ mod tests {
     }
 
     #[test]
-    fn a_wrong_answer_disconnects_the_callee() {
-        let answer = Read::Frame(ChannelMsg::Open {
+    fn a_wrong_answer_does_not_decode_and_disconnects_the_callee() {
+        let open = StreamRequest::Open(Open {
             peer: "x".into(),
             channel: "y".into(),
             path: PathMode::Auto,
         });
+        let body = encode(&open).unwrap();
+        let err = decode::<IncomingAnswer>(&body).unwrap_err();
+        let answer = Read::Failed(ReadFrameError::Decode(err));
         let (code, msg, stream, violation) = failed(judge_answer(answer, "bob", "chat", T));
         assert_eq!(code, OpenFailCode::PeerLeft);
-        assert!(msg.contains("broke the protocol"), "{msg}");
+        assert!(msg.contains("left before answering"), "{msg}");
         assert_eq!(stream, CalleeStream::Leave);
-        assert_eq!(violation, Some(ConnCode::UnexpectedMessage));
+        assert_eq!(violation, Some(ConnCode::Malformed));
     }
 
     #[test]

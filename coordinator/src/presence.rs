@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::OpenFailCode;
-use qmesh_proto::msg::{ChannelMsg, PresenceEvent};
+use qmesh_proto::msg::{DescribeAnswer, PresenceEvent};
+use qmesh_proto::ClientName;
 use quinn::{RecvStream, SendStream};
 use tokio::sync::broadcast::error::RecvError;
 use tracing::debug;
@@ -37,19 +38,19 @@ pub(crate) async fn describe(
              \"{peer}\"; ask the operator to allow it",
             session.name
         );
-        return fail(&mut send, OpenFailCode::Denied, msg).await;
+        return fail(&mut send, DescribeAnswer::Failed, OpenFailCode::Denied, msg).await;
     }
     let found = shared.registry().lookup(peer).cloned();
     let Some(offerer) = found else {
         let r = Refusal::not_present(peer);
-        return fail(&mut send, r.code, r.message).await;
+        return fail(&mut send, DescribeAnswer::Failed, r.code, r.message).await;
     };
     let offered = offerer.interfaces();
     let Some(interface) = offered.iter().find(|i| i.name == channel).cloned() else {
         let r = Refusal::no_such_interface(peer, channel, &offered);
-        return fail(&mut send, r.code, r.message).await;
+        return fail(&mut send, DescribeAnswer::Failed, r.code, r.message).await;
     };
-    if write_frame(&mut send, &ChannelMsg::Manifest { interface })
+    if write_frame(&mut send, &DescribeAnswer::Manifest { interface })
         .await
         .is_ok()
     {
@@ -71,18 +72,18 @@ pub(crate) async fn watch(
     // Subscribe before taking the list, so no change falls in between (a
     // change may be seen twice: in the list and as an event).
     let mut changes = shared.presence.subscribe();
-    let online: Vec<(String, Vec<_>)> = shared
+    let online: Vec<(ClientName, Vec<_>)> = shared
         .registry()
         .iter()
         .map(|s| (s.name.clone(), s.interfaces().to_vec()))
         .collect();
     for (name, interfaces) in online {
-        let present = ChannelMsg::Presence(PresenceEvent::Present { name, interfaces });
+        let present = PresenceEvent::Present { name, interfaces };
         if write_frame(&mut send, &present).await.is_err() {
             return;
         }
     }
-    if write_frame(&mut send, &ChannelMsg::Presence(PresenceEvent::Synced))
+    if write_frame(&mut send, &PresenceEvent::Synced)
         .await
         .is_err()
     {
@@ -95,7 +96,9 @@ pub(crate) async fn watch(
     debug!(watcher = %session.name, "watching presence");
     // The watcher sends nothing more: its finishing (or anything at all)
     // ends the watch.
-    let mut ended = std::pin::pin!(read_frame::<ChannelMsg, _>(&mut recv));
+    // No frame is expected: whatever arrives, decodable or not, is read as
+    // the end.
+    let mut ended = std::pin::pin!(read_frame::<(), _>(&mut recv));
     loop {
         let event = tokio::select! {
             _ = &mut ended => break,
@@ -107,10 +110,7 @@ pub(crate) async fn watch(
             Err(RecvError::Lagged(missed)) => PresenceEvent::Lagged { missed },
             Err(RecvError::Closed) => break,
         };
-        if write_frame(&mut send, &ChannelMsg::Presence(event))
-            .await
-            .is_err()
-        {
+        if write_frame(&mut send, &event).await.is_err() {
             return;
         }
     }

@@ -65,7 +65,7 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
     };
     let side = session.channels().get(&channel).cloned();
     let Some(side) = side else {
-        debug!(client = %session.name, channel, "data stream for an unknown channel");
+        debug!(client = %session.name, %channel, "data stream for an unknown channel");
         let _ = recv.stop(code(StreamCode::UnknownChannel));
         return;
     };

@@ -14,7 +14,7 @@ use qmesh_certs::transport::{StreamAllowance, StreamKind};
 use qmesh_proto::codes::ConnCode;
 use qmesh_proto::heartbeat::{self, StreamEnd};
 use qmesh_proto::manifest::validate_interfaces;
-use qmesh_proto::msg::{PresenceEvent, SessionMsg};
+use qmesh_proto::msg::{ClientSession, CoordinatorSession, PresenceEvent};
 use quinn::{Connection, Endpoint, VarInt};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use crate::admission::session_msg_name;
 use crate::config::Config;
 use crate::handshake::hello;
 use crate::registry::Registry;
@@ -304,18 +303,19 @@ async fn run_session(
         let updates = {
             let shared = shared.clone();
             let session = session.clone();
-            move |msg: SessionMsg| match msg {
-                SessionMsg::Interfaces { list } => {
+            move |msg: ClientSession| match msg {
+                ClientSession::Interfaces { list } => {
                     validate_interfaces(&list).map_err(|e| format!("bad interface list: {e}"))?;
                     *session.interfaces.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(list.clone());
                     debug!(interfaces = list.len(), "interfaces updated");
                     let _ = shared.presence.send(PresenceEvent::Changed { name: session.name.clone(), interfaces: list });
                     Ok(())
                 }
-                other => Err(format!("unexpected {} after welcome", session_msg_name(&other))),
+                // `drive` answers beats itself; they never reach here.
+                ClientSession::Ping { .. } | ClientSession::Pong { .. } => Ok(()),
             }
         };
-        let mut session_stream = pin!(heartbeat::drive(recv, send, shared.config.heartbeat, None, updates));
+        let mut session_stream = pin!(heartbeat::drive::<_, _, ClientSession, CoordinatorSession>(recv, send, shared.config.heartbeat, None, updates));
         let tuning = &shared.config.tuning;
         let bi_allowance = StreamAllowance::new(conn.clone(), StreamKind::Bi, tuning.max_bidi_streams, tuning.stream_ceiling);
         let uni_allowance = StreamAllowance::new(conn.clone(), StreamKind::Uni, tuning.max_uni_streams, tuning.stream_ceiling);

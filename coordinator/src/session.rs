@@ -13,6 +13,7 @@ use qmesh_certs::Fingerprint;
 use qmesh_proto::codes::ConnCode;
 use qmesh_proto::manifest::Interface;
 use qmesh_proto::msg::PresenceEvent;
+use qmesh_proto::{ClientName, StreamId};
 use quinn::Connection;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -80,7 +81,7 @@ impl Shared {
 #[derive(Debug)]
 pub(crate) struct Session {
     pub(crate) id: SessionId,
-    pub(crate) name: String,
+    pub(crate) name: ClientName,
     pub(crate) conn: Connection,
     /// The fingerprint of the certificate the client presented in the TLS
     /// handshake (never what the client claims).
@@ -93,7 +94,7 @@ pub(crate) struct Session {
     pub(crate) direct: Option<Vec<SocketAddr>>,
     /// This session's side of each joined channel, by the id of the channel
     /// control stream on this connection.
-    pub(crate) channels: Mutex<HashMap<u64, Arc<ChannelSide>>>,
+    pub(crate) channels: Mutex<HashMap<StreamId, Arc<ChannelSide>>>,
     /// Channels this client is part of, joined or being opened: what
     /// `max_channels_per_client` counts.
     pub(crate) slots: AtomicUsize,
@@ -129,7 +130,7 @@ impl Session {
             .clone()
     }
 
-    pub(crate) fn channels(&self) -> MutexGuard<'_, HashMap<u64, Arc<ChannelSide>>> {
+    pub(crate) fn channels(&self) -> MutexGuard<'_, HashMap<StreamId, Arc<ChannelSide>>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -168,7 +169,7 @@ pub(crate) struct ChannelSide {
     /// The other side's connection.
     pub(crate) peer_conn: Connection,
     /// The channel's control stream id on the other side's connection.
-    pub(crate) peer_channel: u64,
+    pub(crate) peer_channel: StreamId,
     /// Data streams this side has sent into the channel.
     pub(crate) streams: watch::Sender<StreamCount>,
 }

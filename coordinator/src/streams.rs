@@ -1,20 +1,20 @@
 //! First-frame dispatch: every stream a client opens goes to its handler.
 //!
-//! A bidirectional stream's first frame says what it is for: `Open` (a
-//! channel, in `channel`), `Describe` or `Watch` (in `presence`), `Join`
-//! or `Members` (in `broadcast`). A unidirectional stream is a data stream
+//! A bidirectional stream's first frame, a `StreamRequest`, says what it
+//! is for: `Open` (a channel, in `channel`), `Describe` or `Watch` (in
+//! `presence`), `Join` or `Members` (in `broadcast`). A unidirectional stream is a data stream
 //! for the `relay`.
 
 use std::sync::Arc;
 
-use qmesh_proto::codes::{ConnCode, StreamCode};
-use qmesh_proto::msg::ChannelMsg;
+use qmesh_proto::codes::StreamCode;
+use qmesh_proto::msg::StreamRequest;
 use quinn::{RecvStream, SendStream};
 use tokio::time::Instant;
 use tracing::debug;
 
 use crate::session::{Session, Shared};
-use crate::wire::{code, msg_name, read_error_code, read_within, Read};
+use crate::wire::{code, read_error_code, read_within, Read};
 
 /// Handle a new bidirectional stream the client `session` opened: a
 /// channel open, or one of the requests that use a stream of their own
@@ -26,36 +26,25 @@ pub(crate) async fn bidi(
     mut recv: RecvStream,
 ) {
     let deadline = Instant::now() + shared.config.hello_timeout;
-    match read_within::<ChannelMsg, _>(deadline, &mut recv).await {
+    match read_within::<StreamRequest, _>(deadline, &mut recv).await {
         Read::TimedOut => {
             debug!("channel stream opened but no open sent in time");
             let _ = recv.stop(code(StreamCode::Cancelled));
         }
-        Read::Frame(ChannelMsg::Open {
-            peer,
-            channel,
-            path,
-        }) => {
-            crate::channel::handle_open(shared, session, (send, recv), (peer, channel, path)).await
+        Read::Frame(StreamRequest::Open(open)) => {
+            crate::channel::handle_open(shared, session, (send, recv), open).await
         }
-        Read::Frame(ChannelMsg::Describe { peer, channel }) => {
+        Read::Frame(StreamRequest::Describe { peer, channel }) => {
             crate::presence::describe(&shared, &session, send, &peer, &channel).await
         }
-        Read::Frame(ChannelMsg::Watch { live }) => {
+        Read::Frame(StreamRequest::Watch { live }) => {
             crate::presence::watch(&shared, &session, send, recv, live).await
         }
-        Read::Frame(ChannelMsg::Join { group }) => {
+        Read::Frame(StreamRequest::Join { group }) => {
             crate::broadcast::join(&shared, &session, send, recv, group).await
         }
-        Read::Frame(ChannelMsg::Members { group }) => {
+        Read::Frame(StreamRequest::Members { group }) => {
             crate::broadcast::members(&shared, send, group).await
-        }
-        Read::Frame(other) => {
-            let what = format!(
-                "expected open, describe, watch, join or members on a new stream, got {}",
-                msg_name(&other)
-            );
-            session.violation(ConnCode::UnexpectedMessage, &what);
         }
         Read::Finished => {}
         Read::Failed(e) => {

@@ -2,15 +2,16 @@
 //!
 //! Close and stream codes as QUIC [`VarInt`]s, reading one frame within a
 //! deadline, the close code for a frame that could not be read, and the
-//! `OpenFailed` reply that ends a refused request. Nothing here knows about
+//! `Failed` answer that ends a refused request. Nothing here knows about
 //! sessions or handlers, so every other module may import it.
 
 use qmesh_proto::codec::{read_frame, write_frame, DecodeError, ReadFrameError};
 use qmesh_proto::codes::{ConnCode, OpenFailCode, StreamCode};
 use qmesh_proto::limits::clip_reason;
-use qmesh_proto::msg::ChannelMsg;
+use qmesh_proto::msg::Failure;
 use quinn::{SendStream, VarInt};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::io::AsyncRead;
 use tokio::time::Instant;
 use tracing::info;
@@ -76,43 +77,29 @@ pub(crate) fn read_error_code(err: &ReadFrameError) -> Option<ConnCode> {
 }
 
 /// Tell the client its request (open, describe, join, …) failed, and finish
-/// the stream.
-pub(crate) async fn fail(send: &mut SendStream, code: OpenFailCode, message: String) {
+/// the stream. `answer` is the `Failed` variant of the request's answer
+/// type, e.g. `OpenAnswer::Failed`.
+pub(crate) async fn fail<A: Serialize>(
+    send: &mut SendStream,
+    answer: impl FnOnce(Failure) -> A,
+    code: OpenFailCode,
+    message: String,
+) {
     info!(code = ?code, cause = %message, "open failed");
-    let msg = ChannelMsg::OpenFailed {
+    let msg = answer(Failure {
         code,
         message: clip_reason(&message),
-    };
+    });
     if write_frame(send, &msg).await.is_ok() {
         let _ = send.finish();
-    }
-}
-
-/// A channel message's name, for logs and violation sentences.
-pub(crate) fn msg_name(msg: &ChannelMsg) -> &'static str {
-    match msg {
-        ChannelMsg::Open { .. } => "open",
-        ChannelMsg::Incoming { .. } => "incoming",
-        ChannelMsg::Accept => "accept",
-        ChannelMsg::Refuse { .. } => "refuse",
-        ChannelMsg::Ready { .. } => "ready",
-        ChannelMsg::OpenFailed { .. } => "open-failed",
-        ChannelMsg::Close { .. } => "close",
-        ChannelMsg::Lost { .. } => "lost",
-        ChannelMsg::Describe { .. } => "describe",
-        ChannelMsg::Manifest { .. } => "manifest",
-        ChannelMsg::Watch { .. } => "watch",
-        ChannelMsg::Presence(_) => "presence",
-        ChannelMsg::Join { .. } => "join",
-        ChannelMsg::Joined { .. } => "joined",
-        ChannelMsg::Members { .. } => "members",
-        ChannelMsg::MemberCount { .. } => "member-count",
     }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use qmesh_proto::msg::IncomingAnswer;
+
     use super::*;
 
     #[test]
@@ -142,24 +129,24 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reading_within_a_deadline_tells_frame_end_failure_and_timeout_apart() {
         let deadline = Instant::now() + std::time::Duration::from_secs(1);
-        let frame = qmesh_proto::codec::encode_frame(&ChannelMsg::Accept).unwrap();
+        let frame = qmesh_proto::codec::encode_frame(&IncomingAnswer::Accept).unwrap();
         let mut bytes: &[u8] = &frame;
         assert!(matches!(
-            read_within::<ChannelMsg, _>(deadline, &mut bytes).await,
-            Read::Frame(ChannelMsg::Accept)
+            read_within::<IncomingAnswer, _>(deadline, &mut bytes).await,
+            Read::Frame(IncomingAnswer::Accept)
         ));
         assert!(matches!(
-            read_within::<ChannelMsg, _>(deadline, &mut bytes).await,
+            read_within::<IncomingAnswer, _>(deadline, &mut bytes).await,
             Read::Finished
         ));
         let mut cut: &[u8] = &frame[..frame.len() - 1];
         assert!(matches!(
-            read_within::<ChannelMsg, _>(deadline, &mut cut).await,
+            read_within::<IncomingAnswer, _>(deadline, &mut cut).await,
             Read::Failed(ReadFrameError::Truncated)
         ));
         let (_keep, mut silent) = tokio::io::duplex(64);
         assert!(matches!(
-            read_within::<ChannelMsg, _>(deadline, &mut silent).await,
+            read_within::<IncomingAnswer, _>(deadline, &mut silent).await,
             Read::TimedOut
         ));
     }

@@ -1,5 +1,6 @@
 //! `decode_frame` on arbitrary bytes, for every message type a qmesh peer
-//! reads: session control, channel control and data stream headers.
+//! reads: every type of the session stream, of the streams a client or the
+//! coordinator opens, and data stream headers.
 //!
 //! Decoding must never panic. Every message that decodes must re-encode
 //! with `encode_frame` and decode back to the same value (round trip).
@@ -11,7 +12,11 @@ use std::fmt::Debug;
 
 use libfuzzer_sys::fuzz_target;
 use qmesh_proto::codec::{decode_frame, encode_frame};
-use qmesh_proto::msg::{ChannelMsg, SessionMsg, StreamHeader};
+use qmesh_proto::msg::{
+    ClientSession, Close, CoordinatorSession, DescribeAnswer, Ending, EnrollAnswer, Greeting,
+    HelloAnswer, Incoming, IncomingAnswer, JoinAnswer, MembersAnswer, OpenAnswer, PresenceEvent,
+    Ready, StreamHeader, StreamRequest,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -32,7 +37,21 @@ fn frames<T: Serialize + DeserializeOwned + PartialEq + Debug>(mut buf: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    frames::<SessionMsg>(data);
-    frames::<ChannelMsg>(data);
+    frames::<Greeting>(data);
+    frames::<HelloAnswer>(data);
+    frames::<EnrollAnswer>(data);
+    frames::<ClientSession>(data);
+    frames::<CoordinatorSession>(data);
+    frames::<StreamRequest>(data);
+    frames::<OpenAnswer>(data);
+    frames::<Incoming>(data);
+    frames::<IncomingAnswer>(data);
+    frames::<Ready>(data);
+    frames::<Close>(data);
+    frames::<Ending>(data);
+    frames::<DescribeAnswer>(data);
+    frames::<JoinAnswer>(data);
+    frames::<MembersAnswer>(data);
+    frames::<PresenceEvent>(data);
     frames::<StreamHeader>(data);
 });

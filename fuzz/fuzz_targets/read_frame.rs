@@ -2,8 +2,10 @@
 //! first error, as the coordinator reads its control streams.
 //!
 //! Input layout: byte 0 is a control byte, the rest is the stream.
-//! - bits 0-1: message type: 0 `SessionMsg`, 1 `ChannelMsg`,
-//!   2 `StreamHeader`, 3 `ChannelMsg`;
+//! - bits 0-1: message type, as the coordinator reads them: 0 `Greeting`
+//!   (first frame of a session), 1 `StreamRequest` (first frame of a client
+//!   stream), 2 `StreamHeader`, 3 `ClientSession` (session frames after the
+//!   hello);
 //! - bits 2-4: 0 reads from a plain `&[u8]`; 1-7 hands out at most that many
 //!   bytes per read, as a network stream may;
 //! - bit 5: every other read first answers `Pending` (and wakes itself);
@@ -27,7 +29,7 @@ use std::task::{Context, Poll};
 use libfuzzer_sys::fuzz_target;
 use qmesh_proto::codec::read_frame;
 use qmesh_proto::limits::MAX_CONTROL_FRAME;
-use qmesh_proto::msg::{ChannelMsg, SessionMsg, StreamHeader};
+use qmesh_proto::msg::{ClientSession, Greeting, StreamHeader, StreamRequest};
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, ReadBuf};
 
@@ -160,9 +162,10 @@ fuzz_target!(|input: &[u8]| {
     LARGEST.store(0, Ordering::Relaxed);
     ARMED.store(true, Ordering::Relaxed);
     match control & 3 {
-        0 => rt.block_on(read_stream::<SessionMsg>(control, data)),
+        0 => rt.block_on(read_stream::<Greeting>(control, data)),
+        1 => rt.block_on(read_stream::<StreamRequest>(control, data)),
         2 => rt.block_on(read_stream::<StreamHeader>(control, data)),
-        _ => rt.block_on(read_stream::<ChannelMsg>(control, data)),
+        _ => rt.block_on(read_stream::<ClientSession>(control, data)),
     }
     ARMED.store(false, Ordering::Relaxed);
     let largest = LARGEST.load(Ordering::Relaxed);

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use qmesh_proto::codec::{encode_frame, read_frame};
 use qmesh_proto::codes::{ConnCode, RejectCode, StreamCode};
-use qmesh_proto::msg::SessionMsg;
+use qmesh_proto::msg::{ClientSession, Greeting, Hello, HelloAnswer, Reject, Welcome};
 use qmesh_proto::PROTOCOL_VERSION;
 use quinn::{
     ApplicationClose, Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt,
@@ -22,19 +22,19 @@ pub fn frame<M: Serialize>(msg: &M) -> Vec<u8> {
 }
 
 /// A hello of this protocol version for `name`, taking no direct channels.
-pub fn hello(name: &str) -> SessionMsg {
-    SessionMsg::Hello {
+pub fn hello(name: &str) -> Greeting {
+    Greeting::Hello(Hello {
         version: PROTOCOL_VERSION,
         name: name.into(),
         direct: None,
-    }
+    })
 }
 
-/// A hello followed by the (empty) interface list that protocol 4 sends
+/// A hello followed by the (empty) interface list that the protocol sends
 /// with it.
-pub fn hello_frames(hello: &SessionMsg) -> Vec<u8> {
+pub fn hello_frames(hello: &Greeting) -> Vec<u8> {
     let mut bytes = frame(hello);
-    bytes.extend(frame(&SessionMsg::Interfaces { list: vec![] }));
+    bytes.extend(frame(&ClientSession::Interfaces { list: vec![] }));
     bytes
 }
 
@@ -113,7 +113,7 @@ impl Raw {
         let (send, mut recv) = raw.send_bi(&hello_frames(&hello(name))).await;
         let reply = raw.reply(&mut recv).await;
         assert!(
-            matches!(reply, Some(SessionMsg::Welcome { observed, .. }) if observed == raw.local),
+            matches!(reply, Some(HelloAnswer::Welcome(Welcome { observed, .. })) if observed == raw.local),
             "expected a welcome for {name}, got {reply:?}"
         );
         (raw, send, recv)
@@ -140,9 +140,9 @@ impl Raw {
         (send, recv)
     }
 
-    /// The coordinator's next frame on the session stream `recv`.
-    pub async fn reply(&self, recv: &mut RecvStream) -> Option<SessionMsg> {
-        within_ok(STEP, "reply", read_frame::<SessionMsg, _>(recv)).await
+    /// The coordinator's answer to a hello on the session stream `recv`.
+    pub async fn reply(&self, recv: &mut RecvStream) -> Option<HelloAnswer> {
+        within_ok(STEP, "reply", read_frame::<HelloAnswer, _>(recv)).await
     }
 
     /// Wait for the coordinator to close this connection.
@@ -191,7 +191,7 @@ impl Raw {
     ) -> (String, ApplicationClose) {
         let reply = self.reply(&mut recv).await;
         let message = match reply {
-            Some(SessionMsg::Reject { code: c, message }) if c == code => message,
+            Some(HelloAnswer::Reject(Reject { code: c, message })) if c == code => message,
             other => panic!("expected a {code:?} reject, got {other:?}"),
         };
         let close = self.closed_with(code.conn_code()).await;

@@ -17,7 +17,7 @@ use qmesh_integration_tests::raw::Raw;
 use qmesh_integration_tests::{within, within_ok, Mesh, STEP};
 use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::{OpenFailCode, StreamCode};
-use qmesh_proto::msg::ChannelMsg;
+use qmesh_proto::msg::{JoinAnswer, StreamRequest};
 use quinn::VarInt;
 use tokio::sync::watch;
 
@@ -382,17 +382,17 @@ async fn oversized_broadcast_cuts_off_only_that_member() {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     write_frame(
         &mut send,
-        &ChannelMsg::Join {
+        &StreamRequest::Join {
             group: "ops".into(),
         },
     )
     .await
     .unwrap();
-    let joined = within_ok(STEP, "joined", read_frame::<ChannelMsg, _>(&mut recv)).await;
+    let joined = within_ok(STEP, "joined", read_frame::<JoinAnswer, _>(&mut recv)).await;
     assert!(
         matches!(
             joined,
-            Some(ChannelMsg::Joined {
+            Some(JoinAnswer::Joined {
                 members: 4,
                 max_message: 1024,
                 ..

@@ -14,8 +14,9 @@ use qmesh_integration_tests::{message_flows, open_pair, warnings, within, within
 use qmesh_proto::codec::write_frame;
 use qmesh_proto::codes::{ConnCode, RejectCode, StreamCode};
 use qmesh_proto::limits::MAX_CONTROL_FRAME;
-use qmesh_proto::msg::{ChannelMsg, SessionMsg, StreamHeader};
+use qmesh_proto::msg::{Greeting, Hello, HelloAnswer, IncomingAnswer, StreamHeader, Welcome};
 use qmesh_proto::PROTOCOL_VERSION;
+use qmesh_proto::{SessionId, StreamId};
 
 /// Start a coordinator, with the warning capture in place.
 async fn start_with(adjust: impl FnOnce(&mut qmesh_coordinator::Config)) -> Mesh {
@@ -111,17 +112,19 @@ async fn unknown_message_as_hello_closes_with_malformed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn welcome_instead_of_hello_closes_with_unexpected_message() {
+async fn welcome_instead_of_hello_closes_with_malformed() {
     let mesh = start().await;
     let honest = Honest::join(&mesh).await;
 
+    // The coordinator's own answer sent back to it: since protocol 5 the
+    // first frame is read as a greeting, and a welcome is not one.
     let raw = Raw::connect(&mesh.target()).await;
-    let welcome = SessionMsg::Welcome {
-        session: 1,
+    let welcome = HelloAnswer::Welcome(Welcome {
+        session: SessionId(1),
         observed: raw.local,
-    };
+    });
     let _session = raw.send_bi(&frame(&welcome)).await;
-    raw.closed_for_violation(ConnCode::UnexpectedMessage).await;
+    raw.closed_for_violation(ConnCode::Malformed).await;
 
     honest.after_attack(mesh).await;
 }
@@ -144,14 +147,15 @@ async fn second_hello_after_welcome_closes_with_unexpected_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn accept_as_first_channel_frame_closes_with_unexpected_message() {
+async fn accept_as_first_channel_frame_closes_with_malformed() {
     let mesh = start().await;
     let honest = Honest::join(&mesh).await;
 
     let (raw, _send, _recv) = Raw::join(&mesh.target(), "acceptor").await;
-    // A new channel control stream must start with Open.
-    let _channel = raw.send_bi(&frame(&ChannelMsg::Accept)).await;
-    raw.closed_for_violation(ConnCode::UnexpectedMessage).await;
+    // A stream a client opens must start with a stream request; a callee's
+    // answer is not one.
+    let _channel = raw.send_bi(&frame(&IncomingAnswer::Accept)).await;
+    raw.closed_for_violation(ConnCode::Malformed).await;
 
     honest.after_attack(mesh).await;
 }
@@ -170,11 +174,11 @@ async fn hello_with_another_version_is_rejected_with_version_mismatch() {
 
     let wrong = PROTOCOL_VERSION + 41;
     let raw = Raw::connect(&mesh.target()).await;
-    let hello = SessionMsg::Hello {
+    let hello = Greeting::Hello(Hello {
         version: wrong,
         name: "future".into(),
         direct: None,
-    };
+    });
     // An older or newer client sends no interface list: the version alone
     // decides.
     let (_send, recv) = raw.send_bi(&frame(&hello)).await;
@@ -223,7 +227,9 @@ async fn bad_data_stream_headers_stop_only_that_stream() {
         ),
         (
             "header naming a channel that does not exist",
-            frame(&StreamHeader::Data { channel: 1_000_000 }),
+            frame(&StreamHeader::Data {
+                channel: StreamId(1_000_000),
+            }),
             StreamCode::UnknownChannel,
         ),
     ];

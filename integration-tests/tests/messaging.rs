@@ -645,8 +645,8 @@ async fn interfaces_describe_peers_and_no_such_interface() {
     assert_eq!(
         present,
         BTreeMap::from([
-            ("alice".to_owned(), vec![]),
-            ("bob".to_owned(), vec![web.clone(), echo.clone()])
+            ("alice".into(), vec![]),
+            ("bob".into(), vec![web.clone(), echo.clone()])
         ])
     );
 

@@ -49,7 +49,7 @@ use qmesh_integration_tests::{
 };
 use qmesh_proto::codes::{ConnCode, RejectCode};
 use qmesh_proto::limits::MAX_CONTROL_FRAME;
-use qmesh_proto::msg::SessionMsg;
+use qmesh_proto::msg::{Enroll, Greeting, Hello};
 use qmesh_proto::PROTOCOL_VERSION;
 use quinn::{ConnectionError, VarInt};
 use tokio::task::JoinSet;
@@ -352,20 +352,20 @@ async fn after_handshake(kind: Garbage, seed: u64, raw: &Raw) {
             closed_with(raw, kind, &[ConnCode::HelloTimeout]).await;
         }
         Garbage::WrongVersion => {
-            let hello = SessionMsg::Hello {
+            let hello = Greeting::Hello(Hello {
                 version: PROTOCOL_VERSION + 1 + (seed % 1000) as u32,
-                name: format!("future{seed}"),
+                name: format!("future{seed}").into(),
                 direct: None,
-            };
+            });
             let (_send, recv) = raw.send_bi(&frame(&hello)).await;
             raw.rejected_with(recv, RejectCode::VersionMismatch).await;
         }
         Garbage::Enroll => {
-            let enroll = SessionMsg::Enroll {
+            let enroll = Greeting::Enroll(Enroll {
                 version: PROTOCOL_VERSION,
-                name: format!("enrollee{seed}"),
+                name: format!("enrollee{seed}").into(),
                 token: (seed % 2 == 0).then(|| "not-a-token".into()),
-            };
+            });
             let (_send, recv) = raw.send_bi(&frame(&enroll)).await;
             raw.rejected_with(recv, RejectCode::NotAuthorised).await;
         }

@@ -263,9 +263,13 @@ mod tests {
 
     use super::*;
     use crate::codes::{OpenFailCode, RejectCode};
+    use crate::ids::{ChannelId, SessionId, StreamId};
     use crate::manifest::{Direction, Interface};
     use crate::msg::{
-        ChannelMsg, GroupPolicy, PathMode, PeerIntro, PresenceEvent, SessionMsg, StreamHeader,
+        ClientSession, Close, CoordinatorSession, DescribeAnswer, Ending, Enroll, EnrollAnswer,
+        Failure, Greeting, GroupPolicy, Hello, HelloAnswer, Incoming, IncomingAnswer, JoinAnswer,
+        MembersAnswer, Open, OpenAnswer, PathMode, PeerIntro, PresenceEvent, Ready, Reject,
+        StreamHeader, StreamRequest, Welcome,
     };
 
     /// Freeze the wire bytes of a message (iroh `check_expected_bytes`).
@@ -277,26 +281,6 @@ mod tests {
         assert_eq!(used, frame.len());
     }
 
-    #[test]
-    fn snapshot_hello() {
-        check(
-            SessionMsg::Hello {
-                version: 2,
-                name: "alice".into(),
-                direct: Some(vec![SocketAddr::from((Ipv4Addr::new(10, 0, 0, 2), 5000))]),
-            },
-            "00000012000205616c6963650101000a000002fb8813",
-        );
-        check(
-            SessionMsg::Hello {
-                version: 2,
-                name: "alice".into(),
-                direct: None,
-            },
-            "00000009000205616c69636500",
-        );
-    }
-
     fn iface() -> Interface {
         Interface::new("web", "pages")
             .with_direction(Direction::Send)
@@ -304,85 +288,293 @@ mod tests {
             .with_version("2")
     }
 
+    fn hello(direct: Option<Vec<SocketAddr>>) -> Greeting {
+        Greeting::Hello(Hello {
+            version: 5,
+            name: "alice".into(),
+            direct,
+        })
+    }
+
     #[test]
-    fn snapshot_version_4_messages() {
+    fn snapshot_session_stream() {
         check(
-            SessionMsg::Interfaces {
+            hello(Some(vec![SocketAddr::from((
+                Ipv4Addr::new(10, 0, 0, 2),
+                5000,
+            ))])),
+            "00000012000505616c6963650101000a000002fb8813",
+        );
+        check(hello(None), "00000009000505616c69636500");
+        check(
+            Greeting::Enroll(Enroll {
+                version: 5,
+                name: "bob".into(),
+                token: Some("t1".into()),
+            }),
+            "0000000a010503626f6201027431",
+        );
+        check(
+            HelloAnswer::Welcome(Welcome {
+                session: SessionId(300),
+                observed: SocketAddr::from((Ipv4Addr::LOCALHOST, 7447)),
+            }),
+            "0000000c00fb2c01007f000001fb171d",
+        );
+        check(
+            HelloAnswer::Reject(Reject {
+                code: RejectCode::NameTaken,
+                message: "taken".into(),
+            }),
+            "0000000801010574616b656e",
+        );
+        check(
+            EnrollAnswer::Enrolled {
+                cert_pem: "PEM".into(),
+                expires: 1000,
+            },
+            "00000008000350454dfbe803",
+        );
+        check(
+            EnrollAnswer::Reject(Reject {
+                code: RejectCode::NotAuthorised,
+                message: "no".into(),
+            }),
+            "000000050103026e6f",
+        );
+        check(
+            ClientSession::Interfaces {
                 list: vec![iface()],
             },
-            "00000015050103776562057061676573000468746d6c000132",
+            "00000015000103776562057061676573000468746d6c000132",
         );
-        check(SessionMsg::Ping { seq: 5 }, "000000020605");
-        check(SessionMsg::Pong { seq: 5 }, "000000020705");
+        check(ClientSession::Ping { seq: 5 }, "000000020105");
+        check(ClientSession::Pong { seq: 5 }, "000000020205");
+        check(CoordinatorSession::Ping { seq: 5 }, "000000020005");
+        check(CoordinatorSession::Pong { seq: 5 }, "000000020105");
+    }
+
+    #[test]
+    fn snapshot_stream_requests() {
         check(
-            ChannelMsg::Ready {
-                channel: 7,
-                peer: None,
-                interface: Some(iface()),
-            },
-            "000000170407000103776562057061676573000468746d6c000132",
+            StreamRequest::Open(Open {
+                peer: "bob".into(),
+                channel: "chat".into(),
+                path: PathMode::Direct,
+            }),
+            "0000000b0003626f62046368617401",
         );
         check(
-            ChannelMsg::Describe {
+            StreamRequest::Describe {
                 peer: "bob".into(),
                 channel: "web".into(),
             },
-            "000000090803626f6203776562",
+            "000000090103626f6203776562",
         );
+        check(StreamRequest::Watch { live: true }, "000000020201");
         check(
-            ChannelMsg::Manifest { interface: iface() },
-            "000000140903776562057061676573000468746d6c000132",
-        );
-        check(ChannelMsg::Watch { live: true }, "000000020a01");
-        check(
-            ChannelMsg::Presence(PresenceEvent::Joined {
-                name: "bob".into(),
-                interfaces: vec![],
-            }),
-            "000000070b0203626f6200",
-        );
-        check(ChannelMsg::Presence(PresenceEvent::Synced), "000000020b01");
-        check(
-            ChannelMsg::Presence(PresenceEvent::Left { name: "bob".into() }),
-            "000000060b0303626f62",
-        );
-        check(
-            ChannelMsg::Join {
+            StreamRequest::Join {
                 group: "ops".into(),
             },
-            "000000050c036f7073",
+            "0000000503036f7073",
         );
         check(
-            ChannelMsg::Joined {
+            StreamRequest::Members {
+                group: "ops".into(),
+            },
+            "0000000504036f7073",
+        );
+    }
+
+    #[test]
+    fn snapshot_channel_opening() {
+        check(
+            OpenAnswer::Ready(Ready {
+                channel: ChannelId(7),
+                peer: None,
+                interface: None,
+            }),
+            "0000000400070000",
+        );
+        check(
+            OpenAnswer::Ready(Ready {
+                channel: ChannelId(300),
+                peer: Some(PeerIntro {
+                    fingerprint: [0xab; 32],
+                    observed: SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1), 7000)),
+                    addrs: vec![SocketAddr::from((Ipv4Addr::new(192, 168, 1, 2), 7000))],
+                    dial: true,
+                }),
+                interface: Some(iface()),
+            }),
+            "0000004b00fb2c0101abababababababababababababababababababababababababababababababab000a000001fb581b0100c0a80102fb581b010103776562057061676573000468746d6c000132",
+        );
+        check(
+            OpenAnswer::Failed(Failure {
+                code: OpenFailCode::PeerNotPresent,
+                message: "no".into(),
+            }),
+            "000000050100026e6f",
+        );
+        check(
+            Incoming {
+                from: "alice".into(),
+                channel: "chat".into(),
+                path: PathMode::Auto,
+            },
+            "0000000c05616c696365046368617400",
+        );
+        check(IncomingAnswer::Accept, "0000000100");
+        check(
+            IncomingAnswer::Refuse {
+                reason: "busy".into(),
+            },
+            "00000006010462757379",
+        );
+        check(
+            Ready {
+                channel: ChannelId(7),
+                peer: None,
+                interface: None,
+            },
+            "00000003070000",
+        );
+    }
+
+    fn close() -> Close {
+        Close {
+            reason: "done".into(),
+            streams: 2,
+            relayed: 1,
+        }
+    }
+
+    #[test]
+    fn snapshot_channel_ending() {
+        check(close(), "0000000704646f6e650201");
+        check(Ending::Closed(close()), "000000080004646f6e650201");
+        check(
+            Ending::Lost {
+                reason: "gone".into(),
+            },
+            "000000060104676f6e65",
+        );
+    }
+
+    #[test]
+    fn snapshot_answers_and_presence() {
+        check(
+            DescribeAnswer::Manifest { interface: iface() },
+            "000000140003776562057061676573000468746d6c000132",
+        );
+        check(
+            DescribeAnswer::Failed(Failure {
+                code: OpenFailCode::NoSuchInterface,
+                message: "no".into(),
+            }),
+            "00000005010a026e6f",
+        );
+        check(
+            JoinAnswer::Joined {
                 members: 3,
                 policy: GroupPolicy::Evict,
                 max_message: 65536,
             },
-            "000000080d0302fc00000100",
+            "00000008000302fc00000100",
         );
         check(
-            ChannelMsg::Members {
-                group: "ops".into(),
-            },
-            "000000050e036f7073",
-        );
-        check(
-            ChannelMsg::MemberCount {
+            MembersAnswer::Count {
                 group: "ops".into(),
                 members: 2,
             },
-            "000000060f036f707302",
+            "0000000600036f707302",
         );
-        check(StreamHeader::Messages { channel: 4 }, "000000020204");
-        check(StreamHeader::DirectMessages { channel: 4 }, "000000020304");
+        check(
+            PresenceEvent::Joined {
+                name: "bob".into(),
+                interfaces: vec![],
+            },
+            "000000060203626f6200",
+        );
+        check(PresenceEvent::Synced, "0000000101");
+        check(
+            PresenceEvent::Left { name: "bob".into() },
+            "000000050303626f62",
+        );
+    }
+
+    #[test]
+    fn snapshot_stream_header() {
+        check(
+            StreamHeader::Data {
+                channel: StreamId(4),
+            },
+            "000000020004",
+        );
+        check(
+            StreamHeader::Direct {
+                channel: ChannelId(300),
+            },
+            "0000000401fb2c01",
+        );
+        check(
+            StreamHeader::Messages {
+                channel: StreamId(4),
+            },
+            "000000020204",
+        );
+        check(
+            StreamHeader::DirectMessages {
+                channel: ChannelId(4),
+            },
+            "000000020304",
+        );
+    }
+
+    #[test]
+    fn message_names_are_derived_in_kebab_case() {
+        assert_eq!(hello(None).name(), "hello");
+        assert_eq!(
+            StreamRequest::Members { group: "g".into() }.name(),
+            "members"
+        );
+        assert_eq!(
+            StreamHeader::DirectMessages {
+                channel: ChannelId(1)
+            }
+            .name(),
+            "direct-messages"
+        );
+        assert_eq!(IncomingAnswer::Accept.name(), "accept");
+    }
+
+    #[test]
+    fn a_message_of_another_stream_does_not_decode_as_this_one() {
+        // A callee's answer where an open is expected: variant 1 of
+        // `IncomingAnswer` is `Refuse`, whose string is not a valid `Describe`.
+        let body = encode(&IncomingAnswer::Refuse {
+            reason: "busy".into(),
+        })
+        .unwrap();
+        assert!(decode::<StreamRequest>(&body).is_err());
+        // An ending where an open answer is expected: `Ending::Lost` is
+        // variant 1 of both, but its body is a string, not a failure code.
+        let body = encode(&Ending::Lost {
+            reason: "gone".into(),
+        })
+        .unwrap();
+        assert!(decode::<OpenAnswer>(&body).is_err());
+        // Tags beyond an enum's variants are malformed.
+        assert!(decode::<IncomingAnswer>(&[2]).is_err());
+        assert!(decode::<CoordinatorSession>(&[2, 0]).is_err());
     }
 
     #[test]
     fn too_many_interfaces_are_refused_before_allocation() {
         // A list that claims a million entries in a few bytes.
-        let mut body = vec![5u8]; // SessionMsg::Interfaces
+        let mut body = vec![0u8]; // ClientSession::Interfaces
         body.extend_from_slice(&[0xfc, 0x40, 0x42, 0x0f, 0x00]); // varint 1_000_000
-        let err = decode::<SessionMsg>(&body).unwrap_err();
+        let err = decode::<ClientSession>(&body).unwrap_err();
         assert!(err.to_string().contains("interfaces"), "{err}");
     }
 
@@ -398,161 +590,17 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_welcome() {
-        check(
-            SessionMsg::Welcome {
-                session: 300,
-                observed: SocketAddr::from((Ipv4Addr::LOCALHOST, 7447)),
-            },
-            "0000000c01fb2c01007f000001fb171d",
-        );
-    }
-
-    #[test]
-    fn snapshot_reject() {
-        check(
-            SessionMsg::Reject {
-                code: RejectCode::NameTaken,
-                message: "taken".into(),
-            },
-            "0000000802010574616b656e",
-        );
-    }
-
-    #[test]
-    fn snapshot_enroll() {
-        check(
-            SessionMsg::Enroll {
-                version: 3,
-                name: "bob".into(),
-                token: Some("t1".into()),
-            },
-            "0000000a030303626f6201027431",
-        );
-        check(
-            SessionMsg::Enrolled {
-                cert_pem: "PEM".into(),
-                expires: 1000,
-            },
-            "00000008040350454dfbe803",
-        );
-    }
-
-    #[test]
-    fn snapshot_open() {
-        check(
-            ChannelMsg::Open {
-                peer: "bob".into(),
-                channel: "chat".into(),
-                path: PathMode::Direct,
-            },
-            "0000000b0003626f62046368617401",
-        );
-    }
-
-    #[test]
-    fn snapshot_incoming() {
-        check(
-            ChannelMsg::Incoming {
-                from: "alice".into(),
-                channel: "chat".into(),
-                path: PathMode::Auto,
-            },
-            "0000000d0105616c696365046368617400",
-        );
-    }
-
-    #[test]
-    fn snapshot_accept() {
-        check(ChannelMsg::Accept, "0000000102");
-    }
-
-    #[test]
-    fn snapshot_refuse() {
-        check(
-            ChannelMsg::Refuse {
-                reason: "busy".into(),
-            },
-            "00000006030462757379",
-        );
-    }
-
-    #[test]
-    fn snapshot_ready() {
-        check(
-            ChannelMsg::Ready {
-                channel: 7,
-                peer: None,
-                interface: None,
-            },
-            "0000000404070000",
-        );
-        check(
-            ChannelMsg::Ready {
-                channel: 300,
-                peer: Some(PeerIntro {
-                    fingerprint: [0xab; 32],
-                    observed: SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1), 7000)),
-                    addrs: vec![SocketAddr::from((Ipv4Addr::new(192, 168, 1, 2), 7000))],
-                    dial: true,
-                }),
-                interface: None,
-            },
-            "0000003804fb2c0101abababababababababababababababababababababababababababababababab000a000001fb581b0100c0a80102fb581b0100",
-        );
-    }
-
-    #[test]
-    fn snapshot_open_failed() {
-        check(
-            ChannelMsg::OpenFailed {
-                code: OpenFailCode::PeerNotPresent,
-                message: "no".into(),
-            },
-            "000000050500026e6f",
-        );
-    }
-
-    #[test]
-    fn snapshot_close() {
-        check(
-            ChannelMsg::Close {
-                reason: "done".into(),
-                streams: 2,
-                relayed: 1,
-            },
-            "000000080604646f6e650201",
-        );
-    }
-
-    #[test]
-    fn snapshot_lost() {
-        check(
-            ChannelMsg::Lost {
-                reason: "gone".into(),
-            },
-            "000000060704676f6e65",
-        );
-    }
-
-    #[test]
-    fn snapshot_stream_header() {
-        check(StreamHeader::Data { channel: 4 }, "000000020004");
-        check(StreamHeader::Direct { channel: 300 }, "0000000401fb2c01");
-    }
-
-    #[test]
     fn oversized_length_is_refused_before_reading_body() {
         let prefix = length_prefix(MAX_CONTROL_FRAME + 1);
-        let err = decode_frame::<SessionMsg>(&prefix).unwrap_err();
+        let err = decode_frame::<Greeting>(&prefix).unwrap_err();
         assert!(matches!(err, DecodeError::TooLarge { .. }), "{err}");
     }
 
     #[test]
     fn trailing_bytes_are_an_error() {
-        let mut body = encode(&ChannelMsg::Accept).unwrap();
+        let mut body = encode(&IncomingAnswer::Accept).unwrap();
         body.push(0);
-        let err = decode::<ChannelMsg>(&body).unwrap_err();
+        let err = decode::<IncomingAnswer>(&body).unwrap_err();
         assert!(
             matches!(err, DecodeError::TrailingBytes { extra: 1 }),
             "{err}"
@@ -561,7 +609,7 @@ mod tests {
 
     #[test]
     fn unknown_variant_is_malformed() {
-        let err = decode::<ChannelMsg>(&[200]).unwrap_err();
+        let err = decode::<StreamRequest>(&[200]).unwrap_err();
         assert!(matches!(err, DecodeError::Malformed(_)), "{err}");
     }
 
@@ -571,50 +619,48 @@ mod tests {
         // fuzzer's case, which used to reserve 1 MiB before failing.
         let body = [0u8, 2, 0, 1, 0xfc, 0xff, 0xff, 0xff, 0xff];
         assert!(matches!(
-            decode::<SessionMsg>(&body),
+            decode::<Greeting>(&body),
             Err(DecodeError::Malformed(_))
         ));
         // Nine addresses are one too many, eight are fine.
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
-        let hello = |n| SessionMsg::Hello {
-            version: 2,
-            name: "a".into(),
-            direct: Some(vec![addr; n]),
-        };
-        let nine = encode(&hello(9)).unwrap();
-        assert!(decode::<SessionMsg>(&nine).is_err());
-        let eight = encode(&hello(8)).unwrap();
-        assert_eq!(decode::<SessionMsg>(&eight).unwrap(), hello(8));
+        let nine = encode(&hello(Some(vec![addr; 9]))).unwrap();
+        assert!(decode::<Greeting>(&nine).is_err());
+        let eight = encode(&hello(Some(vec![addr; 8]))).unwrap();
+        assert_eq!(
+            decode::<Greeting>(&eight).unwrap(),
+            hello(Some(vec![addr; 8]))
+        );
     }
 
     #[test]
     fn string_length_beyond_limit_is_refused() {
         // Variant 0 (Hello), version 1, then a name claiming u32::MAX bytes.
         let body = [0u8, 1, 0xfc, 0xff, 0xff, 0xff, 0xff];
-        assert!(decode::<SessionMsg>(&body).is_err());
+        assert!(decode::<Greeting>(&body).is_err());
     }
 
     #[tokio::test]
     async fn read_frame_handles_eof_truncation_and_limit() {
-        let frame = encode_frame(&ChannelMsg::Accept).unwrap();
+        let frame = encode_frame(&IncomingAnswer::Accept).unwrap();
         let mut whole: &[u8] = &frame;
         assert_eq!(
-            read_frame::<ChannelMsg, _>(&mut whole).await.unwrap(),
-            Some(ChannelMsg::Accept)
+            read_frame::<IncomingAnswer, _>(&mut whole).await.unwrap(),
+            Some(IncomingAnswer::Accept)
         );
-        assert!(read_frame::<ChannelMsg, _>(&mut whole)
+        assert!(read_frame::<IncomingAnswer, _>(&mut whole)
             .await
             .unwrap()
             .is_none());
         let mut cut: &[u8] = &frame[..frame.len() - 1];
         assert!(matches!(
-            read_frame::<ChannelMsg, _>(&mut cut).await,
+            read_frame::<IncomingAnswer, _>(&mut cut).await,
             Err(ReadFrameError::Truncated)
         ));
         let big = length_prefix(u32::MAX as usize);
         let mut big: &[u8] = &big;
         assert!(matches!(
-            read_frame::<ChannelMsg, _>(&mut big).await,
+            read_frame::<IncomingAnswer, _>(&mut big).await,
             Err(ReadFrameError::Decode(DecodeError::TooLarge { .. }))
         ));
     }
@@ -623,43 +669,55 @@ mod tests {
         ".{0,40}"
     }
 
-    fn arb_channel_msg() -> impl Strategy<Value = ChannelMsg> {
+    fn arb_request() -> impl Strategy<Value = StreamRequest> {
         prop_oneof![
             (arb_text(), arb_text(), arb_mode()).prop_map(|(peer, channel, path)| {
-                ChannelMsg::Open {
-                    peer,
-                    channel,
+                StreamRequest::Open(Open {
+                    peer: peer.into(),
+                    channel: channel.into(),
                     path,
-                }
+                })
             }),
-            (arb_text(), arb_text(), arb_mode()).prop_map(|(from, channel, path)| {
-                ChannelMsg::Incoming {
-                    from,
-                    channel,
-                    path,
-                }
+            (arb_text(), arb_text()).prop_map(|(peer, channel)| StreamRequest::Describe {
+                peer: peer.into(),
+                channel: channel.into(),
             }),
-            Just(ChannelMsg::Accept),
-            arb_text().prop_map(|reason| ChannelMsg::Refuse { reason }),
-            (any::<u64>(), proptest::option::of(arb_intro())).prop_map(|(channel, peer)| {
-                ChannelMsg::Ready {
-                    channel,
-                    peer,
-                    interface: None,
-                }
-            }),
-            arb_text().prop_map(|message| ChannelMsg::OpenFailed {
+            any::<bool>().prop_map(|live| StreamRequest::Watch { live }),
+            arb_text().prop_map(|g| StreamRequest::Join { group: g.into() }),
+            arb_text().prop_map(|g| StreamRequest::Members { group: g.into() }),
+        ]
+    }
+
+    fn arb_ready() -> impl Strategy<Value = Ready> {
+        (any::<u64>(), proptest::option::of(arb_intro())).prop_map(|(channel, peer)| Ready {
+            channel: ChannelId(channel),
+            peer,
+            interface: None,
+        })
+    }
+
+    fn arb_close() -> impl Strategy<Value = Close> {
+        (arb_text(), any::<u64>(), any::<u64>()).prop_map(|(reason, streams, relayed)| Close {
+            reason,
+            streams,
+            relayed,
+        })
+    }
+
+    fn arb_open_answer() -> impl Strategy<Value = OpenAnswer> {
+        prop_oneof![
+            arb_ready().prop_map(OpenAnswer::Ready),
+            arb_text().prop_map(|message| OpenAnswer::Failed(Failure {
                 code: OpenFailCode::Refused,
                 message
-            }),
-            (arb_text(), any::<u64>(), any::<u64>()).prop_map(|(reason, streams, relayed)| {
-                ChannelMsg::Close {
-                    reason,
-                    streams,
-                    relayed,
-                }
-            }),
-            arb_text().prop_map(|reason| ChannelMsg::Lost { reason }),
+            })),
+        ]
+    }
+
+    fn arb_ending() -> impl Strategy<Value = Ending> {
+        prop_oneof![
+            arb_close().prop_map(Ending::Closed),
+            arb_text().prop_map(|reason| Ending::Lost { reason }),
         ]
     }
 
@@ -695,74 +753,98 @@ mod tests {
         ]
     }
 
-    fn arb_session_msg() -> impl Strategy<Value = SessionMsg> {
+    fn arb_greeting() -> impl Strategy<Value = Greeting> {
         prop_oneof![
             (
                 any::<u32>(),
                 arb_text(),
                 proptest::option::of(proptest::collection::vec(arb_addr(), 0..4))
             )
-                .prop_map(|(version, name, direct)| SessionMsg::Hello {
+                .prop_map(|(version, name, direct)| Greeting::Hello(Hello {
                     version,
-                    name,
+                    name: name.into(),
                     direct
-                }),
-            (any::<u64>(), arb_addr())
-                .prop_map(|(session, observed)| SessionMsg::Welcome { session, observed }),
+                })),
             (any::<u32>(), arb_text(), proptest::option::of(arb_text())).prop_map(
-                |(version, name, token)| SessionMsg::Enroll {
+                |(version, name, token)| Greeting::Enroll(Enroll {
                     version,
-                    name,
+                    name: name.into(),
                     token
-                }
+                })
             ),
-            (arb_text(), any::<u64>())
-                .prop_map(|(cert_pem, expires)| SessionMsg::Enrolled { cert_pem, expires }),
-            arb_text().prop_map(|message| SessionMsg::Reject {
+        ]
+    }
+
+    fn arb_hello_answer() -> impl Strategy<Value = HelloAnswer> {
+        prop_oneof![
+            (any::<u64>(), arb_addr()).prop_map(|(session, observed)| HelloAnswer::Welcome(
+                Welcome {
+                    session: SessionId(session),
+                    observed
+                }
+            )),
+            arb_text().prop_map(|message| HelloAnswer::Reject(Reject {
                 code: RejectCode::InvalidName,
                 message
-            }),
+            })),
         ]
+    }
+
+    /// Round trip one value through a frame.
+    fn round_trip<T>(msg: &T) -> Result<(), TestCaseError>
+    where
+        T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let frame = encode_frame(msg).unwrap();
+        let (back, used) = decode_frame::<T>(&frame).unwrap().unwrap();
+        prop_assert_eq!(&back, msg);
+        prop_assert_eq!(used, frame.len());
+        Ok(())
     }
 
     proptest! {
         #[test]
-        fn channel_msg_round_trips(msg in arb_channel_msg()) {
-            let frame = encode_frame(&msg).unwrap();
-            let (back, used) = decode_frame::<ChannelMsg>(&frame).unwrap().unwrap();
-            prop_assert_eq!(back, msg);
-            prop_assert_eq!(used, frame.len());
+        fn stream_requests_round_trip(msg in arb_request()) {
+            round_trip(&msg)?;
         }
 
         #[test]
-        fn session_msg_round_trips(msg in arb_session_msg()) {
-            let frame = encode_frame(&msg).unwrap();
-            let (back, _) = decode_frame::<SessionMsg>(&frame).unwrap().unwrap();
-            prop_assert_eq!(back, msg);
+        fn open_answers_and_endings_round_trip(a in arb_open_answer(), e in arb_ending()) {
+            round_trip(&a)?;
+            round_trip(&e)?;
+        }
+
+        #[test]
+        fn session_messages_round_trip(g in arb_greeting(), a in arb_hello_answer()) {
+            round_trip(&g)?;
+            round_trip(&a)?;
         }
 
         #[test]
         fn header_round_trips(channel in any::<u64>()) {
-            let msg = StreamHeader::Data { channel };
-            let frame = encode_frame(&msg).unwrap();
-            let (back, _) = decode_frame::<StreamHeader>(&frame).unwrap().unwrap();
-            prop_assert_eq!(back, msg);
+            round_trip(&StreamHeader::Data { channel: StreamId(channel) })?;
+            round_trip(&StreamHeader::Direct { channel: ChannelId(channel) })?;
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = decode::<SessionMsg>(&bytes);
-            let _ = decode::<ChannelMsg>(&bytes);
+            let _ = decode::<Greeting>(&bytes);
+            let _ = decode::<HelloAnswer>(&bytes);
+            let _ = decode::<ClientSession>(&bytes);
+            let _ = decode::<StreamRequest>(&bytes);
+            let _ = decode::<OpenAnswer>(&bytes);
+            let _ = decode::<Ending>(&bytes);
+            let _ = decode::<Close>(&bytes);
             let _ = decode::<StreamHeader>(&bytes);
-            let _ = decode_frame::<ChannelMsg>(&bytes);
+            let _ = decode_frame::<StreamRequest>(&bytes);
         }
 
         #[test]
-        fn truncated_frames_never_decode(msg in arb_channel_msg(), cut in any::<prop::sample::Index>()) {
+        fn truncated_frames_never_decode(msg in arb_request(), cut in any::<prop::sample::Index>()) {
             let frame = encode_frame(&msg).unwrap();
             let cut = cut.index(frame.len());
             // A strict prefix is either incomplete or an error, never a message.
-            prop_assert!(!matches!(decode_frame::<ChannelMsg>(&frame[..cut]), Ok(Some(_))));
+            prop_assert!(!matches!(decode_frame::<StreamRequest>(&frame[..cut]), Ok(Some(_))));
         }
     }
 }

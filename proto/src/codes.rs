@@ -115,7 +115,7 @@ numbered! {
     }
 }
 
-/// Why the coordinator refused a hello. Sent in `SessionMsg::Reject`.
+/// Why the coordinator refused a hello. Sent in a [`crate::msg::Reject`].
 ///
 /// Bincode encodes the variant position: append, never reorder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -168,7 +168,7 @@ impl RejectCode {
     }
 }
 
-/// Why a channel could not be opened. Sent in `ChannelMsg::OpenFailed`.
+/// Why a channel could not be opened. Sent in a [`crate::msg::Failure`].
 ///
 /// Bincode encodes the variant position: append, never reorder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

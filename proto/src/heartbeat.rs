@@ -1,8 +1,10 @@
 //! Heartbeats and the session stream after the welcome.
 //!
 //! Once a session is up, both sides keep its session control stream open.
-//! Each side sends a [`SessionMsg::Ping`] every `interval` and answers every
-//! ping with a [`SessionMsg::Pong`]. Any frame heard counts as a sign of
+//! Each side sends a ping every `interval` and answers every ping with a
+//! pong ([`ClientSession::Ping`] and [`ClientSession::Pong`] one way,
+//! [`CoordinatorSession::Ping`] and [`CoordinatorSession::Pong`] the
+//! other). Any frame heard counts as a sign of
 //! life; a side that hears nothing for `misses × interval` declares the
 //! other lost. A side that leaves finishes the stream (or closes the
 //! connection with a normal code): that is a graceful end, never a loss.
@@ -15,12 +17,69 @@ use std::future::Future;
 use std::pin::{pin, Pin};
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::codec::{read_frame, write_frame};
-use crate::msg::SessionMsg;
+use crate::msg::{ClientSession, CoordinatorSession};
+
+/// A ping or a pong, as the heartbeat loop sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// Are you there? (its sequence number)
+    Ping(u64),
+    /// The answer to the ping with this number.
+    Pong(u64),
+}
+
+/// A session-stream message type that carries heartbeats: each direction's
+/// type implements it, so [`drive`] reads one type and writes the other.
+pub trait Beats: Sized {
+    /// A ping with sequence number `seq`.
+    fn ping(seq: u64) -> Self;
+    /// The answer to ping `seq`.
+    fn pong(seq: u64) -> Self;
+    /// The beat this message is, if it is one.
+    fn beat(&self) -> Option<Beat>;
+}
+
+impl Beats for ClientSession {
+    fn ping(seq: u64) -> Self {
+        ClientSession::Ping { seq }
+    }
+
+    fn pong(seq: u64) -> Self {
+        ClientSession::Pong { seq }
+    }
+
+    fn beat(&self) -> Option<Beat> {
+        match *self {
+            ClientSession::Ping { seq } => Some(Beat::Ping(seq)),
+            ClientSession::Pong { seq } => Some(Beat::Pong(seq)),
+            ClientSession::Interfaces { .. } => None,
+        }
+    }
+}
+
+impl Beats for CoordinatorSession {
+    fn ping(seq: u64) -> Self {
+        CoordinatorSession::Ping { seq }
+    }
+
+    fn pong(seq: u64) -> Self {
+        CoordinatorSession::Pong { seq }
+    }
+
+    fn beat(&self) -> Option<Beat> {
+        match *self {
+            CoordinatorSession::Ping { seq } => Some(Beat::Ping(seq)),
+            CoordinatorSession::Pong { seq } => Some(Beat::Pong(seq)),
+        }
+    }
+}
 
 /// How often to ping, and how many silent intervals mean lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,18 +165,20 @@ impl std::fmt::Display for StreamEnd {
 /// It holds no queue and no task of its own: one frame read is kept in
 /// flight across the loop (a frame read must never be cancelled half way),
 /// so an idle session costs only this future.
-pub async fn drive<R, W>(
+pub async fn drive<R, W, In, Out>(
     reader: R,
     mut writer: W,
     heartbeat: Heartbeat,
-    mut outgoing: Option<mpsc::Receiver<SessionMsg>>,
-    mut on_frame: impl FnMut(SessionMsg) -> Result<(), String>,
+    mut outgoing: Option<mpsc::Receiver<Out>>,
+    mut on_frame: impl FnMut(In) -> Result<(), String>,
 ) -> StreamEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
+    In: Beats + DeserializeOwned,
+    Out: Beats + Serialize,
 {
-    let mut read = pin!(read_next(reader));
+    let mut read = pin!(read_next::<R, In>(reader));
     let mut ticks = tokio::time::interval(heartbeat.interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     ticks.tick().await;
@@ -128,21 +189,21 @@ where
             biased;
             (reader, frame) = &mut read => {
                 heard = Instant::now();
-                let msg = match frame {
+                let msg: In = match frame {
                     Ok(Some(msg)) => msg,
                     Ok(None) => return StreamEnd::Finished,
                     Err(crate::codec::ReadFrameError::Io(e)) => return StreamEnd::Failed(e.to_string()),
                     Err(e) => return StreamEnd::Violation(format!("bad session frame: {e}")),
                 };
                 read.set(read_next(reader));
-                match msg {
-                    SessionMsg::Ping { seq } => {
-                        if let Err(e) = write_frame(&mut writer, &SessionMsg::Pong { seq }).await {
+                match msg.beat() {
+                    Some(Beat::Ping(seq)) => {
+                        if let Err(e) = write_frame(&mut writer, &Out::pong(seq)).await {
                             return write_failed(read, e, heartbeat).await;
                         }
                     }
-                    SessionMsg::Pong { .. } => {}
-                    other => if let Err(what) = on_frame(other) {
+                    Some(Beat::Pong(_)) => {}
+                    None => if let Err(what) = on_frame(msg) {
                         return StreamEnd::Violation(what);
                     },
                 }
@@ -153,7 +214,7 @@ where
                     return StreamEnd::Silent { silent_for, heartbeat };
                 }
                 seq += 1;
-                if let Err(e) = write_frame(&mut writer, &SessionMsg::Ping { seq }).await {
+                if let Err(e) = write_frame(&mut writer, &Out::ping(seq)).await {
                     return write_failed(read, e, heartbeat).await;
                 }
             }
@@ -171,15 +232,17 @@ where
 }
 
 /// Read one frame, and hand the reader back with it.
-async fn read_next<R: AsyncRead + Unpin>(mut reader: R) -> (R, FrameResult) {
-    let frame = read_frame::<SessionMsg, _>(&mut reader).await;
+async fn read_next<R: AsyncRead + Unpin, In: DeserializeOwned>(
+    mut reader: R,
+) -> (R, FrameResult<In>) {
+    let frame = read_frame::<In, _>(&mut reader).await;
     (reader, frame)
 }
 
-type FrameResult = Result<Option<SessionMsg>, crate::codec::ReadFrameError>;
+type FrameResult<In> = Result<Option<In>, crate::codec::ReadFrameError>;
 
 /// The next frame to send; never ready without an `outgoing` queue.
-async fn next_outgoing(outgoing: &mut Option<mpsc::Receiver<SessionMsg>>) -> Option<SessionMsg> {
+async fn next_outgoing<Out>(outgoing: &mut Option<mpsc::Receiver<Out>>) -> Option<Out> {
     match outgoing {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -188,20 +251,21 @@ async fn next_outgoing(outgoing: &mut Option<mpsc::Receiver<SessionMsg>>) -> Opt
 
 /// A write failed: when the other side finished its stream just before
 /// (it left, and its end is gone), that is the end to report.
-async fn write_failed<R, F>(
+async fn write_failed<R, F, In>(
     read: Pin<&mut F>,
     err: crate::codec::WriteFrameError,
     heartbeat: Heartbeat,
 ) -> StreamEnd
 where
     R: AsyncRead + Unpin,
-    F: Future<Output = (R, FrameResult)>,
+    F: Future<Output = (R, FrameResult<In>)>,
+    In: DeserializeOwned,
 {
     let next = tokio::time::timeout(heartbeat.limit(), async move {
         let (mut reader, mut frame) = read.await;
         loop {
             match frame {
-                Ok(Some(_)) => frame = read_frame::<SessionMsg, _>(&mut reader).await,
+                Ok(Some(_)) => frame = read_frame::<In, _>(&mut reader).await,
                 other => return other,
             }
         }
@@ -218,6 +282,20 @@ where
 mod tests {
     use super::*;
 
+    /// The coordinator's end: reads client frames, writes its own.
+    async fn coordinator_end<R, W>(
+        r: R,
+        w: W,
+        rx: Option<mpsc::Receiver<CoordinatorSession>>,
+        on_frame: impl FnMut(ClientSession) -> Result<(), String>,
+    ) -> StreamEnd
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        drive(r, w, hb(), rx, on_frame).await
+    }
+
     fn hb() -> Heartbeat {
         Heartbeat::new(Duration::from_secs(1), 3)
     }
@@ -230,7 +308,7 @@ mod tests {
         let (r, w) = tokio::io::split(ours);
         let (_tx, rx) = mpsc::channel(1);
         let start = Instant::now();
-        let end = drive(r, w, hb(), Some(rx), |_| Ok(())).await;
+        let end = coordinator_end(r, w, Some(rx), |_| Ok(())).await;
         let took = start.elapsed();
         assert!(matches!(end, StreamEnd::Silent { .. }), "{end:?}");
         assert!(took >= hb().limit(), "{took:?}");
@@ -248,8 +326,14 @@ mod tests {
         let (br, bw) = tokio::io::split(b);
         let (a_tx, a_rx) = mpsc::channel(1);
         let (_b_tx, b_rx) = mpsc::channel(1);
-        let a_side = tokio::spawn(drive(ar, aw, hb(), Some(a_rx), |_| Ok(())));
-        let b_side = tokio::spawn(drive(br, bw, hb(), Some(b_rx), |_| Ok(())));
+        let a_side = tokio::spawn(coordinator_end(ar, aw, Some(a_rx), |_| Ok(())));
+        let b_side = tokio::spawn(drive::<_, _, CoordinatorSession, ClientSession>(
+            br,
+            bw,
+            hb(),
+            Some(b_rx),
+            |_| Ok(()),
+        ));
         tokio::time::sleep(Duration::from_secs(3600)).await;
         assert!(!a_side.is_finished() && !b_side.is_finished());
         drop(a_tx); // a stops, dropping its writer: the stream is finished
@@ -265,7 +349,7 @@ mod tests {
         let (r, w) = tokio::io::split(ours);
         let (_tx, rx) = mpsc::channel(1);
         theirs.shutdown().await.unwrap();
-        let end = drive(r, w, hb(), Some(rx), |_| Ok(())).await;
+        let end = coordinator_end(r, w, Some(rx), |_| Ok(())).await;
         assert_eq!(end, StreamEnd::Finished);
     }
 
@@ -276,28 +360,46 @@ mod tests {
         let (ours, mut theirs) = tokio::io::duplex(1024);
         let (r, w) = tokio::io::split(ours);
         let (_tx, rx) = mpsc::channel(1);
-        write_frame(&mut theirs, &SessionMsg::Interfaces { list: vec![] })
-            .await
-            .unwrap();
-        write_frame(
-            &mut theirs,
-            &SessionMsg::Welcome {
-                session: 1,
-                observed: "127.0.0.1:1".parse().unwrap(),
-            },
-        )
-        .await
-        .unwrap();
+        for _ in 0..2 {
+            write_frame(&mut theirs, &ClientSession::Interfaces { list: vec![] })
+                .await
+                .unwrap();
+        }
         let mut seen = Vec::new();
-        let end = drive(r, w, hb(), Some(rx), |m| match m {
-            SessionMsg::Interfaces { .. } => {
-                seen.push("interfaces");
+        let end = coordinator_end(r, w, Some(rx), |m| {
+            assert!(m.beat().is_none(), "beats never reach the callback");
+            seen.push(m.name());
+            if seen.len() == 1 {
                 Ok(())
+            } else {
+                Err("second".into())
             }
-            _ => Err("unexpected".into()),
         })
         .await;
-        assert_eq!(seen, ["interfaces"]);
-        assert_eq!(end, StreamEnd::Violation("unexpected".into()));
+        assert_eq!(seen, ["interfaces", "interfaces"]);
+        assert_eq!(end, StreamEnd::Violation("second".into()));
+    }
+
+    /// A ping is answered with a pong of the writer's type carrying the
+    /// same number, and neither reaches the callback.
+    #[tokio::test(start_paused = true)]
+    async fn a_ping_is_answered_with_a_pong_of_the_same_number() {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (r, w) = tokio::io::split(ours);
+        let (mut tr, mut tw) = tokio::io::split(theirs);
+        let (_tx, rx) = mpsc::channel(1);
+        let side = tokio::spawn(coordinator_end(r, w, Some(rx), |m| {
+            Err(format!("callback got {}", m.name()))
+        }));
+        write_frame(&mut tw, &ClientSession::Ping { seq: 41 })
+            .await
+            .unwrap();
+        let answer: CoordinatorSession = read_frame(&mut tr).await.unwrap().unwrap();
+        assert_eq!(answer, CoordinatorSession::Pong { seq: 41 });
+        write_frame(&mut tw, &ClientSession::Pong { seq: 1 })
+            .await
+            .unwrap();
+        tw.shutdown().await.unwrap();
+        assert_eq!(side.await.unwrap(), StreamEnd::Finished);
     }
 }

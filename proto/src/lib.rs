@@ -11,7 +11,10 @@
 //! - [`address`]: connpipe addresses (`mesh/bob!chat`, `quic/$4:7447`, …),
 //!   parsing, canonical display, conversion to and from named values.
 //! - [`name`]: client and channel name rules.
-//! - [`msg`]: session and channel control messages, and data stream headers.
+//! - [`msg`]: control messages, one type per stream and direction, and data
+//!   stream headers.
+//! - [`ids`]: session, channel and stream numbers and client, channel and
+//!   group names as their own types.
 //! - [`codec`]: the one module that turns messages into bytes and back, with
 //!   length-prefixed frames and size limits.
 //! - [`codes`]: typed connection and stream close codes and rejection codes.
@@ -19,6 +22,8 @@
 //! - [`manifest`]: interfaces a client offers and their manifests.
 //! - [`heartbeat`]: pings on the session stream, and when silence means lost.
 //! - [`envelope`]: one-way messages, requests and replies on a channel.
+//! - `logging` (feature `logging`): the connpipe log line format, installed
+//!   by the binaries.
 
 #![warn(missing_docs)]
 
@@ -27,12 +32,16 @@ pub mod codec;
 pub mod codes;
 pub mod envelope;
 pub mod heartbeat;
+pub mod ids;
 pub mod limits;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod manifest;
 pub mod msg;
 pub mod name;
 
 pub use address::{Address, AddressError};
 pub use codec::DecodeError;
+pub use ids::{ChannelId, ChannelName, ClientName, GroupName, SessionId, StreamId};
 pub use limits::{ALPN, DIRECT_ALPN, PROTOCOL_VERSION};
 pub use manifest::{Direction, Interface};

@@ -1,201 +1,226 @@
-//! Control messages and data stream headers.
+//! Control messages and data stream headers, one type per stream and
+//! direction.
 //!
-//! Every message is a serde enum encoded by [`crate::codec`]. Bincode
+//! Every message is a serde type encoded by [`crate::codec`]. Bincode
 //! encodes an enum variant by its position, so variants are only ever
-//! appended, never reordered or removed; the snapshot tests in
-//! `codec` freeze the bytes of each one.
+//! appended, never reordered or removed; the snapshot tests in `codec`
+//! freeze the bytes of each one.
 //!
-//! Three kinds of stream carry them:
+//! Each stream has its own small set of types, read in the order the
+//! protocol says, so a message that cannot come at some point cannot be
+//! decoded there either (a frame of another type is malformed):
 //!
-//! - the **session control stream**, the first bidirectional stream a
-//!   client opens to the coordinator: [`SessionMsg`];
-//! - one **channel control stream** per channel, bidirectional, opened by
-//!   the opener towards the coordinator and by the coordinator towards the
-//!   callee: [`ChannelMsg`];
-//! - **data streams**, unidirectional, which start with one
-//!   [`StreamHeader`] frame and then carry length-prefixed messages.
+//! | stream | client → coordinator | coordinator → client |
+//! |---|---|---|
+//! | session control stream | [`Greeting`] first, then [`ClientSession`] frames | [`HelloAnswer`] or [`EnrollAnswer`], then [`CoordinatorSession`] frames |
+//! | stream a client opens | [`StreamRequest`] first | per request, below |
+//! | … for [`StreamRequest::Open`] (the opener's channel control stream) | [`Close`] | [`OpenAnswer`], then [`Ending`] |
+//! | … for [`StreamRequest::Describe`] | — | [`DescribeAnswer`] |
+//! | … for [`StreamRequest::Watch`] | — | [`PresenceEvent`]s |
+//! | … for [`StreamRequest::Join`] | broadcasts (data messages) | [`JoinAnswer`], then group events (data messages) |
+//! | … for [`StreamRequest::Members`] | — | [`MembersAnswer`] |
+//! | stream the coordinator opens (the callee's channel control stream) | [`IncomingAnswer`], then [`Close`] | [`Incoming`] first, then [`Ready`], then [`Ending`] |
+//! | unidirectional data stream | [`StreamHeader`] first, then length-prefixed messages | the same |
+//!
+//! Each enum derives its variants' names for logs (`name()`), in
+//! kebab-case, so no match lists them a second time.
 
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::codes::{OpenFailCode, RejectCode};
+use crate::ids::{ChannelId, ChannelName, ClientName, GroupName, SessionId, StreamId};
 use crate::manifest::Interface;
 
-/// Messages on the session control stream.
+/// Gives every message enum a `name()` for logs, derived from its variant
+/// names by `strum`.
+macro_rules! named {
+    ($($ty:ty),* $(,)?) => {$(
+        impl $ty {
+            /// The variant's name, in kebab-case, for logs and errors.
+            pub fn name(&self) -> &'static str {
+                self.into()
+            }
+        }
+    )*};
+}
+
+named!(
+    Greeting,
+    HelloAnswer,
+    EnrollAnswer,
+    ClientSession,
+    CoordinatorSession,
+    StreamRequest,
+    OpenAnswer,
+    IncomingAnswer,
+    Ending,
+    DescribeAnswer,
+    JoinAnswer,
+    MembersAnswer,
+    PresenceEvent,
+    StreamHeader,
+);
+
+// ---------------------------------------------------------------------
+// The session control stream.
+
+/// Client → coordinator: the first frame of the session control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum Greeting {
+    /// Join the mesh. Followed by one [`ClientSession::Interfaces`], then
+    /// answered with a [`HelloAnswer`].
+    Hello(Hello),
+    /// Issue me a client certificate. Answered with an [`EnrollAnswer`];
+    /// the connection then closes.
+    Enroll(Enroll),
+}
+
+/// Who the client is and what it speaks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SessionMsg {
-    /// Client → coordinator, first frame: who I am and what I speak.
-    Hello {
-        /// [`crate::PROTOCOL_VERSION`] of the client.
-        version: u32,
-        /// The name the client wants to be reachable by.
-        name: String,
-        /// `None`: this client cannot take direct channels (it shares its
-        /// UDP socket with other clients, or has direct channels turned
-        /// off). `Some`: it can, and these are addresses it has for itself
-        /// (at most [`crate::limits::MAX_REPORTED_ADDRS`]), to be tried
-        /// besides the address the coordinator observes.
-        #[serde(deserialize_with = "bounded::option_addrs")]
-        direct: Option<Vec<SocketAddr>>,
-    },
-    /// Coordinator → client: the session is up.
-    Welcome {
-        /// Coordinator-assigned session number, unique while it runs.
-        session: u64,
-        /// The client's address as the coordinator sees it.
-        observed: SocketAddr,
-    },
-    /// Coordinator → client: the hello was refused; the connection closes.
-    Reject {
-        /// Why, as a code.
-        code: RejectCode,
-        /// Why, as a sentence that says what was expected.
-        message: String,
-    },
-    /// Client → coordinator, first frame instead of a hello: issue me a
-    /// client certificate for `name`, for the key of the certificate I
-    /// presented in this connection's TLS handshake.
-    ///
-    /// With a `token` (from `qmesh-coordinator token create`) this is
-    /// enrollment: the token is used up. Without one it is renewal, and the
-    /// connection must present a certificate the coordinator issued for
-    /// `name`. Answered with [`SessionMsg::Enrolled`] or
-    /// [`SessionMsg::Reject`]; the connection then closes.
-    Enroll {
-        /// [`crate::PROTOCOL_VERSION`] of the client.
-        version: u32,
-        /// The name to be issued a certificate for.
-        name: String,
-        /// The one-use enrollment token, or `None` to renew.
-        token: Option<String>,
-    },
-    /// Coordinator → client: the issued certificate.
+pub struct Hello {
+    /// [`crate::PROTOCOL_VERSION`] of the client.
+    pub version: u32,
+    /// The name the client wants to be reachable by.
+    pub name: ClientName,
+    /// `None`: this client cannot take direct channels (it shares its UDP
+    /// socket with other clients, or has direct channels turned off).
+    /// `Some`: it can, and these are addresses it has for itself (at most
+    /// [`crate::limits::MAX_REPORTED_ADDRS`]), to be tried besides the
+    /// address the coordinator observes.
+    #[serde(deserialize_with = "bounded::option_addrs")]
+    pub direct: Option<Vec<SocketAddr>>,
+}
+
+/// Issue me a client certificate for `name`, for the key of the
+/// certificate I presented in this connection's TLS handshake.
+///
+/// With a `token` (from `qmesh-coordinator token create`) this is
+/// enrollment: the token is used up. Without one it is renewal, and the
+/// connection must present a certificate the coordinator issued for
+/// `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enroll {
+    /// [`crate::PROTOCOL_VERSION`] of the client.
+    pub version: u32,
+    /// The name to be issued a certificate for.
+    pub name: ClientName,
+    /// The one-use enrollment token, or `None` to renew.
+    pub token: Option<String>,
+}
+
+/// Coordinator → client: the answer to a [`Greeting::Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum HelloAnswer {
+    /// The session is up.
+    Welcome(Welcome),
+    /// The hello was refused; the connection closes.
+    Reject(Reject),
+}
+
+/// The session is up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Coordinator-assigned session number, unique while it runs.
+    pub session: SessionId,
+    /// The client's address as the coordinator sees it.
+    pub observed: SocketAddr,
+}
+
+/// A refused hello or enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    /// Why, as a code.
+    pub code: RejectCode,
+    /// Why, as a sentence that says what was expected.
+    pub message: String,
+}
+
+/// Coordinator → client: the answer to a [`Greeting::Enroll`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum EnrollAnswer {
+    /// The issued certificate.
     Enrolled {
         /// The certificate, PEM, for the key the client presented.
         cert_pem: String,
         /// When it expires, in seconds since the Unix epoch.
         expires: u64,
     },
-    /// Client → coordinator: the interfaces this client offers, replacing
-    /// what it declared before. Sent right after the hello (before the
-    /// welcome; an empty list declares none) and again whenever they
-    /// change. At most [`crate::manifest::MAX_INTERFACES`], distinct valid
-    /// channel names, [`crate::manifest::MAX_INTERFACES_BYTES`] encoded.
+    /// The enrollment was refused; the connection closes.
+    Reject(Reject),
+}
+
+/// Client → coordinator on the session stream, after the
+/// [`Greeting::Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum ClientSession {
+    /// The interfaces this client offers, replacing what it declared
+    /// before. Sent right after the hello (before the welcome; an empty
+    /// list declares none) and again whenever they change. At most
+    /// [`crate::manifest::MAX_INTERFACES`], distinct valid channel names,
+    /// [`crate::manifest::MAX_INTERFACES_BYTES`] encoded.
     Interfaces {
         /// The offered interfaces.
         #[serde(deserialize_with = "bounded::interfaces")]
         list: Vec<Interface>,
     },
-    /// Either side → the other, after the welcome: are you there? Answered
-    /// with a [`SessionMsg::Pong`] carrying the same number.
+    /// Are you there? Answered with a [`CoordinatorSession::Pong`] carrying
+    /// the same number.
     Ping {
         /// The sender's sequence number.
         seq: u64,
     },
-    /// The answer to a [`SessionMsg::Ping`].
+    /// The answer to a [`CoordinatorSession::Ping`].
     Pong {
         /// The number of the ping it answers.
         seq: u64,
     },
 }
 
-/// Messages on a channel control stream.
-///
-/// Flow of an open: the opener sends [`ChannelMsg::Open`]; the coordinator
-/// answers [`ChannelMsg::OpenFailed`] at once when it cannot route, or opens
-/// a stream to the callee with [`ChannelMsg::Incoming`]. The callee answers
-/// [`ChannelMsg::Accept`] or [`ChannelMsg::Refuse`]. On accept, both sides
-/// get [`ChannelMsg::Ready`] and the two streams are joined: later frames are
-/// forwarded from one side to the other. A channel ends with exactly one
-/// [`ChannelMsg::Close`] or [`ChannelMsg::Lost`] delivered to each side.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ChannelMsg {
-    /// Opener → coordinator: open channel `channel` on `peer`.
-    Open {
-        /// The callee's client name.
-        peer: String,
-        /// The channel name (the subport of `mesh/peer!channel`).
-        channel: String,
-        /// Which path the opener wants the channel's data on.
-        path: PathMode,
+/// Coordinator → client on the session stream, after the
+/// [`HelloAnswer::Welcome`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum CoordinatorSession {
+    /// Are you there? Answered with a [`ClientSession::Pong`] carrying the
+    /// same number.
+    Ping {
+        /// The sender's sequence number.
+        seq: u64,
     },
-    /// Coordinator → callee: `from` wants channel `channel` with you.
-    Incoming {
-        /// The opener's client name.
-        from: String,
-        /// The channel name.
-        channel: String,
-        /// The path the opener asked for.
-        path: PathMode,
+    /// The answer to a [`ClientSession::Ping`].
+    Pong {
+        /// The number of the ping it answers.
+        seq: u64,
     },
-    /// Callee → coordinator: accepted.
-    Accept,
-    /// Callee → coordinator: refused.
-    Refuse {
-        /// The callee's reason, passed on to the opener.
-        reason: String,
-    },
-    /// Coordinator → both sides: the channel is joined end to end.
-    Ready {
-        /// The channel's number, the same on both sides and unique while
-        /// the coordinator runs: direct data streams name it.
-        channel: u64,
-        /// The other side, introduced for a direct path; `None` when the
-        /// channel is relay-only or the other side cannot take direct
-        /// channels.
-        peer: Option<PeerIntro>,
-        /// The callee's manifest for this channel name, when the callee
-        /// declares interfaces: both sides keep to its direction.
-        interface: Option<Interface>,
-    },
-    /// Coordinator → opener: the channel could not be opened.
-    OpenFailed {
-        /// Why, as a code.
-        code: OpenFailCode,
-        /// Why, as a sentence.
-        message: String,
-    },
-    /// Either side → the other, through the coordinator: graceful close.
-    ///
-    /// `streams` is the number of data streams the sender opened on the
-    /// channel, on either path; `relayed` is how many of those went through
-    /// the coordinator. The coordinator forwards the close only after it
-    /// has relayed `relayed` streams to their end, and the receiver keeps
-    /// handing out data streams until it has accepted `streams`, so nothing
-    /// sent before a close is lost. A side that receives a close reports the
-    /// channel closed at once and answers with its own close.
-    Close {
-        /// The closer's reason.
-        reason: String,
-        /// Data streams the sender opened on this channel.
-        streams: u64,
-        /// Of those, the ones sent through the coordinator.
-        relayed: u64,
-    },
-    /// Coordinator → client: the other side disappeared.
-    Lost {
-        /// What the coordinator saw.
-        reason: String,
-    },
-    /// Client → coordinator, first frame of a new stream: the manifest of
-    /// interface `channel` on `peer`, without opening it (the control side
-    /// alone). Answered with [`ChannelMsg::Manifest`] or
-    /// [`ChannelMsg::OpenFailed`]; the coordinator then finishes the stream.
+}
+
+// ---------------------------------------------------------------------
+// Streams a client opens.
+
+/// Client → coordinator: the first frame of a bidirectional stream the
+/// client opens after the welcome. It says what the stream is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum StreamRequest {
+    /// Open channel `channel` on `peer`; the stream becomes the opener's
+    /// channel control stream. Answered with an [`OpenAnswer`].
+    Open(Open),
+    /// The manifest of interface `channel` on `peer`, without opening it
+    /// (the control side alone). Answered with a [`DescribeAnswer`]; the
+    /// coordinator then finishes the stream.
     Describe {
         /// The offerer's client name.
-        peer: String,
+        peer: ClientName,
         /// The interface's channel name.
-        channel: String,
+        channel: ChannelName,
     },
-    /// Coordinator → client: the manifest asked for, as the offerer
-    /// declared it.
-    Manifest {
-        /// The manifest.
-        interface: Interface,
-    },
-    /// Client → coordinator, first frame of a new stream: who is online
-    /// and what they offer. The coordinator answers with one
+    /// Who is online and what they offer. The coordinator answers with one
     /// [`PresenceEvent::Present`] per client and then
     /// [`PresenceEvent::Synced`]; with `live`, it goes on sending changes
     /// until either side finishes the stream.
@@ -203,18 +228,147 @@ pub enum ChannelMsg {
         /// Keep sending changes after the list.
         live: bool,
     },
-    /// Coordinator → watcher: one presence event.
-    Presence(PresenceEvent),
-    /// Client → coordinator, first frame of a new stream: join broadcast
-    /// group `group`. Answered with [`ChannelMsg::Joined`] (or
-    /// [`ChannelMsg::OpenFailed`]); after that the stream carries data
-    /// messages: the member's broadcasts towards the coordinator, and
+    /// Join broadcast group `group`. Answered with a [`JoinAnswer`]; after
+    /// [`JoinAnswer::Joined`] the stream carries data messages: the
+    /// member's broadcasts towards the coordinator, and
     /// [`crate::envelope::GroupEvent`]s towards the member.
     Join {
         /// The group's name (channel-name rules).
-        group: String,
+        group: GroupName,
     },
-    /// Coordinator → member: joined.
+    /// How many members group `group` has. Answered with a
+    /// [`MembersAnswer`].
+    Members {
+        /// The group's name.
+        group: GroupName,
+    },
+}
+
+/// Open channel `channel` on `peer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Open {
+    /// The callee's client name.
+    pub peer: ClientName,
+    /// The channel name (the subport of `mesh/peer!channel`).
+    pub channel: ChannelName,
+    /// Which path the opener wants the channel's data on.
+    pub path: PathMode,
+}
+
+/// Why the coordinator could not do what a stream asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    /// Why, as a code.
+    pub code: OpenFailCode,
+    /// Why, as a sentence.
+    pub message: String,
+}
+
+/// Coordinator → opener: the answer to a [`StreamRequest::Open`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum OpenAnswer {
+    /// The channel is joined end to end.
+    Ready(Ready),
+    /// The channel could not be opened; the coordinator finishes the
+    /// stream.
+    Failed(Failure),
+}
+
+/// Coordinator → both sides: the channel is joined end to end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {
+    /// The channel's number, the same on both sides: direct data streams
+    /// name it.
+    pub channel: ChannelId,
+    /// The other side, introduced for a direct path; `None` when the
+    /// channel is relay-only or the other side cannot take direct channels.
+    pub peer: Option<PeerIntro>,
+    /// The callee's manifest for this channel name, when the callee
+    /// declares interfaces: both sides keep to its direction.
+    pub interface: Option<Interface>,
+}
+
+/// Coordinator → callee: the first frame of a stream the coordinator
+/// opens: `from` wants channel `channel` with you. Answered with an
+/// [`IncomingAnswer`]; after [`IncomingAnswer::Accept`] the coordinator
+/// sends [`Ready`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incoming {
+    /// The opener's client name.
+    pub from: ClientName,
+    /// The channel name.
+    pub channel: ChannelName,
+    /// The path the opener asked for.
+    pub path: PathMode,
+}
+
+/// Callee → coordinator: the answer to an [`Incoming`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum IncomingAnswer {
+    /// Accepted.
+    Accept,
+    /// Refused.
+    Refuse {
+        /// The callee's reason, passed on to the opener.
+        reason: String,
+    },
+}
+
+/// Either side → the coordinator, after [`Ready`], on its channel control
+/// stream: graceful close. The coordinator forwards it to the other side
+/// as [`Ending::Closed`].
+///
+/// `streams` is the number of data streams the sender opened on the
+/// channel, on either path; `relayed` is how many of those went through the
+/// coordinator. The coordinator forwards the close only after it has
+/// relayed `relayed` streams to their end, and the receiver keeps handing
+/// out data streams until it has accepted `streams`, so nothing sent before
+/// a close is lost. A side that receives a close reports the channel closed
+/// at once and answers with its own close.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Close {
+    /// The closer's reason.
+    pub reason: String,
+    /// Data streams the sender opened on this channel.
+    pub streams: u64,
+    /// Of those, the ones sent through the coordinator.
+    pub relayed: u64,
+}
+
+/// Coordinator → a side, after [`Ready`], on its channel control stream:
+/// how the other side ended. Exactly one reaches each side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum Ending {
+    /// The other side closed the channel.
+    Closed(Close),
+    /// The other side disappeared.
+    Lost {
+        /// What the coordinator saw.
+        reason: String,
+    },
+}
+
+/// Coordinator → client: the answer to a [`StreamRequest::Describe`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum DescribeAnswer {
+    /// The manifest asked for, as the offerer declared it.
+    Manifest {
+        /// The manifest.
+        interface: Interface,
+    },
+    /// No such manifest, or not allowed to see it.
+    Failed(Failure),
+}
+
+/// Coordinator → member: the answer to a [`StreamRequest::Join`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum JoinAnswer {
+    /// Joined.
     Joined {
         /// Members now in the group, this one included.
         members: u64,
@@ -223,30 +377,37 @@ pub enum ChannelMsg {
         /// Largest broadcast body the group carries.
         max_message: u64,
     },
-    /// Client → coordinator, first frame of a new stream: how many members
-    /// group `group` has. Answered with [`ChannelMsg::MemberCount`].
-    Members {
+    /// Not joined.
+    Failed(Failure),
+}
+
+/// Coordinator → client: the answer to a [`StreamRequest::Members`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum MembersAnswer {
+    /// The member count asked for (0 for a group nobody is in).
+    Count {
         /// The group's name.
-        group: String,
-    },
-    /// Coordinator → client: the member count asked for (0 for a group
-    /// nobody is in).
-    MemberCount {
-        /// The group's name.
-        group: String,
+        group: GroupName,
         /// Members now.
         members: u64,
     },
+    /// The group name was not valid.
+    Failed(Failure),
 }
 
+// ---------------------------------------------------------------------
+// Shared parts.
+
 /// What the coordinator tells a presence watcher.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
 pub enum PresenceEvent {
     /// `name` is online and offers `interfaces` (the list before
     /// [`PresenceEvent::Synced`]).
     Present {
         /// The client's name.
-        name: String,
+        name: ClientName,
         /// What it offers.
         #[serde(deserialize_with = "bounded::interfaces")]
         interfaces: Vec<Interface>,
@@ -256,7 +417,7 @@ pub enum PresenceEvent {
     /// `name` joined, offering `interfaces`.
     Joined {
         /// The client's name.
-        name: String,
+        name: ClientName,
         /// What it offers.
         #[serde(deserialize_with = "bounded::interfaces")]
         interfaces: Vec<Interface>,
@@ -264,12 +425,12 @@ pub enum PresenceEvent {
     /// `name` left.
     Left {
         /// The client's name.
-        name: String,
+        name: ClientName,
     },
     /// `name` changed what it offers; `interfaces` is the new list.
     Changed {
         /// The client's name.
-        name: String,
+        name: ClientName,
         /// What it offers now.
         #[serde(deserialize_with = "bounded::interfaces")]
         interfaces: Vec<Interface>,
@@ -348,31 +509,31 @@ pub struct PeerIntro {
 }
 
 /// First frame of every unidirectional data stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
 pub enum StreamHeader {
-    /// The stream belongs to a channel. `channel` is the QUIC stream id of
-    /// that channel's control stream on the same connection.
+    /// The stream belongs to a relayed channel: `channel` is the id of that
+    /// channel's control stream on the same connection.
     Data {
         /// Control stream id of the channel on this connection.
-        channel: u64,
+        channel: StreamId,
     },
     /// On a direct connection between two clients: the stream belongs to
-    /// the channel the coordinator numbered `channel` in its
-    /// [`ChannelMsg::Ready`].
+    /// the channel the coordinator numbered `channel` in its [`Ready`].
     Direct {
         /// The coordinator's channel number.
-        channel: u64,
+        channel: ChannelId,
     },
     /// As [`StreamHeader::Data`], for the sender's message stream: its data
     /// messages are [`crate::envelope::Envelope`]s.
     Messages {
         /// Control stream id of the channel on this connection.
-        channel: u64,
+        channel: StreamId,
     },
     /// As [`StreamHeader::Direct`], for the sender's message stream.
     DirectMessages {
         /// The coordinator's channel number.
-        channel: u64,
+        channel: ChannelId,
     },
 }
 

@@ -1,6 +1,7 @@
 //! The `qmesh` command line: argument parsing and the subcommands.
 
 mod broadcast;
+#[cfg(feature = "demo")]
 mod demo;
 mod listen;
 mod messaging;
@@ -120,6 +121,7 @@ enum Command {
     },
     /// Run a coordinator and two clients in this process and show a channel
     /// at work.
+    #[cfg(feature = "demo")]
     Demo,
     /// Send one request and print the reply (exit 1 when it is missing).
     Request {
@@ -425,6 +427,7 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                 broadcast::run(client, group).await
             }
         }
+        #[cfg(feature = "demo")]
         Command::Demo => demo::run().await,
         Command::Request {
             address,

@@ -11,7 +11,9 @@
 //! `span-name/id` (`coordinator/…`, `session/alice`, `client/alice`,
 //! `channel/alice>bob!chat`); an event outside such spans names its module.
 //! Times are UTC. Libraries only emit `tracing` events; binaries call
-//! [`init`].
+//! [`init`]. Behind the `logging` feature, which the two binaries turn on:
+//! it lives here, below both, so that the `qmesh` command need not depend
+//! on the coordinator for it.
 
 use std::fmt;
 
@@ -111,13 +113,106 @@ pub fn init(level: Option<&str>) {
         Some(l) => EnvFilter::new(l),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    let _ = subscriber(filter, std::io::stderr).try_init();
+}
+
+/// The connpipe subscriber: span ids, the line format, and `filter`,
+/// writing each line to what `writer` makes.
+fn subscriber<W>(filter: EnvFilter, writer: W) -> impl Subscriber + Send + Sync
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let fmt = tracing_subscriber::fmt::layer()
         .event_format(ConnpipeFormat)
         .with_ansi(false)
-        .with_writer(std::io::stderr);
-    let _ = tracing_subscriber::registry()
+        .with_writer(writer);
+    tracing_subscriber::registry()
         .with(IdLayer)
         .with(fmt)
         .with(filter)
-        .try_init();
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Collects what the subscriber writes.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Lines {
+        type Writer = Lines;
+
+        fn make_writer(&'w self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    fn logged(f: impl FnOnce()) -> Vec<String> {
+        let lines = Lines::default();
+        let sub = subscriber(EnvFilter::new("info"), lines.clone());
+        tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    /// `[2026-11-21 23:40:00.670 ` is 24 characters; check its shape.
+    fn stamp_shape(line: &str) {
+        let b = line.as_bytes();
+        assert_eq!(b[0], b'[', "{line}");
+        for (i, c) in b[1..24].iter().enumerate() {
+            let want_digit = !matches!(i, 4 | 7 | 10 | 13 | 16 | 19);
+            assert_eq!(c.is_ascii_digit(), want_digit, "{line} at {}", i + 1);
+        }
+        assert_eq!(&line[5..6], "-");
+        assert_eq!(&line[11..12], " ");
+        assert_eq!(&line[20..21], ".");
+    }
+
+    #[test]
+    fn an_event_in_a_span_with_an_id_names_the_span_and_id() {
+        let lines = logged(|| {
+            let span = tracing::info_span!("client", id = "alice");
+            let _in = span.enter();
+            let inner = tracing::info_span!("step");
+            let _inner = inner.enter();
+            tracing::info!("connected to quic/127.0.0.1:7447");
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        stamp_shape(&lines[0]);
+        assert!(
+            lines[0].ends_with(" INFO client/alice] connected to quic/127.0.0.1:7447"),
+            "{}",
+            lines[0]
+        );
+    }
+
+    #[test]
+    fn an_event_outside_named_spans_names_its_module_and_the_filter_applies() {
+        let lines = logged(|| {
+            tracing::debug!("hidden below info");
+            tracing::warn!(peer = "bob", "closing");
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        stamp_shape(&lines[0]);
+        assert!(
+            lines[0].ends_with(" WARN qmesh_proto::logging::tests] closing peer=\"bob\""),
+            "{}",
+            lines[0]
+        );
+    }
 }
