@@ -206,3 +206,57 @@ fn the_check_finds_a_circle_through_a_use_group() {
     graph.insert("c".into(), BTreeSet::new());
     assert_eq!(circle(&graph), None);
 }
+
+/// The features of `[features]` in a Cargo.toml, as name → its list.
+fn features(manifest: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut inside = false;
+    for line in manifest.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            inside = line == "[features]";
+            continue;
+        }
+        if inside {
+            if let Some((name, list)) = line.split_once('=') {
+                out.insert(name.trim().to_owned(), list.trim().to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The `qmesh` command gets its log format from qmesh-proto; only `qmesh
+/// demo`, which runs a coordinator in its own process, needs the
+/// coordinator library, and it is a feature of its own.
+#[test]
+fn the_qmesh_command_needs_the_coordinator_only_for_demo() {
+    let path = workspace().join("client").join("Cargo.toml");
+    let manifest = fs::read_to_string(path).expect("read client/Cargo.toml");
+    let features = features(&manifest);
+    let cli = features.get("cli").expect("a cli feature");
+    let demo = features.get("demo").expect("a demo feature");
+    assert!(!cli.contains("qmesh-coordinator"), "cli = {cli}");
+    assert!(cli.contains("qmesh-proto/logging"), "cli = {cli}");
+    assert!(demo.contains("dep:qmesh-coordinator"), "demo = {demo}");
+    let dependency = manifest
+        .lines()
+        .find(|l| l.starts_with("qmesh-coordinator ="))
+        .expect("the coordinator dependency");
+    assert!(dependency.contains("optional = true"), "{dependency}");
+    let src = workspace().join("client").join("src");
+    let mut sources: Vec<PathBuf> = files(&src).into_iter().map(|(_, f)| f).collect();
+    sources.push(src.join("main.rs"));
+    sources.push(src.join("lib.rs"));
+    for file in sources {
+        let text = fs::read_to_string(&file).expect("read source");
+        // Doc examples and unit tests may use it: it is a dev-dependency.
+        if non_test(&text).contains("qmesh_coordinator") {
+            assert!(
+                file.ends_with("cli/demo.rs"),
+                "{} uses the coordinator library",
+                file.display()
+            );
+        }
+    }
+}
