@@ -91,23 +91,11 @@ async fn open(
             if refusal.code == OpenFailCode::Denied {
                 info!(cause = %refusal.message, "open denied");
             }
-            return fail(
-                &mut a_send,
-                OpenAnswer::Failed,
-                refusal.code,
-                refusal.message,
-            )
-            .await;
+            return refuse(&mut a_send, refusal).await;
         }
         (Ok(_), None) => {
             let refusal = Refusal::not_present(&peer);
-            return fail(
-                &mut a_send,
-                OpenAnswer::Failed,
-                refusal.code,
-                refusal.message,
-            )
-            .await;
+            return refuse(&mut a_send, refusal).await;
         }
     };
     // The counts `decide` saw may have moved since: the slots are taken
@@ -118,13 +106,7 @@ async fn open(
             Some(slot) => slots.push(slot),
             None => {
                 let refusal = Refusal::too_many_channels(who, max);
-                return fail(
-                    &mut a_send,
-                    OpenAnswer::Failed,
-                    refusal.code,
-                    refusal.message,
-                )
-                .await;
+                return refuse(&mut a_send, refusal).await;
             }
         }
     }
@@ -142,23 +124,11 @@ async fn open(
         Ok(Some(s)) => s,
         Ok(None) => {
             let refusal = Refusal::left_before_offer(&peer);
-            return fail(
-                &mut a_send,
-                OpenAnswer::Failed,
-                refusal.code,
-                refusal.message,
-            )
-            .await;
+            return refuse(&mut a_send, refusal).await;
         }
         Err(_) => {
             let refusal = Refusal::no_room(&peer);
-            return fail(
-                &mut a_send,
-                OpenAnswer::Failed,
-                refusal.code,
-                refusal.message,
-            )
-            .await;
+            return refuse(&mut a_send, refusal).await;
         }
     };
     debug!("offered to callee");
@@ -192,13 +162,7 @@ async fn open(
         if let Some((c, what)) = violation {
             callee.violation(c, &what);
         }
-        return fail(
-            &mut a_send,
-            OpenAnswer::Failed,
-            refusal.code,
-            refusal.message,
-        )
-        .await;
+        return refuse(&mut a_send, refusal).await;
     }
 
     // Join: register both sides before either hears Ready, so that a data
@@ -410,4 +374,9 @@ fn lost_reason(from: &Session, stream_error: Option<&str>) -> String {
             stream_error.unwrap_or("stream ended")
         ),
     }
+}
+
+/// Tell the opener its open was refused, and why.
+async fn refuse(send: &mut SendStream, refusal: Refusal) {
+    fail(send, OpenAnswer::Failed, refusal.code, refusal.message).await;
 }
