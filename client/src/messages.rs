@@ -35,8 +35,8 @@ use qmesh_proto::codes::StreamCode;
 use qmesh_proto::envelope::Envelope;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, warn, Instrument};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tracing::{debug, warn};
 
 use crate::end::Path;
 use crate::error::{RecvError, SendError};
@@ -126,23 +126,22 @@ pub(crate) type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output 
 pub(crate) type OpenOut =
     Box<dyn Fn() -> BoxFuture<Result<(MessageSender, Path), SendError>> + Send + Sync>;
 
-/// This side's outgoing message stream: a handle on the task that owns
-/// it. Sends queue (bounded) and are written in order; no lock is held
-/// while the stream opens (which may wait for a direct path) or writes.
+/// This side's outgoing message stream.
+///
+/// Concurrent senders write whole envelopes one after another. The lock on
+/// the open stream is held only while one envelope goes into it, which
+/// waits at most for the stream's flow-control credit. Opening a stream
+/// (which may wait for a direct path) holds no lock: one sender opens it
+/// and the others wait for the news.
 pub(crate) struct Outbox {
-    commands: mpsc::Sender<Command>,
+    stream: tokio::sync::Mutex<Option<(MessageSender, Path)>>,
+    /// Whether a sender is opening the next message stream now.
+    opening: Mutex<bool>,
+    /// Told when that sender has finished opening (or failed to).
+    opened: Notify,
+    open: OpenOut,
+    path: watch::Receiver<Path>,
 }
-
-/// What the outbox task is asked to do.
-enum Command {
-    /// Write one envelope and say how it went.
-    Send(Envelope, oneshot::Sender<Result<(), SendError>>),
-    /// Finish the message stream, if one is open, and say when delivered.
-    Finish(oneshot::Sender<()>),
-}
-
-/// Sends that may wait for the outbox task before their senders wait.
-const OUTBOX_QUEUE: usize = 16;
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -150,82 +149,75 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
+/// Clears the opening mark and wakes the waiting senders however the
+/// opening ends (a dropped send future too).
+struct Opening<'a>(&'a Outbox);
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.opening) = false;
+        self.0.opened.notify_waiters();
+    }
+}
+
 impl Outbox {
-    /// Start the task that owns the message stream; it ends when the
-    /// outbox is dropped.
-    pub(crate) fn new(open: OpenOut, path: tokio::sync::watch::Receiver<Path>) -> Self {
-        let (commands, rx) = mpsc::channel(OUTBOX_QUEUE);
-        tokio::spawn(run_outbox(rx, open, path).in_current_span());
-        Self { commands }
+    pub(crate) fn new(open: OpenOut, path: watch::Receiver<Path>) -> Self {
+        Self {
+            stream: tokio::sync::Mutex::new(None),
+            opening: Mutex::new(false),
+            opened: Notify::new(),
+            open,
+            path,
+        }
     }
 
     /// Send one envelope, opening the message stream first if there is
     /// none, or a new one when the path has changed since it was opened
     /// (the old one is finished in the background).
     pub(crate) async fn send(&self, env: Envelope) -> Result<(), SendError> {
-        let gone = || SendError::Stream("the channel is gone".into());
-        let (done, outcome) = oneshot::channel();
-        self.commands
-            .send(Command::Send(env, done))
-            .await
-            .map_err(|_| gone())?;
-        outcome.await.unwrap_or_else(|_| Err(gone()))
+        let bytes = env.to_bytes();
+        loop {
+            let mut slot = self.stream.lock().await;
+            let now = *self.path.borrow();
+            if slot.as_ref().is_some_and(|(_, on)| *on != now) {
+                if let Some((old, _)) = slot.take() {
+                    tokio::spawn(async move {
+                        let _ = old.finish().await;
+                    });
+                }
+            }
+            if let Some((mut out, on)) = slot.take() {
+                // Taken out while it is written: should this future be
+                // dropped mid-write, the stream is dropped with it (quinn
+                // finishes it, so what went before is still delivered) and
+                // the next send opens a new one.
+                let sent = out.send(&bytes).await;
+                *slot = Some((out, on));
+                return sent;
+            }
+            drop(slot);
+            let opened = self.opened.notified();
+            tokio::pin!(opened);
+            opened.as_mut().enable();
+            if std::mem::replace(&mut *lock(&self.opening), true) {
+                // Another sender is opening it: wait, then look again.
+                opened.await;
+                continue;
+            }
+            let _opening = Opening(self);
+            let stream = (self.open)().await?;
+            *self.stream.lock().await = Some(stream);
+        }
     }
 
     /// Finish the message stream, if one is open, and wait until it is
     /// delivered.
     pub(crate) async fn finish(&self) {
-        let (done, finished) = oneshot::channel();
-        if self.commands.send(Command::Finish(done)).await.is_ok() {
-            let _ = finished.await;
+        let open = self.stream.lock().await.take();
+        if let Some((out, _)) = open {
+            let _ = out.finish().await;
         }
     }
-}
-
-/// Own the message stream: carry out the outbox's commands in order.
-async fn run_outbox(
-    mut commands: mpsc::Receiver<Command>,
-    open: OpenOut,
-    path: tokio::sync::watch::Receiver<Path>,
-) {
-    let mut slot: Option<(MessageSender, Path)> = None;
-    while let Some(command) = commands.recv().await {
-        match command {
-            Command::Send(env, done) => {
-                let outcome = send_on(&mut slot, &open, &path, env).await;
-                let _ = done.send(outcome);
-            }
-            Command::Finish(done) => {
-                if let Some((out, _)) = slot.take() {
-                    let _ = out.finish().await;
-                }
-                let _ = done.send(());
-            }
-        }
-    }
-}
-
-/// Write `env` on the message stream in `slot`, (re)opening it on the
-/// current path first when needed.
-async fn send_on(
-    slot: &mut Option<(MessageSender, Path)>,
-    open: &OpenOut,
-    path: &tokio::sync::watch::Receiver<Path>,
-    env: Envelope,
-) -> Result<(), SendError> {
-    let now = *path.borrow();
-    if slot.as_ref().is_some_and(|(_, on)| *on != now) {
-        if let Some((old, _)) = slot.take() {
-            tokio::spawn(async move {
-                let _ = old.finish().await;
-            });
-        }
-    }
-    let (out, _) = match slot {
-        Some(open) => open,
-        None => slot.insert(open().await?),
-    };
-    out.send(&env.to_bytes()).await
 }
 
 /// Requests this side sent that wait for their reply.
@@ -367,5 +359,151 @@ async fn read_one(
         if deliver.send(item).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use qmesh_certs::{Ca, Trust};
+    use quinn::{Connection, Endpoint};
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    /// A QUIC connection over loopback: the sending side, and the
+    /// receiving side's connection.
+    async fn pair() -> (Connection, Connection, Endpoint, Endpoint) {
+        let ca = Ca::generate("outbox test CA").unwrap();
+        let identity = ca.issue_server(&["localhost".to_owned()]).unwrap();
+        let server_config = qmesh_certs::server_config(&identity).unwrap();
+        let server = Endpoint::server(server_config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let trust = Trust::Ca {
+            certs: vec![ca.cert_der().clone()],
+            source: "the test CA".into(),
+        };
+        let me = ca.issue_client("outbox").unwrap();
+        let (client_config, _) = qmesh_certs::client_config_with_identity(&trust, &me).unwrap();
+        let mut client = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client.set_default_client_config(client_config);
+        let addr = server.local_addr().unwrap();
+        let (dialled, accepted) = tokio::join!(
+            async { client.connect(addr, "localhost").unwrap().await.unwrap() },
+            async { server.accept().await.unwrap().await.unwrap() },
+        );
+        (dialled, accepted, client, server)
+    }
+
+    /// An outbox whose streams open on `conn` once `gate` lets them, and
+    /// a count of the openings begun.
+    fn outbox(conn: Connection, gate: Arc<Semaphore>) -> (Outbox, Arc<AtomicUsize>) {
+        let opened = Arc::new(AtomicUsize::new(0));
+        let count = opened.clone();
+        let open: OpenOut = Box::new(move || {
+            let (conn, gate, count) = (conn.clone(), gate.clone(), count.clone());
+            Box::pin(async move {
+                count.fetch_add(1, Ordering::SeqCst);
+                let _pass = gate.acquire().await.unwrap();
+                let send = conn.open_uni().await.unwrap();
+                Ok((MessageSender::new(send, 1 << 16), Path::Relay))
+            })
+        });
+        let (_, path) = watch::channel(Path::Relay);
+        (Outbox::new(open, path), opened)
+    }
+
+    fn one_way(n: u32) -> Envelope {
+        Envelope::OneWay(Bytes::from(n.to_be_bytes().to_vec()))
+    }
+
+    async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), fut)
+            .await
+            .unwrap_or_else(|_| panic!("{what} did not happen within 10 s"))
+    }
+
+    #[tokio::test]
+    async fn senders_that_arrive_while_the_stream_opens_share_one_stream() {
+        let (conn, peer, _c, _s) = pair().await;
+        let gate = Arc::new(Semaphore::new(0));
+        let (outbox, opened) = outbox(conn, gate.clone());
+        let outbox = Arc::new(outbox);
+        let mut sends = Vec::new();
+        for n in 0..20 {
+            let outbox = outbox.clone();
+            sends.push(tokio::spawn(async move { outbox.send(one_way(n)).await }));
+        }
+        // On this single-threaded runtime each yield lets every sender run
+        // until it waits: all of them reach the outbox before the path opens.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(opened.load(Ordering::SeqCst), 1, "one sender opens");
+        gate.add_permits(100);
+        for send in sends {
+            within("a send", send).await.unwrap().unwrap();
+        }
+        assert_eq!(
+            opened.load(Ordering::SeqCst),
+            1,
+            "one stream for all senders"
+        );
+        outbox.finish().await;
+        let recv = within("the stream", peer.accept_uni()).await.unwrap();
+        let mut rx = MessageReceiver::new(recv, 1 << 16);
+        let mut got = Vec::new();
+        while let Some(msg) = within("a message", rx.recv()).await.unwrap() {
+            let Envelope::OneWay(body) = Envelope::parse(msg).unwrap() else {
+                panic!("not a one-way message");
+            };
+            got.push(u32::from_be_bytes(body[..].try_into().unwrap()));
+        }
+        got.sort_unstable();
+        assert_eq!(got, (0..20).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn finishing_does_not_wait_for_a_stream_that_is_opening() {
+        let (conn, _peer, _c, _s) = pair().await;
+        let gate = Arc::new(Semaphore::new(0));
+        let (outbox, opened) = outbox(conn, gate);
+        let outbox = Arc::new(outbox);
+        let sender = outbox.clone();
+        let send = tokio::spawn(async move { sender.send(one_way(1)).await });
+        while opened.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The opening waits on the gate for good; finish still returns.
+        within("finish", outbox.finish()).await;
+        send.abort();
+    }
+
+    #[tokio::test]
+    async fn a_sender_dropped_while_opening_leaves_the_opening_to_the_next() {
+        let (conn, peer, _c, _s) = pair().await;
+        let gate = Arc::new(Semaphore::new(0));
+        let (outbox, opened) = outbox(conn, gate.clone());
+        let outbox = Arc::new(outbox);
+        let sender = outbox.clone();
+        let first = tokio::spawn(async move { sender.send(one_way(1)).await });
+        while opened.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let sender = outbox.clone();
+        let second = tokio::spawn(async move { sender.send(one_way(2)).await });
+        first.abort();
+        let _ = first.await;
+        gate.add_permits(100);
+        within("the second send", second).await.unwrap().unwrap();
+        assert_eq!(opened.load(Ordering::SeqCst), 2);
+        outbox.finish().await;
+        let recv = within("the stream", peer.accept_uni()).await.unwrap();
+        let mut rx = MessageReceiver::new(recv, 1 << 16);
+        let msg = within("the message", rx.recv()).await.unwrap().unwrap();
+        assert!(
+            matches!(Envelope::parse(msg).unwrap(), Envelope::OneWay(b) if b[..] == 2u32.to_be_bytes())
+        );
     }
 }
