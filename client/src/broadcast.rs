@@ -24,7 +24,6 @@ pub use qmesh_proto::msg::GroupPolicy;
 use crate::client::Client;
 use crate::error::{OpenError, RecvError, SendError};
 use crate::stream::{MessageReceiver, MessageSender};
-use crate::wire::ToVarInt;
 
 /// Most bytes a [`GroupEvent::Message`] adds in front of the body.
 const MESSAGE_HEAD: usize = 2 + u8::MAX as usize;

@@ -36,7 +36,7 @@ use crate::routes::{Route, Routes};
 use crate::state::{ChannelState, Effects, Life, Report};
 use crate::stream::{MessageReceiver, MessageSender};
 use crate::sync::lock;
-use crate::wire::{read_within, Read, ToVarInt};
+use qmesh_proto::codec::{read_within, Read};
 
 #[derive(Debug)]
 struct Shared {
@@ -1010,7 +1010,7 @@ impl IncomingChannel {
             pending.abandon();
             return Err(AcceptError::Session(e.to_string()));
         }
-        match read_within(self.open_timeout, &mut recv).await {
+        match read_within(tokio::time::Instant::now() + self.open_timeout, &mut recv).await {
             Read::Frame(Ready {
                 channel,
                 peer,

@@ -24,7 +24,7 @@ use crate::error::{ConnectError, OpenError};
 use crate::events::{self, ChannelRef, Event};
 use crate::quota::Gate;
 use crate::routes::Routes;
-use crate::wire::{read_within, Read, ToVarInt};
+use qmesh_proto::codec::{read_within, Read};
 
 /// A connected qmesh client. Cheap to clone; the session ends when the last
 /// clone is dropped or [`Client::close`] is called.
@@ -278,7 +278,7 @@ impl Client {
         recv: &mut RecvStream,
     ) -> Result<T, OpenError> {
         let limit = self.inner.config.open_timeout;
-        match read_within(limit, recv).await {
+        match read_within(tokio::time::Instant::now() + limit, recv).await {
             Read::Frame(answer) => Ok(answer),
             Read::Failed(ReadFrameError::Decode(e)) => Err(OpenError::Protocol(e.to_string())),
             Read::Finished | Read::Failed(_) => Err(OpenError::Session(self.session_error())),
@@ -362,7 +362,12 @@ impl Client {
                 return Err(OpenError::Session(self.session_error()));
             }
             let secs = self.inner.config.open_timeout.as_secs();
-            match read_within(self.inner.config.open_timeout, &mut recv).await {
+            match read_within(
+                tokio::time::Instant::now() + self.inner.config.open_timeout,
+                &mut recv,
+            )
+            .await
+            {
                 Read::Frame(OpenAnswer::Ready(Ready {
                     channel: number,
                     peer: intro,

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn, Instrument, Span};
 
 use crate::routes::Route;
 use crate::sync::lock;
-use crate::wire::{read_within, Read, ToVarInt};
+use qmesh_proto::codec::{read_within, Read};
 
 /// What a punch datagram carries. It does not parse as a QUIC packet (the
 /// fixed bit is clear), so a QUIC endpoint that receives one drops it.
@@ -477,7 +477,8 @@ impl Direct {
         from: Fingerprint,
         guard: qmesh_certs::transport::StreamGuard,
     ) {
-        let header = read_within(self.header_timeout, &mut recv).await;
+        let header =
+            read_within(tokio::time::Instant::now() + self.header_timeout, &mut recv).await;
         let (channel, messages) = match header {
             Read::Frame(StreamHeader::Direct { channel }) => (channel, false),
             Read::Frame(StreamHeader::DirectMessages { channel }) => (channel, true),

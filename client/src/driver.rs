@@ -18,7 +18,7 @@ use crate::channel::IncomingChannel;
 use crate::config::ClientConfig;
 use crate::routes::Routes;
 use crate::sync::lock;
-use crate::wire::{read_within, Read, ToVarInt};
+use qmesh_proto::codec::{read_within, Read};
 
 /// Accept what the coordinator opens towards this client: channel offers
 /// (bidirectional) and data streams (unidirectional).
@@ -74,7 +74,11 @@ async fn offer(
     config: ClientConfig,
     guard: StreamGuard,
 ) {
-    let first = read_within::<Incoming, _>(config.connect_timeout, &mut recv).await;
+    let first = read_within::<Incoming, _>(
+        tokio::time::Instant::now() + config.connect_timeout,
+        &mut recv,
+    )
+    .await;
     let (from, channel, mode) = match first {
         Read::Frame(Incoming {
             from,
@@ -125,14 +129,15 @@ async fn route(
     header_timeout: std::time::Duration,
     guard: StreamGuard,
 ) {
-    let (channel, messages) = match read_within(header_timeout, &mut recv).await {
-        Read::Frame(StreamHeader::Data { channel }) => (channel, false),
-        Read::Frame(StreamHeader::Messages { channel }) => (channel, true),
-        _ => {
-            let _ = recv.stop(StreamCode::Malformed.varint());
-            return;
-        }
-    };
+    let (channel, messages) =
+        match read_within(tokio::time::Instant::now() + header_timeout, &mut recv).await {
+            Read::Frame(StreamHeader::Data { channel }) => (channel, false),
+            Read::Frame(StreamHeader::Messages { channel }) => (channel, true),
+            _ => {
+                let _ = recv.stop(StreamCode::Malformed.varint());
+                return;
+            }
+        };
     let tx = lock(&routes).get(&channel).cloned();
     let Some(tx) = tx else {
         debug!(%channel, "data stream for a channel that is gone");

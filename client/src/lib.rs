@@ -93,7 +93,6 @@ mod routes;
 mod state;
 pub mod stream;
 mod sync;
-mod wire;
 
 pub use broadcast::{Group, GroupEvent, GroupPolicy};
 pub use channel::{Channel, ChannelEnd, IncomingChannel, Path, Side};

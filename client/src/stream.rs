@@ -16,7 +16,6 @@ use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio::io::AsyncReadExt;
 
 use crate::error::{RecvError, SendError};
-use crate::wire::ToVarInt;
 
 /// Gathered bytes at which `feed` writes them out.
 const COALESCE: usize = 64 * 1024;

@@ -17,7 +17,7 @@ use qmesh_proto::msg::{ClientSession, Enroll, Greeting};
 use qmesh_proto::{ClientName, PROTOCOL_VERSION};
 
 use crate::registry::{Holder, Rejection};
-use crate::wire::{read_error_code, Read};
+use qmesh_proto::codec::Read;
 
 /// A hello or enrollment refused: the `Reject` the client is sent, and
 /// the close that follows it.
@@ -199,11 +199,11 @@ pub(crate) fn first(
             ConnCode::Malformed,
             "session stream ended before hello",
         )),
-        Read::Failed(e) => match read_error_code(&e) {
+        Read::Failed(e) => match e.conn_code() {
             Some(code) => Hello::Violation(Violation::new(code, format!("bad hello: {e}"))),
             None => Hello::Gone,
         },
-        Read::TimedOut => Hello::Violation(Violation::no_hello()),
+        Read::Late => Hello::Violation(Violation::no_hello()),
     }
 }
 
@@ -224,11 +224,11 @@ pub(crate) fn interfaces(read: Read<ClientSession>) -> Result<Vec<Interface>, Op
             ConnCode::Malformed,
             "session stream ended after hello".into(),
         ),
-        Read::Failed(e) => match read_error_code(&e) {
+        Read::Failed(e) => match e.conn_code() {
             Some(code) => violation(code, format!("bad interface list: {e}")),
             None => Err(None),
         },
-        Read::TimedOut => violation(
+        Read::Late => violation(
             ConnCode::HelloTimeout,
             "no interface list within the hello timeout".into(),
         ),
@@ -423,7 +423,7 @@ mod tests {
         let (code, what) = violation(first(Read::Failed(big), allow));
         assert_eq!(code, ConnCode::FrameTooLarge);
         assert!(what.starts_with("bad hello: "), "{what}");
-        let (code, _) = violation(first(Read::TimedOut, allow));
+        let (code, _) = violation(first(Read::Late, allow));
         assert_eq!(code, ConnCode::HelloTimeout);
     }
 
@@ -455,7 +455,7 @@ mod tests {
         assert_eq!(v.what, "expected interfaces after hello, got pong");
         let v = interfaces(Read::Finished).unwrap_err().unwrap();
         assert_eq!(v.code, ConnCode::Malformed);
-        let v = interfaces(Read::TimedOut).unwrap_err().unwrap();
+        let v = interfaces(Read::Late).unwrap_err().unwrap();
         assert_eq!(v.code, ConnCode::HelloTimeout);
         let io = ReadFrameError::Io(std::io::Error::other("reset"));
         assert_eq!(interfaces(Read::Failed(io)), Err(None));

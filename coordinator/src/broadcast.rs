@@ -40,7 +40,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::groups::{End, Group, Item, Member};
 use crate::session::{Session, Shared};
-use crate::wire::{code, fail};
+use crate::wire::fail;
 
 /// Most bytes a `GroupEvent::Message` puts in front of the body: kind,
 /// name length, and a name of at most 255 bytes.
@@ -134,7 +134,7 @@ async fn read_member(
 ) {
     let max = group.config.max_message;
     let stop = |recv: &mut RecvStream, c: StreamCode| {
-        let _ = recv.stop(code(c));
+        let _ = recv.stop(c.varint());
     };
     loop {
         let body = tokio::select! {
@@ -338,7 +338,7 @@ async fn write_member(
             Ok(Err(_)) => return,
             Err(_) => {
                 debug!("evicted member read nothing in time; resetting its stream");
-                let _ = send.reset(code(StreamCode::Evicted));
+                let _ = send.reset(StreamCode::Evicted.varint());
                 return;
             }
         }
@@ -362,7 +362,7 @@ async fn write(member: &Member, send: &mut SendStream, event: Bytes, drain: Dura
                 Some(End::Evicted(_)) => StreamCode::Evicted,
                 _ => StreamCode::Cancelled,
             };
-            let _ = send.reset(self::code(code));
+            let _ = send.reset(code.varint());
             false
         }
     }

@@ -27,7 +27,8 @@ use crate::open::{
     Request, CALLEE, OPENER,
 };
 use crate::session::{ChannelSide, Session, Shared, StreamCount};
-use crate::wire::{code, fail, read_error_code, read_within};
+use crate::wire::fail;
+use qmesh_proto::codec::read_within;
 
 /// Open the channel `session` asked for on its stream `(a_send, a_recv)`:
 /// the rate limit first (every open counts as a message, denied or not),
@@ -139,8 +140,8 @@ async fn open(
         answer = read_within(deadline, &mut b_recv) => answer,
         _ = read_frame::<Close, _>(&mut a_recv) => {
             debug!("opener gave up before the callee answered");
-            let _ = b_send.reset(code(StreamCode::Cancelled));
-            let _ = b_recv.stop(code(StreamCode::Cancelled));
+            let _ = b_send.reset(StreamCode::Cancelled.varint());
+            let _ = b_recv.stop(StreamCode::Cancelled.varint());
             return;
         }
     };
@@ -155,7 +156,7 @@ async fn open(
                 let _ = b_send.finish();
             }
             CalleeStream::Reset => {
-                let _ = b_send.reset(code(StreamCode::Cancelled));
+                let _ = b_send.reset(StreamCode::Cancelled.varint());
             }
             CalleeStream::Leave => {}
         }
@@ -318,7 +319,7 @@ async fn forward(
                 ));
             }
             Err(e) => {
-                if let Some(code) = read_error_code(&e) {
+                if let Some(code) = e.conn_code() {
                     from.violation(code, &format!("bad channel frame: {e}"));
                 }
                 break Some(lost_reason(from, Some(&e.to_string())));

@@ -48,7 +48,7 @@ use crate::admission::{
 use crate::limit::Limiter;
 use crate::registry::{Admitted, SessionId};
 use crate::session::{Session, Shared};
-use crate::wire::{code, read_within};
+use qmesh_proto::codec::read_within;
 
 /// How long a refusal, an issued certificate or a welcome may take to be
 /// written before the connection is closed anyway.
@@ -313,7 +313,7 @@ impl Gate for CoordinatorGate<'_> {
 /// Close `conn` because its peer broke the protocol, and say so at `warn`.
 fn violation(conn: &Connection, v: &Violation) {
     warn!(peer = %conn.remote_address(), code = %v.code, cause = %v.what, "closing connection");
-    conn.close(code(v.code), v.what.as_bytes());
+    conn.close(v.code.varint(), v.what.as_bytes());
 }
 
 /// Wait for the hello and answer it; returns the admitted session and its
@@ -388,7 +388,10 @@ pub(crate) async fn hello(
             // Let the rejection arrive before the close; the close carries
             // the same sentence in case it does not.
             let _ = timeout_at(linger, send.stopped()).await;
-            conn.close(code(refusal.code.conn_code()), refusal.message.as_bytes());
+            conn.close(
+                refusal.code.conn_code().varint(),
+                refusal.message.as_bytes(),
+            );
             None
         }
         Outcome::Enrolled {
@@ -403,7 +406,7 @@ pub(crate) async fn hello(
                 .fetch_add(1, Ordering::Relaxed);
             info!(peer = %conn.remote_address(), name = %name, expires, renewal, "certificate issued");
             let _ = timeout_at(linger, send.stopped()).await;
-            conn.close(code(ConnCode::Normal), b"certificate issued");
+            conn.close(ConnCode::Normal.varint(), b"certificate issued");
             None
         }
         Outcome::Violation(v) => {

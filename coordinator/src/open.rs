@@ -19,7 +19,7 @@ use qmesh_proto::name::{validate_channel_name, validate_client_name};
 use qmesh_proto::ChannelId;
 
 use crate::policy::{Decision, Policy};
-use crate::wire::{read_error_code, Read};
+use qmesh_proto::codec::Read;
 
 /// One side of an open, as the decision sees it.
 #[derive(Debug, Clone, Copy)]
@@ -302,9 +302,9 @@ pub(crate) fn judge_answer(
         ),
         Read::Finished | Read::Failed(_) => {
             let violation = match &answer {
-                Read::Failed(e) => {
-                    read_error_code(e).map(|code| (code, format!("bad channel answer: {e}")))
-                }
+                Read::Failed(e) => e
+                    .conn_code()
+                    .map(|code| (code, format!("bad channel answer: {e}"))),
                 _ => None,
             };
             failed(
@@ -314,7 +314,7 @@ pub(crate) fn judge_answer(
                 violation,
             )
         }
-        Read::TimedOut => failed(
+        Read::Late => failed(
             OpenFailCode::Timeout,
             format!(
                 "peer \"{peer}\" did not answer within {} s",
@@ -722,7 +722,7 @@ mod tests {
 
     #[test]
     fn no_answer_in_time_resets_the_offer() {
-        let (code, msg, stream, _) = failed(judge_answer(Read::TimedOut, "bob", "c", T));
+        let (code, msg, stream, _) = failed(judge_answer(Read::Late, "bob", "c", T));
         assert_eq!(code, OpenFailCode::Timeout);
         assert_eq!(msg, "peer \"bob\" did not answer within 10 s");
         assert_eq!(stream, CalleeStream::Reset);

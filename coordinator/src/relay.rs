@@ -24,7 +24,7 @@ use tracing::{debug, trace, warn};
 
 use crate::limit::{MessageCounter, TooLong};
 use crate::session::{Session, Shared, StreamCount};
-use crate::wire::{code, read_within, Read};
+use qmesh_proto::codec::{read_within, Read};
 
 /// Marks a relayed stream finished in its channel's count when dropped.
 struct Active<'a>(&'a watch::Sender<StreamCount>);
@@ -44,7 +44,7 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
         Read::Frame(StreamHeader::Messages { channel }) => (channel, true),
         Read::Frame(StreamHeader::Direct { .. } | StreamHeader::DirectMessages { .. }) => {
             warn!(client = %session.name, "stopping data stream: a direct-connection header sent to the coordinator");
-            let _ = recv.stop(code(StreamCode::Malformed));
+            let _ = recv.stop(StreamCode::Malformed.varint());
             return;
         }
         Read::Finished | Read::Failed(ReadFrameError::Io(_)) => return,
@@ -54,19 +54,19 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
                 _ => StreamCode::Malformed,
             };
             warn!(client = %session.name, cause = %e, "stopping data stream with a bad header");
-            let _ = recv.stop(code(c));
+            let _ = recv.stop(c.varint());
             return;
         }
-        Read::TimedOut => {
+        Read::Late => {
             warn!(client = %session.name, "stopping data stream: no header in time");
-            let _ = recv.stop(code(StreamCode::Malformed));
+            let _ = recv.stop(StreamCode::Malformed.varint());
             return;
         }
     };
     let side = session.channels().get(&channel).cloned();
     let Some(side) = side else {
         debug!(client = %session.name, %channel, "data stream for an unknown channel");
-        let _ = recv.stop(code(StreamCode::UnknownChannel));
+        let _ = recv.stop(StreamCode::UnknownChannel.varint());
         return;
     };
     let max_streams = shared.config.max_streams_per_channel as u64;
@@ -82,14 +82,14 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
     });
     if over {
         debug!(channel = %side.label, max_streams, "stopping data stream: too many at once on the channel");
-        let _ = recv.stop(code(StreamCode::TooManyStreams));
+        let _ = recv.stop(StreamCode::TooManyStreams.varint());
         return;
     }
     let _active = Active(&side.streams);
     let mut send = match side.peer_conn.open_uni().await {
         Ok(s) => s,
         Err(_) => {
-            let _ = recv.stop(code(StreamCode::PeerLost));
+            let _ = recv.stop(StreamCode::PeerLost.varint());
             return;
         }
     };
@@ -103,7 +103,7 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
         }
     };
     if write_frame(&mut send, &header).await.is_err() {
-        let _ = recv.stop(code(StreamCode::PeerLost));
+        let _ = recv.stop(StreamCode::PeerLost.varint());
         return;
     }
     shared.stats.streams_relayed.fetch_add(1, Ordering::Relaxed);
@@ -131,7 +131,7 @@ async fn copy(shared: &Shared, session: &Session, recv: &mut RecvStream, send: &
             stop = &mut stopped => {
                 let c = match stop {
                     Ok(Some(c)) => c,
-                    _ => code(StreamCode::PeerLost),
+                    _ => StreamCode::PeerLost.varint(),
                 };
                 let _ = recv.stop(c);
                 return;
@@ -146,8 +146,8 @@ async fn copy(shared: &Shared, session: &Session, recv: &mut RecvStream, send: &
                         Ok(m) => messages += m,
                         Err(TooLong { len, max }) => {
                             debug!(client = %session.name, len, max, "resetting data stream: message over the size limit");
-                            let _ = recv.stop(code(StreamCode::MessageTooLarge));
-                            let _ = send.reset(code(StreamCode::MessageTooLarge));
+                            let _ = recv.stop(StreamCode::MessageTooLarge.varint());
+                            let _ = send.reset(StreamCode::MessageTooLarge.varint());
                             return;
                         }
                     }
@@ -157,7 +157,7 @@ async fn copy(shared: &Shared, session: &Session, recv: &mut RecvStream, send: &
                         qmesh_proto::codes::ConnCode::RateExceeded,
                         &flood.to_string(),
                     );
-                    let _ = send.reset(code(StreamCode::PeerLost));
+                    let _ = send.reset(StreamCode::PeerLost.varint());
                     return;
                 }
                 // One contiguous buffer per batch: quinn's send buffer walks
@@ -180,7 +180,7 @@ async fn copy(shared: &Shared, session: &Session, recv: &mut RecvStream, send: &
                         return;
                     }
                     Err(_) => {
-                        let _ = recv.stop(code(StreamCode::PeerLost));
+                        let _ = recv.stop(StreamCode::PeerLost.varint());
                         return;
                     }
                 }
@@ -194,7 +194,7 @@ async fn copy(shared: &Shared, session: &Session, recv: &mut RecvStream, send: &
                 return;
             }
             Err(_) => {
-                let _ = send.reset(code(StreamCode::PeerLost));
+                let _ = send.reset(StreamCode::PeerLost.varint());
                 return;
             }
         }

@@ -25,7 +25,6 @@ use crate::groups::Groups;
 use crate::limit::Limiter;
 use crate::policy::Policy;
 use crate::registry::{Registry, SessionId};
-use crate::wire::code;
 
 /// Counters a running coordinator keeps.
 #[derive(Debug, Default)]
@@ -112,7 +111,7 @@ impl Session {
     /// channels. The first close is the one that counts.
     pub(crate) fn close(&self, c: ConnCode, why: &str) {
         let _ = self.closed_why.set(why.to_owned());
-        self.conn.close(code(c), why.as_bytes());
+        self.conn.close(c.varint(), why.as_bytes());
     }
 
     /// Close the session because the client broke the protocol, and say

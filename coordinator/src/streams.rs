@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::session::{Session, Shared};
-use crate::wire::{code, read_error_code, read_within, Read};
+use qmesh_proto::codec::{read_within, Read};
 
 /// Handle a new bidirectional stream the client `session` opened: a
 /// channel open, or one of the requests that use a stream of their own
@@ -27,9 +27,9 @@ pub(crate) async fn bidi(
 ) {
     let deadline = Instant::now() + shared.config.hello_timeout;
     match read_within::<StreamRequest, _>(deadline, &mut recv).await {
-        Read::TimedOut => {
+        Read::Late => {
             debug!("channel stream opened but no open sent in time");
-            let _ = recv.stop(code(StreamCode::Cancelled));
+            let _ = recv.stop(StreamCode::Cancelled.varint());
         }
         Read::Frame(StreamRequest::Open(open)) => {
             crate::channel::handle_open(shared, session, (send, recv), open).await
@@ -48,7 +48,7 @@ pub(crate) async fn bidi(
         }
         Read::Finished => {}
         Read::Failed(e) => {
-            if let Some(code) = read_error_code(&e) {
+            if let Some(code) = e.conn_code() {
                 session.violation(code, &format!("bad channel open: {e}"));
             }
         }

@@ -77,6 +77,19 @@ pub enum ReadFrameError {
     Decode(#[from] DecodeError),
 }
 
+impl ReadFrameError {
+    /// The close code for a frame that could not be read: `None` when the
+    /// stream itself failed (nobody broke the protocol).
+    pub fn conn_code(&self) -> Option<crate::codes::ConnCode> {
+        use crate::codes::ConnCode;
+        match self {
+            Self::Decode(DecodeError::TooLarge { .. }) => Some(ConnCode::FrameTooLarge),
+            Self::Decode(_) | Self::Truncated => Some(ConnCode::Malformed),
+            Self::Io(_) => None,
+        }
+    }
+}
+
 /// Writing a frame to a stream failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteFrameError {
@@ -243,6 +256,33 @@ where
     Ok(Some(decode(&body)?))
 }
 
+/// What reading one frame within a deadline gave.
+#[derive(Debug)]
+pub enum Read<T> {
+    /// A whole frame.
+    Frame(T),
+    /// The stream ended cleanly before a frame began.
+    Finished,
+    /// The stream failed or carried a bad frame.
+    Failed(ReadFrameError),
+    /// The deadline passed first.
+    Late,
+}
+
+/// Read one frame from `r` ([`read_frame`]), giving up at `deadline`.
+pub async fn read_within<T, R>(deadline: tokio::time::Instant, r: &mut R) -> Read<T>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    match tokio::time::timeout_at(deadline, read_frame::<T, R>(r)).await {
+        Ok(Ok(Some(frame))) => Read::Frame(frame),
+        Ok(Ok(None)) => Read::Finished,
+        Ok(Err(e)) => Read::Failed(e),
+        Err(_) => Read::Late,
+    }
+}
+
 /// Write `msg` as one frame to `w` (one write call).
 pub async fn write_frame<T, W>(w: &mut W, msg: &T) -> Result<(), WriteFrameError>
 where
@@ -294,6 +334,52 @@ mod tests {
             name: "alice".into(),
             direct,
         })
+    }
+
+    #[test]
+    fn a_frame_too_large_and_a_malformed_one_close_with_different_codes() {
+        use crate::codes::ConnCode;
+        let big = ReadFrameError::Decode(DecodeError::TooLarge { len: 9, limit: 1 });
+        assert_eq!(big.conn_code(), Some(ConnCode::FrameTooLarge));
+        assert_eq!(
+            ReadFrameError::Truncated.conn_code(),
+            Some(ConnCode::Malformed)
+        );
+        let bad = ReadFrameError::Decode(DecodeError::Malformed("x".into()));
+        assert_eq!(bad.conn_code(), Some(ConnCode::Malformed));
+        let io = ReadFrameError::Io(std::io::Error::other("reset"));
+        assert_eq!(io.conn_code(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reading_within_a_deadline_tells_frame_end_failure_and_lateness_apart() {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        let frame = encode_frame(&7u32).unwrap();
+        let mut bytes: &[u8] = &frame;
+        assert!(matches!(
+            read_within::<u32, _>(deadline, &mut bytes).await,
+            Read::Frame(7)
+        ));
+        assert!(matches!(
+            read_within::<u32, _>(deadline, &mut bytes).await,
+            Read::Finished
+        ));
+        let mut cut: &[u8] = &frame[..frame.len() - 1];
+        assert!(matches!(
+            read_within::<u32, _>(deadline, &mut cut).await,
+            Read::Failed(ReadFrameError::Truncated)
+        ));
+        let mut junk: &[u8] = &[0xff; 8];
+        assert!(matches!(
+            read_within::<u32, _>(deadline, &mut junk).await,
+            Read::Failed(ReadFrameError::Decode(_))
+        ));
+        // Nothing is ever written: the deadline passes on the paused clock.
+        let (_keep, mut silent) = tokio::io::duplex(64);
+        assert!(matches!(
+            read_within::<u32, _>(deadline, &mut silent).await,
+            Read::Late
+        ));
     }
 
     #[test]

@@ -34,6 +34,15 @@ macro_rules! numbered {
             }
         }
 
+        #[cfg(feature = "quic")]
+        impl $name {
+            /// The code as the QUIC varint that carries it in a close,
+            /// reset or stop.
+            pub fn varint(self) -> quinn_proto::VarInt {
+                quinn_proto::VarInt::from_u32(self.code())
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 write!(f, "{} ({})", self.describe(), self.code())
@@ -239,5 +248,22 @@ mod tests {
             Some(RejectCode::NameTaken)
         );
         assert_eq!(RejectCode::from_conn_code(ConnCode::Malformed), None);
+    }
+}
+
+#[cfg(all(test, feature = "quic"))]
+mod quic_tests {
+    use super::*;
+
+    #[test]
+    fn codes_keep_their_numbers_as_varints() {
+        assert_eq!(ConnCode::Normal.varint().into_inner(), 0);
+        for code in [StreamCode::Cancelled, StreamCode::TooManyStreams] {
+            assert_eq!(code.varint().into_inner(), u64::from(code.code()));
+        }
+        assert_eq!(
+            ConnCode::Shutdown.varint().into_inner(),
+            u64::from(ConnCode::Shutdown.code())
+        );
     }
 }
