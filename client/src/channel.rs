@@ -10,7 +10,10 @@ use std::sync::{Arc, Mutex};
 use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::StreamCode;
 use qmesh_proto::limits::clip_reason;
-use qmesh_proto::msg::{Close, Ending, IncomingAnswer, PathMode, PeerIntro, Ready, StreamHeader};
+use qmesh_proto::msg::{
+    Close, DirectPipe, Ending, IncomingAnswer, PathMode, PeerIntro, Ready, StreamHeader,
+    StreamRequest,
+};
 use qmesh_proto::{ChannelId, Interface, StreamId};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, watch};
@@ -31,6 +34,7 @@ use crate::end::describe_end;
 use crate::error::{AcceptError, CloseError, RequestError, SendError, StreamError};
 use crate::events::{self, ChannelRef, Event, Events};
 use crate::messages::{read_streams, Inbox, Incoming, OpenOut, Outbox, Waiting};
+use crate::pipe::Pipe;
 use crate::quota::ChannelSlot;
 use crate::routes::{Route, Routes};
 use crate::state::{ChannelState, Effects, Life, Report};
@@ -287,6 +291,48 @@ impl Shared {
         }
     }
 
+    /// Open a pipe on the channel's current path: a bidirectional stream
+    /// to the coordinator (which relays it) or on the direct connection.
+    /// In auto mode a pipe whose direct connection fails goes relayed.
+    pub(crate) async fn open_pipe(&self) -> Result<Pipe, StreamError> {
+        self.life
+            .now()
+            .may_open()
+            .map_err(|_| StreamError::ChannelEnded)?;
+        let (conn, _, relayed) = self.stream_route(false).await?;
+        async fn open<T: serde::Serialize>(
+            conn: &Connection,
+            first: &T,
+        ) -> Result<(SendStream, RecvStream), String> {
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            write_frame(&mut send, first)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((send, recv))
+        }
+        let relay = StreamRequest::Pipe { channel: self.id };
+        let opened = if relayed {
+            open(&conn, &relay).await.map(|s| (s, Path::Relay))
+        } else {
+            let direct = DirectPipe {
+                channel: self.number,
+            };
+            let path = Path::Direct {
+                remote: conn.remote_address(),
+            };
+            match open(&conn, &direct).await {
+                Ok(s) => Ok((s, path)),
+                Err(e) if self.mode == PathMode::Direct => Err(e),
+                Err(_) => {
+                    debug!(parent: &self.span, "direct pipe failed; using the relay");
+                    open(&self.conn, &relay).await.map(|s| (s, Path::Relay))
+                }
+            }
+        };
+        let ((send, recv), path) = opened.map_err(StreamError::Session)?;
+        Ok(Pipe::new(send, recv, path, None))
+    }
+
     /// Carry out a transition that may close: finish the message stream
     /// (so everything sent on it is delivered before the close), then send
     /// the close, if the transition decided one, and finish the control
@@ -316,6 +362,7 @@ pub struct Channel {
     shared: Arc<Shared>,
     streams: tokio::sync::Mutex<(mpsc::Receiver<(RecvStream, StreamGuard)>, u64)>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
+    pipes: tokio::sync::Mutex<mpsc::Receiver<Pipe>>,
     routes: Routes,
 }
 
@@ -352,6 +399,7 @@ pub(crate) struct Pending {
     tx: Route,
     rx: mpsc::Receiver<(RecvStream, StreamGuard)>,
     msg_rx: mpsc::Receiver<(RecvStream, StreamGuard)>,
+    pipe_rx: mpsc::Receiver<Pipe>,
 }
 
 impl Pending {
@@ -361,9 +409,11 @@ impl Pending {
         let id = StreamId(u64::from(send.id()));
         let (data, rx) = mpsc::channel(parts.max_streams.max(1));
         let (messages, msg_rx) = mpsc::channel(4);
+        let (pipes, pipe_rx) = mpsc::channel(parts.max_streams.max(1));
         let tx = Route {
             data,
             messages,
+            pipes,
             life: Arc::default(),
         };
         lock(&parts.routes).insert(id, tx.clone());
@@ -373,6 +423,7 @@ impl Pending {
             tx,
             rx,
             msg_rx,
+            pipe_rx,
         }
     }
 
@@ -397,6 +448,7 @@ impl Pending {
             tx,
             rx,
             msg_rx,
+            pipe_rx,
         } = self;
         let span = tracing::info_span!("channel", id = %parts.label);
         let life = tx.life.clone();
@@ -487,6 +539,7 @@ impl Pending {
             shared,
             streams: tokio::sync::Mutex::new((rx, 0)),
             incoming: tokio::sync::Mutex::new(incoming),
+            pipes: tokio::sync::Mutex::new(pipe_rx),
             routes: parts.routes,
         }
     }
@@ -623,6 +676,23 @@ impl Channel {
             .check_direction()
             .map_err(StreamError::WrongDirection)?;
         self.shared.open_stream(false).await.map(|(s, _)| s)
+    }
+
+    /// Open a pipe to the peer (a bidirectional byte stream; see
+    /// [`crate::pipe`]) on the channel's current path. It keeps that path
+    /// to its end.
+    pub async fn open_pipe(&self) -> Result<Pipe, StreamError> {
+        self.shared.open_pipe().await
+    }
+
+    /// The next pipe the peer opened, or `None` once the channel has ended.
+    pub async fn accept_pipe(&self) -> Option<Pipe> {
+        let mut state = self.shared.life.watch();
+        let mut pipes = self.pipes.lock().await;
+        tokio::select! {
+            pipe = pipes.recv() => pipe,
+            _ = state.wait_for(|s| s.end().is_some()) => pipes.try_recv().ok(),
+        }
     }
 
     /// The next data stream the peer opened, or `None` once the channel has

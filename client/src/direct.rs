@@ -18,7 +18,7 @@ use std::time::Duration;
 use qmesh_certs::transport::{StreamAllowance, StreamKind, Tuning};
 use qmesh_certs::{Fingerprint, Identity};
 use qmesh_proto::codes::{ConnCode, StreamCode};
-use qmesh_proto::msg::{PeerIntro, StreamHeader};
+use qmesh_proto::msg::{DirectPipe, PeerIntro, StreamHeader};
 use qmesh_proto::ChannelId;
 use quinn::udp::Transmit;
 use quinn::{AsyncUdpSocket, Connection, Endpoint, RecvStream};
@@ -27,6 +27,8 @@ use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn, Instrument, Span};
 
+use crate::end::Path;
+use crate::pipe::Pipe;
 use crate::routes::Route;
 use crate::sync::lock;
 use qmesh_proto::codec::{read_within, Read};
@@ -428,6 +430,12 @@ impl Direct {
             self.tuning.max_uni_streams,
             self.tuning.stream_ceiling,
         );
+        let bi_allowance = StreamAllowance::new(
+            conn.clone(),
+            StreamKind::Bi,
+            self.tuning.max_bidi_streams,
+            self.tuning.stream_ceiling,
+        );
         let reason = loop {
             tokio::select! {
                 uni = conn.accept_uni() => match uni {
@@ -440,10 +448,12 @@ impl Direct {
                     Err(e) => break qmesh_certs::transport::describe_close(&e),
                 },
                 bi = conn.accept_bi() => match bi {
-                    Ok((mut send, mut recv)) => {
-                        // Direct connections carry data streams only.
-                        let _ = send.reset(StreamCode::Malformed.varint());
-                        let _ = recv.stop(StreamCode::Malformed.varint());
+                    Ok((send, recv)) => {
+                        let guard = bi_allowance.opened();
+                        let me = self.clone();
+                        let fp = peer.fingerprint;
+                        let path = Path::Direct { remote: conn.remote_address() };
+                        tokio::spawn(async move { me.route_pipe(Pipe::new(send, recv, path, Some(guard)), fp).await }.in_current_span());
                     }
                     Err(e) => break qmesh_certs::transport::describe_close(&e),
                 },
@@ -487,8 +497,41 @@ impl Direct {
                 return;
             }
         };
-        // The peer may have learnt of the channel before this side did:
-        // wait (bounded) for its route.
+        let Some(tx) = self.find_route(channel, from).await else {
+            let _ = recv.stop(StreamCode::UnknownChannel.varint());
+            return;
+        };
+        if let Err(mut recv) = tx.deliver(messages, (recv, guard)).await {
+            let _ = recv.stop(StreamCode::ChannelEnded.varint());
+        }
+    }
+
+    /// Hand one direct pipe to its channel, if `from` may open it.
+    async fn route_pipe(&self, mut pipe: Pipe, from: Fingerprint) {
+        let (_, recv) = pipe.halves();
+        let header = read_within(tokio::time::Instant::now() + self.header_timeout, recv).await;
+        let code = match header {
+            Read::Frame(DirectPipe { channel }) => match self.find_route(channel, from).await {
+                Some(tx) => match tx.deliver_pipe(pipe).await {
+                    Ok(()) => return,
+                    Err(back) => {
+                        pipe = back;
+                        StreamCode::ChannelEnded
+                    }
+                },
+                None => StreamCode::UnknownChannel,
+            },
+            _ => StreamCode::Malformed,
+        };
+        let (send, recv) = pipe.halves();
+        let _ = send.reset(code.varint());
+        let _ = recv.stop(code.varint());
+    }
+
+    /// The route of channel `channel`, when `from` is its peer. The peer
+    /// may have learnt of the channel before this side did, so this waits
+    /// (bounded) for the route.
+    async fn find_route(&self, channel: ChannelId, from: Fingerprint) -> Option<Route> {
         let found = timeout(self.header_timeout, async {
             loop {
                 let notified = self.routed.notified();
@@ -501,20 +544,16 @@ impl Direct {
         .await;
         let Ok((owner, tx)) = found else {
             debug!(%channel, "direct stream for an unknown channel");
-            let _ = recv.stop(StreamCode::UnknownChannel.varint());
-            return;
+            return None;
         };
         if owner != from {
             warn!(
                 %channel,
                 "a peer sent a direct stream for a channel that is not its own"
             );
-            let _ = recv.stop(StreamCode::UnknownChannel.varint());
-            return;
+            return None;
         }
-        if let Err(mut recv) = tx.deliver(messages, (recv, guard)).await {
-            let _ = recv.stop(StreamCode::ChannelEnded.varint());
-        }
+        Some(tx)
     }
 
     /// Deliver direct streams of channel `number` from `peer` to `tx`.

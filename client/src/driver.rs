@@ -8,7 +8,9 @@ use qmesh_certs::transport::{StreamAllowance, StreamGuard, StreamKind};
 use qmesh_proto::codec::write_frame;
 use qmesh_proto::codes::{ConnCode, StreamCode};
 use qmesh_proto::heartbeat::{Heartbeat, StreamEnd};
-use qmesh_proto::msg::{ClientSession, CoordinatorSession, Incoming, IncomingAnswer, StreamHeader};
+use qmesh_proto::msg::{
+    Arrival, ClientSession, CoordinatorSession, Incoming, IncomingAnswer, StreamHeader,
+};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -16,6 +18,8 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::channel::IncomingChannel;
 use crate::config::ClientConfig;
+use crate::end::Path;
+use crate::pipe::Pipe;
 use crate::routes::Routes;
 use crate::sync::lock;
 use qmesh_proto::codec::{read_within, Read};
@@ -48,7 +52,7 @@ pub(crate) async fn drive(
                     // Channel control streams live as long as their channel;
                     // the guard travels with the offer into the channel.
                     let guard = bi_allowance.opened();
-                    tokio::spawn(offer(send, recv, incoming.clone(), config.clone(), guard).in_current_span());
+                    tokio::spawn(arrival(send, recv, incoming.clone(), routes.clone(), config.clone(), guard).in_current_span());
                 }
                 Err(e) => {
                     info!(reason = %qmesh_certs::transport::describe_close(&e), "session ended");
@@ -66,25 +70,42 @@ pub(crate) async fn drive(
     }
 }
 
-/// Read a channel offer and queue it for `accept`.
-async fn offer(
+/// Read what a stream the coordinator opened is for: a channel offer
+/// (queued for `accept`) or a pipe on one of this client's channels.
+async fn arrival(
     mut send: SendStream,
     mut recv: RecvStream,
     incoming: mpsc::Sender<IncomingChannel>,
+    routes: Routes,
     config: ClientConfig,
     guard: StreamGuard,
 ) {
-    let first = read_within::<Incoming, _>(
+    let first = read_within::<Arrival, _>(
         tokio::time::Instant::now() + config.connect_timeout,
         &mut recv,
     )
     .await;
     let (from, channel, mode) = match first {
-        Read::Frame(Incoming {
+        Read::Frame(Arrival::Channel(Incoming {
             from,
             channel,
             path,
-        }) => (from.into_string(), channel.into_string(), path),
+        })) => (from.into_string(), channel.into_string(), path),
+        Read::Frame(Arrival::Pipe { channel }) => {
+            let route = lock(&routes).get(&channel).cloned();
+            let pipe = Pipe::new(send, recv, Path::Relay, Some(guard));
+            let refused = match route {
+                Some(route) => route.deliver_pipe(pipe).await.err(),
+                None => Some(pipe),
+            };
+            if let Some(mut pipe) = refused {
+                debug!(%channel, "pipe for a channel that is gone");
+                let (send, recv) = pipe.halves();
+                let _ = send.reset(StreamCode::ChannelEnded.varint());
+                let _ = recv.stop(StreamCode::ChannelEnded.varint());
+            }
+            return;
+        }
         other => {
             warn!(got = ?other, "bad channel offer from the coordinator");
             let _ = send.reset(StreamCode::Malformed.varint());

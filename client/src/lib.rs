@@ -86,7 +86,9 @@ mod end;
 pub mod enroll;
 pub mod error;
 pub mod events;
+pub mod forward;
 pub mod messages;
+pub mod pipe;
 pub mod presence;
 pub mod quota;
 mod routes;
@@ -104,6 +106,7 @@ pub use error::{
 };
 pub use events::{Event, Events};
 pub use messages::{Incoming, Request};
+pub use pipe::Pipe;
 pub use qmesh_certs::{Fingerprint, Identity, Trust};
 pub use qmesh_proto::heartbeat::Heartbeat;
 pub use qmesh_proto::msg::PathMode;

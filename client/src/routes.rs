@@ -9,17 +9,23 @@ use qmesh_proto::StreamId;
 use quinn::RecvStream;
 use tokio::sync::mpsc;
 
+use crate::pipe::Pipe;
 use crate::state::Life;
 
 /// Where a channel's incoming data streams are delivered.
 pub(crate) type StreamTx = mpsc::Sender<(RecvStream, StreamGuard)>;
 
+/// Where a channel's incoming pipes are delivered.
+pub(crate) type PipeTx = mpsc::Sender<Pipe>;
+
 /// Where a channel's incoming streams go: data streams to
-/// [`crate::Channel::accept_stream`], the peer's message streams to its readers.
+/// [`crate::Channel::accept_stream`], the peer's message streams to its
+/// readers, pipes to [`crate::Channel::accept_pipe`].
 #[derive(Debug, Clone)]
 pub(crate) struct Route {
     pub(crate) data: StreamTx,
     pub(crate) messages: StreamTx,
+    pub(crate) pipes: PipeTx,
     /// The channel's life, to count the data streams that arrive.
     pub(crate) life: Arc<Life>,
 }
@@ -39,6 +45,12 @@ impl Route {
             self.life.update(|s| s.data_arrived());
         }
         Ok(())
+    }
+
+    /// Hand an incoming pipe to its channel; the pipe back when the channel
+    /// is gone. A full queue waits: the peer's stream limit bounds it.
+    pub(crate) async fn deliver_pipe(&self, pipe: Pipe) -> Result<(), Pipe> {
+        self.pipes.send(pipe).await.map_err(|e| e.0)
     }
 }
 

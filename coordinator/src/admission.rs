@@ -299,6 +299,7 @@ mod tests {
             schema: String::new(),
             json_schema: None,
             version: "1".into(),
+            forward: None,
         }
     }
 

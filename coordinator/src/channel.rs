@@ -15,7 +15,7 @@ use std::sync::Arc;
 use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::{ConnCode, OpenFailCode, StreamCode};
 use qmesh_proto::limits::clip_reason;
-use qmesh_proto::msg::{Close, Ending, Open, OpenAnswer};
+use qmesh_proto::msg::{Arrival, Close, Ending, Open, OpenAnswer};
 use qmesh_proto::{ChannelId, StreamId};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::watch;
@@ -115,9 +115,12 @@ async fn open(
     let deadline = tokio::time::Instant::now() + answer_timeout;
     let opened = tokio::time::timeout_at(deadline, async {
         let (mut send, recv) = callee.conn.open_bi().await.ok()?;
-        write_frame(&mut send, &plan.incoming(&session.name, &channel))
-            .await
-            .ok()?;
+        write_frame(
+            &mut send,
+            &Arrival::Channel(plan.incoming(&session.name, &channel)),
+        )
+        .await
+        .ok()?;
         Some((send, recv))
     })
     .await;
@@ -175,12 +178,14 @@ async fn open(
         peer_conn: callee.conn.clone(),
         peer_channel: b_id,
         streams: watch::Sender::new(StreamCount::default()),
+        pipes: Default::default(),
     });
     let side_b = Arc::new(ChannelSide {
         label: label.clone(),
         peer_conn: session.conn.clone(),
         peer_channel: a_id,
         streams: watch::Sender::new(StreamCount::default()),
+        pipes: Default::default(),
     });
     session.channels().insert(a_id, side_a.clone());
     callee.channels().insert(b_id, side_b.clone());

@@ -1,8 +1,10 @@
-//! The data stream relay.
+//! The data stream and pipe relay.
 //!
 //! Each unidirectional stream a client opens starts with a header naming
 //! one of its channels. The relay opens a matching stream to the other
 //! side, writes that side's header, and copies chunks until the end.
+//! A pipe (a bidirectional stream whose request is `StreamRequest::Pipe`)
+//! is relayed the same way, once in each direction, as raw bytes.
 //!
 //! Memory: the relay holds at most one batch of received chunks (each a
 //! STREAM frame, about a packet) per stream. Everything else waits in QUIC's own buffers, which flow control
@@ -11,13 +13,14 @@
 //! reading, the outbound write blocks, the relay stops reading, the
 //! inbound window closes, and the writer blocks.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use qmesh_proto::codec::{write_frame, DecodeError, ReadFrameError};
 use qmesh_proto::codes::StreamCode;
-use qmesh_proto::msg::StreamHeader;
+use qmesh_proto::msg::{Arrival, StreamHeader};
+use qmesh_proto::StreamId;
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio::sync::watch;
 use tracing::{debug, trace, warn};
@@ -108,7 +111,63 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
     }
     shared.stats.streams_relayed.fetch_add(1, Ordering::Relaxed);
     trace!(channel = %side.label, "relaying stream");
-    copy(&shared, &session, &mut recv, &mut send).await;
+    let counter = MessageCounter::new(shared.config.max_message);
+    copy(&shared, &session, Some(counter), &mut recv, &mut send).await;
+}
+
+/// Counts a relayed pipe until dropped.
+struct PipeSlot<'a>(&'a AtomicU64);
+
+impl Drop for PipeSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Relay one pipe `session` opened on its channel `channel`: open a
+/// bidirectional stream to the other side, tell it which of its channels
+/// the pipe is on, and copy bytes both ways until both directions end.
+pub(crate) async fn relay_pipe(
+    shared: Arc<Shared>,
+    session: Arc<Session>,
+    (mut a_send, mut a_recv): (SendStream, RecvStream),
+    channel: StreamId,
+) {
+    let side = session.channels().get(&channel).cloned();
+    let Some(side) = side else {
+        debug!(client = %session.name, %channel, "pipe for an unknown channel");
+        let _ = a_recv.stop(StreamCode::UnknownChannel.varint());
+        let _ = a_send.reset(StreamCode::UnknownChannel.varint());
+        return;
+    };
+    let max = shared.config.max_streams_per_channel as u64;
+    if side.pipes.fetch_add(1, Ordering::Relaxed) >= max {
+        side.pipes.fetch_sub(1, Ordering::Relaxed);
+        debug!(channel = %side.label, max, "refusing pipe: too many at once on the channel");
+        let _ = a_recv.stop(StreamCode::TooManyStreams.varint());
+        let _ = a_send.reset(StreamCode::TooManyStreams.varint());
+        return;
+    }
+    let _slot = PipeSlot(&side.pipes);
+    let opened = async {
+        let (mut send, recv) = side.peer_conn.open_bi().await.ok()?;
+        let arrival = Arrival::Pipe {
+            channel: side.peer_channel,
+        };
+        write_frame(&mut send, &arrival).await.ok()?;
+        Some((send, recv))
+    };
+    let Some((mut b_send, mut b_recv)) = opened.await else {
+        let _ = a_recv.stop(StreamCode::PeerLost.varint());
+        let _ = a_send.reset(StreamCode::PeerLost.varint());
+        return;
+    };
+    shared.stats.streams_relayed.fetch_add(1, Ordering::Relaxed);
+    trace!(channel = %side.label, "relaying pipe");
+    tokio::join!(
+        copy(&shared, &session, None, &mut a_recv, &mut b_send),
+        copy(&shared, &session, None, &mut b_recv, &mut a_send),
+    );
 }
 
 /// Chunks taken from the inbound stream per read: each is one received
@@ -118,8 +177,16 @@ const CHUNKS_PER_READ: usize = 32;
 
 /// Copy `recv` to `send` in batches of chunks, passing resets and stops
 /// across. At most one batch is held here; the rest waits in QUIC's windows.
-async fn copy(shared: &Shared, session: &Session, recv: &mut RecvStream, send: &mut SendStream) {
-    let mut counter = MessageCounter::new(shared.config.max_message);
+/// With a `counter`, the bytes are length-prefixed messages, each checked
+/// against the size limit and counted for the rate limit; without, they
+/// are raw bytes (a pipe), counted only as bytes.
+async fn copy(
+    shared: &Shared,
+    session: &Session,
+    mut counter: Option<MessageCounter>,
+    recv: &mut RecvStream,
+    send: &mut SendStream,
+) {
     let mut bufs: [Bytes; CHUNKS_PER_READ] = std::array::from_fn(|_| Bytes::new());
     // A reader that stops its stream is passed back to the writer at once,
     // not only at the next write: the stream's QUIC credit is freed then.
@@ -141,14 +208,16 @@ async fn copy(shared: &Shared, session: &Session, recv: &mut RecvStream, send: &
             Ok(Some(n)) => {
                 let bytes: u64 = bufs[..n].iter().map(|b| b.len() as u64).sum();
                 let mut messages = 0;
-                for b in &bufs[..n] {
-                    match counter.feed(b) {
-                        Ok(m) => messages += m,
-                        Err(TooLong { len, max }) => {
-                            debug!(client = %session.name, len, max, "resetting data stream: message over the size limit");
-                            let _ = recv.stop(StreamCode::MessageTooLarge.varint());
-                            let _ = send.reset(StreamCode::MessageTooLarge.varint());
-                            return;
+                if let Some(counter) = counter.as_mut() {
+                    for b in &bufs[..n] {
+                        match counter.feed(b) {
+                            Ok(m) => messages += m,
+                            Err(TooLong { len, max }) => {
+                                debug!(client = %session.name, len, max, "resetting data stream: message over the size limit");
+                                let _ = recv.stop(StreamCode::MessageTooLarge.varint());
+                                let _ = send.reset(StreamCode::MessageTooLarge.varint());
+                                return;
+                            }
                         }
                     }
                 }

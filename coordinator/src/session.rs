@@ -171,4 +171,6 @@ pub(crate) struct ChannelSide {
     pub(crate) peer_channel: StreamId,
     /// Data streams this side has sent into the channel.
     pub(crate) streams: watch::Sender<StreamCount>,
+    /// Pipes this side opened on the channel that are being relayed now.
+    pub(crate) pipes: std::sync::atomic::AtomicU64,
 }

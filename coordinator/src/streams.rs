@@ -2,7 +2,7 @@
 //!
 //! A bidirectional stream's first frame, a `StreamRequest`, says what it
 //! is for: `Open` (a channel, in `channel`), `Describe` or `Watch` (in
-//! `presence`), `Join` or `Members` (in `broadcast`). A unidirectional stream is a data stream
+//! `presence`), `Join` or `Members` (in `broadcast`), `Pipe` (in `relay`). A unidirectional stream is a data stream
 //! for the `relay`.
 
 use std::sync::Arc;
@@ -45,6 +45,9 @@ pub(crate) async fn bidi(
         }
         Read::Frame(StreamRequest::Members { group }) => {
             crate::broadcast::members(&shared, send, group).await
+        }
+        Read::Frame(StreamRequest::Pipe { channel }) => {
+            crate::relay::relay_pipe(shared, session, (send, recv), channel).await
         }
         Read::Finished => {}
         Read::Failed(e) => {

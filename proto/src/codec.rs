@@ -306,10 +306,10 @@ mod tests {
     use crate::ids::{ChannelId, SessionId, StreamId};
     use crate::manifest::{Direction, Interface};
     use crate::msg::{
-        ClientSession, Close, CoordinatorSession, DescribeAnswer, Ending, Enroll, EnrollAnswer,
-        Failure, Greeting, GroupPolicy, Hello, HelloAnswer, Incoming, IncomingAnswer, JoinAnswer,
-        MembersAnswer, Open, OpenAnswer, PathMode, PeerIntro, PresenceEvent, Ready, Reject,
-        StreamHeader, StreamRequest, Welcome,
+        Arrival, ClientSession, Close, CoordinatorSession, DescribeAnswer, DirectPipe, Ending,
+        Enroll, EnrollAnswer, Failure, Greeting, GroupPolicy, Hello, HelloAnswer, Incoming,
+        IncomingAnswer, JoinAnswer, MembersAnswer, Open, OpenAnswer, PathMode, PeerIntro,
+        PipeAnswer, PresenceEvent, Ready, Reject, StreamHeader, StreamRequest, Welcome,
     };
 
     /// Freeze the wire bytes of a message (iroh `check_expected_bytes`).
@@ -432,7 +432,7 @@ mod tests {
             ClientSession::Interfaces {
                 list: vec![iface()],
             },
-            "00000015000103776562057061676573000468746d6c000132",
+            "00000016000103776562057061676573000468746d6c00013200",
         );
         check(ClientSession::Ping { seq: 5 }, "000000020105");
         check(ClientSession::Pong { seq: 5 }, "000000020205");
@@ -470,6 +470,49 @@ mod tests {
             },
             "0000000504036f7073",
         );
+        check(
+            StreamRequest::Pipe {
+                channel: StreamId(4),
+            },
+            "000000020504",
+        );
+    }
+
+    #[test]
+    fn snapshot_pipes() {
+        check(
+            Arrival::Channel(Incoming {
+                from: "alice".into(),
+                channel: "web".into(),
+                path: PathMode::Relay,
+            }),
+            "0000000c0005616c6963650377656202",
+        );
+        check(
+            Arrival::Pipe {
+                channel: StreamId(3),
+            },
+            "000000020103",
+        );
+        check(
+            DirectPipe {
+                channel: ChannelId(300),
+            },
+            "00000003fb2c01",
+        );
+        check(PipeAnswer::Connected, "0000000100");
+        check(
+            PipeAnswer::Failed {
+                reason: "refused".into(),
+            },
+            "00000009010772656675736564",
+        );
+        check(
+            ClientSession::Interfaces {
+                list: vec![Interface::new("web", "w").with_forward(crate::ForwardKind::Datagram)],
+            },
+            "0000000f000103776562017702000001310101",
+        );
     }
 
     #[test]
@@ -493,7 +536,7 @@ mod tests {
                 }),
                 interface: Some(iface()),
             }),
-            "0000004b00fb2c0101abababababababababababababababababababababababababababababababab000a000001fb581b0100c0a80102fb581b010103776562057061676573000468746d6c000132",
+            "0000004c00fb2c0101abababababababababababababababababababababababababababababababab000a000001fb581b0100c0a80102fb581b010103776562057061676573000468746d6c00013200",
         );
         check(
             OpenAnswer::Failed(Failure {
@@ -551,7 +594,7 @@ mod tests {
     fn snapshot_answers_and_presence() {
         check(
             DescribeAnswer::Manifest { interface: iface() },
-            "000000140003776562057061676573000468746d6c000132",
+            "000000150003776562057061676573000468746d6c00013200",
         );
         check(
             DescribeAnswer::Failed(Failure {

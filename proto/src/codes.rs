@@ -121,6 +121,11 @@ numbered! {
         Evicted = 9, "evicted from the group";
         /// The sender went over a quota of the interface.
         OverQuota = 10, "over the interface's quota";
+        /// A forwarded connection was reset (or aborted) on the other side.
+        ConnectionReset = 11, "forwarded connection reset";
+        /// A forwarded connection ended without finishing (its route was
+        /// removed, or the forwarder is shutting down).
+        RouteClosed = 12, "forwarding route closed";
     }
 }
 

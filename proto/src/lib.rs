@@ -44,4 +44,4 @@ pub use address::{Address, AddressError};
 pub use codec::DecodeError;
 pub use ids::{ChannelId, ChannelName, ClientName, GroupName, SessionId, StreamId};
 pub use limits::{ALPN, DIRECT_ALPN, PROTOCOL_VERSION};
-pub use manifest::{Direction, Interface};
+pub use manifest::{Direction, ForwardKind, Interface};

@@ -88,6 +88,27 @@ pub struct Interface {
     pub json_schema: Option<String>,
     /// The interface's version, e.g. `1.2`.
     pub version: String,
+    /// Set when the interface forwards another program's traffic
+    /// (`qmesh expose`): peers open pipes on it, not messages.
+    pub forward: Option<ForwardKind>,
+}
+
+/// What a forwarding interface carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ForwardKind {
+    /// Byte streams: TCP connections or Unix stream sockets.
+    Stream,
+    /// Datagrams: UDP flows.
+    Datagram,
+}
+
+impl fmt::Display for ForwardKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ForwardKind::Stream => "stream (tcp or unix)",
+            ForwardKind::Datagram => "datagram (udp)",
+        })
+    }
 }
 
 impl Interface {
@@ -101,7 +122,14 @@ impl Interface {
             schema: String::new(),
             json_schema: None,
             version: "1".into(),
+            forward: None,
         }
+    }
+
+    /// Mark the interface as a forward of `kind`.
+    pub fn with_forward(mut self, kind: ForwardKind) -> Self {
+        self.forward = Some(kind);
+        self
     }
 
     /// Set the direction.
@@ -135,6 +163,9 @@ impl fmt::Display for Interface {
         writeln!(f, "purpose:   {}", self.purpose)?;
         writeln!(f, "direction: {} (from the offerer's side)", self.direction)?;
         writeln!(f, "version:   {}", self.version)?;
+        if let Some(kind) = self.forward {
+            writeln!(f, "forwards:  {kind}")?;
+        }
         if !self.schema.is_empty() {
             writeln!(f, "schema:")?;
             for line in self.schema.lines() {

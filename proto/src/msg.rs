@@ -242,6 +242,14 @@ pub enum StreamRequest {
         /// The group's name.
         group: GroupName,
     },
+    /// This stream is a pipe on relayed channel `channel` (the id of the
+    /// channel's control stream on this connection): the coordinator opens
+    /// a bidirectional stream to the peer, sends it [`Arrival::Pipe`], and
+    /// copies bytes both ways, passing finishes, resets and stops across.
+    Pipe {
+        /// Control stream id of the channel on this connection.
+        channel: StreamId,
+    },
 }
 
 /// Open channel `channel` on `peer`.
@@ -301,6 +309,47 @@ pub struct Incoming {
     pub channel: ChannelName,
     /// The path the opener asked for.
     pub path: PathMode,
+}
+
+/// Coordinator → client: the first frame of every bidirectional stream
+/// the coordinator opens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum Arrival {
+    /// A channel offer, answered with an [`IncomingAnswer`].
+    Channel(Incoming),
+    /// A pipe the peer opened on a relayed channel (see
+    /// [`StreamRequest::Pipe`]); `channel` is the id of this client's
+    /// control stream of that channel. Bytes follow, both ways.
+    Pipe {
+        /// Control stream id of the channel on this connection.
+        channel: StreamId,
+    },
+}
+
+/// Exposer → opener: the first frame on a pipe of a forwarding interface
+/// (`qmesh expose`), once the exposer has tried its target. After
+/// [`PipeAnswer::Connected`] the pipe carries the forwarded bytes both
+/// ways; after [`PipeAnswer::Failed`] the exposer finishes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum PipeAnswer {
+    /// The target accepted the connection.
+    Connected,
+    /// The target could not be reached: why, for the opener's log.
+    Failed {
+        /// A sentence naming the target and the error.
+        reason: String,
+    },
+}
+
+/// On a direct connection between two clients, the first frame of every
+/// bidirectional stream: a pipe on the channel the coordinator numbered
+/// `channel` in its [`Ready`]. Bytes follow, both ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectPipe {
+    /// The coordinator's channel number.
+    pub channel: ChannelId,
 }
 
 /// Callee → coordinator: the answer to an [`Incoming`].

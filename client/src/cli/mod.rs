@@ -3,6 +3,7 @@
 mod broadcast;
 #[cfg(feature = "demo")]
 mod demo;
+mod forward;
 mod listen;
 mod messaging;
 mod send;
@@ -149,6 +150,44 @@ enum Command {
     Describe {
         /// The interface's address.
         address: String,
+    },
+    /// Offer interface NAME and connect every connection peers forward to
+    /// it to TARGET, until interrupted.
+    Expose {
+        /// The interface's name, which peers open as `mesh/ME!NAME`.
+        #[arg(value_name = "NAME")]
+        interface: String,
+        /// Where each connection goes: `tcp/HOST:PORT`, `unix//PATH` or
+        /// `udp/HOST:PORT` (host shorthands such as `$4` work).
+        target: String,
+        /// Only these peers may open it (comma-separated names); the
+        /// coordinator's policy applies as well.
+        #[arg(long, value_delimiter = ',')]
+        allow: Vec<String>,
+        /// The most connections (or UDP flows) at once.
+        #[arg(long, default_value_t = qmesh_client::forward::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// Seconds a UDP flow lives without a datagram.
+        #[arg(long, default_value_t = 60)]
+        udp_idle: u64,
+    },
+    /// Listen on LISTEN and carry every connection (or UDP flow) to the
+    /// exposed interface TO, until interrupted.
+    Forward {
+        /// Where to listen: `tcp/HOST:PORT`, `unix//PATH` or `udp/HOST:PORT`.
+        listen: String,
+        /// The exposed interface, e.g. `mesh/bob!web`.
+        to: String,
+        /// The path: relayed at once and direct when possible (auto),
+        /// direct only (direct), or through the coordinator only (relay).
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
+        /// The most connections (or UDP flows) at once.
+        #[arg(long, default_value_t = qmesh_client::forward::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// Seconds a UDP flow lives without a datagram.
+        #[arg(long, default_value_t = 60)]
+        udp_idle: u64,
     },
 }
 
@@ -458,6 +497,34 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
                 .connect(Some(format!("describe-{}", std::process::id())))
                 .await?;
             messaging::describe(client, address).await
+        }
+        Command::Expose {
+            interface,
+            target,
+            allow,
+            max_connections,
+            udp_idle,
+        } => {
+            let mut expose = forward::expose(interface, target)?;
+            expose.allow = (!allow.is_empty()).then(|| allow.clone());
+            expose.max_connections = (*max_connections).max(1);
+            expose.udp_idle = Duration::from_secs((*udp_idle).max(1));
+            let client = cli.connect_offering(None, vec![expose.interface()]).await?;
+            forward::run_expose(client, expose).await
+        }
+        Command::Forward {
+            listen,
+            to,
+            mode,
+            max_connections,
+            udp_idle,
+        } => {
+            let mut route = forward::forward(listen, to)?;
+            route.mode = (*mode).into();
+            route.max_connections = (*max_connections).max(1);
+            route.udp_idle = Duration::from_secs((*udp_idle).max(1));
+            let client = cli.connect(None).await?;
+            forward::run_forward(client, route).await
         }
     }
 }
