@@ -10,6 +10,10 @@
 //!   [`memory_kib`] and [`payload`].
 //! - [`process`]: a workspace binary run as a process ([`process::Proc`]),
 //!   its output read line by line.
+//! - [`programs`]: real programs for forwarding tests (an HTTP server,
+//!   redis, iperf3, a socat echo: [`programs::Program`]), client programs
+//!   run with a time limit, and [`programs::require`] to skip a test, or
+//!   fail it under CI, when a program is missing.
 //! - [`target`]: coordinators for a test to aim at: [`target::Target`] (what
 //!   a raw peer needs to reach one) and [`target::CoordinatorProc`] (a
 //!   `qmesh-coordinator run` process).
@@ -20,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod process;
+pub mod programs;
 pub mod raw;
 pub mod target;
 pub mod warnings;
