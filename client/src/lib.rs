@@ -50,6 +50,7 @@
 //!
 //! From the top down; each module imports only modules below it.
 //!
+//! - [`agent_config`]: the `qmesh up` agent's routes file, checked; reload diffs.
 //! - [`broadcast`]: [`Group`]: broadcast groups relayed by the coordinator.
 //! - [`presence`]: manifests, who is online, and changes.
 //! - `enroll`: enrolling with a token, and certificate renewal times.
@@ -75,6 +76,7 @@
 
 #![warn(missing_docs)]
 
+pub mod agent_config;
 pub mod broadcast;
 pub mod channel;
 pub mod client;
