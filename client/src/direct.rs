@@ -19,7 +19,7 @@ use qmesh_certs::transport::{StreamAllowance, StreamKind, Tuning};
 use qmesh_certs::{Fingerprint, Identity};
 use qmesh_proto::codes::{ConnCode, StreamCode};
 use qmesh_proto::msg::{DirectPipe, PeerIntro, StreamHeader};
-use qmesh_proto::ChannelId;
+use qmesh_proto::{ChannelId, SessionId};
 use quinn::udp::Transmit;
 use quinn::{AsyncUdpSocket, Connection, Endpoint, RecvStream};
 use tokio::sync::{watch, Notify};
@@ -57,6 +57,8 @@ pub(crate) struct Peer {
     pub(crate) name: String,
     fingerprint: Fingerprint,
     state: watch::Sender<Link>,
+    /// The peer's session at the coordinator this link was made for.
+    session: SessionId,
     /// Live connections (the dialer's race can leave the listener with more
     /// than one for a moment); the newest is the one in `state`.
     conns: Mutex<Vec<Connection>>,
@@ -183,18 +185,29 @@ impl Direct {
         let fingerprint = Fingerprint(intro.fingerprint);
         let mut peers = lock(&self.peers);
         if let Some(peer) = peers.get(&fingerprint) {
-            if !matches!(*peer.state.borrow(), Link::Down(_)) {
+            let down = matches!(*peer.state.borrow(), Link::Down(_));
+            if !down && peer.session == intro.session {
                 *lock(&peer.users) += 1;
                 return LinkUse {
                     direct: self.clone(),
                     peer: peer.clone(),
                 };
             }
+            if !down {
+                // The peer has a new session (it restarted or reconnected,
+                // perhaps at a new address): the old link may be dead
+                // without knowing it yet. Replace it.
+                info!(parent: &self.span, peer = %name, "the peer has a new session; replacing its direct link");
+                for conn in lock(&peer.conns).iter() {
+                    conn.close(ConnCode::Normal.varint(), b"the peer has a new session");
+                }
+            }
         }
         let peer = Arc::new(Peer {
             name: name.to_owned(),
             fingerprint,
             state: watch::Sender::new(Link::Connecting),
+            session: intro.session,
             conns: Mutex::new(Vec::new()),
             users: Mutex::new(1),
         });

@@ -16,7 +16,7 @@ use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::{ConnCode, OpenFailCode, StreamCode};
 use qmesh_proto::limits::clip_reason;
 use qmesh_proto::msg::{Arrival, Close, Ending, Open, OpenAnswer};
-use qmesh_proto::{ChannelId, StreamId};
+use qmesh_proto::{ChannelId, SessionId, StreamId};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -356,6 +356,7 @@ fn reachable(session: &Session) -> Reachable<'_> {
         fingerprint: session.fingerprint.0,
         observed: session.conn.remote_address(),
         direct: session.direct.as_deref(),
+        session: SessionId(session.id),
     }
 }
 

@@ -16,7 +16,7 @@ use qmesh_proto::limits::clip_reason;
 use qmesh_proto::manifest::Interface;
 use qmesh_proto::msg::{Incoming, IncomingAnswer, PathMode, PeerIntro, Ready};
 use qmesh_proto::name::{validate_channel_name, validate_client_name};
-use qmesh_proto::ChannelId;
+use qmesh_proto::{ChannelId, SessionId};
 
 use crate::policy::{Decision, Policy};
 use qmesh_proto::codec::Read;
@@ -338,6 +338,8 @@ pub(crate) struct Reachable<'a> {
     /// The addresses it reported, or `None` when it cannot take direct
     /// channels.
     pub(crate) direct: Option<&'a [SocketAddr]>,
+    /// Its session.
+    pub(crate) session: SessionId,
 }
 
 /// Introduce `a` and `b` to each other for a direct path: each learns the
@@ -358,6 +360,7 @@ pub(crate) fn introduce(
         observed: other.observed,
         addrs: addrs.to_vec(),
         dial,
+        session: other.session,
     };
     (
         Some(intro(b, b_addrs, a_dials)),
@@ -738,6 +741,7 @@ mod tests {
             fingerprint: [fp; 32],
             observed: "192.0.2.1:9".parse().unwrap(),
             direct,
+            session: SessionId(u64::from(fp)),
         };
         let (to_a, to_b) = introduce(
             side("zed", 1, Some(&a_addrs[..])),
@@ -753,6 +757,7 @@ mod tests {
             ([1; 32], a_addrs.to_vec())
         );
         assert!(!to_a.dial && to_b.dial, "amy sorts first and dials");
+        assert_eq!((to_a.session, to_b.session), (SessionId(2), SessionId(1)));
         let none = introduce(side("zed", 1, None), side("amy", 2, Some(&b_addrs[..])));
         assert_eq!(none, (None, None));
     }

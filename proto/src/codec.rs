@@ -533,10 +533,11 @@ mod tests {
                     observed: SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1), 7000)),
                     addrs: vec![SocketAddr::from((Ipv4Addr::new(192, 168, 1, 2), 7000))],
                     dial: true,
+                    session: SessionId(5),
                 }),
                 interface: Some(iface()),
             }),
-            "0000004c00fb2c0101abababababababababababababababababababababababababababababababab000a000001fb581b0100c0a80102fb581b010103776562057061676573000468746d6c00013200",
+            "0000004d00fb2c0101abababababababababababababababababababababababababababababababab000a000001fb581b0100c0a80102fb581b01050103776562057061676573000468746d6c00013200",
         );
         check(
             OpenAnswer::Failed(Failure {
@@ -864,12 +865,14 @@ mod tests {
             arb_addr(),
             proptest::collection::vec(arb_addr(), 0..4),
             any::<bool>(),
+            any::<u64>(),
         )
-            .prop_map(|(fingerprint, observed, addrs, dial)| PeerIntro {
+            .prop_map(|(fingerprint, observed, addrs, dial, session)| PeerIntro {
                 fingerprint,
                 observed,
                 addrs,
                 dial,
+                session: SessionId(session),
             })
     }
 

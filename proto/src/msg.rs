@@ -273,6 +273,9 @@ pub struct Failure {
 }
 
 /// Coordinator → opener: the answer to a [`StreamRequest::Open`].
+// One answer per channel open, read once and taken apart at once: the
+// size of `Ready` on the stack does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 #[strum(serialize_all = "kebab-case")]
 pub enum OpenAnswer {
@@ -555,6 +558,11 @@ pub struct PeerIntro {
     /// Whether this side dials (the other side listens). The coordinator
     /// picks the same dialer for every channel between two clients.
     pub dial: bool,
+    /// The peer's session at the coordinator. A peer with the same
+    /// certificate under a new session (it restarted or reconnected) may
+    /// be at a new address: a direct link made for an older session is
+    /// replaced.
+    pub session: SessionId,
 }
 
 /// First frame of every unidirectional data stream.

@@ -1,0 +1,663 @@
+//! Forwarding real programs' traffic through `qmesh expose` and `qmesh
+//! forward`: curl and an HTTP server, redis over TCP and a Unix socket,
+//! iperf3 over TCP and UDP, socat half-closes, and the faults a route must
+//! survive. Every scenario runs relay-only and direct-only, through the
+//! real binaries and a real coordinator process.
+
+use std::ffi::OsStr;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use qmesh_integration_tests::process::{qmesh, Proc};
+use qmesh_integration_tests::programs::{self, free_port, free_udp_port, require, show};
+use qmesh_integration_tests::target::CoordinatorProc;
+use tempfile::TempDir;
+
+/// The longest a client program may run.
+const RUN: Duration = Duration::from_secs(120);
+
+/// A coordinator process with its development CA, and a state directory
+/// for the clients.
+struct Mesh {
+    coord: CoordinatorProc,
+    ca: PathBuf,
+    clients: TempDir,
+    _state: TempDir,
+}
+
+impl Mesh {
+    async fn start() -> Mesh {
+        let state = TempDir::new().expect("temp dir");
+        let (coord, ca) = CoordinatorProc::start_dev(state.path(), &[] as &[&OsStr]).await;
+        Mesh {
+            coord,
+            ca,
+            clients: TempDir::new().expect("temp dir"),
+            _state: state,
+        }
+    }
+
+    fn qmesh(&self, args: &[&str]) -> Proc {
+        qmesh(&self.coord.v4(), &self.ca, self.clients.path(), args)
+    }
+
+    /// `qmesh --name WHO expose NAME TARGET`, once it says so.
+    async fn expose(&self, who: &str, name: &str, target: &str) -> Proc {
+        let mut p = self.qmesh(&["--name", who, "expose", name, target]);
+        p.stdout_line("`exposing`", |l| l.starts_with("exposing "))
+            .await;
+        p
+    }
+
+    /// `qmesh --name WHO forward --mode MODE LISTEN TO EXTRA...`, once the
+    /// route is up; checks the path the route took.
+    async fn forward(&self, who: &str, mode: &str, listen: &str, to: &str, extra: &[&str]) -> Proc {
+        let mut args = vec!["--name", who, "forward", "--mode", mode, listen, to];
+        args.extend(extra);
+        let mut p = self.qmesh(&args);
+        let up = p
+            .stdout_line("`route … up`", |l| {
+                l.starts_with("route ") && l.contains(" up: ")
+            })
+            .await;
+        let want = if mode == "direct" {
+            "(direct"
+        } else {
+            "(relay)"
+        };
+        assert!(
+            up.ends_with(')') && up.contains(want),
+            "{mode} route took another path: {up}"
+        );
+        p
+    }
+}
+
+/// Run a client program on a blocking thread, so the test's runtime goes
+/// on reading the qmesh processes' output.
+async fn run(program: &'static str, args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        programs::run(program, &args, RUN)
+    })
+    .await
+    .expect("the program's thread")
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+fn need(programs: &[&str]) -> bool {
+    programs.iter().all(|p| require(p).is_some())
+}
+
+/// A file of `len` pseudo-random bytes.
+fn random_file(path: &Path, len: usize) {
+    let mut file = std::fs::File::create(path).expect("create");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        for b in chunk.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let n = left.min(chunk.len());
+        file.write_all(&chunk[..n]).expect("write");
+        left -= n;
+    }
+}
+
+async fn http_through(mode: &str) {
+    if !need(&["python3", "curl"]) {
+        return;
+    }
+    let root = TempDir::new().expect("temp dir");
+    random_file(&root.path().join("big.bin"), 100 << 20);
+    random_file(&root.path().join("small.bin"), 4096);
+    let (_server, port) = programs::http_server(root.path());
+    let mesh = Mesh::start().await;
+    let _bob = mesh.expose("bob", "web", &format!("tcp/$4:{port}")).await;
+    let local = free_port();
+    let _alice = mesh
+        .forward(
+            "alice",
+            mode,
+            &format!("tcp/$4:{local}"),
+            "mesh/bob!web",
+            &[],
+        )
+        .await;
+
+    let out = TempDir::new().expect("temp dir");
+    let got = out.path().join("big.bin");
+    let url = format!("http://127.0.0.1:{local}/big.bin");
+    let fetched = run(
+        "curl",
+        strings(&["-sS", "-f", "-o", got.to_str().expect("a UTF-8 path"), &url]),
+    )
+    .await;
+    assert!(fetched.status.success(), "curl: {}", show(&fetched));
+    assert_eq!(
+        programs::sha256_file(&got),
+        programs::sha256_file(&root.path().join("big.bin")),
+        "the 100 MiB file arrived changed"
+    );
+
+    // 200 requests at once, each its own connection.
+    let url = format!("http://127.0.0.1:{local}/small.bin");
+    let mut all = Vec::new();
+    for _ in 0..200 {
+        all.push(run(
+            "curl",
+            strings(&["-sS", "-f", "-o", "/dev/null", "-w", "%{http_code}", &url]),
+        ));
+    }
+    let outcomes = futures_join_all(all).await;
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter(|o| !o.status.success() || o.stdout != b"200")
+        .map(show)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of 200 requests failed; first: {}",
+        failed.len(),
+        failed[0]
+    );
+}
+
+/// Await every future, all at once.
+async fn futures_join_all<T: Send + 'static>(
+    futs: Vec<impl std::future::Future<Output = T> + Send + 'static>,
+) -> Vec<T> {
+    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_a_relayed_forward_gets_100_mib_whole_and_200_requests_at_once() {
+    http_through("relay").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_a_direct_forward_gets_100_mib_whole_and_200_requests_at_once() {
+    http_through("direct").await;
+}
+
+async fn redis_through(mode: &str) {
+    if !need(&["redis-server", "redis-cli", "redis-benchmark"]) {
+        return;
+    }
+    let (_tcp, port) = programs::redis_tcp();
+    let (_unix, socket) = programs::redis_unix();
+    let mesh = Mesh::start().await;
+    let _bob = mesh.expose("bob", "cache", &format!("tcp/$4:{port}")).await;
+    let _carol = mesh
+        .expose("carol", "cache", &format!("unix/{}", socket.display()))
+        .await;
+    let (via_tcp, via_unix) = (free_port(), free_port());
+    let _a1 = mesh
+        .forward(
+            "alice",
+            mode,
+            &format!("tcp/$4:{via_tcp}"),
+            "mesh/bob!cache",
+            &[],
+        )
+        .await;
+    let _a2 = mesh
+        .forward(
+            "dave",
+            mode,
+            &format!("tcp/$4:{via_unix}"),
+            "mesh/carol!cache",
+            &[],
+        )
+        .await;
+    for direct in [
+        vec!["-p".to_owned(), port.to_string()],
+        vec!["-s".to_owned(), socket.display().to_string()],
+    ] {
+        let mut args = direct;
+        args.extend(strings(&["DEL", "key:__rand_int__"]));
+        run("redis-cli", args).await;
+    }
+    for (through, direct) in [
+        (via_tcp, vec!["-p".to_owned(), port.to_string()]),
+        (
+            via_unix,
+            vec!["-s".to_owned(), socket.display().to_string()],
+        ),
+    ] {
+        let bench = run(
+            "redis-benchmark",
+            strings(&[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &through.to_string(),
+                "-t",
+                "set,get",
+                "-n",
+                "20000",
+                "-c",
+                "50",
+                "-q",
+            ]),
+        )
+        .await;
+        let text = String::from_utf8_lossy(&bench.stdout).to_string()
+            + &String::from_utf8_lossy(&bench.stderr);
+        assert!(bench.status.success(), "redis-benchmark: {}", show(&bench));
+        assert!(
+            text.contains("SET: ") && text.contains("GET: "),
+            "redis-benchmark did not report both tests: {text}"
+        );
+        assert!(
+            !text.to_lowercase().contains("error"),
+            "redis-benchmark saw errors: {text}"
+        );
+        // The key redis-benchmark set (a 3-byte value) is on the server
+        // itself.
+        let mut args = direct.clone();
+        args.extend(strings(&["STRLEN", "key:__rand_int__"]));
+        let got = run("redis-cli", args).await;
+        assert_eq!(
+            String::from_utf8_lossy(&got.stdout).trim(),
+            "3",
+            "the key set through qmesh is not on the server: {}",
+            show(&got)
+        );
+        let mut args = direct;
+        args.extend(strings(&["DEL", "key:__rand_int__"]));
+        run("redis-cli", args).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_benchmark_through_relayed_tcp_and_unix_forwards() {
+    redis_through("relay").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_benchmark_through_direct_tcp_and_unix_forwards() {
+    redis_through("direct").await;
+}
+
+/// A number from iperf3's JSON output at `path` (dot-separated keys).
+fn json_number(out: &Output, path: &str) -> f64 {
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("iperf3 JSON: {e}: {}", show(out)));
+    let mut at = &v;
+    for key in path.split('.') {
+        at = &at[key];
+    }
+    at.as_f64()
+        .unwrap_or_else(|| panic!("no number at {path} in iperf3's output: {}", show(out)))
+}
+
+async fn iperf_through(mode: &str) {
+    if !need(&["iperf3"]) {
+        return;
+    }
+    let (_server, port) = programs::iperf3_server();
+    let mesh = Mesh::start().await;
+    // iperf3 talks TCP (control) and UDP (data) on the same port.
+    let _bob = mesh.expose("bob", "iperf", &format!("tcp/$4:{port}")).await;
+    let _bob_udp = mesh
+        .expose("bob-udp", "iperf", &format!("udp/$4:{port}"))
+        .await;
+    let local = free_udp_port();
+    let _alice = mesh
+        .forward(
+            "alice",
+            mode,
+            &format!("tcp/$4:{local}"),
+            "mesh/bob!iperf",
+            &[],
+        )
+        .await;
+    let _alice_udp = mesh
+        .forward(
+            "alice-udp",
+            mode,
+            &format!("udp/$4:{local}"),
+            "mesh/bob-udp!iperf",
+            &[],
+        )
+        .await;
+    let p = local.to_string();
+    let tcp = run(
+        "iperf3",
+        strings(&["-c", "127.0.0.1", "-p", &p, "-t", "5", "-J"]),
+    )
+    .await;
+    assert!(tcp.status.success(), "iperf3 TCP: {}", show(&tcp));
+    let bytes = json_number(&tcp, "end.sum_received.bytes");
+    assert!(bytes > 1e6, "iperf3 TCP moved only {bytes} bytes");
+
+    let udp_args = |port: &str| {
+        strings(&[
+            "-c",
+            "127.0.0.1",
+            "-p",
+            port,
+            "-u",
+            "-b",
+            "20M",
+            "-l",
+            "1400",
+            "-t",
+            "3",
+            "-J",
+        ])
+    };
+    let plain = run("iperf3", udp_args(&port.to_string())).await;
+    assert!(
+        plain.status.success(),
+        "iperf3 UDP without qmesh: {}",
+        show(&plain)
+    );
+    let through = run("iperf3", udp_args(&p)).await;
+    assert!(
+        through.status.success(),
+        "iperf3 UDP through qmesh: {}",
+        show(&through)
+    );
+    let base = json_number(&plain, "end.sum.lost_percent");
+    let lost = json_number(&through, "end.sum.lost_percent");
+    let packets = json_number(&through, "end.sum.packets");
+    assert!(
+        packets > 1000.0,
+        "iperf3 UDP sent only {packets} packets through qmesh"
+    );
+    assert!(
+        lost <= base + 1.0,
+        "UDP loss through qmesh {lost}% is more than without it ({base}%) plus 1 point"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iperf3_tcp_and_udp_through_relayed_forwards() {
+    iperf_through("relay").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn iperf3_tcp_and_udp_through_direct_forwards() {
+    iperf_through("direct").await;
+}
+
+/// A TCP server that reads until the client's half-close, then answers
+/// with the count: `socat … SYSTEM:'wc -c'`.
+fn counting_server() -> (programs::Program, u16) {
+    let port = free_port();
+    let listen = format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork");
+    let server = programs::Program::start("socat", &[listen.as_str(), "SYSTEM:wc -c"]);
+    wait_accepts(port);
+    (server, port)
+}
+
+/// Wait until 127.0.0.1:`port` accepts connections (bounded).
+fn wait_accepts(port: u16) {
+    for _ in 0..1000 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing accepts connections on port {port}");
+}
+
+async fn half_close_through(mode: &str) {
+    if !need(&["socat"]) {
+        return;
+    }
+    let (_server, port) = counting_server();
+    let mesh = Mesh::start().await;
+    let _bob = mesh.expose("bob", "count", &format!("tcp/$4:{port}")).await;
+    let local = free_port();
+    let _alice = mesh
+        .forward(
+            "alice",
+            mode,
+            &format!("tcp/$4:{local}"),
+            "mesh/bob!count",
+            &[],
+        )
+        .await;
+    let input = vec![b'q'; 1_000_000];
+    let out = tokio::task::spawn_blocking(move || {
+        let to = format!("TCP:127.0.0.1:{local}");
+        programs::run_with_input("socat", &["-t", "30", "-", to.as_str()], &input, RUN)
+    })
+    .await
+    .expect("socat thread");
+    assert!(out.status.success(), "socat: {}", show(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1000000",
+        "the reply after the half-close: {}",
+        show(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_connection_through_a_relayed_forward_gets_its_whole_reply() {
+    half_close_through("relay").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_connection_through_a_direct_forward_gets_its_whole_reply() {
+    half_close_through("direct").await;
+}
+
+/// Send a line through `port` and read the echo; `None` when the
+/// connection is closed instead.
+fn echo_once(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("the forward's listener");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    s.write_all(b"ping\n").ok()?;
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+async fn faults_through(mode: &str) {
+    if !need(&["socat", "python3", "curl"]) {
+        return;
+    }
+    let mesh = Mesh::start().await;
+
+    // The target is stopped mid-connection: the connection ends, both
+    // ends say why, and the route stays up.
+    let root = TempDir::new().expect("temp dir");
+    random_file(&root.path().join("big.bin"), 200 << 20);
+    let (server, port) = programs::http_server(root.path());
+    let mut bob = mesh.expose("bob", "web", &format!("tcp/$4:{port}")).await;
+    let local = free_port();
+    let mut alice = mesh
+        .forward(
+            "alice",
+            mode,
+            &format!("tcp/$4:{local}"),
+            "mesh/bob!web",
+            &[],
+        )
+        .await;
+    let mut first = TcpStream::connect(("127.0.0.1", local)).expect("listener");
+    first
+        .write_all(b"GET /big.bin HTTP/1.0\r\n\r\n")
+        .expect("request");
+    let mut head = [0u8; 12];
+    first.read_exact(&mut head).expect("the response starts");
+    assert_eq!(&head, b"HTTP/1.0 200");
+    // The transfer is under way (and held back by flow control): stop the
+    // server. The connection ends, short of the whole file.
+    drop(server);
+    let rest = tokio::task::spawn_blocking(move || {
+        first
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match first.read(&mut buf) {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await
+    .expect("reader");
+    assert!(
+        rest < 200 << 20,
+        "the whole file arrived from a killed server"
+    );
+    let url = format!("http://127.0.0.1:{local}/big.bin");
+    let refused = format!("bob: connect to tcp/127.0.0.1:{port} refused");
+    let next = run("curl", strings(&["-sS", "-o", "/dev/null", &url])).await;
+    assert!(
+        !next.status.success(),
+        "a connection to a stopped target succeeded"
+    );
+    bob.stderr_line("the exposer's refused line", |l| l.contains(&refused))
+        .await;
+    alice
+        .stderr_line("the forwarder's refused line", |l| l.contains(&refused))
+        .await;
+
+    // The exposer is killed: the listener stays up and closes connections
+    // with a line; once it is back, connections work again.
+    let (_echo, echo_port) = programs::socat_echo();
+    let mut carol = mesh
+        .expose("carol", "echo", &format!("tcp/$4:{echo_port}"))
+        .await;
+    let local = free_port();
+    let mut dave = mesh
+        .forward(
+            "dave",
+            mode,
+            &format!("tcp/$4:{local}"),
+            "mesh/carol!echo",
+            &[],
+        )
+        .await;
+    assert_eq!(echo_once(local).as_deref(), Some("ping\n"));
+    carol.kill().await;
+    // Connections now fail until carol is back (the channel may take a
+    // moment to be seen as lost; each attempt is answered, never hangs).
+    let closed = tokio::task::spawn_blocking(move || echo_once(local))
+        .await
+        .expect("thread");
+    assert_eq!(
+        closed, None,
+        "a connection through a route whose exposer is dead got an echo"
+    );
+    dave.stderr_line("a line closing the connection", |l| {
+        l.contains("closing a connection")
+    })
+    .await;
+    let _carol = mesh
+        .expose("carol", "echo", &format!("tcp/$4:{echo_port}"))
+        .await;
+    let back = tokio::task::spawn_blocking(move || echo_once(local))
+        .await
+        .expect("thread");
+    assert_eq!(
+        back.as_deref(),
+        Some("ping\n"),
+        "the route did not work again after the exposer came back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_route_survives_its_target_and_its_exposer_going_away() {
+    faults_through("relay").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_route_survives_its_target_and_its_exposer_going_away() {
+    faults_through("direct").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_connection_over_the_limit_is_refused_with_a_line() {
+    if !need(&["socat"]) {
+        return;
+    }
+    let (_echo, port) = programs::socat_echo();
+    let mesh = Mesh::start().await;
+    let _bob = mesh.expose("bob", "echo", &format!("tcp/$4:{port}")).await;
+    let local = free_port();
+    let mut alice = mesh
+        .forward(
+            "alice",
+            "relay",
+            &format!("tcp/$4:{local}"),
+            "mesh/bob!echo",
+            &["--max-connections", "2"],
+        )
+        .await;
+    let held: Vec<TcpStream> = tokio::task::spawn_blocking(move || {
+        (0..2)
+            .map(|_| {
+                let mut s = TcpStream::connect(("127.0.0.1", local)).expect("listener");
+                s.write_all(b"hold\n").expect("write");
+                let mut buf = [0u8; 5];
+                s.read_exact(&mut buf).expect("echo");
+                s
+            })
+            .collect()
+    })
+    .await
+    .expect("thread");
+    let third = tokio::task::spawn_blocking(move || echo_once(local))
+        .await
+        .expect("thread");
+    assert_eq!(
+        third, None,
+        "a third connection was carried over a limit of 2"
+    );
+    alice
+        .stderr_line("the refusal line", |l| l.contains("refusing a connection"))
+        .await;
+    drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_listener_pointed_at_a_datagram_interface_is_refused_at_start() {
+    let mesh = Mesh::start().await;
+    let _bob = mesh.expose("bob", "dns", "udp/$4:5353").await;
+    let local = free_port();
+    let mut alice = mesh.qmesh(&[
+        "--name",
+        "alice",
+        "forward",
+        &format!("tcp/$4:{local}"),
+        "mesh/bob!dns",
+    ]);
+    let exit = alice.finish().await;
+    assert!(
+        !exit.status.success(),
+        "the forward started: {}",
+        exit.stdout
+    );
+    assert!(
+        exit.stderr.contains("stream (tcp or unix) listener")
+            && exit.stderr.contains("forwards datagram (udp)"),
+        "the error does not name both kinds: {}",
+        exit.stderr
+    );
+}
