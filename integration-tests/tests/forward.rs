@@ -661,3 +661,154 @@ async fn a_stream_listener_pointed_at_a_datagram_interface_is_refused_at_start()
         exit.stderr
     );
 }
+
+/// An agent file for `name` on `mesh`, with `routes` after the identity.
+fn agent_file(mesh: &Mesh, dir: &Path, name: &str, routes: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let text = format!(
+        "coordinator = \"{}\"\nname = \"{name}\"\nca = \"{}\"\ngrace = \"30s\"\n\n{routes}",
+        mesh.coord.v4(),
+        mesh.ca.display()
+    );
+    std::fs::write(&path, text).expect("write the agent's file");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_removes_and_keeps_routes_while_a_transfer_runs_on_a_kept_route() {
+    if !need(&["python3", "curl"]) {
+        return;
+    }
+    let root = TempDir::new().expect("temp dir");
+    random_file(&root.path().join("big.bin"), 100 << 20);
+    random_file(&root.path().join("small.bin"), 4096);
+    let (_server, port) = programs::http_server(root.path());
+    let mesh = Mesh::start().await;
+    let files = TempDir::new().expect("temp dir");
+    let bob = agent_file(
+        &mesh,
+        files.path(),
+        "bob",
+        &format!("[expose.web]\ntarget = \"tcp/$4:{port}\"\n"),
+    );
+    let mut bob = mesh.qmesh(&["up", "--config", bob.to_str().expect("path")]);
+    bob.stdout_line("`agent bob up`", |l| l.starts_with("agent bob up"))
+        .await;
+    let (keep, gone, added) = (free_port(), free_port(), free_port());
+    let route = |name: &str, port: u16| {
+        format!("[forward.{name}]\nlisten = \"tcp/$4:{port}\"\nto = \"mesh/bob!web\"\nmode = \"relay\"\n\n")
+    };
+    let first = route("keep", keep) + &route("gone", gone);
+    let alice_file = agent_file(&mesh, files.path(), "alice", &first);
+    let alice_path = alice_file.to_str().expect("path").to_owned();
+    let mut alice = mesh.qmesh(&["up", "--config", &alice_path]);
+    // The routes start together: their lines come in either order.
+    let mut up = std::collections::BTreeSet::new();
+    while up.len() < 2 {
+        let line = alice
+            .stdout_line("`route keep up` and `route gone up`", |l| {
+                l.starts_with("route keep up: ") || l.starts_with("route gone up: ")
+            })
+            .await;
+        up.insert(line.split(' ').nth(1).unwrap_or_default().to_owned());
+    }
+
+    // A transfer on the kept route, slowed so the reload happens under it.
+    let out = TempDir::new().expect("temp dir");
+    let got = out.path().join("big.bin");
+    let url = format!("http://127.0.0.1:{keep}/big.bin");
+    let transfer = tokio::spawn(run(
+        "curl",
+        strings(&[
+            "-sS",
+            "-f",
+            "--limit-rate",
+            "25M",
+            "-o",
+            got.to_str().expect("path"),
+            &url,
+        ]),
+    ));
+    // The transfer has started once bytes arrive (polled: curl is another
+    // process).
+    let started = async {
+        while std::fs::metadata(&got).map(|m| m.len()).unwrap_or(0) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), started)
+        .await
+        .expect("the transfer on the kept route did not start");
+
+    let second = route("keep", keep) + &route("added", added);
+    agent_file(&mesh, files.path(), "alice", &second);
+    let asked = mesh
+        .qmesh(&["up", "--reload", "--config", &alice_path])
+        .finish()
+        .await;
+    assert!(
+        asked.status.success(),
+        "qmesh up --reload: {}",
+        asked.stderr
+    );
+    let reloaded = alice
+        .stdout_line("`reloaded:`", |l| l.starts_with("reloaded: "))
+        .await;
+    assert_eq!(reloaded, "reloaded: 1 added, 1 removed, 0 changed, 1 kept");
+    alice
+        .stdout_line("the added route up", |l| l.starts_with("route added up: "))
+        .await;
+    let small = format!("http://127.0.0.1:{added}/small.bin");
+    let fetched = run("curl", strings(&["-sS", "-f", "-o", "/dev/null", &small])).await;
+    assert!(
+        fetched.status.success(),
+        "the added route: {}",
+        show(&fetched)
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", gone)).is_err(),
+        "the removed route still listens"
+    );
+
+    // A file with an error changes nothing.
+    agent_file(
+        &mesh,
+        files.path(),
+        "alice",
+        &(second + "[forward.bad]\nlisten = \"tcp/$4\"\n"),
+    );
+    let asked = mesh
+        .qmesh(&["up", "--reload", "--config", &alice_path])
+        .finish()
+        .await;
+    assert!(
+        !asked.status.success(),
+        "a reload of a bad file was sent as if fine"
+    );
+    assert!(asked.stderr.contains("has no port"), "{}", asked.stderr);
+    // The agent itself, told to reload the bad file, keeps what it runs.
+    alice.signal("HUP");
+    alice
+        .stderr_line("the refused reload", |l| {
+            l.contains("reload refused, nothing changed") && l.contains("has no port")
+        })
+        .await;
+    let fetched = run("curl", strings(&["-sS", "-f", "-o", "/dev/null", &small])).await;
+    assert!(
+        fetched.status.success(),
+        "the added route after a refused reload: {}",
+        show(&fetched)
+    );
+
+    let done = transfer.await.expect("curl task");
+    assert!(
+        done.status.success(),
+        "the transfer on the kept route: {}",
+        show(&done)
+    );
+    assert_eq!(
+        programs::sha256_file(&got),
+        programs::sha256_file(&root.path().join("big.bin")),
+        "the transfer on the kept route arrived changed"
+    );
+}

@@ -7,6 +7,7 @@ mod forward;
 mod listen;
 mod messaging;
 mod send;
+mod up;
 
 use std::path::PathBuf;
 
@@ -170,6 +171,23 @@ enum Command {
         /// Seconds a UDP flow lives without a datagram.
         #[arg(long, default_value_t = 60)]
         udp_idle: u64,
+    },
+    /// Run every route in a TOML file as one client (the agent): its
+    /// exposed interfaces and its forwards. SIGHUP, or `qmesh up --reload`,
+    /// applies the file again: added routes start, removed ones stop
+    /// (their live connections get the file's grace period), unchanged ones
+    /// keep their connections; a file with any error changes nothing.
+    Up {
+        /// The agent's file (see docs/operations.md).
+        #[arg(long, value_name = "FILE", required_unless_present = "check")]
+        config: Option<PathBuf>,
+        /// Check FILE and report every error with its line, then exit.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "reload"])]
+        check: Option<PathBuf>,
+        /// Tell the agent running for --config's name to apply its file
+        /// again, then exit.
+        #[arg(long, requires = "config")]
+        reload: bool,
     },
     /// Listen on LISTEN and carry every connection (or UDP flow) to the
     /// exposed interface TO, until interrupted.
@@ -440,7 +458,20 @@ async fn enroll_fresh(
 }
 
 /// Run the parsed command.
-pub(crate) async fn run(cli: Cli) -> Result<()> {
+pub(crate) async fn run(mut cli: Cli) -> Result<()> {
+    if let Command::Up {
+        config,
+        check,
+        reload,
+    } = &cli.command
+    {
+        return match (check.clone(), config.clone(), *reload) {
+            (Some(file), _, _) => up::check(&file),
+            (None, Some(file), true) => up::reload(&cli, &file),
+            (None, Some(file), false) => up::run(&mut cli, &file).await,
+            (None, None, _) => bail!("give the agent's file: qmesh up --config FILE"),
+        };
+    }
     match &cli.command {
         Command::Listen { channel, out } => {
             let client = cli.connect(None).await?;
@@ -526,5 +557,6 @@ pub(crate) async fn run(cli: Cli) -> Result<()> {
             let client = cli.connect(None).await?;
             forward::run_forward(client, route).await
         }
+        Command::Up { .. } => unreachable!("handled above"),
     }
 }
