@@ -567,6 +567,17 @@ async fn expose_pipe(me: String, mut pipe: Pipe, expose: Expose, slot: Option<Sl
     }
 }
 
+/// Kernel buffer of each forwarding UDP socket, so a burst waits there
+/// (not dropped) while the process is busy; the kernel may grant less.
+const UDP_BUFFER: usize = 4 << 20;
+
+/// A UDP socket on `addr` with [`UDP_BUFFER`]-sized kernel buffers.
+fn udp_bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = qmesh_certs::transport::bind_udp(addr, UDP_BUFFER)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
 /// A UDP socket connected to `addr`, from an ephemeral port.
 async fn udp_towards(addr: SocketAddr) -> io::Result<UdpSocket> {
     let bind: SocketAddr = if addr.is_ipv4() {
@@ -574,7 +585,7 @@ async fn udp_towards(addr: SocketAddr) -> io::Result<UdpSocket> {
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    let socket = UdpSocket::bind(bind).await?;
+    let socket = udp_bind(bind)?;
     socket.connect(addr).await?;
     Ok(socket)
 }
@@ -810,7 +821,7 @@ impl Listener {
                 }
                 Listener::Unix(UnixListener::bind(p).map_err(failed)?, p.clone())
             }
-            Endpoint::Udp(a) => Listener::Udp(UdpSocket::bind(a).await.map_err(failed)?),
+            Endpoint::Udp(a) => Listener::Udp(udp_bind(*a).map_err(failed)?),
         })
     }
 }

@@ -19,6 +19,12 @@ use tempfile::TempDir;
 /// The longest a client program may run.
 const RUN: Duration = Duration::from_secs(120);
 
+/// The tests here share the machine: each takes this lock shared, and the
+/// UDP loss tests take it alone, so the loss they compare with the plain
+/// run is not the other tests' load on two cores.
+static LOAD: std::sync::LazyLock<tokio::sync::RwLock<()>> =
+    std::sync::LazyLock::new(|| tokio::sync::RwLock::new(()));
+
 /// A coordinator process with its development CA, and a state directory
 /// for the clients.
 struct Mesh {
@@ -187,11 +193,13 @@ async fn futures_join_all<T: Send + 'static>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_through_a_relayed_forward_gets_100_mib_whole_and_200_requests_at_once() {
+    let _shared = LOAD.read().await;
     http_through("relay").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_through_a_direct_forward_gets_100_mib_whole_and_200_requests_at_once() {
+    let _shared = LOAD.read().await;
     http_through("direct").await;
 }
 
@@ -287,11 +295,13 @@ async fn redis_through(mode: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_benchmark_through_relayed_tcp_and_unix_forwards() {
+    let _shared = LOAD.read().await;
     redis_through("relay").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_benchmark_through_direct_tcp_and_unix_forwards() {
+    let _shared = LOAD.read().await;
     redis_through("direct").await;
 }
 
@@ -390,11 +400,13 @@ async fn iperf_through(mode: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iperf3_tcp_and_udp_through_relayed_forwards() {
+    let _alone = LOAD.write().await;
     iperf_through("relay").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iperf3_tcp_and_udp_through_direct_forwards() {
+    let _alone = LOAD.write().await;
     iperf_through("direct").await;
 }
 
@@ -454,11 +466,13 @@ async fn half_close_through(mode: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_closed_connection_through_a_relayed_forward_gets_its_whole_reply() {
+    let _shared = LOAD.read().await;
     half_close_through("relay").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_closed_connection_through_a_direct_forward_gets_its_whole_reply() {
+    let _shared = LOAD.read().await;
     half_close_through("direct").await;
 }
 
@@ -584,16 +598,19 @@ async fn faults_through(mode: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_route_survives_its_target_and_its_exposer_going_away() {
+    let _shared = LOAD.read().await;
     faults_through("relay").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_route_survives_its_target_and_its_exposer_going_away() {
+    let _shared = LOAD.read().await;
     faults_through("direct").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_newest_connection_over_the_limit_is_refused_with_a_line() {
+    let _shared = LOAD.read().await;
     if !need(&["socat"]) {
         return;
     }
@@ -638,6 +655,7 @@ async fn the_newest_connection_over_the_limit_is_refused_with_a_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_listener_pointed_at_a_datagram_interface_is_refused_at_start() {
+    let _shared = LOAD.read().await;
     let mesh = Mesh::start().await;
     let _bob = mesh.expose("bob", "dns", "udp/$4:5353").await;
     let local = free_port();
@@ -676,6 +694,7 @@ fn agent_file(mesh: &Mesh, dir: &Path, name: &str, routes: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_adds_removes_and_keeps_routes_while_a_transfer_runs_on_a_kept_route() {
+    let _shared = LOAD.read().await;
     if !need(&["python3", "curl"]) {
         return;
     }
