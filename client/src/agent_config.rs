@@ -39,7 +39,7 @@
 //!   the client-name rules, expose names the channel-name rules
 //!   ([`qmesh_proto::name`]). `allow`, when given, names at least one
 //!   client; left out, the coordinator's policy decides who may open.
-//! - Targets and listen addresses are `tcp`, `unix` or `udp` ([`Kind::of`]),
+//! - Targets and listen addresses are `tcp`, `unix` or `udp` ([`kind_of`]),
 //!   with no subport. `tcp` and `udp` ones need a port other than 0; a
 //!   target cannot be a wildcard host (`*4`, `0.0.0.0`); a Unix path must
 //!   be absolute (`unix/run/x.sock` is the relative path `run/x.sock`).
@@ -73,12 +73,12 @@ use toml::Spanned;
 /// not given.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 /// A route's connection limit when `max_connections` is not given.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub use crate::forward::DEFAULT_MAX_CONNECTIONS;
 /// The largest `max_connections` a route may set.
 pub const MAX_CONNECTIONS_LIMIT: usize = 65536;
 /// How long a udp flow may stay silent before it is dropped, when
 /// `udp_idle` is not given.
-pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
+pub use crate::forward::DEFAULT_UDP_IDLE;
 
 /// The connector aliases a route endpoint may use, as listed in messages.
 const ENDPOINT_CONNECTORS: &str = "tcp, unix or udp";
@@ -90,40 +90,33 @@ const EXPOSE_KEYS: &[&str] = &["target", "allow", "max_connections", "udp_idle"]
 /// The keys allowed in a `[forward.NAME]` table.
 const FORWARD_KEYS: &[&str] = &["listen", "to", "mode", "max_connections", "udp_idle"];
 
-/// What an endpoint carries: a byte stream or datagrams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    /// A byte stream per connection: `tcp` and `unix`.
-    Stream,
-    /// Datagrams, grouped into flows by sender: `udp`.
-    Datagram,
-}
+/// What an endpoint carries: a byte stream (`tcp`, `unix`) or datagrams
+/// (`udp`); the same kind a forwarding interface's manifest states.
+pub use qmesh_proto::ForwardKind as Kind;
 
-impl Kind {
-    /// The kind of an endpoint address, by its connector's alias: `tcp`
-    /// and `unix` are [`Kind::Stream`], `udp` is [`Kind::Datagram`].
-    ///
-    /// Only the alias counts, as everywhere in connpipe addresses, so
-    /// `qmesh.core.tcp/$4:80` is a stream.
-    ///
-    /// # Errors
-    ///
-    /// [`UnsupportedConnector`] for any other connector (`quic`, `mesh`, …),
-    /// naming it and the connectors allowed.
-    pub fn of(address: &Address) -> Result<Kind, UnsupportedConnector> {
-        match address.connector().alias() {
-            "tcp" | "unix" => Ok(Kind::Stream),
-            "udp" => Ok(Kind::Datagram),
-            other => Err(UnsupportedConnector {
-                address: address.to_string(),
-                connector: other.to_owned(),
-            }),
-        }
+/// The kind of an endpoint address, by its connector's alias: `tcp` and
+/// `unix` are [`Kind::Stream`], `udp` is [`Kind::Datagram`].
+///
+/// Only the alias counts, as everywhere in connpipe addresses, so
+/// `qmesh.core.tcp/$4:80` is a stream.
+///
+/// # Errors
+///
+/// [`UnsupportedConnector`] for any other connector (`quic`, `mesh`, …),
+/// naming it and the connectors allowed.
+pub fn kind_of(address: &Address) -> Result<Kind, UnsupportedConnector> {
+    match address.connector().alias() {
+        "tcp" | "unix" => Ok(Kind::Stream),
+        "udp" => Ok(Kind::Datagram),
+        other => Err(UnsupportedConnector {
+            address: address.to_string(),
+            connector: other.to_owned(),
+        }),
     }
 }
 
 /// An endpoint address whose connector a route cannot listen on or
-/// connect to; see [`Kind::of`].
+/// connect to; see [`kind_of`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "connector {connector:?} in {address:?} cannot carry a route; \
@@ -184,7 +177,7 @@ pub struct Expose {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward {
     /// Where to listen: `tcp/host:port`, `unix//path` or `udp/host:port`;
-    /// its kind is `Kind::of(&listen)`, which [`parse`] has checked.
+    /// its kind is `kind_of(&listen)`, which [`parse`] has checked.
     pub listen: Address,
     /// The client to open channels to.
     pub to_peer: String,
@@ -837,7 +830,7 @@ impl Checker<'_> {
 /// What is wrong with an endpoint address, if anything; else its kind.
 /// `text` is the address as written, for messages.
 fn endpoint_problem(address: &Address, text: &str, role: Role) -> Result<Kind, String> {
-    let kind = Kind::of(address).map_err(|e| e.to_string())?;
+    let kind = kind_of(address).map_err(|e| e.to_string())?;
     let what = match role {
         Role::Target => "a target",
         Role::Listen => "a listen address",
@@ -1013,7 +1006,7 @@ udp_idle = "2m"
             }
         );
         let syslog = &config.forward["syslog"];
-        assert_eq!(Kind::of(&syslog.listen), Ok(Kind::Datagram));
+        assert_eq!(kind_of(&syslog.listen), Ok(Kind::Datagram));
         assert_eq!(syslog.udp_idle, Duration::from_secs(120));
         assert_eq!(syslog.mode, PathMode::Auto);
     }
@@ -1042,19 +1035,19 @@ udp_idle = "2m"
 
     #[test]
     fn kind_of_endpoint_addresses() {
-        assert_eq!(Kind::of(&addr("tcp/$4:80")), Ok(Kind::Stream));
-        assert_eq!(Kind::of(&addr("qmesh.core.tcp/$4:80")), Ok(Kind::Stream));
-        assert_eq!(Kind::of(&addr("unix//run/a.sock")), Ok(Kind::Stream));
-        assert_eq!(Kind::of(&addr("udp/$6:53")), Ok(Kind::Datagram));
-        let err = Kind::of(&addr("quic/$4:7447")).unwrap_err();
+        assert_eq!(kind_of(&addr("tcp/$4:80")), Ok(Kind::Stream));
+        assert_eq!(kind_of(&addr("qmesh.core.tcp/$4:80")), Ok(Kind::Stream));
+        assert_eq!(kind_of(&addr("unix//run/a.sock")), Ok(Kind::Stream));
+        assert_eq!(kind_of(&addr("udp/$6:53")), Ok(Kind::Datagram));
+        let err = kind_of(&addr("quic/$4:7447")).unwrap_err();
         assert_eq!(err.connector, "quic");
         assert_eq!(
             err.to_string(),
             "connector \"quic\" in \"quic/$4:7447\" cannot carry a route; use tcp, unix or udp"
         );
-        assert!(Kind::of(&addr("mesh/bob!chat")).is_err());
+        assert!(kind_of(&addr("mesh/bob!chat")).is_err());
         assert!(
-            Kind::of(&addr("Tcp/$4:80")).is_err(),
+            kind_of(&addr("Tcp/$4:80")).is_err(),
             "aliases are case-sensitive"
         );
     }
