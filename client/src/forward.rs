@@ -885,7 +885,13 @@ impl Link {
                 f.to,
                 ANSWER_TIMEOUT.as_secs()
             )),
-            Read::Finished | Read::Failed(_) => Err(format!("{} closed the connection", f.to)),
+            Read::Finished => Err(format!("{} closed the connection", f.to)),
+            Read::Failed(e) => {
+                let (send, recv) = pipe.halves();
+                let _ = send.reset(StreamCode::Malformed.varint());
+                let _ = recv.stop(StreamCode::Malformed.varint());
+                Err(format!("{} sent a bad answer: {e}", f.to))
+            }
         }
     }
 }
