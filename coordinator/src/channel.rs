@@ -176,6 +176,7 @@ async fn open(
     let side_a = Arc::new(ChannelSide {
         label: label.clone(),
         peer_conn: callee.conn.clone(),
+        peer: Arc::downgrade(&callee),
         peer_channel: b_id,
         streams: watch::Sender::new(StreamCount::default()),
         pipes: Default::default(),
@@ -183,6 +184,7 @@ async fn open(
     let side_b = Arc::new(ChannelSide {
         label: label.clone(),
         peer_conn: session.conn.clone(),
+        peer: Arc::downgrade(&session),
         peer_channel: a_id,
         streams: watch::Sender::new(StreamCount::default()),
         pipes: Default::default(),

@@ -162,11 +162,18 @@ pub(crate) async fn relay_pipe(
         let _ = a_send.reset(StreamCode::PeerLost.varint());
         return;
     };
+    // Each direction counts against the rate limit of the side that
+    // sends it.
+    let Some(peer) = side.peer.upgrade() else {
+        let _ = a_recv.stop(StreamCode::PeerLost.varint());
+        let _ = a_send.reset(StreamCode::PeerLost.varint());
+        return;
+    };
     shared.stats.streams_relayed.fetch_add(1, Ordering::Relaxed);
     trace!(channel = %side.label, "relaying pipe");
     tokio::join!(
         copy(&shared, &session, None, &mut a_recv, &mut b_send),
-        copy(&shared, &session, None, &mut b_recv, &mut a_send),
+        copy(&shared, &peer, None, &mut b_recv, &mut a_send),
     );
 }
 

@@ -167,6 +167,10 @@ pub(crate) struct ChannelSide {
     pub(crate) label: Arc<str>,
     /// The other side's connection.
     pub(crate) peer_conn: Connection,
+    /// The other side's session (weak: the two sessions' channel maps
+    /// would otherwise hold each other), whose rate limit its bytes on a
+    /// relayed pipe count against.
+    pub(crate) peer: std::sync::Weak<Session>,
     /// The channel's control stream id on the other side's connection.
     pub(crate) peer_channel: StreamId,
     /// Data streams this side has sent into the channel.

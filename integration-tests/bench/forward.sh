@@ -23,6 +23,8 @@
 # build; CACHE defaults to ~/.cache/qmesh-bench.
 # See docs/benchmarks.md, "Forwarding (protocol 6)".
 set -euo pipefail
+exec 3>&2  # the script's own stderr, for the exit trap (which may run
+           # inside a redirected command)
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -59,6 +61,7 @@ RATHOLE=$CACHE/bin/rathole
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/qmesh-fwbench.XXXXXX")
 PIDS=()
 LAST_PID=
+CURRENT=
 
 stop() {
     # stop PID...: TERM, up to 5 s, then KILL.
@@ -84,9 +87,10 @@ stop() {
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    if [ -n "$CURRENT" ]; then stop "$CURRENT"; fi
     if [ ${#PIDS[@]} -gt 0 ]; then stop "${PIDS[@]}"; fi
     if [ $rc -ne 0 ]; then
-        echo "forward.sh: failed (status $rc); logs were in $WORK" >&2
+        echo "forward.sh: stopped (status $rc); every process it started is stopped" >&3
     fi
     rm -rf "$WORK"
     exit $rc
@@ -102,6 +106,19 @@ start() {
     "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
+}
+
+run_fg() {
+    # run_fg CMD...: run CMD and wait for it. In the background and waited
+    # for with `wait`, so that Ctrl-C (or SIGINT/SIGTERM to this script)
+    # runs the trap at once: bash does not act on a SIGINT while a
+    # foreground command runs that exits normally (as timeout(1) does).
+    "$@" &
+    CURRENT=$!
+    local rc=0
+    wait "$CURRENT" || rc=$?
+    CURRENT=
+    return $rc
 }
 
 wait_line() {
@@ -251,14 +268,14 @@ run_once() {
     case $w in
         iperf)
             say "round $r, $path: iperf3 -t $IPERF_SECS"
-            if timeout 60 iperf3 -c 127.0.0.1 -p "$port" -t "$IPERF_SECS" -J >"$f.json" 2>"$f.err"; then
+            if run_fg timeout 60 iperf3 -c 127.0.0.1 -p "$port" -t "$IPERF_SECS" -J >"$f.json" 2>"$f.err"; then
                 "${HELPER[@]}" iperf "$f.json" "$path" >>"$RESULTS"
             else
                 echo "forward.sh: $path: iperf3 failed" >&2; cat "$f.json" "$f.err" >&2
             fi ;;
         redis)
             say "round $r, $path: redis-benchmark -t set,get -c $REDIS_C -n $REDIS_N"
-            if timeout 600 redis-benchmark -h 127.0.0.1 -p "$port" -t set,get \
+            if run_fg timeout 600 redis-benchmark -h 127.0.0.1 -p "$port" -t set,get \
                     -c "$REDIS_C" -n "$REDIS_N" --csv >"$f.csv" 2>"$f.err"; then
                 "${HELPER[@]}" redis "$f.csv" "$path" >>"$RESULTS"
             else
@@ -266,7 +283,7 @@ run_once() {
             fi ;;
         ttfb)
             say "round $r, $path: time to first byte, $TTFB_N connections"
-            if ! timeout 300 "${HELPER[@]}" ttfb "$port" "$TTFB_N" "$path" >>"$RESULTS" 2>"$f.err"; then
+            if ! run_fg timeout 300 "${HELPER[@]}" ttfb "$port" "$TTFB_N" "$path" >>"$RESULTS" 2>"$f.err"; then
                 echo "forward.sh: $path: first-byte client failed" >&2; cat "$f.err" >&2
             fi ;;
     esac
@@ -278,7 +295,7 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 for r in $(seq "$RUNS"); do
     # The raw quinn figure the iperf3 target is measured against.
     say "round $r: qmesh-bench --only bulk --runs 1 (raw quinn bulk)"
-    if "$BIN/qmesh-bench" --only bulk --runs 1 --json >"$WORK/quinn-$r.json" 2>"$WORK/quinn-$r.err"; then
+    if run_fg "$BIN/qmesh-bench" --only bulk --runs 1 --json >"$WORK/quinn-$r.json" 2>"$WORK/quinn-$r.err"; then
         "${HELPER[@]}" quinn "$WORK/quinn-$r.json" >>"$RESULTS"
     else
         echo "forward.sh: qmesh-bench failed:" >&2; cat "$WORK/quinn-$r.err" >&2
