@@ -101,3 +101,51 @@ async fn a_bad_answer_on_a_pipe_closes_only_that_connection() {
     );
     bob_side.abort();
 }
+
+#[tokio::test]
+async fn an_exposer_flooding_a_relayed_pipe_is_cut_off_not_the_forwarder() {
+    use qmesh_client::PathMode;
+    use qmesh_coordinator::limit::RateLimits;
+    use qmesh_integration_tests::open_pair_with;
+    use std::time::Duration;
+
+    let mesh = Mesh::start_with(|c| {
+        c.rate = RateLimits {
+            bytes_per_sec: Some(64 * 1024),
+            messages_per_sec: None,
+            burst: Duration::from_millis(250),
+            flood_after: Duration::from_secs(1),
+        };
+    })
+    .await;
+    let (alice, bob) = tokio::join!(mesh.client("alice"), mesh.client("bob"));
+    let (to_bob, from_alice) = open_pair_with(&alice, &bob, "web", PathMode::Relay).await;
+    // Alice sends a few bytes on each pipe; bob answers each with 1 MiB:
+    // 16 MiB from bob at a 64 KiB/s limit, far past one second of backlog.
+    let mut pipes = Vec::new();
+    for _ in 0..16 {
+        let mut pipe = within_ok(STEP, "a pipe", to_bob.open_pipe()).await;
+        let (send, _) = pipe.halves();
+        send.write_all(b"get").await.expect("request");
+        pipes.push(pipe);
+    }
+    let flood = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(mut pipe) = from_alice.accept_pipe().await {
+            let (send, _) = pipe.halves();
+            let _ = send.write_all(&vec![7u8; 1 << 20]).await;
+            held.push(pipe);
+        }
+    });
+    let why = within(STEP, "bob cut off", bob.closed()).await;
+    assert!(why.contains("rate limit exceeded"), "{why}");
+    // Alice, who sent 48 bytes, keeps her session.
+    let _carol = mesh.client("carol").await;
+    let peers = within_ok(STEP, "alice listing peers", alice.peers()).await;
+    assert!(
+        peers.iter().any(|p| p.name == "carol"),
+        "alice's session is gone"
+    );
+    flood.abort();
+    drop(pipes);
+}
