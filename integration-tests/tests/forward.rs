@@ -831,3 +831,68 @@ async fn a_reload_adds_removes_and_keeps_routes_while_a_transfer_runs_on_a_kept_
         "the transfer on the kept route arrived changed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exposed_interface_refuses_peers_not_in_its_allow_list() {
+    let _shared = LOAD.read().await;
+    if !need(&["socat"]) {
+        return;
+    }
+    let (_echo, port) = programs::socat_echo();
+    let mesh = Mesh::start().await;
+    let mut bob = mesh.qmesh(&[
+        "--name",
+        "bob",
+        "expose",
+        "echo",
+        &format!("tcp/$4:{port}"),
+        "--allow",
+        "alice",
+    ]);
+    bob.stdout_line("`exposing`", |l| l.starts_with("exposing "))
+        .await;
+    let (allowed, refused) = (free_port(), free_port());
+    let _alice = mesh
+        .forward(
+            "alice",
+            "relay",
+            &format!("tcp/$4:{allowed}"),
+            "mesh/bob!echo",
+            &[],
+        )
+        .await;
+    let mut dave = mesh.qmesh(&[
+        "--name",
+        "dave",
+        "forward",
+        "--mode",
+        "relay",
+        &format!("tcp/$4:{refused}"),
+        "mesh/bob!echo",
+    ]);
+    // Dave's listener is up, but no route line comes: the channel is refused.
+    let closed = tokio::task::spawn_blocking(move || {
+        for _ in 0..500 {
+            if TcpStream::connect(("127.0.0.1", refused)).is_ok() {
+                return echo_once(refused);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("dave's listener never came up");
+    })
+    .await
+    .expect("thread");
+    assert_eq!(closed, None, "dave, not in the allow list, got an echo");
+    dave.stderr_line("the refusal", |l| {
+        l.contains("dave is not allowed to open echo")
+    })
+    .await;
+    let echoed = tokio::task::spawn_blocking(move || echo_once(allowed))
+        .await
+        .expect("thread");
+    assert_eq!(
+        echoed.as_deref(),
+        Some("ping\n"),
+        "alice, in the allow list"
+    );
+}
