@@ -12,7 +12,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use qmesh_integration_tests::process::{qmesh, Proc};
-use qmesh_integration_tests::programs::{self, free_port, free_udp_port, require, show};
+use qmesh_integration_tests::programs::{self, free_port, require, show};
 use qmesh_integration_tests::target::CoordinatorProc;
 use tempfile::TempDir;
 
@@ -305,6 +305,17 @@ async fn redis_benchmark_through_direct_tcp_and_unix_forwards() {
     redis_through("direct").await;
 }
 
+/// A port free for both TCP and UDP on 127.0.0.1 (iperf3 uses one port
+/// for both).
+fn free_tcp_and_udp_port() -> u16 {
+    loop {
+        let port = free_port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// A number from iperf3's JSON output at `path` (dot-separated keys).
 fn json_number(out: &Output, path: &str) -> f64 {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
@@ -328,7 +339,7 @@ async fn iperf_through(mode: &str) {
     let _bob_udp = mesh
         .expose("bob-udp", "iperf", &format!("udp/$4:{port}"))
         .await;
-    let local = free_udp_port();
+    let local = free_tcp_and_udp_port();
     let _alice = mesh
         .forward(
             "alice",
