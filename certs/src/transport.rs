@@ -106,6 +106,11 @@ impl Tuning {
         t.send_window(self.send_window);
         t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_bidi_streams));
         t.max_concurrent_uni_streams(VarInt::from_u32(self.max_uni_streams));
+        // No QUIC datagrams: nothing reads them on a session, so a peer's
+        // would only fill a buffer. A DATAGRAM frame from the peer then
+        // closes the connection (PROTOCOL_VIOLATION). Direct connections
+        // turn them on for forwarded UDP.
+        t.datagram_receive_buffer_size(None);
         t
     }
 }

@@ -330,7 +330,11 @@ impl Shared {
             }
         };
         let ((send, recv), path) = opened.map_err(StreamError::Session)?;
-        Ok(Pipe::new(send, recv, path, None))
+        let datagrams = match (path, &self.direct) {
+            (Path::Direct { .. }, Some(direct)) => Some((conn, direct.flows())),
+            _ => None,
+        };
+        Ok(Pipe::new(send, recv, path, datagrams, None))
     }
 
     /// Carry out a transition that may close: finish the message stream

@@ -27,6 +27,7 @@ use tokio::task::JoinSet;
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn, Instrument, Span};
 
+use crate::datagram::Flows;
 use crate::end::Path;
 use crate::pipe::Pipe;
 use crate::routes::Route;
@@ -109,6 +110,8 @@ pub(crate) struct Direct {
     routes: Mutex<HashMap<ChannelId, (Fingerprint, Route)>>,
     /// Wakes stream routers waiting for a route to be registered.
     routed: Notify,
+    /// The datagram ports of direct pipes (§20.4).
+    flows: Arc<Flows>,
     tuning: Tuning,
     timeout: Duration,
     grace: Duration,
@@ -134,6 +137,11 @@ pub(crate) struct DirectParts {
 }
 
 impl Direct {
+    /// The datagram ports of this endpoint's direct pipes.
+    pub(crate) fn flows(&self) -> Arc<Flows> {
+        self.flows.clone()
+    }
+
     /// Start accepting direct connections on `parts.endpoint`.
     pub(crate) fn start(parts: DirectParts) -> Arc<Direct> {
         let direct = Arc::new(Direct {
@@ -143,6 +151,7 @@ impl Direct {
             peers: parts.peers,
             routes: Mutex::new(HashMap::new()),
             routed: Notify::new(),
+            flows: Arc::default(),
             tuning: parts.tuning,
             timeout: parts.timeout,
             grace: parts.grace,
@@ -466,8 +475,13 @@ impl Direct {
                         let me = self.clone();
                         let fp = peer.fingerprint;
                         let path = Path::Direct { remote: conn.remote_address() };
-                        tokio::spawn(async move { me.route_pipe(Pipe::new(send, recv, path, Some(guard)), fp).await }.in_current_span());
+                        let pipe = Pipe::new(send, recv, path, Some((conn.clone(), self.flows.clone())), Some(guard));
+                        tokio::spawn(async move { me.route_pipe(pipe, fp).await }.in_current_span());
                     }
+                    Err(e) => break qmesh_certs::transport::describe_close(&e),
+                },
+                datagram = conn.read_datagram() => match datagram {
+                    Ok(d) => self.flows.dispatch(&conn, d),
                     Err(e) => break qmesh_certs::transport::describe_close(&e),
                 },
             }
@@ -679,6 +693,10 @@ impl Direct {
     }
 }
 
+/// Bytes of QUIC datagrams a direct connection holds before the
+/// dispatcher reads them; past it quinn drops the oldest.
+const DATAGRAM_BUFFER: usize = 1 << 20;
+
 /// Transport settings of direct connections: the client's, with a short
 /// initial RTT estimate (10 ms), so that a dial whose first packet met a NAT
 /// the peer had not punched open yet is sent again after about 35 ms rather
@@ -687,5 +705,7 @@ impl Direct {
 pub(crate) fn direct_transport(tuning: &Tuning) -> Arc<quinn::TransportConfig> {
     let mut t = tuning.transport();
     t.initial_rtt(Duration::from_millis(10));
+    // Direct pipes carry UDP flows as QUIC datagrams (§20.4).
+    t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
     Arc::new(t)
 }

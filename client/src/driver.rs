@@ -93,7 +93,7 @@ async fn arrival(
         })) => (from.into_string(), channel.into_string(), path),
         Read::Frame(Arrival::Pipe { channel }) => {
             let route = lock(&routes).get(&channel).cloned();
-            let pipe = Pipe::new(send, recv, Path::Relay, Some(guard));
+            let pipe = Pipe::new(send, recv, Path::Relay, None, Some(guard));
             let refused = match route {
                 Some(route) => route.deliver_pipe(pipe).await.err(),
                 None => Some(pipe),

@@ -24,7 +24,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::channel::{Channel, IncomingChannel};
 use crate::client::Client;
+use crate::datagram::{Port, Sent};
 use crate::pipe::Pipe;
 use crate::sync::lock;
 
@@ -58,8 +59,9 @@ pub const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
 /// How long the forwarder waits for the exposer's [`PipeAnswer`].
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The largest UDP payload (IPv4: 65,535 less the IP and UDP headers).
-const MAX_DATAGRAM: usize = 65_507;
+/// Room for any UDP payload (IPv6 allows 65,527 bytes, IPv4 65,507), so
+/// none is truncated on receipt.
+const UDP_BUF: usize = 65_536;
 
 /// A local endpoint: what an exposed interface connects to, or where a
 /// forward listens.
@@ -536,6 +538,12 @@ async fn expose_pipe(me: String, mut pipe: Pipe, expose: Expose, slot: Option<Sl
         return refuse_pipe(send, reason).await;
     };
     let failed = |e: io::Error| format!("{me}: {}", connect_failure(&expose.target, &e));
+    // Registered before `Connected`, so no datagram of the flow finds it
+    // missing.
+    let port = match expose.target {
+        Endpoint::Udp(_) => pipe.datagram_port(),
+        _ => None,
+    };
     let (send, recv) = pipe.halves();
     let work = async {
         match &expose.target {
@@ -557,7 +565,12 @@ async fn expose_pipe(me: String, mut pipe: Pipe, expose: Expose, slot: Option<Sl
                 };
                 if answer(send, &PipeAnswer::Connected).await {
                     let mut local = UdpLocal::Connected(&socket);
-                    udp_flow(&mut local, send, recv, expose.udp_idle).await;
+                    let drops = Drops::new(format!(
+                        "{me}: {}: UDP flow to {}",
+                        expose.name, expose.target
+                    ));
+                    let flow = Flow { send, recv, port };
+                    udp_flow(&mut local, flow, expose.udp_idle, &drops).await;
                 }
             }
         }
@@ -624,40 +637,113 @@ impl UdpLocal<'_> {
         }
     }
 
-    /// Send one datagram to the local side (losses are UDP's own).
-    async fn send(&self, datagram: &[u8]) {
-        let _ = match self {
+    /// Send one datagram to the local side; one it refuses is counted in
+    /// `drops`.
+    async fn send(&self, datagram: &[u8], drops: &Drops) {
+        let sent = match self {
             UdpLocal::Connected(s) => s.send(datagram).await,
             UdpLocal::Listener { socket, source, .. } => socket.send_to(datagram, *source).await,
         };
+        match sent {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                drops.note(datagram.len(), "nothing listens there (port unreachable)")
+            }
+            Err(e) => drops.note(datagram.len(), format_args!("it could not be sent: {e}")),
+        }
     }
 }
 
-/// Carry one UDP flow: each datagram behind a 2-byte length on the pipe,
-/// both ways, until either side ends it or it is idle for `idle`.
-async fn udp_flow(
-    local: &mut UdpLocal<'_>,
-    send: &mut SendStream,
-    recv: &mut RecvStream,
-    idle: Duration,
-) {
-    let mut up = vec![0u8; MAX_DATAGRAM];
+/// The datagrams one UDP flow dropped. The first drop is logged; the rest
+/// are counted, and the count is logged when the flow ends.
+#[derive(Debug)]
+struct Drops {
+    /// The flow, as log lines name it.
+    flow: String,
+    count: AtomicU64,
+}
+
+impl Drops {
+    fn new(flow: String) -> Self {
+        Self {
+            flow,
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Count one dropped datagram of `size` bytes; log the first.
+    fn note(&self, size: usize, why: impl fmt::Display) {
+        if self.count.fetch_add(1, Ordering::Relaxed) == 0 {
+            warn!(
+                "{}: dropped a {size}-byte datagram: {why}; further drops on this flow are counted, not logged",
+                self.flow
+            );
+        }
+    }
+}
+
+/// The pipe of one UDP flow: its stream halves and, on a direct
+/// connection, its QUIC datagrams.
+struct Flow<'a> {
+    send: &'a mut SendStream,
+    recv: &'a mut RecvStream,
+    port: Option<Port>,
+}
+
+/// The next datagram from the peer on `port`; never, without one.
+async fn from_port(port: &mut Option<Port>) -> bytes::Bytes {
+    if let Some(p) = port {
+        if let Some(d) = p.recv().await {
+            return d;
+        }
+    }
+    std::future::pending().await
+}
+
+/// Carry one UDP flow both ways until either side ends it or it is idle
+/// for `idle`. Each datagram goes as a QUIC datagram when the pipe has a
+/// port and it fits; otherwise behind a 2-byte length on the pipe's
+/// stream. Both arrive from the peer the same ways.
+async fn udp_flow(local: &mut UdpLocal<'_>, flow: Flow<'_>, idle: Duration, drops: &Drops) {
+    let Flow {
+        send,
+        recv,
+        mut port,
+    } = flow;
+    let mut up = vec![0u8; UDP_BUF];
     // Bytes read from the pipe and not yet a whole datagram: at most one
     // datagram and its length, plus one chunk.
     let mut down = bytes::BytesMut::new();
+    let (mut as_datagrams, mut framed) = (0u64, 0u64);
     let mut deadline = tokio::time::Instant::now() + idle;
     loop {
         tokio::select! {
             got = local.recv(&mut up) => {
                 let Some(n) = got else { break };
-                let mut framed = Vec::with_capacity(n + 2);
-                framed.extend_from_slice(&(n as u16).to_be_bytes());
-                framed.extend_from_slice(&up[..n]);
-                if send.write_all(&framed).await.is_err() {
-                    break;
+                let sent = match &port {
+                    Some(p) => p.send(&up[..n]).await,
+                    None => Sent::TooLarge,
+                };
+                match sent {
+                    Sent::Datagram => as_datagrams += 1,
+                    Sent::Closed => break,
+                    Sent::TooLarge => {
+                        let Ok(len) = u16::try_from(n) else {
+                            drops.note(n, "it is larger than a pipe frame holds (65,535 bytes)");
+                            continue;
+                        };
+                        let mut frame = Vec::with_capacity(n + 2);
+                        frame.extend_from_slice(&len.to_be_bytes());
+                        frame.extend_from_slice(&up[..n]);
+                        if send.write_all(&frame).await.is_err() {
+                            break;
+                        }
+                        framed += 1;
+                    }
                 }
             }
-            chunk = recv.read_chunk(MAX_DATAGRAM + 2, true) => {
+            datagram = from_port(&mut port) => local.send(&datagram, drops).await,
+            chunk = recv.read_chunk(UDP_BUF + 2, true) => {
                 let Ok(Some(chunk)) = chunk else { break };
                 down.extend_from_slice(&chunk.bytes);
                 while let Some(len) = down.first_chunk::<2>().map(|l| usize::from(u16::from_be_bytes(*l))) {
@@ -665,7 +751,7 @@ async fn udp_flow(
                         break;
                     }
                     let datagram = down.split_to(2 + len);
-                    local.send(&datagram[2..]).await;
+                    local.send(&datagram[2..], drops).await;
                 }
             }
             _ = tokio::time::sleep_until(deadline) => {
@@ -674,6 +760,18 @@ async fn udp_flow(
             }
         }
         deadline = tokio::time::Instant::now() + idle;
+    }
+    let dropped = drops.count.load(Ordering::Relaxed) + port.as_ref().map_or(0, Port::dropped);
+    if dropped > 0 {
+        warn!(
+            "{}: flow ended; {dropped} datagrams dropped, {as_datagrams} sent as QUIC datagrams, {framed} framed",
+            drops.flow
+        );
+    } else {
+        debug!(
+            "{}: flow ended; {as_datagrams} datagrams sent as QUIC datagrams, {framed} framed",
+            drops.flow
+        );
     }
     let _ = send.finish();
 }
@@ -949,9 +1047,9 @@ const FLOW_QUEUE: usize = 256;
 /// Receive datagrams on `socket` and carry each source address's as one
 /// flow, until `stop` fires.
 async fn udp_listen(link: Arc<Link>, socket: Arc<UdpSocket>, slots: Slots, stop: Stop) {
-    type Flows = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>>;
+    type Flows = Arc<Mutex<HashMap<SocketAddr, (mpsc::Sender<Vec<u8>>, Arc<Drops>)>>>;
     let flows: Flows = Arc::default();
-    let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+    let mut buf = vec![0u8; UDP_BUF];
     loop {
         let got = tokio::select! {
             got = socket.recv_from(&mut buf) => got,
@@ -959,29 +1057,38 @@ async fn udp_listen(link: Arc<Link>, socket: Arc<UdpSocket>, slots: Slots, stop:
         };
         let Ok((n, source)) = got else { continue };
         let datagram = buf[..n].to_vec();
-        let tx = lock(&flows).get(&source).cloned();
-        let tx = match tx {
-            Some(tx) => tx,
+        let flow = lock(&flows).get(&source).cloned();
+        let (tx, drops) = match flow {
+            Some(flow) => flow,
             None => {
                 let Some(slot) = slots.take(link.forward.max_connections) else {
                     warn!(route = %link.forward.name, %source, "dropping a datagram from a new source: the route carries the most flows allowed");
                     continue;
                 };
                 let (tx, rx) = mpsc::channel(FLOW_QUEUE);
-                lock(&flows).insert(source, tx.clone());
-                let (link, socket, flows, stop) =
-                    (link.clone(), socket.clone(), flows.clone(), stop.clone());
+                let drops = Arc::new(Drops::new(format!(
+                    "route {}: UDP flow from {source}",
+                    link.forward.name
+                )));
+                lock(&flows).insert(source, (tx.clone(), drops.clone()));
+                let (link, socket, flows, stop, flow_drops) = (
+                    link.clone(),
+                    socket.clone(),
+                    flows.clone(),
+                    stop.clone(),
+                    drops.clone(),
+                );
                 tokio::spawn(async move {
-                    udp_forward_flow(&link, &socket, source, rx, &stop).await;
+                    udp_forward_flow(&link, &socket, source, rx, &stop, &flow_drops).await;
                     lock(&flows).remove(&source);
                     drop(slot);
                 });
-                tx
+                (tx, drops)
             }
         };
         // A flow that cannot keep up loses datagrams, as UDP may.
         if tx.try_send(datagram).is_err() {
-            debug!(route = %link.forward.name, %source, "flow queue full; dropping a datagram");
+            drops.note(n, "its flow has 256 datagrams waiting for the pipe");
         }
     }
 }
@@ -993,6 +1100,7 @@ async fn udp_forward_flow(
     source: SocketAddr,
     datagrams: mpsc::Receiver<Vec<u8>>,
     stop: &Stop,
+    drops: &Drops,
 ) {
     let mut pipe = match link.pipe().await {
         Ok(p) => p,
@@ -1002,13 +1110,15 @@ async fn udp_forward_flow(
         }
     };
     let idle = link.forward.udp_idle;
+    let port = pipe.datagram_port();
     let (send, recv) = pipe.halves();
+    let flow = Flow { send, recv, port };
     let mut local = UdpLocal::Listener {
         socket,
         source,
         datagrams,
     };
-    if or_expired(stop, udp_flow(&mut local, send, recv, idle)).await {
+    if or_expired(stop, udp_flow(&mut local, flow, idle, drops)).await {
         route_closed(&mut pipe);
     }
 }

@@ -82,6 +82,7 @@ pub mod channel;
 pub mod client;
 pub mod config;
 mod connect;
+mod datagram;
 mod direct;
 mod driver;
 mod end;

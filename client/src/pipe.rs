@@ -13,9 +13,12 @@
 //! not counted in a channel's close: each lives until both its directions
 //! end, or its connection does.
 
-use qmesh_certs::transport::StreamGuard;
-use quinn::{RecvStream, SendStream};
+use std::sync::Arc;
 
+use qmesh_certs::transport::StreamGuard;
+use quinn::{Connection, RecvStream, SendStream};
+
+use crate::datagram::{Flows, Port};
 use crate::end::Path;
 
 /// A bidirectional byte stream on a channel.
@@ -24,6 +27,8 @@ pub struct Pipe {
     send: SendStream,
     recv: RecvStream,
     path: Path,
+    /// On a direct connection: the connection and its datagram ports.
+    datagrams: Option<(Connection, Arc<Flows>)>,
     /// Counts a peer-opened pipe against this client's stream allowance.
     _guard: Option<StreamGuard>,
 }
@@ -33,12 +38,14 @@ impl Pipe {
         send: SendStream,
         recv: RecvStream,
         path: Path,
+        datagrams: Option<(Connection, Arc<Flows>)>,
         guard: Option<StreamGuard>,
     ) -> Self {
         Self {
             send,
             recv,
             path,
+            datagrams,
             _guard: guard,
         }
     }
@@ -46,6 +53,14 @@ impl Pipe {
     /// The path the pipe took when it was opened; it keeps it to its end.
     pub fn path(&self) -> Path {
         self.path
+    }
+
+    /// This pipe's QUIC datagrams (§20.4), on a direct connection; `None`
+    /// on a relayed pipe. Datagrams the peer sends on this pipe before the
+    /// port exists are dropped.
+    pub(crate) fn datagram_port(&self) -> Option<Port> {
+        let (conn, flows) = self.datagrams.as_ref()?;
+        flows.port(conn.clone(), self.send.id().into())
     }
 
     /// The two halves: what this side writes, and what it reads.

@@ -233,8 +233,17 @@ fn command_line<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
 /// tells it is serving. A server that exits before it is ready (its port
 /// taken meanwhile) is started again on another port, a few times.
 fn serve(start: impl Fn(u16) -> Program, ready: impl Fn(u16) -> bool) -> (Program, u16) {
+    serve_on(free_port, start, ready)
+}
+
+/// As [`serve`], on ports from `pick`.
+fn serve_on(
+    pick: fn() -> u16,
+    start: impl Fn(u16) -> Program,
+    ready: impl Fn(u16) -> bool,
+) -> (Program, u16) {
     for attempt in 1..=START_ATTEMPTS {
-        let port = free_port();
+        let port = pick();
         let mut program = start(port);
         if program.wait_ready(attempt < START_ATTEMPTS, || ready(port)) {
             return (program, port);
@@ -367,6 +376,34 @@ pub fn socat_echo() -> (Program, u16) {
         },
         accepts,
     )
+}
+
+/// A socat UDP echo on a port of 127.0.0.1: each datagram, up to 65,536
+/// bytes, goes back whole to the address it came from; once it answers;
+/// and its port.
+pub fn socat_udp_echo() -> (Program, u16) {
+    serve_on(
+        free_udp_port,
+        |port| {
+            let listen = format!("UDP4-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork");
+            Program::start(
+                "socat",
+                &["-b", "65536", "-T", "60", listen.as_str(), "PIPE"],
+            )
+        },
+        echoes,
+    )
+}
+
+/// Whether a datagram to 127.0.0.1:`port` comes back.
+fn echoes(port: u16) -> bool {
+    let Ok(socket) = UdpSocket::bind("127.0.0.1:0") else {
+        return false;
+    };
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = [0u8; 16];
+    socket.send_to(b"ready?", local(port)).is_ok()
+        && matches!(socket.recv(&mut buf), Ok(6) if &buf[..6] == b"ready?")
 }
 
 /// Run a client program to its end with empty stdin, and return what it

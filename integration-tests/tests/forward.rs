@@ -421,6 +421,181 @@ async fn iperf3_tcp_and_udp_through_direct_forwards() {
     iperf_through("direct").await;
 }
 
+/// Log filter of the UDP tests' clients: `info`, and the forwarding
+/// module's `debug` lines, where a flow's end is counted.
+const FLOW_LOG: &str = "info,qmesh_client::forward=debug";
+
+/// Send each of `datagrams` to `to` from one socket (one flow) and check
+/// that each comes back whole before the next goes.
+async fn echo_each(to: std::net::SocketAddr, datagrams: Vec<Vec<u8>>) {
+    tokio::task::spawn_blocking(move || {
+        let bind = if to.is_ipv4() {
+            "127.0.0.1:0"
+        } else {
+            "[::1]:0"
+        };
+        let socket = std::net::UdpSocket::bind(bind).expect("binding a UDP socket");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        let mut buf = vec![0u8; 1 << 16];
+        for (i, d) in datagrams.iter().enumerate() {
+            socket.send_to(d, to).expect("sending a datagram");
+            let n = socket
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("datagram {i} ({} bytes) got no echo: {e}", d.len()));
+            assert_eq!(
+                &buf[..n],
+                &d[..],
+                "the echo of datagram {i} ({} bytes)",
+                d.len()
+            );
+        }
+    })
+    .await
+    .expect("the UDP client's thread");
+}
+
+/// The UDP echo exposed as `bob!echo`, with a 1 s idle time and the flow
+/// log lines on.
+async fn expose_udp_echo(mesh: &Mesh, port: u16) -> Proc {
+    let target = format!("udp/$4:{port}");
+    let mut bob = mesh.qmesh(&[
+        "--name",
+        "bob",
+        "--log",
+        FLOW_LOG,
+        "expose",
+        "--udp-idle",
+        "1",
+        "echo",
+        &target,
+    ]);
+    bob.stdout_line("`exposing`", |l| l.starts_with("exposing "))
+        .await;
+    bob
+}
+
+async fn udp_datagrams_through(mode: &str) {
+    if !need(&["socat"]) {
+        return;
+    }
+    let _shared = LOAD.read().await;
+    let mesh = Mesh::start().await;
+    let (_echo, port) = programs::socat_udp_echo();
+    let mut bob = expose_udp_echo(&mesh, port).await;
+    let local = programs::free_udp_port();
+    let listen = format!("udp/$4:{local}");
+    let mut alice = mesh
+        .forward(
+            "alice",
+            mode,
+            &listen,
+            "mesh/bob!echo",
+            &["--udp-idle", "1", "--log", FLOW_LOG],
+        )
+        .await;
+    // Ten that fit in a QUIC datagram, then three that do not.
+    let mut datagrams: Vec<Vec<u8>> = (0..10)
+        .map(|i| qmesh_integration_tests::payload(i, 200))
+        .collect();
+    datagrams.extend((10..13).map(|i| qmesh_integration_tests::payload(i, 8_000)));
+    echo_each(([127, 0, 0, 1], local).into(), datagrams).await;
+    let want = if mode == "direct" {
+        "10 datagrams sent as QUIC datagrams, 3 framed"
+    } else {
+        "0 datagrams sent as QUIC datagrams, 13 framed"
+    };
+    for (who, p) in [("alice", &mut alice), ("bob", &mut bob)] {
+        let end = p
+            .stderr_line("a UDP flow's end", |l| l.contains("flow ended;"))
+            .await;
+        assert!(end.contains(want), "{mode}: {who} counted otherwise: {end}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_datagrams_through_a_relayed_forward_all_go_framed() {
+    udp_datagrams_through("relay").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_datagrams_through_a_direct_forward_go_as_quic_datagrams_when_they_fit() {
+    udp_datagrams_through("direct").await;
+}
+
+async fn oversized_datagrams_through(mode: &str) {
+    if !need(&["socat"]) {
+        return;
+    }
+    let _shared = LOAD.read().await;
+    let mesh = Mesh::start().await;
+    let (_echo, port) = programs::socat_udp_echo();
+    let mut bob = expose_udp_echo(&mesh, port).await;
+    // An IPv6 listener takes 65,520-byte datagrams; the IPv4 target
+    // cannot (65,507 at most).
+    let local = std::net::UdpSocket::bind("[::1]:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port on ::1")
+        .port();
+    let listen = format!("udp/$6:{local}");
+    let _alice = mesh
+        .forward(
+            "alice",
+            mode,
+            &listen,
+            "mesh/bob!echo",
+            &["--udp-idle", "1"],
+        )
+        .await;
+    let to: std::net::SocketAddr = (std::net::Ipv6Addr::LOCALHOST, local).into();
+    tokio::task::spawn_blocking(move || {
+        let socket = std::net::UdpSocket::bind("[::1]:0").expect("binding a UDP socket");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        for seed in [1, 2] {
+            let big = qmesh_integration_tests::payload(seed, 65_520);
+            socket
+                .send_to(&big, to)
+                .expect("sending 65,520 bytes on ::1");
+        }
+        // The flow carries on after them.
+        socket.send_to(b"after", to).expect("sending a datagram");
+        let mut buf = vec![0u8; 1 << 16];
+        let n = socket
+            .recv(&mut buf)
+            .expect("the echo of a datagram after two dropped");
+        assert_eq!(&buf[..n], b"after");
+    })
+    .await
+    .expect("the UDP client's thread");
+    let logged = std::cell::Cell::new(0);
+    let end = bob
+        .stderr_line("the oversized flow's end", |l| {
+            if l.contains("dropped a 65520-byte datagram") {
+                logged.set(logged.get() + 1);
+            }
+            l.contains("flow ended;") && l.contains("datagrams dropped")
+        })
+        .await;
+    assert_eq!(logged.get(), 1, "{mode}: the first drop is logged, once");
+    assert!(
+        end.contains("flow ended; 2 datagrams dropped"),
+        "{mode}: both drops are counted: {end}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datagram_too_large_for_the_target_is_dropped_counted_and_logged_once_relayed() {
+    oversized_datagrams_through("relay").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datagram_too_large_for_the_target_is_dropped_counted_and_logged_once_direct() {
+    oversized_datagrams_through("direct").await;
+}
+
 /// A TCP server that reads until the client's half-close, then answers
 /// with the count: `socat … SYSTEM:'wc -c'`.
 fn counting_server() -> (programs::Program, u16) {

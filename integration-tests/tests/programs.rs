@@ -8,7 +8,7 @@ use std::time::Duration;
 use qmesh_integration_tests::payload;
 use qmesh_integration_tests::programs::{
     http_server, iperf3_server, redis_tcp, redis_unix, require, run, run_with_input, sha256_file,
-    show, socat_echo, Program,
+    show, socat_echo, socat_udp_echo, Program,
 };
 
 /// The longest a client program here may run.
@@ -163,4 +163,27 @@ fn a_dropped_program_is_stopped() {
 #[should_panic(expected = "ran longer than")]
 fn a_client_program_over_its_limit_is_killed() {
     run("sleep", &["600"], Duration::from_millis(300));
+}
+
+#[test]
+fn socat_echoes_datagrams_whole_to_their_sender() {
+    if !all_installed(&["socat"]) {
+        return;
+    }
+    let (server, port) = socat_udp_echo();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("binding a UDP socket");
+    socket
+        .set_read_timeout(Some(LIMIT))
+        .expect("setting a read timeout");
+    let mut buf = vec![0u8; 1 << 16];
+    for len in [1usize, 1_400, 60_000] {
+        let datagram = payload(len as u64, len);
+        socket
+            .send_to(&datagram, ("127.0.0.1", port))
+            .expect("sending a datagram");
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no echo of {len} bytes: {e}\n{}", server.log()));
+        assert_eq!(&buf[..n], &datagram[..], "the echo of {len} bytes");
+    }
 }

@@ -18,6 +18,8 @@
 //! - [`codec`]: the one module that turns messages into bytes and back, with
 //!   length-prefixed frames and size limits.
 //! - [`codes`]: typed connection and stream close codes and rejection codes.
+//! - `datagram` (feature `quic`): how a direct pipe's UDP datagrams travel
+//!   as QUIC datagrams.
 //! - [`limits`]: protocol constants: ALPN, version, frame and message limits.
 //! - [`manifest`]: interfaces a client offers and their manifests.
 //! - [`heartbeat`]: pings on the session stream, and when silence means lost.
@@ -30,6 +32,8 @@
 pub mod address;
 pub mod codec;
 pub mod codes;
+#[cfg(feature = "quic")]
+pub mod datagram;
 pub mod envelope;
 pub mod heartbeat;
 pub mod ids;

@@ -28,7 +28,7 @@ pub(crate) const FILE_CHUNK: usize = 1024 * 1024;
 
 /// Talk to peers over a qmesh coordinator.
 #[derive(Debug, Parser)]
-#[command(name = "qmesh", version)]
+#[command(name = "qmesh", version, args_override_self = true)]
 pub(crate) struct Cli {
     /// The coordinator, as a connpipe address.
     #[arg(
@@ -82,7 +82,8 @@ pub(crate) struct Cli {
     /// lost.
     #[arg(long, global = true, default_value_t = 3)]
     heartbeat_misses: u32,
-    /// Log filter, e.g. `info` or `debug` (else RUST_LOG).
+    /// Log filter, e.g. `info` or `debug` (else RUST_LOG); the last one
+    /// given counts.
     #[arg(long, global = true)]
     pub(crate) log: Option<String>,
     #[command(subcommand)]
