@@ -297,10 +297,10 @@ impl Stopper {
 }
 
 impl Stop {
-    /// A stop that never fires.
+    /// A stop that never fires: its stopper is gone, which
+    /// [`Stop::stopping`] reads as never.
     pub fn never() -> Stop {
-        let (tx, rx) = watch::channel(None);
-        std::mem::forget(tx);
+        let (_, rx) = watch::channel(None);
         Stop { rx }
     }
 
@@ -1120,5 +1120,28 @@ async fn udp_forward_flow(
     };
     if or_expired(stop, udp_flow(&mut local, flow, idle, drops)).await {
         route_closed(&mut pipe);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_fires_with_its_grace_and_never_without_a_stopper() {
+        let (stopper, stop) = Stopper::new();
+        let waiting = tokio::spawn({
+            let stop = stop.clone();
+            async move { stop.stopping().await }
+        });
+        stopper.stop(Duration::from_secs(7));
+        assert_eq!(waiting.await.unwrap(), Duration::from_secs(7));
+
+        let hour = Duration::from_secs(3600);
+        let never = Stop::never();
+        assert!(tokio::time::timeout(hour, never.stopping()).await.is_err());
+        let (stopper, stop) = Stopper::new();
+        drop(stopper);
+        assert!(tokio::time::timeout(hour, stop.expired()).await.is_err());
     }
 }

@@ -378,6 +378,20 @@ pub fn socat_echo() -> (Program, u16) {
     )
 }
 
+/// A socat server on a TCP port of 127.0.0.1 that reads each connection
+/// to its end and only then answers with the number of bytes it read (`wc
+/// -c`), once it accepts connections; and its port. A client that
+/// half-closes gets the whole answer only if the half-close got through.
+pub fn socat_counter() -> (Program, u16) {
+    serve(
+        |port| {
+            let listen = format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork");
+            Program::start("socat", &[listen.as_str(), "SYSTEM:wc -c"])
+        },
+        accepts,
+    )
+}
+
 /// A socat UDP echo on a port of 127.0.0.1: each datagram, up to 65,536
 /// bytes, goes back whole to the address it came from; once it answers;
 /// and its port.

@@ -596,32 +596,11 @@ async fn a_datagram_too_large_for_the_target_is_dropped_counted_and_logged_once_
     oversized_datagrams_through("direct").await;
 }
 
-/// A TCP server that reads until the client's half-close, then answers
-/// with the count: `socat … SYSTEM:'wc -c'`.
-fn counting_server() -> (programs::Program, u16) {
-    let port = free_port();
-    let listen = format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork");
-    let server = programs::Program::start("socat", &[listen.as_str(), "SYSTEM:wc -c"]);
-    wait_accepts(port);
-    (server, port)
-}
-
-/// Wait until 127.0.0.1:`port` accepts connections (bounded).
-fn wait_accepts(port: u16) {
-    for _ in 0..1000 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("nothing accepts connections on port {port}");
-}
-
 async fn half_close_through(mode: &str) {
     if !need(&["socat"]) {
         return;
     }
-    let (_server, port) = counting_server();
+    let (_server, port) = programs::socat_counter();
     let mesh = Mesh::start().await;
     let _bob = mesh.expose("bob", "count", &format!("tcp/$4:{port}")).await;
     let local = free_port();
