@@ -297,8 +297,8 @@ impl Stopper {
 }
 
 impl Stop {
-    /// A stop that never fires: its stopper is gone, which
-    /// [`Stop::stopping`] reads as never.
+    /// A stop that never fires: its stopper is gone, which the route
+    /// reads as never.
     pub fn never() -> Stop {
         let (_, rx) = watch::channel(None);
         Stop { rx }
