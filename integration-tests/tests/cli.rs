@@ -373,6 +373,45 @@ async fn sigterm_stops_coordinator_and_tells_clients() {
     );
 }
 
+/// A direct `send` whose channel is lost (here: the coordinator stops)
+/// exits at once with a failure that says so, instead of waiting for
+/// more input or for the direct connection's idle timeout (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_send_ends_at_once_when_its_channel_is_lost() {
+    let state = tempdir();
+    let (mut coord, ca) = start_dev(state.path()).await;
+    let mut bob = qmesh(&coord.v4(), &ca, &["--name", "bob", "listen", "chat"]);
+    bob.ready().await;
+    let mut alice = qmesh(
+        &coord.v4(),
+        &ca,
+        &[
+            "--name",
+            "alice",
+            "send",
+            "--mode",
+            "direct",
+            "mesh/bob!chat",
+        ],
+    );
+    // stdin stays open: alice waits for more lines.
+    alice.write_stdin(b"one\n").await;
+    assert_eq!(bob.stdout_line("one", |_| true).await, "one");
+
+    coord.proc.terminate();
+    let exit = alice.finish_within(QUICK).await;
+    assert!(
+        !exit.status.success(),
+        "send after the loss: {}",
+        show(&exit)
+    );
+    assert!(
+        exit.stderr.contains("ended before everything was sent"),
+        "send must say its channel ended: {}",
+        show(&exit)
+    );
+}
+
 /// Test 8: `certs` writes a CA and a coordinator certificate that `run
 /// --cert --key` serves and clients trusting that CA accept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

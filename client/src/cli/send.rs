@@ -40,16 +40,28 @@ pub(crate) async fn run(
             );
         }
     });
-    match file {
-        Some(path) => {
-            let mut out = channel
-                .open_stream()
-                .await
-                .context("opening a data stream")?;
-            send_file(&mut out, &path).await?;
-            out.finish().await.context("finishing the data stream")?;
+    let sending = async {
+        match file {
+            Some(path) => {
+                let mut out = channel
+                    .open_stream()
+                    .await
+                    .context("opening a data stream")?;
+                send_file(&mut out, &path).await?;
+                out.finish().await.context("finishing the data stream")
+            }
+            None => send_lines(&channel).await,
         }
-        None => send_lines(&channel).await?,
+    };
+    // A channel that ends first ends the sending at once: a write on a
+    // direct stream would otherwise wait for the direct connection's idle
+    // timeout, and a read of stdin for more input.
+    tokio::select! {
+        sent = sending => sent?,
+        end = channel.ended() => anyhow::bail!(
+            "the channel {} ended before everything was sent ({end}); what was sent last may not have arrived",
+            channel.label()
+        ),
     }
     channel
         .close("done")
