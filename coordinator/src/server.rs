@@ -15,6 +15,7 @@ use qmesh_proto::codes::ConnCode;
 use qmesh_proto::heartbeat::{self, StreamEnd};
 use qmesh_proto::manifest::validate_interfaces;
 use qmesh_proto::msg::{ClientSession, CoordinatorSession, PresenceEvent};
+use qmesh_proto::Untrusted;
 use quinn::{Connection, Endpoint, VarInt};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -263,7 +264,7 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
-            debug!(peer = %remote, cause = %e, "handshake refused");
+            debug!(peer = %remote, cause = %Untrusted::reason(&e), "handshake refused");
             return;
         }
     };
@@ -272,7 +273,7 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let conn = match tokio::time::timeout_at(deadline, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
-            info!(peer = %remote, cause = %e, "handshake failed");
+            info!(peer = %remote, cause = %Untrusted::reason(&e), "handshake failed");
             return;
         }
         Err(_) => {
@@ -294,7 +295,7 @@ async fn run_session(
     let Some((session, send, recv)) = hello else {
         return;
     };
-    let span = info_span!("session", id = %session.name);
+    let span = info_span!("session", id = %Untrusted::name(&session.name));
     async {
         info!(peer = %conn.remote_address(), session = session.id, "joined");
         // After the welcome the session stream carries heartbeats both
@@ -363,7 +364,7 @@ async fn run_session(
             .close_reason()
             .map(|e| qmesh_certs::transport::describe_close(&e))
             .unwrap_or_else(|| "closed".into());
-        info!(reason = %reason, "left");
+        info!(reason = %Untrusted::reason(&reason), "left");
     }
     .instrument(span)
     .await
