@@ -411,6 +411,49 @@ async fn an_interrupted_file_is_kept_as_part() {
     bob.kill().await;
 }
 
+/// A coordinator whose port is taken fails with a sentence that says so,
+/// before it writes anything: its state directory gets no development CA
+/// or key (and is not even made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_fails_before_any_state_is_written() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP port");
+    let port = taken.local_addr().expect("its address").port();
+    let parent = tempdir();
+    let state = parent.path().join("state");
+    let listen = format!("quic/127.0.0.1:{port}");
+    let exit = Proc::spawn(
+        "qmesh-coordinator",
+        [
+            OsStr::new("run"),
+            OsStr::new("--listen"),
+            OsStr::new(&listen),
+            OsStr::new("--state-dir"),
+            state.as_os_str(),
+        ],
+        &[],
+    )
+    .finish()
+    .await;
+    assert!(!exit.status.success(), "must fail: {}", show(&exit));
+    assert!(
+        exit.stderr
+            .contains(&format!("cannot listen on 127.0.0.1:{port}"))
+            && exit.stderr.contains("another program has this port"),
+        "{}",
+        show(&exit)
+    );
+    let written: Vec<_> = std::fs::read_dir(parent.path())
+        .expect("listing the parent of the state directory")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert!(
+        written.is_empty(),
+        "written before the bind failed: {written:?}\n{}",
+        show(&exit)
+    );
+    drop(taken);
+}
+
 /// Test 6: `qmesh demo` runs a whole exchange in one process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs() {
