@@ -15,6 +15,7 @@ use qmesh_proto::codes::{OpenFailCode, StreamCode};
 use qmesh_proto::limits::{MAX_MESSAGE_CEILING, MAX_REASON};
 use qmesh_proto::msg::{JoinAnswer, MembersAnswer, StreamRequest};
 use qmesh_proto::name::validate_channel_name;
+use qmesh_proto::Untrusted;
 use tokio::sync::Mutex;
 use tracing::{debug, info};
 
@@ -87,7 +88,7 @@ impl Client {
                 })
             }
             Err(e) => {
-                info!(group, cause = %e, "join failed");
+                info!(group, cause = %Untrusted::reason(&e), "join failed");
                 if matches!(e, OpenError::Timeout { .. }) {
                     let _ = send.reset(StreamCode::Cancelled.varint());
                 }
@@ -175,7 +176,7 @@ impl Group {
         };
         let event = GroupEvent::parse(msg).map_err(|e| RecvError::Malformed(e.to_string()))?;
         if let GroupEvent::Evicted { reason } = &event {
-            info!(group = %self.inner.name, cause = %reason, "evicted from group");
+            info!(group = %self.inner.name, cause = %Untrusted::reason(reason), "evicted from group");
         }
         Ok(Some(event))
     }

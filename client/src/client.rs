@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use qmesh_proto::codec::{write_frame, ReadFrameError};
 use qmesh_proto::codes::{ConnCode, StreamCode};
 use qmesh_proto::msg::{ClientSession, Failure, Open, OpenAnswer, PathMode, Ready, StreamRequest};
-use qmesh_proto::Address;
+use qmesh_proto::{Address, Untrusted};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
@@ -385,7 +385,7 @@ impl Client {
                     match ch.wait_direct(limit).await {
                         Ok(()) => Ok(ch),
                         Err(reason) => {
-                            info!(cause = %reason, "direct-only channel without a direct path");
+                            info!(cause = %Untrusted::reason(&reason), "direct-only channel without a direct path");
                             let _ = timeout(
                                 self.inner.config.close_timeout,
                                 ch.close(&format!("no direct path: {reason}")),
@@ -400,7 +400,7 @@ impl Client {
                 }
                 Read::Frame(OpenAnswer::Failed(Failure { code, message })) => {
                     pending.abandon();
-                    info!(code = ?code, cause = %message, "open failed");
+                    info!(code = ?code, cause = %Untrusted::reason(&message), "open failed");
                     Err(OpenError::Failed { code, message })
                 }
                 Read::Failed(ReadFrameError::Decode(e)) => {
@@ -441,14 +441,21 @@ impl Client {
                 Some(gate) => match gate.take_channel() {
                     Ok(slot) => Some(slot),
                     Err(why) => {
-                        info!(parent: &self.inner.span, from = %offer.from, cause = %why, "refusing a channel over quota");
+                        info!(parent: &self.inner.span, from = %Untrusted::name(&offer.from), cause = %why, "refusing a channel over quota");
                         offer.refuse(&why).await;
                         continue;
                     }
                 },
                 None => None,
             };
-            let label = format!("{}>{}!{}", offer.from, self.inner.name, offer.channel);
+            // The label names the channel's span in log lines: the names
+            // the coordinator sent are shown escaped.
+            let label = format!(
+                "{}>{}!{}",
+                Untrusted::name(&offer.from),
+                self.inner.name,
+                Untrusted::name(&offer.channel)
+            );
             let mut parts =
                 self.parts(offer.from.clone(), offer.channel.clone(), label, offer.mode);
             parts.quota = quota;

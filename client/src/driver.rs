@@ -11,6 +11,7 @@ use qmesh_proto::heartbeat::{Heartbeat, StreamEnd};
 use qmesh_proto::msg::{
     Arrival, ClientSession, CoordinatorSession, Incoming, IncomingAnswer, StreamHeader,
 };
+use qmesh_proto::Untrusted;
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -55,7 +56,7 @@ pub(crate) async fn drive(
                     tokio::spawn(arrival(send, recv, incoming.clone(), routes.clone(), config.clone(), guard).in_current_span());
                 }
                 Err(e) => {
-                    info!(reason = %qmesh_certs::transport::describe_close(&e), "session ended");
+                    info!(reason = %Untrusted::reason(qmesh_certs::transport::describe_close(&e)), "session ended");
                     break;
                 }
             },
@@ -107,12 +108,12 @@ async fn arrival(
             return;
         }
         other => {
-            warn!(got = ?other, "bad channel offer from the coordinator");
+            warn!(got = %Untrusted::reason(format_args!("{other:?}")), "bad channel offer from the coordinator");
             let _ = send.reset(StreamCode::Malformed.varint());
             return;
         }
     };
-    debug!(from = %from, channel = %channel, "channel offered");
+    debug!(from = %Untrusted::name(&from), channel = %Untrusted::name(&channel), "channel offered");
     let offer = IncomingChannel {
         from,
         channel,

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use qmesh_proto::codes::StreamCode;
 use qmesh_proto::envelope::Envelope;
+use qmesh_proto::Untrusted;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -318,14 +319,14 @@ async fn read_one(
             Ok(Some(m)) => m,
             Ok(None) => return,
             Err(e) => {
-                debug!(channel = %inbox.label, cause = %e, "message stream ended");
+                debug!(channel = %inbox.label, cause = %Untrusted::reason(&e), "message stream ended");
                 return;
             }
         };
         let env = match Envelope::parse(msg) {
             Ok(env) => env,
             Err(e) => {
-                warn!(channel = %inbox.label, cause = %e, "stopping a message stream with a bad envelope");
+                warn!(channel = %inbox.label, cause = %Untrusted::reason(&e), "stopping a message stream with a bad envelope");
                 rx.stop(StreamCode::Malformed);
                 return;
             }

@@ -32,7 +32,7 @@ use qmesh_proto::envelope::GroupEvent;
 use qmesh_proto::limits::{clip_reason, LENGTH_PREFIX, MAX_MESSAGE_CEILING};
 use qmesh_proto::msg::{GroupPolicy, JoinAnswer, MembersAnswer};
 use qmesh_proto::name::validate_channel_name;
-use qmesh_proto::GroupName;
+use qmesh_proto::{GroupName, Untrusted};
 use quinn::{ReadExactError, RecvStream, SendStream};
 use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
 use tokio_util::sync::CancellationToken;
@@ -69,7 +69,7 @@ pub(crate) async fn join(
         session.violation(ConnCode::RateExceeded, &flood.to_string());
         return;
     }
-    let span = info_span!("group", group = %group, member = %session.name);
+    let span = info_span!("group", group = %Untrusted::name(&group), member = %Untrusted::name(&session.name));
     serve(shared, session, send, recv, group.into_string())
         .instrument(span)
         .await;
@@ -270,7 +270,7 @@ fn evict(shared: &Shared, group: &Group, member: &Member) {
         "evicted from group \"{}\": fell {} messages behind (policy evict); rejoin to continue",
         group.name, group.config.buffer
     );
-    warn!(group = %group.name, member = %member.name, behind = group.config.buffer, "evicting a slow member");
+    warn!(group = %Untrusted::name(&group.name), member = %Untrusted::name(&member.name), behind = group.config.buffer, "evicting a slow member");
     member.end(End::Evicted(reason));
 }
 
@@ -381,7 +381,7 @@ pub(crate) async fn members(shared: &Arc<Shared>, mut send: SendStream, group: G
         .await;
     }
     let members = shared.groups.count(&group);
-    debug!(group = %group, members, "member count");
+    debug!(group = %Untrusted::name(&group), members, "member count");
     if write_frame(&mut send, &MembersAnswer::Count { group, members })
         .await
         .is_ok()

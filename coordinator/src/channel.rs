@@ -16,7 +16,7 @@ use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::{ConnCode, OpenFailCode, StreamCode};
 use qmesh_proto::limits::clip_reason;
 use qmesh_proto::msg::{Arrival, Close, Ending, Open, OpenAnswer};
-use qmesh_proto::{ChannelId, SessionId, StreamId};
+use qmesh_proto::{ChannelId, SessionId, StreamId, Untrusted};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -43,9 +43,13 @@ pub(crate) async fn handle_open(
         session.violation(ConnCode::RateExceeded, &flood.to_string());
         return;
     }
+    // The label names the channel's span in every log line of it; the
+    // peer and channel are not checked yet.
     let label: Arc<str> = format!(
         "{}>{}!{}",
-        session.name, open_request.peer, open_request.channel
+        Untrusted::name(&session.name),
+        Untrusted::name(&open_request.peer),
+        Untrusted::name(&open_request.channel)
     )
     .into();
     let span = info_span!("channel", id = %label);
@@ -90,7 +94,7 @@ async fn open(
         (Ok(plan), Some(callee)) => (plan, callee),
         (Err(refusal), _) => {
             if refusal.code == OpenFailCode::Denied {
-                info!(cause = %refusal.message, "open denied");
+                info!(cause = %Untrusted::reason(&refusal.message), "open denied");
             }
             return refuse(&mut a_send, refusal).await;
         }
@@ -285,7 +289,7 @@ async fn forward(
     let terminal = loop {
         match read_frame::<Close, _>(&mut from_recv).await {
             Ok(Some(_)) if terminal_sent => {
-                debug!(side = %from.name, "second close ignored");
+                debug!(side = %Untrusted::name(&from.name), "second close ignored");
             }
             Ok(Some(Close {
                 reason,
@@ -300,12 +304,12 @@ async fn forward(
                 };
                 if !drained {
                     warn!(
-                        client = %from.name,
+                        client = %Untrusted::name(&from.name),
                         relayed,
                         "close forwarded before all of the closer's data streams were relayed"
                     );
                 }
-                debug!(by = %from.name, "close");
+                debug!(by = %Untrusted::name(&from.name), "close");
                 // Streams the relay refused never reach the other side.
                 let dropped = from_side.streams.borrow().dropped;
                 let close = Ending::Closed(Close {
@@ -334,7 +338,7 @@ async fn forward(
         }
     };
     if let Some(reason) = terminal.filter(|_| !terminal_sent) {
-        debug!(side = %from.name, cause = %reason, "lost");
+        debug!(side = %Untrusted::name(&from.name), cause = %Untrusted::reason(&reason), "lost");
         let reason = clip_reason(&reason);
         ends.one_sent();
         let _ = write_frame(&mut to, &Ending::Lost { reason }).await;

@@ -34,7 +34,7 @@ use qmesh_proto::codes::ConnCode;
 use qmesh_proto::limits::clip_reason;
 use qmesh_proto::manifest::Interface;
 use qmesh_proto::msg::{EnrollAnswer, HelloAnswer, PresenceEvent, Reject, Welcome};
-use qmesh_proto::{ClientName, PROTOCOL_VERSION};
+use qmesh_proto::{ClientName, Untrusted, PROTOCOL_VERSION};
 use quinn::Connection;
 use rustls_pki_types::CertificateDer;
 use serde::Serialize;
@@ -289,7 +289,7 @@ impl Gate for CoordinatorGate<'_> {
         } = admitted;
         let rejoined = replaced.is_some();
         if let Some(old) = replaced {
-            info!(name = %joining.name, old = old.id, new = id, "the same credential connected again; closing its old session");
+            info!(name = %Untrusted::name(&joining.name), old = old.id, new = id, "the same credential connected again; closing its old session");
             old.close(
                 ConnCode::Replaced,
                 "this name was taken over by a new session with the same credential",
@@ -312,7 +312,7 @@ impl Gate for CoordinatorGate<'_> {
 
 /// Close `conn` because its peer broke the protocol, and say so at `warn`.
 fn violation(conn: &Connection, v: &Violation) {
-    warn!(peer = %conn.remote_address(), code = %v.code, cause = %v.what, "closing connection");
+    warn!(peer = %conn.remote_address(), code = %v.code, cause = %Untrusted::reason(&v.what), "closing connection");
     conn.close(v.code.varint(), v.what.as_bytes());
 }
 
@@ -384,7 +384,8 @@ pub(crate) async fn hello(
             linger,
         } => {
             shared.stats.hellos_refused.fetch_add(1, Ordering::Relaxed);
-            info!(peer = %conn.remote_address(), name = %name, code = ?refusal.code, cause = %refusal.message, "hello refused");
+            // The name is whatever the peer sent, unchecked when it was refused.
+            info!(peer = %conn.remote_address(), name = %Untrusted::name(&name), code = ?refusal.code, cause = %Untrusted::reason(&refusal.message), "hello refused");
             // Let the rejection arrive before the close; the close carries
             // the same sentence in case it does not.
             let _ = timeout_at(linger, send.stopped()).await;
@@ -404,7 +405,7 @@ pub(crate) async fn hello(
                 .stats
                 .certificates_issued
                 .fetch_add(1, Ordering::Relaxed);
-            info!(peer = %conn.remote_address(), name = %name, expires, renewal, "certificate issued");
+            info!(peer = %conn.remote_address(), name = %Untrusted::name(&name), expires, renewal, "certificate issued");
             let _ = timeout_at(linger, send.stopped()).await;
             conn.close(ConnCode::Normal.varint(), b"certificate issued");
             None

@@ -83,6 +83,6 @@ mod wire;
 
 pub use config::Config;
 pub use registry::Registry;
-pub use server::{BindError, Coordinator, CoordinatorHandle, Stats};
+pub use server::{BindError, Coordinator, CoordinatorHandle, Listener, Stats};
 
 pub use qmesh_certs::transport::describe_close;

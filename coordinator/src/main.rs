@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use qmesh_coordinator::auth::{token_key, AuthMode};
 use qmesh_coordinator::devcert::write_certs;
 use qmesh_coordinator::settings::{self, Flags};
-use qmesh_coordinator::Coordinator;
+use qmesh_coordinator::{BindError, Coordinator, Listener};
 use qmesh_proto::logging;
 
 /// The qmesh coordinator: clients connect to it by name and open channels
@@ -286,11 +286,21 @@ impl From<&RunArgs> for Flags {
 
 async fn run(args: RunArgs) -> Result<()> {
     let settings = settings::read(&Flags::from(&args))?;
+    // The port first: a coordinator that cannot listen writes nothing to
+    // its state directory (no development CA, no auth files).
+    let listener = Listener::bind(settings.listen).map_err(|e| match &e {
+        BindError::Socket { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse => {
+            anyhow::anyhow!(
+                "{e}; another program has this port: stop it, or choose another port with --listen"
+            )
+        }
+        _ => e.into(),
+    })?;
     let (config, ca_note) = settings.load()?;
     let mode = settings.auth.mode();
     let dir = &settings.state_dir;
     let policy_rules = settings.policy.as_ref().map(|p| p.len());
-    let coordinator = Coordinator::bind(config)?;
+    let coordinator = Coordinator::on(listener, config)?;
     let control = coordinator.control();
     // Install the signal handlers before saying we are up, so that a
     // SIGTERM sent right after the listening line still stops us cleanly.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use qmesh_proto::codec::{read_frame, write_frame};
 use qmesh_proto::codes::OpenFailCode;
 use qmesh_proto::msg::{DescribeAnswer, PresenceEvent};
-use qmesh_proto::ClientName;
+use qmesh_proto::{ClientName, Untrusted};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::broadcast::error::RecvError;
 use tracing::debug;
@@ -93,7 +93,7 @@ pub(crate) async fn watch(
         let _ = send.finish();
         return;
     }
-    debug!(watcher = %session.name, "watching presence");
+    debug!(watcher = %Untrusted::name(&session.name), "watching presence");
     // The watcher sends nothing more: its finishing (or anything at all)
     // ends the watch.
     // No frame is expected: whatever arrives, decodable or not, is read as

@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use qmesh_proto::codec::{write_frame, DecodeError, ReadFrameError};
 use qmesh_proto::codes::StreamCode;
 use qmesh_proto::msg::{Arrival, StreamHeader};
-use qmesh_proto::StreamId;
+use qmesh_proto::{StreamId, Untrusted};
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio::sync::watch;
 use tracing::{debug, trace, warn};
@@ -46,7 +46,7 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
         Read::Frame(StreamHeader::Data { channel }) => (channel, false),
         Read::Frame(StreamHeader::Messages { channel }) => (channel, true),
         Read::Frame(StreamHeader::Direct { .. } | StreamHeader::DirectMessages { .. }) => {
-            warn!(client = %session.name, "stopping data stream: a direct-connection header sent to the coordinator");
+            warn!(client = %Untrusted::name(&session.name), "stopping data stream: a direct-connection header sent to the coordinator");
             let _ = recv.stop(StreamCode::Malformed.varint());
             return;
         }
@@ -56,19 +56,19 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
                 ReadFrameError::Decode(DecodeError::TooLarge { .. }) => StreamCode::FrameTooLarge,
                 _ => StreamCode::Malformed,
             };
-            warn!(client = %session.name, cause = %e, "stopping data stream with a bad header");
+            warn!(client = %Untrusted::name(&session.name), cause = %Untrusted::reason(&e), "stopping data stream with a bad header");
             let _ = recv.stop(c.varint());
             return;
         }
         Read::Late => {
-            warn!(client = %session.name, "stopping data stream: no header in time");
+            warn!(client = %Untrusted::name(&session.name), "stopping data stream: no header in time");
             let _ = recv.stop(StreamCode::Malformed.varint());
             return;
         }
     };
     let side = session.channels().get(&channel).cloned();
     let Some(side) = side else {
-        debug!(client = %session.name, %channel, "data stream for an unknown channel");
+        debug!(client = %Untrusted::name(&session.name), %channel, "data stream for an unknown channel");
         let _ = recv.stop(StreamCode::UnknownChannel.varint());
         return;
     };
@@ -135,7 +135,7 @@ pub(crate) async fn relay_pipe(
 ) {
     let side = session.channels().get(&channel).cloned();
     let Some(side) = side else {
-        debug!(client = %session.name, %channel, "pipe for an unknown channel");
+        debug!(client = %Untrusted::name(&session.name), %channel, "pipe for an unknown channel");
         let _ = a_recv.stop(StreamCode::UnknownChannel.varint());
         let _ = a_send.reset(StreamCode::UnknownChannel.varint());
         return;
@@ -220,7 +220,7 @@ async fn copy(
                         match counter.feed(b) {
                             Ok(m) => messages += m,
                             Err(TooLong { len, max }) => {
-                                debug!(client = %session.name, len, max, "resetting data stream: message over the size limit");
+                                debug!(client = %Untrusted::name(&session.name), len, max, "resetting data stream: message over the size limit");
                                 let _ = recv.stop(StreamCode::MessageTooLarge.varint());
                                 let _ = send.reset(StreamCode::MessageTooLarge.varint());
                                 return;

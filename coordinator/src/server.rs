@@ -15,6 +15,7 @@ use qmesh_proto::codes::ConnCode;
 use qmesh_proto::heartbeat::{self, StreamEnd};
 use qmesh_proto::manifest::validate_interfaces;
 use qmesh_proto::msg::{ClientSession, CoordinatorSession, PresenceEvent};
+use qmesh_proto::Untrusted;
 use quinn::{Connection, Endpoint, VarInt};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -46,6 +47,36 @@ pub enum BindError {
     },
 }
 
+/// The coordinator's UDP socket, bound before anything else is made: a
+/// coordinator that cannot have its port fails before it writes any state
+/// (a development certificate, the auth mode's files).
+#[derive(Debug)]
+pub struct Listener {
+    socket: std::net::UdpSocket,
+    addr: SocketAddr,
+}
+
+impl Listener {
+    /// Bind `addr`, with
+    /// [`SOCKET_BUFFER`](qmesh_certs::transport::SOCKET_BUFFER) bytes of
+    /// kernel buffer each way.
+    pub fn bind(addr: SocketAddr) -> Result<Listener, BindError> {
+        Listener::bind_with(addr, crate::socket::SOCKET_BUFFER)
+    }
+
+    fn bind_with(addr: SocketAddr, buffer: usize) -> Result<Listener, BindError> {
+        let socket = crate::socket::bind_udp(addr, buffer)
+            .map_err(|source| BindError::Socket { addr, source })?;
+        Ok(Listener { socket, addr })
+    }
+
+    /// The address the socket is bound to (with the real port when port 0
+    /// was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.socket.local_addr().unwrap_or(self.addr)
+    }
+}
+
 /// A bound coordinator, ready to run.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -54,8 +85,16 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Bind the UDP socket and build the TLS configuration.
+    /// Bind the UDP socket (`config.listen`) and build the TLS configuration.
     pub fn bind(config: Config) -> Result<Self, BindError> {
+        let listener = Listener::bind_with(config.listen, config.socket_buffer)?;
+        Coordinator::on(listener, config)
+    }
+
+    /// Build the coordinator on a socket bound already; the listener's
+    /// address takes the place of `config.listen`.
+    pub fn on(listener: Listener, mut config: Config) -> Result<Self, BindError> {
+        config.listen = listener.local_addr();
         let mut server =
             qmesh_certs::server_config_with(&config.identity, config.auth.client_auth())?;
         // Before the hello is accepted a peer gets one bidirectional stream
@@ -66,17 +105,10 @@ impl Coordinator {
         transport.max_concurrent_bidi_streams(VarInt::from_u32(1));
         transport.max_concurrent_uni_streams(VarInt::from_u32(0));
         server.transport_config(Arc::new(transport));
-        let socket =
-            crate::socket::bind_udp(config.listen, config.socket_buffer).map_err(|source| {
-                BindError::Socket {
-                    addr: config.listen,
-                    source,
-                }
-            })?;
         let endpoint = Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server),
-            socket,
+            listener.socket,
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|source| BindError::Socket {
@@ -263,7 +295,7 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
-            debug!(peer = %remote, cause = %e, "handshake refused");
+            debug!(peer = %remote, cause = %Untrusted::reason(&e), "handshake refused");
             return;
         }
     };
@@ -272,7 +304,7 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let conn = match tokio::time::timeout_at(deadline, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
-            info!(peer = %remote, cause = %e, "handshake failed");
+            info!(peer = %remote, cause = %Untrusted::reason(&e), "handshake failed");
             return;
         }
         Err(_) => {
@@ -294,7 +326,7 @@ async fn run_session(
     let Some((session, send, recv)) = hello else {
         return;
     };
-    let span = info_span!("session", id = %session.name);
+    let span = info_span!("session", id = %Untrusted::name(&session.name));
     async {
         info!(peer = %conn.remote_address(), session = session.id, "joined");
         // After the welcome the session stream carries heartbeats both
@@ -363,7 +395,7 @@ async fn run_session(
             .close_reason()
             .map(|e| qmesh_certs::transport::describe_close(&e))
             .unwrap_or_else(|| "closed".into());
-        info!(reason = %reason, "left");
+        info!(reason = %Untrusted::reason(&reason), "left");
     }
     .instrument(span)
     .await

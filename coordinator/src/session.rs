@@ -13,7 +13,7 @@ use qmesh_certs::Fingerprint;
 use qmesh_proto::codes::ConnCode;
 use qmesh_proto::manifest::Interface;
 use qmesh_proto::msg::PresenceEvent;
-use qmesh_proto::{ClientName, StreamId};
+use qmesh_proto::{ClientName, StreamId, Untrusted};
 use quinn::Connection;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -117,7 +117,7 @@ impl Session {
     /// Close the session because the client broke the protocol, and say
     /// so at `warn`.
     pub(crate) fn violation(&self, code: ConnCode, what: &str) {
-        warn!(name = %self.name, peer = %self.conn.remote_address(), code = %code, cause = what, "closing connection");
+        warn!(name = %Untrusted::name(&self.name), peer = %self.conn.remote_address(), code = %code, cause = %Untrusted::reason(what), "closing connection");
         self.close(code, what);
     }
 
@@ -139,7 +139,7 @@ impl Session {
         if self.conn.close_reason().is_some() {
             return false;
         }
-        warn!(name = %self.name, "closing a revoked client's session");
+        warn!(name = %Untrusted::name(&self.name), "closing a revoked client's session");
         self.close(
             ConnCode::Revoked,
             "the operator revoked this client's certificate; ask them for a new credential",

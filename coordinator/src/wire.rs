@@ -7,6 +7,7 @@ use qmesh_proto::codec::write_frame;
 use qmesh_proto::codes::OpenFailCode;
 use qmesh_proto::limits::clip_reason;
 use qmesh_proto::msg::Failure;
+use qmesh_proto::Untrusted;
 use quinn::SendStream;
 use serde::Serialize;
 use tracing::info;
@@ -20,7 +21,7 @@ pub(crate) async fn fail<A: Serialize>(
     code: OpenFailCode,
     message: String,
 ) {
-    info!(code = ?code, cause = %message, "open failed");
+    info!(code = ?code, cause = %Untrusted::reason(&message), "open failed");
     let msg = answer(Failure {
         code,
         message: clip_reason(&message),

@@ -329,6 +329,131 @@ async fn file_transfer_keeps_name_and_bytes() {
     assert_eq!(names, vec![OsStr::new("random-5MiB.bin").to_owned()]);
 }
 
+/// A file cut off mid-transfer (the sender killed) is kept as `NAME.part`,
+/// never under its own name, and the listener says so, naming the part
+/// file. The coordinator relays 1 MiB/s per client, so the 64 MiB file
+/// takes a minute and the sender is killed as soon as the listener has
+/// started on it; with a 2 s idle timeout the coordinator soon reports the
+/// killed sender lost and the listener's stream fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_file_is_kept_as_part() {
+    let state = tempdir();
+    let (coord, ca) = Coord::start_dev(
+        state.path(),
+        &["--bytes-per-second", "1048576", "--idle-timeout", "2"],
+    )
+    .await;
+    let files = tempdir();
+    let out = files.path().join("received");
+    let path = files.path().join("big.bin");
+    // Sparse: zeros to read, nothing on disk.
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(64 * 1024 * 1024))
+        .expect("making the source file");
+
+    let mut bob = qmesh(
+        &coord.localhost(),
+        &ca,
+        &[
+            OsStr::new("--name"),
+            OsStr::new("bob"),
+            OsStr::new("listen"),
+            OsStr::new("chat"),
+            OsStr::new("--out"),
+            out.as_os_str(),
+        ],
+    );
+    bob.ready().await;
+    let mut alice = qmesh(
+        &coord.localhost(),
+        &ca,
+        &[
+            OsStr::new("--name"),
+            OsStr::new("alice"),
+            OsStr::new("send"),
+            OsStr::new("--mode"),
+            OsStr::new("relay"),
+            OsStr::new("mesh/bob!chat"),
+            OsStr::new("--file"),
+            path.as_os_str(),
+        ],
+    );
+    bob.stderr_line("`receiving a file`", |l| l.contains("receiving a file"))
+        .await;
+    let killed = alice.kill().await;
+    assert!(
+        !killed.status.success(),
+        "alice finished: {}",
+        show(&killed)
+    );
+
+    let part = out.join("big.bin.part");
+    let line = bob
+        .stderr_line("saying the file is incomplete", |l| {
+            l.contains("incomplete")
+        })
+        .await;
+    assert!(
+        line.contains(" WARN ") && line.contains(&part.display().to_string()),
+        "the line names the part file: {line}"
+    );
+    let names: Vec<_> = std::fs::read_dir(&out)
+        .expect("listing --out")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names, vec![OsStr::new("big.bin.part").to_owned()]);
+    let kept = std::fs::metadata(&part).expect("the part file").len();
+    assert!(
+        kept < 64 * 1024 * 1024,
+        "the part file holds {kept} bytes, the whole file"
+    );
+    assert!(bob.running(), "the listener goes on");
+    bob.kill().await;
+}
+
+/// A coordinator whose port is taken fails with a sentence that says so,
+/// before it writes anything: its state directory gets no development CA
+/// or key (and is not even made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_fails_before_any_state_is_written() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP port");
+    let port = taken.local_addr().expect("its address").port();
+    let parent = tempdir();
+    let state = parent.path().join("state");
+    let listen = format!("quic/127.0.0.1:{port}");
+    let exit = Proc::spawn(
+        "qmesh-coordinator",
+        [
+            OsStr::new("run"),
+            OsStr::new("--listen"),
+            OsStr::new(&listen),
+            OsStr::new("--state-dir"),
+            state.as_os_str(),
+        ],
+        &[],
+    )
+    .finish()
+    .await;
+    assert!(!exit.status.success(), "must fail: {}", show(&exit));
+    assert!(
+        exit.stderr
+            .contains(&format!("cannot listen on 127.0.0.1:{port}"))
+            && exit.stderr.contains("another program has this port"),
+        "{}",
+        show(&exit)
+    );
+    let written: Vec<_> = std::fs::read_dir(parent.path())
+        .expect("listing the parent of the state directory")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert!(
+        written.is_empty(),
+        "written before the bind failed: {written:?}\n{}",
+        show(&exit)
+    );
+    drop(taken);
+}
+
 /// Test 6: `qmesh demo` runs a whole exchange in one process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs() {

@@ -24,6 +24,8 @@
 //! - [`manifest`]: interfaces a client offers and their manifests.
 //! - [`heartbeat`]: pings on the session stream, and when silence means lost.
 //! - [`envelope`]: one-way messages, requests and replies on a channel.
+//! - [`untrusted`]: text from peers (names, reasons) made safe for a log
+//!   line: escaped and clipped.
 //! - `logging` (feature `logging`): the connpipe log line format, installed
 //!   by the binaries.
 
@@ -43,9 +45,11 @@ pub mod logging;
 pub mod manifest;
 pub mod msg;
 pub mod name;
+pub mod untrusted;
 
 pub use address::{Address, AddressError};
 pub use codec::DecodeError;
 pub use ids::{ChannelId, ChannelName, ClientName, GroupName, SessionId, StreamId};
 pub use limits::{ALPN, DIRECT_ALPN, PROTOCOL_VERSION};
 pub use manifest::{Direction, ForwardKind, Interface};
+pub use untrusted::Untrusted;

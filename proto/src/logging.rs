@@ -215,4 +215,23 @@ mod tests {
             lines[0]
         );
     }
+
+    #[test]
+    fn a_wrapped_peer_name_stays_on_its_line() {
+        let name = "x\n[2026-01-01 00:00:00.000 WARN session/admin] forged";
+        let lines = logged(|| {
+            let label = format!("a>{}!chat", crate::Untrusted::name(name));
+            let span = tracing::info_span!("channel", id = %label);
+            let _in = span.enter();
+            tracing::info!(name = %crate::Untrusted::name(name), "hello refused");
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].ends_with(
+                r" INFO channel/a>x\n[2026-01-01 00:00:00.000 WARN session/admin] forged!chat] hello refused name=x\n[2026-01-01 00:00:00.000 WARN session/admin] forged"
+            ),
+            "{}",
+            lines[0]
+        );
+    }
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use qmesh_client::{Channel, Client, MessageReceiver};
+use qmesh_proto::Untrusted;
 use tokio::io::AsyncWriteExt;
 use tracing::{info, warn};
 
@@ -29,32 +30,38 @@ pub(crate) async fn run(client: Client, channel: &str, out: Option<PathBuf>) -> 
             Ok(ch) => {
                 tokio::spawn(serve(ch, out.clone()));
             }
-            Err(e) => warn!(from = %from, cause = %e, "channel withdrawn"),
+            Err(e) => {
+                warn!(from = %Untrusted::name(&from), cause = %Untrusted::reason(&e), "channel withdrawn")
+            }
         }
     }
     bail!("session ended: {}", client.closed().await)
 }
 
 async fn serve(channel: Channel, out: Option<PathBuf>) {
-    info!(from = %channel.peer(), mode = ?channel.mode(), path = %channel.path(), "channel open");
+    info!(from = %Untrusted::name(channel.peer()), mode = ?channel.mode(), path = %channel.path(), "channel open");
     let mut paths = channel.watch_path();
     let peer = channel.peer().to_owned();
     tokio::spawn(async move {
         while paths.changed().await.is_ok() {
             let now = *paths.borrow_and_update();
-            info!(from = %peer, path = %now, "path changed");
+            info!(from = %Untrusted::name(&peer), path = %now, "path changed");
         }
     });
     let mut tasks = tokio::task::JoinSet::new();
     while let Ok(Some(stream)) = channel.accept_stream().await {
-        tasks.spawn(receive(channel.peer().to_owned(), stream, out.clone()));
+        let peer = channel.peer().to_owned();
+        let out = out.clone();
+        tasks.spawn(async move {
+            if let Err(e) = receive(peer.clone(), stream, out).await {
+                // The whole chain: a file's error names its part file.
+                warn!(from = %Untrusted::name(&peer), cause = %Untrusted::reason(format_args!("{e:#}")), "stream failed");
+            }
+        });
     }
-    while let Some(done) = tasks.join_next().await {
-        if let Ok(Err(e)) = done {
-            warn!(from = %channel.peer(), cause = %e, "stream failed");
-        }
-    }
-    info!(from = %channel.peer(), "{}", channel.ended().await);
+    while tasks.join_next().await.is_some() {}
+    let ended = channel.ended().await;
+    info!(from = %Untrusted::name(channel.peer()), "{}", Untrusted::reason(&ended));
 }
 
 async fn receive(peer: String, mut stream: MessageReceiver, out: Option<PathBuf>) -> Result<()> {
@@ -79,23 +86,7 @@ async fn receive(peer: String, mut stream: MessageReceiver, out: Option<PathBuf>
             bail!("{peer} sent file {name:?} but this listener has no --out DIR");
         };
         let path = safe_path(&dir, name)?;
-        let mut file = tokio::fs::File::create(&path)
-            .await
-            .with_context(|| format!("creating {}", path.display()))?;
-        let mut got = 0u64;
-        while let Some(msg) = stream.recv().await? {
-            got += msg.len() as u64;
-            if got > size {
-                bail!("{peer} sent more than the announced {size} bytes for {name:?}");
-            }
-            file.write_all(&msg).await?;
-        }
-        file.flush().await?;
-        if got != size {
-            bail!("file {name:?} from {peer} ended after {got} of {size} bytes");
-        }
-        info!(from = %peer, file = %path.display(), bytes = got, "file received");
-        return Ok(());
+        return receive_file(&peer, &mut stream, &path, size).await;
     }
     // Any other stream: print each message as a line.
     print_line(&first)?;
@@ -103,6 +94,72 @@ async fn receive(peer: String, mut stream: MessageReceiver, out: Option<PathBuf>
         print_line(&msg)?;
     }
     Ok(())
+}
+
+/// Store a file's messages under `path` with `.part` added, and rename it
+/// to `path` only once the stream has finished with exactly the `size`
+/// bytes the sender announced. A file that is cut off, or longer than
+/// announced, stays as `NAME.part`, and the error names it.
+async fn receive_file(
+    peer: &str,
+    stream: &mut MessageReceiver,
+    path: &Path,
+    size: u64,
+) -> Result<()> {
+    let part = part_path(path);
+    let mut file = tokio::fs::File::create(&part)
+        .await
+        .with_context(|| format!("creating {}", part.display()))?;
+    info!(
+        from = %Untrusted::name(peer),
+        file = %Untrusted::reason(part.display()),
+        bytes = size,
+        "receiving a file"
+    );
+    let mut got = 0u64;
+    let received = async {
+        while let Some(msg) = stream.recv().await? {
+            got += msg.len() as u64;
+            if got > size {
+                bail!("the sender sent more than the {size} bytes it announced");
+            }
+            file.write_all(&msg)
+                .await
+                .with_context(|| format!("writing {}", part.display()))?;
+        }
+        if got != size {
+            bail!("the stream ended after {got} of the {size} bytes announced");
+        }
+        file.sync_all()
+            .await
+            .with_context(|| format!("writing {}", part.display()))
+    }
+    .await;
+    drop(file);
+    if let Err(e) = received {
+        return Err(e.context(format!(
+            "file {:?} from {peer} is incomplete ({got} of {size} bytes); what arrived is kept in {}",
+            path.file_name().unwrap_or_default(),
+            part.display()
+        )));
+    }
+    tokio::fs::rename(&part, path)
+        .await
+        .with_context(|| format!("renaming {} to {}", part.display(), path.display()))?;
+    info!(
+        from = %Untrusted::name(peer),
+        file = %Untrusted::reason(path.display()),
+        bytes = got,
+        "file received"
+    );
+    Ok(())
+}
+
+/// Where a file is stored while it arrives: `NAME.part` next to `NAME`.
+fn part_path(path: &Path) -> PathBuf {
+    let mut part = path.as_os_str().to_owned();
+    part.push(".part");
+    PathBuf::from(part)
 }
 
 /// Print one message as one line, whole, even with other streams printing.
@@ -135,5 +192,17 @@ mod tests {
         assert!(safe_path(dir, "x/y").is_err());
         assert!(safe_path(dir, "..").is_err());
         assert!(safe_path(dir, "").is_err());
+    }
+
+    #[test]
+    fn a_file_arrives_under_its_name_with_part_added() {
+        assert_eq!(
+            part_path(Path::new("/tmp/in/a.txt")),
+            Path::new("/tmp/in/a.txt.part")
+        );
+        assert_eq!(
+            part_path(Path::new("/tmp/in/x")),
+            Path::new("/tmp/in/x.part")
+        );
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use qmesh_client::{Client, Interface};
 use qmesh_proto::msg::PresenceEvent;
+use qmesh_proto::Untrusted;
 use tracing::info;
 
 /// The manifest `qmesh serve NAME` offers.
@@ -61,9 +62,11 @@ pub(crate) async fn serve(client: Client, channel: &str) -> Result<()> {
                     let ch = Arc::new(ch);
                     ch.serve(|body| async move { Some(body) }).await;
                     let how = ch.ended().await;
-                    info!(peer = %from, how = %how, "channel ended");
+                    info!(peer = %Untrusted::name(&from), how = %Untrusted::reason(&how), "channel ended");
                 }
-                Err(e) => info!(peer = %from, cause = %e, "accept failed"),
+                Err(e) => {
+                    info!(peer = %Untrusted::name(&from), cause = %Untrusted::reason(&e), "accept failed")
+                }
             }
         });
     }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use qmesh_client::{Client, ClientConfig, Fingerprint, Identity, PathMode};
+use qmesh_proto::Untrusted;
 use tracing::info;
 
 /// First message of a stream of text lines.
@@ -295,7 +296,7 @@ fn renew_in_background(files: (PathBuf, PathBuf), mut config: ClientConfig) {
             match enroll_and_save(&files, &config, None).await {
                 Ok(renewed) => config.identity = Some(Arc::new(renewed)),
                 Err(e) => {
-                    tracing::warn!(cause = %format!("{e:#}"), "certificate renewal failed; retrying in a minute");
+                    tracing::warn!(cause = %Untrusted::reason(format_args!("{e:#}")), "certificate renewal failed; retrying in a minute");
                     tokio::time::sleep(Duration::from_secs(60)).await;
                 }
             }
@@ -409,7 +410,7 @@ impl Cli {
             Ok(client) => client,
             Err(e) if refused_credential(&e) => match token_fallback {
                 Some(token) => {
-                    info!(cause = %e, "the kept certificate was refused; enrolling again with --token and a new key");
+                    info!(cause = %Untrusted::reason(&e), "the kept certificate was refused; enrolling again with --token and a new key");
                     config.identity = Some(Arc::new(enroll_fresh(&files, &config, &token).await?));
                     Client::connect(config.clone()).await.context(what)?
                 }
