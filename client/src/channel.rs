@@ -14,7 +14,7 @@ use qmesh_proto::msg::{
     Close, DirectPipe, Ending, IncomingAnswer, PathMode, PeerIntro, Ready, StreamHeader,
     StreamRequest,
 };
-use qmesh_proto::{ChannelId, Interface, StreamId};
+use qmesh_proto::{ChannelId, Interface, StreamId, Untrusted};
 use quinn::{Connection, RecvStream, SendStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
@@ -104,7 +104,7 @@ impl Shared {
     fn apply(&self, f: impl FnOnce(&mut ChannelState) -> Effects) -> Effects {
         self.life.apply(f, |fx| {
             if let Some(end) = &fx.ended {
-                info!(parent: &self.span, how = %end, "ended");
+                info!(parent: &self.span, how = %Untrusted::reason(&end), "ended");
                 // Requests still waiting will get no reply now.
                 self.waiting.fail_all();
             }
@@ -915,7 +915,7 @@ impl Channel {
                 Incoming::Message(body) => {
                     if let Some(out) = handler(body).await {
                         if let Err(e) = self.send_message(&out).await {
-                            debug!(parent: &self.shared.span, cause = %e, "answer not sent");
+                            debug!(parent: &self.shared.span, cause = %Untrusted::reason(&e), "answer not sent");
                         }
                     }
                 }
@@ -923,7 +923,7 @@ impl Channel {
                     let body = req.body.clone();
                     if let Some(out) = handler(body).await {
                         if let Err(e) = req.reply(&out).await {
-                            debug!(parent: &self.shared.span, cause = %e, "reply not sent");
+                            debug!(parent: &self.shared.span, cause = %Untrusted::reason(&e), "reply not sent");
                         }
                     }
                 }

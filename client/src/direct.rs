@@ -19,7 +19,7 @@ use qmesh_certs::transport::{StreamAllowance, StreamKind, Tuning};
 use qmesh_certs::{Fingerprint, Identity};
 use qmesh_proto::codes::{ConnCode, StreamCode};
 use qmesh_proto::msg::{DirectPipe, PeerIntro, StreamHeader};
-use qmesh_proto::{ChannelId, SessionId};
+use qmesh_proto::{ChannelId, SessionId, Untrusted};
 use quinn::udp::Transmit;
 use quinn::{AsyncUdpSocket, Connection, Endpoint, RecvStream};
 use tokio::sync::{watch, Notify};
@@ -206,7 +206,7 @@ impl Direct {
                 // The peer has a new session (it restarted or reconnected,
                 // perhaps at a new address): the old link may be dead
                 // without knowing it yet. Replace it.
-                info!(parent: &self.span, peer = %name, "the peer has a new session; replacing its direct link");
+                info!(parent: &self.span, peer = %Untrusted::name(&name), "the peer has a new session; replacing its direct link");
                 for conn in lock(&peer.conns).iter() {
                     conn.close(ConnCode::Normal.varint(), b"the peer has a new session");
                 }
@@ -223,7 +223,7 @@ impl Direct {
         peers.insert(fingerprint, peer.clone());
         drop(peers);
         let candidates = self.candidates(intro);
-        info!(parent: &self.span, peer = %name, dial = intro.dial, candidates = ?candidates, "bringing up a direct path");
+        info!(parent: &self.span, peer = %Untrusted::name(&name), dial = intro.dial, candidates = ?candidates, "bringing up a direct path");
         tokio::spawn(
             self.clone()
                 .establish(peer.clone(), candidates, intro.dial)
@@ -282,7 +282,7 @@ impl Direct {
         };
         punching.abort();
         if let Err(reason) = outcome {
-            info!(peer = %peer.name, cause = %reason, "no direct path");
+            info!(peer = %Untrusted::name(&peer.name), cause = %Untrusted::reason(&reason), "no direct path");
             peer.state.send_if_modified(|s| {
                 if matches!(s, Link::Connecting) {
                     *s = Link::Down(reason);
@@ -379,7 +379,7 @@ impl Direct {
         // Losing attempts still in flight are dropped (and so abandoned).
         attempts.abort_all();
         if let Ok(Some((addr, conn))) = won {
-            info!(peer = %peer.name, %addr, "direct path up (dialed)");
+            info!(peer = %Untrusted::name(&peer.name), %addr, "direct path up (dialed)");
             self.adopt(peer, conn);
             return Ok(());
         }
@@ -427,7 +427,7 @@ impl Direct {
             conn.close(ConnCode::NotAuthorised.varint(), b"not introduced");
             return;
         };
-        info!(peer = %peer.name, %remote, "direct path up (accepted)");
+        info!(peer = %Untrusted::name(&peer.name), %remote, "direct path up (accepted)");
         self.adopt(&peer, conn);
     }
 
@@ -496,7 +496,7 @@ impl Direct {
                 peer.state.send_replace(Link::Up(other));
             }
             None => {
-                info!(peer = %peer.name, cause = %reason, "direct path down");
+                info!(peer = %Untrusted::name(&peer.name), cause = %Untrusted::reason(&reason), "direct path down");
                 peer.state.send_replace(Link::Down(format!(
                     "direct connection to {} ended: {reason}",
                     peer.name
@@ -624,7 +624,7 @@ impl Direct {
                 }
                 let conns: Vec<Connection> = lock(&peer.conns).drain(..).collect();
                 if !conns.is_empty() {
-                    info!(peer = %peer.name, "closing the idle direct connection");
+                    info!(peer = %Untrusted::name(&peer.name), "closing the idle direct connection");
                 }
                 for c in conns {
                     c.close(ConnCode::Normal.varint(), b"no channels left");

@@ -32,7 +32,7 @@ use qmesh_proto::address::Host;
 use qmesh_proto::codec::{read_within, write_frame, Read};
 use qmesh_proto::codes::StreamCode;
 use qmesh_proto::msg::{PathMode, PipeAnswer};
-use qmesh_proto::{Address, ForwardKind, Interface};
+use qmesh_proto::{Address, ForwardKind, Interface, Untrusted};
 use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket, UnixListener, UnixStream};
@@ -457,7 +457,7 @@ impl Exposer {
             };
             if let Some(allow) = &expose.allow {
                 if !allow.iter().any(|a| a == offer.peer()) {
-                    info!(peer = %offer.peer(), interface = %expose.name, "refusing a peer not in the allow list");
+                    info!(peer = %Untrusted::name(offer.peer()), interface = %expose.name, "refusing a peer not in the allow list");
                     let reason = format!("{} is not allowed to open {}", offer.peer(), expose.name);
                     offer.refuse(&reason).await;
                     continue;
@@ -475,11 +475,11 @@ async fn serve_offer(me: String, offer: IncomingChannel, expose: Expose, slots: 
     let channel = match offer.accept().await {
         Ok(ch) => ch,
         Err(e) => {
-            info!(%peer, interface = %expose.name, cause = %e, "accepting a forwarding channel failed");
+            info!(peer = %Untrusted::name(&peer), interface = %expose.name, cause = %Untrusted::reason(&e), "accepting a forwarding channel failed");
             return;
         }
     };
-    info!(%peer, interface = %expose.name, target = %expose.target, "forwarding channel ready");
+    info!(peer = %Untrusted::name(&peer), interface = %expose.name, target = %expose.target, "forwarding channel ready");
     loop {
         let pipe = tokio::select! {
             pipe = channel.accept_pipe() => pipe,
@@ -502,7 +502,7 @@ async fn serve_offer(me: String, offer: IncomingChannel, expose: Expose, slots: 
         let _ = channel.close("the interface is no longer exposed").await;
     }
     let how = channel.ended().await;
-    debug!(%peer, interface = %expose.name, %how, "forwarding channel ended");
+    debug!(peer = %Untrusted::name(&peer), interface = %expose.name, how = %Untrusted::reason(&how), "forwarding channel ended");
 }
 
 /// Write the exposer's answer on a pipe.
@@ -512,7 +512,7 @@ async fn answer(send: &mut SendStream, answer: &PipeAnswer) -> bool {
 
 /// Tell the forwarder why its connection cannot be carried, and log it.
 async fn refuse_pipe(send: &mut SendStream, reason: String) {
-    warn!("{reason}");
+    warn!("{}", Untrusted::reason(&reason));
     let reason = qmesh_proto::limits::clip_reason(&reason);
     if answer(send, &PipeAnswer::Failed { reason }).await {
         let _ = send.finish();
@@ -840,7 +840,7 @@ impl Forward {
         match client.describe(&self.to).await {
             Ok(interface) => self.check(&interface)?,
             Err(e) => {
-                warn!(route = %self.name, cause = %e, "cannot check the interface yet; until the peer is present, each connection is closed with a line")
+                warn!(route = %self.name, cause = %Untrusted::reason(&e), "cannot check the interface yet; until the peer is present, each connection is closed with a line")
             }
         }
         let listener = Listener::bind(&self.listen).await?;
@@ -1006,7 +1006,7 @@ async fn watch_path(link: Arc<Link>, ch: Arc<Channel>) {
         (link.report)(format!("route {} path: {now}", link.forward.name));
     }
     if let Some(end) = ch.end() {
-        info!(route = %link.forward.name, how = %end, "route channel ended; the next connection opens another");
+        info!(route = %link.forward.name, how = %Untrusted::reason(&end), "route channel ended; the next connection opens another");
     }
 }
 
@@ -1026,7 +1026,7 @@ async fn forward_conn<L: Local>(
     let mut pipe = match link.pipe().await {
         Ok(p) => p,
         Err(reason) => {
-            warn!(route = %name, %from, "closing a connection: {reason}");
+            warn!(route = %name, %from, "closing a connection: {}", Untrusted::reason(&reason));
             return;
         }
     };
@@ -1105,7 +1105,7 @@ async fn udp_forward_flow(
     let mut pipe = match link.pipe().await {
         Ok(p) => p,
         Err(reason) => {
-            warn!(route = %link.forward.name, %source, "dropping a UDP flow: {reason}");
+            warn!(route = %link.forward.name, %source, "dropping a UDP flow: {}", Untrusted::reason(&reason));
             return;
         }
     };

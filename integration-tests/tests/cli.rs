@@ -504,7 +504,7 @@ async fn sigterm_stops_coordinator_and_tells_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_send_ends_at_once_when_its_channel_is_lost() {
     let state = tempdir();
-    let (mut coord, ca) = start_dev(state.path()).await;
+    let (coord, ca) = start_dev(state.path()).await;
     let mut bob = qmesh(&coord.v4(), &ca, &["--name", "bob", "listen", "chat"]);
     bob.ready().await;
     let mut alice = qmesh(
