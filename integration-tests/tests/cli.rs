@@ -524,6 +524,13 @@ async fn a_direct_send_ends_at_once_when_its_channel_is_lost() {
     assert_eq!(bob.stdout_line("one", |_| true).await, "one");
 
     coord.proc.terminate();
+    // stdin stays open until send has said why it stopped: closing it
+    // first would let send finish normally if it has not seen the loss.
+    alice
+        .stderr_line("the channel's end", |l| {
+            l.contains("ended before everything was sent")
+        })
+        .await;
     let exit = alice.finish_within(QUICK).await;
     assert!(
         !exit.status.success(),
