@@ -350,19 +350,26 @@ pub fn redis_unix() -> (Program, PathBuf) {
 }
 
 /// `iperf3 -s` on a TCP port of 127.0.0.1, serving one test after another,
-/// once it accepts connections; and its port. (The readiness check shows
-/// in its log as a client that sent no parameters.)
+/// once it says it listens; and its port. (A connection as a readiness
+/// check would be a client to it: one that sends no parameters, which the
+/// server may still be ending when the real client connects, and then
+/// resets.)
 pub fn iperf3_server() -> (Program, u16) {
-    serve(
-        |port| {
-            let port = port.to_string();
-            Program::start(
-                "iperf3",
-                &["-s", "-p", &port, "--bind", "127.0.0.1", "--forceflush"],
-            )
-        },
-        accepts,
-    )
+    for attempt in 1..=START_ATTEMPTS {
+        let port = free_port().to_string();
+        let mut program = Program::start(
+            "iperf3",
+            &["-s", "-p", &port, "--bind", "127.0.0.1", "--forceflush"],
+        );
+        let log = program.dir().join("stdout.log");
+        let listening =
+            || std::fs::read_to_string(&log).is_ok_and(|out| out.contains("Server listening on"));
+        if program.wait_ready(attempt < START_ATTEMPTS, listening) {
+            let port = port.parse().expect("a port number");
+            return (program, port);
+        }
+    }
+    unreachable!("the last attempt panics instead of returning false")
 }
 
 /// A socat echo on a TCP port of 127.0.0.1 (each connection gets a `cat`
