@@ -271,6 +271,50 @@ async fn send_to_absent_peer_fails_quickly() {
     assert!(took < QUICK, "took {took:?}");
 }
 
+/// `qmesh --name bob listen chat --out OUT`, once it is ready.
+async fn listen_into(coordinator: &str, ca: &Path, out: &Path) -> Proc {
+    let mut bob = qmesh(
+        coordinator,
+        ca,
+        &[
+            OsStr::new("--name"),
+            OsStr::new("bob"),
+            OsStr::new("listen"),
+            OsStr::new("chat"),
+            OsStr::new("--out"),
+            out.as_os_str(),
+        ],
+    );
+    bob.ready().await;
+    bob
+}
+
+/// `qmesh --name alice send --mode MODE mesh/bob!chat --file PATH`.
+fn send_file(coordinator: &str, ca: &Path, mode: &str, path: &Path) -> Proc {
+    qmesh(
+        coordinator,
+        ca,
+        &[
+            OsStr::new("--name"),
+            OsStr::new("alice"),
+            OsStr::new("send"),
+            OsStr::new("--mode"),
+            OsStr::new(mode),
+            OsStr::new("mesh/bob!chat"),
+            OsStr::new("--file"),
+            path.as_os_str(),
+        ],
+    )
+}
+
+/// The names of the entries in `dir`.
+fn file_names(dir: &Path) -> Vec<std::ffi::OsString> {
+    std::fs::read_dir(dir)
+        .expect("listing --out")
+        .map(|e| e.expect("entry").file_name())
+        .collect()
+}
+
 /// Test 5: `send --file` stores the file, byte for byte and under its name,
 /// in the listener's `--out` directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,34 +329,11 @@ async fn file_transfer_keeps_name_and_bytes() {
     let path = src.join("random-5MiB.bin");
     std::fs::write(&path, &data).expect("writing the source file");
 
-    let mut bob = qmesh(
-        &coord.localhost(),
-        &ca,
-        &[
-            OsStr::new("--name"),
-            OsStr::new("bob"),
-            OsStr::new("listen"),
-            OsStr::new("chat"),
-            OsStr::new("--out"),
-            out.as_os_str(),
-        ],
-    );
-    bob.ready().await;
+    let mut bob = listen_into(&coord.localhost(), &ca, &out).await;
 
-    let exit = qmesh(
-        &coord.localhost(),
-        &ca,
-        &[
-            OsStr::new("--name"),
-            OsStr::new("alice"),
-            OsStr::new("send"),
-            OsStr::new("mesh/bob!chat"),
-            OsStr::new("--file"),
-            path.as_os_str(),
-        ],
-    )
-    .finish()
-    .await;
+    let exit = send_file(&coord.localhost(), &ca, "auto", &path)
+        .finish()
+        .await;
     assert!(exit.status.success(), "send --file failed: {}", show(&exit));
 
     bob.stderr_line("`file received`", |l| l.contains("file received"))
@@ -322,10 +343,7 @@ async fn file_transfer_keeps_name_and_bytes() {
         std::fs::read(&stored).unwrap_or_else(|e| panic!("reading {}: {e}", stored.display()));
     assert_eq!(got.len(), data.len(), "stored file size");
     assert!(got == data, "the stored file's bytes differ");
-    let names: Vec<_> = std::fs::read_dir(&out)
-        .expect("listing --out")
-        .map(|e| e.expect("entry").file_name())
-        .collect();
+    let names = file_names(&out);
     assert_eq!(names, vec![OsStr::new("random-5MiB.bin").to_owned()]);
 }
 
@@ -351,33 +369,8 @@ async fn an_interrupted_file_is_kept_as_part() {
         .and_then(|f| f.set_len(64 * 1024 * 1024))
         .expect("making the source file");
 
-    let mut bob = qmesh(
-        &coord.localhost(),
-        &ca,
-        &[
-            OsStr::new("--name"),
-            OsStr::new("bob"),
-            OsStr::new("listen"),
-            OsStr::new("chat"),
-            OsStr::new("--out"),
-            out.as_os_str(),
-        ],
-    );
-    bob.ready().await;
-    let mut alice = qmesh(
-        &coord.localhost(),
-        &ca,
-        &[
-            OsStr::new("--name"),
-            OsStr::new("alice"),
-            OsStr::new("send"),
-            OsStr::new("--mode"),
-            OsStr::new("relay"),
-            OsStr::new("mesh/bob!chat"),
-            OsStr::new("--file"),
-            path.as_os_str(),
-        ],
-    );
+    let mut bob = listen_into(&coord.localhost(), &ca, &out).await;
+    let mut alice = send_file(&coord.localhost(), &ca, "relay", &path);
     bob.stderr_line("`receiving a file`", |l| l.contains("receiving a file"))
         .await;
     let killed = alice.kill().await;
@@ -397,10 +390,7 @@ async fn an_interrupted_file_is_kept_as_part() {
         line.contains(" WARN ") && line.contains(&part.display().to_string()),
         "the line names the part file: {line}"
     );
-    let names: Vec<_> = std::fs::read_dir(&out)
-        .expect("listing --out")
-        .map(|e| e.expect("entry").file_name())
-        .collect();
+    let names = file_names(&out);
     assert_eq!(names, vec![OsStr::new("big.bin.part").to_owned()]);
     let kept = std::fs::metadata(&part).expect("the part file").len();
     assert!(
