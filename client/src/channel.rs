@@ -1013,6 +1013,8 @@ impl Drop for Channel {
 /// Dropping it unanswered refuses it.
 #[derive(Debug)]
 pub struct IncomingChannel {
+    /// The client's number of the session the offer came on.
+    pub(crate) generation: u64,
     pub(crate) from: String,
     pub(crate) channel: String,
     pub(crate) mode: PathMode,

@@ -2,13 +2,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, Weak};
 
 use qmesh_proto::codec::{write_frame, ReadFrameError};
 use qmesh_proto::codes::{ConnCode, StreamCode};
 use qmesh_proto::msg::{ClientSession, Failure, Open, OpenAnswer, PathMode, Ready, StreamRequest};
-use qmesh_proto::{Address, Untrusted};
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use qmesh_proto::{Address, Interface, Untrusted};
+use quinn::{Endpoint, RecvStream, SendStream};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -17,61 +17,92 @@ use tracing::{info, info_span, Instrument, Span};
 
 use crate::channel::{Channel, IncomingChannel, Offer, Parts, PartsBox, Pending};
 use crate::config::ClientConfig;
-use crate::connect::{join, Joined};
+use crate::connect::{join, join_session, Session};
 use crate::direct::Direct;
 use crate::end::describe_end;
 use crate::error::{ConnectError, OpenError};
 use crate::events::{self, ChannelRef, Event};
 use crate::quota::Gate;
-use crate::routes::Routes;
+use crate::reconnect::{self, After};
+use crate::sync::lock;
 use qmesh_proto::codec::{read_within, Read};
 
-/// A connected qmesh client. Cheap to clone; the session ends when the last
-/// clone is dropped or [`Client::close`] is called.
+/// A connected qmesh client. Cheap to clone; the client leaves when the
+/// last clone is dropped or [`Client::close`] is called.
+///
+/// A lost session is reconnected by itself (see [`Reconnect`]): the client
+/// joins again under its name with its interfaces, and
+/// [`Client::state`] reports each attempt.
+///
+/// [`Reconnect`]: crate::Reconnect Channels of the lost session end
+/// [lost](crate::ChannelEnd::Lost); new opens and offers use the new one.
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: Arc<Inner>,
 }
 
+/// Where a client's session with the coordinator stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    /// Joined: the coordinator's session number.
+    Up {
+        /// The session number the coordinator assigned.
+        session: u64,
+    },
+    /// The session was lost; attempt `attempt` (1 for the first) to join
+    /// again is waiting or under way.
+    Reconnecting {
+        /// Which attempt.
+        attempt: u32,
+        /// Why the session was lost, or why the last attempt failed.
+        cause: String,
+    },
+    /// Over for good: the client left, was refused, or ran out of attempts.
+    Ended {
+        /// Why, as [`Client::closed`] reports it.
+        reason: String,
+    },
+}
+
 #[derive(Debug)]
 struct Inner {
     name: String,
-    session: u64,
-    observed: SocketAddr,
     coordinator: String,
     config: ClientConfig,
     endpoint: Endpoint,
     /// Whether `endpoint` was made for this client alone.
     owns_endpoint: bool,
-    conn: Connection,
-    /// Why this client closed its session, when it did (the coordinator
-    /// went silent, or broke the protocol): what `closed` and the lost
-    /// channels report instead of "closed locally".
-    closed_why: Arc<OnceLock<String>>,
-    routes: Routes,
+    /// The latest session: the current one while `state` is
+    /// [`SessionState::Up`].
+    session: Mutex<Session>,
+    state: watch::Sender<SessionState>,
+    /// The interfaces this client offers, said again in each hello.
+    interfaces: Mutex<Vec<Interface>>,
     /// Direct connections, when this client takes direct channels.
     direct: Option<Arc<Direct>>,
     /// The fingerprint of this client's certificate.
     fingerprint: qmesh_certs::Fingerprint,
     incoming: tokio::sync::Mutex<mpsc::Receiver<IncomingChannel>>,
-    /// Frames for the session stream (interface updates).
-    session_tx: mpsc::Sender<ClientSession>,
-    /// Runs the session stream: heartbeats, and the end of the session.
-    session_task: JoinHandle<()>,
+    /// Handed to each session's driver: offers from every session arrive
+    /// on `incoming`.
+    incoming_tx: mpsc::Sender<IncomingChannel>,
     /// Quotas on offered interfaces, by name.
     gates: HashMap<String, Arc<Gate>>,
-    driver: JoinHandle<()>,
+    /// Waits for each session's end and reconnects.
+    supervisor: Mutex<Option<JoinHandle<()>>>,
     span: Span,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.driver.abort();
-        self.session_task.abort();
+        if let Some(t) = lock(&self.supervisor).take() {
+            t.abort();
+        }
         if let Some(d) = &self.direct {
             d.close_all();
         }
-        self.conn
+        lock(&self.session)
+            .conn
             .close(ConnCode::Normal.varint(), b"client dropped");
         // An endpoint of this client's own: close it, or the direct accept
         // loop keeps it (its socket and buffers) alive after the client.
@@ -90,8 +121,13 @@ impl Client {
     }
 
     /// Queue a frame for the session stream.
-    pub(crate) async fn session_send(&self, msg: ClientSession) -> Result<(), ()> {
-        self.inner.session_tx.send(msg).await.map_err(|_| ())
+    pub(crate) async fn session_send(&self, msg: ClientSession) -> Result<(), String> {
+        let session = self.session()?;
+        session
+            .session_tx
+            .send(msg)
+            .await
+            .map_err(|_| session_error(&session))
     }
 
     /// Connect as [`Client::connect`] does, over `endpoint` when given, so
@@ -129,6 +165,9 @@ impl Client {
                 message: e.to_string(),
             },
         });
+        if let Ok(c) = &outcome {
+            c.supervise();
+        }
         outcome
     }
 
@@ -137,22 +176,9 @@ impl Client {
         config: ClientConfig,
         span: Span,
     ) -> Result<Client, ConnectError> {
-        let Joined {
-            session,
-            observed,
-            coordinator,
-            endpoint,
-            owns_endpoint,
-            conn,
-            closed_why,
-            routes,
-            direct,
-            fingerprint,
-            incoming,
-            session_tx,
-            session_task,
-            driver,
-        } = join(endpoint, &config, &span).await?;
+        let (incoming_tx, incoming) = mpsc::channel(config.incoming_backlog.max(1));
+        let interfaces = config.interfaces.clone();
+        let (base, session) = join(endpoint, &config, &interfaces, &incoming_tx, &span).await?;
         let gates = config
             .quotas
             .iter()
@@ -161,25 +187,49 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 name: config.name.clone(),
-                session,
-                observed,
-                coordinator,
+                coordinator: config.coordinator.to_string(),
+                state: watch::Sender::new(SessionState::Up {
+                    session: session.id,
+                }),
+                session: Mutex::new(session),
+                interfaces: Mutex::new(interfaces),
                 config,
-                endpoint,
-                owns_endpoint,
-                conn,
-                closed_why,
-                routes,
-                direct,
-                fingerprint,
+                endpoint: base.endpoint,
+                owns_endpoint: base.owns_endpoint,
+                direct: base.direct,
+                fingerprint: base.fingerprint,
                 incoming: tokio::sync::Mutex::new(incoming),
-                session_tx,
-                session_task,
+                incoming_tx,
                 gates,
-                driver,
+                supervisor: Mutex::new(None),
                 span,
             }),
         })
+    }
+
+    /// Start the task that waits for each session's end and reconnects.
+    fn supervise(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let task = tokio::spawn(supervise(weak).instrument(self.inner.span.clone()));
+        *lock(&self.inner.supervisor) = Some(task);
+    }
+
+    /// The current session, or why there is none.
+    pub(crate) fn session(&self) -> Result<Session, String> {
+        let state = self.inner.state.borrow();
+        match &*state {
+            SessionState::Up { .. } => Ok(lock(&self.inner.session).clone()),
+            SessionState::Reconnecting { attempt, cause } => Err(format!(
+                "the session with the coordinator was lost ({cause}); reconnecting (attempt {attempt})"
+            )),
+            SessionState::Ended { reason } => Err(reason.clone()),
+        }
+    }
+
+    /// Where this client's session stands; `changed()` on the receiver
+    /// fires at each loss, attempt, reconnect and at the end.
+    pub fn state(&self) -> watch::Receiver<SessionState> {
+        self.inner.state.subscribe()
     }
 
     /// This client's name.
@@ -187,14 +237,15 @@ impl Client {
         &self.inner.name
     }
 
-    /// The session number the coordinator assigned.
+    /// The session number the coordinator assigned to the latest session.
     pub fn session_id(&self) -> u64 {
-        self.inner.session
+        lock(&self.inner.session).id
     }
 
-    /// This client's address as the coordinator sees it.
+    /// This client's address as the coordinator saw it in the latest
+    /// session.
     pub fn observed_addr(&self) -> SocketAddr {
-        self.inner.observed
+        lock(&self.inner.session).observed
     }
 
     /// The peers this client has a direct connection to, with their
@@ -229,12 +280,19 @@ impl Client {
         self.inner.direct.is_some()
     }
 
-    fn parts(&self, peer: String, name: String, label: String, mode: PathMode) -> Parts {
+    fn parts(
+        &self,
+        session: &Session,
+        peer: String,
+        name: String,
+        label: String,
+        mode: PathMode,
+    ) -> Parts {
         let c = &self.inner.config;
         Parts {
-            conn: self.inner.conn.clone(),
-            closed_why: self.inner.closed_why.clone(),
-            routes: self.inner.routes.clone(),
+            conn: session.conn.clone(),
+            closed_why: session.closed_why.clone(),
+            routes: session.routes.clone(),
             peer,
             name,
             label,
@@ -258,15 +316,15 @@ impl Client {
         &self,
         first: &StreamRequest,
     ) -> Result<(SendStream, RecvStream), OpenError> {
-        let (mut send, recv) = self
-            .inner
+        let session = self.session().map_err(OpenError::Session)?;
+        let (mut send, recv) = session
             .conn
             .open_bi()
             .await
-            .map_err(|_| OpenError::Session(self.session_error()))?;
+            .map_err(|_| OpenError::Session(session_error(&session)))?;
         write_frame(&mut send, first)
             .await
-            .map_err(|_| OpenError::Session(self.session_error()))?;
+            .map_err(|_| OpenError::Session(session_error(&session)))?;
         Ok((send, recv))
     }
 
@@ -281,17 +339,14 @@ impl Client {
         match read_within(tokio::time::Instant::now() + limit, recv).await {
             Read::Frame(answer) => Ok(answer),
             Read::Failed(ReadFrameError::Decode(e)) => Err(OpenError::Protocol(e.to_string())),
-            Read::Finished | Read::Failed(_) => Err(OpenError::Session(self.session_error())),
+            Read::Finished | Read::Failed(_) => Err(OpenError::Session(
+                self.session()
+                    .err()
+                    .unwrap_or_else(|| "the stream ended".into()),
+            )),
             Read::Late => Err(OpenError::Timeout {
                 secs: limit.as_secs(),
             }),
-        }
-    }
-
-    pub(crate) fn session_error(&self) -> String {
-        match self.inner.conn.close_reason() {
-            Some(c) => describe_end(&c, &self.inner.closed_why),
-            None => "the session is closing".into(),
         }
     }
 
@@ -342,13 +397,19 @@ impl Client {
         let label = format!("{}>{}!{}", self.inner.name, peer, channel);
         let span = info_span!(parent: &self.inner.span, "channel", id = %label);
         async {
-            let (mut send, mut recv) = self
-                .inner
+            let session = self.session().map_err(OpenError::Session)?;
+            let (mut send, mut recv) = session
                 .conn
                 .open_bi()
                 .await
-                .map_err(|_| OpenError::Session(self.session_error()))?;
-            let mut parts = self.parts(peer.to_owned(), channel.to_owned(), label.clone(), mode);
+                .map_err(|_| OpenError::Session(session_error(&session)))?;
+            let mut parts = self.parts(
+                &session,
+                peer.to_owned(),
+                channel.to_owned(),
+                label.clone(),
+                mode,
+            );
             // Ready is reported once open returns it.
             parts.defer_ready = true;
             let pending = Pending::register(parts, &send);
@@ -359,7 +420,7 @@ impl Client {
             });
             if write_frame(&mut send, &open).await.is_err() {
                 pending.abandon();
-                return Err(OpenError::Session(self.session_error()));
+                return Err(OpenError::Session(session_error(&session)));
             }
             let secs = self.inner.config.open_timeout.as_secs();
             match read_within(
@@ -409,7 +470,7 @@ impl Client {
                 }
                 Read::Finished | Read::Failed(_) => {
                     pending.abandon();
-                    Err(OpenError::Session(self.session_error()))
+                    Err(OpenError::Session(session_error(&session)))
                 }
                 Read::Late => {
                     pending.abandon();
@@ -435,8 +496,21 @@ impl Client {
     /// a reason that says so, and not returned.
     pub async fn accept(&self) -> Option<IncomingChannel> {
         let mut incoming = self.inner.incoming.lock().await;
+        let mut state = self.inner.state.subscribe();
         loop {
-            let mut offer = incoming.recv().await?;
+            let mut offer = tokio::select! {
+                offer = incoming.recv() => offer?,
+                _ = state.wait_for(|s| matches!(s, SessionState::Ended { .. })) => return None,
+            };
+            // An offer from a session that has since been lost: its
+            // streams are gone with it.
+            let Some(session) = self
+                .session()
+                .ok()
+                .filter(|s| s.generation == offer.generation)
+            else {
+                continue;
+            };
             let quota = match self.inner.gates.get(&offer.channel) {
                 Some(gate) => match gate.take_channel() {
                     Ok(slot) => Some(slot),
@@ -456,25 +530,47 @@ impl Client {
                 self.inner.name,
                 Untrusted::name(&offer.channel)
             );
-            let mut parts =
-                self.parts(offer.from.clone(), offer.channel.clone(), label, offer.mode);
+            let mut parts = self.parts(
+                &session,
+                offer.from.clone(),
+                offer.channel.clone(),
+                label,
+                offer.mode,
+            );
             parts.quota = quota;
             offer.parts = Some(PartsBox(parts));
             return Some(offer);
         }
     }
 
-    /// Leave: close the connection with a normal code and `reason`. On an
-    /// endpoint of its own, also wait (up to 2 s) until the close has been
-    /// sent; a shared endpoint is its owner's to drain.
+    /// Leave: close the connection with a normal code and `reason`, and
+    /// stop reconnecting. On an endpoint of its own, also wait (up to 2 s)
+    /// until the close has been sent; a shared endpoint is its owner's to
+    /// drain.
     pub async fn close(&self, reason: &str) {
         info!(parent: &self.inner.span, reason, "leaving");
         if let Some(d) = &self.inner.direct {
             d.close_all();
         }
-        self.inner
-            .conn
-            .close(ConnCode::Normal.varint(), reason.as_bytes());
+        // Between sessions there is no connection to close: the end is
+        // this.
+        let between = self.inner.state.send_if_modified(|s| match s {
+            SessionState::Reconnecting { .. } => {
+                *s = SessionState::Ended {
+                    reason: format!("closed locally while reconnecting: {reason}"),
+                };
+                true
+            }
+            _ => false,
+        });
+        if between {
+            events::emit(&self.inner.config.events, || Event::SessionEnded {
+                name: self.inner.name.clone(),
+                reason: format!("closed locally while reconnecting: {reason}"),
+            });
+        }
+        let conn = lock(&self.inner.session).conn.clone();
+        conn.close(ConnCode::Normal.varint(), reason.as_bytes());
         if self.inner.owns_endpoint {
             let _ = timeout(
                 std::time::Duration::from_secs(2),
@@ -484,13 +580,191 @@ impl Client {
         }
     }
 
-    /// Wait until the session ends and say why.
+    /// Wait until the client's session is over for good and say why: it
+    /// left, was refused, or (with reconnecting off, or its attempts used
+    /// up) lost its session.
     pub async fn closed(&self) -> String {
-        describe_end(&self.inner.conn.closed().await, &self.inner.closed_why)
+        let mut state = self.inner.state.subscribe();
+        let ended = state
+            .wait_for(|s| matches!(s, SessionState::Ended { .. }))
+            .await;
+        match ended.as_deref() {
+            Ok(SessionState::Ended { reason }) => reason.clone(),
+            _ => "the client is gone".into(),
+        }
+    }
+
+    /// Replace the interfaces this client offers, here and in every later
+    /// hello.
+    pub(crate) fn remember_interfaces(&self, list: &[Interface]) {
+        *lock(&self.inner.interfaces) = list.to_vec();
     }
 
     /// The coordinator address this client connected to.
     pub fn coordinator(&self) -> &str {
         &self.inner.coordinator
+    }
+}
+
+/// Why `session`'s connection failed, as a sentence.
+fn session_error(session: &Session) -> String {
+    match session.conn.close_reason() {
+        Some(c) => describe_end(&c, &session.closed_why),
+        None => "the session is closing".into(),
+    }
+}
+
+/// Wait for each session's end; reconnect while the end is worth another
+/// try and [`Reconnect`] allows, and end the client otherwise. Holds the
+/// client only weakly, between steps, so that dropping the last
+/// [`Client`] ends it.
+async fn supervise(weak: Weak<Inner>) {
+    loop {
+        let Some(session) = weak.upgrade().map(|inner| lock(&inner.session).clone()) else {
+            return;
+        };
+        let err = session.conn.closed().await;
+        let cause = describe_end(&err, &session.closed_why);
+        let after = reconnect::after_session(&err, session.closed_why.get().is_some());
+        drop(session);
+        let Some(inner) = weak.upgrade() else { return };
+        if matches!(*inner.state.borrow(), SessionState::Ended { .. }) {
+            return;
+        }
+        if after == After::Stop || !inner.config.reconnect.enabled {
+            end(&inner, cause);
+            return;
+        }
+        drop(inner);
+        match rejoin(&weak, cause).await {
+            Some(()) => continue,
+            None => return,
+        }
+    }
+}
+
+/// End the client for good with `reason`.
+fn end(inner: &Inner, reason: String) {
+    info!(cause = %Untrusted::reason(&reason), "session over");
+    // The event first: whoever wakes on the state finds it reported.
+    events::emit(&inner.config.events, || Event::SessionEnded {
+        name: inner.name.clone(),
+        reason: reason.clone(),
+    });
+    inner.state.send_replace(SessionState::Ended { reason });
+}
+
+/// Join again after the session was lost with `cause`: attempts with
+/// backoff until one joins (`Some`), a refusal or the attempt limit ends
+/// the client, or the client is closed or dropped (`None`).
+async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
+    let lost = tokio::time::Instant::now();
+    let mut attempt: u32 = 0;
+    loop {
+        attempt = attempt.saturating_add(1);
+        let (policy, mut state, config, endpoint, direct, interfaces, incoming, span, generation) = {
+            let inner = weak.upgrade()?;
+            let policy = inner.config.reconnect;
+            if policy.limit.is_some_and(|limit| attempt > limit) {
+                end(
+                    &inner,
+                    format!(
+                        "the session with the coordinator was lost and {} attempts to join again failed; the last: {cause}",
+                        attempt - 1
+                    ),
+                );
+                return None;
+            }
+            let moved = inner.state.send_if_modified(|s| {
+                if matches!(s, SessionState::Ended { .. }) {
+                    return false;
+                }
+                *s = SessionState::Reconnecting {
+                    attempt,
+                    cause: cause.clone(),
+                };
+                true
+            });
+            if !moved {
+                return None;
+            }
+            info!(attempt, cause = %Untrusted::reason(&cause), "reconnecting to {}", inner.coordinator);
+            events::emit(&inner.config.events, || Event::Reconnecting {
+                name: inner.name.clone(),
+                attempt,
+                cause: cause.clone(),
+            });
+            let generation = lock(&inner.session).generation + 1;
+            let interfaces = lock(&inner.interfaces).clone();
+            (
+                policy,
+                inner.state.subscribe(),
+                inner.config.clone(),
+                inner.endpoint.clone(),
+                inner.direct.is_some(),
+                interfaces,
+                inner.incoming_tx.clone(),
+                inner.span.clone(),
+                generation,
+            )
+        };
+        let wait = policy.delay(attempt, reconnect::jitter());
+        // A close while waiting ends the wait.
+        let closed = state.wait_for(|s| matches!(s, SessionState::Ended { .. }));
+        if timeout(wait, closed).await.is_ok() {
+            return None;
+        }
+        let joined = timeout(
+            config.connect_timeout,
+            join_session(
+                generation,
+                &endpoint,
+                direct,
+                &config,
+                &interfaces,
+                &incoming,
+                &span,
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ConnectError::Timeout {
+                addr: config.coordinator.to_string(),
+                secs: config.connect_timeout.as_secs(),
+            })
+        });
+        let inner = weak.upgrade()?;
+        match joined {
+            Ok(session) => {
+                if matches!(*inner.state.borrow(), SessionState::Ended { .. }) {
+                    session
+                        .conn
+                        .close(ConnCode::Normal.varint(), b"client closed");
+                    return None;
+                }
+                let id = session.id;
+                *lock(&inner.session) = session;
+                let after = lost.elapsed();
+                info!(
+                    session = id,
+                    after_ms = after.as_millis() as u64,
+                    "reconnected"
+                );
+                events::emit(&inner.config.events, || Event::Reconnected {
+                    name: inner.name.clone(),
+                    session: id,
+                    after,
+                });
+                inner.state.send_replace(SessionState::Up { session: id });
+                return Some(());
+            }
+            Err(e) => {
+                cause = e.to_string();
+                if reconnect::after_attempt(&e) == After::Stop {
+                    end(&inner, cause);
+                    return None;
+                }
+            }
+        }
     }
 }

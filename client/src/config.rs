@@ -13,6 +13,7 @@ use qmesh_proto::{Address, Interface};
 
 use crate::events::Events;
 use crate::quota::Quota;
+use crate::reconnect::Reconnect;
 
 /// How a client connects and behaves.
 #[derive(Debug, Clone)]
@@ -63,6 +64,9 @@ pub struct ClientConfig {
     /// ([`crate::Client::set_interfaces`] changes them later). Empty: the
     /// client declares none, and peers may open any channel name on it.
     pub interfaces: Vec<Interface>,
+    /// Whether and how a lost session is joined again (on by default:
+    /// first retry within 100 ms, at most 5 s apart, no limit).
+    pub reconnect: Reconnect,
     /// The TLS and transport configuration last built from `trust` and
     /// `tuning`, shared by clones of this config.
     tls: TlsCache,
@@ -139,6 +143,7 @@ impl ClientConfig {
             heartbeat: Heartbeat::default(),
             events: None,
             quotas: HashMap::new(),
+            reconnect: Reconnect::default(),
             tls: TlsCache::default(),
         }
     }

@@ -8,7 +8,7 @@ use qmesh_proto::address::Host;
 use qmesh_proto::codec::{read_frame, write_frame, ReadFrameError};
 use qmesh_proto::codes::ConnCode;
 use qmesh_proto::msg::{self, ClientSession, Greeting, Hello, Reject, Welcome};
-use qmesh_proto::PROTOCOL_VERSION;
+use qmesh_proto::{Interface, PROTOCOL_VERSION};
 use quinn::{Connection, ConnectionError, Endpoint};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -23,22 +23,49 @@ use crate::error::ConnectError;
 use crate::routes::Routes;
 use crate::sync::lock;
 
-/// A joined session and the tasks that serve it.
-pub(crate) struct Joined {
-    pub(crate) session: u64,
+/// One session with the coordinator: its connection, where the streams
+/// the coordinator opens towards this client go, and the tasks that serve
+/// it (aborted when the last copy is dropped).
+#[derive(Debug, Clone)]
+pub(crate) struct Session {
+    /// This client's number for the session: 1 for the first, one more for
+    /// each reconnect (the coordinator's numbers can repeat after it
+    /// restarts).
+    pub(crate) generation: u64,
+    /// The session number the coordinator assigned.
+    pub(crate) id: u64,
+    /// This client's address as the coordinator sees it.
     pub(crate) observed: SocketAddr,
-    pub(crate) coordinator: String,
-    pub(crate) endpoint: Endpoint,
-    pub(crate) owns_endpoint: bool,
     pub(crate) conn: Connection,
+    /// Why this client closed the session, when it did for a reason of its
+    /// own (the coordinator went silent, or broke the protocol).
     pub(crate) closed_why: Arc<OnceLock<String>>,
     pub(crate) routes: Routes,
+    /// Frames for the session stream (interface updates).
+    pub(crate) session_tx: mpsc::Sender<ClientSession>,
+    _tasks: Arc<Tasks>,
+}
+
+/// The session stream's task and the driver that accepts what the
+/// coordinator opens.
+#[derive(Debug)]
+struct Tasks(JoinHandle<()>, JoinHandle<()>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.0.abort();
+        self.1.abort();
+    }
+}
+
+/// What a client keeps across its sessions: its endpoint and its direct
+/// connections.
+pub(crate) struct Base {
+    pub(crate) endpoint: Endpoint,
+    /// Whether `endpoint` was made for this client alone.
+    pub(crate) owns_endpoint: bool,
     pub(crate) direct: Option<Arc<Direct>>,
     pub(crate) fingerprint: qmesh_certs::Fingerprint,
-    pub(crate) incoming: mpsc::Receiver<IncomingChannel>,
-    pub(crate) session_tx: mpsc::Sender<ClientSession>,
-    pub(crate) session_task: JoinHandle<()>,
-    pub(crate) driver: JoinHandle<()>,
 }
 
 /// The name the coordinator's certificate must carry for this host.
@@ -216,17 +243,18 @@ pub(crate) fn plan_endpoint(own: bool, direct: bool) -> EndpointPlan {
 /// protocol version and, when it takes direct channels, the addresses it
 /// reports), then the interfaces it offers.
 pub(crate) fn hello(
-    config: &ClientConfig,
+    name: &str,
+    interfaces: &[Interface],
     reported: Option<Vec<SocketAddr>>,
 ) -> (Greeting, ClientSession) {
     (
         Greeting::Hello(Hello {
             version: PROTOCOL_VERSION,
-            name: config.name.clone().into(),
+            name: name.into(),
             direct: reported,
         }),
         ClientSession::Interfaces {
-            list: config.interfaces.clone(),
+            list: interfaces.to_vec(),
         },
     )
 }
@@ -270,17 +298,18 @@ pub(crate) fn judge_hello(reply: Result<Option<msg::HelloAnswer>, ReadFrameError
     }
 }
 
-/// Connect to the coordinator, say hello, and start the session's tasks.
+/// Make this client's endpoint, connect to the coordinator, say hello and
+/// start the session's tasks; with an endpoint of its own that takes direct
+/// channels, start accepting direct connections too.
 pub(crate) async fn join(
     endpoint: Option<Endpoint>,
     config: &ClientConfig,
+    interfaces: &[Interface],
+    incoming: &mpsc::Sender<IncomingChannel>,
     span: &Span,
-) -> Result<Joined, ConnectError> {
+) -> Result<(Base, Session), ConnectError> {
     let (host, port) = config.coordinator.quic_endpoint()?;
-    let host = host.clone();
-    let addr = resolve(&host, port).await?;
-    let coord_text = config.coordinator.to_string();
-    let (client_config, report) = config.quic()?;
+    let addr = resolve(host, port).await?;
     let bind = bind_for(addr);
     let owns_endpoint = endpoint.is_none();
     let identity = config.identity()?;
@@ -299,7 +328,56 @@ pub(crate) async fn join(
             None,
         ),
     };
-    let reported = punch_socket.as_ref().map(|_| {
+    let session = join_session(
+        1,
+        &endpoint,
+        punch_socket.is_some(),
+        config,
+        interfaces,
+        incoming,
+        span,
+    )
+    .await?;
+    let direct = punch_socket.map(|socket| {
+        Direct::start(DirectParts {
+            endpoint: endpoint.clone(),
+            socket,
+            identity: identity.clone(),
+            peers: peers.clone(),
+            tuning: config.tuning.clone(),
+            timeout: config.direct.timeout,
+            grace: config.direct.grace,
+            header_timeout: config.connect_timeout,
+            span: span.clone(),
+        })
+    });
+    let base = Base {
+        endpoint,
+        owns_endpoint,
+        direct,
+        fingerprint: identity.fingerprint(),
+    };
+    Ok((base, session))
+}
+
+/// Connect to the coordinator from `endpoint`, say hello (reporting this
+/// client's addresses when it takes `direct` channels) and start the
+/// session's tasks: the first session, and each one after a reconnect.
+pub(crate) async fn join_session(
+    generation: u64,
+    endpoint: &Endpoint,
+    direct: bool,
+    config: &ClientConfig,
+    interfaces: &[Interface],
+    incoming: &mpsc::Sender<IncomingChannel>,
+    span: &Span,
+) -> Result<Session, ConnectError> {
+    let (host, port) = config.coordinator.quic_endpoint()?;
+    let host = host.clone();
+    let addr = resolve(&host, port).await?;
+    let coord_text = config.coordinator.to_string();
+    let (client_config, report) = config.quic()?;
+    let reported = direct.then(|| {
         let port = endpoint.local_addr().map(|a| a.port()).unwrap_or(0);
         reported_addrs(addr, port, &config.direct.advertise)
     });
@@ -319,7 +397,7 @@ pub(crate) async fn join(
             .open_bi()
             .await
             .map_err(|e| ConnectError::Session(e.to_string()))?;
-        let (greeting, interfaces) = hello(config, reported.clone());
+        let (greeting, interfaces) = hello(&config.name, interfaces, reported);
         let failed = |e: qmesh_proto::codec::WriteFrameError| ConnectError::Session(e.to_string());
         write_frame(&mut send, &greeting).await.map_err(failed)?;
         write_frame(&mut send, &interfaces).await.map_err(failed)?;
@@ -336,7 +414,7 @@ pub(crate) async fn join(
             })
         }
     };
-    let (session, observed) = match judge_hello(reply) {
+    let (id, observed) = match judge_hello(reply) {
         HelloAnswer::Welcome { session, observed } => (session, observed),
         HelloAnswer::Refused(e) => return Err(e),
         HelloAnswer::NoAnswer { otherwise } => {
@@ -348,21 +426,8 @@ pub(crate) async fn join(
             });
         }
     };
-    info!(parent: span, session, observed = %observed, "connected to {}", &coord_text);
+    info!(parent: span, session = id, observed = %observed, "connected to {}", &coord_text);
 
-    let direct = punch_socket.map(|socket| {
-        Direct::start(DirectParts {
-            endpoint: endpoint.clone(),
-            socket,
-            identity: identity.clone(),
-            peers: peers.clone(),
-            tuning: config.tuning.clone(),
-            timeout: config.direct.timeout,
-            grace: config.direct.grace,
-            header_timeout: config.connect_timeout,
-            span: span.clone(),
-        })
-    });
     let (session_tx, session_rx) = mpsc::channel(4);
     let closed_why = Arc::new(OnceLock::new());
     let session_task = tokio::spawn(
@@ -377,25 +442,25 @@ pub(crate) async fn join(
         .instrument(span.clone()),
     );
     let routes: Routes = Arc::default();
-    let (incoming_tx, incoming_rx) = mpsc::channel(config.incoming_backlog.max(1));
     let driver = tokio::spawn(
-        drive(conn.clone(), routes.clone(), incoming_tx, config.clone()).instrument(span.clone()),
+        drive(
+            conn.clone(),
+            generation,
+            routes.clone(),
+            incoming.clone(),
+            config.clone(),
+        )
+        .instrument(span.clone()),
     );
-    Ok(Joined {
-        session,
+    Ok(Session {
+        generation,
+        id,
         observed,
-        coordinator: coord_text,
-        endpoint,
-        owns_endpoint,
         conn,
         closed_why,
         routes,
-        direct,
-        fingerprint: identity.fingerprint(),
-        incoming: incoming_rx,
         session_tx,
-        session_task,
-        driver,
+        _tasks: Arc::new(Tasks(session_task, driver)),
     })
 }
 
@@ -493,7 +558,7 @@ mod tests {
     #[test]
     fn the_hello_names_the_client_its_version_and_then_its_interfaces() {
         let reported = vec!["192.0.2.1:7000".parse().expect("addr")];
-        let (first, second) = hello(&config(), Some(reported.clone()));
+        let (first, second) = hello(&config().name, &[], Some(reported.clone()));
         match first {
             Greeting::Hello(Hello {
                 version,

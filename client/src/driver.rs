@@ -27,8 +27,12 @@ use qmesh_proto::codec::{read_within, Read};
 
 /// Accept what the coordinator opens towards this client: channel offers
 /// (bidirectional) and data streams (unidirectional).
+///
+/// Offers carry `generation`, the client's number for this session, so
+/// that an offer left from a lost session is not taken for the current one.
 pub(crate) async fn drive(
     conn: Connection,
+    generation: u64,
     routes: Routes,
     incoming: mpsc::Sender<IncomingChannel>,
     config: ClientConfig,
@@ -53,7 +57,7 @@ pub(crate) async fn drive(
                     // Channel control streams live as long as their channel;
                     // the guard travels with the offer into the channel.
                     let guard = bi_allowance.opened();
-                    tokio::spawn(arrival(send, recv, incoming.clone(), routes.clone(), config.clone(), guard).in_current_span());
+                    tokio::spawn(arrival(send, recv, generation, incoming.clone(), routes.clone(), config.clone(), guard).in_current_span());
                 }
                 Err(e) => {
                     info!(reason = %Untrusted::reason(qmesh_certs::transport::describe_close(&e)), "session ended");
@@ -76,6 +80,7 @@ pub(crate) async fn drive(
 async fn arrival(
     mut send: SendStream,
     mut recv: RecvStream,
+    generation: u64,
     incoming: mpsc::Sender<IncomingChannel>,
     routes: Routes,
     config: ClientConfig,
@@ -115,6 +120,7 @@ async fn arrival(
     };
     debug!(from = %Untrusted::name(&from), channel = %Untrusted::name(&channel), "channel offered");
     let offer = IncomingChannel {
+        generation,
         from,
         channel,
         mode,

@@ -3,6 +3,8 @@
 //! | action | ends in exactly one of |
 //! |---|---|
 //! | connect | [`Event::Connected`] / [`Event::ConnectError`] |
+//! | a lost session | [`Event::Reconnected`] / [`Event::SessionEnded`], after one [`Event::Reconnecting`] per attempt |
+//! | a connected client | [`Event::SessionEnded`], once, at its end (not when it is dropped) |
 //! | open (and accept) | [`Event::Ready`] / [`Event::OpenError`] |
 //! | a ready channel | [`Event::Closed`] / [`Event::Lost`] |
 //! | request | [`Event::Reply`] / [`Event::ReplyMissing`] |
@@ -70,6 +72,34 @@ pub enum Event {
         name: String,
         /// What went wrong, as the error says it.
         message: String,
+    },
+    /// The session was lost (or the last attempt failed) and attempt
+    /// `attempt` to join again is starting. Not terminal: a
+    /// [`Event::Reconnected`] or [`Event::SessionEnded`] follows.
+    Reconnecting {
+        /// This client's name.
+        name: String,
+        /// Which attempt, 1 for the first after the loss.
+        attempt: u32,
+        /// Why the session was lost, or why the previous attempt failed.
+        cause: String,
+    },
+    /// The client joined again after losing its session.
+    Reconnected {
+        /// This client's name.
+        name: String,
+        /// The new session's number.
+        session: u64,
+        /// How long after the loss.
+        after: std::time::Duration,
+    },
+    /// The client's session is over for good: it left, was refused, or
+    /// reconnecting is off or used up its attempts.
+    SessionEnded {
+        /// This client's name.
+        name: String,
+        /// Why, as [`crate::Client::closed`] says it.
+        reason: String,
     },
     /// A channel is ready (opened by this client, or accepted).
     Ready {
@@ -139,9 +169,10 @@ impl Event {
         }
     }
 
-    /// Whether this event ends an action (everything but `Lagged`).
+    /// Whether this event ends an action (everything but `Lagged` and
+    /// `Reconnecting`).
     pub fn is_terminal(&self) -> bool {
-        !matches!(self, Event::Lagged { .. })
+        !matches!(self, Event::Lagged { .. } | Event::Reconnecting { .. })
     }
 
     pub(crate) fn ended(channel: ChannelRef, end: &ChannelEnd) -> Event {
@@ -168,6 +199,23 @@ impl fmt::Display for Event {
             Event::ConnectError { name, message } => {
                 write!(f, "connect error for {name}: {message}")
             }
+            Event::Reconnecting {
+                name,
+                attempt,
+                cause,
+            } => {
+                write!(f, "{name} reconnecting, attempt {attempt} ({cause})")
+            }
+            Event::Reconnected {
+                name,
+                session,
+                after,
+            } => write!(
+                f,
+                "{name} reconnected after {} ms (session {session})",
+                after.as_millis()
+            ),
+            Event::SessionEnded { name, reason } => write!(f, "{name} session over: {reason}"),
             Event::Ready { channel } => write!(f, "{} ready", channel.label),
             Event::OpenError { channel, message } => {
                 write!(f, "{} open error: {message}", channel.label)

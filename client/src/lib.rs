@@ -54,7 +54,10 @@
 //! - [`broadcast`]: [`Group`]: broadcast groups relayed by the coordinator.
 //! - [`presence`]: manifests, who is online, and changes.
 //! - `enroll`: enrolling with a token, and certificate renewal times.
-//! - [`client`]: [`Client`]: connect, open, accept, leave.
+//! - [`client`]: [`Client`]: connect, open, accept, leave; reconnects a
+//!   lost session.
+//! - `reconnect`: [`Reconnect`]: when to try again after a lost session,
+//!   and how long to wait.
 //! - `connect`: resolving, the QUIC handshake and the hello; starts the
 //!   session's tasks.
 //! - `driver`: the session's tasks: channel offers, incoming streams, the
@@ -94,6 +97,7 @@ pub mod messages;
 pub mod pipe;
 pub mod presence;
 pub mod quota;
+mod reconnect;
 mod routes;
 mod state;
 pub mod stream;
@@ -101,7 +105,7 @@ mod sync;
 
 pub use broadcast::{Group, GroupEvent, GroupPolicy};
 pub use channel::{Channel, ChannelEnd, IncomingChannel, Path, Side};
-pub use client::Client;
+pub use client::{Client, SessionState};
 pub use config::{ClientConfig, DirectConfig};
 pub use error::{
     AcceptError, CloseError, ConnectError, OpenError, RecvError, RequestError, SendError,
@@ -116,4 +120,5 @@ pub use qmesh_proto::msg::PathMode;
 pub use qmesh_proto::Address;
 pub use qmesh_proto::{Direction, Interface};
 pub use quota::Quota;
+pub use reconnect::Reconnect;
 pub use stream::{MessageReceiver, MessageSender};

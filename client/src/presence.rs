@@ -116,8 +116,9 @@ impl Client {
     /// once (presence reports it); channels already open are not affected.
     pub async fn set_interfaces(&self, list: Vec<Interface>) -> Result<(), OpenError> {
         validate_interfaces(&list).map_err(OpenError::Interfaces)?;
+        self.remember_interfaces(&list);
         self.session_send(ClientSession::Interfaces { list })
             .await
-            .map_err(|_| OpenError::Session(self.session_error()))
+            .map_err(OpenError::Session)
     }
 }

@@ -66,7 +66,13 @@ impl CoordinatorProc {
     /// `qmesh-coordinator run --listen 'quic/$4:0' EXTRA...`, once it has
     /// printed where it listens (which must be 127.0.0.1 and a real port).
     pub async fn start<S: AsRef<OsStr>>(extra: &[S]) -> CoordinatorProc {
-        let mut args: Vec<&OsStr> = vec!["run".as_ref(), "--listen".as_ref(), "quic/$4:0".as_ref()];
+        Self::start_at("quic/$4:0", extra).await
+    }
+
+    /// `qmesh-coordinator run --listen LISTEN EXTRA...`, once it has
+    /// printed where it listens (which must be 127.0.0.1 and a real port).
+    pub async fn start_at<S: AsRef<OsStr>>(listen: &str, extra: &[S]) -> CoordinatorProc {
+        let mut args: Vec<&OsStr> = vec!["run".as_ref(), "--listen".as_ref(), listen.as_ref()];
         args.extend(extra.iter().map(|a| a.as_ref()));
         let mut proc = Proc::spawn("qmesh-coordinator", args, &[]);
         let line = proc
@@ -89,9 +95,19 @@ impl CoordinatorProc {
         state_dir: &Path,
         extra: &[S],
     ) -> (CoordinatorProc, PathBuf) {
+        Self::start_dev_at(state_dir, "quic/$4:0", extra).await
+    }
+
+    /// As [`CoordinatorProc::start_dev`], listening on `listen`: a restart
+    /// on the port of an earlier run.
+    pub async fn start_dev_at<S: AsRef<OsStr>>(
+        state_dir: &Path,
+        listen: &str,
+        extra: &[S],
+    ) -> (CoordinatorProc, PathBuf) {
         let mut args: Vec<&OsStr> = vec!["--state-dir".as_ref(), state_dir.as_os_str()];
         args.extend(extra.iter().map(|a| a.as_ref()));
-        let mut coord = CoordinatorProc::start(&args).await;
+        let mut coord = CoordinatorProc::start_at(listen, &args).await;
         let seen = Mutex::new(Vec::new());
         let line = coord
             .proc

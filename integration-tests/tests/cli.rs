@@ -458,9 +458,10 @@ async fn demo_runs() {
     }
 }
 
-/// Test 7: SIGTERM stops the coordinator cleanly; its clients hear why.
+/// Test 7: SIGTERM stops the coordinator cleanly; its clients hear why,
+/// stay up, and are back once it runs again on the same port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stops_coordinator_and_tells_clients() {
+async fn after_sigterm_and_a_restart_a_listener_is_back_and_receives() {
     let state = tempdir();
     let (mut coord, ca) = start_dev(state.path()).await;
     let mut bob = qmesh(
@@ -478,13 +479,80 @@ async fn sigterm_stops_coordinator_and_tells_clients() {
         "coordinator after SIGTERM: {}",
         show(&exit)
     );
+    let line = bob
+        .stderr_line("`qmesh: reconnecting to`", |l| {
+            l.starts_with("qmesh: reconnecting to")
+        })
+        .await;
+    assert!(line.contains("coordinator shutting down"), "{line}");
+    assert!(bob.running(), "the listener stays up");
 
-    let exit = bob.finish().await;
-    assert!(!exit.status.success(), "listener: {}", show(&exit));
-    assert!(
-        exit.stderr.contains("coordinator shutting down"),
-        "listener stderr: {}",
-        show(&exit)
+    let (again, _) = Coord::start_dev_at(state.path(), &coord.v4(), &[] as &[&OsStr]).await;
+    bob.stderr_line("`qmesh: reconnected after`", |l| {
+        l.starts_with("qmesh: reconnected after")
+    })
+    .await;
+    let mut alice = qmesh(
+        &again.localhost(),
+        &ca,
+        &["--name", "alice", "send", "mesh/bob!chat"],
+    );
+    alice.feed_stdin(b"after the restart\n").await;
+    let exit = alice.finish().await;
+    assert!(exit.status.success(), "send: {}", show(&exit));
+    assert_eq!(
+        bob.stdout_line("`after the restart`", |_| true).await,
+        "after the restart"
+    );
+}
+
+/// A coordinator killed with SIGKILL says nothing: its listener notices the
+/// silence by its heartbeats, keeps trying, and is back once a new
+/// coordinator runs on the same port and state directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_and_a_restart_a_listener_is_back_and_receives() {
+    let state = tempdir();
+    let (mut coord, ca) = start_dev(state.path()).await;
+    let mut bob = qmesh(
+        &coord.localhost(),
+        &ca,
+        &[
+            "--name",
+            "bob",
+            "--heartbeat",
+            "1",
+            "--heartbeat-misses",
+            "2",
+            "listen",
+            "chat",
+        ],
+    );
+    bob.ready().await;
+    coord.proc.kill().await;
+    let killed = Instant::now();
+    let (again, _) = Coord::start_dev_at(state.path(), &coord.v4(), &[] as &[&OsStr]).await;
+    let line = bob
+        .stderr_line("`qmesh: reconnecting to`", |l| {
+            l.starts_with("qmesh: reconnecting to")
+        })
+        .await;
+    assert!(line.contains("silent"), "{line}");
+    bob.stderr_line("`qmesh: reconnected after`", |l| {
+        l.starts_with("qmesh: reconnected after")
+    })
+    .await;
+    eprintln!("listener back {:?} after the SIGKILL", killed.elapsed());
+    let mut alice = qmesh(
+        &again.localhost(),
+        &ca,
+        &["--name", "alice", "send", "mesh/bob!chat"],
+    );
+    alice.feed_stdin(b"after the kill\n").await;
+    let exit = alice.finish().await;
+    assert!(exit.status.success(), "send: {}", show(&exit));
+    assert_eq!(
+        bob.stdout_line("`after the kill`", |_| true).await,
+        "after the kill"
     );
 }
 

@@ -12,7 +12,7 @@
 use std::ffi::OsStr;
 use std::time::{Duration, Instant};
 
-use qmesh_client::{ChannelEnd, Client};
+use qmesh_client::{ChannelEnd, Client, SessionState};
 use qmesh_integration_tests::process::{show, Proc};
 use qmesh_integration_tests::target::CoordinatorProc;
 use qmesh_integration_tests::{connect, open_pair, within, within_ok, Mesh, STEP};
@@ -122,8 +122,20 @@ async fn a_frozen_coordinator_is_noticed_by_the_clients_heartbeat_and_channels_e
     coord.signal("STOP");
     let frozen = Instant::now();
     for (who, client, ch) in [("alice", &alice, &a), ("bob", &bob, &b)] {
-        let why = within(STEP, "session closes", client.closed()).await;
-        assert!(why.contains("the coordinator is silent"), "{who}: {why}");
+        // The client drops the silent session and tries to join again.
+        let mut state = client.state();
+        let down = within(
+            STEP,
+            "session lost",
+            state.wait_for(|s| matches!(s, SessionState::Reconnecting { .. })),
+        )
+        .await
+        .unwrap()
+        .clone();
+        assert!(
+            matches!(&down, SessionState::Reconnecting { cause, .. } if cause.contains("the coordinator is silent")),
+            "{who}: {down:?}"
+        );
         match within(STEP, "channel ends", ch.ended()).await {
             ChannelEnd::Lost { reason } => {
                 assert!(

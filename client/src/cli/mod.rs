@@ -365,8 +365,18 @@ impl Cli {
         Ok(config)
     }
 
+    /// Connect for a command that runs until stopped: a lost session is
+    /// joined again, with a line on standard error for each attempt and
+    /// for the return.
     async fn connect(&self, default_name: Option<String>) -> Result<Client> {
-        self.connect_offering(default_name, Vec::new()).await
+        self.connect_offering(default_name, Vec::new(), Stay::Up)
+            .await
+    }
+
+    /// Connect for a one-shot command: a lost session ends it.
+    async fn connect_once(&self, default_name: Option<String>) -> Result<Client> {
+        self.connect_offering(default_name, Vec::new(), Stay::Once)
+            .await
     }
 
     /// Connect, offering `interfaces`.
@@ -374,10 +384,14 @@ impl Cli {
         &self,
         default_name: Option<String>,
         interfaces: Vec<qmesh_client::Interface>,
+        stay: Stay,
     ) -> Result<Client> {
         use qmesh_client::enroll::{expires_at, is_issued, renew_at};
         let mut config = self.config(default_name)?;
         config.interfaces = interfaces;
+        if stay == Stay::Once {
+            config.reconnect = qmesh_client::Reconnect::never();
+        }
         let kept = self.cert.is_none();
         let files = identity_files(self, &config.name);
         // With --token and a kept issued certificate that still looks good,
@@ -423,11 +437,56 @@ impl Cli {
             },
             Err(e) => return Err(e).context(what),
         };
+        if stay == Stay::Up {
+            report_reconnects(&client);
+        }
         if kept && config.identity.as_deref().is_some_and(is_issued) {
             renew_in_background(files, config);
         }
         Ok(client)
     }
+}
+
+/// Whether a command stays up across lost sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stay {
+    /// Runs until stopped: reconnects.
+    Up,
+    /// One-shot: a lost session ends it, with its status.
+    Once,
+}
+
+/// Print a line on standard error for each reconnect attempt and for the
+/// return: `reconnecting to ADDR: attempt N (CAUSE)`, `reconnected after
+/// N ms`.
+pub(crate) fn report_reconnects(client: &Client) {
+    use qmesh_client::SessionState;
+    let mut state = client.state();
+    let coordinator = client.coordinator().to_owned();
+    tokio::spawn(async move {
+        let mut lost_at = None;
+        while state.changed().await.is_ok() {
+            let now = state.borrow_and_update().clone();
+            match now {
+                SessionState::Reconnecting { attempt, cause } => {
+                    lost_at.get_or_insert_with(std::time::Instant::now);
+                    eprintln!(
+                        "qmesh: reconnecting to {coordinator}: attempt {attempt} ({})",
+                        Untrusted::reason(&cause)
+                    );
+                }
+                SessionState::Up { session } => {
+                    if let Some(at) = lost_at.take() {
+                        eprintln!(
+                            "qmesh: reconnected after {} ms (session {session})",
+                            at.elapsed().as_millis()
+                        );
+                    }
+                }
+                SessionState::Ended { .. } => return,
+            }
+        }
+    });
 }
 
 /// Whether the coordinator refused this client's credential (revoked,
@@ -485,14 +544,17 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
             mode,
         } => {
             let client = cli
-                .connect(Some(format!("send-{}", std::process::id())))
+                .connect_once(Some(format!("send-{}", std::process::id())))
                 .await?;
             send::run(client, address, file.clone(), (*mode).into()).await
         }
         Command::Broadcast { group, count } => {
-            let client = cli
-                .connect(Some(format!("broadcast-{}", std::process::id())))
-                .await?;
+            let name = Some(format!("broadcast-{}", std::process::id()));
+            let client = if *count {
+                cli.connect_once(name).await?
+            } else {
+                cli.connect(name).await?
+            };
             if *count {
                 broadcast::count(client, group).await
             } else {
@@ -507,7 +569,7 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
             timeout_ms,
         } => {
             let client = cli
-                .connect(Some(format!("request-{}", std::process::id())))
+                .connect_once(Some(format!("request-{}", std::process::id())))
                 .await?;
             let limit = Duration::from_millis((*timeout_ms).max(1));
             messaging::request(client, address, body, limit).await
@@ -516,18 +578,21 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
             qmesh_proto::name::validate_channel_name(channel)
                 .with_context(|| format!("the channel name {channel:?}"))?;
             let offer = vec![messaging::echo_interface(channel)];
-            let client = cli.connect_offering(None, offer).await?;
+            let client = cli.connect_offering(None, offer, Stay::Up).await?;
             messaging::serve(client, channel).await
         }
         Command::Peers { watch } => {
-            let client = cli
-                .connect(Some(format!("peers-{}", std::process::id())))
-                .await?;
+            let name = Some(format!("peers-{}", std::process::id()));
+            let client = if *watch {
+                cli.connect(name).await?
+            } else {
+                cli.connect_once(name).await?
+            };
             messaging::peers(client, *watch).await
         }
         Command::Describe { address } => {
             let client = cli
-                .connect(Some(format!("describe-{}", std::process::id())))
+                .connect_once(Some(format!("describe-{}", std::process::id())))
                 .await?;
             messaging::describe(client, address).await
         }
@@ -542,7 +607,9 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
             expose.allow = (!allow.is_empty()).then(|| allow.clone());
             expose.max_connections = (*max_connections).max(1);
             expose.udp_idle = Duration::from_secs((*udp_idle).max(1));
-            let client = cli.connect_offering(None, vec![expose.interface()]).await?;
+            let client = cli
+                .connect_offering(None, vec![expose.interface()], Stay::Up)
+                .await?;
             forward::run_expose(client, expose).await
         }
         Command::Forward {

@@ -244,7 +244,9 @@ pub(crate) async fn run(cli: &mut Cli, path: &Path) -> Result<()> {
     }
     let mut hup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
     let exposer = Exposer::new(config.name.clone(), exposes);
-    let client = cli.connect_offering(None, exposer.interfaces()).await?;
+    let client = cli
+        .connect_offering(None, exposer.interfaces(), super::Stay::Up)
+        .await?;
     let pid_path = pid_file(cli, &config.name);
     std::fs::write(&pid_path, std::process::id().to_string())
         .with_context(|| format!("writing {}", pid_path.display()))?;

@@ -1,0 +1,275 @@
+//! Reconnect and resume: a client that loses its coordinator joins again by
+//! itself, under its name, with the interfaces it offers, and says so in
+//! its state and its events; the channels of the lost session end lost
+//! once; a refusal on the way back ends the client with its reason.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use qmesh_certs::Ca;
+use qmesh_client::events::{Event, Events};
+use qmesh_client::{
+    ChannelEnd, ClientConfig, Interface, OpenError, Quota, Reconnect, SessionState,
+};
+use qmesh_coordinator::auth::Auth;
+use qmesh_coordinator::{Config, Coordinator, CoordinatorHandle};
+use qmesh_integration_tests::{connect, message_flows, open_pair, within, within_ok, Mesh, STEP};
+use tokio::sync::watch;
+
+/// A coordinator on 127.0.0.1:`port` with a certificate from `ca`. The
+/// port is free once the stopped coordinator's endpoint driver has seen
+/// its last handle go, a moment after `shutdown` returns: binding is tried
+/// again until then.
+async fn coordinator_on(ca: &Ca, port: u16, adjust: impl FnOnce(&mut Config)) -> CoordinatorHandle {
+    let identity = ca
+        .issue_server(&["localhost".into(), "127.0.0.1".into()])
+        .unwrap();
+    let mut config = Config::new(identity);
+    config.listen = SocketAddr::from(([127, 0, 0, 1], port));
+    adjust(&mut config);
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match Coordinator::bind(config.clone()) {
+            Ok(c) => return c.spawn(),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("port {port} not free yet: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("binding port {port} again: {e}"),
+        }
+    }
+}
+
+/// Wait until `state` satisfies `pred`; the state it reached.
+async fn state_where(
+    state: &mut watch::Receiver<SessionState>,
+    what: &str,
+    pred: impl FnMut(&SessionState) -> bool,
+) -> SessionState {
+    within(STEP, what, state.wait_for(pred))
+        .await
+        .unwrap()
+        .clone()
+}
+
+/// Every event the hub holds now.
+fn drain(events: &Events) -> Vec<Event> {
+    std::iter::from_fn(|| events.try_next()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_coordinator_restart_clients_come_back_with_their_names_and_interfaces() {
+    let Mesh {
+        coordinator,
+        ca,
+        address,
+        trust,
+    } = Mesh::start().await;
+    let port = coordinator.local_addr().port();
+    let events = Events::new();
+    let mut config = ClientConfig::new(address.clone(), "alice", trust.clone());
+    config.events = Some(events.clone());
+    let alice = connect(config).await;
+    let bob = connect(
+        ClientConfig::new(address.clone(), "bob", trust.clone())
+            .offer(Interface::new("chat", "talk"), Quota::default()),
+    )
+    .await;
+    // An interface offered at run time is said again after the reconnect.
+    bob.set_interfaces(vec![
+        Interface::new("chat", "talk"),
+        Interface::new("files", "drop box"),
+    ])
+    .await
+    .unwrap();
+    let (to_bob, _from_alice) = open_pair(&alice, &bob, "chat").await;
+    let first_session = alice.session_id();
+    let mut alice_state = alice.state();
+    let mut bob_state = bob.state();
+
+    within(STEP, "shutdown", coordinator.shutdown()).await;
+
+    // The relayed channel of the lost session ends lost, naming the cause.
+    match within(STEP, "alice's channel ends", to_bob.ended()).await {
+        ChannelEnd::Lost { reason } => {
+            assert!(reason.contains("coordinator shutting down"), "{reason}")
+        }
+        other => panic!("expected lost, got {other:?}"),
+    }
+    state_where(&mut alice_state, "alice reconnecting", |s| {
+        matches!(s, SessionState::Reconnecting { .. })
+    })
+    .await;
+    // While it is away, an open fails at once and says why.
+    match alice.open_str("mesh/bob!chat").await {
+        Err(OpenError::Session(why)) => assert!(why.contains("reconnecting"), "{why}"),
+        other => panic!("an open with no session: {other:?}"),
+    }
+
+    let _restarted = coordinator_on(&ca, port, |_| {}).await;
+    for (who, state) in [("alice", &mut alice_state), ("bob", &mut bob_state)] {
+        state_where(state, &format!("{who} back"), |s| {
+            matches!(s, SessionState::Up { .. })
+        })
+        .await;
+    }
+    assert_ne!(alice.session_id(), 0);
+    eprintln!(
+        "alice: session {first_session} before the restart, {} after",
+        alice.session_id()
+    );
+
+    // Bob is back under his name with both interfaces, with no call from
+    // the application.
+    let peers = within_ok(STEP, "peers", alice.peers()).await;
+    let bob_seen = peers.iter().find(|p| p.name == "bob").expect("bob is back");
+    let names: Vec<&str> = bob_seen
+        .interfaces
+        .iter()
+        .map(|i| i.name.as_str())
+        .collect();
+    assert_eq!(names, ["chat", "files"]);
+    // New channels work both ways, and offers reach the new session.
+    let (a, b) = open_pair(&alice, &bob, "chat").await;
+    message_flows(&a, &b, b"after the restart").await;
+    let (b2, a2) = open_pair(&bob, &alice, "chat").await;
+    message_flows(&b2, &a2, b"and back").await;
+
+    // The events: the channel lost once, at least one attempt, one
+    // Reconnected, and no end of the session.
+    let seen = drain(&events);
+    let lost = seen
+        .iter()
+        .filter(|e| matches!(e, Event::Lost { channel, .. } if channel.label == "alice>bob!chat"))
+        .count();
+    assert_eq!(lost, 1, "{seen:#?}");
+    let attempts: Vec<u32> = seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::Reconnecting { attempt, .. } => Some(*attempt),
+            _ => None,
+        })
+        .collect();
+    assert!(!attempts.is_empty(), "{seen:#?}");
+    let first_cause = seen.iter().find_map(|e| match e {
+        Event::Reconnecting { cause, .. } => Some(cause.as_str()),
+        _ => None,
+    });
+    assert!(
+        first_cause.is_some_and(|c| c.contains("coordinator shutting down")),
+        "the first attempt names the loss: {seen:#?}"
+    );
+    assert_eq!(
+        attempts,
+        (1..=attempts.len() as u32).collect::<Vec<_>>(),
+        "attempts count up from 1"
+    );
+    let back: Vec<_> = seen
+        .iter()
+        .filter(|e| matches!(e, Event::Reconnected { .. }))
+        .collect();
+    assert_eq!(back.len(), 1, "{seen:#?}");
+    // Reconnected comes after the last attempt.
+    let last_attempt = seen
+        .iter()
+        .rposition(|e| matches!(e, Event::Reconnecting { .. }))
+        .unwrap();
+    let reconnected = seen
+        .iter()
+        .position(|e| matches!(e, Event::Reconnected { .. }))
+        .unwrap();
+    assert!(reconnected > last_attempt, "{seen:#?}");
+    assert!(
+        !seen.iter().any(|e| matches!(e, Event::SessionEnded { .. })),
+        "{seen:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_on_the_way_back_ends_the_client_with_its_reason() {
+    let Mesh {
+        coordinator,
+        ca,
+        address,
+        trust,
+    } = Mesh::start().await;
+    let port = coordinator.local_addr().port();
+    let events = Events::new();
+    let mut config = ClientConfig::new(address.clone(), "alice", trust.clone());
+    config.events = Some(events.clone());
+    let alice = connect(config).await;
+    within(STEP, "shutdown", coordinator.shutdown()).await;
+    // The coordinator comes back admitting only certificates of another
+    // CA: alice's self-signed one is refused, which waiting will not fix.
+    let other = Ca::generate("another client CA").unwrap();
+    let roots = vec![other.cert_der().clone()];
+    let _restarted = coordinator_on(&ca, port, |c| {
+        c.auth = Arc::new(Auth::ca(roots, None).unwrap());
+    })
+    .await;
+    let why = within(STEP, "alice gives up", alice.closed()).await;
+    assert!(why.contains("unknown_ca"), "{why}");
+    assert_eq!(
+        *alice.state().borrow(),
+        SessionState::Ended {
+            reason: why.clone()
+        }
+    );
+    let seen = drain(&events);
+    let ended: Vec<_> = seen
+        .iter()
+        .filter(|e| matches!(e, Event::SessionEnded { .. }))
+        .collect();
+    assert_eq!(ended.len(), 1, "{seen:#?}");
+    assert!(
+        !seen.iter().any(|e| matches!(e, Event::Reconnected { .. })),
+        "{seen:#?}"
+    );
+    assert!(alice.accept().await.is_none(), "no more offers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attempt_limit_ends_the_client_and_reconnect_off_ends_it_at_the_loss() {
+    let mesh = Mesh::start().await;
+    let mut limited = mesh.config("alice");
+    limited.reconnect = Reconnect {
+        first: Duration::from_millis(10),
+        max: Duration::from_millis(20),
+        limit: Some(3),
+        ..Reconnect::default()
+    };
+    limited.connect_timeout = Duration::from_secs(2);
+    let alice = connect(limited).await;
+    let mut never = mesh.config("bob");
+    never.reconnect = Reconnect::never();
+    let bob = connect(never).await;
+    let mut alice_state = alice.state();
+    within(STEP, "shutdown", mesh.coordinator.shutdown()).await;
+
+    let why = within(STEP, "bob ends at the loss", bob.closed()).await;
+    assert!(why.contains("coordinator shutting down"), "{why}");
+    let why = within(STEP, "alice gives up", alice.closed()).await;
+    assert!(why.contains("3 attempts to join again failed"), "{why}");
+    // The state went through the attempts in order.
+    let last = alice_state.borrow_and_update().clone();
+    assert!(matches!(last, SessionState::Ended { .. }), "{last:?}");
+}
+
+/// A client closed while it is reconnecting stops at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_while_reconnecting_ends_the_client() {
+    let mesh = Mesh::start().await;
+    let alice = mesh.client("alice").await;
+    let mut state = alice.state();
+    within(STEP, "shutdown", mesh.coordinator.shutdown()).await;
+    state_where(&mut state, "alice reconnecting", |s| {
+        matches!(s, SessionState::Reconnecting { .. })
+    })
+    .await;
+    alice.close("giving up").await;
+    let why = within(STEP, "closed", alice.closed()).await;
+    assert!(why.contains("giving up"), "{why}");
+    assert!(within(STEP, "accept", alice.accept()).await.is_none());
+}
