@@ -41,6 +41,18 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
+/// A [`Client`] that does not keep it alive: what a group membership or a
+/// presence watch holds to join again after a reconnect.
+#[derive(Debug, Clone)]
+pub(crate) struct WeakClient(Weak<Inner>);
+
+impl WeakClient {
+    /// The client, while it lives.
+    pub(crate) fn upgrade(&self) -> Option<Client> {
+        self.0.upgrade().map(|inner| Client { inner })
+    }
+}
+
 /// Where a client's session with the coordinator stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionState {
@@ -317,15 +329,61 @@ impl Client {
         first: &StreamRequest,
     ) -> Result<(SendStream, RecvStream), OpenError> {
         let session = self.session().map_err(OpenError::Session)?;
+        self.request_stream_in(&session, first).await
+    }
+
+    async fn request_stream_in(
+        &self,
+        session: &Session,
+        first: &StreamRequest,
+    ) -> Result<(SendStream, RecvStream), OpenError> {
         let (mut send, recv) = session
             .conn
             .open_bi()
             .await
-            .map_err(|_| OpenError::Session(session_error(&session)))?;
+            .map_err(|_| OpenError::Session(session_error(session)))?;
         write_frame(&mut send, first)
             .await
-            .map_err(|_| OpenError::Session(session_error(&session)))?;
+            .map_err(|_| OpenError::Session(session_error(session)))?;
         Ok((send, recv))
+    }
+
+    /// As [`Client::request_stream`], also returning the connection the
+    /// stream is on: a membership or a subscription made on it is over
+    /// once that connection has closed.
+    pub(crate) async fn request_stream_on(
+        &self,
+        first: &StreamRequest,
+    ) -> Result<(SendStream, RecvStream, quinn::Connection), OpenError> {
+        let session = self.session().map_err(OpenError::Session)?;
+        let (send, recv) = self.request_stream_in(&session, first).await?;
+        Ok((send, recv, session.conn))
+    }
+
+    /// Wait until the client has a session whose connection is open; the
+    /// client's end if it ends instead.
+    pub(crate) async fn wait_up(&self) -> Result<(), String> {
+        let mut state = self.inner.state.subscribe();
+        loop {
+            let now = state.borrow_and_update().clone();
+            match now {
+                SessionState::Ended { reason } => return Err(reason),
+                SessionState::Up { .. }
+                    if lock(&self.inner.session).conn.close_reason().is_none() =>
+                {
+                    return Ok(())
+                }
+                _ => {}
+            }
+            if state.changed().await.is_err() {
+                return Err("the client is gone".into());
+            }
+        }
+    }
+
+    /// A handle that does not keep the client alive.
+    pub(crate) fn downgrade(&self) -> WeakClient {
+        WeakClient(Arc::downgrade(&self.inner))
     }
 
     /// The coordinator's next answer on a stream from

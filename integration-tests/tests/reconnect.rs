@@ -11,11 +11,12 @@ use std::time::Duration;
 use qmesh_certs::Ca;
 use qmesh_client::events::{Event, Events};
 use qmesh_client::{
-    ChannelEnd, ClientConfig, Interface, OpenError, Quota, Reconnect, SessionState,
+    ChannelEnd, ClientConfig, GroupEvent, Interface, OpenError, Quota, Reconnect, SessionState,
 };
 use qmesh_coordinator::auth::Auth;
 use qmesh_coordinator::{Config, Coordinator, CoordinatorHandle};
 use qmesh_integration_tests::{connect, message_flows, open_pair, within, within_ok, Mesh, STEP};
+use qmesh_proto::msg::PresenceEvent;
 use tokio::sync::watch;
 
 /// A coordinator on 127.0.0.1:`port` with a certificate from `ca`. The
@@ -272,4 +273,84 @@ async fn closing_while_reconnecting_ends_the_client() {
     let why = within(STEP, "closed", alice.closed()).await;
     assert!(why.contains("giving up"), "{why}");
     assert!(within(STEP, "accept", alice.accept()).await.is_none());
+}
+
+/// A group membership and a presence watch made before a restart carry on
+/// after it with no call from the application: the watch reports who left
+/// while it was away, the membership carries broadcasts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_membership_and_a_presence_watch_resume_after_a_restart() {
+    let Mesh {
+        coordinator,
+        ca,
+        address,
+        trust,
+    } = Mesh::start().await;
+    let port = coordinator.local_addr().port();
+    let config = |name: &str| ClientConfig::new(address.clone(), name, trust.clone());
+    let alice = connect(config("alice")).await;
+    let bob = connect(config("bob")).await;
+    let mut once = config("carol");
+    once.reconnect = Reconnect::never();
+    let carol = connect(once).await;
+    let at_alice = within_ok(STEP, "alice joins", alice.join("news")).await;
+    let at_bob = within_ok(STEP, "bob joins", bob.join("news")).await;
+    let mut watch = within_ok(STEP, "watch", alice.watch()).await;
+    let mut listed = Vec::new();
+    loop {
+        match within(STEP, "the list", watch.next())
+            .await
+            .expect("an event")
+        {
+            PresenceEvent::Present { name, .. } => listed.push(name.to_string()),
+            PresenceEvent::Synced => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    listed.sort();
+    assert_eq!(listed, ["alice", "bob", "carol"]);
+    let (mut alice_state, mut bob_state) = (alice.state(), bob.state());
+
+    within(STEP, "shutdown", coordinator.shutdown()).await;
+    assert!(within(STEP, "carol ends", carol.closed())
+        .await
+        .contains("shutting down"));
+    let _restarted = coordinator_on(&ca, port, |_| {}).await;
+    for (who, state) in [("alice", &mut alice_state), ("bob", &mut bob_state)] {
+        state_where(state, &format!("{who} back"), |s| {
+            matches!(s, SessionState::Up { .. })
+        })
+        .await;
+    }
+
+    // The watch: carol left while it was away; then live events again.
+    match within(STEP, "the change", watch.next())
+        .await
+        .expect("an event")
+    {
+        PresenceEvent::Left { name } => assert_eq!(name.as_str(), "carol"),
+        other => panic!("expected carol's leave, got {other:?}"),
+    }
+    let _dave = connect(config("dave")).await;
+    match within(STEP, "dave", watch.next()).await.expect("an event") {
+        PresenceEvent::Joined { name, .. } => assert_eq!(name.as_str(), "dave"),
+        other => panic!("expected dave's join, got {other:?}"),
+    }
+
+    // The group: alice's send joins her again first, so bob's broadcast,
+    // sent after his own rejoin, reaches her.
+    within_ok(STEP, "alice sends", at_alice.send(b"alice back")).await;
+    within_ok(STEP, "bob sends", at_bob.send(b"bob back")).await;
+    let mut heard = Vec::new();
+    while heard.len() < 2 {
+        match within_ok(STEP, "alice hears", at_alice.recv()).await {
+            Some(GroupEvent::Message { from, body }) => {
+                heard.push(format!("{from}: {}", String::from_utf8_lossy(&body)))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // The two senders' streams reach the coordinator in either order.
+    heard.sort();
+    assert_eq!(heard, ["alice: alice back", "bob: bob back"]);
 }

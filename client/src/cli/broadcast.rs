@@ -4,7 +4,7 @@
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use qmesh_client::{Client, Group, GroupEvent};
+use qmesh_client::{Client, Group, GroupEvent, SendError, SessionState};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Join `group`; send each stdin line as a broadcast and print each group
@@ -24,7 +24,7 @@ pub(crate) async fn run(client: Client, group_name: &str) -> Result<()> {
     );
     let mut printer = tokio::spawn(print_events(group.clone()));
     let (sent, printed) = tokio::select! {
-        sent = send_lines(&group) => {
+        sent = send_lines(&client, &group) => {
             // Leave; the coordinator then ends the stream, and what is
             // still on its way is printed.
             let left = group.clone().leave().await;
@@ -42,8 +42,10 @@ pub(crate) async fn run(client: Client, group_name: &str) -> Result<()> {
     sent
 }
 
-/// Each stdin line, one broadcast each, until EOF.
-async fn send_lines(group: &Group) -> Result<()> {
+/// Each stdin line, one broadcast each, until EOF. A line that cannot be
+/// sent because the session is lost is reported on stderr and skipped;
+/// the membership is joined again once the client is back.
+async fn send_lines(client: &Client, group: &Group) -> Result<()> {
     let mut stdin = BufReader::new(tokio::io::stdin());
     let mut line = String::new();
     loop {
@@ -53,10 +55,19 @@ async fn send_lines(group: &Group) -> Result<()> {
         }
         let text = line.strip_suffix('\n').unwrap_or(&line);
         let text = text.strip_suffix('\r').unwrap_or(text);
-        group
-            .send(text.as_bytes())
-            .await
-            .with_context(|| format!("sending to group {}", group.name()))?;
+        match group.send(text.as_bytes()).await {
+            Ok(()) => {}
+            Err(e @ SendError::TooLarge { .. }) => {
+                return Err(e).with_context(|| format!("sending to group {}", group.name()))
+            }
+            Err(e) if !matches!(*client.state().borrow(), SessionState::Ended { .. }) => {
+                eprintln!(
+                    "qmesh: a line was not sent to group {} ({e}); the session is coming back",
+                    group.name()
+                );
+            }
+            Err(e) => return Err(e).with_context(|| format!("sending to group {}", group.name())),
+        }
     }
 }
 
