@@ -196,6 +196,7 @@ pub(crate) async fn run_session_stream(
         send,
         heartbeat,
         Some(outgoing),
+        None,
         |_: CoordinatorSession| Ok(()),
     )
     .await;
@@ -205,7 +206,7 @@ pub(crate) async fn run_session_stream(
         return;
     }
     let (code, why) = match end {
-        StreamEnd::Silent { .. } => {
+        StreamEnd::Silent { .. } | StreamEnd::Unanswered { .. } => {
             let why = format!("the coordinator is silent: {end}");
             warn!(cause = %why, "closing the session");
             (ConnCode::HeartbeatMissed, why)

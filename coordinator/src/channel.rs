@@ -115,6 +115,9 @@ async fn open(
             }
         }
     }
+    // Make sure the callee is still there: a client killed without a word
+    // is closed within the probe window, and this open fails with it.
+    callee.probe.notify_one();
     let answer_timeout = shared.config.answer_timeout;
     let deadline = tokio::time::Instant::now() + answer_timeout;
     let opened = tokio::time::timeout_at(deadline, async {

@@ -271,6 +271,7 @@ impl Gate for CoordinatorGate<'_> {
                     limiter: Limiter::new(&self.shared.config.rate),
                     interfaces: Mutex::new(Arc::new(interfaces)),
                     closed_why: std::sync::OnceLock::new(),
+                    probe: tokio::sync::Notify::new(),
                 })
             },
             |held| {

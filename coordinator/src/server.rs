@@ -347,7 +347,7 @@ async fn run_session(
                 ClientSession::Ping { .. } | ClientSession::Pong { .. } => Ok(()),
             }
         };
-        let mut session_stream = pin!(heartbeat::drive::<_, _, ClientSession, CoordinatorSession>(recv, send, shared.config.heartbeat, None, updates));
+        let mut session_stream = pin!(heartbeat::drive::<_, _, ClientSession, CoordinatorSession>(recv, send, shared.config.heartbeat, None, Some(&session.probe), updates));
         let tuning = &shared.config.tuning;
         let bi_allowance = StreamAllowance::new(conn.clone(), StreamKind::Bi, tuning.max_bidi_streams, tuning.stream_ceiling);
         let uni_allowance = StreamAllowance::new(conn.clone(), StreamKind::Uni, tuning.max_uni_streams, tuning.stream_ceiling);
@@ -360,7 +360,7 @@ async fn run_session(
                 end = &mut session_stream => {
                     match end {
                         StreamEnd::Finished => session.close(ConnCode::Normal, "session stream finished"),
-                        StreamEnd::Silent { .. } => {
+                        StreamEnd::Silent { .. } | StreamEnd::Unanswered { .. } => {
                             let why = format!("{end}; closing the session");
                             info!(cause = %why, "client silent");
                             session.close(ConnCode::HeartbeatMissed, &why);

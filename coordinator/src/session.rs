@@ -104,6 +104,11 @@ pub(crate) struct Session {
     /// Why the coordinator closed this session, when it did: the reason
     /// its peers' channels are told.
     pub(crate) closed_why: std::sync::OnceLock<String>,
+    /// Notified when a channel is opened to this client: its session
+    /// stream pings at once, and a client that does not answer within the
+    /// heartbeat's probe window is closed as gone (a peer killed without a
+    /// word is found in seconds, not after the whole heartbeat).
+    pub(crate) probe: tokio::sync::Notify,
 }
 
 impl Session {

@@ -12,11 +12,12 @@
 use std::ffi::OsStr;
 use std::time::{Duration, Instant};
 
-use qmesh_client::{ChannelEnd, Client, SessionState};
+use qmesh_client::{ChannelEnd, Client, OpenError, SessionState};
 use qmesh_integration_tests::process::{show, Proc};
 use qmesh_integration_tests::target::CoordinatorProc;
 use qmesh_integration_tests::{connect, open_pair, within, within_ok, Mesh, STEP};
 use qmesh_proto::address::Address;
+use qmesh_proto::codes::OpenFailCode;
 use qmesh_proto::heartbeat::Heartbeat;
 
 /// The heartbeat under test: lost after 3 × 200 ms.
@@ -154,4 +155,62 @@ async fn a_frozen_coordinator_is_noticed_by_the_clients_heartbeat_and_channels_e
     coord.terminate();
     let exit = coord.finish().await;
     assert!(exit.status.success(), "{}", show(&exit));
+}
+
+/// Test 3: a client killed without a word (SIGKILL) holds its name until
+/// the coordinator's heartbeat notices; here that is 3 × 10 s. A channel
+/// opened to it makes the coordinator probe it at once, and the open fails
+/// as soon as the probe goes unanswered (2 s by default), long before the
+/// heartbeat would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_to_a_killed_peer_fails_after_the_probe_not_the_heartbeat() {
+    let slow = Heartbeat::new(Duration::from_secs(10), 3);
+    let mesh = Mesh::start_with(|c| {
+        c.heartbeat = slow;
+        c.tuning = c.tuning.clone().with_idle_timeout(IDLE);
+    })
+    .await;
+    let alice = connect(mesh.config("alice").with_idle_timeout(IDLE)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, mesh.ca.cert_pem()).unwrap();
+    let coordinator = mesh.address.to_string();
+    let args: Vec<&OsStr> = vec![
+        "--name".as_ref(),
+        "bob".as_ref(),
+        "--idle-timeout".as_ref(),
+        "60".as_ref(),
+        "--coordinator".as_ref(),
+        coordinator.as_ref(),
+        "--ca".as_ref(),
+        ca.as_os_str(),
+        "--state-dir".as_ref(),
+        dir.path().as_os_str(),
+        "listen".as_ref(),
+        "chat".as_ref(),
+    ];
+    let mut bob = Proc::spawn("qmesh", args, &[]);
+    bob.ready().await;
+    bob.kill().await;
+
+    let started = Instant::now();
+    let err = within(STEP, "the open", alice.open_str("mesh/bob!chat"))
+        .await
+        .expect_err("bob is gone");
+    let took = started.elapsed();
+    match &err {
+        OpenError::Failed { code, message } => {
+            assert_eq!(*code, OpenFailCode::PeerLeft, "{message}");
+            assert!(message.contains("bob"), "{message}");
+        }
+        other => panic!("expected the peer to have left, got {other:?}"),
+    }
+    // The heartbeat alone takes 30 s; one interval is far more than the
+    // probe needs, and far less than the heartbeat.
+    assert!(took < slow.interval, "the open took {took:?}: {err}");
+    eprintln!(
+        "open to a killed peer failed after {took:?} (probe window {:?}, heartbeat {:?}): {err}",
+        slow.probe_window(),
+        slow.limit()
+    );
 }

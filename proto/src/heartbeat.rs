@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::codec::{read_frame, write_frame};
@@ -89,14 +89,24 @@ pub struct Heartbeat {
     /// Intervals without hearing anything after which the other side is
     /// lost (at least 1).
     pub misses: u32,
+    /// How long the other side has to answer a probe (a ping sent at once,
+    /// out of turn) before it counts as lost; at most [`Heartbeat::limit`].
+    pub probe: Duration,
 }
 
+/// The default time to answer a probe: many round trips, and many QUIC
+/// retransmissions under loss, yet well under the 15 s of the default
+/// heartbeat.
+pub const PROBE: Duration = Duration::from_secs(2);
+
 impl Default for Heartbeat {
-    /// A ping every 5 s; lost after 3 silent intervals (15 s).
+    /// A ping every 5 s; lost after 3 silent intervals (15 s); 2 s to
+    /// answer a probe.
     fn default() -> Self {
         Self {
             interval: Duration::from_secs(5),
             misses: 3,
+            probe: PROBE,
         }
     }
 }
@@ -107,7 +117,20 @@ impl Heartbeat {
         Self {
             interval,
             misses: misses.max(1),
+            probe: PROBE,
         }
+    }
+
+    /// The same heartbeat with `probe` to answer a probe.
+    pub fn with_probe(mut self, probe: Duration) -> Self {
+        self.probe = probe;
+        self
+    }
+
+    /// How long a probed side has to answer: [`Heartbeat::probe`], but
+    /// never longer than the silence the heartbeat allows anyway.
+    pub fn probe_window(&self) -> Duration {
+        self.probe.min(self.limit())
     }
 
     /// How long silence may last before the other side is lost.
@@ -127,6 +150,11 @@ pub enum StreamEnd {
         silent_for: Duration,
         /// The heartbeat in force.
         heartbeat: Heartbeat,
+    },
+    /// A probe went unanswered: nothing was heard for `waited` after it.
+    Unanswered {
+        /// How long nothing was heard after the probe.
+        waited: Duration,
     },
     /// The other side sent something it must not; the string says what.
     Violation(String),
@@ -150,6 +178,9 @@ impl std::fmt::Display for StreamEnd {
                 heartbeat.misses,
                 heartbeat.interval.as_millis()
             ),
+            StreamEnd::Unanswered { waited } => {
+                write!(f, "no answer to a probe within {} ms", waited.as_millis())
+            }
             StreamEnd::Violation(what) => write!(f, "protocol violation: {what}"),
             StreamEnd::Failed(what) => write!(f, "session stream failed: {what}"),
             StreamEnd::Stopped => f.write_str("stopped"),
@@ -162,6 +193,12 @@ impl std::fmt::Display for StreamEnd {
 /// other frame to `on_frame` (which returns an error to end the stream as a
 /// violation). Returns how the stream ended.
 ///
+/// Each time `probe` is notified, a ping goes out at once unless one is
+/// already waiting, and the other side must be heard from within
+/// [`Heartbeat::probe_window`] or the stream ends
+/// [`StreamEnd::Unanswered`]: how a coordinator finds out quickly that the
+/// peer a channel is being opened to is gone.
+///
 /// It holds no queue and no task of its own: one frame read is kept in
 /// flight across the loop (a frame read must never be cancelled half way),
 /// so an idle session costs only this future.
@@ -170,6 +207,7 @@ pub async fn drive<R, W, In, Out>(
     mut writer: W,
     heartbeat: Heartbeat,
     mut outgoing: Option<mpsc::Receiver<Out>>,
+    probe: Option<&Notify>,
     mut on_frame: impl FnMut(In) -> Result<(), String>,
 ) -> StreamEnd
 where
@@ -184,11 +222,15 @@ where
     ticks.tick().await;
     let mut heard = Instant::now();
     let mut seq = 0u64;
+    // When the waiting probe was sent.
+    let mut probed: Option<Instant> = None;
     loop {
+        let answer_by = probed.map(|at| at + heartbeat.probe_window());
         tokio::select! {
             biased;
             (reader, frame) = &mut read => {
                 heard = Instant::now();
+                probed = None;
                 let msg: In = match frame {
                     Ok(Some(msg)) => msg,
                     Ok(None) => return StreamEnd::Finished,
@@ -206,6 +248,16 @@ where
                     None => if let Err(what) = on_frame(msg) {
                         return StreamEnd::Violation(what);
                     },
+                }
+            }
+            () = wait_until(answer_by) => {
+                return StreamEnd::Unanswered { waited: heard.elapsed().min(heartbeat.probe_window()) };
+            }
+            () = notified(probe), if probed.is_none() => {
+                seq += 1;
+                probed = Some(Instant::now());
+                if let Err(e) = write_frame(&mut writer, &Out::ping(seq)).await {
+                    return write_failed(read, e, heartbeat).await;
                 }
             }
             _ = ticks.tick() => {
@@ -228,6 +280,22 @@ where
                 }
             },
         }
+    }
+}
+
+/// Ready at `at`; never without one.
+async fn wait_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Ready when `probe` is notified; never without one.
+async fn notified(probe: Option<&Notify>) {
+    match probe {
+        Some(p) => p.notified().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -293,7 +361,7 @@ mod tests {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        drive(r, w, hb(), rx, on_frame).await
+        drive(r, w, hb(), rx, None, on_frame).await
     }
 
     fn hb() -> Heartbeat {
@@ -332,6 +400,7 @@ mod tests {
             bw,
             hb(),
             Some(b_rx),
+            None,
             |_| Ok(()),
         ));
         tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -339,6 +408,63 @@ mod tests {
         drop(a_tx); // a stops, dropping its writer: the stream is finished
         assert_eq!(a_side.await.unwrap(), StreamEnd::Stopped);
         assert_eq!(b_side.await.unwrap(), StreamEnd::Finished);
+    }
+
+    /// A probed peer that says nothing is lost after the probe window,
+    /// well before the heartbeat would notice; one that answers is kept,
+    /// probe after probe.
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_finds_a_silent_peer_at_once_and_keeps_a_live_one() {
+        let slow = Heartbeat::new(Duration::from_secs(5), 3).with_probe(Duration::from_millis(500));
+        // Silent: its end of the pipe open, nothing written.
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (r, w) = tokio::io::split(ours);
+        let probe = Notify::new();
+        probe.notify_one();
+        let start = Instant::now();
+        let end = drive::<_, _, ClientSession, CoordinatorSession>(
+            r,
+            w,
+            slow,
+            None,
+            Some(&probe),
+            |_| Ok(()),
+        )
+        .await;
+        assert_eq!(
+            end,
+            StreamEnd::Unanswered {
+                waited: Duration::from_millis(500)
+            }
+        );
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+        drop(theirs);
+
+        // Live: the other side runs the loop and answers every probe.
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        let probe = std::sync::Arc::new(Notify::new());
+        let p = probe.clone();
+        let prober = tokio::spawn(async move {
+            drive::<_, _, ClientSession, CoordinatorSession>(ar, aw, slow, None, Some(&p), |_| {
+                Ok(())
+            })
+            .await
+        });
+        let answerer = tokio::spawn(drive::<_, _, CoordinatorSession, ClientSession>(
+            br,
+            bw,
+            slow,
+            None,
+            None,
+            |_| Ok(()),
+        ));
+        for _ in 0..100 {
+            probe.notify_one();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert!(!prober.is_finished() && !answerer.is_finished());
     }
 
     /// A peer that finishes its stream at once is finished, however long
