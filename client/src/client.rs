@@ -30,12 +30,11 @@ use qmesh_proto::codec::{read_within, Read};
 /// A connected qmesh client. Cheap to clone; the client leaves when the
 /// last clone is dropped or [`Client::close`] is called.
 ///
-/// A lost session is reconnected by itself (see [`Reconnect`]): the client
-/// joins again under its name with its interfaces, and
-/// [`Client::state`] reports each attempt.
-///
-/// [`Reconnect`]: crate::Reconnect Channels of the lost session end
-/// [lost](crate::ChannelEnd::Lost); new opens and offers use the new one.
+/// A lost session is reconnected by itself (see [`crate::Reconnect`]):
+/// the client joins again under its name with its interfaces, and
+/// [`Client::state`] reports each attempt. Channels of the lost session
+/// end [lost](crate::ChannelEnd::Lost); new opens and offers use the new
+/// one.
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -66,6 +65,8 @@ pub enum SessionState {
     Reconnecting {
         /// Which attempt.
         attempt: u32,
+        /// The coordinator address this attempt tries.
+        to: String,
         /// Why the session was lost, or why the last attempt failed.
         cause: String,
     },
@@ -79,7 +80,9 @@ pub enum SessionState {
 #[derive(Debug)]
 struct Inner {
     name: String,
-    coordinator: String,
+    /// Which of the configured coordinator addresses the latest session
+    /// is on.
+    current: Mutex<usize>,
     config: ClientConfig,
     endpoint: Endpoint,
     /// Whether `endpoint` was made for this client alone.
@@ -103,6 +106,15 @@ struct Inner {
     /// Waits for each session's end and reconnects.
     supervisor: Mutex<Option<JoinHandle<()>>>,
     span: Span,
+}
+
+impl Inner {
+    /// The coordinator address the latest session is (or was) on.
+    fn coordinator(&self) -> String {
+        let at = *lock(&self.current);
+        let addresses = self.config.addresses();
+        addresses.get(at).unwrap_or(&addresses[0]).to_string()
+    }
 }
 
 impl Drop for Inner {
@@ -149,17 +161,18 @@ impl Client {
         config: ClientConfig,
     ) -> Result<Client, ConnectError> {
         let span = info_span!("client", id = %config.name);
-        let secs = config.connect_timeout.as_secs();
+        // Each address has the connect timeout.
+        let whole = config
+            .connect_timeout
+            .saturating_mul(config.addresses().len() as u32);
+        let secs = whole.as_secs();
         let coord_text = config.coordinator.to_string();
         let endpoint = endpoint.cloned();
         let events = config.events.clone();
         let name = config.name.clone();
-        let outcome = match timeout(
-            config.connect_timeout,
-            Self::connect_inner(endpoint, config, span.clone()),
-        )
-        .instrument(span)
-        .await
+        let outcome = match timeout(whole, Self::connect_inner(endpoint, config, span.clone()))
+            .instrument(span)
+            .await
         {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Timeout {
@@ -190,7 +203,7 @@ impl Client {
     ) -> Result<Client, ConnectError> {
         let (incoming_tx, incoming) = mpsc::channel(config.incoming_backlog.max(1));
         let interfaces = config.interfaces.clone();
-        let (base, session) = join(endpoint, &config, &interfaces, &incoming_tx, &span).await?;
+        let (base, session, at) = join(endpoint, &config, &interfaces, &incoming_tx, &span).await?;
         let gates = config
             .quotas
             .iter()
@@ -199,7 +212,7 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 name: config.name.clone(),
-                coordinator: config.coordinator.to_string(),
+                current: Mutex::new(at),
                 state: watch::Sender::new(SessionState::Up {
                     session: session.id,
                 }),
@@ -231,7 +244,7 @@ impl Client {
         let state = self.inner.state.borrow();
         match &*state {
             SessionState::Up { .. } => Ok(lock(&self.inner.session).clone()),
-            SessionState::Reconnecting { attempt, cause } => Err(format!(
+            SessionState::Reconnecting { attempt, cause, .. } => Err(format!(
                 "the session with the coordinator was lost ({cause}); reconnecting (attempt {attempt})"
             )),
             SessionState::Ended { reason } => Err(reason.clone()),
@@ -658,9 +671,9 @@ impl Client {
         *lock(&self.inner.interfaces) = list.to_vec();
     }
 
-    /// The coordinator address this client connected to.
-    pub fn coordinator(&self) -> &str {
-        &self.inner.coordinator
+    /// The coordinator address the latest session is (or was) on.
+    pub fn coordinator(&self) -> String {
+        self.inner.coordinator()
     }
 }
 
@@ -720,7 +733,18 @@ async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
     let mut attempt: u32 = 0;
     loop {
         attempt = attempt.saturating_add(1);
-        let (policy, mut state, config, endpoint, direct, interfaces, incoming, span, generation) = {
+        let (
+            policy,
+            mut state,
+            config,
+            endpoint,
+            direct,
+            interfaces,
+            incoming,
+            span,
+            generation,
+            (at, address),
+        ) = {
             let inner = weak.upgrade()?;
             let policy = inner.config.reconnect;
             if policy.limit.is_some_and(|limit| attempt > limit) {
@@ -733,12 +757,16 @@ async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
                 );
                 return None;
             }
+            let addresses = inner.config.addresses();
+            let at = reconnect::address_for(attempt, *lock(&inner.current), addresses.len());
+            let address = addresses[at].clone();
             let moved = inner.state.send_if_modified(|s| {
                 if matches!(s, SessionState::Ended { .. }) {
                     return false;
                 }
                 *s = SessionState::Reconnecting {
                     attempt,
+                    to: address.to_string(),
                     cause: cause.clone(),
                 };
                 true
@@ -746,7 +774,7 @@ async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
             if !moved {
                 return None;
             }
-            info!(attempt, cause = %Untrusted::reason(&cause), "reconnecting to {}", inner.coordinator);
+            info!(attempt, cause = %Untrusted::reason(&cause), "reconnecting to {address}");
             events::emit(&inner.config.events, || Event::Reconnecting {
                 name: inner.name.clone(),
                 attempt,
@@ -764,6 +792,7 @@ async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
                 inner.incoming_tx.clone(),
                 inner.span.clone(),
                 generation,
+                (at, address),
             )
         };
         let wait = policy.delay(attempt, reconnect::jitter());
@@ -777,6 +806,7 @@ async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
             join_session(
                 generation,
                 &endpoint,
+                &address,
                 direct,
                 &config,
                 &interfaces,
@@ -787,7 +817,7 @@ async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
         .await
         .unwrap_or_else(|_| {
             Err(ConnectError::Timeout {
-                addr: config.coordinator.to_string(),
+                addr: address.to_string(),
                 secs: config.connect_timeout.as_secs(),
             })
         });
@@ -802,6 +832,7 @@ async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
                 }
                 let id = session.id;
                 *lock(&inner.session) = session;
+                *lock(&inner.current) = at;
                 let after = lost.elapsed();
                 info!(
                     session = id,

@@ -64,6 +64,11 @@ pub struct ClientConfig {
     /// ([`crate::Client::set_interfaces`] changes them later). Empty: the
     /// client declares none, and peers may open any channel name on it.
     pub interfaces: Vec<Interface>,
+    /// More coordinators of the same mesh, tried in turn with
+    /// `coordinator`: the first choice is spread at random over all of
+    /// them, and a connect or reconnect that fails on one goes on to the
+    /// next.
+    pub also: Vec<Address>,
     /// Whether and how a lost session is joined again (on by default:
     /// first retry within 100 ms, at most 5 s apart, no limit).
     pub reconnect: Reconnect,
@@ -144,6 +149,7 @@ impl ClientConfig {
             events: None,
             quotas: HashMap::new(),
             reconnect: Reconnect::default(),
+            also: Vec::new(),
             tls: TlsCache::default(),
         }
     }
@@ -179,6 +185,13 @@ impl ClientConfig {
 
     /// The identity this client presents: the configured one, or the
     /// self-signed one made for this config (and its clones) on first use.
+    /// Every coordinator address: `coordinator`, then `also`.
+    pub fn addresses(&self) -> Vec<&Address> {
+        std::iter::once(&self.coordinator)
+            .chain(self.also.iter())
+            .collect()
+    }
+
     pub(crate) fn identity(&self) -> Result<Arc<Identity>, CertError> {
         if let Some(id) = &self.identity {
             return Ok(id.clone());

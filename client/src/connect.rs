@@ -8,7 +8,7 @@ use qmesh_proto::address::Host;
 use qmesh_proto::codec::{read_frame, write_frame, ReadFrameError};
 use qmesh_proto::codes::ConnCode;
 use qmesh_proto::msg::{self, ClientSession, Greeting, Hello, Reject, Welcome};
-use qmesh_proto::{Interface, PROTOCOL_VERSION};
+use qmesh_proto::{Address, Interface, PROTOCOL_VERSION};
 use quinn::{Connection, ConnectionError, Endpoint};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -307,8 +307,10 @@ pub(crate) async fn join(
     interfaces: &[Interface],
     incoming: &mpsc::Sender<IncomingChannel>,
     span: &Span,
-) -> Result<(Base, Session), ConnectError> {
-    let (host, port) = config.coordinator.quic_endpoint()?;
+) -> Result<(Base, Session, usize), ConnectError> {
+    let addresses = config.addresses();
+    let first = crate::reconnect::first_choice(addresses.len(), crate::reconnect::jitter());
+    let (host, port) = addresses[first].quic_endpoint()?;
     let addr = resolve(host, port).await?;
     let bind = bind_for(addr);
     let owns_endpoint = endpoint.is_none();
@@ -328,16 +330,51 @@ pub(crate) async fn join(
             None,
         ),
     };
-    let session = join_session(
-        1,
-        &endpoint,
-        punch_socket.is_some(),
-        config,
-        interfaces,
-        incoming,
-        span,
-    )
-    .await?;
+    // Each address in turn from the first choice; a refusal is final (the
+    // coordinators of one mesh answer alike), anything else goes on.
+    let mut last = None;
+    let mut joined = None;
+    for k in 0..addresses.len() {
+        let at = (first + k) % addresses.len();
+        let attempt = timeout(
+            config.connect_timeout,
+            join_session(
+                1,
+                &endpoint,
+                addresses[at],
+                punch_socket.is_some(),
+                config,
+                interfaces,
+                incoming,
+                span,
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ConnectError::Timeout {
+                addr: addresses[at].to_string(),
+                secs: config.connect_timeout.as_secs(),
+            })
+        });
+        match attempt {
+            Ok(session) => {
+                joined = Some((session, at));
+                break;
+            }
+            Err(e) if crate::reconnect::after_attempt(&e) == crate::reconnect::After::Stop => {
+                return Err(e)
+            }
+            Err(e) => {
+                if addresses.len() > 1 {
+                    info!(parent: span, coordinator = %addresses[at], cause = %qmesh_proto::Untrusted::reason(&e), "trying the next coordinator");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    let Some((session, at)) = joined else {
+        return Err(last.unwrap_or_else(|| ConnectError::Session("no coordinator address".into())));
+    };
     let direct = punch_socket.map(|socket| {
         Direct::start(DirectParts {
             endpoint: endpoint.clone(),
@@ -357,25 +394,27 @@ pub(crate) async fn join(
         direct,
         fingerprint: identity.fingerprint(),
     };
-    Ok((base, session))
+    Ok((base, session, at))
 }
 
 /// Connect to the coordinator from `endpoint`, say hello (reporting this
 /// client's addresses when it takes `direct` channels) and start the
 /// session's tasks: the first session, and each one after a reconnect.
+#[allow(clippy::too_many_arguments)] // one session's every input, named
 pub(crate) async fn join_session(
     generation: u64,
     endpoint: &Endpoint,
+    coordinator: &Address,
     direct: bool,
     config: &ClientConfig,
     interfaces: &[Interface],
     incoming: &mpsc::Sender<IncomingChannel>,
     span: &Span,
 ) -> Result<Session, ConnectError> {
-    let (host, port) = config.coordinator.quic_endpoint()?;
+    let (host, port) = coordinator.quic_endpoint()?;
     let host = host.clone();
     let addr = resolve(&host, port).await?;
-    let coord_text = config.coordinator.to_string();
+    let coord_text = coordinator.to_string();
     let (client_config, report) = config.quic()?;
     let reported = direct.then(|| {
         let port = endpoint.local_addr().map(|a| a.port()).unwrap_or(0);

@@ -83,6 +83,27 @@ pub(crate) fn jitter() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Which of `n` coordinator addresses to try first, given `unit`, a
+/// random number in `[0, 1)`: spread evenly, so that the clients of a mesh
+/// share its coordinators.
+pub(crate) fn first_choice(n: usize, unit: f64) -> usize {
+    if n <= 1 {
+        return 0;
+    }
+    ((unit.clamp(0.0, 1.0) * n as f64) as usize).min(n - 1)
+}
+
+/// Which address attempt `attempt` (1 for the first) of a reconnect tries,
+/// of `n`, after a session on address `current` was lost: the same one
+/// first (a restarted coordinator comes back there), then each of the
+/// others in turn.
+pub(crate) fn address_for(attempt: u32, current: usize, n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    (current + attempt.saturating_sub(1) as usize) % n
+}
+
 /// What to do after a session ended this way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum After {
@@ -213,6 +234,24 @@ mod tests {
             ceilings,
             [10, 20, 40, 40, 40].map(Duration::from_millis).to_vec()
         );
+    }
+
+    #[test]
+    fn the_first_choice_spreads_over_every_address() {
+        assert_eq!(first_choice(1, 0.9), 0);
+        assert_eq!(first_choice(0, 0.5), 0);
+        assert_eq!(
+            [0.0, 0.3, 0.34, 0.67, 0.999].map(|u| first_choice(3, u)),
+            [0, 0, 1, 2, 2]
+        );
+        assert_eq!(first_choice(3, 1.0), 2);
+    }
+
+    #[test]
+    fn a_reconnect_tries_the_lost_coordinator_first_then_the_others_in_turn() {
+        let order: Vec<usize> = (1..=5).map(|a| address_for(a, 1, 3)).collect();
+        assert_eq!(order, [1, 2, 0, 1, 2]);
+        assert_eq!(address_for(7, 0, 1), 0);
     }
 
     #[test]

@@ -354,3 +354,55 @@ async fn a_group_membership_and_a_presence_watch_resume_after_a_restart() {
     heard.sort();
     assert_eq!(heard, ["alice: alice back", "bob: bob back"]);
 }
+
+/// With several coordinator addresses, a client joins whichever answers
+/// (a silent address costs one connect timeout), and a lost session
+/// fails over to another coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_several_coordinators_joins_one_that_answers_and_fails_over() {
+    let Mesh {
+        coordinator: first,
+        ca,
+        address: first_address,
+        trust,
+    } = Mesh::start().await;
+    let second = coordinator_on(&ca, 0, |_| {}).await;
+    let second_address: qmesh_client::Address =
+        format!("quic/localhost:{}", second.local_addr().port())
+            .parse()
+            .unwrap();
+    // An address where nothing answers: a socket that reads nothing.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let silent_address: qmesh_client::Address =
+        format!("quic/localhost:{}", silent.local_addr().unwrap().port())
+            .parse()
+            .unwrap();
+
+    let mut config = ClientConfig::new(silent_address.clone(), "alice", trust.clone());
+    config.also = vec![first_address.clone(), second_address.clone()];
+    config.connect_timeout = Duration::from_secs(1);
+    let alice = connect(config).await;
+    let on = alice.coordinator();
+    assert_ne!(on, silent_address.to_string(), "joined a silent address");
+
+    // Stop the coordinator alice is on: she comes back on the other one.
+    let (stopped, other) = if on == first_address.to_string() {
+        (first, second_address)
+    } else {
+        (second, first_address)
+    };
+    let mut state = alice.state();
+    within(STEP, "shutdown", stopped.shutdown()).await;
+    state_where(&mut state, "alice reconnecting", |s| {
+        matches!(s, SessionState::Reconnecting { .. })
+    })
+    .await;
+    state_where(&mut state, "alice back", |s| {
+        matches!(s, SessionState::Up { .. })
+    })
+    .await;
+    assert_eq!(alice.coordinator(), other.to_string());
+    let peers = within_ok(STEP, "peers", alice.peers()).await;
+    assert!(peers.iter().any(|p| p.name == "alice"), "{peers:?}");
+    drop(silent);
+}

@@ -36,9 +36,10 @@ pub(crate) struct Cli {
         long,
         global = true,
         env = "QMESH_COORDINATOR",
-        default_value = "quic/$4:7447"
+        default_value = "quic/$4:7447",
+        value_delimiter = ','
     )]
-    coordinator: String,
+    coordinator: Vec<String>,
     /// This client's name (1-64 of a-z 0-9 . _ -).
     #[arg(long, global = true, env = "QMESH_NAME")]
     name: Option<String>,
@@ -333,10 +334,16 @@ fn load_identity(cli: &Cli, name: &str) -> Result<Identity> {
 
 impl Cli {
     fn config(&self, default_name: Option<String>) -> Result<ClientConfig> {
-        let coordinator = self
-            .coordinator
-            .parse()
-            .with_context(|| format!("--coordinator {:?}", self.coordinator))?;
+        let mut addresses = Vec::new();
+        for text in &self.coordinator {
+            let address: qmesh_client::Address = text
+                .parse()
+                .with_context(|| format!("--coordinator {text:?}"))?;
+            addresses.push(address);
+        }
+        let Some(coordinator) = addresses.first().cloned() else {
+            bail!("give the coordinator's address with --coordinator quic/HOST:PORT");
+        };
         let Some(name) = self.name.clone().or(default_name) else {
             bail!("give this client a name with --name NAME (or QMESH_NAME)");
         };
@@ -355,6 +362,7 @@ impl Cli {
         let identity = load_identity(self, &name)?;
         let mut config = ClientConfig::new(coordinator, name, trust)
             .with_idle_timeout(Duration::from_secs(self.idle_timeout.max(1)));
+        config.also = addresses.split_off(1);
         config.identity = Some(Arc::new(identity));
         config.direct.enabled = !self.no_direct;
         config.direct.timeout = Duration::from_secs(self.direct_timeout.max(1));
@@ -462,23 +470,24 @@ pub(crate) enum Stay {
 pub(crate) fn report_reconnects(client: &Client) {
     use qmesh_client::SessionState;
     let mut state = client.state();
-    let coordinator = client.coordinator().to_owned();
+    let client_now = client.clone();
     tokio::spawn(async move {
         let mut lost_at = None;
         while state.changed().await.is_ok() {
             let now = state.borrow_and_update().clone();
             match now {
-                SessionState::Reconnecting { attempt, cause } => {
+                SessionState::Reconnecting { attempt, to, cause } => {
                     lost_at.get_or_insert_with(std::time::Instant::now);
                     eprintln!(
-                        "qmesh: reconnecting to {coordinator}: attempt {attempt} ({})",
+                        "qmesh: reconnecting to {to}: attempt {attempt} ({})",
                         Untrusted::reason(&cause)
                     );
                 }
                 SessionState::Up { session } => {
                     if let Some(at) = lost_at.take() {
                         eprintln!(
-                            "qmesh: reconnected after {} ms (session {session})",
+                            "qmesh: reconnected to {} after {} ms (session {session})",
+                            client_now.coordinator(),
                             at.elapsed().as_millis()
                         );
                     }

@@ -228,7 +228,7 @@ impl Drop for PidFile {
 /// `qmesh up --config FILE`: run every route until interrupted.
 pub(crate) async fn run(cli: &mut Cli, path: &Path) -> Result<()> {
     let config = load(path)?;
-    cli.coordinator = config.coordinator.to_string();
+    cli.coordinator = vec![config.coordinator.to_string()];
     cli.name = Some(config.name.clone());
     if config.ca.is_some() {
         cli.ca = config.ca.clone();
