@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use qmesh_integration_tests::process::{qmesh, Proc};
+use qmesh_integration_tests::process::{qmesh, show as show_exit, Proc};
 use qmesh_integration_tests::programs::{self, free_port, require, show};
 use qmesh_integration_tests::target::CoordinatorProc;
 use tempfile::TempDir;
@@ -1060,4 +1060,79 @@ async fn an_exposed_interface_refuses_peers_not_in_its_allow_list() {
         Some("ping\n"),
         "alice, in the allow list"
     );
+}
+
+/// A coordinator restart: the forward's listener stays up while the
+/// coordinator is away (connections are closed at once, never hang), both
+/// ends print that they reconnect, and once they are back connections
+/// through the route work again, with no restart of either qmesh.
+async fn restart_through(mode: &str) {
+    if !need(&["socat"]) {
+        return;
+    }
+    let mut mesh = Mesh::start().await;
+    let (_echo, echo_port) = programs::socat_echo();
+    let mut carol = mesh
+        .expose("carol", "echo", &format!("tcp/$4:{echo_port}"))
+        .await;
+    let local = free_port();
+    let mut dave = mesh
+        .forward(
+            "dave",
+            mode,
+            &format!("tcp/$4:{local}"),
+            "mesh/carol!echo",
+            &[],
+        )
+        .await;
+    assert_eq!(echo_once(local).as_deref(), Some("ping\n"));
+
+    mesh.coord.proc.terminate();
+    let exit = mesh.coord.proc.finish().await;
+    assert_eq!(exit.status.code(), Some(0), "{}", show_exit(&exit));
+    for (who, p) in [("carol", &mut carol), ("dave", &mut dave)] {
+        let line = p
+            .stderr_line(&format!("{who}'s `qmesh: reconnecting`"), |l| {
+                l.starts_with("qmesh: reconnecting to")
+            })
+            .await;
+        assert!(line.contains("shutting down"), "{who}: {line}");
+    }
+    let away = tokio::task::spawn_blocking(move || echo_once(local))
+        .await
+        .expect("thread");
+    assert_eq!(away, None, "an echo through a route with no coordinator");
+
+    let listen = mesh.coord.v4();
+    let (again, _) =
+        CoordinatorProc::start_dev_at(mesh._state.path(), &listen, &[] as &[&OsStr]).await;
+    mesh.coord = again;
+    for (who, p) in [("carol", &mut carol), ("dave", &mut dave)] {
+        p.stderr_line(&format!("{who}'s `qmesh: reconnected`"), |l| {
+            l.starts_with("qmesh: reconnected")
+        })
+        .await;
+    }
+    // Carol's interface is offered again with her hello: the first
+    // connection after the return goes through.
+    let back = tokio::task::spawn_blocking(move || echo_once(local))
+        .await
+        .expect("thread");
+    assert_eq!(
+        back.as_deref(),
+        Some("ping\n"),
+        "the route did not work again after the coordinator came back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_forward_works_again_after_a_coordinator_restart() {
+    let _shared = LOAD.read().await;
+    restart_through("relay").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_forward_works_again_after_a_coordinator_restart() {
+    let _shared = LOAD.read().await;
+    restart_through("direct").await;
 }
