@@ -488,8 +488,8 @@ async fn after_sigterm_and_a_restart_a_listener_is_back_and_receives() {
     assert!(bob.running(), "the listener stays up");
 
     let (again, _) = Coord::start_dev_at(state.path(), &coord.v4(), &[] as &[&OsStr]).await;
-    bob.stderr_line("`qmesh: reconnected after`", |l| {
-        l.starts_with("qmesh: reconnected after")
+    bob.stderr_line("`qmesh: reconnected to`", |l| {
+        l.starts_with("qmesh: reconnected to")
     })
     .await;
     let mut alice = qmesh(
@@ -537,8 +537,8 @@ async fn after_sigkill_and_a_restart_a_listener_is_back_and_receives() {
         })
         .await;
     assert!(line.contains("silent"), "{line}");
-    bob.stderr_line("`qmesh: reconnected after`", |l| {
-        l.starts_with("qmesh: reconnected after")
+    bob.stderr_line("`qmesh: reconnected to`", |l| {
+        l.starts_with("qmesh: reconnected to")
     })
     .await;
     eprintln!("listener back {:?} after the SIGKILL", killed.elapsed());

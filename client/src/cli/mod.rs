@@ -465,8 +465,8 @@ pub(crate) enum Stay {
 }
 
 /// Print a line on standard error for each reconnect attempt and for the
-/// return: `reconnecting to ADDR: attempt N (CAUSE)`, `reconnected after
-/// N ms`.
+/// return: `reconnecting to ADDR: attempt N (CAUSE)`, `reconnected to ADDR
+/// after N ms`.
 pub(crate) fn report_reconnects(client: &Client) {
     use qmesh_client::SessionState;
     let mut state = client.state();
