@@ -3,9 +3,10 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use qmesh_client::events::{Event, Events};
 use qmesh_client::{ChannelEnd, SessionState, Side};
 use qmesh_integration_tests::{
-    bin, next_message, next_stream, open_pair, payload, within, within_ok, Mesh, STEP,
+    bin, connect, next_message, next_stream, open_pair, payload, within, within_ok, Mesh, STEP,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -138,23 +139,34 @@ async fn a_killed_peer_is_reported_lost_within_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_shutdown_ends_sessions_with_a_code_and_channels_as_lost() {
     let mesh = Mesh::start().await;
-    let alice = mesh.client("alice").await;
+    let events = Events::new();
+    let mut config = mesh.config("alice");
+    config.events = Some(events.clone());
+    let alice = connect(config).await;
     let bob = mesh.client("bob").await;
     let (a, _b) = open_pair(&alice, &bob, "chat").await;
     let mut state = alice.state();
     within(STEP, "shutdown", mesh.coordinator.shutdown()).await;
-    // The session is lost (the client tries to join again), naming why.
-    let down = within(
+    // The session is lost (the client tries to join again): the first
+    // attempt names why (later ones say why the attempt before failed).
+    within(
         STEP,
         "session lost",
         state.wait_for(|s| matches!(s, SessionState::Reconnecting { .. })),
     )
     .await
-    .unwrap()
-    .clone();
+    .unwrap();
+    let first = std::iter::from_fn(|| events.try_next()).find_map(|e| match e {
+        Event::Reconnecting {
+            attempt: 1, cause, ..
+        } => Some(cause),
+        _ => None,
+    });
     assert!(
-        matches!(&down, SessionState::Reconnecting { cause, .. } if cause.contains("coordinator shutting down")),
-        "{down:?}"
+        first
+            .as_deref()
+            .is_some_and(|c| c.contains("coordinator shutting down")),
+        "{first:?}"
     );
     assert!(matches!(
         within(STEP, "lost", a.ended()).await,
