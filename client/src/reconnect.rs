@@ -255,6 +255,18 @@ mod tests {
     }
 
     #[test]
+    fn never_is_off_and_the_default_is_on_with_no_limit() {
+        assert!(!Reconnect::never().enabled);
+        let on = Reconnect::default();
+        assert!(on.enabled);
+        assert_eq!(on.limit, None);
+        assert_eq!(
+            (on.first, on.max),
+            (Duration::from_millis(100), Duration::from_secs(5))
+        );
+    }
+
+    #[test]
     fn jitter_spreads_over_the_unit_interval() {
         let draws: Vec<f64> = (0..200).map(|_| jitter()).collect();
         assert!(draws.iter().all(|u| (0.0..1.0).contains(u)));
