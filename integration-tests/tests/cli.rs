@@ -458,6 +458,28 @@ async fn demo_runs() {
     }
 }
 
+/// Wait until `listener` says it is back with its coordinator.
+async fn reconnected(listener: &mut Proc) {
+    listener
+        .stderr_line("`qmesh: reconnected to`", |l| {
+            l.starts_with("qmesh: reconnected to")
+        })
+        .await;
+}
+
+/// `qmesh send` of `line` to bob through `coord` succeeds, and bob prints it.
+async fn line_arrives(coord: &Coord, ca: &Path, bob: &mut Proc, line: &str) {
+    let mut alice = qmesh(
+        &coord.localhost(),
+        ca,
+        &["--name", "alice", "send", "mesh/bob!chat"],
+    );
+    alice.feed_stdin(format!("{line}\n").as_bytes()).await;
+    let exit = alice.finish().await;
+    assert!(exit.status.success(), "send: {}", show(&exit));
+    assert_eq!(bob.stdout_line(&format!("`{line}`"), |_| true).await, line);
+}
+
 /// Test 7: SIGTERM stops the coordinator cleanly; its clients hear why,
 /// stay up, and are back once it runs again on the same port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -488,22 +510,8 @@ async fn after_sigterm_and_a_restart_a_listener_is_back_and_receives() {
     assert!(bob.running(), "the listener stays up");
 
     let (again, _) = Coord::start_dev_at(state.path(), &coord.v4(), &[] as &[&OsStr]).await;
-    bob.stderr_line("`qmesh: reconnected to`", |l| {
-        l.starts_with("qmesh: reconnected to")
-    })
-    .await;
-    let mut alice = qmesh(
-        &again.localhost(),
-        &ca,
-        &["--name", "alice", "send", "mesh/bob!chat"],
-    );
-    alice.feed_stdin(b"after the restart\n").await;
-    let exit = alice.finish().await;
-    assert!(exit.status.success(), "send: {}", show(&exit));
-    assert_eq!(
-        bob.stdout_line("`after the restart`", |_| true).await,
-        "after the restart"
-    );
+    reconnected(&mut bob).await;
+    line_arrives(&again, &ca, &mut bob, "after the restart").await;
 }
 
 /// A coordinator killed with SIGKILL says nothing: its listener notices the
@@ -537,23 +545,9 @@ async fn after_sigkill_and_a_restart_a_listener_is_back_and_receives() {
         })
         .await;
     assert!(line.contains("silent"), "{line}");
-    bob.stderr_line("`qmesh: reconnected to`", |l| {
-        l.starts_with("qmesh: reconnected to")
-    })
-    .await;
+    reconnected(&mut bob).await;
     eprintln!("listener back {:?} after the SIGKILL", killed.elapsed());
-    let mut alice = qmesh(
-        &again.localhost(),
-        &ca,
-        &["--name", "alice", "send", "mesh/bob!chat"],
-    );
-    alice.feed_stdin(b"after the kill\n").await;
-    let exit = alice.finish().await;
-    assert!(exit.status.success(), "send: {}", show(&exit));
-    assert_eq!(
-        bob.stdout_line("`after the kill`", |_| true).await,
-        "after the kill"
-    );
+    line_arrives(&again, &ca, &mut bob, "after the kill").await;
 }
 
 /// A direct `send` whose channel is lost (here: the coordinator stops)

@@ -55,6 +55,13 @@ async fn state_where(
         .clone()
 }
 
+/// Connect with `config` and an events hub of its own.
+async fn with_events(mut config: ClientConfig) -> (qmesh_client::Client, Events) {
+    let events = Events::new();
+    config.events = Some(events.clone());
+    (connect(config).await, events)
+}
+
 /// Every event the hub holds now.
 fn drain(events: &Events) -> Vec<Event> {
     std::iter::from_fn(|| events.try_next()).collect()
@@ -69,10 +76,8 @@ async fn after_a_coordinator_restart_clients_come_back_with_their_names_and_inte
         trust,
     } = Mesh::start().await;
     let port = coordinator.local_addr().port();
-    let events = Events::new();
-    let mut config = ClientConfig::new(address.clone(), "alice", trust.clone());
-    config.events = Some(events.clone());
-    let alice = connect(config).await;
+    let (alice, events) =
+        with_events(ClientConfig::new(address.clone(), "alice", trust.clone())).await;
     let bob = connect(
         ClientConfig::new(address.clone(), "bob", trust.clone())
             .offer(Interface::new("chat", "talk"), Quota::default()),
@@ -197,10 +202,8 @@ async fn a_refusal_on_the_way_back_ends_the_client_with_its_reason() {
         trust,
     } = Mesh::start().await;
     let port = coordinator.local_addr().port();
-    let events = Events::new();
-    let mut config = ClientConfig::new(address.clone(), "alice", trust.clone());
-    config.events = Some(events.clone());
-    let alice = connect(config).await;
+    let (alice, events) =
+        with_events(ClientConfig::new(address.clone(), "alice", trust.clone())).await;
     within(STEP, "shutdown", coordinator.shutdown()).await;
     // The coordinator comes back admitting only certificates of another
     // CA: alice's self-signed one is refused, which waiting will not fix.
