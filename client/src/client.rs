@@ -60,6 +60,15 @@ pub enum SessionState {
         /// The session number the coordinator assigned.
         session: u64,
     },
+    /// Joined, and the coordinator said it is going away (it is stopping or
+    /// restarting): it takes no new channels, live ones may run for
+    /// `within`, then the session ends and the client joins again.
+    Leaving {
+        /// The session number the coordinator assigned.
+        session: u64,
+        /// How long the coordinator lets live channels run.
+        within: std::time::Duration,
+    },
     /// The session was lost; attempt `attempt` (1 for the first) to join
     /// again is waiting or under way.
     Reconnecting {
@@ -243,7 +252,9 @@ impl Client {
     pub(crate) fn session(&self) -> Result<Session, String> {
         let state = self.inner.state.borrow();
         match &*state {
-            SessionState::Up { .. } => Ok(lock(&self.inner.session).clone()),
+            SessionState::Up { .. } | SessionState::Leaving { .. } => {
+                Ok(lock(&self.inner.session).clone())
+            }
             SessionState::Reconnecting { attempt, cause, .. } => Err(format!(
                 "the session with the coordinator was lost ({cause}); reconnecting (attempt {attempt})"
             )),
@@ -694,7 +705,16 @@ async fn supervise(weak: Weak<Inner>) {
         let Some(session) = weak.upgrade().map(|inner| lock(&inner.session).clone()) else {
             return;
         };
-        let err = session.conn.closed().await;
+        let mut leaving = session.leaving.clone();
+        let err = tokio::select! {
+            err = session.conn.closed() => err,
+            Some(within) = async { leaving.wait_for(Option::is_some).await.ok().map(|w| w.unwrap_or_default()) } => {
+                if let Some(inner) = weak.upgrade() {
+                    going_away(&inner, session.id, within);
+                }
+                session.conn.closed().await
+            }
+        };
         let cause = describe_end(&err, &session.closed_why);
         let after = reconnect::after_session(&err, session.closed_why.get().is_some());
         drop(session);
@@ -712,6 +732,34 @@ async fn supervise(weak: Weak<Inner>) {
             None => return,
         }
     }
+}
+
+/// The coordinator of session `id` said it is going away: live channels
+/// may run for `within`.
+fn going_away(inner: &Inner, id: u64, within: std::time::Duration) {
+    if !matches!(*inner.state.borrow(), SessionState::Up { session } if session == id) {
+        return;
+    }
+    // Another coordinator, when there is one, is the first to try next.
+    let n = inner.config.addresses().len();
+    if n > 1 {
+        let mut current = lock(&inner.current);
+        *current = (*current + 1) % n;
+    }
+    events::emit(&inner.config.events, || Event::GoingAway {
+        name: inner.name.clone(),
+        within,
+    });
+    inner.state.send_if_modified(|s| {
+        if !matches!(s, SessionState::Up { session } if *session == id) {
+            return false;
+        }
+        *s = SessionState::Leaving {
+            session: id,
+            within,
+        };
+        true
+    });
 }
 
 /// End the client for good with `reason`.

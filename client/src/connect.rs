@@ -43,6 +43,9 @@ pub(crate) struct Session {
     pub(crate) routes: Routes,
     /// Frames for the session stream (interface updates).
     pub(crate) session_tx: mpsc::Sender<ClientSession>,
+    /// Set when the coordinator says it is going away: how long its live
+    /// channels may still run.
+    pub(crate) leaving: tokio::sync::watch::Receiver<Option<std::time::Duration>>,
     _tasks: Arc<Tasks>,
 }
 
@@ -469,6 +472,7 @@ pub(crate) async fn join_session(
 
     let (session_tx, session_rx) = mpsc::channel(4);
     let closed_why = Arc::new(OnceLock::new());
+    let (going_away, leaving) = tokio::sync::watch::channel(None);
     let session_task = tokio::spawn(
         run_session_stream(
             conn.clone(),
@@ -477,6 +481,7 @@ pub(crate) async fn join_session(
             recv,
             config.heartbeat,
             session_rx,
+            going_away,
         )
         .instrument(span.clone()),
     );
@@ -499,6 +504,7 @@ pub(crate) async fn join_session(
         closed_why,
         routes,
         session_tx,
+        leaving,
         _tasks: Arc::new(Tasks(session_task, driver)),
     })
 }

@@ -177,8 +177,9 @@ async fn route(
     }
 }
 
-/// Run the session stream until it ends: heartbeats both ways and this
-/// client's interface updates. A silent coordinator closes the connection
+/// Run the session stream until it ends: heartbeats both ways, this
+/// client's interface updates, and the coordinator's going-away notice
+/// (into `going_away`). A silent coordinator closes the connection
 /// with [`ConnCode::HeartbeatMissed`], so every channel ends as lost; the
 /// reason goes to `closed_why` first.
 pub(crate) async fn run_session_stream(
@@ -188,16 +189,24 @@ pub(crate) async fn run_session_stream(
     recv: RecvStream,
     heartbeat: Heartbeat,
     outgoing: mpsc::Receiver<ClientSession>,
+    going_away: tokio::sync::watch::Sender<Option<std::time::Duration>>,
 ) {
-    // After the welcome the coordinator sends only pings and pongs, which
-    // `drive` answers itself: nothing reaches the callback.
+    // After the welcome the coordinator sends pings and pongs, which
+    // `drive` answers itself, and at most one going-away notice.
     let end = qmesh_proto::heartbeat::drive(
         recv,
         send,
         heartbeat,
         Some(outgoing),
         None,
-        |_: CoordinatorSession| Ok(()),
+        |msg: CoordinatorSession| {
+            if let CoordinatorSession::GoingAway { drain_ms } = msg {
+                let within = std::time::Duration::from_millis(drain_ms);
+                info!(drain_ms, "the coordinator is going away");
+                going_away.send_replace(Some(within));
+            }
+            Ok(())
+        },
     )
     .await;
     if conn.close_reason().is_some() {

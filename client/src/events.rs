@@ -84,6 +84,15 @@ pub enum Event {
         /// Why the session was lost, or why the previous attempt failed.
         cause: String,
     },
+    /// The coordinator said it is going away (stopping or restarting): no
+    /// new channels; live ones may run for `within`, then the session ends
+    /// and a [`Event::Reconnecting`] follows. Not terminal.
+    GoingAway {
+        /// This client's name.
+        name: String,
+        /// How long the coordinator lets live channels run.
+        within: std::time::Duration,
+    },
     /// The client joined again after losing its session.
     Reconnected {
         /// This client's name.
@@ -206,6 +215,11 @@ impl fmt::Display for Event {
             } => {
                 write!(f, "{name} reconnecting, attempt {attempt} ({cause})")
             }
+            Event::GoingAway { name, within } => write!(
+                f,
+                "{name}'s coordinator is going away: live channels may run for {} ms",
+                within.as_millis()
+            ),
             Event::Reconnected {
                 name,
                 session,

@@ -70,6 +70,9 @@ async fn open(
     label: Arc<str>,
 ) {
     let max = shared.config.max_channels_per_client;
+    if shared.draining.is_cancelled() {
+        return refuse(&mut a_send, Refusal::draining()).await;
+    }
     let callee = shared.registry().lookup(&peer).cloned();
     let interfaces = callee.as_ref().map(|c| c.interfaces());
     let request = Request {
@@ -107,7 +110,7 @@ async fn open(
     // atomically, so concurrent opens cannot pass the limit.
     let mut slots = Vec::with_capacity(2);
     for (side, who) in [(&session, OPENER), (&callee, CALLEE)] {
-        match Slot::take(side, max) {
+        match Slot::take(&shared, side, max) {
             Some(slot) => slots.push(slot),
             None => {
                 let refusal = Refusal::too_many_channels(who, max);
@@ -258,23 +261,26 @@ impl Ends<'_> {
 /// One of a client's `max_channels_per_client` places, held from the open's
 /// check until the channel ends (or the open fails); taken atomically, so
 /// concurrent opens cannot pass the limit.
-struct Slot(Arc<Session>);
+/// Each is also counted in [`Shared::slots`], which a drain waits on.
+struct Slot(Arc<Session>, Arc<Shared>);
 
 impl Slot {
-    fn take(session: &Arc<Session>, max: usize) -> Option<Slot> {
+    fn take(shared: &Arc<Shared>, session: &Arc<Session>, max: usize) -> Option<Slot> {
         session
             .slots
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
-            .ok()
-            .map(|_| Slot(session.clone()))
+            .ok()?;
+        shared.slots.send_modify(|n| *n += 1);
+        Some(Slot(session.clone(), shared.clone()))
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.slots.fetch_sub(1, Ordering::AcqRel);
+        self.1.slots.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

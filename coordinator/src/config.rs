@@ -29,6 +29,10 @@ pub struct Config {
     pub hello_timeout: Duration,
     /// How long a callee has to accept or refuse a channel.
     pub answer_timeout: Duration,
+    /// After a stop is asked for with [`crate::server::Coordinator::run_draining`]:
+    /// how long live channels may still run before every session is closed
+    /// (each client is told with `CoordinatorSession::GoingAway`).
+    pub drain: Duration,
     /// How long a graceful close may wait for the closer's data streams to
     /// be relayed before the close is forwarded anyway.
     pub drain_timeout: Duration,
@@ -106,6 +110,7 @@ impl Config {
             identity,
             tuning: Tuning::default(),
             hello_timeout: Duration::from_secs(10),
+            drain: Duration::from_secs(10),
             answer_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             socket_buffer: qmesh_certs::transport::SOCKET_BUFFER,

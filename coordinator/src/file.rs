@@ -5,6 +5,7 @@
 //! state_dir = "/var/lib/qmesh-coordinator"
 //! cert = "coordinator.pem"          # relative to this file
 //! key = "coordinator-key.pem"
+//! drain = "10s"                     # live channels' time after SIGTERM
 //!
 //! [auth]
 //! mode = "token"                    # open | token | ca
@@ -57,6 +58,8 @@ pub struct FileConfig {
     pub cert: Option<PathBuf>,
     /// Its key (PEM).
     pub key: Option<PathBuf>,
+    /// How long live channels may run after SIGTERM, e.g. `10s`.
+    pub drain: Option<String>,
     /// `[auth]`.
     #[serde(default)]
     pub auth: AuthSection,
@@ -126,6 +129,8 @@ pub struct Checked {
     pub policy: Option<Policy>,
     /// `[auth] cert_ttl`.
     pub cert_ttl: Option<Duration>,
+    /// `drain`.
+    pub drain: Option<Duration>,
     /// `[limits] hello_timeout`.
     pub hello_timeout: Option<Duration>,
     /// `[limits] idle_timeout`.
@@ -236,6 +241,11 @@ pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
             "[auth] cert_ttl is only used in token mode, not {mode}"
         ));
     }
+    // Zero is a valid drain: stop at once.
+    let drain = match &file.drain {
+        Some(v) if humantime::parse_duration(v).is_ok_and(|d| d.is_zero()) => Some(Duration::ZERO),
+        _ => duration("drain", &file.drain, &mut errors),
+    };
     let l = &file.limits;
     let hello_timeout = duration("[limits] hello_timeout", &l.hello_timeout, &mut errors);
     let idle_timeout = duration("[limits] idle_timeout", &l.idle_timeout, &mut errors);
@@ -270,6 +280,7 @@ pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
             file,
             policy,
             cert_ttl,
+            drain,
             hello_timeout,
             idle_timeout,
             burst,

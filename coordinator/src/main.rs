@@ -158,6 +158,11 @@ struct RunArgs {
     /// every channel it had) is reported lost [default: 30].
     #[arg(long)]
     idle_timeout: Option<u64>,
+    /// After SIGTERM or SIGINT: how long live channels may go on before the
+    /// coordinator closes them and exits (a second signal stops at once),
+    /// e.g. 10s or 0 [default: 10s].
+    #[arg(long)]
+    drain: Option<humantime::Duration>,
     /// Most clients connected at once; the next is refused as full.
     #[arg(long)]
     max_clients: Option<usize>,
@@ -276,6 +281,7 @@ impl From<&RunArgs> for Flags {
             client_ca: args.client_ca.clone(),
             cert_ttl: args.cert_ttl.map(Duration::from),
             idle_timeout: args.idle_timeout.map(Duration::from_secs),
+            drain: args.drain.map(Duration::from),
             max_clients: args.max_clients,
             max_channels_per_client: args.max_channels_per_client,
             bytes_per_second: args.bytes_per_second,
@@ -304,7 +310,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let control = coordinator.control();
     // Install the signal handlers before saying we are up, so that a
     // SIGTERM sent right after the listening line still stops us cleanly.
-    let shutdown = shutdown_signal()?;
+    let stops = stop_signals()?;
     reload_on_hangup(control)?;
     println!(
         "qmesh-coordinator listening on quic/{}",
@@ -338,7 +344,17 @@ async fn run(args: RunArgs) -> Result<()> {
             display_path(ca)
         );
     }
-    coordinator.run(shutdown).await;
+    let (first, second) = (stops.clone(), stops);
+    coordinator
+        .run_draining(
+            async move {
+                let _ = first.clone().wait_for(|n| *n >= 1).await;
+            },
+            async move {
+                let _ = second.clone().wait_for(|n| *n >= 2).await;
+            },
+        )
+        .await;
     Ok(())
 }
 
@@ -368,27 +384,32 @@ fn display_path(p: &Path) -> String {
         .to_string()
 }
 
-/// A future that completes on SIGINT or SIGTERM; the handlers are
-/// installed when this returns.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+/// How many SIGINTs and SIGTERMs have arrived: the first starts a drain,
+/// the second stops at once. The handlers are installed when this returns.
+fn stop_signals() -> Result<tokio::sync::watch::Receiver<u32>> {
+    let (count, seen) = tokio::sync::watch::channel(0u32);
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        Ok(async move {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                count.send_modify(|n| *n += 1);
+                tracing::info!(signals = *count.borrow(), "stop signal received");
             }
-            tracing::info!("signal received");
-        })
+        });
     }
     #[cfg(not(unix))]
-    {
-        Ok(async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("signal received");
-        })
-    }
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            count.send_modify(|n| *n += 1);
+            tracing::info!(signals = *count.borrow(), "stop signal received");
+        }
+    });
+    Ok(seen)
 }

@@ -145,6 +145,16 @@ impl Refusal {
         )
     }
 
+    /// The coordinator is draining before it stops.
+    pub(crate) fn draining() -> Self {
+        Self::new(
+            OpenFailCode::ShuttingDown,
+            "the coordinator is stopping and takes no new channels; open again once this \
+             client has reconnected"
+                .into(),
+        )
+    }
+
     /// No stream to the callee could be opened in time.
     pub(crate) fn no_room(peer: &str) -> Self {
         Self::new(

@@ -128,6 +128,8 @@ impl Coordinator {
                 stats: Arc::default(),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
+                draining: CancellationToken::new(),
+                slots: tokio::sync::watch::Sender::new(0),
                 next_channel: AtomicU64::new(1),
                 policy: RwLock::new(Arc::new(policy)),
             }),
@@ -154,6 +156,21 @@ impl Coordinator {
     /// Serve until `shutdown` completes, then stop accepting, close every
     /// session with [`ConnCode::Shutdown`] and return once all tasks ended.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        self.run_draining(std::future::pending(), shutdown).await
+    }
+
+    /// Serve until `drain` or `now` completes. After `drain`: refuse new
+    /// sessions and channels, tell every client the coordinator is going
+    /// away, and let live channels run until they have all ended, the
+    /// config's [`Config::drain`] has passed, or `now` completes; then stop
+    /// as [`Coordinator::run`] does.
+    ///
+    /// [`Config::drain`]: crate::config::Config::drain
+    pub async fn run_draining(
+        self,
+        drain: impl Future<Output = ()>,
+        now: impl Future<Output = ()>,
+    ) {
         let Self { endpoint, shared } = self;
         let span = info_span!("coordinator", id = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default());
         async move {
@@ -164,15 +181,27 @@ impl Coordinator {
                     Err(e) => warn!(cause = %e, "no admin socket: the revoke and policy reload commands cannot reach this coordinator (SIGHUP still reloads the policy)"),
                 }
             }
-            let mut shutdown = pin!(shutdown);
-            loop {
+            let mut now = pin!(now);
+            let accept = async {
+                loop {
+                    let Some(incoming) = endpoint.accept().await else { break };
+                    let shared2 = shared.clone();
+                    shared.tasks.spawn(handle_incoming(shared2, incoming).in_current_span());
+                }
+            };
+            let mut accept = pin!(accept);
+            let drained = tokio::select! {
+                _ = &mut now => false,
+                _ = &mut accept => false,
+                _ = drain => true,
+            };
+            if drained {
+                // Connections are still accepted, so that a client trying
+                // to join hears "shutting down" rather than nothing.
                 tokio::select! {
-                    _ = &mut shutdown => break,
-                    incoming = endpoint.accept() => {
-                        let Some(incoming) = incoming else { break };
-                        let shared2 = shared.clone();
-                        shared.tasks.spawn(handle_incoming(shared2, incoming).in_current_span());
-                    }
+                    _ = &mut now => info!("stopping at once"),
+                    _ = &mut accept => {}
+                    _ = drain_channels(&shared) => {}
                 }
             }
             info!(sessions = shared.registry().len(), "shutting down");
@@ -204,14 +233,20 @@ impl Coordinator {
         let control = self.control();
         let endpoint = self.endpoint.clone();
         let stop = CancellationToken::new();
-        let token = stop.clone();
-        let task = tokio::spawn(self.run(async move { token.cancelled().await }));
+        let drain = CancellationToken::new();
+        let (token, drain_token) = (stop.clone(), drain.clone());
+        let task = tokio::spawn(
+            self.run_draining(async move { drain_token.cancelled().await }, async move {
+                token.cancelled().await
+            }),
+        );
         CoordinatorHandle {
             addr,
             stats,
             control,
             endpoint,
             stop,
+            drain,
             task: Some(task),
         }
     }
@@ -225,6 +260,7 @@ pub struct CoordinatorHandle {
     control: Control,
     endpoint: Endpoint,
     stop: CancellationToken,
+    drain: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
 
@@ -250,9 +286,28 @@ impl CoordinatorHandle {
         self.endpoint.open_connections()
     }
 
-    /// Stop the coordinator and wait until it has.
+    /// Start a drain (what SIGTERM does to `qmesh-coordinator run`): no
+    /// new sessions or channels, every client told the coordinator is going
+    /// away, live channels given [`Config::drain`] to end. [`Self::stopped`]
+    /// waits for the end of it.
+    ///
+    /// [`Config::drain`]: crate::config::Config::drain
+    pub fn begin_drain(&self) {
+        self.drain.cancel();
+    }
+
+    /// Wait until the coordinator has stopped by itself (after a drain).
+    pub async fn stopped(mut self) {
+        self.join().await;
+    }
+
+    /// Stop the coordinator at once (no drain) and wait until it has.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
+        self.join().await;
+    }
+
+    async fn join(&mut self) {
         if let Some(task) = self.task.take() {
             if let Err(e) = task.await {
                 error!(cause = %e, "coordinator task failed");
@@ -264,6 +319,34 @@ impl CoordinatorHandle {
 impl Drop for CoordinatorHandle {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+/// Refuse new sessions and channels, tell every client the coordinator is
+/// going away, and wait until no channel is left or the drain deadline has
+/// passed.
+async fn drain_channels(shared: &Shared) {
+    let within = shared.config.drain;
+    let live = *shared.slots.borrow() / 2;
+    info!(
+        channels = live,
+        drain_ms = within.as_millis() as u64,
+        "draining: no new sessions or channels; live channels may run for {} ms (stop again to end them now)",
+        within.as_millis()
+    );
+    shared.registry().stop_accepting();
+    shared.draining.cancel();
+    let mut slots = shared.slots.subscribe();
+    let ended = timeout(within, slots.wait_for(|n| *n == 0)).await.is_ok();
+    match ended {
+        true => info!("drained: every channel has ended"),
+        false => {
+            let left = *shared.slots.borrow() / 2;
+            warn!(
+                channels = left,
+                "the drain deadline passed; closing the channels still open"
+            )
+        }
     }
 }
 
@@ -347,7 +430,11 @@ async fn run_session(
                 ClientSession::Ping { .. } | ClientSession::Pong { .. } => Ok(()),
             }
         };
-        let mut session_stream = pin!(heartbeat::drive::<_, _, ClientSession, CoordinatorSession>(recv, send, shared.config.heartbeat, None, Some(&session.probe), updates));
+        // The session stream's only message of the coordinator's own: the
+        // going-away notice when a drain starts.
+        let (notices, notices_rx) = tokio::sync::mpsc::channel(1);
+        let mut told = false;
+        let mut session_stream = pin!(heartbeat::drive::<_, _, ClientSession, CoordinatorSession>(recv, send, shared.config.heartbeat, Some(notices_rx), Some(&session.probe), updates));
         let tuning = &shared.config.tuning;
         let bi_allowance = StreamAllowance::new(conn.clone(), StreamKind::Bi, tuning.max_bidi_streams, tuning.stream_ceiling);
         let uni_allowance = StreamAllowance::new(conn.clone(), StreamKind::Uni, tuning.max_uni_streams, tuning.stream_ceiling);
@@ -356,6 +443,11 @@ async fn run_session(
                 _ = shared.shutdown.cancelled() => {
                     session.close(ConnCode::Shutdown, "coordinator shutting down");
                     break;
+                }
+                _ = shared.draining.cancelled(), if !told => {
+                    told = true;
+                    let drain_ms = shared.config.drain.as_millis().try_into().unwrap_or(u64::MAX);
+                    let _ = notices.try_send(CoordinatorSession::GoingAway { drain_ms });
                 }
                 end = &mut session_stream => {
                     match end {

@@ -53,6 +53,12 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<Stats>,
     pub(crate) tasks: TaskTracker,
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled when a drain starts: no new sessions or channels, and
+    /// every client is told the coordinator is going away.
+    pub(crate) draining: CancellationToken,
+    /// Channel places taken, over all clients (two per channel: what a
+    /// drain waits to reach zero).
+    pub(crate) slots: tokio::sync::watch::Sender<usize>,
     /// The number the next joined channel gets.
     pub(crate) next_channel: AtomicU64,
     /// The access policy in force.

@@ -52,6 +52,8 @@ pub struct Flags {
     pub cert_ttl: Option<Duration>,
     /// `--idle-timeout`.
     pub idle_timeout: Option<Duration>,
+    /// `--drain`: how long live channels may run after SIGTERM.
+    pub drain: Option<Duration>,
     /// `--max-clients`.
     pub max_clients: Option<usize>,
     /// `--max-channels-per-client`.
@@ -144,6 +146,8 @@ pub struct Settings {
     pub hello_timeout: Option<Duration>,
     /// How long a silent client keeps its session (at least 1 s).
     pub idle_timeout: Duration,
+    /// How long live channels may run once a stop is asked for.
+    pub drain: Option<Duration>,
 }
 
 /// The settings cannot be resolved.
@@ -256,6 +260,7 @@ pub fn resolve(
             .idle_timeout
             .or(file.and_then(|c| c.idle_timeout))
             .unwrap_or(DEFAULT_IDLE_TIMEOUT),
+        drain: flags.drain.or(file.and_then(|c| c.drain)),
     })
 }
 
@@ -305,6 +310,9 @@ impl Settings {
         config.state_dir = Some(self.state_dir.clone());
         config.config_file = self.config_file.clone();
         config.max_clients = self.max_clients;
+        if let Some(d) = self.drain {
+            config.drain = d;
+        }
         if let Some(n) = self.max_channels_per_client {
             config.max_channels_per_client = n.max(1);
         }
@@ -428,6 +436,7 @@ mod tests {
         state_dir = "/srv/state"
         cert = "c.pem"
         key = "k.pem"
+        drain = "20s"
         [auth]
         mode = "token"
         cert_ttl = "2h"
@@ -475,6 +484,7 @@ mod tests {
         assert_eq!(c.rate.burst, Duration::from_secs(1));
         assert_eq!(c.rate.flood_after, Duration::from_secs(9));
         assert_eq!(c.hello_timeout, Duration::from_secs(3));
+        assert_eq!(c.drain, Duration::from_secs(20));
         assert_eq!(c.policy.len(), 1);
         assert!(c.groups.contains_key("ops"));
     }
@@ -492,6 +502,7 @@ mod tests {
             client_ca: Some("clients.pem".into()),
             cert_ttl: Some(Duration::from_secs(60)),
             idle_timeout: Some(Duration::from_secs(5)),
+            drain: Some(Duration::ZERO),
             max_clients: Some(1),
             max_channels_per_client: Some(2),
             bytes_per_second: Some(3),
@@ -520,6 +531,7 @@ mod tests {
         assert_eq!(c.max_channels_per_client, 2);
         assert_eq!(c.rate.bytes_per_sec, Some(3));
         assert_eq!(c.rate.messages_per_sec, Some(4));
+        assert_eq!(c.drain, Duration::ZERO);
         // Settings without a flag still come from the file.
         assert_eq!(c.max_streams_per_channel, 30);
         let token = Flags {

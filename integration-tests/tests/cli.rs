@@ -514,6 +514,61 @@ async fn after_sigterm_and_a_restart_a_listener_is_back_and_receives() {
     line_arrives(&again, &ca, &mut bob, "after the restart").await;
 }
 
+/// SIGTERM drains: the coordinator tells its clients it is going away,
+/// lets a live `send` go on until it is done, then exits 0 without
+/// waiting for the rest of its drain deadline; the listener reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_live_send_finish_then_the_coordinator_exits_0() {
+    let state = tempdir();
+    let (mut coord, ca) = Coord::start_dev(state.path(), &["--drain", "300s"]).await;
+    let mut bob = qmesh(
+        &coord.localhost(),
+        &ca,
+        &["--name", "bob", "listen", "chat"],
+    );
+    bob.ready().await;
+    let mut alice = qmesh(
+        &coord.localhost(),
+        &ca,
+        &["--name", "alice", "send", "mesh/bob!chat"],
+    );
+    alice.write_stdin(b"one\n").await;
+    assert_eq!(bob.stdout_line("`one`", |_| true).await, "one");
+
+    coord.proc.terminate();
+    let line = bob
+        .stderr_line("`qmesh: … is going away`", |l| {
+            l.starts_with("qmesh: ") && l.contains("is going away")
+        })
+        .await;
+    assert!(line.contains("300000 ms"), "{line}");
+    // The channel still carries lines during the drain.
+    alice.write_stdin(b"two\n").await;
+    assert_eq!(bob.stdout_line("`two`", |_| true).await, "two");
+    assert!(
+        coord.proc.running(),
+        "the coordinator waits for the live channel"
+    );
+    alice.feed_stdin(b"three\n").await;
+    let sent = alice.finish().await;
+    assert!(
+        sent.status.success(),
+        "send during a drain: {}",
+        show(&sent)
+    );
+    assert_eq!(bob.stdout_line("`three`", |_| true).await, "three");
+    // The last channel ended: the coordinator stops long before 300 s.
+    let exit = coord.proc.finish().await;
+    assert_eq!(exit.status.code(), Some(0), "coordinator: {}", show(&exit));
+    let line = bob
+        .stderr_line("`qmesh: reconnecting to`", |l| {
+            l.starts_with("qmesh: reconnecting to")
+        })
+        .await;
+    assert!(line.contains("coordinator shutting down"), "{line}");
+    assert!(bob.running(), "the listener stays up");
+}
+
 /// A coordinator killed with SIGKILL says nothing: its listener notices the
 /// silence by its heartbeats, keeps trying, and is back once a new
 /// coordinator runs on the same port and state directory.

@@ -409,3 +409,122 @@ async fn a_client_with_several_coordinators_joins_one_that_answers_and_fails_ove
     assert!(peers.iter().any(|p| p.name == "alice"), "{peers:?}");
     drop(silent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_lets_live_channels_finish_refuses_new_ones_and_ends_when_they_have() {
+    // A deadline far past the test's: the coordinator must stop because
+    // the channel ended, not because the deadline passed.
+    let Mesh {
+        coordinator,
+        ca,
+        address,
+        trust,
+    } = Mesh::start_with(|c| c.drain = Duration::from_secs(600)).await;
+    let port = coordinator.local_addr().port();
+    let (alice, events) =
+        with_events(ClientConfig::new(address.clone(), "alice", trust.clone())).await;
+    let bob = connect(ClientConfig::new(address.clone(), "bob", trust.clone())).await;
+    let (to_bob, from_alice) = open_pair(&alice, &bob, "chat").await;
+    let mut alice_state = alice.state();
+
+    coordinator.begin_drain();
+    let leaving = state_where(&mut alice_state, "alice told of the drain", |s| {
+        matches!(s, SessionState::Leaving { .. })
+    })
+    .await;
+    assert!(
+        matches!(leaving, SessionState::Leaving { within, .. } if within == Duration::from_secs(600)),
+        "{leaving:?}"
+    );
+    // No new channel, with a reason that says what to do.
+    match alice.open_str("mesh/bob!other").await {
+        Err(OpenError::Failed { code, message }) => {
+            assert_eq!(code, qmesh_proto::codes::OpenFailCode::ShuttingDown);
+            assert!(message.contains("open again once"), "{message}");
+        }
+        other => panic!("an open during a drain: {other:?}"),
+    }
+    // No new session either.
+    match qmesh_client::Client::connect(ClientConfig::new(address.clone(), "carol", trust.clone()))
+        .await
+    {
+        Err(qmesh_client::error::ConnectError::Rejected { code, .. }) => {
+            assert_eq!(code, qmesh_proto::codes::RejectCode::ShuttingDown)
+        }
+        other => panic!("a hello during a drain: {:?}", other.map(|_| "joined")),
+    }
+    // The live channel still carries messages both ways, and its graceful
+    // close arrives as a close, not a loss.
+    message_flows(&to_bob, &from_alice, b"during the drain").await;
+    message_flows(&from_alice, &to_bob, b"and back").await;
+    to_bob.close("done").await.unwrap();
+    match within(STEP, "bob's side ends", from_alice.ended()).await {
+        ChannelEnd::Closed { .. } => {}
+        other => panic!("a channel closed during a drain ended {other:?}"),
+    }
+    // With no channel left the coordinator stops (long before its 600 s).
+    within(STEP, "the drained coordinator stops", coordinator.stopped()).await;
+    let reconnecting = state_where(&mut alice_state, "alice reconnecting", |s| {
+        matches!(
+            s,
+            SessionState::Reconnecting { .. } | SessionState::Ended { .. }
+        )
+    })
+    .await;
+    assert!(
+        matches!(&reconnecting, SessionState::Reconnecting { .. }),
+        "{reconnecting:?}"
+    );
+    let _restarted = coordinator_on(&ca, port, |_| {}).await;
+    state_where(&mut alice_state, "alice back", |s| {
+        matches!(s, SessionState::Up { .. })
+    })
+    .await;
+    // The events: GoingAway once, before the first attempt, whose cause is
+    // the shutdown.
+    let seen = drain(&events);
+    let going = seen
+        .iter()
+        .position(
+            |e| matches!(e, Event::GoingAway { within, .. } if *within == Duration::from_secs(600)),
+        )
+        .unwrap_or_else(|| panic!("no GoingAway: {seen:#?}"));
+    assert_eq!(
+        seen.iter()
+            .filter(|e| matches!(e, Event::GoingAway { .. }))
+            .count(),
+        1,
+        "{seen:#?}"
+    );
+    let first_attempt = seen
+        .iter()
+        .position(|e| matches!(e, Event::Reconnecting { attempt: 1, cause, .. } if cause.contains("coordinator shutting down")))
+        .unwrap_or_else(|| panic!("no first attempt naming the shutdown: {seen:#?}"));
+    assert!(going < first_attempt, "{seen:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_drain_deadline_the_channels_still_open_end_lost_with_the_reason() {
+    let mesh = Mesh::start_with(|c| c.drain = Duration::from_millis(500)).await;
+    let alice = mesh.client("alice").await;
+    let bob = mesh.client("bob").await;
+    let (to_bob, from_alice) = open_pair(&alice, &bob, "chat").await;
+    mesh.coordinator.begin_drain();
+    within(
+        STEP,
+        "the coordinator stops at its deadline",
+        mesh.coordinator.stopped(),
+    )
+    .await;
+    for (who, side) in [("alice", &to_bob), ("bob", &from_alice)] {
+        match within(STEP, &format!("{who}'s side ends"), side.ended()).await {
+            ChannelEnd::Lost { reason } => {
+                assert!(
+                    reason.contains("coordinator shutting down"),
+                    "{who}: {reason}"
+                )
+            }
+            other => panic!("{who}: a channel cut at the drain deadline ended {other:?}"),
+        }
+    }
+}

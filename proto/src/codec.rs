@@ -438,6 +438,10 @@ mod tests {
         check(ClientSession::Pong { seq: 5 }, "000000020205");
         check(CoordinatorSession::Ping { seq: 5 }, "000000020005");
         check(CoordinatorSession::Pong { seq: 5 }, "000000020105");
+        check(
+            CoordinatorSession::GoingAway { drain_ms: 10_000 },
+            "0000000402fb1027",
+        );
     }
 
     #[test]
@@ -696,7 +700,7 @@ mod tests {
         assert!(decode::<OpenAnswer>(&body).is_err());
         // Tags beyond an enum's variants are malformed.
         assert!(decode::<IncomingAnswer>(&[2]).is_err());
-        assert!(decode::<CoordinatorSession>(&[2, 0]).is_err());
+        assert!(decode::<CoordinatorSession>(&[3, 0]).is_err());
     }
 
     #[test]

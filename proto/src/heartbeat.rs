@@ -77,6 +77,7 @@ impl Beats for CoordinatorSession {
         match *self {
             CoordinatorSession::Ping { seq } => Some(Beat::Ping(seq)),
             CoordinatorSession::Pong { seq } => Some(Beat::Pong(seq)),
+            CoordinatorSession::GoingAway { .. } => None,
         }
     }
 }

@@ -198,6 +198,15 @@ pub enum CoordinatorSession {
         /// The number of the ping it answers.
         seq: u64,
     },
+    /// The coordinator is stopping (version 8): it takes no new channels
+    /// and no new sessions; the client's live channels may run for up to
+    /// `drain_ms` milliseconds, after which the coordinator closes the
+    /// connection with [`crate::codes::ConnCode::Shutdown`]. The client
+    /// joins again (to another coordinator first, when it knows several).
+    GoingAway {
+        /// How long live channels may still run, in milliseconds.
+        drain_ms: u64,
+    },
 }
 
 // ---------------------------------------------------------------------

@@ -492,6 +492,12 @@ pub(crate) fn report_reconnects(client: &Client) {
                         );
                     }
                 }
+                SessionState::Leaving { within, .. } => eprintln!(
+                    "qmesh: {} is going away: live channels may run for up to {} ms, then this \
+                     client reconnects",
+                    client_now.coordinator(),
+                    within.as_millis()
+                ),
                 SessionState::Ended { .. } => return,
             }
         }
