@@ -86,6 +86,13 @@ async fn send_lines_to_a_listener() {
     alice.feed_stdin(b"one\ntwo\nthree\n").await;
     let sent = alice.finish().await;
     assert!(sent.status.success(), "send failed: {}", show(&sent));
+    // It exits once the listener has confirmed every line.
+    assert!(
+        sent.stderr
+            .contains("qmesh: the peer confirmed 3 line(s), 11 byte(s)"),
+        "{}",
+        show(&sent)
+    );
 
     for want in ["one", "two", "three"] {
         let line = bob.stdout_line(&format!("{want:?}"), |_| true).await;
@@ -335,6 +342,12 @@ async fn file_transfer_keeps_name_and_bytes() {
         .finish()
         .await;
     assert!(exit.status.success(), "send --file failed: {}", show(&exit));
+    assert!(
+        exit.stderr
+            .contains("qmesh: the peer confirmed 0 line(s), 5242880 byte(s)"),
+        "the listener confirms the stored file: {}",
+        show(&exit)
+    );
 
     bob.stderr_line("`file received`", |l| l.contains("file received"))
         .await;
@@ -567,6 +580,101 @@ async fn sigterm_lets_a_live_send_finish_then_the_coordinator_exits_0() {
         .await;
     assert!(line.contains("coordinator shutting down"), "{line}");
     assert!(bob.running(), "the listener stays up");
+}
+
+/// A listener killed mid-send: `send` exits non-zero and says how much the
+/// listener confirmed, never more than it printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_whose_listener_dies_says_what_the_listener_confirmed() {
+    let state = tempdir();
+    let (coord, ca) = Coord::start_dev(state.path(), &["--idle-timeout", "2"]).await;
+    let mut bob = qmesh(
+        &coord.localhost(),
+        &ca,
+        &["--name", "bob", "--idle-timeout", "2", "listen", "chat"],
+    );
+    bob.ready().await;
+    let mut alice = qmesh(
+        &coord.localhost(),
+        &ca,
+        &[
+            "--name",
+            "alice",
+            "--idle-timeout",
+            "2",
+            "send",
+            "mesh/bob!chat",
+        ],
+    );
+    alice.write_stdin(b"one\n").await;
+    assert_eq!(bob.stdout_line("`one`", |_| true).await, "one");
+    alice.write_stdin(b"two\n").await;
+    assert_eq!(bob.stdout_line("`two`", |_| true).await, "two");
+    bob.kill().await;
+    alice.feed_stdin(b"three\n").await;
+    let exit = alice.finish().await;
+    assert!(!exit.status.success(), "send succeeded: {}", show(&exit));
+    let line = exit
+        .stderr
+        .lines()
+        .find(|l| l.contains("the peer confirmed"))
+        .unwrap_or_else(|| panic!("no confirmation figure: {}", show(&exit)));
+    assert!(line.contains("of the 3 line(s), 11 byte(s) sent"), "{line}");
+    let confirmed: u64 = line
+        .split("the peer confirmed ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no line count in {line}"));
+    assert!(confirmed <= 2, "more confirmed than printed: {line}");
+}
+
+/// Graceful restart during a file transfer: the coordinator relays 1 MiB/s,
+/// so a 64 MiB file cannot finish within a 1 s drain. The sender is told
+/// the transfer is incomplete, with nothing confirmed; the listener keeps
+/// only `NAME.part`; the coordinator exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_cut_by_a_drain_is_reported_incomplete_and_nothing_confirmed() {
+    let state = tempdir();
+    let (mut coord, ca) = Coord::start_dev(
+        state.path(),
+        &["--bytes-per-second", "1048576", "--drain", "1s"],
+    )
+    .await;
+    let files = tempdir();
+    let out = files.path().join("received");
+    let path = files.path().join("big.bin");
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(64 * 1024 * 1024))
+        .expect("making the source file");
+    let mut bob = listen_into(&coord.localhost(), &ca, &out).await;
+    let mut alice = send_file(&coord.localhost(), &ca, "relay", &path);
+    bob.stderr_line("`receiving a file`", |l| l.contains("receiving a file"))
+        .await;
+    coord.proc.terminate();
+    let exit = alice.finish().await;
+    assert!(!exit.status.success(), "send succeeded: {}", show(&exit));
+    assert!(
+        exit.stderr
+            .contains("the peer confirmed 0 line(s), 0 byte(s) of the 0 line(s)"),
+        "{}",
+        show(&exit)
+    );
+    let stopped = coord.proc.finish().await;
+    assert_eq!(
+        stopped.status.code(),
+        Some(0),
+        "coordinator: {}",
+        show(&stopped)
+    );
+    bob.stderr_line("saying the file is incomplete", |l| {
+        l.contains("incomplete")
+    })
+    .await;
+    assert_eq!(
+        file_names(&out),
+        vec![OsStr::new("big.bin.part").to_owned()]
+    );
 }
 
 /// A coordinator killed with SIGKILL says nothing: its listener notices the

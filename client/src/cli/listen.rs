@@ -7,9 +7,13 @@ use anyhow::{bail, Context, Result};
 use qmesh_client::{Channel, Client, MessageReceiver};
 use qmesh_proto::Untrusted;
 use tokio::io::AsyncWriteExt;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use super::receipts::{self, Count};
 use super::{FILE_STREAM, TEXT_STREAM};
+
+/// What this listener has delivered on one channel, for its receipts.
+type Tally = std::sync::Arc<tokio::sync::watch::Sender<Count>>;
 
 pub(crate) async fn run(client: Client, channel: &str, out: Option<PathBuf>) -> Result<()> {
     qmesh_proto::name::validate_channel_name(channel).context("the channel to listen on")?;
@@ -48,29 +52,67 @@ async fn serve(channel: Channel, out: Option<PathBuf>) {
             info!(from = %Untrusted::name(&peer), path = %now, "path changed");
         }
     });
+    let channel = std::sync::Arc::new(channel);
+    let tally: Tally = std::sync::Arc::new(tokio::sync::watch::Sender::new(Count::default()));
+    // The sender's receipts pipe (at most a few: each is answered or closed).
+    let answering = {
+        let channel = channel.clone();
+        // A receiver, not the sender: dropping `tally` below must close the
+        // count for every answer.
+        let counts = tally.subscribe();
+        tokio::spawn(async move {
+            let mut answers = tokio::task::JoinSet::new();
+            while let Some(pipe) = channel.accept_pipe().await {
+                if answers.len() >= 4 {
+                    debug!("more than 4 receipts pipes on one channel; ignoring this one");
+                    continue;
+                }
+                answers.spawn(receipts::answer(pipe, counts.clone()));
+            }
+            while answers.join_next().await.is_some() {}
+        })
+    };
     let mut tasks = tokio::task::JoinSet::new();
     while let Ok(Some(stream)) = channel.accept_stream().await {
         let peer = channel.peer().to_owned();
         let out = out.clone();
+        let tally = tally.clone();
         tasks.spawn(async move {
-            if let Err(e) = receive(peer.clone(), stream, out).await {
+            if let Err(e) = receive(peer.clone(), stream, out, &tally).await {
                 // The whole chain: a file's error names its part file.
                 warn!(from = %Untrusted::name(&peer), cause = %Untrusted::reason(format_args!("{e:#}")), "stream failed");
             }
         });
     }
     while tasks.join_next().await.is_some() {}
+    // Every stream is done: the last count goes out, and the receipts
+    // pipes finish.
+    drop(tally);
+    let _ = answering.await;
     let ended = channel.ended().await;
     info!(from = %Untrusted::name(channel.peer()), "{}", Untrusted::reason(&ended));
 }
 
-async fn receive(peer: String, mut stream: MessageReceiver, out: Option<PathBuf>) -> Result<()> {
+async fn receive(
+    peer: String,
+    mut stream: MessageReceiver,
+    out: Option<PathBuf>,
+    tally: &Tally,
+) -> Result<()> {
     let Some(first) = stream.recv().await? else {
         return Ok(());
     };
+    let printed = |msg: &[u8]| -> std::io::Result<()> {
+        print_line(msg)?;
+        tally.send_modify(|c| {
+            c.lines += 1;
+            c.bytes += msg.len() as u64;
+        });
+        Ok(())
+    };
     if first.as_ref() == TEXT_STREAM {
         while let Some(msg) = stream.recv().await? {
-            print_line(&msg)?;
+            printed(&msg)?;
         }
         return Ok(());
     }
@@ -86,12 +128,15 @@ async fn receive(peer: String, mut stream: MessageReceiver, out: Option<PathBuf>
             bail!("{peer} sent file {name:?} but this listener has no --out DIR");
         };
         let path = safe_path(&dir, name)?;
-        return receive_file(&peer, &mut stream, &path, size).await;
+        receive_file(&peer, &mut stream, &path, size).await?;
+        // Only a file stored whole under its name counts as delivered.
+        tally.send_modify(|c| c.bytes += size);
+        return Ok(());
     }
     // Any other stream: print each message as a line.
-    print_line(&first)?;
+    printed(&first)?;
     while let Some(msg) = stream.recv().await? {
-        print_line(&msg)?;
+        printed(&msg)?;
     }
     Ok(())
 }

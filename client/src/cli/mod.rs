@@ -6,6 +6,7 @@ mod demo;
 mod forward;
 mod listen;
 mod messaging;
+mod receipts;
 mod send;
 mod up;
 

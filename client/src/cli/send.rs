@@ -7,7 +7,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use qmesh_client::{Channel, Client, MessageSender, Path, PathMode};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
+use super::receipts::{self, Count};
 use super::{FILE_CHUNK, FILE_STREAM, TEXT_STREAM};
+
+/// How long `send` waits, once everything is sent, for a peer that has not
+/// answered the receipts hello before it gives up on receipts.
+const RECEIPTS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(crate) async fn run(
     client: Client,
@@ -40,6 +45,8 @@ pub(crate) async fn run(
             );
         }
     });
+    let mut confirmed = receipts::ask(&channel).await;
+    let mut sent = Count::default();
     let sending = async {
         match file {
             Some(path) => {
@@ -47,21 +54,59 @@ pub(crate) async fn run(
                     .open_stream()
                     .await
                     .context("opening a data stream")?;
-                send_file(&mut out, &path).await?;
+                send_file(&mut out, &path, &mut sent).await?;
                 out.finish().await.context("finishing the data stream")
             }
-            None => send_lines(&channel).await,
+            None => send_lines(&channel, &mut sent).await,
         }
     };
     // A channel that ends first ends the sending at once: a write on a
     // direct stream would otherwise wait for the direct connection's idle
     // timeout, and a read of stdin for more input.
+    let outcome = tokio::select! {
+        done = sending => done,
+        end = channel.ended() => Err(anyhow::anyhow!("{end}")),
+    };
+    if let Err(e) = outcome {
+        let told = *confirmed.borrow();
+        anyhow::bail!(
+            "the channel {} ended before everything was sent ({e:#}); {}",
+            channel.label(),
+            what_arrived(told, &sent)
+        );
+    }
+    // Everything is sent: wait until the peer confirms it all, or the
+    // channel ends first.
+    let all_there = async {
+        if tokio::time::timeout(RECEIPTS_WAIT, confirmed.wait_for(Option::is_some))
+            .await
+            .is_err()
+        {
+            return None;
+        }
+        confirmed
+            .wait_for(|c| c.is_none_or(|c| c.covers(&sent)))
+            .await
+            .ok()
+            .and_then(|c| *c)
+    };
     tokio::select! {
-        sent = sending => sent?,
-        end = channel.ended() => anyhow::bail!(
-            "the channel {} ended before everything was sent ({end}); what was sent last may not have arrived",
-            channel.label()
-        ),
+        all = all_there => if let Some(told) = all {
+            // What the peer says it has, which covers what was sent.
+            eprintln!("qmesh: the peer confirmed {told}");
+        } else {
+            eprintln!("qmesh: the peer does not send receipts; {sent} sent, delivery not confirmed");
+        },
+        end = channel.ended() => {
+            let told = *confirmed.borrow();
+            if !told.is_some_and(|c| c.covers(&sent)) {
+                anyhow::bail!(
+                    "the channel {} ended before the peer confirmed everything ({end}); {}",
+                    channel.label(),
+                    what_arrived(told, &sent)
+                );
+            }
+        }
     }
     channel
         .close("done")
@@ -71,10 +116,19 @@ pub(crate) async fn run(
     Ok(())
 }
 
-/// Stdin lines, one message each, on a text stream. When the channel's
-/// path changes, the current stream is finished and the next lines go on a
-/// new stream, which takes the new path.
-async fn send_lines(channel: &Channel) -> Result<()> {
+/// What the peer confirmed of `sent`, as a sentence.
+fn what_arrived(confirmed: Option<Count>, sent: &Count) -> String {
+    match confirmed {
+        Some(c) => format!("the peer confirmed {c} of the {sent} sent"),
+        None => format!("the peer confirmed nothing of the {sent} sent (it sends no receipts)"),
+    }
+}
+
+/// Stdin lines, one message each, on a text stream, counted into `sent`
+/// as they go. When the channel's path changes, the current stream is
+/// finished and the next lines go on a new stream, which takes the new
+/// path.
+async fn send_lines(channel: &Channel, sent: &mut Count) -> Result<()> {
     let (mut out, mut on) = start_text(channel).await?;
     let mut stdin = BufReader::new(tokio::io::stdin());
     let mut line = String::new();
@@ -90,6 +144,8 @@ async fn send_lines(channel: &Channel) -> Result<()> {
         let text = line.strip_suffix('\n').unwrap_or(&line);
         let text = text.strip_suffix('\r').unwrap_or(text);
         out.feed(text.as_bytes()).await?;
+        sent.lines += 1;
+        sent.bytes += text.len() as u64;
         // Gather lines that are already waiting; send when stdin pauses.
         if stdin.buffer().is_empty() {
             out.flush().await?;
@@ -110,7 +166,7 @@ async fn start_text(channel: &Channel) -> Result<(MessageSender, Path)> {
     Ok((out, path))
 }
 
-async fn send_file(out: &mut MessageSender, path: &PathBuf) -> Result<()> {
+async fn send_file(out: &mut MessageSender, path: &PathBuf, sent_count: &mut Count) -> Result<()> {
     let mut file = tokio::fs::File::open(path)
         .await
         .with_context(|| format!("opening {}", path.display()))?;
@@ -139,6 +195,7 @@ async fn send_file(out: &mut MessageSender, path: &PathBuf) -> Result<()> {
         }
         out.send(&buf[..n]).await?;
         sent += n as u64;
+        sent_count.bytes += n as u64;
         bar.set_position(sent);
     }
     bar.finish();
