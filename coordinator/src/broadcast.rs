@@ -159,15 +159,14 @@ async fn read_member(
                 break;
             }
             Err(BodyError::TooLarge { len }) => {
-                warn!(
-                    len,
-                    max, "stopping group stream: broadcast over the group's size limit"
-                );
                 stop(&mut recv, StreamCode::MessageTooLarge);
+                session.stream_violation(&format!(
+                    "a broadcast of {len} bytes, over the group's limit of {max}"
+                ));
                 break;
             }
             Err(BodyError::Truncated) => {
-                warn!("group stream ended inside a broadcast");
+                session.stream_violation("a group stream that ended inside a broadcast");
                 break;
             }
             Err(BodyError::Lost) => break,

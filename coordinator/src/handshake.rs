@@ -272,6 +272,7 @@ impl Gate for CoordinatorGate<'_> {
                     interfaces: Mutex::new(Arc::new(interfaces)),
                     closed_why: std::sync::OnceLock::new(),
                     probe: tokio::sync::Notify::new(),
+                    strikes: Default::default(),
                 })
             },
             |held| {

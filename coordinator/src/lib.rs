@@ -78,6 +78,7 @@ mod session;
 pub mod settings;
 pub mod socket;
 mod streams;
+pub mod strikes;
 pub mod token;
 mod wire;
 

@@ -23,7 +23,7 @@ use qmesh_proto::msg::{Arrival, StreamHeader};
 use qmesh_proto::{StreamId, Untrusted};
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio::sync::watch;
-use tracing::{debug, trace, warn};
+use tracing::{debug, trace};
 
 use crate::limit::{MessageCounter, TooLong};
 use crate::session::{Session, Shared, StreamCount};
@@ -46,8 +46,10 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
         Read::Frame(StreamHeader::Data { channel }) => (channel, false),
         Read::Frame(StreamHeader::Messages { channel }) => (channel, true),
         Read::Frame(StreamHeader::Direct { .. } | StreamHeader::DirectMessages { .. }) => {
-            warn!(client = %Untrusted::name(&session.name), "stopping data stream: a direct-connection header sent to the coordinator");
             let _ = recv.stop(StreamCode::Malformed.varint());
+            session.stream_violation(
+                "a data stream with a direct-connection header sent to the coordinator",
+            );
             return;
         }
         Read::Finished | Read::Failed(ReadFrameError::Io(_)) => return,
@@ -56,13 +58,13 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
                 ReadFrameError::Decode(DecodeError::TooLarge { .. }) => StreamCode::FrameTooLarge,
                 _ => StreamCode::Malformed,
             };
-            warn!(client = %Untrusted::name(&session.name), cause = %Untrusted::reason(&e), "stopping data stream with a bad header");
             let _ = recv.stop(c.varint());
+            session.stream_violation(&format!("a data stream with a bad header: {e}"));
             return;
         }
         Read::Late => {
-            warn!(client = %Untrusted::name(&session.name), "stopping data stream: no header in time");
             let _ = recv.stop(StreamCode::Malformed.varint());
+            session.stream_violation("a data stream whose header did not come in time");
             return;
         }
     };

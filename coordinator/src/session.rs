@@ -115,6 +115,8 @@ pub(crate) struct Session {
     /// heartbeat's probe window is closed as gone (a peer killed without a
     /// word is found in seconds, not after the whole heartbeat).
     pub(crate) probe: tokio::sync::Notify,
+    /// Violations on its streams, each of which stopped only that stream.
+    pub(crate) strikes: crate::strikes::Strikes,
 }
 
 impl Session {
@@ -130,6 +132,28 @@ impl Session {
     pub(crate) fn violation(&self, code: ConnCode, what: &str) {
         warn!(name = %Untrusted::name(&self.name), peer = %self.conn.remote_address(), code = %code, cause = %Untrusted::reason(what), "closing connection");
         self.close(code, what);
+    }
+
+    /// The client broke the protocol on one stream, which was stopped: log
+    /// it within the session's log allowance, and close the session once
+    /// it has done so more than [`crate::strikes::MAX_STRIKES`] times.
+    pub(crate) fn stream_violation(&self, what: &str) {
+        let strike = self.strikes.strike(tokio::time::Instant::now());
+        if let Some(suppressed) = strike.log {
+            if suppressed > 0 {
+                warn!(name = %Untrusted::name(&self.name), suppressed, "suppressed {suppressed} similar lines about this client");
+            }
+            warn!(name = %Untrusted::name(&self.name), strikes = strike.count, cause = %Untrusted::reason(what), "stopping a stream");
+        }
+        if strike.over {
+            self.violation(
+                ConnCode::Malformed,
+                &format!(
+                    "{} protocol violations on streams (the last: {what}); closing the session",
+                    strike.count
+                ),
+            );
+        }
     }
 
     /// The interfaces the client offers now.

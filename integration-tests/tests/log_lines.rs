@@ -14,9 +14,10 @@ use std::ffi::OsStr;
 use qmesh_client::ClientConfig;
 use qmesh_integration_tests::raw::{frame, hello, hello_frames, Raw};
 use qmesh_integration_tests::target::{CoordinatorProc, Target};
-use qmesh_integration_tests::within_ok;
 use qmesh_integration_tests::STEP;
+use qmesh_integration_tests::{within, within_ok};
 use qmesh_proto::codec::read_frame;
+use qmesh_proto::codes::ConnCode;
 use qmesh_proto::msg::{
     ClientSession, Enroll, Greeting, Open, OpenAnswer, PathMode, StreamRequest,
 };
@@ -147,6 +148,78 @@ async fn names_from_peers_are_escaped_and_clipped_in_the_log() {
             line.chars().take(300).collect::<String>()
         );
     }
+}
+
+/// A joined client that sends one bad data stream header after another
+/// (about 3,100 WARN lines a second before the limit) is closed once it
+/// is past its strikes, and the coordinator logs a few lines about it and
+/// how many it left out, not one line per stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_flooding_bad_headers_is_closed_and_its_lines_are_limited() {
+    use qmesh_coordinator::strikes::{LOG_PER_WINDOW, MAX_STRIKES};
+    let state = tempfile::tempdir().expect("temporary directory");
+    let (mut coord, ca) = CoordinatorProc::start_dev(state.path(), &[] as &[&OsStr]).await;
+    let trust = ClientConfig::trust_ca_file(&ca).expect("CA file");
+    let target = Target::new(coord.addr(), trust);
+    let (raw, _session_send, _session_recv) = Raw::join(&target, "flooder").await;
+    let mut sent = 0u32;
+    while raw.conn.close_reason().is_none() && sent < 10 * MAX_STRIKES {
+        let Ok(mut send) = raw.conn.open_uni().await else {
+            break;
+        };
+        if send
+            .write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+            .await
+            .is_err()
+        {
+            break;
+        }
+        let _ = send.finish();
+        // Each is stopped (or the connection closed) before the next.
+        let _ = within(STEP, "the bad stream's end", send.stopped()).await;
+        sent += 1;
+    }
+    let close = raw.closed().await;
+    assert_eq!(
+        close.error_code,
+        quinn::VarInt::from_u32(ConnCode::Malformed.code()),
+        "{close}"
+    );
+    let reason = String::from_utf8_lossy(&close.reason).into_owned();
+    assert!(
+        reason.contains(&format!(
+            "{} protocol violations on streams",
+            MAX_STRIKES + 1
+        )),
+        "{reason}"
+    );
+    assert_eq!(sent, MAX_STRIKES + 1, "streams sent before the close");
+    let closing = coord
+        .proc
+        .stderr_line("`closing connection` for the flooder", |l| {
+            l.contains("closing connection") && l.contains("flooder")
+        })
+        .await;
+    assert!(closing.contains("protocol violations"), "{closing}");
+    let exit = coord.proc.kill().await;
+    let about: Vec<&str> = exit
+        .stderr
+        .lines()
+        .filter(|l| l.contains("stopping a stream") && l.contains("flooder"))
+        .collect();
+    // The first window's lines, and the line that closed the session.
+    assert_eq!(
+        about.len() as u32,
+        LOG_PER_WINDOW + 1,
+        "lines about the flooder's streams:\n{}",
+        about.join("\n")
+    );
+    let suppressed = format!("suppressed {} similar lines", MAX_STRIKES - LOG_PER_WINDOW);
+    assert!(
+        exit.stderr.lines().any(|l| l.contains(&suppressed)),
+        "no `{suppressed}` line: {}",
+        exit.stderr
+    );
 }
 
 /// An interface called `name`, otherwise plain.
