@@ -273,6 +273,7 @@ impl Gate for CoordinatorGate<'_> {
                     closed_why: std::sync::OnceLock::new(),
                     probe: tokio::sync::Notify::new(),
                     strikes: Default::default(),
+                    headers: tokio::sync::Semaphore::new(crate::limit::HEADER_BUDGET),
                 })
             },
             |held| {

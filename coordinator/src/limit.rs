@@ -212,6 +212,14 @@ impl MessageCounter {
     }
 }
 
+/// Bytes of stream first frames (a `StreamRequest` or a `StreamHeader`,
+/// each at most 16 KiB) one session may have being read at once. An
+/// honest client's are tens of bytes and read as they arrive; a peer that
+/// declares long ones and sends them slowly gets its further streams
+/// stopped with `TooManyStreams`, so what it costs is bounded before any
+/// allocation.
+pub const HEADER_BUDGET: usize = 256 * 1024;
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -27,7 +27,7 @@ use tracing::{debug, trace};
 
 use crate::limit::{MessageCounter, TooLong};
 use crate::session::{Session, Shared, StreamCount};
-use qmesh_proto::codec::{read_within, Read};
+use qmesh_proto::codec::{read_within_reserving, Read};
 
 /// Marks a relayed stream finished in its channel's count when dropped.
 struct Active<'a>(&'a watch::Sender<StreamCount>);
@@ -42,7 +42,11 @@ impl Drop for Active<'_> {
 /// Relay one data stream `session` opened.
 pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut recv: RecvStream) {
     let deadline = tokio::time::Instant::now() + shared.config.hello_timeout;
-    let (channel, messages) = match read_within(deadline, &mut recv).await {
+    let (channel, messages) = match read_within_reserving(deadline, &mut recv, |len| {
+        session.header_room(len)
+    })
+    .await
+    {
         Read::Frame(StreamHeader::Data { channel }) => (channel, false),
         Read::Frame(StreamHeader::Messages { channel }) => (channel, true),
         Read::Frame(StreamHeader::Direct { .. } | StreamHeader::DirectMessages { .. }) => {
@@ -53,6 +57,14 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
             return;
         }
         Read::Finished | Read::Failed(ReadFrameError::Io(_)) => return,
+        Read::Failed(ReadFrameError::OverBudget { len }) => {
+            let _ = recv.stop(StreamCode::TooManyStreams.varint());
+            session.stream_violation(&format!(
+                "a data stream header of {len} bytes with the session's {} bytes of stream headers in flight",
+                crate::limit::HEADER_BUDGET
+            ));
+            return;
+        }
         Read::Failed(e) => {
             let c = match e {
                 ReadFrameError::Decode(DecodeError::TooLarge { .. }) => StreamCode::FrameTooLarge,

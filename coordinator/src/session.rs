@@ -117,6 +117,9 @@ pub(crate) struct Session {
     pub(crate) probe: tokio::sync::Notify,
     /// Violations on its streams, each of which stopped only that stream.
     pub(crate) strikes: crate::strikes::Strikes,
+    /// Room for the first frames of its new streams while they are read:
+    /// [`crate::limit::HEADER_BUDGET`] bytes of permits.
+    pub(crate) headers: tokio::sync::Semaphore,
 }
 
 impl Session {
@@ -154,6 +157,12 @@ impl Session {
                 ),
             );
         }
+    }
+
+    /// Room for a first frame of `len` bytes in this session's header
+    /// budget, held until the permit is dropped; `None` when it is full.
+    pub(crate) fn header_room(&self, len: usize) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.headers.try_acquire_many(u32::try_from(len).ok()?).ok()
     }
 
     /// The interfaces the client offers now.

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::session::{Session, Shared};
-use qmesh_proto::codec::{read_within, Read};
+use qmesh_proto::codec::{read_within_reserving, Read, ReadFrameError};
 
 /// Handle a new bidirectional stream the client `session` opened: a
 /// channel open, or one of the requests that use a stream of their own
@@ -26,7 +26,11 @@ pub(crate) async fn bidi(
     mut recv: RecvStream,
 ) {
     let deadline = Instant::now() + shared.config.hello_timeout;
-    match read_within::<StreamRequest, _>(deadline, &mut recv).await {
+    match read_within_reserving::<StreamRequest, _, _>(deadline, &mut recv, |len| {
+        session.header_room(len)
+    })
+    .await
+    {
         Read::Late => {
             debug!("channel stream opened but no open sent in time");
             let _ = recv.stop(StreamCode::Cancelled.varint());
@@ -50,6 +54,13 @@ pub(crate) async fn bidi(
             crate::relay::relay_pipe(shared, session, (send, recv), channel).await
         }
         Read::Finished => {}
+        Read::Failed(ReadFrameError::OverBudget { len }) => {
+            let _ = recv.stop(StreamCode::TooManyStreams.varint());
+            session.stream_violation(&format!(
+                "a stream request of {len} bytes with the session's {} bytes of stream headers in flight",
+                crate::limit::HEADER_BUDGET
+            ));
+        }
         Read::Failed(e) => {
             if let Some(code) = e.conn_code() {
                 session.violation(code, &format!("bad channel open: {e}"));

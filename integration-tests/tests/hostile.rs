@@ -286,3 +286,61 @@ async fn hello_claiming_a_connected_name_is_rejected_with_name_taken() {
 
     honest.after_attack(mesh).await;
 }
+
+/// Streams that each declare a 16 KiB header and send only part of it: the
+/// coordinator reads at most `HEADER_BUDGET` bytes of such headers for
+/// one session at once, stops the streams past it with `TooManyStreams`
+/// before allocating their bodies, and closes the session once those
+/// refusals pass its strikes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_headers_past_the_session_budget_are_stopped_then_the_session_closed() {
+    use qmesh_coordinator::limit::HEADER_BUDGET;
+    use qmesh_coordinator::strikes::MAX_STRIKES;
+    // Long enough that no held header is stopped for being late.
+    let mesh = start_with(|c| c.hello_timeout = Duration::from_secs(600)).await;
+    let honest = Honest::join(&mesh).await;
+    let (raw, _send, _recv) = Raw::join(&mesh.target(), "hoarder").await;
+    let held = HEADER_BUDGET / MAX_CONTROL_FRAME;
+    let mut partial = (MAX_CONTROL_FRAME as u32).to_be_bytes().to_vec();
+    partial.extend([0u8; 100]);
+    let mut streams = Vec::new();
+    let mut over_budget = 0;
+    // The held ones, then one stream at a time past them until the session
+    // is closed.
+    while raw.conn.close_reason().is_none() && over_budget <= 10 * MAX_STRIKES as usize {
+        let Ok(mut send) = raw.conn.open_uni().await else {
+            break;
+        };
+        if send.write_all(&partial).await.is_err() {
+            break;
+        }
+        if streams.len() >= held {
+            match within(STEP, "a stream past the budget ends", send.stopped()).await {
+                Ok(code) => {
+                    assert_eq!(
+                        code,
+                        stream_code(StreamCode::TooManyStreams),
+                        "past the budget"
+                    );
+                    over_budget += 1;
+                    // Give the stream's credit back, as a peer must before
+                    // it may open more.
+                    let _ = send.reset(quinn::VarInt::from_u32(0));
+                    continue;
+                }
+                Err(_) => break,
+            }
+        }
+        streams.push(send);
+    }
+    let close = raw.closed_with(ConnCode::Malformed).await;
+    let reason = String::from_utf8_lossy(&close.reason).into_owned();
+    assert!(reason.contains("stream headers in flight"), "{reason}");
+    assert!(
+        over_budget >= 1 && over_budget <= MAX_STRIKES as usize + 1,
+        "{over_budget} streams stopped for the budget"
+    );
+    // The budget held exactly this many partial headers.
+    assert_eq!(streams.len(), held);
+    honest.after_attack(mesh).await;
+}

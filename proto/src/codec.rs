@@ -75,6 +75,13 @@ pub enum ReadFrameError {
     /// The bytes are not a valid frame.
     #[error(transparent)]
     Decode(#[from] DecodeError),
+    /// The reader's budget had no room for a body of this length (see
+    /// [`read_frame_reserving`]); the body was not read.
+    #[error("no room for a frame of {len} bytes in this peer's budget")]
+    OverBudget {
+        /// The declared body length.
+        len: usize,
+    },
 }
 
 impl ReadFrameError {
@@ -85,7 +92,7 @@ impl ReadFrameError {
         match self {
             Self::Decode(DecodeError::TooLarge { .. }) => Some(ConnCode::FrameTooLarge),
             Self::Decode(_) | Self::Truncated => Some(ConnCode::Malformed),
-            Self::Io(_) => None,
+            Self::Io(_) | Self::OverBudget { .. } => None,
         }
     }
 }
@@ -231,6 +238,22 @@ where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
 {
+    read_frame_reserving(r, |_| Some(())).await
+}
+
+/// Read one frame as [`read_frame`] does, but first ask `reserve` for room
+/// for the declared body length: `None` refuses the frame
+/// ([`ReadFrameError::OverBudget`]) before the body is allocated or read.
+/// What `reserve` returns is held until the frame is decoded, so a budget
+/// of permits bounds the bodies being read at once.
+pub async fn read_frame_reserving<T, R, G>(
+    r: &mut R,
+    reserve: impl FnOnce(usize) -> Option<G>,
+) -> Result<Option<T>, ReadFrameError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
     let mut prefix = [0u8; LENGTH_PREFIX];
     let mut got = 0;
     while got < LENGTH_PREFIX {
@@ -245,6 +268,9 @@ where
         got += n;
     }
     let len = check_length(prefix, MAX_CONTROL_FRAME)?;
+    let Some(_room) = reserve(len) else {
+        return Err(ReadFrameError::OverBudget { len });
+    };
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await.map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -275,7 +301,20 @@ where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
 {
-    match tokio::time::timeout_at(deadline, read_frame::<T, R>(r)).await {
+    read_within_reserving(deadline, r, |_| Some(())).await
+}
+
+/// [`read_within`] with a budget: see [`read_frame_reserving`].
+pub async fn read_within_reserving<T, R, G>(
+    deadline: tokio::time::Instant,
+    r: &mut R,
+    reserve: impl FnOnce(usize) -> Option<G>,
+) -> Read<T>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    match tokio::time::timeout_at(deadline, read_frame_reserving::<T, R, G>(r, reserve)).await {
         Ok(Ok(Some(frame))) => Read::Frame(frame),
         Ok(Ok(None)) => Read::Finished,
         Ok(Err(e)) => Read::Failed(e),
@@ -701,6 +740,39 @@ mod tests {
         // Tags beyond an enum's variants are malformed.
         assert!(decode::<IncomingAnswer>(&[2]).is_err());
         assert!(decode::<CoordinatorSession>(&[3, 0]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_frame_the_budget_has_no_room_for_is_refused_before_its_body_is_read() {
+        let frame = encode_frame(&StreamHeader::Data {
+            channel: StreamId(7),
+        })
+        .unwrap();
+        let body_len = frame.len() - LENGTH_PREFIX;
+        // No room: refused with the declared length, and the body is left
+        // unread.
+        let mut r = &frame[..];
+        let asked = std::cell::Cell::new(0);
+        let refused = read_frame_reserving::<StreamHeader, _, ()>(&mut r, |len| {
+            asked.set(len);
+            None
+        })
+        .await;
+        assert!(
+            matches!(refused, Err(ReadFrameError::OverBudget { len }) if len == body_len),
+            "{refused:?}"
+        );
+        assert_eq!(asked.get(), body_len);
+        assert_eq!(r.len(), body_len, "the body was read");
+        // Room: the frame decodes.
+        let mut r = &frame[..];
+        let read = read_frame_reserving::<StreamHeader, _, ()>(&mut r, |_| Some(())).await;
+        assert_eq!(
+            read.unwrap(),
+            Some(StreamHeader::Data {
+                channel: StreamId(7)
+            })
+        );
     }
 
     #[test]
