@@ -54,9 +54,13 @@ pub struct Config {
     /// Per-client rate limits on relayed bytes and messages.
     pub rate: RateLimits,
     /// Most connections at once that have not finished their hello;
-    /// past half of it unvalidated addresses get a QUIC Retry, past all of
-    /// it new connections are refused.
+    /// past a quarter of it unvalidated addresses get a QUIC Retry, past
+    /// all of it new connections are refused.
     pub max_pending: usize,
+    /// Most of those from one source (an IPv4 address, or an IPv6 /64)
+    /// at once; past it that source's new connections are refused, so one
+    /// host cannot take every place from the others.
+    pub max_pending_per_source: usize,
     /// The connection receive window before the hello is accepted: all a
     /// peer that has not authenticated can make the coordinator buffer.
     pub pre_auth_window: u32,
@@ -120,6 +124,7 @@ impl Config {
             max_message: qmesh_proto::limits::DEFAULT_MAX_MESSAGE as u64,
             rate: RateLimits::default(),
             max_pending: 4096,
+            max_pending_per_source: 64,
             pre_auth_window: 64 * 1024,
             auth: Arc::new(Auth::development()),
             policy: Policy::allow_all(),

@@ -24,6 +24,7 @@
 //! burst = "250ms"
 //! flood_after = "5s"
 //! max_pending = 4096
+//! max_pending_per_source = 64
 //!
 //! [policy]                          # see the policy module
 //!
@@ -117,6 +118,7 @@ pub struct LimitsSection {
     pub burst: Option<String>,
     pub flood_after: Option<String>,
     pub max_pending: Option<usize>,
+    pub max_pending_per_source: Option<usize>,
 }
 
 /// A checked file: its settings (paths made relative to the file's
@@ -256,6 +258,7 @@ pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
         ("max_channels_per_client", l.max_channels_per_client),
         ("max_streams_per_channel", l.max_streams_per_channel),
         ("max_pending", l.max_pending),
+        ("max_pending_per_source", l.max_pending_per_source),
     ] {
         if v == Some(0) {
             errors.push(format!("[limits] {field} must be at least 1"));

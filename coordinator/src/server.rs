@@ -5,7 +5,7 @@
 //! every stream the client opens, handed to `streams` for dispatch.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -129,6 +129,7 @@ impl Coordinator {
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
                 draining: CancellationToken::new(),
+                pending_sources: Mutex::default(),
                 slots: tokio::sync::watch::Sender::new(0),
                 next_channel: AtomicU64::new(1),
                 policy: RwLock::new(Arc::new(policy)),
@@ -350,29 +351,83 @@ async fn drain_channels(shared: &Shared) {
     }
 }
 
-/// Counts a connection as pending (not through its hello) until dropped.
-struct Pending(Arc<Shared>);
+/// Counts a connection as pending (not through its hello) until dropped,
+/// and, once it has a place, against its source too.
+struct Pending(Arc<Shared>, Option<IpAddr>);
+
+impl Pending {
+    /// Take one of `source`'s places; `false` when it has them all.
+    fn take_source(&mut self, source: IpAddr) -> bool {
+        let max = self.0.config.max_pending_per_source.max(1) as u32;
+        let mut sources = self
+            .0
+            .pending_sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let n = sources.entry(source).or_insert(0);
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        self.1 = Some(source);
+        true
+    }
+}
 
 impl Drop for Pending {
     fn drop(&mut self) {
         self.0.stats.pending.fetch_sub(1, Ordering::Relaxed);
+        if let Some(source) = self.1 {
+            let mut sources = self
+                .0
+                .pending_sources
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let std::collections::hash_map::Entry::Occupied(mut n) = sources.entry(source) {
+                *n.get_mut() -= 1;
+                if *n.get() == 0 {
+                    n.remove();
+                }
+            }
+        }
+    }
+}
+
+/// The source a connection counts against: its IPv4 address, or the /64
+/// of its IPv6 address (one host usually has a whole /64).
+fn source_of(addr: SocketAddr) -> IpAddr {
+    match addr.ip() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
     }
 }
 
 async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
     let pending = shared.stats.pending.fetch_add(1, Ordering::Relaxed) as usize;
-    let guard = Pending(shared.clone());
+    let mut guard = Pending(shared.clone(), None);
     let max = shared.config.max_pending.max(2);
     if pending >= max {
         debug!(peer = %remote, pending, "refusing a connection: too many handshakes in progress");
         incoming.refuse();
         return;
     }
-    if pending >= max / 2 && !incoming.remote_address_validated() {
+    if pending >= max / 4 && !incoming.remote_address_validated() {
         // Under load, make the peer prove its address before any state is
-        // kept for it.
+        // kept for it (a Retry costs no state).
         let _ = incoming.retry();
+        return;
+    }
+    // One source may not hold every place: a host that completes
+    // handshakes and then says nothing keeps at most its own share.
+    if !guard.take_source(source_of(remote)) {
+        debug!(peer = %remote, "refusing a connection: this source has too many handshakes in progress");
+        incoming.refuse();
         return;
     }
     let connecting = match incoming.accept() {
@@ -491,4 +546,23 @@ async fn run_session(
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_slash_64() {
+        let v4: SocketAddr = "192.0.2.7:4433".parse().unwrap();
+        assert_eq!(source_of(v4), "192.0.2.7".parse::<IpAddr>().unwrap());
+        let a: SocketAddr = "[2001:db8:1:2:aaaa::1]:1".parse().unwrap();
+        let b: SocketAddr = "[2001:db8:1:2:bbbb::9]:2".parse().unwrap();
+        let other: SocketAddr = "[2001:db8:1:3::1]:1".parse().unwrap();
+        assert_eq!(source_of(a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_eq!(source_of(a), source_of(b));
+        assert_ne!(source_of(a), source_of(other));
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:1".parse().unwrap();
+        assert_eq!(source_of(mapped), source_of(v4));
+    }
 }

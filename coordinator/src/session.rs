@@ -53,6 +53,10 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<Stats>,
     pub(crate) tasks: TaskTracker,
     pub(crate) shutdown: CancellationToken,
+    /// Connections before their hello, by source (see
+    /// [`crate::config::Config::max_pending_per_source`]); a source leaves
+    /// the map when its count is back to zero.
+    pub(crate) pending_sources: Mutex<HashMap<std::net::IpAddr, u32>>,
     /// Cancelled when a drain starts: no new sessions or channels, and
     /// every client is told the coordinator is going away.
     pub(crate) draining: CancellationToken,

@@ -134,6 +134,8 @@ pub struct Settings {
     pub max_message: Option<u64>,
     /// Most connections before their hello (at least 2).
     pub max_pending: Option<usize>,
+    /// Most connections before their hello from one source (at least 1).
+    pub max_pending_per_source: Option<usize>,
     /// Relayed bytes per second per client (0: unlimited).
     pub bytes_per_second: Option<u64>,
     /// Relayed messages per second per client (0: unlimited).
@@ -251,6 +253,7 @@ pub fn resolve(
         max_streams_per_channel: limits.max_streams_per_channel,
         max_message: limits.max_message_size,
         max_pending: limits.max_pending,
+        max_pending_per_source: limits.max_pending_per_source,
         bytes_per_second: flags.bytes_per_second.or(limits.bytes_per_second),
         messages_per_second: flags.messages_per_second.or(limits.messages_per_second),
         burst: file.and_then(|c| c.burst),
@@ -324,6 +327,9 @@ impl Settings {
         }
         if let Some(n) = self.max_pending {
             config.max_pending = n.max(2);
+        }
+        if let Some(n) = self.max_pending_per_source {
+            config.max_pending_per_source = n.max(1);
         }
         let nonzero = |v: u64| (v > 0).then_some(v);
         if let Some(v) = self.bytes_per_second {
@@ -446,6 +452,7 @@ mod tests {
         max_streams_per_channel = 30
         max_message_size = 40
         max_pending = 50
+        max_pending_per_source = 5
         bytes_per_second = 60
         messages_per_second = 70
         burst = "1s"
@@ -479,6 +486,7 @@ mod tests {
         assert_eq!(c.max_streams_per_channel, 30);
         assert_eq!(c.max_message, 40);
         assert_eq!(c.max_pending, 50);
+        assert_eq!(c.max_pending_per_source, 5);
         assert_eq!(c.rate.bytes_per_sec, Some(60));
         assert_eq!(c.rate.messages_per_sec, Some(70));
         assert_eq!(c.rate.burst, Duration::from_secs(1));

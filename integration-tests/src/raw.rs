@@ -90,33 +90,53 @@ impl Raw {
     /// certificate (TLS verified against the target's trust), without
     /// saying hello.
     pub async fn connect(target: &Target) -> Raw {
+        within_ok(
+            STEP,
+            "raw handshake",
+            Raw::try_connect_from(target, [127, 0, 0, 1].into()),
+        )
+        .await
+    }
+
+    /// Connect as [`Raw::connect`] does, from a port of its own on `ip` (any
+    /// 127.0.0.0/8 address works on Linux loopback); the handshake's
+    /// error when the coordinator refuses it.
+    pub async fn try_connect_from(
+        target: &Target,
+        ip: std::net::IpAddr,
+    ) -> Result<Raw, ConnectionError> {
         let (config, _report) =
             qmesh_certs::client_config_with_identity(&target.trust, &target.identity)
                 .expect("client config");
-        let (endpoint, _) = endpoint();
+        let endpoint = Endpoint::client(SocketAddr::new(ip, 0)).expect("client endpoint");
         let local = endpoint.local_addr().expect("local address");
         let connecting = endpoint
             .connect_with(config, target.addr, "localhost")
             .expect("start handshake");
-        let conn = within_ok(STEP, "raw handshake", connecting).await;
-        Raw {
+        let conn = connecting.await?;
+        Ok(Raw {
             _endpoint: endpoint,
             conn,
             local,
-        }
+        })
+    }
+
+    /// Say a valid hello as `name` on this connection and read the welcome;
+    /// returns the session stream with it.
+    pub async fn say_hello(self, name: &str) -> (Raw, SendStream, RecvStream) {
+        let (send, mut recv) = self.send_bi(&hello_frames(&hello(name))).await;
+        let reply = self.reply(&mut recv).await;
+        assert!(
+            matches!(reply, Some(HelloAnswer::Welcome(Welcome { observed, .. })) if observed == self.local),
+            "expected a welcome for {name}, got {reply:?}"
+        );
+        (self, send, recv)
     }
 
     /// Connect, say a valid hello as `name` and read the welcome; returns
     /// the session stream with it.
     pub async fn join(target: &Target, name: &str) -> (Raw, SendStream, RecvStream) {
-        let raw = Raw::connect(target).await;
-        let (send, mut recv) = raw.send_bi(&hello_frames(&hello(name))).await;
-        let reply = raw.reply(&mut recv).await;
-        assert!(
-            matches!(reply, Some(HelloAnswer::Welcome(Welcome { observed, .. })) if observed == raw.local),
-            "expected a welcome for {name}, got {reply:?}"
-        );
-        (raw, send, recv)
+        Raw::connect(target).await.say_hello(name).await
     }
 
     /// Open a bidirectional stream (the first one is the session stream).

@@ -344,3 +344,64 @@ async fn partial_headers_past_the_session_budget_are_stopped_then_the_session_cl
     assert_eq!(streams.len(), held);
     honest.after_attack(mesh).await;
 }
+
+/// One host completes handshakes and then says nothing, more of them than
+/// the coordinator takes before hellos: it keeps only its own share of the
+/// places (`max_pending_per_source`), and a client from another address
+/// is still admitted. Two loopback addresses stand for the two hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_holding_silent_handshakes_keeps_only_its_share_of_the_places() {
+    const MAX_PENDING: usize = 64;
+    const PER_SOURCE: usize = 8;
+    let mesh = start_with(|c| {
+        c.max_pending = MAX_PENDING;
+        c.max_pending_per_source = PER_SOURCE;
+        // The silent ones stay pending for the whole test.
+        c.hello_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let target = mesh.target();
+    let attacker: std::net::IpAddr = [127, 0, 0, 2].into();
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..2 * MAX_PENDING {
+        match within(
+            STEP,
+            "a silent handshake",
+            Raw::try_connect_from(&target, attacker),
+        )
+        .await
+        {
+            Ok(raw) => held.push(raw),
+            Err(quinn::ConnectionError::ConnectionClosed(c))
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                refused += 1
+            }
+            Err(e) => panic!("a handshake from the attacker ended otherwise: {e}"),
+        }
+    }
+    assert_eq!(held.len(), PER_SOURCE, "handshakes the attacker holds");
+    assert_eq!(refused, 2 * MAX_PENDING - PER_SOURCE);
+    // A client from another address joins, while the attacker still holds
+    // its share.
+    let honest = within_ok(
+        STEP,
+        "the honest handshake",
+        Raw::try_connect_from(&target, [127, 0, 0, 3].into()),
+    )
+    .await;
+    let (_raw, _send, _recv) = honest.say_hello("honest").await;
+    assert!(held.iter().all(|r| r.conn.close_reason().is_none()));
+    // Once the attacker's handshakes go, its places come back.
+    drop(held);
+    within(STEP, "the attacker's places freed", async {
+        loop {
+            match Raw::try_connect_from(&target, attacker).await {
+                Ok(raw) => return raw,
+                Err(_) => tokio::task::yield_now().await,
+            }
+        }
+    })
+    .await;
+}
