@@ -58,7 +58,8 @@ pub struct Config {
     /// all of it new connections are refused.
     pub max_pending: usize,
     /// Most of those from one source (an IPv4 address, or an IPv6 /64)
-    /// at once; past it that source's new connections are refused, so one
+    /// once the coordinator is under load (a quarter of `max_pending`
+    /// pending): past it that source's new connections are refused, so one
     /// host cannot take every place from the others.
     pub max_pending_per_source: usize,
     /// The connection receive window before the hello is accepted: all a

@@ -356,8 +356,9 @@ async fn drain_channels(shared: &Shared) {
 struct Pending(Arc<Shared>, Option<IpAddr>);
 
 impl Pending {
-    /// Take one of `source`'s places; `false` when it has them all.
-    fn take_source(&mut self, source: IpAddr) -> bool {
+    /// Take one of `source`'s places; `false` when `capped` and it holds
+    /// its share already.
+    fn take_source(&mut self, source: IpAddr, capped: bool) -> bool {
         let max = self.0.config.max_pending_per_source.max(1) as u32;
         let mut sources = self
             .0
@@ -365,7 +366,7 @@ impl Pending {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let n = sources.entry(source).or_insert(0);
-        if *n >= max {
+        if capped && *n >= max {
             return false;
         }
         *n += 1;
@@ -417,15 +418,19 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
         incoming.refuse();
         return;
     }
-    if pending >= max / 4 && !incoming.remote_address_validated() {
+    let under_load = pending >= max / 4;
+    if under_load && !incoming.remote_address_validated() {
         // Under load, make the peer prove its address before any state is
         // kept for it (a Retry costs no state).
         let _ = incoming.retry();
         return;
     }
-    // One source may not hold every place: a host that completes
-    // handshakes and then says nothing keeps at most its own share.
-    if !guard.take_source(source_of(remote)) {
+    // Every connection counts against its source; under load, a source
+    // that holds its share gets no more, so a host that completes
+    // handshakes and then says nothing cannot take the other hosts'
+    // places. (Not before: many clients behind one NAT may all join at
+    // once after a restart.)
+    if !guard.take_source(source_of(remote), under_load) {
         debug!(peer = %remote, "refusing a connection: this source has too many handshakes in progress");
         incoming.refuse();
         return;
