@@ -6,6 +6,10 @@
 #   nat-lab.sh down PREFIX               delete every PREFIX-* namespace
 #   nat-lab.sh block-coordinator PREFIX  drop forwarded traffic to/from 10.77.0.1
 #   nat-lab.sh unblock-coordinator PREFIX
+#   nat-lab.sh rebind PREFIX             NAT 1 forgets its mappings (conntrack
+#                                        flushed) and maps to ports 40000-40999
+#                                        from now on: LAN 1's hosts get new
+#                                        public ports mid-session
 #
 # Topology (every namespace and interface name starts with PREFIX):
 #
@@ -37,6 +41,7 @@ usage: $PROG up PREFIX KIND1 KIND2     (KIND: eim | symmetric)
        $PROG down PREFIX
        $PROG block-coordinator PREFIX
        $PROG unblock-coordinator PREFIX
+       $PROG rebind PREFIX
 PREFIX: 1-8 characters from [A-Za-z0-9_] (no '-').
 EOF
     exit 2
@@ -298,6 +303,28 @@ cmd_unblock() {
 }
 
 # ---------------------------------------------------------------------------
+# NAT rebinding: NAT 1 maps to other ports and forgets its old mappings
+
+cmd_rebind() {
+    local p=$1 nat1="$1-nat1"
+    ip netns list 2>/dev/null | awk '{print $1}' | grep -qxF "$nat1" ||
+        die "namespace $nat1 does not exist (is lab $p up?)"
+    command -v conntrack >/dev/null ||
+        die "rebind $p: conntrack is not installed (Debian package conntrack)"
+    ip netns exec "$nat1" nft flush chain ip qmesh_nat postrouting ||
+        die "rebind $p: could not flush the NAT rule in $nat1"
+    ip netns exec "$nat1" nft add rule ip qmesh_nat postrouting \
+        oifname "$p-wan1" ip saddr 192.168.71.0/24 meta l4proto udp masquerade to :40000-40999 ||
+        die "rebind $p: could not add the new NAT rule in $nat1"
+    ip netns exec "$nat1" nft add rule ip qmesh_nat postrouting \
+        oifname "$p-wan1" ip saddr 192.168.71.0/24 masquerade ||
+        die "rebind $p: could not add the NAT rule for other protocols in $nat1"
+    # conntrack -F exits 0 also when it deleted entries; it prints a count.
+    ip netns exec "$nat1" conntrack -F >/dev/null 2>&1 ||
+        die "rebind $p: could not flush conntrack in $nat1"
+}
+
+# ---------------------------------------------------------------------------
 
 [[ $# -ge 1 ]] || usage
 cmd=$1
@@ -324,6 +351,11 @@ unblock-coordinator)
     [[ $# -eq 1 ]] || usage
     check_prefix "$1"
     cmd_unblock "$1"
+    ;;
+rebind)
+    [[ $# -eq 1 ]] || usage
+    check_prefix "$1"
+    cmd_rebind "$1"
     ;;
 *)
     usage

@@ -323,3 +323,89 @@ async fn lab_same_lan_goes_direct() {
     assert!(exit.status.success(), "send: {}", show(&exit));
     eprintln!("NAT lab case 3: {line}");
 }
+
+/// Case 4: NAT rebinding. Alice, behind NAT 1, receives a relayed channel;
+/// mid-session NAT 1 forgets its mappings and maps to other ports (the lab's
+/// `rebind`). Her session survives by QUIC connection migration (the
+/// coordinator follows her new address): lines sent after the rebinding
+/// arrive, she never reconnects, and the sender's channel ends once, closed,
+/// with every line confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_a_nat_rebinding_mid_session_keeps_the_session_and_the_channel() {
+    if let Some(why) = unavailable() {
+        if std::env::var_os("CI").is_some_and(|v| v == "true") {
+            panic!("the NAT lab cannot run in CI: {why}");
+        }
+        eprintln!(
+            "\n!!!!!!!! NAT LAB SKIPPED: NAT rebinding: {why}. Nothing was checked. !!!!!!!!\n"
+        );
+        return;
+    }
+    let lab = Lab::up(4, "eim", "eim");
+    let _coordinator = lab.coordinator().await;
+    let mut alice = lab.qmesh("a", "alice", &["listen", "chat"]);
+    alice.ready().await;
+    let mut bob = lab.qmesh("b", "bob", &["send", "--mode", "relay", "mesh/alice!chat"]);
+    bob.stderr_line("`open after`", |l| l.contains("open after"))
+        .await;
+    bob.write_stdin(b"before the rebinding\n").await;
+    assert_eq!(
+        alice.stdout_line("line", |_| true).await,
+        "before the rebinding"
+    );
+
+    lab.run("rebind");
+    for i in 0..3 {
+        bob.write_stdin(format!("after the rebinding {i}\n").as_bytes())
+            .await;
+        assert_eq!(
+            alice.stdout_line("line", |_| true).await,
+            format!("after the rebinding {i}")
+        );
+    }
+    // Alice's traffic to the coordinator now leaves NAT 1 from a port of
+    // the new range: she did get a new public address.
+    let tracked = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns("nat1"),
+            "conntrack",
+            "-L",
+            "-p",
+            "udp",
+        ])
+        .output()
+        .expect("conntrack -L");
+    let table = String::from_utf8_lossy(&tracked.stdout);
+    let remapped = table.lines().any(|l| {
+        l.contains("src=192.168.71.10")
+            && l.contains("dst=10.77.0.1")
+            && l.split_whitespace()
+                .filter_map(|f| f.strip_prefix("dport="))
+                .filter_map(|p| p.parse::<u16>().ok())
+                .any(|p| (40000..=40999).contains(&p))
+    });
+    assert!(remapped, "no mapping of alice in the new range:\n{table}");
+
+    bob.feed_stdin(b"").await;
+    let sent = bob.finish().await;
+    assert!(sent.status.success(), "send: {}", show(&sent));
+    assert!(
+        sent.stderr.contains("the peer confirmed 4 line(s)"),
+        "{}",
+        show(&sent)
+    );
+    let listened = alice.kill().await;
+    assert!(
+        !listened.stderr.contains("qmesh: reconnecting"),
+        "alice lost her session at the rebinding: {}",
+        show(&listened)
+    );
+    let ends = listened
+        .stderr
+        .lines()
+        .filter(|l| l.contains("from=bob") && (l.contains("closed by") || l.contains("lost")))
+        .count();
+    assert_eq!(ends, 1, "the channel's ends: {}", show(&listened));
+}
