@@ -93,6 +93,9 @@ struct Inner {
     /// is on.
     current: Mutex<usize>,
     config: ClientConfig,
+    /// A certificate that replaces `config`'s for the sessions still to
+    /// come (a renewal while the client runs).
+    identity: Mutex<Option<Arc<qmesh_certs::Identity>>>,
     endpoint: Endpoint,
     /// Whether `endpoint` was made for this client alone.
     owns_endpoint: bool,
@@ -118,6 +121,16 @@ struct Inner {
 }
 
 impl Inner {
+    /// The configuration a new session joins with: the client's, with a
+    /// renewed certificate when [`Client::set_identity`] gave one.
+    fn session_config(&self) -> ClientConfig {
+        let mut config = self.config.clone();
+        if let Some(identity) = lock(&self.identity).clone() {
+            config.identity = Some(identity);
+        }
+        config
+    }
+
     /// The coordinator address the latest session is (or was) on.
     fn coordinator(&self) -> String {
         let at = *lock(&self.current);
@@ -222,6 +235,7 @@ impl Client {
             inner: Arc::new(Inner {
                 name: config.name.clone(),
                 current: Mutex::new(at),
+                identity: Mutex::new(None),
                 state: watch::Sender::new(SessionState::Up {
                     session: session.id,
                 }),
@@ -682,6 +696,13 @@ impl Client {
         *lock(&self.inner.interfaces) = list.to_vec();
     }
 
+    /// Present `identity` in every session from now on (the current one
+    /// keeps its certificate): how a certificate renewed while the client
+    /// runs reaches its reconnects.
+    pub fn set_identity(&self, identity: Arc<qmesh_certs::Identity>) {
+        *lock(&self.inner.identity) = Some(identity);
+    }
+
     /// The coordinator address the latest session is (or was) on.
     pub fn coordinator(&self) -> String {
         self.inner.coordinator()
@@ -833,7 +854,7 @@ async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
             (
                 policy,
                 inner.state.subscribe(),
-                inner.config.clone(),
+                inner.session_config(),
                 inner.endpoint.clone(),
                 inner.direct.is_some(),
                 interfaces,

@@ -234,6 +234,37 @@ async fn a_refusal_on_the_way_back_ends_the_client_with_its_reason() {
     assert!(alice.accept().await.is_none(), "no more offers");
 }
 
+/// A certificate renewed while the client runs (`set_identity`) is the one
+/// its reconnects present: the coordinator comes back admitting only
+/// certificates of a client CA, and the client, given one of that CA's
+/// certificates before the loss, joins again (with its first,
+/// self-signed certificate it would be refused, as the test above shows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_the_one_a_reconnect_presents() {
+    let Mesh {
+        coordinator,
+        ca,
+        address,
+        trust,
+    } = Mesh::start().await;
+    let port = coordinator.local_addr().port();
+    let alice = connect(ClientConfig::new(address.clone(), "alice", trust.clone())).await;
+    let clients_ca = Ca::generate("client CA").unwrap();
+    alice.set_identity(Arc::new(clients_ca.issue_client("alice").unwrap()));
+    let mut state = alice.state();
+    within(STEP, "shutdown", coordinator.shutdown()).await;
+    let roots = vec![clients_ca.cert_der().clone()];
+    let _restarted = coordinator_on(&ca, port, |c| {
+        c.auth = Arc::new(Auth::ca(roots, None).unwrap());
+    })
+    .await;
+    let back = state_where(&mut state, "alice back or ended", |s| {
+        matches!(s, SessionState::Up { .. } | SessionState::Ended { .. })
+    })
+    .await;
+    assert!(matches!(back, SessionState::Up { .. }), "{back:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_attempt_limit_ends_the_client_and_reconnect_off_ends_it_at_the_loss() {
     let mesh = Mesh::start().await;

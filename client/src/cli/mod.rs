@@ -281,8 +281,9 @@ async fn enroll_and_save(
 }
 
 /// Renew the kept certificate when it is due, again and again, while the
-/// client runs; new connections use the renewed one.
-fn renew_in_background(files: (PathBuf, PathBuf), mut config: ClientConfig) {
+/// client runs; the client's later sessions (its reconnects) present the
+/// renewed one.
+fn renew_in_background(files: (PathBuf, PathBuf), mut config: ClientConfig, client: Client) {
     tokio::spawn(async move {
         loop {
             let Some(identity) = config.identity.clone() else {
@@ -296,7 +297,11 @@ fn renew_in_background(files: (PathBuf, PathBuf), mut config: ClientConfig) {
                 .unwrap_or_default();
             tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
             match enroll_and_save(&files, &config, None).await {
-                Ok(renewed) => config.identity = Some(Arc::new(renewed)),
+                Ok(renewed) => {
+                    let renewed = Arc::new(renewed);
+                    client.set_identity(renewed.clone());
+                    config.identity = Some(renewed);
+                }
                 Err(e) => {
                     tracing::warn!(cause = %Untrusted::reason(format_args!("{e:#}")), "certificate renewal failed; retrying in a minute");
                     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -450,7 +455,7 @@ impl Cli {
             report_reconnects(&client);
         }
         if kept && config.identity.as_deref().is_some_and(is_issued) {
-            renew_in_background(files, config);
+            renew_in_background(files, config, client.clone());
         }
         Ok(client)
     }
