@@ -968,6 +968,67 @@ async fn request_serve_peers_and_describe_from_a_shell() {
     );
     assert!(unanswered.stdout.is_empty(), "{}", show(&unanswered));
 
+    // Several requests: each reported once, answered or missing.
+    let many = run(&[
+        "--name",
+        "dave",
+        "request",
+        "mesh/bob!echo",
+        "hi",
+        "--count",
+        "5",
+    ])
+    .finish()
+    .await;
+    assert!(many.status.success(), "{}", show(&many));
+    let mut lines: Vec<&str> = many.stdout.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "1 answered",
+            "2 answered",
+            "3 answered",
+            "4 answered",
+            "5 answered"
+        ]
+    );
+    assert!(
+        many.stderr
+            .contains("5 requests to mesh/bob!echo: 5 answered, 0 missing"),
+        "{}",
+        show(&many)
+    );
+    let none = run(&[
+        "--name",
+        "dave",
+        "request",
+        "mesh/carol!quiet",
+        "hello?",
+        "--count",
+        "3",
+        "--timeout-ms",
+        "300",
+    ])
+    .finish()
+    .await;
+    assert!(!none.status.success(), "{}", show(&none));
+    let mut lines: Vec<&str> = none.stdout.lines().collect();
+    lines.sort();
+    assert_eq!(lines.len(), 3, "{}", show(&none));
+    for (i, line) in lines.iter().enumerate() {
+        assert!(
+            line.starts_with(&format!("{} missing: ", i + 1))
+                && line.contains("no reply within 300 ms"),
+            "{line}"
+        );
+    }
+    assert!(
+        none.stderr.contains("0 answered, 3 missing"),
+        "{}",
+        show(&none)
+    );
+
     let listed = run(&["--name", "erin", "peers"]).finish().await;
     assert!(listed.status.success(), "peers failed: {}", show(&listed));
     assert!(

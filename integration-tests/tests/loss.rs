@@ -2,7 +2,8 @@
 //! N % of UDP packets at random (nftables `numgen random mod 100 < N`),
 //! with a coordinator and two clients inside it. At 1, 5 and 10 % a 64 MiB
 //! file arrives byte-exact (sha256), relayed and direct, the sender says
-//! the listener confirmed all of it, and neither client's session is
+//! the listener confirmed all of it, 1,000 requests are each reported
+//! answered or missing exactly once, and the listener's session is not
 //! expired on the way. Each transfer's time is printed for
 //! docs/benchmarks.md.
 //!
@@ -192,6 +193,60 @@ async fn transfer_at(loss: u32) {
         );
         std::fs::remove_file(&stored).expect("removing the stored file");
     }
+    // 1,000 requests: each answered or reported missing, never both, and
+    // never twice.
+    let mut carol = lossy.qmesh("carol", &["serve".as_ref(), "echo".as_ref()]);
+    carol
+        .stderr_line("`serves echo`", |l| l.contains("carol serves echo"))
+        .await;
+    let started = Instant::now();
+    let asked = lossy
+        .qmesh(
+            "dave",
+            &[
+                "request".as_ref(),
+                "mesh/carol!echo".as_ref(),
+                "ping".as_ref(),
+                "--count".as_ref(),
+                "1000".as_ref(),
+                "--timeout-ms".as_ref(),
+                "10000".as_ref(),
+            ],
+        )
+        .finish()
+        .await;
+    let mut seen = vec![0u32; 1001];
+    let (mut answered, mut missing) = (0, 0);
+    for line in asked.stdout.lines() {
+        let (n, rest) = line.split_once(' ').unwrap_or((line, ""));
+        let n: usize = n
+            .parse()
+            .unwrap_or_else(|_| panic!("a line that is not a request's: {line:?}"));
+        seen[n] += 1;
+        if rest == "answered" {
+            answered += 1;
+        } else {
+            assert!(rest.starts_with("missing: "), "{line:?}");
+            missing += 1;
+        }
+    }
+    assert!(
+        seen[1..].iter().all(|&k| k == 1),
+        "every request is reported exactly once at {loss} %: {}",
+        show(&asked)
+    );
+    assert_eq!(
+        asked.status.success(),
+        missing == 0,
+        "the exit status says whether any is missing: {}",
+        show(&asked)
+    );
+    eprintln!(
+        "LOSS {loss} % requests: {answered} answered, {missing} missing, in {} ms",
+        started.elapsed().as_millis()
+    );
+    carol.kill().await;
+
     // Neither session was expired under the loss: bob is still up, and he
     // never reconnected.
     assert!(bob.running(), "the listener is still up");

@@ -34,6 +34,69 @@ pub(crate) async fn request(
     Ok(())
 }
 
+/// `count` requests on one channel, `body 1` to `body N`, up to 100 in
+/// flight. Each gets exactly one line on stdout: `N answered` when its reply
+/// came back with its own body, `N missing: WHY` otherwise (no reply in
+/// time, the channel lost, or a reply with another body). Then a summary
+/// on stderr; an error if any is missing.
+pub(crate) async fn requests(
+    client: Client,
+    address: &str,
+    body: &str,
+    limit: Duration,
+    count: u32,
+) -> Result<()> {
+    let channel = std::sync::Arc::new(
+        client
+            .open_str(address)
+            .await
+            .with_context(|| format!("opening {address}"))?,
+    );
+    let room = std::sync::Arc::new(tokio::sync::Semaphore::new(100));
+    let mut asked = tokio::task::JoinSet::new();
+    for i in 1..=count {
+        let permit = room.clone().acquire_owned().await?;
+        let channel = channel.clone();
+        let text = format!("{body} {i}");
+        asked.spawn(async move {
+            let outcome = channel.request_within(text.as_bytes(), limit).await;
+            drop(permit);
+            match outcome {
+                Ok(reply) if reply.as_ref() == text.as_bytes() => (i, None),
+                Ok(reply) => (
+                    i,
+                    Some(format!(
+                        "a reply with another body ({:?})",
+                        String::from_utf8_lossy(&reply)
+                    )),
+                ),
+                Err(e) => (i, Some(e.to_string())),
+            }
+        });
+    }
+    let mut missing = 0u32;
+    while let Some(done) = asked.join_next().await {
+        let (i, why) = done?;
+        match why {
+            None => println!("{i} answered"),
+            Some(why) => {
+                missing += 1;
+                println!("{i} missing: {}", Untrusted::reason(&why));
+            }
+        }
+    }
+    let _ = channel.close("requests done").await;
+    client.close("done").await;
+    eprintln!(
+        "qmesh: {count} requests to {address}: {} answered, {missing} missing",
+        count - missing
+    );
+    if missing > 0 {
+        bail!("{missing} of {count} requests to {address} got no reply");
+    }
+    Ok(())
+}
+
 /// Answer requests on `channel` with their body, until interrupted.
 pub(crate) async fn serve(client: Client, channel: &str) -> Result<()> {
     info!(channel, "serving echo");

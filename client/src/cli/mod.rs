@@ -138,6 +138,11 @@ enum Command {
         /// Milliseconds to wait for the reply.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        /// Send this many requests on the channel (bodies `BODY 1` to
+        /// `BODY N`, up to 100 in flight) and print one line for each: its
+        /// reply, or that it is missing and why; exits 1 if any is missing.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
     },
     /// Offer interface CHANNEL and answer every request on it with its body
     /// (echo), until interrupted.
@@ -588,12 +593,17 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
             address,
             body,
             timeout_ms,
+            count,
         } => {
             let client = cli
                 .connect_once(Some(format!("request-{}", std::process::id())))
                 .await?;
             let limit = Duration::from_millis((*timeout_ms).max(1));
-            messaging::request(client, address, body, limit).await
+            if *count > 1 {
+                messaging::requests(client, address, body, limit, *count).await
+            } else {
+                messaging::request(client, address, body, limit).await
+            }
         }
         Command::Serve { channel } => {
             qmesh_proto::name::validate_channel_name(channel)
