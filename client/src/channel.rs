@@ -36,7 +36,7 @@ use crate::events::{self, ChannelRef, Event, Events};
 use crate::messages::{read_streams, Inbox, Incoming, OpenOut, Outbox, Waiting};
 use crate::pipe::Pipe;
 use crate::quota::ChannelSlot;
-use crate::routes::{Route, Routes};
+use crate::routes::{Held, Route, Routes};
 use crate::state::{ChannelState, Effects, Life, Report};
 use crate::stream::{MessageReceiver, MessageSender};
 use crate::sync::lock;
@@ -66,6 +66,10 @@ struct Shared {
     mode: PathMode,
     /// The direct link this channel uses, when it may go direct.
     link: Option<LinkUse>,
+    /// The channel is held on its direct connection: the coordinator no
+    /// longer carries its control (protocol.md §8.9). Its streams and its
+    /// close go on the direct connection only.
+    held: std::sync::atomic::AtomicBool,
     /// The direct endpoint, to unregister the channel's direct route.
     direct: Option<Arc<Direct>>,
     /// Which path new data streams take.
@@ -198,6 +202,39 @@ impl Shared {
         }
     }
 
+    /// Whether the channel is held on its direct connection.
+    fn is_held(&self) -> bool {
+        self.held.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The direct connection the channel could be held on: its link's,
+    /// while up.
+    fn hold_conn(&self) -> Option<Connection> {
+        self.link.as_ref().and_then(|l| l.peer.conn())
+    }
+
+    /// Send `header` alone on a new unidirectional stream of the direct
+    /// connection (a hold or a held channel's close).
+    async fn send_direct(
+        &self,
+        header: &StreamHeader,
+        close: Option<&Close>,
+    ) -> Result<(), String> {
+        let conn = self
+            .hold_conn()
+            .ok_or_else(|| "the direct connection is down".to_owned())?;
+        let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+        write_frame(&mut send, header)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(close) = close {
+            write_frame(&mut send, close)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        send.finish().map_err(|e| e.to_string())
+    }
+
     /// The header of a stream through the coordinator.
     fn relay_header(&self, messages: bool) -> StreamHeader {
         let channel = self.id;
@@ -224,6 +261,14 @@ impl Shared {
             };
             (c, header, false)
         };
+        if self.is_held() {
+            // The coordinator is away: there is no relay to fall back on.
+            return self.hold_conn().map(direct).ok_or_else(|| {
+                StreamError::DirectUnavailable(
+                    "the channel was held on its direct connection, which is down".into(),
+                )
+            });
+        }
         match (&self.link, self.mode) {
             (None, PathMode::Direct) => Err(StreamError::DirectUnavailable(
                 "the peer cannot take direct channels".into(),
@@ -269,7 +314,7 @@ impl Shared {
             Ok::<_, String>(send)
         };
         let mut opened = open(conn, header).await;
-        if opened.is_err() && !relayed && self.mode == PathMode::Auto {
+        if opened.is_err() && !relayed && self.mode == PathMode::Auto && !self.is_held() {
             // The direct connection died under us: this stream goes relayed.
             debug!(parent: &self.span, "direct stream failed; using the relay");
             relayed = true;
@@ -322,7 +367,7 @@ impl Shared {
             };
             match open(&conn, &direct).await {
                 Ok(s) => Ok((s, path)),
-                Err(e) if self.mode == PathMode::Direct => Err(e),
+                Err(e) if self.mode == PathMode::Direct || self.is_held() => Err(e),
                 Err(_) => {
                     debug!(parent: &self.span, "direct pipe failed; using the relay");
                     open(&self.conn, &relay).await.map(|s| (s, Path::Relay))
@@ -343,13 +388,23 @@ impl Shared {
     /// stream.
     async fn send_close(&self, fx: Effects) {
         self.outbox.finish().await;
-        let ctrl = fx.close.as_ref().and_then(|_| lock(&self.ctrl).take());
-        if let (Some(close), Some(mut send)) = (fx.close, ctrl) {
-            let msg = Close {
-                reason: close.reason,
-                streams: close.streams,
-                relayed: close.relayed,
+        let Some(close) = fx.close else { return };
+        let msg = Close {
+            reason: close.reason,
+            streams: close.streams,
+            relayed: close.relayed,
+        };
+        if self.is_held() {
+            let header = StreamHeader::DirectClose {
+                channel: self.number,
             };
+            if let Err(e) = self.send_direct(&header, Some(&msg)).await {
+                debug!(parent: &self.span, cause = %e, "the close of a held channel was not sent");
+            }
+            return;
+        }
+        let ctrl = lock(&self.ctrl).take();
+        if let Some(mut send) = ctrl {
             if write_frame(&mut send, &msg).await.is_ok() {
                 let _ = send.finish();
             }
@@ -404,6 +459,7 @@ pub(crate) struct Pending {
     rx: mpsc::Receiver<(RecvStream, StreamGuard)>,
     msg_rx: mpsc::Receiver<(RecvStream, StreamGuard)>,
     pipe_rx: mpsc::Receiver<Pipe>,
+    held_rx: mpsc::Receiver<Held>,
 }
 
 impl Pending {
@@ -414,11 +470,14 @@ impl Pending {
         let (data, rx) = mpsc::channel(parts.max_streams.max(1));
         let (messages, msg_rx) = mpsc::channel(4);
         let (pipes, pipe_rx) = mpsc::channel(parts.max_streams.max(1));
+        // A hold and a close are all a held channel needs from its peer.
+        let (held, held_rx) = mpsc::channel(4);
         let tx = Route {
             data,
             messages,
             pipes,
             life: Arc::default(),
+            held,
         };
         lock(&parts.routes).insert(id, tx.clone());
         Self {
@@ -428,6 +487,7 @@ impl Pending {
             rx,
             msg_rx,
             pipe_rx,
+            held_rx,
         }
     }
 
@@ -453,6 +513,7 @@ impl Pending {
             rx,
             msg_rx,
             pipe_rx,
+            held_rx,
         } = self;
         let span = tracing::info_span!("channel", id = %parts.label);
         let life = tx.life.clone();
@@ -481,6 +542,7 @@ impl Pending {
             number,
             mode: parts.mode,
             link,
+            held: false.into(),
             direct,
             path,
             span: span.clone(),
@@ -497,7 +559,7 @@ impl Pending {
         if let Some(link) = &shared.link {
             tokio::spawn(follow_path(shared.clone(), link.peer.watch()).instrument(span.clone()));
         }
-        tokio::spawn(control(shared.clone(), recv).instrument(span.clone()));
+        tokio::spawn(control(shared.clone(), recv, held_rx).instrument(span.clone()));
         let (deliver, incoming) = mpsc::channel(parts.message_backlog.max(1));
         let inbox = Arc::new(Inbox {
             label: shared.label.clone(),
@@ -578,7 +640,13 @@ async fn follow_path(shared: Arc<Shared>, mut link: watch::Receiver<Link>) {
         was_up |= matches!(now, Link::Up(_));
         shared.show_path(&now);
         if let Link::Down(reason) = &now {
-            if shared.mode == PathMode::Direct && was_up {
+            if shared.is_held() {
+                let reason = format!(
+                    "direct path lost while the coordinator was away (the channel was held on it): {reason}"
+                );
+                let fx = shared.apply(|s| s.direct_lost(&reason));
+                shared.send_close(fx).await;
+            } else if shared.mode == PathMode::Direct && was_up {
                 let reason = format!("direct path lost: {reason}");
                 let fx = shared.apply(|s| s.direct_lost(&reason));
                 shared.send_close(fx).await;
@@ -592,10 +660,25 @@ async fn follow_path(shared: Arc<Shared>, mut link: watch::Receiver<Link>) {
     }
 }
 
-/// Read the channel control stream until it ends, recording the end.
-async fn control(shared: Arc<Shared>, mut recv: RecvStream) {
+/// How long a side that holds a channel on its direct connection waits for
+/// the peer to hold it too (protocol.md §8.9).
+const HOLD_ANSWER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Read the channel control stream until it ends, recording the end. When
+/// the coordinator's side of it is lost while the direct connection is up,
+/// hold the channel there instead (protocol.md §8.9).
+async fn control(shared: Arc<Shared>, mut recv: RecvStream, mut held: mpsc::Receiver<Held>) {
+    // What the peer said on the direct connection before this side held.
+    let mut early: Option<Held> = None;
     let reason = loop {
-        match read_frame::<Ending, _>(&mut recv).await {
+        let frame = tokio::select! {
+            frame = read_frame::<Ending, _>(&mut recv) => frame,
+            Some(msg) = held.recv() => {
+                early = Some(msg);
+                break "the peer holds the channel on the direct connection".to_owned();
+            }
+        };
+        match frame {
             Ok(Some(Ending::Closed(Close {
                 reason, streams, ..
             }))) => {
@@ -617,11 +700,104 @@ async fn control(shared: Arc<Shared>, mut recv: RecvStream) {
             }
         }
     };
+    let reason = match hold(&shared, recv, &mut held, early, &reason).await {
+        Ok(reason) => reason,
+        Err(why) => format!("{reason}; {why}"),
+    };
     let fx = shared.apply(|s| s.control_ended(reason));
     // Nothing more will be forwarded; release our side too.
     if fx.finish_control {
         if let Some(mut send) = lock(&shared.ctrl).take() {
             let _ = send.finish();
+        }
+    }
+}
+
+/// The coordinator's side of the channel's control is over (`lost` says
+/// why): hold the channel on the direct connection, if it is up and the
+/// peer holds it too, until it ends there. `Ok` with why the held control
+/// ended; `Err` with why the channel could not be held.
+async fn hold(
+    shared: &Arc<Shared>,
+    recv: RecvStream,
+    held: &mut mpsc::Receiver<Held>,
+    early: Option<Held>,
+    lost: &str,
+) -> Result<String, String> {
+    if shared.end().is_some() {
+        return Err("the channel had ended".into());
+    }
+    let Some(link) = &shared.link else {
+        return Err("the channel has no direct path".into());
+    };
+    if shared.hold_conn().is_none() {
+        return Err("no direct connection was up to hold the channel on".into());
+    }
+    shared
+        .held
+        .store(true, std::sync::atomic::Ordering::Release);
+    link.hold();
+    // Release the coordinator's side of the channel.
+    if let Some(mut send) = lock(&shared.ctrl).take() {
+        let _ = send.finish();
+    }
+    drop(recv);
+    info!(parent: &shared.span, cause = %Untrusted::reason(&lost), "holding the channel on the direct connection");
+    let header = StreamHeader::Hold {
+        channel: shared.number,
+    };
+    shared
+        .send_direct(&header, None)
+        .await
+        .map_err(|e| format!("holding it on the direct connection failed: {e}"))?;
+    let mut pending = early;
+    if pending.is_none() {
+        // The peer must hold it too: it answers with its own hold (or its
+        // close) unless it is gone.
+        pending = match timeout(HOLD_ANSWER, held.recv()).await {
+            Ok(Some(msg)) => Some(msg),
+            Ok(None) => return Err("the channel is gone".into()),
+            Err(_) => {
+                return Err(format!(
+                    "{} did not hold the channel on the direct connection within {} s",
+                    shared.peer,
+                    HOLD_ANSWER.as_secs()
+                ))
+            }
+        };
+    }
+    info!(parent: &shared.span, "held on the direct connection");
+    let mut state = shared.life.watch();
+    let mut path = link.peer.watch();
+    loop {
+        match pending.take() {
+            Some(Held::Close(Close {
+                reason, streams, ..
+            })) => {
+                debug!(streams, "peer closed (held)");
+                let fx = shared.apply(|s| s.peer_closed(&reason, streams));
+                shared.send_close(fx).await;
+            }
+            Some(Held::Hold) | None => {}
+        }
+        if state.borrow_and_update().end().is_some() && state.borrow().close_answered() {
+            return Ok("the channel ended on the direct connection".into());
+        }
+        tokio::select! {
+            msg = held.recv() => match msg {
+                Some(msg) => pending = Some(msg),
+                None => return Ok("the channel is gone".into()),
+            },
+            _ = state.changed() => {}
+            down = path.wait_for(|l| matches!(l, Link::Down(_))) => {
+                let why = match down.as_deref() {
+                    Ok(Link::Down(why)) => why.clone(),
+                    _ => "the client is closing".into(),
+                };
+                return Ok(format!(
+                    "direct path lost while the coordinator was away (the channel was held on it): {why}"
+                ));
+            }
         }
     }
 }

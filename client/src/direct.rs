@@ -18,7 +18,7 @@ use std::time::Duration;
 use qmesh_certs::transport::{StreamAllowance, StreamKind, Tuning};
 use qmesh_certs::{Fingerprint, Identity};
 use qmesh_proto::codes::{ConnCode, StreamCode};
-use qmesh_proto::msg::{DirectPipe, PeerIntro, StreamHeader};
+use qmesh_proto::msg::{Close, DirectPipe, PeerIntro, StreamHeader};
 use qmesh_proto::{ChannelId, SessionId, Untrusted};
 use quinn::udp::Transmit;
 use quinn::{AsyncUdpSocket, Connection, Endpoint, RecvStream};
@@ -30,7 +30,7 @@ use tracing::{debug, info, warn, Instrument, Span};
 use crate::datagram::Flows;
 use crate::end::Path;
 use crate::pipe::Pipe;
-use crate::routes::Route;
+use crate::routes::{Held, Route};
 use crate::sync::lock;
 use qmesh_proto::codec::{read_within, Read};
 
@@ -58,8 +58,13 @@ pub(crate) struct Peer {
     pub(crate) name: String,
     fingerprint: Fingerprint,
     state: watch::Sender<Link>,
-    /// The peer's session at the coordinator this link was made for.
-    session: SessionId,
+    /// The peer's session at the coordinator this link was made for (the
+    /// newest, when a link held across a reconnect was kept for it).
+    session: Mutex<SessionId>,
+    /// Channels held on this link while the coordinator is away
+    /// (protocol.md §8.9): while there are any, a new session of the peer
+    /// does not replace the link.
+    holding: Mutex<usize>,
     /// Live connections (the dialer's race can leave the listener with more
     /// than one for a moment); the newest is the one in `state`.
     conns: Mutex<Vec<Connection>>,
@@ -88,10 +93,34 @@ impl Peer {
 pub(crate) struct LinkUse {
     direct: Arc<Direct>,
     pub(crate) peer: Arc<Peer>,
+    /// The channel is held on this link (protocol.md §8.9).
+    held: std::sync::atomic::AtomicBool,
+}
+
+impl LinkUse {
+    fn new(direct: Arc<Direct>, peer: Arc<Peer>) -> Self {
+        Self {
+            direct,
+            peer,
+            held: false.into(),
+        }
+    }
+
+    /// The channel is now held on this link: keep the link across a new
+    /// session of the peer while it lives.
+    pub(crate) fn hold(&self) {
+        if !self.held.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            *lock(&self.peer.holding) += 1;
+        }
+    }
 }
 
 impl Drop for LinkUse {
     fn drop(&mut self) {
+        if *self.held.get_mut() {
+            let mut holding = lock(&self.peer.holding);
+            *holding = holding.saturating_sub(1);
+        }
         self.direct.release(&self.peer);
     }
 }
@@ -195,12 +224,17 @@ impl Direct {
         let mut peers = lock(&self.peers);
         if let Some(peer) = peers.get(&fingerprint) {
             let down = matches!(*peer.state.borrow(), Link::Down(_));
-            if !down && peer.session == intro.session {
+            let same = *lock(&peer.session) == intro.session;
+            let holding = *lock(&peer.holding) > 0;
+            if !down && (same || holding) {
+                if !same {
+                    // Channels held across the coordinator's absence prove
+                    // the link alive: it serves the peer's new session too.
+                    info!(parent: &self.span, peer = %Untrusted::name(&name), "the peer has a new session; keeping the direct link its held channels use");
+                    *lock(&peer.session) = intro.session;
+                }
                 *lock(&peer.users) += 1;
-                return LinkUse {
-                    direct: self.clone(),
-                    peer: peer.clone(),
-                };
+                return LinkUse::new(self.clone(), peer.clone());
             }
             if !down {
                 // The peer has a new session (it restarted or reconnected,
@@ -216,7 +250,8 @@ impl Direct {
             name: name.to_owned(),
             fingerprint,
             state: watch::Sender::new(Link::Connecting),
-            session: intro.session,
+            session: Mutex::new(intro.session),
+            holding: Mutex::new(0),
             conns: Mutex::new(Vec::new()),
             users: Mutex::new(1),
         });
@@ -229,10 +264,7 @@ impl Direct {
                 .establish(peer.clone(), candidates, intro.dial)
                 .instrument(self.span.clone()),
         );
-        LinkUse {
-            direct: self.clone(),
-            peer,
-        }
+        LinkUse::new(self.clone(), peer)
     }
 
     /// The addresses worth trying: the observed one first, then the
@@ -519,6 +551,21 @@ impl Direct {
         let (channel, messages) = match header {
             Read::Frame(StreamHeader::Direct { channel }) => (channel, false),
             Read::Frame(StreamHeader::DirectMessages { channel }) => (channel, true),
+            Read::Frame(StreamHeader::Hold { channel }) => {
+                return self.held(channel, from, Held::Hold).await;
+            }
+            Read::Frame(StreamHeader::DirectClose { channel }) => {
+                let deadline = tokio::time::Instant::now() + self.header_timeout;
+                match read_within::<Close, _>(deadline, &mut recv).await {
+                    Read::Frame(close) => {
+                        return self.held(channel, from, Held::Close(close)).await
+                    }
+                    _ => {
+                        let _ = recv.stop(StreamCode::Malformed.varint());
+                        return;
+                    }
+                }
+            }
             _ => {
                 let _ = recv.stop(StreamCode::Malformed.varint());
                 return;
@@ -530,6 +577,19 @@ impl Direct {
         };
         if let Err(mut recv) = tx.deliver(messages, (recv, guard)).await {
             let _ = recv.stop(StreamCode::ChannelEnded.varint());
+        }
+    }
+
+    /// Hand the peer's word about held channel `channel` to it, if `from`
+    /// is its peer.
+    async fn held(&self, channel: ChannelId, from: Fingerprint, held: Held) {
+        match self.find_route(channel, from).await {
+            Some(tx) => {
+                if !tx.deliver_held(held) {
+                    debug!(%channel, "a held-channel message the channel did not take");
+                }
+            }
+            None => debug!(%channel, "a held-channel message for an unknown channel"),
         }
     }
 

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use qmesh_certs::transport::StreamGuard;
+use qmesh_proto::msg::Close;
 use qmesh_proto::StreamId;
 use quinn::RecvStream;
 use tokio::sync::mpsc;
@@ -28,6 +29,18 @@ pub(crate) struct Route {
     pub(crate) pipes: PipeTx,
     /// The channel's life, to count the data streams that arrive.
     pub(crate) life: Arc<Life>,
+    /// What the peer says about a channel held on the direct connection
+    /// (protocol.md §8.9). A few at most per channel; more are dropped.
+    pub(crate) held: mpsc::Sender<Held>,
+}
+
+/// A message about a held channel, from the peer on the direct connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Held {
+    /// The peer holds the channel on the direct connection.
+    Hold,
+    /// The peer's close, for a held channel.
+    Close(Close),
 }
 
 impl Route {
@@ -51,6 +64,13 @@ impl Route {
     /// is gone. A full queue waits: the peer's stream limit bounds it.
     pub(crate) async fn deliver_pipe(&self, pipe: Pipe) -> Result<(), Pipe> {
         self.pipes.send(pipe).await.map_err(|e| e.0)
+    }
+
+    /// Hand the peer's word about a held channel to it. A full queue (a
+    /// peer repeating itself) drops the message: the channel needs one
+    /// hold and one close.
+    pub(crate) fn deliver_held(&self, held: Held) -> bool {
+        self.held.try_send(held).is_ok()
     }
 }
 

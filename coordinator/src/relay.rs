@@ -49,7 +49,12 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
     {
         Read::Frame(StreamHeader::Data { channel }) => (channel, false),
         Read::Frame(StreamHeader::Messages { channel }) => (channel, true),
-        Read::Frame(StreamHeader::Direct { .. } | StreamHeader::DirectMessages { .. }) => {
+        Read::Frame(
+            StreamHeader::Direct { .. }
+            | StreamHeader::DirectMessages { .. }
+            | StreamHeader::Hold { .. }
+            | StreamHeader::DirectClose { .. },
+        ) => {
             let _ = recv.stop(StreamCode::Malformed.varint());
             session.stream_violation(
                 "a data stream with a direct-connection header sent to the coordinator",

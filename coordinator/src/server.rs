@@ -131,7 +131,7 @@ impl Coordinator {
                 draining: CancellationToken::new(),
                 pending_sources: Mutex::default(),
                 slots: tokio::sync::watch::Sender::new(0),
-                next_channel: AtomicU64::new(1),
+                next_channel: AtomicU64::new(first_channel_number()),
                 policy: RwLock::new(Arc::new(policy)),
             }),
         })
@@ -551,6 +551,18 @@ async fn run_session(
     }
     .instrument(span)
     .await
+}
+
+/// Where this run's channel numbers start: a random 48-bit number. Direct
+/// connections outlive a coordinator restart and route their streams by
+/// channel number (protocol.md §8.9), so a restarted coordinator must not
+/// hand out the numbers of channels still held on them.
+fn first_channel_number() -> u64 {
+    let mut bytes = [0u8; 8];
+    // An unavailable system RNG leaves the start at 1; that only matters
+    // for channels held across a restart.
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes[2..]);
+    u64::from_be_bytes(bytes).max(1)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 use std::ffi::OsStr;
 use std::time::{Duration, Instant};
 
-use qmesh_client::{ChannelEnd, Client, OpenError, SessionState};
+use qmesh_client::{ChannelEnd, Client, OpenError, Path, PathMode, SessionState};
 use qmesh_integration_tests::process::{show, Proc};
 use qmesh_integration_tests::target::CoordinatorProc;
 use qmesh_integration_tests::{connect, open_pair, within, within_ok, Mesh, STEP};
@@ -216,5 +216,67 @@ async fn an_open_to_a_killed_peer_fails_after_the_probe_not_the_heartbeat() {
         "open to a killed peer failed after {took:?} (probe window {:?}, heartbeat {:?}): {err}",
         slow.probe_window(),
         slow.limit()
+    );
+}
+
+/// Test 4: a channel on a direct connection whose peer was killed. The
+/// coordinator's heartbeat finds the peer gone and says the channel is
+/// lost; the direct connection looks up for its whole idle timeout (120 s
+/// here), so the side left tries to hold the channel there (protocol.md
+/// §8.6), gets no answer, and ends it lost with that reason, without
+/// waiting for the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_channel_to_a_killed_peer_ends_lost_when_the_peer_does_not_hold_it() {
+    const DIRECT_IDLE: Duration = Duration::from_secs(120);
+    assert!(
+        DIRECT_IDLE > STEP,
+        "the wait below must end before the idle timeout"
+    );
+    let mesh = Mesh::start_with(|c| {
+        c.heartbeat = quick();
+        c.tuning = c.tuning.clone().with_idle_timeout(IDLE);
+    })
+    .await;
+    let alice = connect(mesh.config("alice").with_idle_timeout(DIRECT_IDLE)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, mesh.ca.cert_pem()).unwrap();
+    let coordinator = mesh.address.to_string();
+    let idle = DIRECT_IDLE.as_secs().to_string();
+    let args: Vec<&OsStr> = vec![
+        "--name".as_ref(),
+        "bob".as_ref(),
+        "--idle-timeout".as_ref(),
+        idle.as_ref(),
+        "--coordinator".as_ref(),
+        coordinator.as_ref(),
+        "--ca".as_ref(),
+        ca.as_os_str(),
+        "--state-dir".as_ref(),
+        dir.path().as_os_str(),
+        "listen".as_ref(),
+        "chat".as_ref(),
+    ];
+    let mut bob = Proc::spawn("qmesh", args, &[]);
+    bob.ready().await;
+    let address: Address = "mesh/bob!chat".parse().unwrap();
+    let ch = within_ok(STEP, "open", alice.open_with(&address, PathMode::Direct)).await;
+    assert!(matches!(ch.path(), Path::Direct { .. }), "{:?}", ch.path());
+    within_ok(STEP, "a message to bob", ch.send_one(b"hello bob")).await;
+    bob.kill().await;
+
+    let killed = Instant::now();
+    match within(STEP, "the channel to the killed peer ends", ch.ended()).await {
+        ChannelEnd::Lost { reason } => {
+            assert!(
+                reason.contains("bob did not hold the channel on the direct connection"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected lost, got {other:?}"),
+    }
+    eprintln!(
+        "a direct channel to a killed peer ended {:?} after the kill",
+        killed.elapsed()
     );
 }

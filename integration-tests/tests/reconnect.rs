@@ -11,11 +11,14 @@ use std::time::Duration;
 use qmesh_certs::Ca;
 use qmesh_client::events::{Event, Events};
 use qmesh_client::{
-    ChannelEnd, ClientConfig, GroupEvent, Interface, OpenError, Quota, Reconnect, SessionState,
+    ChannelEnd, ClientConfig, GroupEvent, Interface, OpenError, Path, PathMode, Quota, Reconnect,
+    SessionState, Side,
 };
 use qmesh_coordinator::auth::Auth;
 use qmesh_coordinator::{Config, Coordinator, CoordinatorHandle};
-use qmesh_integration_tests::{connect, message_flows, open_pair, within, within_ok, Mesh, STEP};
+use qmesh_integration_tests::{
+    connect, message_flows, open_pair, open_pair_with, within, within_ok, Mesh, STEP,
+};
 use qmesh_proto::msg::PresenceEvent;
 use tokio::sync::watch;
 
@@ -558,4 +561,91 @@ async fn at_the_drain_deadline_the_channels_still_open_end_lost_with_the_reason(
             other => panic!("{who}: a channel cut at the drain deadline ended {other:?}"),
         }
     }
+}
+
+/// The terminal events (closed or lost) the hub holds for channel `label`.
+fn terminal_events(seen: &[Event], label: &str) -> Vec<Event> {
+    seen.iter()
+        .filter(|e| {
+            matches!(e, Event::Closed { channel, .. } | Event::Lost { channel, .. } if channel.label == label)
+        })
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_channel_is_held_on_its_connection_while_the_coordinator_is_away() {
+    let Mesh {
+        coordinator,
+        ca,
+        address,
+        trust,
+    } = Mesh::start().await;
+    let port = coordinator.local_addr().port();
+    let (alice, alice_events) =
+        with_events(ClientConfig::new(address.clone(), "alice", trust.clone())).await;
+    let (bob, bob_events) =
+        with_events(ClientConfig::new(address.clone(), "bob", trust.clone())).await;
+    let (a, b) = open_pair_with(&alice, &bob, "chat", PathMode::Direct).await;
+    assert!(matches!(a.path(), Path::Direct { .. }), "{:?}", a.path());
+    message_flows(&a, &b, b"before the loss").await;
+    let (relayed, _) = open_pair(&alice, &bob, "relayed").await;
+    let mut alice_state = alice.state();
+
+    within(STEP, "shutdown", coordinator.shutdown()).await;
+    // The relayed channel cannot outlive its coordinator ...
+    match within(STEP, "the relayed channel ends", relayed.ended()).await {
+        ChannelEnd::Lost { reason } => {
+            assert!(reason.contains("coordinator shutting down"), "{reason}")
+        }
+        other => panic!("expected lost, got {other:?}"),
+    }
+    state_where(&mut alice_state, "alice reconnecting", |s| {
+        matches!(s, SessionState::Reconnecting { .. })
+    })
+    .await;
+    // ... the direct one carries on, both ways, with no coordinator.
+    message_flows(&a, &b, b"while the coordinator is away").await;
+    message_flows(&b, &a, b"and back").await;
+    assert_eq!(a.end(), None);
+    assert_eq!(b.end(), None);
+
+    let _restarted = coordinator_on(&ca, port, |_| {}).await;
+    for (who, client) in [("alice", &alice), ("bob", &bob)] {
+        let mut state = client.state();
+        state_where(&mut state, &format!("{who} back"), |s| {
+            matches!(s, SessionState::Up { .. })
+        })
+        .await;
+    }
+    message_flows(&a, &b, b"after the restart").await;
+    // A new channel between them after the restart shares the held
+    // channel's connection rather than replacing it.
+    let (a2, b2) = open_pair_with(&alice, &bob, "chat", PathMode::Direct).await;
+    message_flows(&a2, &b2, b"a new channel").await;
+    message_flows(&b, &a, b"the held one still works").await;
+    assert_eq!(a.path(), a2.path());
+
+    // Closing the held channel reaches the peer on the direct connection,
+    // with the reason, and the closer's close is answered.
+    within_ok(STEP, "alice closes the held channel", a.close("done here")).await;
+    match within(STEP, "bob's side ends", b.ended()).await {
+        ChannelEnd::Closed {
+            by: Side::Peer,
+            reason,
+        } => assert_eq!(reason, "done here"),
+        other => panic!("expected closed by alice, got {other:?}"),
+    }
+    // Each side reported the held channel's end exactly once.
+    let alice_seen = drain(&alice_events);
+    let bob_seen = drain(&bob_events);
+    let label = a.label().to_owned();
+    assert_eq!(
+        terminal_events(&alice_seen, &label).len(),
+        1,
+        "{alice_seen:#?}"
+    );
+    assert_eq!(terminal_events(&bob_seen, &label).len(), 1, "{bob_seen:#?}");
+    // The second channel was untouched by all of it.
+    message_flows(&b2, &a2, b"the new channel too").await;
 }

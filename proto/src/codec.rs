@@ -1032,6 +1032,8 @@ mod tests {
         fn header_round_trips(channel in any::<u64>()) {
             round_trip(&StreamHeader::Data { channel: StreamId(channel) })?;
             round_trip(&StreamHeader::Direct { channel: ChannelId(channel) })?;
+            round_trip(&StreamHeader::Hold { channel: ChannelId(channel) })?;
+            round_trip(&StreamHeader::DirectClose { channel: ChannelId(channel) })?;
         }
 
         #[test]

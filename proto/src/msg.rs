@@ -601,6 +601,20 @@ pub enum StreamHeader {
         /// The coordinator's channel number.
         channel: ChannelId,
     },
+    /// On a direct connection: the sender holds channel `channel` on this
+    /// connection because the coordinator no longer carries its control on
+    /// the sender's side (protocol.md §8.9). Nothing follows the header.
+    Hold {
+        /// The coordinator's channel number.
+        channel: ChannelId,
+    },
+    /// On a direct connection, for a held channel: one [`Close`] frame
+    /// follows, the sender's close as it would have gone on the channel
+    /// control stream.
+    DirectClose {
+        /// The coordinator's channel number.
+        channel: ChannelId,
+    },
 }
 
 impl StreamHeader {
