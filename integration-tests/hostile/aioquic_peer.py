@@ -21,6 +21,13 @@ coordinator answered as qmesh documents, 1 otherwise):
   coordinator must stop them or hold them within its stream limits, and
   the session must stay up (a ping on the session stream still answered
   is not checked here: the connection staying open for 3 s is).
+- partial-frames: after a valid hello (HELLO_HEX), 1,000 unidirectional
+  streams opened at once, each with a 16 KiB length prefix and only 8 KiB
+  of the frame; the coordinator must stop the streams past the session's
+  header budget (256 KiB) and, past 32 such strikes, close the session
+  with qmesh code 2 (Malformed); a session still up after 5 s also
+  passes. The test runs eight of these at once and records the
+  coordinator's memory.
 - silent: 200 connections that complete the handshake and say nothing
   (fewer than the quarter of `max_pending` where the per-source cap
   starts, so none is refused for it); the coordinator must close every one
@@ -183,6 +190,32 @@ async def many_streams(host, port, ca, cert, hello):
         return True, f"{opened} streams queued, the session is still up"
 
 
+async def partial_frames(host, port, ca, cert, hello):
+    async with connect(
+        host, port, configuration=configuration(ca, cert), create_protocol=Watcher,
+        wait_connected=True,
+    ) as client:
+        quic = client._quic
+        reader, writer = await client.create_stream()
+        writer.write(hello)
+        await asyncio.sleep(0.5)
+        partial = (16 * 1024).to_bytes(4, "big") + bytes(8 * 1024)
+        opened = 0
+        for _ in range(1000):
+            try:
+                stream = quic.get_next_available_stream_id(is_unidirectional=True)
+                quic.send_stream_data(stream, partial, end_stream=False)
+                opened += 1
+            except Exception:
+                break
+        client.transmit()
+        end = await ended(client, 5)
+        del reader, writer
+        if end is None:
+            return True, f"{opened} streams with a partial frame; the session is still up"
+        return end[0] == 2, f"{opened} streams with a partial frame; the session was closed: {end}"
+
+
 async def silent(host, port, ca, cert):
     clients = []
     refused = 0
@@ -220,6 +253,8 @@ async def main():
         cert = self_signed(d)
         if attack == "many-streams":
             ok, what = await many_streams(host, port, ca, cert, hello)
+        elif attack == "partial-frames":
+            ok, what = await partial_frames(host, port, ca, cert, hello)
         else:
             fn = {
                 "no-cert": no_cert,

@@ -132,6 +132,56 @@ async fn an_aioquic_peer_meets_the_documented_answers_while_honest_requests_are_
         );
         eprintln!("AIOQUIC {}", said.trim());
     }
+    // Eight sessions at once, each with 1,000 streams holding a partial
+    // 16 KiB frame: the header budget bounds what each costs. The RSS is
+    // sampled while they run.
+    let (before_partial, _) = memory_kib(pid).expect("the coordinator's memory");
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        tokio::spawn(async move {
+            let mut highest = 0;
+            while sampling.load(Ordering::Relaxed) {
+                if let Some((rss, _)) = memory_kib(pid) {
+                    highest = highest.max(rss);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            highest
+        })
+    };
+    let mut attackers = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let mut peer = tokio::process::Command::new("python3");
+        peer.arg(script())
+            .args(["127.0.0.1", &port])
+            .arg(&ca)
+            .arg("partial-frames")
+            .arg(hex(&hello_frames(&hello(&format!("mallory{i}")))))
+            .env("ATTACK_FROM", "127.0.0.2")
+            .kill_on_drop(true);
+        attackers.spawn(async move {
+            within(STEP, "a partial-frames attack", peer.output())
+                .await
+                .expect("running the aioquic peer")
+        });
+    }
+    while let Some(exit) = attackers.join_next().await {
+        let exit = exit.expect("attacker task");
+        let said = String::from_utf8_lossy(&exit.stdout);
+        assert!(
+            exit.status.success(),
+            "the partial-frames attack was not answered as documented: {said}{}",
+            String::from_utf8_lossy(&exit.stderr)
+        );
+        eprintln!("AIOQUIC {}", said.trim());
+    }
+    sampling.store(false, Ordering::Relaxed);
+    let highest = sampler.await.expect("sampler");
+    eprintln!(
+        "AIOQUIC 8 x 1000 partial 16 KiB frames: coordinator RSS {before_partial} KiB before, \
+         {highest} KiB at most while they ran (sampled every 50 ms)"
+    );
     stop.store(true, Ordering::Relaxed);
     let answered = honest.await.expect("honest requests");
     let (after, peak) = memory_kib(pid).expect("the coordinator's memory");
