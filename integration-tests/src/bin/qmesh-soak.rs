@@ -1509,13 +1509,14 @@ impl Soak {
             0.0
         };
         println!(
-            "joins: {} of {} attempts; leaves: {} closed, {} dropped; channels: {} closed, {} dropped by the churn",
+            "joins: {} of {} attempts; leaves: {} closed, {} dropped; channels: {} closed, {} dropped by the churn; qmesh serve processes that did not start (a restart under way): {}",
             get(&s.joins),
             get(&s.join_attempts),
             get(&s.leaves_closed),
             get(&s.leaves_dropped),
             get(&s.channels_closed),
-            get(&s.channels_dropped)
+            get(&s.channels_dropped),
+            get(&s.victim_start_failed)
         );
         println!(
             "SUMMARY result={} duration={}s requests={sent} channels={} forward_conns={} joins={} kills={} restarts={restarts} rss_first={} rss_last={} rss_drift={drift:+.1}% lost={lost} undelivered={failed} duplicates={}",
