@@ -17,7 +17,7 @@ use tracing::{info, info_span, Instrument, Span};
 
 use crate::channel::{Channel, IncomingChannel, Offer, Parts, PartsBox, Pending};
 use crate::config::ClientConfig;
-use crate::connect::{join, join_session, Session};
+use crate::connect::{candidates, join, join_session, none_joined, Candidate, Session};
 use crate::direct::Direct;
 use crate::end::describe_end;
 use crate::error::{ConnectError, OpenError};
@@ -74,7 +74,9 @@ pub enum SessionState {
     Reconnecting {
         /// Which attempt.
         attempt: u32,
-        /// The coordinator address this attempt tries.
+        /// The coordinator address this attempt tries; for a name, with
+        /// the address it resolved to: `quic/coord.example.com:7447
+        /// (192.0.2.10:7447)`.
         to: String,
         /// Why the session was lost, or why the last attempt failed.
         cause: String,
@@ -89,9 +91,8 @@ pub enum SessionState {
 #[derive(Debug)]
 struct Inner {
     name: String,
-    /// Which of the configured coordinator addresses the latest session
-    /// is on.
-    current: Mutex<usize>,
+    /// Where the latest session is (or was).
+    current: Mutex<Spot>,
     config: ClientConfig,
     /// A certificate that replaces `config`'s for the sessions still to
     /// come (a renewal while the client runs).
@@ -120,6 +121,16 @@ struct Inner {
     span: Span,
 }
 
+/// The coordinator a client's latest session is (or was) on, where its
+/// next reconnect starts.
+#[derive(Debug)]
+struct Spot {
+    /// The configured address and the address it resolved to.
+    on: Candidate,
+    /// Start at the one after `on`: its coordinator said it is going away.
+    next: bool,
+}
+
 impl Inner {
     /// The configuration a new session joins with: the client's, with a
     /// renewed certificate when [`Client::set_identity`] gave one.
@@ -133,9 +144,7 @@ impl Inner {
 
     /// The coordinator address the latest session is (or was) on.
     fn coordinator(&self) -> String {
-        let at = *lock(&self.current);
-        let addresses = self.config.addresses();
-        addresses.get(at).unwrap_or(&addresses[0]).to_string()
+        lock(&self.current).on.address.to_string()
     }
 }
 
@@ -183,25 +192,15 @@ impl Client {
         config: ClientConfig,
     ) -> Result<Client, ConnectError> {
         let span = info_span!("client", id = %config.name);
-        // Each address has the connect timeout.
-        let whole = config
-            .connect_timeout
-            .saturating_mul(config.addresses().len() as u32);
-        let secs = whole.as_secs();
-        let coord_text = config.coordinator.to_string();
         let endpoint = endpoint.cloned();
         let events = config.events.clone();
         let name = config.name.clone();
-        let outcome = match timeout(whole, Self::connect_inner(endpoint, config, span.clone()))
+        // Bounded inside: each lookup and each attempt has the connect
+        // timeout, and how many addresses there are is known only once
+        // the names are resolved.
+        let outcome = Self::connect_inner(endpoint, config, span.clone())
             .instrument(span)
-            .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(ConnectError::Timeout {
-                addr: coord_text,
-                secs,
-            }),
-        };
+            .await;
         events::emit(&events, || match &outcome {
             Ok(c) => Event::Connected {
                 name,
@@ -234,7 +233,10 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Inner {
                 name: config.name.clone(),
-                current: Mutex::new(at),
+                current: Mutex::new(Spot {
+                    on: at,
+                    next: false,
+                }),
                 identity: Mutex::new(None),
                 state: watch::Sender::new(SessionState::Up {
                     session: session.id,
@@ -703,9 +705,17 @@ impl Client {
         *lock(&self.inner.identity) = Some(identity);
     }
 
-    /// The coordinator address the latest session is (or was) on.
+    /// The coordinator address the latest session is (or was) on, as
+    /// configured.
     pub fn coordinator(&self) -> String {
         self.inner.coordinator()
+    }
+
+    /// The UDP address of the coordinator the latest session is (or was)
+    /// on: for a name that resolves to several addresses, the one that
+    /// joined.
+    pub fn coordinator_addr(&self) -> SocketAddr {
+        lock(&self.inner.current).on.addr
     }
 }
 
@@ -762,11 +772,7 @@ fn going_away(inner: &Inner, id: u64, within: std::time::Duration) {
         return;
     }
     // Another coordinator, when there is one, is the first to try next.
-    let n = inner.config.addresses().len();
-    if n > 1 {
-        let mut current = lock(&inner.current);
-        *current = (*current + 1) % n;
-    }
+    lock(&inner.current).next = true;
     events::emit(&inner.config.events, || Event::GoingAway {
         name: inner.name.clone(),
         within,
@@ -797,26 +803,23 @@ fn end(inner: &Inner, reason: String) {
 /// Join again after the session was lost with `cause`: attempts with
 /// backoff until one joins (`Some`), a refusal or the attempt limit ends
 /// the client, or the client is closed or dropped (`None`).
+///
+/// Each attempt resolves the coordinator addresses again (a name's
+/// addresses can change) and tries one of them: the one the lost session
+/// was on first, then each other in turn.
 async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
     let lost = tokio::time::Instant::now();
     let mut attempt: u32 = 0;
     loop {
         attempt = attempt.saturating_add(1);
-        let (
-            policy,
-            mut state,
-            config,
-            endpoint,
-            direct,
-            interfaces,
-            incoming,
-            span,
-            generation,
-            (at, address),
-        ) = {
+        let (config, last, next) = {
             let inner = weak.upgrade()?;
-            let policy = inner.config.reconnect;
-            if policy.limit.is_some_and(|limit| attempt > limit) {
+            if inner
+                .config
+                .reconnect
+                .limit
+                .is_some_and(|limit| attempt > limit)
+            {
                 end(
                     &inner,
                     format!(
@@ -826,16 +829,31 @@ async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
                 );
                 return None;
             }
-            let addresses = inner.config.addresses();
-            let at = reconnect::address_for(attempt, *lock(&inner.current), addresses.len());
-            let address = addresses[at].clone();
+            let spot = lock(&inner.current);
+            (inner.session_config(), spot.on.clone(), spot.next)
+        };
+        let target = match candidates(&config.addresses(), config.connect_timeout).await {
+            Ok((list, _)) if !list.is_empty() => {
+                let keys: Vec<_> = list.iter().map(|c| (c.index, c.addr)).collect();
+                let start = reconnect::position(&keys, (last.index, last.addr)) + usize::from(next);
+                Ok(list[reconnect::address_for(attempt, start, list.len())].clone())
+            }
+            Ok((_, unresolved)) => Err(none_joined(unresolved)),
+            Err(e) => Err(e),
+        };
+        let (policy, mut state, endpoint, direct, interfaces, incoming, span, generation) = {
+            let inner = weak.upgrade()?;
+            let to = match &target {
+                Ok(candidate) => candidate.to_string(),
+                Err(_) => last.address.to_string(),
+            };
             let moved = inner.state.send_if_modified(|s| {
                 if matches!(s, SessionState::Ended { .. }) {
                     return false;
                 }
                 *s = SessionState::Reconnecting {
                     attempt,
-                    to: address.to_string(),
+                    to: to.clone(),
                     cause: cause.clone(),
                 };
                 true
@@ -843,7 +861,7 @@ async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
             if !moved {
                 return None;
             }
-            info!(attempt, cause = %Untrusted::reason(&cause), "reconnecting to {address}");
+            info!(attempt, cause = %Untrusted::reason(&cause), "reconnecting to {to}");
             events::emit(&inner.config.events, || Event::Reconnecting {
                 name: inner.name.clone(),
                 attempt,
@@ -852,16 +870,14 @@ async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
             let generation = lock(&inner.session).generation + 1;
             let interfaces = lock(&inner.interfaces).clone();
             (
-                policy,
+                inner.config.reconnect,
                 inner.state.subscribe(),
-                inner.session_config(),
                 inner.endpoint.clone(),
                 inner.direct.is_some(),
                 interfaces,
                 inner.incoming_tx.clone(),
                 inner.span.clone(),
                 generation,
-                (at, address),
             )
         };
         let wait = policy.delay(attempt, reconnect::jitter());
@@ -870,29 +886,33 @@ async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
         if timeout(wait, closed).await.is_ok() {
             return None;
         }
-        let joined = timeout(
-            config.connect_timeout,
-            join_session(
-                generation,
-                &endpoint,
-                &address,
-                direct,
-                &config,
-                &interfaces,
-                &incoming,
-                &span,
-            ),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(ConnectError::Timeout {
-                addr: address.to_string(),
-                secs: config.connect_timeout.as_secs(),
+        let joined = match target {
+            Ok(candidate) => timeout(
+                config.connect_timeout,
+                join_session(
+                    generation,
+                    &endpoint,
+                    &candidate,
+                    direct,
+                    &config,
+                    &interfaces,
+                    &incoming,
+                    &span,
+                ),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(ConnectError::Timeout {
+                    addr: candidate.to_string(),
+                    secs: config.connect_timeout.as_secs(),
+                })
             })
-        });
+            .map(|session| (session, candidate)),
+            Err(e) => Err(e),
+        };
         let inner = weak.upgrade()?;
         match joined {
-            Ok(session) => {
+            Ok((session, candidate)) => {
                 if matches!(*inner.state.borrow(), SessionState::Ended { .. }) {
                     session
                         .conn
@@ -901,7 +921,10 @@ async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
                 }
                 let id = session.id;
                 *lock(&inner.session) = session;
-                *lock(&inner.current) = at;
+                *lock(&inner.current) = Spot {
+                    on: candidate,
+                    next: false,
+                };
                 let after = lost.elapsed();
                 info!(
                     session = id,

@@ -18,7 +18,10 @@ use crate::reconnect::Reconnect;
 /// How a client connects and behaves.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The coordinator, as `quic/host[:port]` (port 7447 by default).
+    /// The coordinator, as `quic/host[:port]` (port 7447 by default). A
+    /// host name that resolves to several addresses counts as that many
+    /// coordinators (see `also`), each checked for the name; the name is
+    /// resolved again for every reconnect attempt.
     pub coordinator: Address,
     /// The name to be reachable by: 1–64 of `a-z 0-9 . _ -`.
     pub name: String,
@@ -66,8 +69,8 @@ pub struct ClientConfig {
     pub interfaces: Vec<Interface>,
     /// More coordinators of the same mesh, tried in turn with
     /// `coordinator`: the first choice is spread at random over all of
-    /// them, and a connect or reconnect that fails on one goes on to the
-    /// next.
+    /// them (over every address their names resolve to), and a connect or
+    /// reconnect that fails on one goes on to the next.
     pub also: Vec<Address>,
     /// Whether and how a lost session is joined again (on by default:
     /// first retry within 100 ms, at most 5 s apart, no limit).
@@ -183,8 +186,6 @@ impl ClientConfig {
         self
     }
 
-    /// The identity this client presents: the configured one, or the
-    /// self-signed one made for this config (and its clones) on first use.
     /// Every coordinator address: `coordinator`, then `also`.
     pub fn addresses(&self) -> Vec<&Address> {
         std::iter::once(&self.coordinator)
@@ -192,6 +193,8 @@ impl ClientConfig {
             .collect()
     }
 
+    /// The identity this client presents: the configured one, or the
+    /// self-signed one made for this config (and its clones) on first use.
     pub(crate) fn identity(&self) -> Result<Arc<Identity>, CertError> {
         if let Some(id) = &self.identity {
             return Ok(id.clone());

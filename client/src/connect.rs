@@ -85,24 +85,124 @@ pub(crate) fn server_name(host: &Host) -> String {
     }
 }
 
+/// The first address `host` resolves to (an IP host is itself): where a
+/// one-shot exchange such as an enrollment goes.
 pub(crate) async fn resolve(host: &Host, port: u16) -> Result<SocketAddr, ConnectError> {
+    Ok(lookup(host, port).await?[0])
+}
+
+/// Every address `host` resolves to, in the resolver's order, each once
+/// (an IP host is itself). Never empty.
+pub(crate) async fn lookup(host: &Host, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
     if let Some(ip) = host.to_ip() {
-        return Ok(SocketAddr::new(ip, port));
+        return Ok(vec![SocketAddr::new(ip, port)]);
     }
     let name = server_name(host);
     let found = tokio::net::lookup_host((name.as_str(), port))
         .await
-        .map(|mut addrs| addrs.next());
-    match found {
-        Ok(Some(addr)) => Ok(addr),
-        Ok(None) => Err(ConnectError::Resolve {
+        .map_err(|e| ConnectError::Resolve {
+            host: name.clone(),
+            reason: e.to_string(),
+        })?;
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for addr in found {
+        if !out.contains(&addr) {
+            out.push(addr);
+        }
+    }
+    if out.is_empty() {
+        return Err(ConnectError::Resolve {
             host: name,
             reason: "no addresses".into(),
-        }),
-        Err(e) => Err(ConnectError::Resolve {
-            host: name,
-            reason: e.to_string(),
-        }),
+        });
+    }
+    Ok(out)
+}
+
+/// One place a session can be tried: a configured coordinator address and
+/// one UDP address its host resolved to. A name that resolves to several
+/// addresses gives one candidate for each, all checked for that name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Candidate {
+    /// Which configured address: its place in [`ClientConfig::addresses`].
+    pub(crate) index: usize,
+    /// The configured address, as given.
+    pub(crate) address: Address,
+    /// Where its host resolved to.
+    pub(crate) addr: SocketAddr,
+}
+
+impl Candidate {
+    /// The name the coordinator's certificate must carry: the configured
+    /// host (the DNS name when it is one), never the address it resolved to.
+    pub(crate) fn server_name(&self) -> Result<String, ConnectError> {
+        let (host, _) = self.address.quic_endpoint()?;
+        Ok(server_name(host))
+    }
+
+    /// Whether the configured host is a name the resolver was asked about.
+    fn resolved(&self) -> bool {
+        self.address
+            .quic_endpoint()
+            .is_ok_and(|(host, _)| host.to_ip().is_none())
+    }
+}
+
+impl std::fmt::Display for Candidate {
+    /// The configured address, and for a name the address it resolved to:
+    /// `quic/coord.example.com:7447 (192.0.2.10:7447)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.resolved() {
+            write!(f, "{} ({})", self.address, self.addr)
+        } else {
+            write!(f, "{}", self.address)
+        }
+    }
+}
+
+/// Resolve every configured coordinator address, each within `within`:
+/// the candidates in the configured order, the addresses of each name
+/// sorted (so that turns over them do not follow a DNS server's rotation),
+/// and the errors of the addresses that did not resolve. An address that
+/// is not a `quic/` address is an error at once.
+pub(crate) async fn candidates(
+    addresses: &[&Address],
+    within: std::time::Duration,
+) -> Result<(Vec<Candidate>, Vec<ConnectError>), ConnectError> {
+    let mut found = Vec::new();
+    let mut unresolved = Vec::new();
+    for (index, address) in addresses.iter().enumerate() {
+        let (host, port) = address.quic_endpoint()?;
+        let looked = timeout(within, lookup(host, port))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ConnectError::Resolve {
+                    host: server_name(host),
+                    reason: format!("no answer from the resolver within {} s", within.as_secs()),
+                })
+            });
+        match looked {
+            Ok(mut addrs) => {
+                addrs.sort();
+                found.extend(addrs.into_iter().map(|addr| Candidate {
+                    index,
+                    address: (*address).clone(),
+                    addr,
+                }));
+            }
+            Err(e) => unresolved.push(e),
+        }
+    }
+    Ok((found, unresolved))
+}
+
+/// The error for a connect that joined nowhere: the one failure when there
+/// was one, else every failure, each naming what it tried.
+pub(crate) fn none_joined(mut failures: Vec<ConnectError>) -> ConnectError {
+    match failures.len() {
+        0 => ConnectError::Session("no coordinator address".into()),
+        1 => failures.remove(0),
+        _ => ConnectError::NoneJoined { tried: failures },
     }
 }
 
@@ -304,18 +404,26 @@ pub(crate) fn judge_hello(reply: Result<Option<msg::HelloAnswer>, ReadFrameError
 /// Make this client's endpoint, connect to the coordinator, say hello and
 /// start the session's tasks; with an endpoint of its own that takes direct
 /// channels, start accepting direct connections too.
+///
+/// Every configured address is resolved, and each address a name resolves
+/// to is a coordinator of its own: the first choice is spread at random
+/// over all of them, and a failure that may pass goes on to the next. Each
+/// lookup and each attempt has the connect timeout. Returns the candidate
+/// the session joined.
 pub(crate) async fn join(
     endpoint: Option<Endpoint>,
     config: &ClientConfig,
     interfaces: &[Interface],
     incoming: &mpsc::Sender<IncomingChannel>,
     span: &Span,
-) -> Result<(Base, Session, usize), ConnectError> {
-    let addresses = config.addresses();
-    let first = crate::reconnect::first_choice(addresses.len(), crate::reconnect::jitter());
-    let (host, port) = addresses[first].quic_endpoint()?;
-    let addr = resolve(host, port).await?;
-    let bind = bind_for(addr);
+) -> Result<(Base, Session, Candidate), ConnectError> {
+    let (candidates, mut failures) =
+        candidates(&config.addresses(), config.connect_timeout).await?;
+    if candidates.is_empty() {
+        return Err(none_joined(failures));
+    }
+    let first = crate::reconnect::first_choice(candidates.len(), crate::reconnect::jitter());
+    let bind = bind_for(candidates[first].addr);
     let owns_endpoint = endpoint.is_none();
     let identity = config.identity()?;
     let peers: PeerSet = Arc::default();
@@ -333,18 +441,17 @@ pub(crate) async fn join(
             None,
         ),
     };
-    // Each address in turn from the first choice; a refusal is final (the
+    // Each candidate in turn from the first choice; a refusal is final (the
     // coordinators of one mesh answer alike), anything else goes on.
-    let mut last = None;
     let mut joined = None;
-    for k in 0..addresses.len() {
-        let at = (first + k) % addresses.len();
+    for k in 0..candidates.len() {
+        let candidate = &candidates[(first + k) % candidates.len()];
         let attempt = timeout(
             config.connect_timeout,
             join_session(
                 1,
                 &endpoint,
-                addresses[at],
+                candidate,
                 punch_socket.is_some(),
                 config,
                 interfaces,
@@ -355,28 +462,28 @@ pub(crate) async fn join(
         .await
         .unwrap_or_else(|_| {
             Err(ConnectError::Timeout {
-                addr: addresses[at].to_string(),
+                addr: candidate.to_string(),
                 secs: config.connect_timeout.as_secs(),
             })
         });
         match attempt {
             Ok(session) => {
-                joined = Some((session, at));
+                joined = Some((session, candidate.clone()));
                 break;
             }
             Err(e) if crate::reconnect::after_attempt(&e) == crate::reconnect::After::Stop => {
                 return Err(e)
             }
             Err(e) => {
-                if addresses.len() > 1 {
-                    info!(parent: span, coordinator = %addresses[at], cause = %qmesh_proto::Untrusted::reason(&e), "trying the next coordinator");
+                if k + 1 < candidates.len() {
+                    info!(parent: span, coordinator = %candidate, cause = %qmesh_proto::Untrusted::reason(&e), "trying the next coordinator");
                 }
-                last = Some(e);
+                failures.push(e);
             }
         }
     }
     let Some((session, at)) = joined else {
-        return Err(last.unwrap_or_else(|| ConnectError::Session("no coordinator address".into())));
+        return Err(none_joined(failures));
     };
     let direct = punch_socket.map(|socket| {
         Direct::start(DirectParts {
@@ -400,23 +507,22 @@ pub(crate) async fn join(
     Ok((base, session, at))
 }
 
-/// Connect to the coordinator from `endpoint`, say hello (reporting this
+/// Connect to `coordinator` from `endpoint`, say hello (reporting this
 /// client's addresses when it takes `direct` channels) and start the
 /// session's tasks: the first session, and each one after a reconnect.
 #[allow(clippy::too_many_arguments)] // one session's every input, named
 pub(crate) async fn join_session(
     generation: u64,
     endpoint: &Endpoint,
-    coordinator: &Address,
+    coordinator: &Candidate,
     direct: bool,
     config: &ClientConfig,
     interfaces: &[Interface],
     incoming: &mpsc::Sender<IncomingChannel>,
     span: &Span,
 ) -> Result<Session, ConnectError> {
-    let (host, port) = coordinator.quic_endpoint()?;
-    let host = host.clone();
-    let addr = resolve(&host, port).await?;
+    let addr = coordinator.addr;
+    let name = coordinator.server_name()?;
     let coord_text = coordinator.to_string();
     let (client_config, report) = config.quic()?;
     let reported = direct.then(|| {
@@ -424,7 +530,7 @@ pub(crate) async fn join_session(
         reported_addrs(addr, port, &config.direct.advertise)
     });
     let connecting = endpoint
-        .connect_with(client_config, addr, &server_name(&host))
+        .connect_with(client_config, addr, &name)
         .map_err(|e| ConnectError::Handshake {
             addr: coord_text.clone(),
             reason: e.to_string(),
@@ -578,6 +684,77 @@ mod tests {
             judge_hello(Ok(None)),
             HelloAnswer::NoAnswer { .. }
         ));
+    }
+
+    fn candidate(index: usize, address: &str, addr: &str) -> Candidate {
+        Candidate {
+            index,
+            address: address.parse().expect("address"),
+            addr: addr.parse().expect("addr"),
+        }
+    }
+
+    #[test]
+    fn a_resolved_candidate_shows_its_address_and_is_checked_for_the_name() {
+        let named = candidate(0, "quic/coord.example.com:7447", "192.0.2.10:7447");
+        assert_eq!(
+            named.to_string(),
+            "quic/coord.example.com:7447 (192.0.2.10:7447)"
+        );
+        assert_eq!(named.server_name().expect("name"), "coord.example.com");
+        let ip = candidate(1, "quic/192.0.2.10:7447", "192.0.2.10:7447");
+        assert_eq!(ip.to_string(), "quic/192.0.2.10:7447");
+        assert_eq!(ip.server_name().expect("name"), "192.0.2.10");
+        let shorthand = candidate(1, "quic/$4:7447", "127.0.0.1:7447");
+        assert_eq!(shorthand.to_string(), "quic/$4:7447");
+    }
+
+    #[tokio::test]
+    async fn every_configured_address_becomes_candidates_in_order() {
+        let a: Address = "quic/192.0.2.2:7000".parse().expect("address");
+        let b: Address = "quic/[2001:db8::1]".parse().expect("address");
+        let (found, unresolved) = candidates(&[&a, &b], std::time::Duration::from_secs(1))
+            .await
+            .expect("candidates");
+        assert!(unresolved.is_empty(), "{unresolved:?}");
+        assert_eq!(
+            found,
+            [
+                candidate(0, "quic/192.0.2.2:7000", "192.0.2.2:7000"),
+                candidate(1, "quic/[2001:db8::1]", "[2001:db8::1]:7447"),
+            ]
+        );
+        let tcp: Address = "tcp/192.0.2.2:7000".parse().expect("address");
+        assert!(matches!(
+            candidates(&[&a, &tcp], std::time::Duration::from_secs(1)).await,
+            Err(ConnectError::Address(_))
+        ));
+    }
+
+    #[test]
+    fn joining_nowhere_says_each_failure_or_the_one() {
+        let timeout = |addr: &str| ConnectError::Timeout {
+            addr: addr.into(),
+            secs: 10,
+        };
+        assert!(matches!(
+            none_joined(vec![timeout("quic/$4:1")]),
+            ConnectError::Timeout { .. }
+        ));
+        assert!(matches!(none_joined(vec![]), ConnectError::Session(_)));
+        let both = none_joined(vec![
+            timeout("quic/c.example:1 (192.0.2.1:1)"),
+            ConnectError::Resolve {
+                host: "d.example".into(),
+                reason: "no addresses".into(),
+            },
+        ]);
+        assert_eq!(
+            both.to_string(),
+            "no coordinator could be joined; tried 2: [no answer from the coordinator at \
+             quic/c.example:1 (192.0.2.1:1) within 10 s; is it running and reachable?] \
+             [cannot resolve coordinator host d.example: no addresses]"
+        );
     }
 
     #[test]

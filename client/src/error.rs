@@ -64,6 +64,23 @@ pub enum ConnectError {
     /// The coordinator broke the protocol or closed the connection during hello.
     #[error("the coordinator ended the session during hello: {0}")]
     Session(String),
+    /// Several coordinator addresses (configured, or the addresses one
+    /// name resolved to) were tried and none joined: what each one did,
+    /// in the order they were tried.
+    #[error("no coordinator could be joined; tried {}: {}", tried.len(), list(tried))]
+    NoneJoined {
+        /// Each failure, naming the address it tried.
+        tried: Vec<ConnectError>,
+    },
+}
+
+/// `errors` as one line, each in brackets: they are sentences of their own.
+fn list(errors: &[ConnectError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("[{e}]"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Opening a channel failed.

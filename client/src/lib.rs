@@ -58,7 +58,8 @@
 //!   lost session.
 //! - `reconnect`: [`Reconnect`]: when to try again after a lost session,
 //!   and how long to wait.
-//! - `connect`: resolving, the QUIC handshake and the hello; starts the
+//! - `connect`: resolving (each address a name resolves to is a
+//!   coordinator to try), the QUIC handshake and the hello; starts the
 //!   session's tasks.
 //! - `driver`: the session's tasks: channel offers, incoming streams, the
 //!   session stream.

@@ -8,6 +8,7 @@
 //! runs the loop.
 
 use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use qmesh_proto::codes::{ConnCode, RejectCode};
@@ -104,6 +105,17 @@ pub(crate) fn address_for(attempt: u32, current: usize, n: usize) -> usize {
     (current + attempt.saturating_sub(1) as usize) % n
 }
 
+/// Where a reconnect's turn over `list` starts: the place of `lost`, the
+/// candidate the lost session was on, as `(configured index, resolved
+/// address)`; when that address no longer resolves, the first of the same
+/// configured address; the first of all when that address is gone too.
+pub(crate) fn position(list: &[(usize, SocketAddr)], lost: (usize, SocketAddr)) -> usize {
+    list.iter()
+        .position(|c| *c == lost)
+        .or_else(|| list.iter().position(|(index, _)| *index == lost.0))
+        .unwrap_or(0)
+}
+
 /// What to do after a session ended this way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum After {
@@ -188,7 +200,10 @@ pub(crate) fn after_attempt(err: &ConnectError) -> After {
         | ConnectError::Socket(_)
         | ConnectError::Handshake { .. }
         | ConnectError::Timeout { .. }
-        | ConnectError::Session(_) => After::Retry,
+        | ConnectError::Session(_)
+        // Every one of them was worth another try, or it would have
+        // stopped there.
+        | ConnectError::NoneJoined { .. } => After::Retry,
     }
 }
 
@@ -252,6 +267,23 @@ mod tests {
         let order: Vec<usize> = (1..=5).map(|a| address_for(a, 1, 3)).collect();
         assert_eq!(order, [1, 2, 0, 1, 2]);
         assert_eq!(address_for(7, 0, 1), 0);
+    }
+
+    #[test]
+    fn a_reconnect_starts_where_the_lost_session_was_even_when_the_addresses_changed() {
+        let a = |last: u8| SocketAddr::from(([192, 0, 2, last], 7447));
+        let list = [(0, a(1)), (0, a(2)), (0, a(3)), (1, a(9))];
+        assert_eq!(position(&list, (0, a(2))), 1);
+        assert_eq!(position(&list, (1, a(9))), 3);
+        // 192.0.2.4 no longer resolves: the first of the same name.
+        assert_eq!(position(&list, (1, a(4))), 3);
+        assert_eq!(position(&list, (0, a(4))), 0);
+        // A configured address that resolves to nothing now.
+        assert_eq!(position(&list[..3], (1, a(9))), 0);
+        assert_eq!(position(&[], (0, a(1))), 0);
+        // Then each other in turn, over every address of every name.
+        let order: Vec<usize> = (1..=5).map(|n| address_for(n, 2, list.len())).collect();
+        assert_eq!(order, [2, 3, 0, 1, 2]);
     }
 
     #[test]

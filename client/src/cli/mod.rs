@@ -32,7 +32,9 @@ pub(crate) const FILE_CHUNK: usize = 1024 * 1024;
 #[derive(Debug, Parser)]
 #[command(name = "qmesh", version, args_override_self = true)]
 pub(crate) struct Cli {
-    /// The coordinator, as a connpipe address.
+    /// The coordinator, as a connpipe address; repeat it (or separate
+    /// with commas) for several, and a host name with several addresses
+    /// counts as that many.
     #[arg(
         long,
         global = true,
