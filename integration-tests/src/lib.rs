@@ -23,6 +23,7 @@
 //!   so a test can check the coordinator reported a peer.
 #![warn(missing_docs)]
 
+pub mod netns;
 pub mod process;
 pub mod programs;
 pub mod raw;
@@ -238,14 +239,26 @@ pub fn bin(name: &str) -> PathBuf {
         if dir.ends_with("release") {
             args.push("--release");
         }
-        let status = std::process::Command::new(cargo)
-            .args(&args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            // The test's own CARGO_MANIFEST_DIR would make ring's build
-            // script rerun, rebuilding the TLS stack for every test binary.
-            .env_remove("CARGO_MANIFEST_DIR")
-            .status()
-            .expect("running cargo build");
+        let mut build = std::process::Command::new(cargo);
+        build.args(&args).current_dir(env!("CARGO_MANIFEST_DIR"));
+        // The variables cargo sets for this test (CARGO_PKG_NAME,
+        // CARGO_MANIFEST_DIR, ...) would make ring's build script rerun,
+        // and the next `cargo test` rebuild the TLS stack again after it.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_MANIFEST_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                ]
+                .contains(&key.as_ref())
+            {
+                build.env_remove(key.as_ref());
+            }
+        }
+        let status = build.status().expect("running cargo build");
         assert!(status.success(), "building the binaries failed");
     });
     let path = dir.join(name);

@@ -571,8 +571,10 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
             file,
             mode,
         } => {
+            // send stays up: a direct channel is held through a lost
+            // session, and a relayed one ends it through the channel's end.
             let client = cli
-                .connect_once(Some(format!("send-{}", std::process::id())))
+                .connect(Some(format!("send-{}", std::process::id())))
                 .await?;
             send::run(client, address, file.clone(), (*mode).into()).await
         }
