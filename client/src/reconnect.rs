@@ -161,7 +161,9 @@ fn after_code(code: ConnCode) -> After {
         | ConnCode::Shutdown
         | ConnCode::Internal
         | ConnCode::Full
-        | ConnCode::HeartbeatMissed => After::Retry,
+        | ConnCode::HeartbeatMissed
+        // The operator closed the session (`kick`), not the credential.
+        | ConnCode::Kicked => After::Retry,
         // Refusals of this credential or this name, and this client's own
         // protocol faults: the same hello would meet the same answer.
         ConnCode::Malformed

@@ -16,6 +16,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use qmesh_proto::Untrusted;
+
 use crate::control::{Control, Revoked};
 
 /// Longest request line read.
@@ -34,8 +36,27 @@ pub enum Request {
     },
     /// Re-read the policy from the config file.
     Reload,
-    /// Who is connected.
+    /// Who is connected (names only).
     Status,
+    /// Version, uptime, auth mode, listen address, worker, counts.
+    Info,
+    /// Every connected client.
+    Clients,
+    /// Every joined channel.
+    Channels,
+    /// The last joins, leaves, kicks and reloads.
+    Events,
+    /// Close a client's session; it may join again.
+    Kick {
+        /// The client name.
+        name: String,
+        /// Why, told to the client.
+        reason: Option<String>,
+    },
+    /// Drain, then exit.
+    Quit,
+    /// Exit at once.
+    Stop,
 }
 
 /// The answer to a request.
@@ -45,6 +66,77 @@ pub struct Reply {
     pub ok: bool,
     /// What happened, or every error.
     pub lines: Vec<String>,
+    /// The same as data, for `--json`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+impl Reply {
+    fn done(lines: Vec<String>) -> Self {
+        Reply {
+            ok: true,
+            lines,
+            data: None,
+        }
+    }
+
+    fn failed(lines: Vec<String>) -> Self {
+        Reply {
+            ok: false,
+            lines,
+            data: None,
+        }
+    }
+
+    fn with<T: Serialize>(mut self, data: &T) -> Self {
+        self.data = serde_json::to_value(data).ok();
+        self
+    }
+}
+
+/// A duration in seconds as `3h12m`, `4m05s` or `7s`.
+pub fn age(secs: u64) -> String {
+    match secs {
+        s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn since(unix: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{} ago", age(now.saturating_sub(unix)))
+}
+
+fn info_lines(i: &crate::control::Info) -> Vec<String> {
+    let channels: Vec<String> = i.channels.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    vec![
+        format!("version {}", i.version),
+        format!("uptime {}", age(i.uptime_secs)),
+        format!("auth mode {}", i.auth),
+        format!("listening on {}", i.listen),
+        match i.leader_pid {
+            Some(leader) => format!(
+                "worker pid {} (leader pid {leader}), {} worker restart(s)",
+                i.worker_pid, i.worker_restarts
+            ),
+            None => format!("pid {} (--single: no leader)", i.worker_pid),
+        },
+        format!("clients {}", i.clients),
+        format!("channels {}", channels.join(", ")),
+        format!(
+            "relayed {} bytes on {} streams; {} sessions admitted, {} hellos refused",
+            i.bytes_relayed, i.streams_relayed, i.sessions_admitted, i.hellos_refused
+        ),
+    ]
+}
+
+/// What to do once the reply is on its way.
+enum After {
+    Nothing,
+    Stop { at_once: bool },
 }
 
 /// Where the admin socket of a coordinator with state directory `dir` is.
@@ -64,7 +156,16 @@ fn revoked_line(who: &str, r: &Revoked) -> String {
     )
 }
 
-fn handle(control: &Control, request: Request) -> Reply {
+fn handle(control: &Control, request: Request) -> (Reply, After) {
+    let after = match &request {
+        Request::Quit => After::Stop { at_once: false },
+        Request::Stop => After::Stop { at_once: true },
+        _ => After::Nothing,
+    };
+    (answer(control, request), after)
+}
+
+fn answer(control: &Control, request: Request) -> Reply {
     match request {
         Request::Revoke {
             name: Some(name),
@@ -81,6 +182,7 @@ fn handle(control: &Control, request: Request) -> Reply {
             Reply {
                 ok: r.certificates > 0 || r.disconnected,
                 lines,
+                data: None,
             }
         }
         Request::Revoke {
@@ -89,38 +191,87 @@ fn handle(control: &Control, request: Request) -> Reply {
         } => match fp.parse() {
             Ok(fp) => {
                 let r = control.revoke_fingerprint(fp);
-                Reply {
-                    ok: true,
-                    lines: vec![revoked_line(&format!("certificate {fp}"), &r)],
-                }
+                Reply::done(vec![revoked_line(&format!("certificate {fp}"), &r)])
             }
-            Err(e) => Reply {
-                ok: false,
-                lines: vec![format!("bad fingerprint: {e}")],
-            },
+            Err(e) => Reply::failed(vec![format!("bad fingerprint: {e}")]),
         },
-        Request::Revoke { .. } => Reply {
-            ok: false,
-            lines: vec!["revoke takes a name or a fingerprint".into()],
-        },
+        Request::Revoke { .. } => {
+            Reply::failed(vec!["revoke takes a name or a fingerprint".into()])
+        }
         Request::Reload => match control.reload_policy() {
-            Ok(line) => Reply {
-                ok: true,
-                lines: vec![line],
-            },
+            Ok(line) => Reply::done(vec![line]),
             Err(errors) => {
                 let mut lines = vec![format!(
                     "policy not reloaded ({} error(s)); the policy in force is unchanged:",
                     errors.len()
                 )];
                 lines.extend(errors);
-                Reply { ok: false, lines }
+                Reply::failed(lines)
             }
         },
-        Request::Status => Reply {
-            ok: true,
-            lines: control.clients(),
-        },
+        Request::Status => Reply::done(control.clients()),
+        Request::Info => {
+            let info = control.info();
+            Reply::done(info_lines(&info)).with(&info)
+        }
+        Request::Clients => {
+            let list = control.client_list();
+            let mut lines = vec![format!("{} client(s)", list.len())];
+            lines.extend(list.iter().map(|c| {
+                format!(
+                    "{}  {}  since {}  {} channel(s)  {}",
+                    Untrusted::name(&c.name),
+                    c.addr,
+                    since(c.since),
+                    c.channels,
+                    c.fingerprint
+                )
+            }));
+            Reply::done(lines).with(&list)
+        }
+        Request::Channels => {
+            let list = control.channel_list();
+            let mut lines = vec![format!("{} channel(s)", list.len())];
+            lines.extend(list.iter().map(|c| {
+                format!(
+                    "#{}  {} > {} ! {}  {}  {}  {} bytes",
+                    c.number,
+                    Untrusted::name(&c.opener),
+                    Untrusted::name(&c.callee),
+                    Untrusted::name(&c.name),
+                    c.path,
+                    age(c.age_secs),
+                    c.bytes
+                )
+            }));
+            Reply::done(lines).with(&list)
+        }
+        Request::Events => {
+            let events = control.events();
+            let lines = events
+                .iter()
+                .map(|e| format!("{} {} {}", since(e.at), e.kind, e.what))
+                .collect();
+            Reply::done(lines).with(&events)
+        }
+        Request::Kick { name, reason } => {
+            let reason = reason.unwrap_or_else(|| "kicked by the operator".into());
+            if control.kick(&name, &reason) {
+                Reply::done(vec![format!(
+                    "closed {}'s session ({reason}); it may join again",
+                    Untrusted::name(&name)
+                )])
+            } else {
+                Reply::failed(vec![format!(
+                    "no client named {} is connected",
+                    Untrusted::name(&name)
+                )])
+            }
+        }
+        Request::Quit => Reply::done(vec![
+            "draining: live channels may finish within the drain deadline, then the coordinator exits".into(),
+        ]),
+        Request::Stop => Reply::done(vec!["stopping at once".into()]),
     }
 }
 
@@ -133,20 +284,27 @@ async fn serve_one(control: Control, stream: tokio::net::UnixStream) -> Result<(
     )
     .await
     .context("no request line within 5 s")??;
-    let reply = match serde_json::from_str::<Request>(line.trim()) {
+    let (reply, after) = match serde_json::from_str::<Request>(line.trim()) {
         Ok(req) => {
             info!(request = ?req, "admin request");
             handle(&control, req)
         }
-        Err(e) => Reply {
-            ok: false,
-            lines: vec![format!("not a request: {e}")],
-        },
+        Err(e) => (
+            Reply::failed(vec![format!("not a request: {e}")]),
+            After::Nothing,
+        ),
     };
     let mut out = serde_json::to_vec(&reply)?;
     out.push(b'\n');
-    write.write_all(&out).await?;
-    write.shutdown().await?;
+    let written = async {
+        write.write_all(&out).await?;
+        write.shutdown().await
+    }
+    .await;
+    if let After::Stop { at_once } = after {
+        control.stop(at_once);
+    }
+    written?;
     Ok(())
 }
 

@@ -26,7 +26,7 @@ use crate::open::{
     decide, introduce, judge_answer, Answer, Callee, CalleeStream, Party, Reachable, Refusal,
     Request, CALLEE, OPENER,
 };
-use crate::session::{ChannelSide, Session, Shared, StreamCount};
+use crate::session::{ChannelRecord, ChannelSide, Session, Shared, StreamCount};
 use crate::wire::fail;
 use qmesh_proto::codec::read_within;
 
@@ -183,7 +183,24 @@ async fn open(
     // stream sent right after Ready always finds its channel.
     let a_id = StreamId(u64::from(a_send.id()));
     let b_id = StreamId(u64::from(b_send.id()));
+    let number = ChannelId(shared.next_channel.fetch_add(1, Ordering::Relaxed));
+    let (a_intro, b_intro) = if plan.introduces() {
+        introduce(reachable(&session), reachable(&callee))
+    } else {
+        (None, None)
+    };
+    let direct = a_intro.is_some();
+    let record = Arc::new(ChannelRecord {
+        number: number.0,
+        opener: session.name.clone(),
+        callee: callee.name.clone(),
+        name: channel.to_string(),
+        direct,
+        opened: std::time::Instant::now(),
+        bytes: Default::default(),
+    });
     let side_a = Arc::new(ChannelSide {
+        record: record.clone(),
         label: label.clone(),
         peer_conn: callee.conn.clone(),
         peer: Arc::downgrade(&callee),
@@ -192,6 +209,7 @@ async fn open(
         pipes: Default::default(),
     });
     let side_b = Arc::new(ChannelSide {
+        record,
         label: label.clone(),
         peer_conn: session.conn.clone(),
         peer: Arc::downgrade(&session),
@@ -203,13 +221,6 @@ async fn open(
     callee.channels().insert(b_id, side_b.clone());
     shared.stats.channels_joined.fetch_add(1, Ordering::Relaxed);
     // A failed write means that side is gone; its forwarder reports it.
-    let number = ChannelId(shared.next_channel.fetch_add(1, Ordering::Relaxed));
-    let (a_intro, b_intro) = if plan.introduces() {
-        introduce(reachable(&session), reachable(&callee))
-    } else {
-        (None, None)
-    };
-    let direct = a_intro.is_some();
     let _ = write_frame(&mut a_send, &OpenAnswer::Ready(plan.ready(number, a_intro))).await;
     let _ = write_frame(&mut b_send, &plan.ready(number, b_intro)).await;
     info!(number = %number, path = ?plan.path, introduced = direct, "joined");

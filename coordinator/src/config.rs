@@ -83,6 +83,21 @@ pub struct Config {
     /// Broadcast groups with a configured policy; other groups get
     /// [`GroupConfig::default`].
     pub groups: HashMap<String, GroupConfig>,
+    /// Set when this coordinator is a worker under a leader process
+    /// (`qmesh-coordinator run` without `--single`): what `info` reports
+    /// of the leader.
+    pub worker: Option<WorkerOf>,
+}
+
+/// The leader a worker runs under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerOf {
+    /// The leader's process id.
+    pub leader_pid: u32,
+    /// Workers the leader started before this one.
+    pub restarts: u64,
+    /// When the leader started.
+    pub started: std::time::SystemTime,
 }
 
 /// How a broadcast group treats its members.
@@ -134,6 +149,7 @@ impl Config {
             heartbeat: Heartbeat::default(),
             presence_buffer: 1024,
             groups: HashMap::new(),
+            worker: None,
         }
     }
 }

@@ -2,13 +2,91 @@
 //! and the list of connected clients, as [`Control`]. The admin socket and
 //! the SIGHUP handler use it; so can a program embedding the coordinator.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use qmesh_certs::Fingerprint;
+use qmesh_proto::codes::ConnCode;
+use qmesh_proto::Untrusted;
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::policy::Policy;
-use crate::session::{Session, Shared, Stats};
+use crate::session::{Event, Session, Shared, Stats};
+
+/// A connected client, for `qmesh-coordinator clients` and the status page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    /// Its name.
+    pub name: String,
+    /// The address its connection comes from.
+    pub addr: String,
+    /// Seconds since the Unix epoch when it joined.
+    pub since: u64,
+    /// Channels it is part of (joined or being opened).
+    pub channels: usize,
+    /// SHA-256 fingerprint of the certificate it presented (hex).
+    pub fingerprint: String,
+}
+
+/// A joined channel, for `qmesh-coordinator channels` and the status page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelInfo {
+    /// The channel's number.
+    pub number: u64,
+    /// The client that opened it.
+    pub opener: String,
+    /// The client it was opened to.
+    pub callee: String,
+    /// The channel's name.
+    pub name: String,
+    /// `relay`, or `direct` when the two sides were introduced for a
+    /// direct connection (their streams go there once it is up).
+    pub path: String,
+    /// Seconds since it was joined.
+    pub age_secs: u64,
+    /// Payload bytes the coordinator relayed on it, both ways.
+    pub bytes: u64,
+}
+
+/// The coordinator at a glance, for `qmesh-coordinator info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Info {
+    /// The coordinator's version.
+    pub version: String,
+    /// Seconds since the coordinator (the leader, when there is one)
+    /// started.
+    pub uptime_secs: u64,
+    /// `open`, `token` or `ca`.
+    pub auth: String,
+    /// The address it listens on.
+    pub listen: String,
+    /// The process serving clients.
+    pub worker_pid: u32,
+    /// The leader's process id, when there is a leader.
+    pub leader_pid: Option<u32>,
+    /// Workers the leader started before this one.
+    pub worker_restarts: u64,
+    /// Clients connected now.
+    pub clients: usize,
+    /// Joined channels now, by path (`relay`, `direct`).
+    pub channels: BTreeMap<String, usize>,
+    /// Payload bytes relayed since this worker started.
+    pub bytes_relayed: u64,
+    /// Data streams and pipes relayed since this worker started.
+    pub streams_relayed: u64,
+    /// Sessions admitted since this worker started.
+    pub sessions_admitted: u64,
+    /// Hellos refused since this worker started.
+    pub hellos_refused: u64,
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// What `revoke` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,5 +218,116 @@ impl Control {
             .collect();
         names.sort();
         names
+    }
+
+    /// Every connected client, sorted by name.
+    pub fn client_list(&self) -> Vec<ClientInfo> {
+        let sessions: Vec<Arc<Session>> = self.0.registry().iter().cloned().collect();
+        let mut list: Vec<ClientInfo> = sessions
+            .iter()
+            .map(|s| ClientInfo {
+                name: s.name.clone().into_string(),
+                addr: s.conn.remote_address().to_string(),
+                since: unix_secs(s.joined),
+                channels: s.slots.load(Ordering::Relaxed),
+                fingerprint: s.fingerprint.to_string(),
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Every joined channel, oldest first.
+    pub fn channel_list(&self) -> Vec<ChannelInfo> {
+        let sessions: Vec<Arc<Session>> = self.0.registry().iter().cloned().collect();
+        let mut seen = BTreeMap::new();
+        for session in &sessions {
+            for side in session.channels().values() {
+                let r = &side.record;
+                seen.entry(r.number).or_insert_with(|| ChannelInfo {
+                    number: r.number,
+                    opener: r.opener.clone().into_string(),
+                    callee: r.callee.clone().into_string(),
+                    name: r.name.clone(),
+                    path: if r.direct { "direct" } else { "relay" }.into(),
+                    age_secs: r.opened.elapsed().as_secs(),
+                    bytes: r.bytes.load(Ordering::Relaxed),
+                });
+            }
+        }
+        let mut list: Vec<ChannelInfo> = seen.into_values().collect();
+        list.sort_by(|a, b| b.age_secs.cmp(&a.age_secs).then(a.number.cmp(&b.number)));
+        list
+    }
+
+    /// The coordinator at a glance.
+    pub fn info(&self) -> Info {
+        let config = &self.0.config;
+        let channels = self.channel_list();
+        let mut by_path = BTreeMap::from([("direct".to_string(), 0), ("relay".to_string(), 0)]);
+        for c in &channels {
+            *by_path.entry(c.path.clone()).or_default() += 1;
+        }
+        let started = config.worker.as_ref().map_or(self.0.started, |w| w.started);
+        let stats = &self.0.stats;
+        Info {
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_secs: started.elapsed().map_or(0, |d| d.as_secs()),
+            auth: config.auth.mode().to_string(),
+            listen: format!("quic/{}", self.0.local_addr),
+            worker_pid: std::process::id(),
+            leader_pid: config.worker.as_ref().map(|w| w.leader_pid),
+            worker_restarts: config.worker.as_ref().map_or(0, |w| w.restarts),
+            clients: self.0.registry().len(),
+            channels: by_path,
+            bytes_relayed: stats.bytes_relayed.load(Ordering::Relaxed),
+            streams_relayed: stats.streams_relayed.load(Ordering::Relaxed),
+            sessions_admitted: stats.sessions_admitted.load(Ordering::Relaxed),
+            hellos_refused: stats.hellos_refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The last joins, leaves, kicks and reloads, newest last.
+    pub fn events(&self) -> Vec<Event> {
+        self.0
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Close `name`'s session with [`ConnCode::Kicked`] and `reason`; the
+    /// client may join again (unlike [`Control::revoke`]). Whether a
+    /// session was connected under that name.
+    pub fn kick(&self, name: &str, reason: &str) -> bool {
+        let Some(session) = self.0.registry().lookup(name).cloned() else {
+            return false;
+        };
+        let why = format!("the operator closed this session: {reason}");
+        warn!(name = %Untrusted::name(&session.name), reason = %Untrusted::reason(reason), "kicking a client");
+        session.close(ConnCode::Kicked, &why);
+        self.0.note(
+            "kick",
+            format!(
+                "{} kicked: {}",
+                Untrusted::name(&session.name),
+                Untrusted::reason(reason)
+            ),
+        );
+        true
+    }
+
+    /// Start a drain, as the first SIGTERM does (`quit`); with `at_once`,
+    /// stop at once, as the second does (`stop`).
+    pub fn stop(&self, at_once: bool) {
+        let level = if at_once { 2 } else { 1 };
+        self.0.operator_stop.send_modify(|n| *n = (*n).max(level));
+    }
+
+    /// Keep an event for the status page (e.g. a reload done outside).
+    pub fn note(&self, kind: &str, what: String) {
+        self.0.note(kind, what);
     }
 }

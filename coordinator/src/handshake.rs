@@ -261,6 +261,7 @@ impl Gate for CoordinatorGate<'_> {
             |id| {
                 Arc::new(Session {
                     id,
+                    joined: std::time::SystemTime::now(),
                     name: joining.name.clone(),
                     conn: self.conn.clone(),
                     fingerprint,
@@ -374,6 +375,14 @@ pub(crate) async fn hello(
                 .fetch_add(1, Ordering::Relaxed);
             let name = session.name.clone();
             let interfaces = session.interfaces().to_vec();
+            shared.note(
+                "join",
+                format!(
+                    "{} joined from {}",
+                    Untrusted::name(&name),
+                    session.conn.remote_address()
+                ),
+            );
             let _ = shared.presence.send(if rejoined {
                 PresenceEvent::Changed { name, interfaces }
             } else {

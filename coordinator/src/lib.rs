@@ -85,5 +85,6 @@ mod wire;
 pub use config::Config;
 pub use registry::Registry;
 pub use server::{BindError, Coordinator, CoordinatorHandle, Listener, Stats};
+pub use session::Event;
 
 pub use qmesh_certs::transport::describe_close;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use qmesh_coordinator::admin::Request;
 use qmesh_coordinator::auth::{token_key, AuthMode};
 use qmesh_coordinator::devcert::write_certs;
 use qmesh_coordinator::settings::{self, Flags};
@@ -66,6 +67,43 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Version, uptime, auth mode, listen address, worker pid and
+    /// restarts, clients, channels by path, bytes relayed.
+    Info(Ask),
+    /// The connected clients: name, address, since, channels, certificate
+    /// fingerprint.
+    Clients(Ask),
+    /// The joined channels: both ends, name, path, age, bytes relayed.
+    Channels(Ask),
+    /// The last joins, leaves, kicks and reloads.
+    Events(Ask),
+    /// Close a client's session (code 17, kicked); unlike revoke, it may
+    /// join again.
+    Kick {
+        /// The client name.
+        name: String,
+        /// Why, told to the client.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        ask: Ask,
+    },
+    /// Re-read the whole config file and apply what can change live.
+    Reload(Ask),
+    /// Drain (live channels get the drain deadline), then exit.
+    Quit(Ask),
+    /// Exit at once.
+    Stop(Ask),
+}
+
+/// An operator command's target and output form.
+#[derive(Debug, clap::Args)]
+struct Ask {
+    #[command(flatten)]
+    place: Place,
+    /// Print the answer as one JSON document.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -245,7 +283,56 @@ fn main() -> Result<()> {
         Command::Policy {
             command: PolicyCommand::Reload { place },
         } => admin(&place, qmesh_coordinator::admin::Request::Reload),
+        Command::Info(ask) => ask.send(Request::Info),
+        Command::Clients(ask) => ask.send(Request::Clients),
+        Command::Channels(ask) => ask.send(Request::Channels),
+        Command::Events(ask) => ask.send(Request::Events),
+        Command::Kick { name, reason, ask } => ask.send(Request::Kick { name, reason }),
+        Command::Reload(ask) => ask.send(Request::Reload),
+        Command::Quit(ask) => ask.send(Request::Quit),
+        Command::Stop(ask) => ask.send(Request::Stop),
     }
+}
+
+impl Ask {
+    /// Send `request` and print the answer: its lines, or with `--json`
+    /// one JSON document (`{"ok": …, "lines": […], "data": …}`). A
+    /// coordinator that does not answer is one line on stderr and
+    /// status 1.
+    fn send(&self, request: Request) -> Result<()> {
+        let reply = match ask(&self.place, &request) {
+            Ok(reply) => reply,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+        };
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&reply)?);
+        } else {
+            for line in &reply.lines {
+                if reply.ok {
+                    println!("{line}");
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        if !reply.ok {
+            std::process::exit(1);
+        }
+        Ok(())
+    }
+}
+
+/// Send one admin request to the coordinator `place` names.
+fn ask(place: &Place, request: &Request) -> Result<qmesh_coordinator::admin::Reply> {
+    let dir = place.state_dir()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(qmesh_coordinator::admin::request(&dir, request))
 }
 
 /// Send one admin request and print the reply.

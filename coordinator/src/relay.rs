@@ -131,7 +131,14 @@ pub(crate) async fn relay_stream(shared: Arc<Shared>, session: Arc<Session>, mut
     shared.stats.streams_relayed.fetch_add(1, Ordering::Relaxed);
     trace!(channel = %side.label, "relaying stream");
     let counter = MessageCounter::new(shared.config.max_message);
-    copy(&shared, &session, Some(counter), &mut recv, &mut send).await;
+    copy(
+        &shared,
+        &session,
+        Some(counter),
+        (&mut recv, &mut send),
+        &side.record.bytes,
+    )
+    .await;
 }
 
 /// Counts a relayed pipe until dropped.
@@ -191,8 +198,20 @@ pub(crate) async fn relay_pipe(
     shared.stats.streams_relayed.fetch_add(1, Ordering::Relaxed);
     trace!(channel = %side.label, "relaying pipe");
     tokio::join!(
-        copy(&shared, &session, None, &mut a_recv, &mut b_send),
-        copy(&shared, &peer, None, &mut b_recv, &mut a_send),
+        copy(
+            &shared,
+            &session,
+            None,
+            (&mut a_recv, &mut b_send),
+            &side.record.bytes
+        ),
+        copy(
+            &shared,
+            &peer,
+            None,
+            (&mut b_recv, &mut a_send),
+            &side.record.bytes
+        ),
     );
 }
 
@@ -210,8 +229,8 @@ async fn copy(
     shared: &Shared,
     session: &Session,
     mut counter: Option<MessageCounter>,
-    recv: &mut RecvStream,
-    send: &mut SendStream,
+    (recv, send): (&mut RecvStream, &mut SendStream),
+    channel_bytes: &AtomicU64,
 ) {
     let mut bufs: [Bytes; CHUNKS_PER_READ] = std::array::from_fn(|_| Bytes::new());
     // A reader that stops its stream is passed back to the writer at once,
@@ -269,6 +288,7 @@ async fn copy(
                             .stats
                             .bytes_relayed
                             .fetch_add(bytes, Ordering::Relaxed);
+                        channel_bytes.fetch_add(bytes, Ordering::Relaxed);
                     }
                     Err(WriteError::Stopped(c)) => {
                         let _ = recv.stop(c);

@@ -118,6 +118,7 @@ impl Coordinator {
         let mut registry = Registry::new();
         registry.set_capacity(config.max_clients);
         let policy = config.policy.clone();
+        let local_addr = endpoint.local_addr().unwrap_or(config.listen);
         Ok(Self {
             endpoint,
             shared: Arc::new(Shared {
@@ -133,6 +134,10 @@ impl Coordinator {
                 slots: tokio::sync::watch::Sender::new(0),
                 next_channel: AtomicU64::new(first_channel_number()),
                 policy: RwLock::new(Arc::new(policy)),
+                local_addr,
+                started: std::time::SystemTime::now(),
+                operator_stop: tokio::sync::watch::Sender::new(0),
+                events: Mutex::default(),
             }),
         })
     }
@@ -182,6 +187,20 @@ impl Coordinator {
                     Err(e) => warn!(cause = %e, "no admin socket: the revoke and policy reload commands cannot reach this coordinator (SIGHUP still reloads the policy)"),
                 }
             }
+            let mut asked = shared.operator_stop.subscribe();
+            let mut asked_now = asked.clone();
+            let now = async move {
+                tokio::select! {
+                    _ = now => {}
+                    _ = asked_now.wait_for(|n| *n >= 2) => info!("the operator asked to stop at once"),
+                }
+            };
+            let drain = async move {
+                tokio::select! {
+                    _ = drain => {}
+                    _ = asked.wait_for(|n| *n >= 1) => info!("the operator asked for a drain"),
+                }
+            };
             let mut now = pin!(now);
             let accept = async {
                 loop {
@@ -540,13 +559,17 @@ async fn run_session(
                 },
             }
         }
-        if shared.registry().leave(&session.name, session.id) {
+        let left = shared.registry().leave(&session.name, session.id);
+        if left {
             let _ = shared.presence.send(PresenceEvent::Left { name: session.name.clone() });
         }
         let reason = conn
             .close_reason()
             .map(|e| qmesh_certs::transport::describe_close(&e))
             .unwrap_or_else(|| "closed".into());
+        if left {
+            shared.note("leave", format!("{} left: {}", Untrusted::name(&session.name), Untrusted::reason(&reason)));
+        }
         info!(reason = %Untrusted::reason(&reason), "left");
     }
     .instrument(span)

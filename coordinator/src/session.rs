@@ -71,9 +71,49 @@ pub(crate) struct Shared {
     pub(crate) presence: tokio::sync::broadcast::Sender<PresenceEvent>,
     /// Broadcast groups by name.
     pub(crate) groups: Groups,
+    /// The address the endpoint is bound to.
+    pub(crate) local_addr: SocketAddr,
+    /// When this coordinator started.
+    pub(crate) started: std::time::SystemTime,
+    /// Stops asked for through the admin socket: 1 drains (`quit`), 2
+    /// stops at once (`stop`).
+    pub(crate) operator_stop: tokio::sync::watch::Sender<u8>,
+    /// The last joins, leaves, kicks and reloads, newest last, at most
+    /// [`EVENTS_KEPT`].
+    pub(crate) events: Mutex<std::collections::VecDeque<Event>>,
+}
+
+/// How many events [`Shared::events`] keeps.
+pub(crate) const EVENTS_KEPT: usize = 50;
+
+/// Something an operator may want to see on the status page.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Event {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// `join`, `leave`, `kick`, `reload` or `revoke`.
+    pub kind: String,
+    /// What happened, in a sentence (client names escaped).
+    pub what: String,
 }
 
 impl Shared {
+    /// Keep an event for the status page.
+    pub(crate) fn note(&self, kind: &str, what: String) {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if events.len() >= EVENTS_KEPT {
+            events.pop_front();
+        }
+        events.push_back(Event {
+            at,
+            kind: kind.into(),
+            what,
+        });
+    }
+
     pub(crate) fn registry(&self) -> MutexGuard<'_, Registry<Arc<Session>>> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -90,6 +130,8 @@ impl Shared {
 #[derive(Debug)]
 pub(crate) struct Session {
     pub(crate) id: SessionId,
+    /// When it was admitted.
+    pub(crate) joined: std::time::SystemTime,
     pub(crate) name: ClientName,
     pub(crate) conn: Connection,
     /// The fingerprint of the certificate the client presented in the TLS
@@ -208,9 +250,30 @@ pub(crate) struct StreamCount {
     pub(crate) dropped: u64,
 }
 
+/// What the operator sees of a joined channel; both sides share it.
+#[derive(Debug)]
+pub(crate) struct ChannelRecord {
+    /// The channel's number.
+    pub(crate) number: u64,
+    /// Who opened it.
+    pub(crate) opener: ClientName,
+    /// Who it was opened to.
+    pub(crate) callee: ClientName,
+    /// The channel's name.
+    pub(crate) name: String,
+    /// Whether the two sides were introduced for a direct connection.
+    pub(crate) direct: bool,
+    /// When it was joined.
+    pub(crate) opened: std::time::Instant,
+    /// Payload bytes relayed on it, both ways.
+    pub(crate) bytes: std::sync::atomic::AtomicU64,
+}
+
 /// One side of a joined channel, as seen from that side's connection.
 #[derive(Debug)]
 pub(crate) struct ChannelSide {
+    /// What the operator sees of the channel.
+    pub(crate) record: Arc<ChannelRecord>,
     /// `opener>callee!channel`, for logs.
     pub(crate) label: Arc<str>,
     /// The other side's connection.

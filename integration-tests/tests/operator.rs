@@ -295,3 +295,143 @@ async fn open_mode_warns_loudly() {
     coord.proc.terminate();
     let _ = coord.proc.finish().await;
 }
+
+/// Run `qmesh-coordinator COMMAND ARGS --state-dir DIR [--json]`.
+async fn ask(dir: &Path, command: &[&str], json: bool) -> (bool, String, String) {
+    let mut args: Vec<&OsStr> = command.iter().map(OsStr::new).collect();
+    args.extend(["--state-dir".as_ref(), dir.as_os_str()]);
+    if json {
+        args.push("--json".as_ref());
+    }
+    operator(&args).await
+}
+
+/// The `data` of a `--json` answer.
+async fn ask_json(dir: &Path, command: &[&str]) -> serde_json::Value {
+    let (ok, out, err) = ask(dir, command, true).await;
+    assert!(ok, "{command:?} --json: {err}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{command:?} --json: {e}: {out}"));
+    assert_eq!(doc["ok"], true, "{out}");
+    doc["data"].clone()
+}
+
+/// `info`, `clients`, `channels`, `events`, `kick`, `quit` and `stop`, each
+/// with and without `--json`, against a running coordinator and against
+/// none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_answer_in_text_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let clients = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state_arg = state.as_os_str().to_owned();
+    let coord = start(&state, &[]).await;
+    let mut bob = coord.qmesh(clients.path(), &["--name", "bob", "listen", "chat"]);
+    bob.ready().await;
+    let mut alice = coord.qmesh(
+        clients.path(),
+        &[
+            "--name",
+            "alice",
+            "send",
+            "--mode",
+            "relay",
+            "mesh/bob!chat",
+        ],
+    );
+    alice.write_stdin(b"0123456789\n").await;
+    assert_eq!(bob.stdout_line("the line", |_| true).await, "0123456789");
+
+    let (ok, out, err) = ask(&state, &["info"], false).await;
+    assert!(ok, "info: {err}");
+    for want in ["clients 2", "channels 0 direct, 1 relay", "auth mode open"] {
+        assert!(out.contains(want), "info lacks {want:?}: {out}");
+    }
+    let info = ask_json(&state, &["info"]).await;
+    assert_eq!(info["clients"], 2, "{info}");
+    assert_eq!(info["channels"]["relay"], 1, "{info}");
+    assert_eq!(info["listen"], format!("quic/127.0.0.1:{}", coord.port));
+    assert!(info["bytes_relayed"].as_u64().unwrap() >= 11, "{info}");
+
+    let (ok, out, _) = ask(&state, &["clients"], false).await;
+    assert!(ok && out.contains("2 client(s)"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("alice ")), "{out}");
+    let list = ask_json(&state, &["clients"]).await;
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["alice", "bob"]);
+    assert!(list[0]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
+    assert_eq!(list[1]["channels"], 1, "{list}");
+
+    let (ok, out, _) = ask(&state, &["channels"], false).await;
+    assert!(ok && out.contains("alice > bob ! chat  relay"), "{out}");
+    let channels = ask_json(&state, &["channels"]).await;
+    assert_eq!(channels[0]["opener"], "alice");
+    assert_eq!(channels[0]["callee"], "bob");
+    assert_eq!(channels[0]["name"], "chat");
+    assert_eq!(channels[0]["path"], "relay");
+    assert!(channels[0]["bytes"].as_u64().unwrap() >= 11, "{channels}");
+
+    // kick: bob's session is closed with the reason, and bob comes back.
+    let (ok, out, err) = ask(&state, &["kick", "bob", "--reason", "maintenance"], false).await;
+    assert!(ok, "kick: {err}");
+    assert!(out.contains("closed bob's session (maintenance)"), "{out}");
+    let line = bob
+        .stderr_line("bob's reconnect", |l| {
+            l.starts_with("qmesh: reconnecting to")
+        })
+        .await;
+    assert!(line.contains("maintenance"), "{line}");
+    bob.stderr_line("bob back", |l| l.starts_with("qmesh: reconnected to"))
+        .await;
+    let events = ask_json(&state, &["events"]).await;
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "kick" && e["what"].as_str().unwrap().contains("bob")),
+        "{events}"
+    );
+    let (ok, out, _) = ask(&state, &["events"], false).await;
+    assert!(ok && out.contains("kick bob kicked: maintenance"), "{out}");
+    let (ok, _, err) = ask(&state, &["kick", "nobody"], false).await;
+    assert!(!ok && err.contains("no client named nobody"), "{err}");
+    let (ok, out, _) = ask(&state, &["kick", "nobody"], true).await;
+    assert!(!ok && out.contains("\"ok\": false"), "{out}");
+
+    // quit drains and the coordinator exits 0.
+    let mut coord = coord;
+    let (ok, out, err) = ask(&state, &["quit"], false).await;
+    assert!(ok && out.contains("draining"), "quit: {out}{err}");
+    let exit = coord.proc.finish().await;
+    assert!(exit.status.success(), "{}", show(&exit));
+    drop((alice, bob, state_arg));
+
+    // Against no coordinator: one line on stderr, status 1.
+    for command in ["info", "clients", "channels", "events", "quit", "stop"] {
+        for json in [false, true] {
+            let (ok, out, err) = ask(&state, &[command], json).await;
+            assert!(!ok, "{command} with no coordinator succeeded: {out}");
+            assert_eq!(err.trim().lines().count(), 1, "{command}: {err}");
+            assert!(err.contains("no coordinator answers"), "{command}: {err}");
+        }
+    }
+
+    // stop: exits at once, a live session notwithstanding.
+    let coord = start(&state, &[]).await;
+    let mut carol = coord.qmesh(clients.path(), &["--name", "carol", "listen", "chat"]);
+    carol.ready().await;
+    let (ok, _, err) = ask(&state, &["stop"], true).await;
+    assert!(ok, "stop: {err}");
+    let mut coord = coord;
+    let exit = coord.proc.finish().await;
+    assert!(exit.status.success(), "{}", show(&exit));
+}

@@ -90,6 +90,9 @@ numbered! {
         RateExceeded = 15, "rate limit exceeded";
         /// The peer missed the configured number of heartbeats in a row.
         HeartbeatMissed = 16, "heartbeats missed";
+        /// The operator closed this session (`qmesh-coordinator kick`);
+        /// the client may join again.
+        Kicked = 17, "closed by the operator";
     }
 }
 
@@ -240,6 +243,7 @@ mod tests {
             ConnCode::BadToken,
             ConnCode::RateExceeded,
             ConnCode::HeartbeatMissed,
+            ConnCode::Kicked,
         ];
         for (i, c) in all.iter().enumerate() {
             assert_eq!(c.code() as usize, i);
