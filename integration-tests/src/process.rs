@@ -114,6 +114,30 @@ impl Proc {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Proc::start(netns, program, Some("info"), args, env)
+    }
+
+    /// As [`Proc::spawn`], without `--log info`: the program logs what it
+    /// logs by default (`qmesh`: warnings and errors), as a user sees it.
+    pub fn spawn_default_log<I, S>(program: &str, args: I, env: &[(&str, &OsStr)]) -> Proc
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Proc::start(None, program, None, args, env)
+    }
+
+    fn start<I, S>(
+        netns: Option<&str>,
+        program: &str,
+        log: Option<&str>,
+        args: I,
+        env: &[(&str, &OsStr)],
+    ) -> Proc
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let args: Vec<_> = args
             .into_iter()
             .map(|a| a.as_ref().to_os_string())
@@ -133,7 +157,10 @@ impl Proc {
             }
             None => Command::new(bin(program)),
         };
-        cmd.arg("--log").arg("info").args(&args);
+        if let Some(filter) = log {
+            cmd.arg("--log").arg(filter);
+        }
+        cmd.args(&args);
         for var in CLEARED_ENV {
             cmd.env_remove(var);
         }
@@ -220,10 +247,13 @@ impl Proc {
         }
     }
 
-    /// A `qmesh listen` is connected and ready once it logs `listening`.
+    /// A `qmesh listen` is connected and ready once it prints
+    /// `qmesh: NAME listening on mesh/NAME!CHANNEL` (at any log level).
     pub async fn ready(&mut self) {
-        self.stderr_line("`] listening`", |l| l.contains("] listening"))
-            .await;
+        self.stderr_line("`qmesh: ... listening on`", |l| {
+            l.starts_with("qmesh: ") && l.contains(" listening on mesh/")
+        })
+        .await;
     }
 
     /// Fail the test: the process ended without printing `wanted`.

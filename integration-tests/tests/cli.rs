@@ -114,6 +114,95 @@ async fn send_lines_to_a_listener() {
     );
 }
 
+/// `qmesh` run as a user runs it: by default no log line below a warning,
+/// only the command's own lines (the listener's ready line, `send`'s open
+/// and confirmation lines); `-v` brings info back, `-vv` debug, and
+/// `--log` or `RUST_LOG` are used instead when given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_is_quiet_by_default_and_v_brings_the_logs_back() {
+    let state = tempdir();
+    let (coord, ca) = start_dev(state.path()).await;
+    let client_state = state.path().join("client-state");
+    let coordinator = coord.v4();
+    let plain = |args: &[&str], env: &[(&str, &OsStr)]| {
+        let mut all: Vec<&OsStr> = vec![
+            "--coordinator".as_ref(),
+            coordinator.as_ref(),
+            "--ca".as_ref(),
+            ca.as_os_str(),
+            "--state-dir".as_ref(),
+            client_state.as_os_str(),
+        ];
+        all.extend(args.iter().map(OsStr::new));
+        Proc::spawn_default_log("qmesh", all, env)
+    };
+    // Ready at the default level: the ready line is the command's own.
+    let mut bob = plain(&["--name", "bob", "listen", "chat"], &[]);
+    bob.ready().await;
+    let is_log = |l: &str, level: &str| l.starts_with('[') && l.contains(&format!(" {level} "));
+    // Flags, RUST_LOG, the levels that must show and those that must not.
+    let cases = [
+        (&[][..], None, &[][..], &["INFO", "DEBUG"][..]),
+        (&["-v"], None, &["INFO"], &["DEBUG"]),
+        (&["-vv"], None, &["INFO", "DEBUG"], &[]),
+        (&["-vv", "--log", "warn"], None, &[], &["INFO", "DEBUG"]),
+        (&[], Some("info"), &["INFO"], &["DEBUG"]),
+    ];
+    for (i, (flags, rust_log, shown, hidden)) in cases.into_iter().enumerate() {
+        let env: Vec<(&str, &OsStr)> = rust_log
+            .map(|filter| ("RUST_LOG", OsStr::new(filter)))
+            .into_iter()
+            .collect();
+        let mut args = flags.to_vec();
+        args.extend(["send", "mesh/bob!chat"]);
+        let mut alice = plain(&args, &env);
+        let line = format!("line {i}\n");
+        alice.feed_stdin(line.as_bytes()).await;
+        let sent = alice.finish().await;
+        let what = format!("{flags:?} RUST_LOG={rust_log:?}: {}", show(&sent));
+        assert!(sent.status.success(), "send failed: {what}");
+        assert!(sent.stderr.contains("qmesh: channel "), "{what}");
+        assert!(sent.stderr.contains(" open after "), "{what}");
+        assert!(
+            sent.stderr
+                .contains("qmesh: the peer confirmed 1 line(s), 6 byte(s)"),
+            "{what}"
+        );
+        for level in shown {
+            assert!(
+                sent.stderr.lines().any(|l| is_log(l, level)),
+                "no {level} line: {what}"
+            );
+        }
+        for level in hidden {
+            assert!(
+                !sent.stderr.lines().any(|l| is_log(l, level)),
+                "a {level} line: {what}"
+            );
+        }
+        let got = bob.stdout_line("the line sent", |_| true).await;
+        assert_eq!(got, format!("line {i}"));
+    }
+    // The default shows nothing but the command's lines and warnings.
+    let mut alice = plain(&["send", "mesh/bob!chat"], &[]);
+    alice.feed_stdin(b"last\n").await;
+    let sent = alice.finish().await;
+    assert!(sent.status.success(), "{}", show(&sent));
+    for line in sent.stderr.lines() {
+        assert!(
+            line.starts_with("qmesh: ") || is_log(line, "WARN") || is_log(line, "ERROR"),
+            "not a result line: {line:?} in {}",
+            show(&sent)
+        );
+    }
+    let listened = bob.kill().await;
+    assert!(
+        !listened.stderr.lines().any(|l| is_log(l, "INFO")),
+        "the default listener logged info: {}",
+        show(&listened)
+    );
+}
+
 /// `send --mode direct` runs the channel peer to peer, says so, and the
 /// client keeps its key in the state directory across runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

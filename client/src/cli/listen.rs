@@ -22,7 +22,12 @@ pub(crate) async fn run(client: Client, channel: &str, out: Option<PathBuf>) -> 
             .await
             .with_context(|| format!("creating {}", dir.display()))?;
     }
-    info!(channel, "listening");
+    // The command's own line, shown whatever the log level: it is ready.
+    eprintln!(
+        "qmesh: {} listening on mesh/{}!{channel}",
+        client.name(),
+        client.name()
+    );
     while let Some(offer) = client.accept().await {
         if offer.channel() != channel {
             let reason = format!("not listening on channel \"{}\"", offer.channel());

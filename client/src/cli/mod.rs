@@ -87,10 +87,15 @@ pub(crate) struct Cli {
     /// lost.
     #[arg(long, global = true, default_value_t = 3)]
     heartbeat_misses: u32,
-    /// Log filter, e.g. `info` or `debug` (else RUST_LOG); the last one
-    /// given counts.
+    /// Log filter, e.g. `info` or `debug` (else RUST_LOG, else what -v
+    /// asks for); the last one given counts.
     #[arg(long, global = true)]
-    pub(crate) log: Option<String>,
+    log: Option<String>,
+    /// Show more of the logs: -v info, -vv debug, -vvv trace. Without it
+    /// only warnings and errors are logged, besides the command's own
+    /// lines; --log or RUST_LOG, when given, is used instead.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -346,6 +351,13 @@ fn load_identity(cli: &Cli, name: &str) -> Result<Identity> {
 }
 
 impl Cli {
+    /// The log filter: `--log` when given; `None` when `RUST_LOG` is set
+    /// (the logger reads it); else the level `-v` asks for.
+    pub(crate) fn log_filter(&self) -> Option<String> {
+        let rust_log = std::env::var_os("RUST_LOG").is_some_and(|v| !v.is_empty());
+        log_filter(self.log.as_deref(), rust_log, self.verbose)
+    }
+
     fn config(&self, default_name: Option<String>) -> Result<ClientConfig> {
         let mut addresses = Vec::new();
         for text in &self.coordinator {
@@ -466,6 +478,24 @@ impl Cli {
         }
         Ok(client)
     }
+}
+
+/// `--log` if given, `None` (the logger reads `RUST_LOG`) if `rust_log`,
+/// else by `-v` count: warnings and errors only, then info, debug, trace.
+fn log_filter(log: Option<&str>, rust_log: bool, verbose: u8) -> Option<String> {
+    if let Some(filter) = log {
+        return Some(filter.to_owned());
+    }
+    if rust_log {
+        return None;
+    }
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    Some(level.to_owned())
 }
 
 /// Whether a command stays up across lost sessions.
@@ -662,5 +692,38 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
             forward::run_forward(client, route).await
         }
         Command::Up { .. } => unreachable!("handled above"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_are_quiet_by_default_and_log_or_rust_log_win_over_v() {
+        assert_eq!(log_filter(None, false, 0).as_deref(), Some("warn"));
+        assert_eq!(log_filter(None, false, 1).as_deref(), Some("info"));
+        assert_eq!(log_filter(None, false, 2).as_deref(), Some("debug"));
+        assert_eq!(log_filter(None, false, 7).as_deref(), Some("trace"));
+        assert_eq!(log_filter(None, true, 2), None);
+        assert_eq!(
+            log_filter(Some("quinn=debug"), true, 1).as_deref(),
+            Some("quinn=debug")
+        );
+    }
+
+    #[test]
+    fn v_counts_before_or_after_the_subcommand() {
+        for (args, want) in [
+            (&["qmesh", "peers"][..], 0),
+            (&["qmesh", "-v", "peers"], 1),
+            (&["qmesh", "peers", "-v"], 1),
+            (&["qmesh", "-v", "-v", "peers"], 2),
+            (&["qmesh", "peers", "-vvv"], 3),
+        ] {
+            assert_eq!(Cli::parse_from(args).verbose, want, "{args:?}");
+        }
+        let cli = Cli::parse_from(["qmesh", "--log", "info", "peers", "--log", "debug"]);
+        assert_eq!(cli.log.as_deref(), Some("debug"));
     }
 }
