@@ -1005,6 +1005,48 @@ async fn broadcast_members_exchange_lines() {
     }
 }
 
+/// `qmesh completions SHELL` prints that shell's completion script, which
+/// names the subcommands; bash reads the bash one without a syntax error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_for_bash_zsh_and_fish_name_the_subcommands() {
+    for (shell, marker) in [
+        ("bash", "complete -F _qmesh"),
+        ("zsh", "#compdef qmesh"),
+        ("fish", "complete -c qmesh"),
+    ] {
+        let exit = Proc::spawn("qmesh", ["completions", shell], &[])
+            .finish()
+            .await;
+        assert!(exit.status.success(), "{shell}: {}", show(&exit));
+        let script = &exit.stdout;
+        assert!(script.contains(marker), "{shell}: no {marker:?}: {script}");
+        for sub in ["listen", "send", "peers", "up", "completions"] {
+            assert!(script.contains(sub), "{shell}: no {sub}: {script}");
+        }
+        // Flags are completed as well.
+        assert!(script.contains("coordinator"), "{shell}: {script}");
+        if shell == "bash" {
+            let dir = tempdir();
+            let file = dir.path().join("qmesh.bash");
+            std::fs::write(&file, script).expect("writing the script");
+            let checked = std::process::Command::new("bash")
+                .arg("-n")
+                .arg(&file)
+                .output()
+                .expect("running bash -n");
+            assert!(
+                checked.status.success(),
+                "bash -n: {}",
+                String::from_utf8_lossy(&checked.stderr)
+            );
+        }
+    }
+    let bad = Proc::spawn("qmesh", ["completions", "tcsh"], &[])
+        .finish()
+        .await;
+    assert_eq!(bad.status.code(), Some(2), "{}", show(&bad));
+}
+
 /// `qmesh serve`, `request`, `peers [--watch]` and `describe` from a shell:
 /// a request is echoed; a request nobody answers says its reply is missing
 /// and exits non-zero; `peers` lists what each client offers, `--watch`

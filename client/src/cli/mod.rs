@@ -205,6 +205,12 @@ enum Command {
         #[arg(long, requires = "config")]
         reload: bool,
     },
+    /// Print a completion script for SHELL on stdout, e.g.
+    /// `qmesh completions bash > /etc/bash_completion.d/qmesh`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Listen on LISTEN and carry every connection (or UDP flow) to the
     /// exposed interface TO, until interrupted.
     Forward {
@@ -578,6 +584,11 @@ async fn enroll_fresh(
 
 /// Run the parsed command.
 pub(crate) async fn run(mut cli: Cli) -> Result<()> {
+    if let Command::Completions { shell } = &cli.command {
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(*shell, &mut command, "qmesh", &mut std::io::stdout());
+        return Ok(());
+    }
     if let Command::Up {
         config,
         check,
@@ -691,7 +702,7 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
             let client = cli.connect(None).await?;
             forward::run_forward(client, route).await
         }
-        Command::Up { .. } => unreachable!("handled above"),
+        Command::Up { .. } | Command::Completions { .. } => unreachable!("handled above"),
     }
 }
 
