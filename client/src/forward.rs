@@ -177,8 +177,14 @@ enum Half {
 }
 
 /// Copy `local` to the pipe and the pipe to `local` until both directions
-/// finish, passing half-closes and resets across.
-async fn splice<L: Local>(local: L, send: &mut SendStream, recv: &mut RecvStream) -> Spliced {
+/// finish, passing half-closes and resets across; the bytes are counted in
+/// `stats`.
+async fn splice<L: Local>(
+    local: L,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    stats: &RouteStats,
+) -> Spliced {
     let (mut rd, mut wr) = tokio::io::split(local);
     let ended = {
         let up = async {
@@ -193,6 +199,7 @@ async fn splice<L: Local>(local: L, send: &mut SendStream, recv: &mut RecvStream
                         if send.write_all(&buf[..n]).await.is_err() {
                             return Half::PipeReset;
                         }
+                        stats.sent.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Err(_) => return Half::LocalReset,
                 }
@@ -210,6 +217,7 @@ async fn splice<L: Local>(local: L, send: &mut SendStream, recv: &mut RecvStream
                         if wr.write_all(&buf[..n]).await.is_err() {
                             return Half::LocalReset;
                         }
+                        stats.received.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Err(_) => return Half::PipeReset,
                 }
@@ -247,28 +255,101 @@ async fn splice<L: Local>(local: L, send: &mut SendStream, recv: &mut RecvStream
     ended
 }
 
-/// Counts a route's live connections; the slot frees itself when dropped.
+/// One route's traffic, counted as it flows: its connections (a UDP flow
+/// counts as one) and their bytes. A program that runs routes (the `qmesh
+/// up` agent's `/metrics`) passes its own to [`Forward::run_counted`] or
+/// [`Exposer::add_counted`] and reads it.
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    /// Connections carried now.
+    open: AtomicUsize,
+    /// Connections taken on (within the route's limit) since it started.
+    total: AtomicU64,
+    /// Bytes (UDP: payload bytes) from the local side into the mesh.
+    sent: AtomicU64,
+    /// Bytes (UDP: payload bytes) from the mesh to the local side.
+    received: AtomicU64,
+    /// A forward's channel's path, once it has one.
+    path: Mutex<Option<crate::Path>>,
+}
+
+impl RouteStats {
+    /// Connections (or UDP flows) carried now.
+    pub fn open(&self) -> u64 {
+        self.open.load(Ordering::Relaxed) as u64
+    }
+
+    /// Connections (or UDP flows) taken on since the route started; those
+    /// refused at its limit are not counted.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Bytes read on the local side and written into the mesh.
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Bytes from the mesh written to the local side.
+    pub fn bytes_received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// A forward's path now: that of its standing channel, once opened.
+    /// `None` for an exposed interface, whose channels (one per peer) each
+    /// have their own.
+    pub fn path(&self) -> Option<crate::Path> {
+        *lock(&self.path)
+    }
+
+    fn set_path(&self, path: crate::Path) {
+        *lock(&self.path) = Some(path);
+    }
+}
+
+/// Counts a route's live connections against its limit, and in its
+/// stats (which a reloaded route keeps, while its limit starts afresh); the
+/// slot frees itself when dropped.
 #[derive(Debug, Clone, Default)]
-struct Slots(Arc<AtomicUsize>);
+struct Slots {
+    taken: Arc<AtomicUsize>,
+    stats: Arc<RouteStats>,
+}
 
 /// One taken place under a route's connection limit.
-struct Slot(Arc<AtomicUsize>);
+struct Slot {
+    taken: Arc<AtomicUsize>,
+    stats: Arc<RouteStats>,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.taken.fetch_sub(1, Ordering::Relaxed);
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Slots {
+    fn new(stats: Arc<RouteStats>) -> Self {
+        Self {
+            taken: Arc::default(),
+            stats,
+        }
+    }
+
     /// Take a slot, unless `max` are taken.
     fn take(&self, max: usize) -> Option<Slot> {
-        let before = self.0.fetch_add(1, Ordering::Relaxed);
+        let before = self.taken.fetch_add(1, Ordering::Relaxed);
         if before >= max {
-            self.0.fetch_sub(1, Ordering::Relaxed);
+            self.taken.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        Some(Slot(self.0.clone()))
+        self.stats.open.fetch_add(1, Ordering::Relaxed);
+        self.stats.total.fetch_add(1, Ordering::Relaxed);
+        Some(Slot {
+            taken: self.taken.clone(),
+            stats: self.stats.clone(),
+        })
     }
 }
 
@@ -412,10 +493,15 @@ impl Exposer {
 
     /// Serve one more interface (replacing one of the same name at once).
     pub fn add(&self, expose: Expose) {
+        self.add_counted(expose, Arc::default());
+    }
+
+    /// As [`Exposer::add`], counting its traffic in `stats`.
+    pub fn add_counted(&self, expose: Expose, stats: Arc<RouteStats>) {
         let (stopper, stop) = Stopper::new();
         let served = Served {
             expose: expose.clone(),
-            slots: Slots::default(),
+            slots: Slots::new(stats),
             stopper,
             stop,
         };
@@ -520,16 +606,21 @@ async fn refuse_pipe(send: &mut SendStream, reason: String) {
 }
 
 /// Answer `Connected` and copy between `local` and the pipe.
-async fn connected<L: Local>(local: L, send: &mut SendStream, recv: &mut RecvStream) {
+async fn connected<L: Local>(
+    local: L,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    stats: &RouteStats,
+) {
     if answer(send, &PipeAnswer::Connected).await {
-        let how = splice(local, send, recv).await;
+        let how = splice(local, send, recv, stats).await;
         debug!(?how, "forwarded connection ended");
     }
 }
 
 /// Connect one pipe to the interface's target and copy until it ends.
 async fn expose_pipe(me: String, mut pipe: Pipe, expose: Expose, slot: Option<Slot>, stop: Stop) {
-    let Some(_slot) = slot else {
+    let Some(slot) = slot else {
         let (send, _) = pipe.halves();
         let reason = format!(
             "{me}: {} already carries {} connections, the most allowed",
@@ -544,18 +635,19 @@ async fn expose_pipe(me: String, mut pipe: Pipe, expose: Expose, slot: Option<Sl
         Endpoint::Udp(_) => pipe.datagram_port(),
         _ => None,
     };
+    let stats = &slot.stats;
     let (send, recv) = pipe.halves();
     let work = async {
         match &expose.target {
             Endpoint::Tcp(addr) => match TcpStream::connect(addr).await {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
-                    connected(s, send, recv).await
+                    connected(s, send, recv, stats).await
                 }
                 Err(e) => refuse_pipe(send, failed(e)).await,
             },
             Endpoint::Unix(path) => match UnixStream::connect(path).await {
-                Ok(s) => connected(s, send, recv).await,
+                Ok(s) => connected(s, send, recv, stats).await,
                 Err(e) => refuse_pipe(send, failed(e)).await,
             },
             Endpoint::Udp(addr) => {
@@ -569,7 +661,12 @@ async fn expose_pipe(me: String, mut pipe: Pipe, expose: Expose, slot: Option<Sl
                         "{me}: {}: UDP flow to {}",
                         expose.name, expose.target
                     ));
-                    let flow = Flow { send, recv, port };
+                    let flow = Flow {
+                        send,
+                        recv,
+                        port,
+                        stats,
+                    };
                     udp_flow(&mut local, flow, expose.udp_idle, &drops).await;
                 }
             }
@@ -683,11 +780,12 @@ impl Drops {
 }
 
 /// The pipe of one UDP flow: its stream halves and, on a direct
-/// connection, its QUIC datagrams.
+/// connection, its QUIC datagrams; and its route's counts.
 struct Flow<'a> {
     send: &'a mut SendStream,
     recv: &'a mut RecvStream,
     port: Option<Port>,
+    stats: &'a RouteStats,
 }
 
 /// The next datagram from the peer on `port`; never, without one.
@@ -709,6 +807,7 @@ async fn udp_flow(local: &mut UdpLocal<'_>, flow: Flow<'_>, idle: Duration, drop
         send,
         recv,
         mut port,
+        stats,
     } = flow;
     let mut up = vec![0u8; UDP_BUF];
     // Bytes read from the pipe and not yet a whole datagram: at most one
@@ -720,6 +819,7 @@ async fn udp_flow(local: &mut UdpLocal<'_>, flow: Flow<'_>, idle: Duration, drop
         tokio::select! {
             got = local.recv(&mut up) => {
                 let Some(n) = got else { break };
+                stats.sent.fetch_add(n as u64, Ordering::Relaxed);
                 let sent = match &port {
                     Some(p) => p.send(&up[..n]).await,
                     None => Sent::TooLarge,
@@ -742,7 +842,10 @@ async fn udp_flow(local: &mut UdpLocal<'_>, flow: Flow<'_>, idle: Duration, drop
                     }
                 }
             }
-            datagram = from_port(&mut port) => local.send(&datagram, drops).await,
+            datagram = from_port(&mut port) => {
+                stats.received.fetch_add(datagram.len() as u64, Ordering::Relaxed);
+                local.send(&datagram, drops).await
+            }
             chunk = recv.read_chunk(UDP_BUF + 2, true) => {
                 let Ok(Some(chunk)) = chunk else { break };
                 down.extend_from_slice(&chunk.bytes);
@@ -751,6 +854,7 @@ async fn udp_flow(local: &mut UdpLocal<'_>, flow: Flow<'_>, idle: Duration, drop
                         break;
                     }
                     let datagram = down.split_to(2 + len);
+                    stats.received.fetch_add(len as u64, Ordering::Relaxed);
                     local.send(&datagram[2..], drops).await;
                 }
             }
@@ -837,6 +941,18 @@ impl Forward {
         stop: Stop,
         report: impl Fn(String) + Send + Sync + 'static,
     ) -> Result<(), String> {
+        self.run_counted(client, stop, report, Arc::default()).await
+    }
+
+    /// As [`Forward::run`], counting the route's traffic and path in
+    /// `stats`.
+    pub async fn run_counted(
+        self,
+        client: Client,
+        stop: Stop,
+        report: impl Fn(String) + Send + Sync + 'static,
+        stats: Arc<RouteStats>,
+    ) -> Result<(), String> {
         match client.describe(&self.to).await {
             Ok(interface) => self.check(&interface)?,
             Err(e) => {
@@ -849,10 +965,11 @@ impl Forward {
             client,
             channel: tokio::sync::Mutex::new(None),
             report: Box::new(report),
+            stats: stats.clone(),
         });
         // Open the channel now, so the route's first line comes at start.
         let _ = link.channel().await;
-        let slots = Slots::default();
+        let slots = Slots::new(stats);
         match listener {
             Listener::Tcp(l) => loop {
                 let accepted = tokio::select! {
@@ -931,6 +1048,7 @@ struct Link {
     client: Client,
     channel: tokio::sync::Mutex<Option<Arc<Channel>>>,
     report: Box<dyn Fn(String) + Send + Sync>,
+    stats: Arc<RouteStats>,
 }
 
 impl Link {
@@ -953,6 +1071,7 @@ impl Link {
             }
         }
         let ch = Arc::new(ch);
+        self.stats.set_path(ch.path());
         (self.report)(format!(
             "route {} up: {} -> {} ({})",
             f.name,
@@ -1003,6 +1122,7 @@ async fn watch_path(link: Arc<Link>, ch: Arc<Channel>) {
             _ = ch.ended() => break,
         }
         let now = *path.borrow_and_update();
+        link.stats.set_path(now);
         (link.report)(format!("route {} path: {now}", link.forward.name));
     }
     if let Some(end) = ch.end() {
@@ -1019,7 +1139,7 @@ async fn forward_conn<L: Local>(
     stop: Stop,
 ) {
     let name = &link.forward.name;
-    let Some(_slot) = slot else {
+    let Some(slot) = slot else {
         warn!(route = %name, %from, max = link.forward.max_connections, "refusing a connection: the route carries the most allowed");
         return;
     };
@@ -1033,7 +1153,7 @@ async fn forward_conn<L: Local>(
     debug!(route = %name, %from, path = %pipe.path(), "connection forwarded");
     let (send, recv) = pipe.halves();
     let work = async {
-        let how = splice(local, send, recv).await;
+        let how = splice(local, send, recv, &slot.stats).await;
         debug!(route = %name, %from, ?how, "forwarded connection ended");
     };
     if or_expired(&stop, work).await {
@@ -1112,7 +1232,12 @@ async fn udp_forward_flow(
     let idle = link.forward.udp_idle;
     let port = pipe.datagram_port();
     let (send, recv) = pipe.halves();
-    let flow = Flow { send, recv, port };
+    let flow = Flow {
+        send,
+        recv,
+        port,
+        stats: &link.stats,
+    };
     let mut local = UdpLocal::Listener {
         socket,
         source,

@@ -53,6 +53,12 @@ pub enum Request {
         /// Why, told to the client.
         reason: Option<String>,
     },
+    /// Drain, then exit with the status that asks the leader for a new
+    /// worker (from `binary`, when given).
+    RestartWorker {
+        /// The new worker's binary.
+        binary: Option<PathBuf>,
+    },
     /// Drain, then exit.
     Quit,
     /// Exit at once.
@@ -136,7 +142,11 @@ fn info_lines(i: &crate::control::Info) -> Vec<String> {
 /// What to do once the reply is on its way.
 enum After {
     Nothing,
-    Stop { at_once: bool },
+    Stop {
+        at_once: bool,
+    },
+    /// Drain if the restart was accepted.
+    Restart,
 }
 
 /// Where the admin socket of a coordinator with state directory `dir` is.
@@ -159,6 +169,7 @@ fn revoked_line(who: &str, r: &Revoked) -> String {
 fn handle(control: &Control, request: Request) -> (Reply, After) {
     let after = match &request {
         Request::Quit => After::Stop { at_once: false },
+        Request::RestartWorker { .. } => After::Restart,
         Request::Stop => After::Stop { at_once: true },
         _ => After::Nothing,
     };
@@ -272,6 +283,10 @@ fn answer(control: &Control, request: Request) -> Reply {
             "draining: live channels may finish within the drain deadline, then the coordinator exits".into(),
         ]),
         Request::Stop => Reply::done(vec!["stopping at once".into()]),
+        Request::RestartWorker { binary } => match control.restart_worker(binary.as_deref()) {
+            Ok(line) => Reply::done(vec![line]),
+            Err(why) => Reply::failed(vec![why]),
+        },
     }
 }
 
@@ -301,11 +316,21 @@ async fn serve_one(control: Control, stream: tokio::net::UnixStream) -> Result<(
         write.shutdown().await
     }
     .await;
-    if let After::Stop { at_once } = after {
-        control.stop(at_once);
+    match after {
+        After::Stop { at_once } => control.stop(at_once),
+        After::Restart if reply.ok => control.stop(false),
+        _ => {}
     }
     written?;
     Ok(())
+}
+
+/// The admin socket, bound: commands can reach the coordinator as soon
+/// as this returns (they wait in the backlog until it is served).
+#[derive(Debug)]
+pub struct Bound {
+    listener: std::os::unix::net::UnixListener,
+    path: PathBuf,
 }
 
 /// Bind the admin socket in `dir` and return the task that serves it until
@@ -315,6 +340,12 @@ pub fn listen(
     control: Control,
     cancel: CancellationToken,
 ) -> Result<impl Future<Output = ()>> {
+    serve(bind(dir)?, control, cancel)
+}
+
+/// Bind the admin socket in `dir` (mode 0600, the directory 0700 when
+/// made here); refused when another coordinator answers on it.
+pub fn bind(dir: &Path) -> Result<Bound> {
     let path = socket_path(dir);
     if !dir.exists() {
         // Owner only: the socket, keys and lists live here.
@@ -334,7 +365,7 @@ pub fn listen(
         std::fs::remove_file(&path)
             .with_context(|| format!("removing stale {}", path.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(&path)
+    let listener = std::os::unix::net::UnixListener::bind(&path)
         .with_context(|| format!("binding {}", path.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
@@ -342,6 +373,21 @@ pub fn listen(
             .with_context(|| format!("restricting {}", path.display()))?;
     }
     debug!(socket = %path.display(), "admin socket ready");
+    Ok(Bound { listener, path })
+}
+
+/// Serve a bound admin socket until `cancel`, then remove it.
+pub fn serve(
+    bound: Bound,
+    control: Control,
+    cancel: CancellationToken,
+) -> Result<impl Future<Output = ()>> {
+    let Bound { listener, path } = bound;
+    listener
+        .set_nonblocking(true)
+        .with_context(|| format!("serving {}", path.display()))?;
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .with_context(|| format!("serving {}", path.display()))?;
     Ok(async move {
         loop {
             tokio::select! {

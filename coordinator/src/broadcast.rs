@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use qmesh_proto::codec::{check_length, length_prefix, write_frame};
-use qmesh_proto::codes::{ConnCode, OpenFailCode, StreamCode};
+use qmesh_proto::codes::{OpenFailCode, StreamCode};
 use qmesh_proto::envelope::GroupEvent;
 use qmesh_proto::limits::{clip_reason, LENGTH_PREFIX, MAX_MESSAGE_CEILING};
 use qmesh_proto::msg::{GroupPolicy, JoinAnswer, MembersAnswer};
@@ -66,7 +66,7 @@ pub(crate) async fn join(
     }
     // A join counts as a message against the rate limit, as an open does.
     if let Err(flood) = session.limiter.pass(0, 1).await {
-        session.violation(ConnCode::RateExceeded, &flood.to_string());
+        session.flooded(&shared.stats, &flood);
         return;
     }
     let span = info_span!("group", group = %Untrusted::name(&group), member = %Untrusted::name(&session.name));
@@ -172,7 +172,7 @@ async fn read_member(
             Err(BodyError::Lost) => break,
         };
         if let Err(flood) = session.limiter.pass(body.len() as u64, 1).await {
-            session.violation(ConnCode::RateExceeded, &flood.to_string());
+            session.flooded(&shared.stats, &flood);
             break;
         }
         let event = GroupEvent::Message {

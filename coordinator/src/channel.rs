@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use qmesh_proto::codec::{read_frame, write_frame};
-use qmesh_proto::codes::{ConnCode, OpenFailCode, StreamCode};
+use qmesh_proto::codes::{OpenFailCode, StreamCode};
 use qmesh_proto::limits::clip_reason;
 use qmesh_proto::msg::{Arrival, Close, Ending, Open, OpenAnswer};
 use qmesh_proto::{ChannelId, SessionId, StreamId, Untrusted};
@@ -40,7 +40,7 @@ pub(crate) async fn handle_open(
     open_request: Open,
 ) {
     if let Err(flood) = session.limiter.pass(0, 1).await {
-        session.violation(ConnCode::RateExceeded, &flood.to_string());
+        session.flooded(&shared.stats, &flood);
         return;
     }
     // The label names the channel's span in every log line of it; the

@@ -87,6 +87,18 @@ pub struct Config {
     /// (`qmesh-coordinator run` without `--single`): what `info` reports
     /// of the leader.
     pub worker: Option<WorkerOf>,
+    /// The HTTP listener for `/metrics`, `/status.json` and the status
+    /// page (`run --http`); `None`: none.
+    pub http: Option<HttpConfig>,
+}
+
+/// The HTTP listener of `run --http`.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Where to listen (TCP).
+    pub addr: SocketAddr,
+    /// The bearer token every request must carry; required off loopback.
+    pub token: Option<crate::http::BearerToken>,
 }
 
 /// The leader a worker runs under.
@@ -150,6 +162,7 @@ impl Config {
             presence_buffer: 1024,
             groups: HashMap::new(),
             worker: None,
+            http: None,
         }
     }
 }

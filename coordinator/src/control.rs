@@ -326,6 +326,52 @@ impl Control {
         self.0.operator_stop.send_modify(|n| *n = (*n).max(level));
     }
 
+    /// Ask the leader for a new worker (from `binary`, when given) once
+    /// this one has drained; refused without a leader (`--single`).
+    pub fn restart_worker(&self, binary: Option<&std::path::Path>) -> Result<String, String> {
+        if self.0.config.worker.is_none() {
+            return Err(
+                "this coordinator runs with --single: there is no leader to start a new \
+                        worker; restart the coordinator instead"
+                    .into(),
+            );
+        }
+        if let Some(binary) = binary {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(binary)
+                .map_err(|e| format!("cannot use {} as the worker: {e}", binary.display()))?;
+            if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+                return Err(format!(
+                    "{} is not an executable file; give the path of a qmesh-coordinator binary",
+                    binary.display()
+                ));
+            }
+            let Some(dir) = &self.0.config.state_dir else {
+                return Err("this coordinator has no state directory to leave the path in".into());
+            };
+            let path = std::fs::canonicalize(binary).unwrap_or_else(|_| binary.to_owned());
+            std::fs::write(
+                crate::leader::next_worker_file(dir),
+                path.display().to_string(),
+            )
+            .map_err(|e| format!("cannot write {}: {e}", dir.display()))?;
+        }
+        self.0.restart_asked.store(true, Ordering::SeqCst);
+        self.0.note("restart", "a new worker was asked for".into());
+        Ok(match binary {
+            Some(b) => format!(
+                "draining; the leader then starts a new worker from {}",
+                b.display()
+            ),
+            None => "draining; the leader then starts a new worker".into(),
+        })
+    }
+
+    /// Whether `restart-worker` was asked for.
+    pub fn restart_asked(&self) -> bool {
+        self.0.restart_asked.load(Ordering::SeqCst)
+    }
+
     /// Keep an event for the status page (e.g. a reload done outside).
     pub fn note(&self, kind: &str, what: String) {
         self.0.note(kind, what);

@@ -6,6 +6,8 @@
 //! cert = "coordinator.pem"          # relative to this file
 //! key = "coordinator-key.pem"
 //! drain = "10s"                     # live channels' time after SIGTERM
+//! http = "127.0.0.1:9464"           # /metrics and the status page
+//! # http_token_file = "http-token"  # required when http is not loopback
 //!
 //! [auth]
 //! mode = "token"                    # open | token | ca
@@ -61,6 +63,11 @@ pub struct FileConfig {
     pub key: Option<PathBuf>,
     /// How long live channels may run after SIGTERM, e.g. `10s`.
     pub drain: Option<String>,
+    /// Where to serve `/metrics` and the status page, e.g.
+    /// `127.0.0.1:9464`.
+    pub http: Option<String>,
+    /// The bearer token the HTTP listener requires.
+    pub http_token_file: Option<PathBuf>,
     /// `[auth]`.
     #[serde(default)]
     pub auth: AuthSection,
@@ -141,6 +148,8 @@ pub struct Checked {
     pub burst: Option<Duration>,
     /// `[limits] flood_after`.
     pub flood_after: Option<Duration>,
+    /// `http`.
+    pub http: Option<std::net::SocketAddr>,
     /// `[groups.NAME]`, checked.
     pub groups: HashMap<String, GroupConfig>,
 }
@@ -218,6 +227,7 @@ pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
     rel(&mut file.key);
     rel(&mut file.state_dir);
     rel(&mut file.auth.client_ca);
+    rel(&mut file.http_token_file);
     if file.cert.is_some() != file.key.is_some() {
         errors.push("cert and key go together: give both or neither".into());
     }
@@ -278,6 +288,18 @@ pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
         None => None,
     };
     let groups = check_groups(&file.groups, &mut errors);
+    let http = match &file.http {
+        Some(v) => match v.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                errors.push(format!(
+                    "http = \"{v}\" is not an IP address and port like 127.0.0.1:9464"
+                ));
+                None
+            }
+        },
+        None => None,
+    };
     if errors.is_empty() {
         Ok(Checked {
             file,
@@ -288,6 +310,7 @@ pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
             idle_timeout,
             burst,
             flood_after,
+            http,
             groups,
         })
     } else {

@@ -330,16 +330,21 @@ pub(crate) async fn hello(
 ) -> Option<(Arc<Session>, quinn::SendStream, quinn::RecvStream)> {
     let (mut send, mut recv) = match timeout_at(deadline, conn.accept_bi()).await {
         Err(_) => {
+            shared.stats.handshake_failed();
             violation(conn, &Violation::no_hello());
             return None;
         }
-        Ok(Err(_)) => return None,
+        Ok(Err(_)) => {
+            shared.stats.handshake_failed();
+            return None;
+        }
         Ok(Ok(streams)) => streams,
     };
     // The server configuration requires a client certificate, so a missing
     // one here means the TLS layer and this code disagree.
     let Some(chain) = qmesh_certs::peer_chain(conn) else {
         let what = "no client certificate after the handshake";
+        shared.stats.handshake_failed();
         violation(conn, &Violation::internal(what));
         return None;
     };
@@ -367,6 +372,7 @@ pub(crate) async fn hello(
             {
                 shared.registry().leave(&session.name, session.id);
                 session.close_revoked();
+                shared.stats.handshake_failed();
                 return None;
             }
             shared
@@ -395,7 +401,7 @@ pub(crate) async fn hello(
             refusal,
             linger,
         } => {
-            shared.stats.hellos_refused.fetch_add(1, Ordering::Relaxed);
+            shared.stats.refused(refusal.code);
             // The name is whatever the peer sent, unchecked when it was refused.
             info!(peer = %conn.remote_address(), name = %Untrusted::name(&name), code = ?refusal.code, cause = %Untrusted::reason(&refusal.message), "hello refused");
             // Let the rejection arrive before the close; the close carries
@@ -423,10 +429,14 @@ pub(crate) async fn hello(
             None
         }
         Outcome::Violation(v) => {
+            shared.stats.handshake_failed();
             violation(conn, &v);
             None
         }
-        Outcome::Gone => None,
+        Outcome::Gone => {
+            shared.stats.handshake_failed();
+            None
+        }
     }
 }
 

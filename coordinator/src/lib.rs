@@ -46,12 +46,17 @@
 //! - `wire`: helpers every handler shares: codes as `VarInt`s, reading a
 //!   frame within a deadline, the `Failed` answer.
 //! - [`admin`]: the admin socket.
+//! - [`http`]: the HTTP listener of `run --http`: `/metrics`,
+//!   `/status.json` and the status page (`status.html`), behind a bearer
+//!   token off loopback.
+//! - [`metrics`]: the Prometheus metrics, in a registry per coordinator.
 //! - [`auth`], [`token`], [`policy`], [`limit`]: authentication modes,
 //!   enrollment tokens, the access policy and rate limits, as plain types.
 //! - [`file`](mod@file): the config file.
 //! - [`settings`]: `run`'s flags, the config file and defaults merged.
 //! - [`devcert`]: development and deployment certificate files.
 //! - [`socket`]: UDP socket setup.
+//! - [`leader`]: the leader process that runs and replaces workers.
 
 #![warn(missing_docs)]
 
@@ -67,7 +72,10 @@ pub mod file;
 mod files;
 mod groups;
 mod handshake;
+pub mod http;
+pub mod leader;
 pub mod limit;
+pub mod metrics;
 mod open;
 pub mod policy;
 mod presence;

@@ -41,7 +41,7 @@ enum Command {
         force: bool,
     },
     /// Serve clients.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Enrollment tokens (token mode).
     Token {
         #[command(subcommand)]
@@ -90,6 +90,16 @@ enum Command {
     },
     /// Re-read the whole config file and apply what can change live.
     Reload(Ask),
+    /// Drain this worker (live channels get the drain deadline), then have
+    /// the leader start a new one; with --binary, from that binary (an
+    /// upgrade in place).
+    RestartWorker {
+        /// The new worker's binary [default: the leader's].
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        #[command(flatten)]
+        ask: Ask,
+    },
     /// Drain (live channels get the drain deadline), then exit.
     Quit(Ask),
     /// Exit at once.
@@ -166,10 +176,22 @@ impl Place {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
+    /// Run the worker alone, with no leader process to replace it when it
+    /// dies (for systemd-managed deployments and tests).
+    #[arg(long)]
+    single: bool,
+    /// The leader gives up (and exits 1) when the worker dies this many
+    /// times within --crash-window [default: 5].
+    #[arg(long, default_value_t = qmesh_coordinator::leader::MAX_CRASHES)]
+    max_crashes: usize,
+    /// See --max-crashes [default: 60s].
+    #[arg(long, default_value = "60s")]
+    crash_window: humantime::Duration,
     /// TOML config file; flags given here override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Where to listen, as a connpipe address [default: quic/*4:7447].
+    /// Where to listen, as a connpipe address [default: quic/*4:7447;
+    /// with --auth open, quic/$4:7447, loopback only].
     #[arg(long)]
     listen: Option<String>,
     /// Coordinator certificate (PEM). Without it a development
@@ -213,6 +235,15 @@ struct RunArgs {
     /// Relayed messages per second per client; 0: unlimited [default: 1000000].
     #[arg(long)]
     messages_per_second: Option<u64>,
+    /// Serve Prometheus metrics at /metrics and a live status page at /
+    /// on this TCP address, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<std::net::SocketAddr>,
+    /// A file holding the bearer token every HTTP request must carry
+    /// (`Authorization: Bearer TOKEN`); required when --http is not
+    /// loopback.
+    #[arg(long, value_name = "FILE")]
+    http_token_file: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -236,8 +267,13 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Run(args) => {
-            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            runtime.block_on(run(args))
+            let worker = qmesh_coordinator::leader::become_worker();
+            if args.single || worker.is_some() {
+                let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+                runtime.block_on(run(*args, worker))
+            } else {
+                lead(&args)
+            }
         }
         Command::Token {
             command: TokenCommand::Create { name, ttl, place },
@@ -290,6 +326,7 @@ fn main() -> Result<()> {
         Command::Kick { name, reason, ask } => ask.send(Request::Kick { name, reason }),
         Command::Reload(ask) => ask.send(Request::Reload),
         Command::Quit(ask) => ask.send(Request::Quit),
+        Command::RestartWorker { binary, ask } => ask.send(Request::RestartWorker { binary }),
         Command::Stop(ask) => ask.send(Request::Stop),
     }
 }
@@ -373,23 +410,69 @@ impl From<&RunArgs> for Flags {
             max_channels_per_client: args.max_channels_per_client,
             bytes_per_second: args.bytes_per_second,
             messages_per_second: args.messages_per_second,
+            http: args.http,
+            http_token_file: args.http_token_file.clone(),
         }
     }
 }
 
-async fn run(args: RunArgs) -> Result<()> {
-    let settings = settings::read(&Flags::from(&args))?;
-    // The port first: a coordinator that cannot listen writes nothing to
-    // its state directory (no development CA, no auth files).
-    let listener = Listener::bind(settings.listen).map_err(|e| match &e {
+/// Bind the coordinator's port, with what to do when it is taken.
+fn bind(addr: std::net::SocketAddr) -> Result<Listener> {
+    Listener::bind(addr).map_err(|e| match &e {
         BindError::Socket { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse => {
             anyhow::anyhow!(
                 "{e}; another program has this port: stop it, or choose another port with --listen"
             )
         }
         _ => e.into(),
+    })
+}
+
+/// The leader: bind the port, check the settings, then run workers
+/// (`qmesh_coordinator::leader`). Exits with the last worker's status.
+fn lead(args: &RunArgs) -> Result<()> {
+    // One thread: a worker's "stop with my parent" follows the thread
+    // that started it, which must live as long as the leader.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let code = runtime.block_on(async {
+        let settings = settings::read(&Flags::from(args))?;
+        let listener = bind(settings.listen)?;
+        // Errors in the certificate or auth files stop here, once, rather
+        // than in a worker that would die at every start.
+        settings.load()?;
+        let leader = qmesh_coordinator::leader::Leader {
+            binary: std::env::current_exe().context("finding this program")?,
+            args: std::env::args_os().skip(1).collect(),
+            socket: listener
+                .socket()
+                .try_clone()
+                .context("sharing the socket")?,
+            state_dir: settings.state_dir.clone(),
+            crashes: qmesh_coordinator::leader::Crashes::new(
+                args.crash_window.into(),
+                args.max_crashes,
+            ),
+        };
+        leader.run().await
     })?;
-    let (config, ca_note) = settings.load()?;
+    drop(runtime);
+    std::process::exit(code)
+}
+
+async fn run(args: RunArgs, worker: Option<qmesh_coordinator::config::WorkerOf>) -> Result<()> {
+    let settings = settings::read(&Flags::from(&args))?;
+    // The port first: a coordinator that cannot listen writes nothing to
+    // its state directory (no development CA, no auth files). A worker
+    // takes the socket its leader bound.
+    let listener = match &worker {
+        Some(_) => Listener::from_socket(qmesh_coordinator::leader::inherited_socket()?)?,
+        None => bind(settings.listen)?,
+    };
+    let (mut config, ca_note) = settings.load()?;
+    config.worker = worker;
     let mode = settings.auth.mode();
     let dir = &settings.state_dir;
     let policy_rules = settings.policy.as_ref().map(|p| p.len());
@@ -398,7 +481,7 @@ async fn run(args: RunArgs) -> Result<()> {
     // Install the signal handlers before saying we are up, so that a
     // SIGTERM sent right after the listening line still stops us cleanly.
     let stops = stop_signals()?;
-    reload_on_hangup(control)?;
+    reload_on_hangup(control.clone())?;
     println!(
         "qmesh-coordinator listening on quic/{}",
         coordinator.local_addr()
@@ -442,6 +525,9 @@ async fn run(args: RunArgs) -> Result<()> {
             },
         )
         .await;
+    if control.restart_asked() {
+        std::process::exit(qmesh_coordinator::leader::RESTART_EXIT);
+    }
     Ok(())
 }
 

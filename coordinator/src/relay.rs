@@ -267,10 +267,7 @@ async fn copy(
                     }
                 }
                 if let Err(flood) = session.limiter.pass(bytes, messages).await {
-                    session.violation(
-                        qmesh_proto::codes::ConnCode::RateExceeded,
-                        &flood.to_string(),
-                    );
+                    session.flooded(&shared.stats, &flood);
                     let _ = send.reset(StreamCode::PeerLost.varint());
                     return;
                 }

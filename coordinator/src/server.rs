@@ -45,6 +45,17 @@ pub enum BindError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The HTTP listener would listen off loopback without a token.
+    #[error("the HTTP listener on {0} is not on loopback, so it needs a bearer token")]
+    HttpNeedsToken(SocketAddr),
+    /// The HTTP listener (`--http`) could not be bound.
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// The coordinator's UDP socket, bound before anything else is made: a
@@ -75,6 +86,23 @@ impl Listener {
     pub fn local_addr(&self) -> SocketAddr {
         self.socket.local_addr().unwrap_or(self.addr)
     }
+
+    /// A socket bound elsewhere: the one a worker's leader passed on.
+    pub fn from_socket(socket: std::net::UdpSocket) -> Result<Listener, BindError> {
+        let addr = socket.local_addr().map_err(|source| BindError::Socket {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        socket
+            .set_nonblocking(true)
+            .map_err(|source| BindError::Socket { addr, source })?;
+        Ok(Listener { socket, addr })
+    }
+
+    /// The bound socket, for a leader to pass on to its workers.
+    pub fn socket(&self) -> &std::net::UdpSocket {
+        &self.socket
+    }
 }
 
 /// A bound coordinator, ready to run.
@@ -82,6 +110,10 @@ impl Listener {
 pub struct Coordinator {
     endpoint: Endpoint,
     shared: Arc<Shared>,
+    /// The HTTP listener (`Config::http`), bound.
+    http: Option<std::net::TcpListener>,
+    /// The admin socket in the state directory, bound; or why not.
+    admin: Option<anyhow::Result<crate::admin::Bound>>,
 }
 
 impl Coordinator {
@@ -115,12 +147,27 @@ impl Coordinator {
             addr: config.listen,
             source,
         })?;
+        let http = match &config.http {
+            Some(h) if h.token.is_none() && !h.addr.ip().is_loopback() => {
+                return Err(BindError::HttpNeedsToken(h.addr))
+            }
+            Some(h) => Some(crate::http::bind(h.addr).map_err(|source| BindError::Http {
+                addr: h.addr,
+                source,
+            })?),
+            None => None,
+        };
         let mut registry = Registry::new();
         registry.set_capacity(config.max_clients);
         let policy = config.policy.clone();
         let local_addr = endpoint.local_addr().unwrap_or(config.listen);
+        // Bound before the coordinator says it listens, so that an
+        // operator command right after that line finds it.
+        let admin = config.state_dir.as_deref().map(crate::admin::bind);
         Ok(Self {
             endpoint,
+            http,
+            admin,
             shared: Arc::new(Shared {
                 presence: tokio::sync::broadcast::channel(config.presence_buffer.max(1)).0,
                 groups: crate::groups::Groups::default(),
@@ -137,6 +184,7 @@ impl Coordinator {
                 local_addr,
                 started: std::time::SystemTime::now(),
                 operator_stop: tokio::sync::watch::Sender::new(0),
+                restart_asked: Default::default(),
                 events: Mutex::default(),
             }),
         })
@@ -152,6 +200,11 @@ impl Coordinator {
     /// The coordinator's counters.
     pub fn stats(&self) -> Arc<Stats> {
         self.shared.stats.clone()
+    }
+
+    /// The address the HTTP listener (`Config::http`) is bound to.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Operator actions (revoke, policy reload) on this coordinator.
@@ -177,15 +230,26 @@ impl Coordinator {
         drain: impl Future<Output = ()>,
         now: impl Future<Output = ()>,
     ) {
-        let Self { endpoint, shared } = self;
+        let Self {
+            endpoint,
+            shared,
+            http,
+            admin,
+        } = self;
         let span = info_span!("coordinator", id = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default());
         async move {
             info!(listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), auth = %shared.config.auth.mode(), "listening");
-            if let Some(dir) = &shared.config.state_dir {
-                match crate::admin::listen(dir, Control(shared.clone()), shared.shutdown.clone()) {
+            if let Some(bound) = admin {
+                match bound.and_then(|b| crate::admin::serve(b, Control(shared.clone()), shared.shutdown.clone())) {
                     Ok(task) => { shared.tasks.spawn(task.in_current_span()); }
                     Err(e) => warn!(cause = %e, "no admin socket: the revoke and policy reload commands cannot reach this coordinator (SIGHUP still reloads the policy)"),
                 }
+            }
+            if let Some(listener) = http {
+                let token = shared.config.http.as_ref().and_then(|h| h.token.clone());
+                let router = crate::http::router(Control(shared.clone()), token);
+                let task = crate::http::serve(listener, router, shared.shutdown.clone());
+                shared.tasks.spawn(task.in_current_span());
             }
             let mut asked = shared.operator_stop.subscribe();
             let mut asked_now = asked.clone();
@@ -249,6 +313,7 @@ impl Coordinator {
     /// handle's [`CoordinatorHandle::shutdown`] is called or it is dropped.
     pub fn spawn(self) -> CoordinatorHandle {
         let addr = self.local_addr();
+        let http_addr = self.http_addr();
         let stats = self.stats();
         let control = self.control();
         let endpoint = self.endpoint.clone();
@@ -262,6 +327,7 @@ impl Coordinator {
         );
         CoordinatorHandle {
             addr,
+            http_addr,
             stats,
             control,
             endpoint,
@@ -276,6 +342,7 @@ impl Coordinator {
 #[derive(Debug)]
 pub struct CoordinatorHandle {
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     stats: Arc<Stats>,
     control: Control,
     endpoint: Endpoint,
@@ -288,6 +355,11 @@ impl CoordinatorHandle {
     /// The address the coordinator listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address the HTTP listener (`Config::http`) is bound to.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// The coordinator's counters.
@@ -457,6 +529,7 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
+            shared.stats.handshake_failed();
             debug!(peer = %remote, cause = %Untrusted::reason(&e), "handshake refused");
             return;
         }
@@ -466,10 +539,12 @@ async fn handle_incoming(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let conn = match tokio::time::timeout_at(deadline, connecting).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
+            shared.stats.handshake_failed();
             info!(peer = %remote, cause = %Untrusted::reason(&e), "handshake failed");
             return;
         }
         Err(_) => {
+            shared.stats.handshake_failed();
             info!(peer = %remote, "handshake timed out");
             return;
         }

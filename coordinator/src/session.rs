@@ -6,11 +6,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use qmesh_certs::Fingerprint;
-use qmesh_proto::codes::ConnCode;
+use qmesh_proto::codes::{ConnCode, RejectCode};
 use qmesh_proto::manifest::Interface;
 use qmesh_proto::msg::PresenceEvent;
 use qmesh_proto::{ClientName, StreamId, Untrusted};
@@ -43,6 +43,59 @@ pub struct Stats {
     pub certificates_issued: AtomicU64,
     /// Connections that have not finished their hello, now.
     pub pending: AtomicU64,
+    /// Handshakes that ended without a session, a refusal or a
+    /// certificate: TLS failed or timed out, no hello in time, a protocol
+    /// violation, or the peer went away.
+    pub handshakes_failed: AtomicU64,
+    /// Refused hellos and enrollments by [`RejectCode`], in the order of
+    /// [`Stats::REJECT_CODES`].
+    pub rejects: [AtomicU64; 7],
+    /// Sessions closed because the client went past its rate limit's
+    /// flood threshold (`ConnCode::RateExceeded`).
+    pub rate_limited: AtomicU64,
+}
+
+impl Stats {
+    /// Every [`RejectCode`], in the order [`Stats::rejects`] counts them.
+    pub const REJECT_CODES: [RejectCode; 7] = [
+        RejectCode::VersionMismatch,
+        RejectCode::NameTaken,
+        RejectCode::InvalidName,
+        RejectCode::NotAuthorised,
+        RejectCode::ShuttingDown,
+        RejectCode::Full,
+        RejectCode::BadToken,
+    ];
+
+    /// Count a hello or enrollment refused with `code`.
+    pub(crate) fn refused(&self, code: RejectCode) {
+        self.hellos_refused.fetch_add(1, Ordering::Relaxed);
+        // A match, so that a new code cannot be left out of the list.
+        let i = match code {
+            RejectCode::VersionMismatch => 0,
+            RejectCode::NameTaken => 1,
+            RejectCode::InvalidName => 2,
+            RejectCode::NotAuthorised => 3,
+            RejectCode::ShuttingDown => 4,
+            RejectCode::Full => 5,
+            RejectCode::BadToken => 6,
+        };
+        self.rejects[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count a handshake that ended without a session, a refusal or a
+    /// certificate.
+    pub(crate) fn handshake_failed(&self) {
+        self.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Refused hellos and enrollments so far, by code.
+    pub fn rejects(&self) -> impl Iterator<Item = (RejectCode, u64)> + '_ {
+        Stats::REJECT_CODES
+            .into_iter()
+            .zip(&self.rejects)
+            .map(|(code, n)| (code, n.load(Ordering::Relaxed)))
+    }
 }
 
 /// State shared by all of a coordinator's tasks.
@@ -78,6 +131,9 @@ pub(crate) struct Shared {
     /// Stops asked for through the admin socket: 1 drains (`quit`), 2
     /// stops at once (`stop`).
     pub(crate) operator_stop: tokio::sync::watch::Sender<u8>,
+    /// Set by `restart-worker`: once drained, the worker exits with
+    /// [`crate::leader::RESTART_EXIT`].
+    pub(crate) restart_asked: std::sync::atomic::AtomicBool,
     /// The last joins, leaves, kicks and reloads, newest last, at most
     /// [`EVENTS_KEPT`].
     pub(crate) events: Mutex<std::collections::VecDeque<Event>>,
@@ -174,6 +230,16 @@ impl Session {
     pub(crate) fn close(&self, c: ConnCode, why: &str) {
         let _ = self.closed_why.set(why.to_owned());
         self.conn.close(c.varint(), why.as_bytes());
+    }
+
+    /// The client went past its rate limit's flood threshold: close the
+    /// session with `ConnCode::RateExceeded`, counted once per session in
+    /// [`Stats::rate_limited`].
+    pub(crate) fn flooded(&self, stats: &Stats, flood: &crate::limit::Flooded) {
+        if self.closed_why.get().is_none() {
+            stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+        }
+        self.violation(ConnCode::RateExceeded, &flood.to_string());
     }
 
     /// Close the session because the client broke the protocol, and say

@@ -23,8 +23,13 @@ use crate::config::{Config, GroupConfig};
 use crate::file::Checked;
 use crate::policy::Policy;
 
-/// Where the coordinator listens when neither a flag nor the file says.
+/// Where the coordinator listens when neither a flag nor the file says
+/// (`token` and `ca` modes).
 pub const DEFAULT_LISTEN: &str = "quic/*4:7447";
+
+/// Where an `open` coordinator listens when neither a flag nor the file
+/// says: loopback only, since it admits anyone.
+pub const DEFAULT_LISTEN_OPEN: &str = "quic/$4:7447";
 
 /// How long a silent client keeps its session when neither a flag nor
 /// the file says.
@@ -62,6 +67,10 @@ pub struct Flags {
     pub bytes_per_second: Option<u64>,
     /// `--messages-per-second` (0: unlimited).
     pub messages_per_second: Option<u64>,
+    /// `--http`: where to serve `/metrics` and the status page.
+    pub http: Option<SocketAddr>,
+    /// `--http-token-file`: the bearer token the HTTP listener requires.
+    pub http_token_file: Option<PathBuf>,
 }
 
 /// Where the coordinator's certificate comes from.
@@ -150,6 +159,17 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// How long live channels may run once a stop is asked for.
     pub drain: Option<Duration>,
+    /// The HTTP listener, if any.
+    pub http: Option<HttpChoice>,
+}
+
+/// The HTTP listener of `--http`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpChoice {
+    /// Where to listen.
+    pub addr: SocketAddr,
+    /// The file holding the bearer token; `None` only on loopback.
+    pub token_file: Option<PathBuf>,
 }
 
 /// The settings cannot be resolved.
@@ -176,6 +196,17 @@ pub enum SettingsError {
     /// The listen host has no address.
     #[error("--listen host {0} does not resolve")]
     NoAddress(String),
+    /// `--http` off loopback without a token.
+    #[error(
+        "--http {0} is not a loopback address, so the HTTP listener needs a bearer token: give \
+         --http-token-file FILE (or http_token_file in the config file), a file holding a long \
+         random token that scrapers send as `Authorization: Bearer TOKEN`; or listen on \
+         127.0.0.1 and reach it through an SSH tunnel"
+    )]
+    HttpNeedsToken(SocketAddr),
+    /// A token file without `--http`.
+    #[error("--http-token-file is for the HTTP listener, which only runs with --http ADDR")]
+    TokenWithoutHttp,
     /// `ca` mode without a client CA.
     #[error(
         "--auth ca needs --client-ca FILE (or [auth] client_ca): the CA client certificates \
@@ -204,11 +235,19 @@ pub fn resolve(
 ) -> Result<Settings, SettingsError> {
     let written = file.map(|c| c.file.clone()).unwrap_or_default();
     let limits = &written.limits;
+    let open = flags.auth.or(written.auth.mode).unwrap_or(AuthMode::Open) == AuthMode::Open;
     let listen = flags
         .listen
         .clone()
         .or(written.listen.clone())
-        .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        .unwrap_or_else(|| {
+            if open {
+                DEFAULT_LISTEN_OPEN
+            } else {
+                DEFAULT_LISTEN
+            }
+            .into()
+        });
     let listen = listen_addr(&listen)?;
     let state_dir = flags
         .state_dir
@@ -264,7 +303,24 @@ pub fn resolve(
             .or(file.and_then(|c| c.idle_timeout))
             .unwrap_or(DEFAULT_IDLE_TIMEOUT),
         drain: flags.drain.or(file.and_then(|c| c.drain)),
+        http: http_choice(flags, file)?,
     })
+}
+
+/// `--http` and its token file: required off loopback, and only with
+/// `--http`.
+fn http_choice(flags: &Flags, file: Option<&Checked>) -> Result<Option<HttpChoice>, SettingsError> {
+    let addr = flags.http.or(file.and_then(|c| c.http));
+    let token_file = flags
+        .http_token_file
+        .clone()
+        .or(file.and_then(|c| c.file.http_token_file.clone()));
+    match (addr, token_file) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(SettingsError::TokenWithoutHttp),
+        (Some(addr), None) if !addr.ip().is_loopback() => Err(SettingsError::HttpNeedsToken(addr)),
+        (Some(addr), token_file) => Ok(Some(HttpChoice { addr, token_file })),
+    }
 }
 
 /// The socket address a connpipe listen address names.
@@ -304,8 +360,14 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 impl Settings {
+    /// The HTTP listener's token file, if any.
+    fn http_token(&self) -> Option<&Path> {
+        self.http.as_ref()?.token_file.as_deref()
+    }
+
     /// The coordinator configuration these settings make with `identity`
-    /// and `auth`.
+    /// and `auth` (the HTTP listener without its token: [`Settings::load`]
+    /// reads that).
     pub fn config(&self, identity: Identity, auth: Auth) -> Config {
         let mut config = Config::new(identity);
         config.listen = self.listen;
@@ -351,6 +413,10 @@ impl Settings {
             config.policy = p.clone();
         }
         config.groups = self.groups.clone();
+        config.http = self.http.as_ref().map(|h| crate::config::HttpConfig {
+            addr: h.addr,
+            token: None,
+        });
         config.tuning = config
             .tuning
             .with_idle_timeout(self.idle_timeout.max(Duration::from_secs(1)));
@@ -386,7 +452,11 @@ impl Settings {
             }
             AuthChoice::Token { cert_ttl } => Auth::token(dir, *cert_ttl)?,
         };
-        Ok((self.config(identity, auth), ca_note))
+        let mut config = self.config(identity, auth);
+        if let (Some(http), Some(path)) = (&mut config.http, self.http_token()) {
+            http.token = Some(crate::http::BearerToken::read(path)?);
+        }
+        Ok((config, ca_note))
     }
 }
 
@@ -416,9 +486,32 @@ mod tests {
     }
 
     #[test]
+    fn token_and_ca_modes_listen_on_every_address_by_default() {
+        let flags = Flags {
+            auth: Some(AuthMode::Token),
+            ..Flags::default()
+        };
+        assert_eq!(
+            resolved(&flags, None).listen,
+            "0.0.0.0:7447".parse().unwrap()
+        );
+        let flags = Flags {
+            auth: Some(AuthMode::Open),
+            listen: Some("quic/*4:7447".into()),
+            ..Flags::default()
+        };
+        assert_eq!(
+            resolved(&flags, None).listen,
+            "0.0.0.0:7447".parse().unwrap(),
+            "open mode binds every address when told to"
+        );
+    }
+
+    #[test]
     fn without_flags_or_file_everything_is_the_default() {
         let s = resolved(&Flags::default(), None);
-        assert_eq!(s.listen, "0.0.0.0:7447".parse().unwrap());
+        // open mode admits anyone: loopback unless told otherwise.
+        assert_eq!(s.listen, "127.0.0.1:7447".parse().unwrap());
         assert_eq!(s.state_dir, default_dir());
         assert_eq!(s.cert, CertSource::Development);
         assert_eq!(s.auth, AuthChoice::Open);
@@ -515,6 +608,8 @@ mod tests {
             max_channels_per_client: Some(2),
             bytes_per_second: Some(3),
             messages_per_second: Some(4),
+            http: Some("127.0.0.1:9464".parse().unwrap()),
+            http_token_file: Some("token".into()),
         };
         let s = resolved(&flags, Some(&checked));
         assert_eq!(s.listen, "127.0.0.2:9001".parse().unwrap());
@@ -649,6 +744,89 @@ mod tests {
             7000,
             "$n is this host"
         );
+    }
+
+    #[test]
+    fn http_off_loopback_needs_a_token_file_and_a_token_file_needs_http() {
+        let http = |addr: &str, token: Option<&str>| {
+            let flags = Flags {
+                http: Some(addr.parse().unwrap()),
+                http_token_file: token.map(PathBuf::from),
+                ..Flags::default()
+            };
+            resolve(&flags, None, &default_dir())
+        };
+        let s = http("127.0.0.1:9464", None).unwrap();
+        assert_eq!(
+            s.http,
+            Some(HttpChoice {
+                addr: "127.0.0.1:9464".parse().unwrap(),
+                token_file: None
+            })
+        );
+        assert!(http("[::1]:9464", None).is_ok());
+        for public in ["0.0.0.0:9464", "192.0.2.1:9464", "[::]:9464"] {
+            let e = http(public, None).unwrap_err();
+            assert!(matches!(e, SettingsError::HttpNeedsToken(_)), "{e:?}");
+            assert!(e.to_string().contains("--http-token-file FILE"), "{e}");
+            let s = http(public, Some("/etc/qmesh/http-token")).unwrap();
+            assert_eq!(
+                s.http.unwrap().token_file,
+                Some(PathBuf::from("/etc/qmesh/http-token"))
+            );
+        }
+        // A token on loopback is kept (and required).
+        let s = http("127.0.0.1:9464", Some("t")).unwrap();
+        assert_eq!(s.http.unwrap().token_file, Some(PathBuf::from("t")));
+        let flags = Flags {
+            http_token_file: Some("t".into()),
+            ..Flags::default()
+        };
+        let e = resolve(&flags, None, &default_dir()).unwrap_err();
+        assert!(matches!(e, SettingsError::TokenWithoutHttp), "{e:?}");
+        // From the file, the token file relative to it.
+        let checked = file("http = \"0.0.0.0:9464\"\nhttp_token_file = \"tok\"\n");
+        let s = resolved(&Flags::default(), Some(&checked));
+        assert_eq!(
+            s.http,
+            Some(HttpChoice {
+                addr: "0.0.0.0:9464".parse().unwrap(),
+                token_file: Some("/etc/qmesh/tok".into())
+            })
+        );
+        let e = resolve(
+            &Flags::default(),
+            Some(&file("http = \"0.0.0.0:1\"\n")),
+            &default_dir(),
+        );
+        assert!(matches!(e, Err(SettingsError::HttpNeedsToken(_))));
+        let errs = check_text("http = \"localhost:9464\"\n", Path::new(".")).unwrap_err();
+        assert!(errs[0].contains("not an IP address and port"), "{errs:?}");
+    }
+
+    #[test]
+    fn the_token_file_is_read_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "tok-1\n").unwrap();
+        let flags = Flags {
+            state_dir: Some(dir.path().join("state")),
+            http: Some("127.0.0.1:0".parse().unwrap()),
+            http_token_file: Some(token.clone()),
+            ..Flags::default()
+        };
+        let (config, _) = resolve(&flags, None, &default_dir())
+            .unwrap()
+            .load()
+            .unwrap();
+        let http = config.http.unwrap();
+        assert!(http.token.unwrap().matches(b"tok-1"));
+        std::fs::write(&token, "").unwrap();
+        let e = resolve(&flags, None, &default_dir())
+            .unwrap()
+            .load()
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("is empty"), "{e:#}");
     }
 
     #[test]

@@ -75,6 +75,7 @@ fn require_with(program: &str, found: Option<PathBuf>, ci: bool) -> Option<PathB
 fn package_of(program: &str) -> &str {
     match program {
         "redis-cli" | "redis-benchmark" => "redis-tools",
+        "promtool" => "prometheus",
         other => other,
     }
 }

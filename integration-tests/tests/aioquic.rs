@@ -60,7 +60,8 @@ async fn an_aioquic_peer_meets_the_documented_answers_while_honest_requests_are_
     std::fs::write(&config, "[limits]\nhello_timeout = \"5s\"\n").expect("config");
     let (coord, ca) = CoordinatorProc::start_dev(
         &state.path().join("state"),
-        &["--config".as_ref(), config.as_os_str()] as &[&OsStr],
+        // --single: one process, so that its memory is the coordinator's.
+        &["--single".as_ref(), "--config".as_ref(), config.as_os_str()] as &[&OsStr],
     )
     .await;
     let pid = coord.proc.pid();

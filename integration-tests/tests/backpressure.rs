@@ -46,6 +46,8 @@ async fn setup() -> Setup {
             "--log",
             "warn",
             "run",
+            // One process, so that its memory is the coordinator's.
+            "--single",
             "--listen",
             "quic/$4:0",
             "--state-dir",

@@ -1047,6 +1047,59 @@ async fn completions_for_bash_zsh_and_fish_name_the_subcommands() {
     assert_eq!(bad.status.code(), Some(2), "{}", show(&bad));
 }
 
+/// `qmesh peers --json`: one JSON document, an array with an object per
+/// client online (itself included) holding what the text lines show: its
+/// name, and each interface's name, direction and version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_json_lists_each_client_and_its_interfaces() {
+    let state = tempdir();
+    let (coord, ca) = start_dev(state.path()).await;
+    let run = |args: &[&str]| qmesh(&coord.v4(), &ca, args);
+    let mut bob = run(&["--name", "bob", "serve", "echo"]);
+    bob.stderr_line("`serves echo`", |l| l.contains("bob serves echo"))
+        .await;
+    let mut carol = run(&["--name", "carol", "listen", "quiet"]);
+    carol.ready().await;
+
+    let listed = run(&["--name", "erin", "peers", "--json"]).finish().await;
+    assert!(listed.status.success(), "{}", show(&listed));
+    let doc: serde_json::Value = serde_json::from_str(&listed.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", show(&listed)));
+    let list = doc.as_array().expect("an array");
+    let mut names: Vec<&str> = list
+        .iter()
+        .map(|p| p["name"].as_str().expect("a name"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["bob", "carol", "erin"], "{}", show(&listed));
+    let of = |name: &str| {
+        list.iter()
+            .find(|p| p["name"] == name)
+            .expect("listed")
+            .clone()
+    };
+    let bob_json = of("bob");
+    let interfaces = bob_json["interfaces"].as_array().expect("interfaces");
+    assert_eq!(interfaces.len(), 1, "{bob_json}");
+    assert_eq!(interfaces[0]["name"], "echo", "{bob_json}");
+    assert_eq!(interfaces[0]["direction"], "both", "{bob_json}");
+    assert!(interfaces[0]["version"].is_string(), "{bob_json}");
+    assert_eq!(of("carol")["interfaces"], serde_json::json!([]));
+
+    // The watch prints lines as they come: no single document.
+    let both = run(&["--name", "erin", "peers", "--json", "--watch"])
+        .finish()
+        .await;
+    assert_eq!(both.status.code(), Some(2), "{}", show(&both));
+    assert!(
+        both.stderr.contains("cannot be used with"),
+        "{}",
+        show(&both)
+    );
+    bob.kill().await;
+    carol.kill().await;
+}
+
 /// `qmesh serve`, `request`, `peers [--watch]` and `describe` from a shell:
 /// a request is echoed; a request nobody answers says its reply is missing
 /// and exits non-zero; `peers` lists what each client offers, `--watch`

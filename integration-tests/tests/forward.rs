@@ -1161,3 +1161,217 @@ async fn a_direct_forward_works_again_after_a_coordinator_restart() {
     let _shared = LOAD.read().await;
     restart_through("direct").await;
 }
+
+/// `GET /metrics` from `at` (an agent's `--http` address): the body of a
+/// 200 answer.
+async fn scrape(at: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = async {
+        let mut conn = tokio::net::TcpStream::connect(at).await?;
+        let ask = format!("GET /metrics HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\n\r\n");
+        conn.write_all(ask.as_bytes()).await?;
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&answer).into_owned())
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(10), get)
+        .await
+        .unwrap_or_else(|_| panic!("GET http://{at}/metrics took over 10 s"))
+        .unwrap_or_else(|e| panic!("GET http://{at}/metrics: {e}"));
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// The value of the sample `name` (with its labels, as written) in the
+/// Prometheus text `text`; 0 when absent.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().expect("a number"))
+}
+
+/// `promtool check metrics` finds nothing to say about `text`.
+fn promtool_passes(promtool: &Path, text: &str) {
+    let out = programs::run_with_input(
+        promtool.to_str().expect("path"),
+        &["check", "metrics"],
+        text.as_bytes(),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "promtool: {}\n{text}", show(&out));
+}
+
+/// `qmesh up --http 127.0.0.1:0` serves `/metrics`: after a known number
+/// of bytes went through a relayed forward to an exposed echo, both
+/// agents' byte counters have grown by at least that much, each counted
+/// one connection, the forward says its path is relay, and promtool passes
+/// the text. A non-loopback address is refused before anything starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_metrics_count_a_known_transfer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BYTES: usize = 3 << 20;
+    let _shared = LOAD.read().await;
+    let Some(promtool) = require("promtool") else {
+        return;
+    };
+    // A TCP echo in this process.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("echo");
+    let echo_port = echo.local_addr().expect("echo address").port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = conn.split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                let _ = wr.shutdown().await;
+            });
+        }
+    });
+    let mesh = Mesh::start().await;
+    let files = TempDir::new().expect("temp dir");
+    let bob_file = agent_file(
+        &mesh,
+        files.path(),
+        "bob",
+        &format!("[expose.echo]\ntarget = \"tcp/$4:{echo_port}\"\n"),
+    );
+    let local = free_port();
+    let alice_file = agent_file(
+        &mesh,
+        files.path(),
+        "alice",
+        &format!("[forward.echo]\nlisten = \"tcp/$4:{local}\"\nto = \"mesh/bob!echo\"\nmode = \"relay\"\n"),
+    );
+    let (bob_file, alice_file) = (
+        bob_file.to_str().expect("path"),
+        alice_file.to_str().expect("path"),
+    );
+
+    let refused = mesh
+        .qmesh(&["up", "--config", alice_file, "--http", "0.0.0.0:9465"])
+        .finish()
+        .await;
+    assert!(!refused.status.success(), "{}", show_exit(&refused));
+    assert!(
+        refused.stderr.contains("loopback address only"),
+        "{}",
+        show_exit(&refused)
+    );
+
+    let metrics_at = |l: &str| l.strip_prefix("metrics at http://").is_some();
+    let address = |line: String| {
+        line.trim_start_matches("metrics at http://")
+            .trim_end_matches("/metrics")
+            .to_owned()
+    };
+    let mut bob = mesh.qmesh(&["up", "--config", bob_file, "--http", "127.0.0.1:0"]);
+    let bob_at = address(bob.stdout_line("`metrics at`", metrics_at).await);
+    let mut alice = mesh.qmesh(&["up", "--config", alice_file, "--http", "127.0.0.1:0"]);
+    alice
+        .stdout_line("`route echo up`", |l| l.starts_with("route echo up: "))
+        .await;
+    let alice_at = address(alice.stdout_line("`metrics at`", metrics_at).await);
+
+    let before = scrape(&alice_at).await;
+    promtool_passes(&promtool, &before);
+    let sent_name = r#"qmesh_agent_bytes_total{route="forward.echo",direction="sent"}"#;
+    let received_name = r#"qmesh_agent_bytes_total{route="forward.echo",direction="received"}"#;
+    let (sent_before, received_before) =
+        (sample(&before, sent_name), sample(&before, received_name));
+
+    // BYTES through the forward and back from the echo.
+    let data: Vec<u8> = (0..BYTES).map(|i| (i * 7 % 251) as u8).collect();
+    let exchange = async {
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", local)).await?;
+        let (mut rd, mut wr) = conn.split();
+        let write = async {
+            wr.write_all(&data).await?;
+            wr.shutdown().await
+        };
+        let mut back = Vec::with_capacity(BYTES);
+        let (written, read) = tokio::join!(write, rd.read_to_end(&mut back));
+        written?;
+        read?;
+        Ok::<_, std::io::Error>(back)
+    };
+    let back = tokio::time::timeout(Duration::from_secs(60), exchange)
+        .await
+        .expect("the exchange took over 60 s")
+        .expect("the exchange");
+    assert!(
+        back == data,
+        "the echo came back changed ({} bytes)",
+        back.len()
+    );
+
+    let after = scrape(&alice_at).await;
+    promtool_passes(&promtool, &after);
+    assert!(
+        sample(&after, sent_name) >= sent_before + BYTES as f64,
+        "sent grew by less than {BYTES}:\n{before}\n{after}"
+    );
+    assert!(
+        sample(&after, received_name) >= received_before + BYTES as f64,
+        "received grew by less than {BYTES}:\n{after}"
+    );
+    assert_eq!(sample(&after, "qmesh_agent_routes"), 1.0, "{after}");
+    assert!(
+        sample(
+            &after,
+            r#"qmesh_agent_connections_total{route="forward.echo"}"#
+        ) >= 1.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            r#"qmesh_agent_route_path{route="forward.echo",path="relay"}"#
+        ),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            r#"qmesh_agent_route_path{route="forward.echo",path="direct"}"#
+        ),
+        0.0,
+        "{after}"
+    );
+    // The exposer counted the same bytes the other way round.
+    let exposed = scrape(&bob_at).await;
+    promtool_passes(&promtool, &exposed);
+    for direction in ["sent", "received"] {
+        let name =
+            format!(r#"qmesh_agent_bytes_total{{route="expose.echo",direction="{direction}"}}"#);
+        assert!(
+            sample(&exposed, &name) >= BYTES as f64,
+            "{name}:\n{exposed}"
+        );
+    }
+    // The exposer's side of the connection ends as its last bytes leave:
+    // polled, as it may count it open a moment longer.
+    let open = r#"qmesh_agent_connections{route="expose.echo"}"#;
+    let mut now = exposed;
+    for _ in 0..100 {
+        if sample(&now, open) == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        now = scrape(&bob_at).await;
+    }
+    assert_eq!(
+        sample(&now, open),
+        0.0,
+        "the finished connection is still counted open:\n{now}"
+    );
+    alice.kill().await;
+    bob.kill().await;
+}

@@ -106,7 +106,9 @@ async fn a_frozen_client_is_closed_by_the_coordinators_heartbeat_and_its_peers_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_coordinator_is_noticed_by_the_clients_heartbeat_and_channels_end_lost() {
     let state = tempfile::tempdir().unwrap();
-    let (coord, ca) = CoordinatorProc::start_dev(state.path(), &[] as &[&OsStr]).await;
+    // --single: SIGSTOP freezes the process that serves (under a leader it
+    // would freeze only the leader).
+    let (coord, ca) = CoordinatorProc::start_dev(state.path(), &["--single"]).await;
     let trust = qmesh_certs::Trust::ca_file(&ca).unwrap();
     let address: Address = coord.localhost().parse().unwrap();
     let mut coord = coord.proc;

@@ -132,7 +132,11 @@ impl Coordinator {
         )
         .expect("writing the config file");
         let (coord, ca) =
-            CoordinatorProc::start_dev(state.path(), &[OsStr::new("--config"), config.as_os_str()])
+            // --single: one process, so that its memory is the coordinator's.
+            CoordinatorProc::start_dev(
+                state.path(),
+                &[OsStr::new("--single"), OsStr::new("--config"), config.as_os_str()],
+            )
                 .await;
         let trust = ClientConfig::trust_ca_file(&ca).expect("CA file");
         let pid = coord.proc.pid();

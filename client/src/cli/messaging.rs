@@ -148,11 +148,52 @@ fn offers(list: &[Interface]) -> String {
     format!("offers {}", each.join(", "))
 }
 
-/// List who is online; with `watch`, go on printing changes.
-pub(crate) async fn peers(client: Client, watch: bool) -> Result<()> {
+/// One client in `qmesh peers --json`: what its text line shows.
+#[derive(Debug, serde::Serialize)]
+struct PeerJson<'a> {
+    name: &'a str,
+    interfaces: Vec<InterfaceJson<'a>>,
+}
+
+/// One interface in `qmesh peers --json`.
+#[derive(Debug, serde::Serialize)]
+struct InterfaceJson<'a> {
+    name: &'a str,
+    direction: String,
+    version: &'a str,
+}
+
+/// The peers as one JSON document: an array with an object per client.
+fn peers_json(peers: &[qmesh_client::presence::Peer]) -> Result<String> {
+    let list: Vec<PeerJson<'_>> = peers
+        .iter()
+        .map(|p| PeerJson {
+            name: &p.name,
+            interfaces: p
+                .interfaces
+                .iter()
+                .map(|i| InterfaceJson {
+                    name: &i.name,
+                    direction: i.direction.to_string(),
+                    version: &i.version,
+                })
+                .collect(),
+        })
+        .collect();
+    serde_json::to_string_pretty(&list).context("writing the peers as JSON")
+}
+
+/// List who is online (as JSON with `json`); with `watch`, go on printing
+/// changes.
+pub(crate) async fn peers(client: Client, watch: bool, json: bool) -> Result<()> {
     if !watch {
-        for peer in client.peers().await.context("listing peers")? {
-            println!("{}: {}", peer.name, offers(&peer.interfaces));
+        let peers = client.peers().await.context("listing peers")?;
+        if json {
+            println!("{}", peers_json(&peers)?);
+        } else {
+            for peer in &peers {
+                println!("{}: {}", peer.name, offers(&peer.interfaces));
+            }
         }
         client.close("done").await;
         return Ok(());

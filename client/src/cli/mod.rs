@@ -6,6 +6,7 @@ mod demo;
 mod forward;
 mod listen;
 mod messaging;
+mod metrics;
 mod receipts;
 mod send;
 mod up;
@@ -162,6 +163,10 @@ enum Command {
         /// Go on printing joins, leaves and interface changes.
         #[arg(long)]
         watch: bool,
+        /// Print the list as one JSON document: an array of
+        /// `{"name", "interfaces": [{"name", "direction", "version"}]}`.
+        #[arg(long, conflicts_with = "watch")]
+        json: bool,
     },
     /// Print the manifest of an interface, e.g. `mesh/bob!web`.
     Describe {
@@ -204,6 +209,11 @@ enum Command {
         /// again, then exit.
         #[arg(long, requires = "config")]
         reload: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics (routes,
+        /// connections, bytes, paths); ADDR must be a loopback address,
+        /// e.g. 127.0.0.1:9465.
+        #[arg(long, value_name = "ADDR", conflicts_with_all = ["check", "reload"])]
+        http: Option<std::net::SocketAddr>,
     },
     /// Print a completion script for SHELL on stdout, e.g.
     /// `qmesh completions bash > /etc/bash_completion.d/qmesh`.
@@ -593,12 +603,14 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
         config,
         check,
         reload,
+        http,
     } = &cli.command
     {
+        let http = *http;
         return match (check.clone(), config.clone(), *reload) {
             (Some(file), _, _) => up::check(&file),
             (None, Some(file), true) => up::reload(&cli, &file),
-            (None, Some(file), false) => up::run(&mut cli, &file).await,
+            (None, Some(file), false) => up::run(&mut cli, &file, http).await,
             (None, None, _) => bail!("give the agent's file: qmesh up --config FILE"),
         };
     }
@@ -657,14 +669,14 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
             let client = cli.connect_offering(None, offer, Stay::Up).await?;
             messaging::serve(client, channel).await
         }
-        Command::Peers { watch } => {
+        Command::Peers { watch, json } => {
             let name = Some(format!("peers-{}", std::process::id()));
             let client = if *watch {
                 cli.connect(name).await?
             } else {
                 cli.connect_once(name).await?
             };
-            messaging::peers(client, *watch).await
+            messaging::peers(client, *watch, *json).await
         }
         Command::Describe { address } => {
             let client = cli

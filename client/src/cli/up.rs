@@ -2,7 +2,9 @@
 //! file; SIGHUP (or `qmesh up --reload`) applies the file again.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use qmesh_client::agent_config::{self, AgentConfig, RouteId};
@@ -12,6 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use super::metrics::AgentMetrics;
 use super::Cli;
 
 /// Read and check the agent's file; every error, with its line, in one
@@ -115,12 +118,20 @@ struct Running {
     task: JoinHandle<()>,
 }
 
-fn start(client: &Client, forward: Forward) -> Running {
+/// The route's name in `/metrics`: `expose.NAME` or `forward.NAME`, as in
+/// the file.
+fn route_label(id: RouteId) -> String {
+    id.to_string()
+}
+
+fn start(client: &Client, forward: Forward, metrics: &AgentMetrics) -> Running {
     let (stopper, stop): (Stopper, Stop) = Stopper::new();
     let name = forward.name.clone();
+    let stats = metrics.route(&route_label(RouteId::Forward(name.clone())));
     let client = client.clone();
     let task = tokio::spawn(async move {
-        if let Err(e) = forward.run(client, stop, |line| println!("{line}")).await {
+        let report = |line| println!("{line}");
+        if let Err(e) = forward.run_counted(client, stop, report, stats).await {
             error!(route = %name, "forward.{name} stopped: {e}");
         }
     });
@@ -134,6 +145,7 @@ struct Agent {
     client: Client,
     exposer: Exposer,
     forwards: HashMap<String, Running>,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl Agent {
@@ -169,6 +181,9 @@ impl Agent {
         }
         let grace = new.grace;
         let mut interfaces_changed = false;
+        for id in &changes.removed {
+            self.metrics.remove(&route_label(id.clone()));
+        }
         for id in changes.removed.iter().chain(&changes.changed) {
             match id {
                 RouteId::Expose(n) => {
@@ -185,12 +200,13 @@ impl Agent {
             }
         }
         for e in exposes {
-            self.exposer.add(e);
+            add_expose(&self.exposer, e, &self.metrics);
             interfaces_changed = true;
         }
         for f in forwards {
             let name = f.name.clone();
-            self.forwards.insert(name, start(&self.client, f));
+            self.forwards
+                .insert(name, start(&self.client, f, &self.metrics));
         }
         if interfaces_changed {
             if let Err(e) = self.client.set_interfaces(self.exposer.interfaces()).await {
@@ -216,6 +232,12 @@ impl Agent {
     }
 }
 
+/// Serve `expose`, counting its traffic under its route's name.
+fn add_expose(exposer: &Exposer, expose: Expose, metrics: &AgentMetrics) {
+    let stats = metrics.route(&route_label(RouteId::Expose(expose.name.clone())));
+    exposer.add_counted(expose, stats);
+}
+
 /// Removes the pid file when the agent ends.
 struct PidFile(PathBuf);
 
@@ -225,9 +247,16 @@ impl Drop for PidFile {
     }
 }
 
-/// `qmesh up --config FILE`: run every route until interrupted.
-pub(crate) async fn run(cli: &mut Cli, path: &Path) -> Result<()> {
+/// `qmesh up --config FILE`: run every route until interrupted; with
+/// `http`, serve `/metrics` there.
+pub(crate) async fn run(cli: &mut Cli, path: &Path, http: Option<SocketAddr>) -> Result<()> {
     let config = load(path)?;
+    // Bound first: a taken port or a wrong address fails before the
+    // session starts.
+    let listener = match http {
+        Some(addr) => Some(super::metrics::bind(addr).await?),
+        None => None,
+    };
     cli.coordinator = vec![config.coordinator.to_string()];
     cli.name = Some(config.name.clone());
     if config.ca.is_some() {
@@ -243,7 +272,11 @@ pub(crate) async fn run(cli: &mut Cli, path: &Path) -> Result<()> {
         forwards.push(forward_of(name, f)?);
     }
     let mut hup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
-    let exposer = Exposer::new(config.name.clone(), exposes);
+    let metrics = Arc::new(AgentMetrics::default());
+    let exposer = Exposer::new(config.name.clone(), []);
+    for e in exposes {
+        add_expose(&exposer, e, &metrics);
+    }
     let client = cli
         .connect_offering(None, exposer.interfaces(), super::Stay::Up)
         .await?;
@@ -256,11 +289,12 @@ pub(crate) async fn run(cli: &mut Cli, path: &Path) -> Result<()> {
         client: client.clone(),
         exposer: exposer.clone(),
         forwards: HashMap::new(),
+        metrics: metrics.clone(),
         config,
     };
     for f in forwards {
         let name = f.name.clone();
-        agent.forwards.insert(name, start(&client, f));
+        agent.forwards.insert(name, start(&client, f, &metrics));
     }
     println!(
         "agent {} up: {} exposed, {} forwarded",
@@ -268,6 +302,11 @@ pub(crate) async fn run(cli: &mut Cli, path: &Path) -> Result<()> {
         agent.config.expose.len(),
         agent.forwards.len()
     );
+    if let Some(listener) = listener {
+        let at = listener.local_addr().context("the metrics listener")?;
+        super::metrics::serve(listener, metrics);
+        println!("metrics at http://{at}/metrics");
+    }
     let serving = exposer.run(&client);
     tokio::pin!(serving);
     loop {

@@ -98,7 +98,14 @@ async fn main() -> Result<()> {
         .context("the tool's directory")?
         .join("qmesh-coordinator");
     let mut child = Command::new(&coordinator)
-        .args(["run", "--listen", "quic/127.0.0.1:0", "--config"])
+        // One process, so that its memory is the coordinator's.
+        .args([
+            "run",
+            "--single",
+            "--listen",
+            "quic/127.0.0.1:0",
+            "--config",
+        ])
         .arg(&config)
         .arg("--state-dir")
         .arg(dir.path().join("state"))

@@ -416,7 +416,17 @@ impl Coordinator {
     ) -> Result<Coordinator> {
         let log = std::fs::File::create(work.join(format!("coordinator-{n}.log")))?;
         let mut child = Command::new(&bins.coordinator)
-            .args(["--log", "info", "run", "--listen", listen, "--state-dir"])
+            // One process: its memory, threads and descriptors are the
+            // coordinator's, and SIGKILL stops it.
+            .args([
+                "--log",
+                "info",
+                "run",
+                "--single",
+                "--listen",
+                listen,
+                "--state-dir",
+            ])
             .arg(state)
             .args(["--idle-timeout", IDLE_TIMEOUT_SECS, "--drain", DRAIN])
             .env_remove("RUST_LOG")
