@@ -209,11 +209,11 @@ fn answer(control: &Control, request: Request) -> Reply {
         Request::Revoke { .. } => {
             Reply::failed(vec!["revoke takes a name or a fingerprint".into()])
         }
-        Request::Reload => match control.reload_policy() {
-            Ok(line) => Reply::done(vec![line]),
+        Request::Reload => match control.reload() {
+            Ok(lines) => Reply::done(lines),
             Err(errors) => {
                 let mut lines = vec![format!(
-                    "policy not reloaded ({} error(s)); the policy in force is unchanged:",
+                    "not reloaded ({} error(s)); nothing changed, the policy in force included:",
                     errors.len()
                 )];
                 lines.extend(errors);

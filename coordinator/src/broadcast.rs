@@ -82,7 +82,7 @@ async fn serve(
     recv: RecvStream,
     name: String,
 ) {
-    let mut config = shared.config.groups.get(&name).copied().unwrap_or_default();
+    let mut config = shared.group_config(&name);
     config.buffer = config.buffer.max(1);
     config.max_message = config.max_message.min(MAX_MESSAGE_CEILING - MESSAGE_HEAD);
     let (tx, rx) = mpsc::channel(config.buffer);

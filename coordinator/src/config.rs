@@ -90,6 +90,9 @@ pub struct Config {
     /// The HTTP listener for `/metrics`, `/status.json` and the status
     /// page (`run --http`); `None`: none.
     pub http: Option<HttpConfig>,
+    /// The flags and settings this configuration was made from, for a
+    /// whole-config reload (`None`: only the policy can be reloaded).
+    pub source: Option<Arc<crate::reload::Source>>,
 }
 
 /// The HTTP listener of `run --http`.
@@ -98,7 +101,7 @@ pub struct HttpConfig {
     /// Where to listen (TCP).
     pub addr: SocketAddr,
     /// The bearer token every request must carry; required off loopback.
-    pub token: Option<crate::http::BearerToken>,
+    pub token: Option<crate::bearer::BearerToken>,
 }
 
 /// The leader a worker runs under.
@@ -163,6 +166,7 @@ impl Config {
             groups: HashMap::new(),
             worker: None,
             http: None,
+            source: None,
         }
     }
 }

@@ -367,6 +367,28 @@ impl Control {
         })
     }
 
+    /// Reload the whole config file (see [`crate::reload`]): the lines to
+    /// report, or every error (then nothing changed). A coordinator not
+    /// started from settings reloads only its policy.
+    pub fn reload(&self) -> Result<Vec<String>, Vec<String>> {
+        if self.0.config.source.is_none() {
+            return self.reload_policy().map(|line| vec![line]);
+        }
+        let result = crate::reload::reload(&self.0);
+        if let Err(errors) = &result {
+            for e in errors {
+                warn!(error = %e, "reload refused; nothing changed");
+            }
+        }
+        result
+    }
+
+    /// Read the certificate files again; new handshakes get the new
+    /// certificate when it changed: its fingerprint, or `None`.
+    pub fn reload_certificate(&self) -> Result<Option<String>, String> {
+        crate::reload::reload_certificate(&self.0)
+    }
+
     /// Whether `restart-worker` was asked for.
     pub fn restart_asked(&self) -> bool {
         self.0.restart_asked.load(Ordering::SeqCst)

@@ -7,6 +7,7 @@
 //! key = "coordinator-key.pem"
 //! drain = "10s"                     # live channels' time after SIGTERM
 //! http = "127.0.0.1:9464"           # /metrics and the status page
+//! log = "info"                      # the log filter; a reload applies it
 //! # http_token_file = "http-token"  # required when http is not loopback
 //!
 //! [auth]
@@ -68,6 +69,9 @@ pub struct FileConfig {
     pub http: Option<String>,
     /// The bearer token the HTTP listener requires.
     pub http_token_file: Option<PathBuf>,
+    /// The log filter, e.g. `info` or `qmesh_coordinator=debug` (`--log`
+    /// and `RUST_LOG` come first at start; a reload applies it).
+    pub log: Option<String>,
     /// `[auth]`.
     #[serde(default)]
     pub auth: AuthSection,
@@ -230,6 +234,9 @@ pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
     rel(&mut file.http_token_file);
     if file.cert.is_some() != file.key.is_some() {
         errors.push("cert and key go together: give both or neither".into());
+    }
+    if let Some(Err(e)) = file.log.as_deref().map(qmesh_proto::logging::check_filter) {
+        errors.push(format!("log: {e}"));
     }
     let mode = file.auth.mode.unwrap_or(AuthMode::Open);
     match (mode, &file.auth.client_ca) {

@@ -269,7 +269,7 @@ impl Gate for CoordinatorGate<'_> {
                     direct: joining.direct.clone(),
                     channels: Mutex::new(HashMap::new()),
                     slots: AtomicUsize::new(0),
-                    limiter: Limiter::new(&self.shared.config.rate),
+                    limiter: Limiter::new(&self.shared.rate()),
                     interfaces: Mutex::new(Arc::new(interfaces)),
                     closed_why: std::sync::OnceLock::new(),
                     probe: tokio::sync::Notify::new(),

@@ -50,6 +50,8 @@
 //!   `/status.json` and the status page (`status.html`), behind a bearer
 //!   token off loopback.
 //! - [`metrics`]: the Prometheus metrics, in a registry per coordinator.
+//! - [`bearer`]: the HTTP listener's bearer token, compared in constant
+//!   time.
 //! - [`auth`], [`token`], [`policy`], [`limit`]: authentication modes,
 //!   enrollment tokens, the access policy and rate limits, as plain types.
 //! - [`file`](mod@file): the config file.
@@ -63,6 +65,7 @@
 pub mod admin;
 mod admission;
 pub mod auth;
+pub mod bearer;
 mod broadcast;
 mod channel;
 pub mod config;
@@ -81,6 +84,7 @@ pub mod policy;
 mod presence;
 pub mod registry;
 mod relay;
+pub mod reload;
 pub mod server;
 mod session;
 pub mod settings;

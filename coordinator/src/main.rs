@@ -180,6 +180,11 @@ struct RunArgs {
     /// dies (for systemd-managed deployments and tests).
     #[arg(long)]
     single: bool,
+    /// Read the --cert/--key files again this often and give new
+    /// handshakes the new certificate when it changed (for certificates
+    /// an ACME client renews), e.g. 1h.
+    #[arg(long)]
+    reload_certs_every: Option<humantime::Duration>,
     /// The leader gives up (and exits 1) when the worker dies this many
     /// times within --crash-window [default: 5].
     #[arg(long, default_value_t = qmesh_coordinator::leader::MAX_CRASHES)]
@@ -249,6 +254,7 @@ struct RunArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     logging::init(cli.log.as_deref());
+    let log_fixed = cli.log.is_some() || std::env::var_os("RUST_LOG").is_some();
     match cli.command {
         Command::Certs { out, hosts, force } => {
             let files = write_certs(&out, &hosts, force)
@@ -270,7 +276,7 @@ fn main() -> Result<()> {
             let worker = qmesh_coordinator::leader::become_worker();
             if args.single || worker.is_some() {
                 let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
-                runtime.block_on(run(*args, worker))
+                runtime.block_on(run(*args, worker, log_fixed))
             } else {
                 lead(&args)
             }
@@ -462,7 +468,11 @@ fn lead(args: &RunArgs) -> Result<()> {
     std::process::exit(code)
 }
 
-async fn run(args: RunArgs, worker: Option<qmesh_coordinator::config::WorkerOf>) -> Result<()> {
+async fn run(
+    args: RunArgs,
+    worker: Option<qmesh_coordinator::config::WorkerOf>,
+    log_fixed: bool,
+) -> Result<()> {
     let settings = settings::read(&Flags::from(&args))?;
     // The port first: a coordinator that cannot listen writes nothing to
     // its state directory (no development CA, no auth files). A worker
@@ -473,6 +483,22 @@ async fn run(args: RunArgs, worker: Option<qmesh_coordinator::config::WorkerOf>)
     };
     let (mut config, ca_note) = settings.load()?;
     config.worker = worker;
+    config.source = Some(std::sync::Arc::new(qmesh_coordinator::reload::Source {
+        flags: Flags::from(&args),
+        settings: settings.clone(),
+        log_fixed,
+    }));
+    // The file's log filter, unless --log or RUST_LOG chose one.
+    if let (false, Some(path)) = (log_fixed, &settings.config_file) {
+        if let Some(filter) = qmesh_coordinator::file::check_file(path)
+            .ok()
+            .and_then(|c| c.file.log)
+        {
+            if let Err(e) = logging::set_filter(&filter) {
+                tracing::warn!(cause = %e, "the file's log filter is not used");
+            }
+        }
+    }
     let mode = settings.auth.mode();
     let dir = &settings.state_dir;
     let policy_rules = settings.policy.as_ref().map(|p| p.len());
@@ -482,6 +508,20 @@ async fn run(args: RunArgs, worker: Option<qmesh_coordinator::config::WorkerOf>)
     // SIGTERM sent right after the listening line still stops us cleanly.
     let stops = stop_signals()?;
     reload_on_hangup(control.clone())?;
+    if let Some(every) = args.reload_certs_every {
+        let control = control.clone();
+        let every: Duration = every.into();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = control.reload_certificate() {
+                    tracing::warn!(cause = %e, "the certificate files cannot be read; new handshakes keep the certificate in force");
+                }
+            }
+        });
+    }
     println!(
         "qmesh-coordinator listening on quic/{}",
         coordinator.local_addr()
@@ -531,7 +571,7 @@ async fn run(args: RunArgs, worker: Option<qmesh_coordinator::config::WorkerOf>)
     Ok(())
 }
 
-/// Reload the policy on SIGHUP.
+/// Reload the whole config file on SIGHUP.
 fn reload_on_hangup(control: qmesh_coordinator::server::Control) -> Result<()> {
     #[cfg(unix)]
     {
@@ -539,9 +579,9 @@ fn reload_on_hangup(control: qmesh_coordinator::server::Control) -> Result<()> {
         let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reloading the policy");
-                // Errors are logged by reload_policy; the old policy stays.
-                let _ = control.reload_policy();
+                tracing::info!("SIGHUP: reloading the config file");
+                // Errors are logged by reload; nothing changes then.
+                let _ = control.reload();
             }
         });
     }

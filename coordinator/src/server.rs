@@ -127,16 +127,7 @@ impl Coordinator {
     /// address takes the place of `config.listen`.
     pub fn on(listener: Listener, mut config: Config) -> Result<Self, BindError> {
         config.listen = listener.local_addr();
-        let mut server =
-            qmesh_certs::server_config_with(&config.identity, config.auth.client_auth())?;
-        // Before the hello is accepted a peer gets one bidirectional stream
-        // (the session stream), no unidirectional ones, and a small
-        // connection window; `hello` opens them up once it has joined.
-        let mut transport = config.tuning.transport();
-        transport.receive_window(VarInt::from_u32(config.pre_auth_window));
-        transport.max_concurrent_bidi_streams(VarInt::from_u32(1));
-        transport.max_concurrent_uni_streams(VarInt::from_u32(0));
-        server.transport_config(Arc::new(transport));
+        let server = server_config(&config, &config.identity)?;
         let endpoint = Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server),
@@ -164,6 +155,7 @@ impl Coordinator {
         // Bound before the coordinator says it listens, so that an
         // operator command right after that line finds it.
         let admin = config.state_dir.as_deref().map(crate::admin::bind);
+        let shared_endpoint = endpoint.clone();
         Ok(Self {
             endpoint,
             http,
@@ -171,7 +163,6 @@ impl Coordinator {
             shared: Arc::new(Shared {
                 presence: tokio::sync::broadcast::channel(config.presence_buffer.max(1)).0,
                 groups: crate::groups::Groups::default(),
-                config,
                 registry: Mutex::new(registry),
                 stats: Arc::default(),
                 tasks: TaskTracker::new(),
@@ -186,6 +177,12 @@ impl Coordinator {
                 operator_stop: tokio::sync::watch::Sender::new(0),
                 restart_asked: Default::default(),
                 events: Mutex::default(),
+                rate: RwLock::new(config.rate),
+                group_config: RwLock::new(config.groups.clone()),
+                running: Mutex::new(config.source.as_ref().map(|s| s.settings.clone())),
+                endpoint: shared_endpoint,
+                current_cert: Mutex::new(Some(config.identity.fingerprint().to_string())),
+                config,
             }),
         })
     }
@@ -661,6 +658,23 @@ fn first_channel_number() -> u64 {
     // for channels held across a restart.
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes[2..]);
     u64::from_be_bytes(bytes).max(1)
+}
+
+/// The QUIC server configuration for `identity`: TLS with the auth mode's
+/// client certificate check, and before the hello one bidirectional
+/// stream (the session stream), no unidirectional ones and a small
+/// connection window (`hello` opens them up once the client has joined).
+pub(crate) fn server_config(
+    config: &Config,
+    identity: &qmesh_certs::Identity,
+) -> Result<quinn::ServerConfig, BindError> {
+    let mut server = qmesh_certs::server_config_with(identity, config.auth.client_auth())?;
+    let mut transport = config.tuning.transport();
+    transport.receive_window(VarInt::from_u32(config.pre_auth_window));
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    transport.max_concurrent_uni_streams(VarInt::from_u32(0));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
 }
 
 #[cfg(test)]

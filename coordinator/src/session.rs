@@ -137,6 +137,17 @@ pub(crate) struct Shared {
     /// The last joins, leaves, kicks and reloads, newest last, at most
     /// [`EVENTS_KEPT`].
     pub(crate) events: Mutex<std::collections::VecDeque<Event>>,
+    /// The rate limits new sessions get (a reload changes them).
+    pub(crate) rate: RwLock<crate::limit::RateLimits>,
+    /// The settings of broadcast groups made from now on.
+    pub(crate) group_config: RwLock<HashMap<String, crate::config::GroupConfig>>,
+    /// The settings in force, when the coordinator was started from them
+    /// (what a reload compares the file with).
+    pub(crate) running: Mutex<Option<crate::settings::Settings>>,
+    /// The endpoint, whose certificate a reload can replace.
+    pub(crate) endpoint: quinn::Endpoint,
+    /// The fingerprint of the certificate new handshakes get.
+    pub(crate) current_cert: Mutex<Option<String>>,
 }
 
 /// How many events [`Shared::events`] keeps.
@@ -168,6 +179,21 @@ impl Shared {
             kind: kind.into(),
             what,
         });
+    }
+
+    /// The rate limits for a session admitted now.
+    pub(crate) fn rate(&self) -> crate::limit::RateLimits {
+        *self.rate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The settings of broadcast group `name`, made now.
+    pub(crate) fn group_config(&self, name: &str) -> crate::config::GroupConfig {
+        self.group_config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied()
+            .unwrap_or_default()
     }
 
     pub(crate) fn registry(&self) -> MutexGuard<'_, Registry<Arc<Session>>> {

@@ -454,7 +454,7 @@ impl Settings {
         };
         let mut config = self.config(identity, auth);
         if let (Some(http), Some(path)) = (&mut config.http, self.http_token()) {
-            http.token = Some(crate::http::BearerToken::read(path)?);
+            http.token = Some(crate::bearer::BearerToken::read(path)?);
         }
         Ok((config, ca_note))
     }

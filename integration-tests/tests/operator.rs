@@ -254,7 +254,7 @@ async fn policy_check_reload_command_and_sighup() {
         dir.path().as_os_str(),
     ])
     .await;
-    assert!(!ok && err.contains("policy not reloaded"), "{err}");
+    assert!(!ok && err.contains("not reloaded"), "{err}");
     let (ok, err) = send_line(&coord, clients.path(), "still allowed").await;
     assert!(ok, "{err}");
     assert_eq!(

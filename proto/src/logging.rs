@@ -106,16 +106,52 @@ where
     }
 }
 
+/// Changes the installed filter; set by [`init`].
+type SetFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+static SET_FILTER: std::sync::OnceLock<SetFilter> = std::sync::OnceLock::new();
+
 /// Install the connpipe format on stderr. `level` (from `--log`) takes
-/// precedence over `RUST_LOG`; the default is `info`.
+/// precedence over `RUST_LOG`; the default is `info`. The filter can be
+/// changed later with [`set_filter`].
 pub fn init(level: Option<&str>) {
     let filter = match level {
         Some(l) => EnvFilter::new(l),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    let _ = subscriber(filter, std::io::stderr).try_init();
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
+        .event_format(ConnpipeFormat)
+        .with_ansi(false)
+        .with_writer(std::io::stderr);
+    let installed = tracing_subscriber::registry()
+        .with(IdLayer)
+        .with(fmt)
+        .with(filter)
+        .try_init();
+    if installed.is_ok() {
+        let _ = SET_FILTER.set(Box::new(move |f: &str| {
+            let new = check_filter(f)?;
+            handle.reload(new).map_err(|e| e.to_string())
+        }));
+    }
 }
 
+/// A filter such as `info` or `qmesh_coordinator=debug,warn`, or why it
+/// is not one.
+pub fn check_filter(filter: &str) -> Result<EnvFilter, String> {
+    EnvFilter::try_new(filter).map_err(|e| format!("log filter {filter:?}: {e}"))
+}
+
+/// Put `filter` in force for every later line (after [`init`]).
+pub fn set_filter(filter: &str) -> Result<(), String> {
+    match SET_FILTER.get() {
+        Some(set) => set(filter),
+        None => Err("this process did not install the qmesh log format".into()),
+    }
+}
+
+#[cfg(test)]
 /// The connpipe subscriber: span ids, the line format, and `filter`,
 /// writing each line to what `writer` makes.
 fn subscriber<W>(filter: EnvFilter, writer: W) -> impl Subscriber + Send + Sync
