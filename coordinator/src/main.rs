@@ -104,6 +104,13 @@ enum Command {
     Quit(Ask),
     /// Exit at once.
     Stop(Ask),
+    /// Print a completion script for a shell: bash, zsh, fish, elvish or
+    /// powershell (e.g. `qmesh-coordinator completions bash >
+    /// /etc/bash_completion.d/qmesh-coordinator`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// An operator command's target and output form.
@@ -334,6 +341,16 @@ fn main() -> Result<()> {
         Command::Quit(ask) => ask.send(Request::Quit),
         Command::RestartWorker { binary, ask } => ask.send(Request::RestartWorker { binary }),
         Command::Stop(ask) => ask.send(Request::Stop),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(
+                shell,
+                &mut command,
+                "qmesh-coordinator",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
     }
 }
 

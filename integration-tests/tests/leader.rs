@@ -286,3 +286,22 @@ async fn restart_worker_needs_a_leader() {
     let info = ask(&state, &["info"]).await;
     assert_eq!(info["leader_pid"], serde_json::Value::Null, "{info}");
 }
+
+/// `qmesh-coordinator completions SHELL` prints that shell's script,
+/// naming the operator commands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_name_the_operator_commands() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef qmesh-coordinator"),
+        ("fish", "complete -c qmesh-coordinator"),
+    ] {
+        let exit = Proc::spawn("qmesh-coordinator", ["completions", shell], &[])
+            .finish()
+            .await;
+        assert!(exit.status.success(), "{shell}: {}", show(&exit));
+        for want in [marker, "restart-worker", "kick", "reload"] {
+            assert!(exit.stdout.contains(want), "{shell} lacks {want:?}");
+        }
+    }
+}
