@@ -381,3 +381,22 @@ pub(crate) struct ChannelSide {
     /// Pipes this side opened on the channel that are being relayed now.
     pub(crate) pipes: std::sync::atomic::AtomicU64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_counts_under_its_own_code() {
+        let stats = Stats::default();
+        for (n, code) in Stats::REJECT_CODES.into_iter().enumerate() {
+            for _ in 0..=n {
+                stats.refused(code);
+            }
+        }
+        let counted: Vec<(RejectCode, u64)> = stats.rejects().collect();
+        let expected: Vec<(RejectCode, u64)> = Stats::REJECT_CODES.into_iter().zip(1..).collect();
+        assert_eq!(counted, expected);
+        assert_eq!(stats.hellos_refused.load(Ordering::Relaxed), 28);
+    }
+}
