@@ -1274,10 +1274,21 @@ async fn the_agents_metrics_count_a_known_transfer() {
     let mut bob = mesh.qmesh(&["up", "--config", bob_file, "--http", "127.0.0.1:0"]);
     let bob_at = address(bob.stdout_line("`metrics at`", metrics_at).await);
     let mut alice = mesh.qmesh(&["up", "--config", alice_file, "--http", "127.0.0.1:0"]);
-    alice
-        .stdout_line("`route echo up`", |l| l.starts_with("route echo up: "))
-        .await;
-    let alice_at = address(alice.stdout_line("`metrics at`", metrics_at).await);
+    // The two lines come in either order.
+    let (mut alice_at, mut route_up) = (None, false);
+    while alice_at.is_none() || !route_up {
+        let line = alice
+            .stdout_line("`metrics at` and `route echo up`", |l| {
+                metrics_at(l) || l.starts_with("route echo up: ")
+            })
+            .await;
+        if metrics_at(&line) {
+            alice_at = Some(address(line));
+        } else {
+            route_up = true;
+        }
+    }
+    let alice_at = alice_at.expect("seen");
 
     let before = scrape(&alice_at).await;
     promtool_passes(&promtool, &before);
