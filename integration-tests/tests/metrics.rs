@@ -343,6 +343,51 @@ async fn the_http_token_is_required_when_given() {
     );
 }
 
+/// Two coordinators in one process, each with its own HTTP listener:
+/// each registry reports its own coordinator (a client on the first
+/// shows there only). A coordinator built from a `Config` whose HTTP
+/// listener is off loopback without a token is refused before it binds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinators_in_one_process_report_separately() {
+    let http = |c: &mut qmesh_coordinator::Config| {
+        c.http = Some(qmesh_coordinator::config::HttpConfig {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            token: None,
+        });
+    };
+    let one = qmesh_integration_tests::Mesh::start_with(http).await;
+    let two = qmesh_integration_tests::Mesh::start_with(http).await;
+    let (at_one, at_two) = (
+        one.coordinator.http_addr().unwrap(),
+        two.coordinator.http_addr().unwrap(),
+    );
+    assert_ne!(at_one, at_two);
+    let _alice = one.client("alice").await;
+    let (m1, m2) = (scrape(at_one).await, scrape(at_two).await);
+    assert_eq!(sample(&m1, "qmesh_sessions"), 1.0, "{m1}");
+    assert_eq!(sample(&m1, "qmesh_sessions_admitted_total"), 1.0);
+    assert_eq!(sample(&m2, "qmesh_sessions"), 0.0, "{m2}");
+    assert_eq!(sample(&m2, "qmesh_sessions_admitted_total"), 0.0);
+    let status = get(at_one, "/status.json", None).await;
+    let status: Value = serde_json::from_str(&status.body).unwrap();
+    assert_eq!(status["clients"][0]["name"], "alice", "{status}");
+
+    let ca = qmesh_certs::Ca::generate("test CA").unwrap();
+    let mut config =
+        qmesh_coordinator::Config::new(ca.issue_server(&["localhost".into()]).unwrap());
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    // 192.0.2.1 is a documentation address no host has.
+    config.http = Some(qmesh_coordinator::config::HttpConfig {
+        addr: "192.0.2.1:9464".parse().unwrap(),
+        token: None,
+    });
+    let refused = qmesh_coordinator::Coordinator::bind(config).unwrap_err();
+    assert!(
+        matches!(refused, qmesh_coordinator::BindError::HttpNeedsToken(_)),
+        "{refused}"
+    );
+}
+
 /// A headless Chromium driven over the DevTools protocol (a websocket).
 struct Browser {
     child: tokio::process::Child,
