@@ -592,6 +592,21 @@ impl Browser {
     }
 }
 
+impl Browser {
+    /// Ask chromium to close (it then removes its temporary files, which
+    /// a kill leaves behind) and wait for it to exit.
+    async fn close(mut self) {
+        // No waiting for the reply: chromium may close the connection
+        // first.
+        let message = json!({"id": self.next + 1, "method": "Browser.close"}).to_string();
+        let _ = self
+            .ws
+            .send(tokio_tungstenite::tungstenite::Message::text(message))
+            .await;
+        within_ok(STEP, "chromium to exit", self.child.wait()).await;
+    }
+}
+
 impl Drop for Browser {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
@@ -798,6 +813,7 @@ async fn the_status_page_shows_clients_that_join_after_it_loaded() {
         println!("screenshot: {}", Path::new(&path).display());
         erin.kill().await;
     }
+    browser.close().await;
     for p in [&mut alice, &mut carol, &mut bob, &mut dave] {
         p.kill().await;
     }
