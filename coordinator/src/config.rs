@@ -90,9 +90,6 @@ pub struct Config {
     /// The HTTP listener for `/metrics`, `/status.json` and the status
     /// page (`run --http`); `None`: none.
     pub http: Option<HttpConfig>,
-    /// The flags and settings this configuration was made from, for a
-    /// whole-config reload (`None`: only the policy can be reloaded).
-    pub source: Option<Arc<crate::reload::Source>>,
 }
 
 /// The HTTP listener of `run --http`.
@@ -166,7 +163,6 @@ impl Config {
             groups: HashMap::new(),
             worker: None,
             http: None,
-            source: None,
         }
     }
 }

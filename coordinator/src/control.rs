@@ -371,7 +371,13 @@ impl Control {
     /// report, or every error (then nothing changed). A coordinator not
     /// started from settings reloads only its policy.
     pub fn reload(&self) -> Result<Vec<String>, Vec<String>> {
-        if self.0.config.source.is_none() {
+        let started_from = self
+            .0
+            .source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if !started_from {
             return self.reload_policy().map(|line| vec![line]);
         }
         let result = crate::reload::reload(&self.0);
@@ -381,6 +387,13 @@ impl Control {
             }
         }
         result
+    }
+
+    /// What the coordinator was started from, for a whole-config reload
+    /// (without it only the policy reloads).
+    pub fn set_source(&self, source: crate::settings::Source) {
+        *self.0.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(source.settings.clone());
+        *self.0.source.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(source));
     }
 
     /// Read the certificate files again; new handshakes get the new

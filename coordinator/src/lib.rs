@@ -92,6 +92,7 @@ pub mod socket;
 mod streams;
 pub mod strikes;
 pub mod token;
+mod tls;
 mod wire;
 
 pub use config::Config;

@@ -500,11 +500,6 @@ async fn run(
     };
     let (mut config, ca_note) = settings.load()?;
     config.worker = worker;
-    config.source = Some(std::sync::Arc::new(qmesh_coordinator::reload::Source {
-        flags: Flags::from(&args),
-        settings: settings.clone(),
-        log_fixed,
-    }));
     // The file's log filter, unless --log or RUST_LOG chose one.
     if let (false, Some(path)) = (log_fixed, &settings.config_file) {
         if let Some(filter) = qmesh_coordinator::file::check_file(path)
@@ -521,6 +516,11 @@ async fn run(
     let policy_rules = settings.policy.as_ref().map(|p| p.len());
     let coordinator = Coordinator::on(listener, config)?;
     let control = coordinator.control();
+    control.set_source(settings::Source {
+        flags: Flags::from(&args),
+        settings: settings.clone(),
+        log_fixed,
+    });
     // Install the signal handlers before saying we are up, so that a
     // SIGTERM sent right after the listening line still stops us cleanly.
     let stops = stop_signals()?;

@@ -24,19 +24,7 @@ use tracing::{info, warn};
 
 use crate::policy::Policy;
 use crate::session::Shared;
-use crate::settings::{resolve, CertSource, Flags, Settings};
-
-/// What a running coordinator was made from.
-#[derive(Debug, Clone)]
-pub struct Source {
-    /// The command line's flags (they win over the file).
-    pub flags: Flags,
-    /// The settings resolved at start.
-    pub settings: Settings,
-    /// Whether `--log` (or `RUST_LOG`) chose the log filter, which the
-    /// file's `log` then does not replace.
-    pub log_fixed: bool,
-}
+use crate::settings::{resolve, CertSource, Settings};
 
 /// A changed setting that needs a restart: `NAME (OLD → NEW)`.
 fn restart_needed(old: &Settings, new: &Settings) -> Vec<String> {
@@ -113,7 +101,12 @@ fn kind(c: &CertSource) -> &'static str {
 /// Reload the whole config file: the lines to report, or every error
 /// (then nothing changed).
 pub(crate) fn reload(shared: &Shared) -> Result<Vec<String>, Vec<String>> {
-    let Some(source) = shared.config.source.clone() else {
+    let source = shared
+        .source
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let Some(source) = source else {
         return Err(vec![
             "this coordinator was not started from settings (an embedded one): only \
              Control::set_policy applies"
@@ -144,7 +137,7 @@ pub(crate) fn reload(shared: &Shared) -> Result<Vec<String>, Vec<String>> {
     };
     let server = match &identity {
         Some(id) => Some(
-            crate::server::server_config(&shared.config, id)
+            crate::tls::server_config(&shared.config, id)
                 .map_err(|e| vec![format!("the new certificate: {e}")])?,
         ),
         None => None,
@@ -252,7 +245,7 @@ pub(crate) fn reload_certificate(shared: &Shared) -> Result<Option<String>, Stri
     if current.as_deref() == Some(fp.as_str()) {
         return Ok(None);
     }
-    let server = crate::server::server_config(&shared.config, &id).map_err(|e| e.to_string())?;
+    let server = crate::tls::server_config(&shared.config, &id).map_err(|e| e.to_string())?;
     shared.endpoint.set_server_config(Some(server));
     *current = Some(fp.clone());
     info!(fingerprint = %fp, "certificate reloaded for new handshakes");

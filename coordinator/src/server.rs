@@ -127,7 +127,7 @@ impl Coordinator {
     /// address takes the place of `config.listen`.
     pub fn on(listener: Listener, mut config: Config) -> Result<Self, BindError> {
         config.listen = listener.local_addr();
-        let server = server_config(&config, &config.identity)?;
+        let server = crate::tls::server_config(&config, &config.identity)?;
         let endpoint = Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server),
@@ -179,7 +179,8 @@ impl Coordinator {
                 events: Mutex::default(),
                 rate: RwLock::new(config.rate),
                 group_config: RwLock::new(config.groups.clone()),
-                running: Mutex::new(config.source.as_ref().map(|s| s.settings.clone())),
+                running: Mutex::new(None),
+                source: Mutex::new(None),
                 endpoint: shared_endpoint,
                 current_cert: Mutex::new(Some(config.identity.fingerprint().to_string())),
                 config,
@@ -658,23 +659,6 @@ fn first_channel_number() -> u64 {
     // for channels held across a restart.
     let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes[2..]);
     u64::from_be_bytes(bytes).max(1)
-}
-
-/// The QUIC server configuration for `identity`: TLS with the auth mode's
-/// client certificate check, and before the hello one bidirectional
-/// stream (the session stream), no unidirectional ones and a small
-/// connection window (`hello` opens them up once the client has joined).
-pub(crate) fn server_config(
-    config: &Config,
-    identity: &qmesh_certs::Identity,
-) -> Result<quinn::ServerConfig, BindError> {
-    let mut server = qmesh_certs::server_config_with(identity, config.auth.client_auth())?;
-    let mut transport = config.tuning.transport();
-    transport.receive_window(VarInt::from_u32(config.pre_auth_window));
-    transport.max_concurrent_bidi_streams(VarInt::from_u32(1));
-    transport.max_concurrent_uni_streams(VarInt::from_u32(0));
-    server.transport_config(Arc::new(transport));
-    Ok(server)
 }
 
 #[cfg(test)]

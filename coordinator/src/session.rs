@@ -144,6 +144,9 @@ pub(crate) struct Shared {
     /// The settings in force, when the coordinator was started from them
     /// (what a reload compares the file with).
     pub(crate) running: Mutex<Option<crate::settings::Settings>>,
+    /// The flags and settings the coordinator was started from (set by
+    /// `Control::set_source`): without them only the policy reloads.
+    pub(crate) source: Mutex<Option<Arc<crate::settings::Source>>>,
     /// The endpoint, whose certificate a reload can replace.
     pub(crate) endpoint: quinn::Endpoint,
     /// The fingerprint of the certificate new handshakes get.

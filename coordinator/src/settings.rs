@@ -115,6 +115,18 @@ impl AuthChoice {
     }
 }
 
+/// What a running coordinator was made from.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The command line's flags (they win over the file).
+    pub flags: Flags,
+    /// The settings resolved at start.
+    pub settings: Settings,
+    /// Whether `--log` (or `RUST_LOG`) chose the log filter, which the
+    /// file's `log` then does not replace.
+    pub log_fixed: bool,
+}
+
 /// Every setting chosen; nothing loaded yet. A limit left `None` keeps
 /// [`Config::new`]'s default.
 #[derive(Debug, Clone)]
