@@ -91,8 +91,8 @@ pub mod settings;
 pub mod socket;
 mod streams;
 pub mod strikes;
-pub mod token;
 mod tls;
+pub mod token;
 mod wire;
 
 pub use config::Config;
