@@ -89,6 +89,7 @@ pub mod server;
 mod session;
 pub mod settings;
 pub mod socket;
+pub mod statelock;
 mod streams;
 pub mod strikes;
 mod tls;

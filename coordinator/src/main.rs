@@ -463,6 +463,8 @@ fn lead(args: &RunArgs) -> Result<()> {
     let code = runtime.block_on(async {
         let settings = settings::read(&Flags::from(args))?;
         let listener = bind(settings.listen)?;
+        // Held until this process exits; the workers run inside the hold.
+        let _lock = qmesh_coordinator::statelock::hold(&settings.state_dir)?;
         // Errors in the certificate or auth files stop here, once, rather
         // than in a worker that would die at every start.
         settings.load()?;
@@ -497,6 +499,13 @@ async fn run(
     let listener = match &worker {
         Some(_) => Listener::from_socket(qmesh_coordinator::leader::inherited_socket()?)?,
         None => bind(settings.listen)?,
+    };
+    // A worker runs inside its leader's hold on the state directory; a
+    // coordinator on its own (--single) holds the directory itself, before
+    // it reads or writes anything there.
+    let _lock = match &worker {
+        Some(_) => None,
+        None => Some(qmesh_coordinator::statelock::hold(&settings.state_dir)?),
     };
     let (mut config, ca_note) = settings.load()?;
     config.worker = worker;
