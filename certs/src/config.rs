@@ -28,6 +28,19 @@ pub enum Trust {
         /// Where they came from (usually the CA file's path), for messages.
         source: String,
     },
+    /// Full certificate verification, as for [`Trust::Ca`], against the
+    /// platform's trust store: what every TLS client trusts by default.
+    ///
+    /// Made by [`Trust::system`]; on Linux the store is the distribution's
+    /// CA bundle, or `SSL_CERT_FILE` / `SSL_CERT_DIR` when they are set.
+    /// A certificate that does not verify is reported with a hint to give
+    /// the coordinator's own CA (a private deployment) instead.
+    System {
+        /// The trusted root certificates.
+        certs: Vec<CertificateDer<'static>>,
+        /// Where they came from, for messages.
+        source: String,
+    },
     /// Trust exactly the certificate with this SHA-256 fingerprint.
     ///
     /// Only the end-entity certificate's fingerprint is compared; the server
@@ -44,6 +57,49 @@ impl Trust {
             certs: load_certs(path)?,
             source: path.display().to_string(),
         })
+    }
+
+    /// [`Trust::System`]: the platform's trust store, read now (with
+    /// `rustls-native-certs`, which honours `SSL_CERT_FILE` and
+    /// `SSL_CERT_DIR`). Certificates in the store that are not usable as
+    /// roots are left out; a store with no usable root is an error.
+    pub fn system() -> Result<Trust, CertError> {
+        let source = system_source();
+        let found = rustls_native_certs::load_native_certs();
+        let mut certs = Vec::new();
+        for cert in found.certs {
+            if RootCertStore::empty().add(cert.clone()).is_ok() {
+                certs.push(cert);
+            }
+        }
+        if certs.is_empty() {
+            let errors: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
+            return Err(CertError::NoSystemRoots {
+                origin: source,
+                detail: if errors.is_empty() {
+                    "no certificates found".into()
+                } else {
+                    errors.join("; ")
+                },
+            });
+        }
+        Ok(Trust::System { certs, source })
+    }
+}
+
+/// How the system's trust store is named in messages, with the
+/// environment variables that chose it.
+fn system_source() -> String {
+    let mut chosen = Vec::new();
+    for var in ["SSL_CERT_FILE", "SSL_CERT_DIR"] {
+        if let Some(value) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+            chosen.push(format!("{var}={}", value.to_string_lossy()));
+        }
+    }
+    if chosen.is_empty() {
+        "the system's trust store".into()
+    } else {
+        format!("the system's trust store ({})", chosen.join(", "))
     }
 }
 
@@ -145,6 +201,13 @@ fn client_config_inner(
             provider.clone(),
             report.clone(),
         )?),
+        Trust::System { certs, source } => Arc::new(
+            CaVerifier::new(certs, source, provider.clone(), report.clone())?.with_hint(
+                "; a coordinator with a certificate from a private CA (such as the development \
+                 CA it prints at start) needs that CA: pass --ca FILE, or pin the certificate \
+                 with --fingerprint",
+            ),
+        ),
         Trust::Pinned(pin) => Arc::new(PinnedVerifier::new(
             *pin,
             "the coordinator",
@@ -175,6 +238,8 @@ struct CaVerifier {
     inner: Arc<WebPkiServerVerifier>,
     source: String,
     report: VerifyReport,
+    /// Said after every failure: what to do instead.
+    hint: &'static str,
 }
 
 impl CaVerifier {
@@ -203,7 +268,14 @@ impl CaVerifier {
             inner,
             source: source.to_owned(),
             report,
+            hint: "",
         })
+    }
+
+    /// Add `hint` to every failure this verifier reports.
+    fn with_hint(mut self, hint: &'static str) -> CaVerifier {
+        self.hint = hint;
+        self
     }
 }
 
@@ -224,8 +296,17 @@ impl ServerCertVerifier for CaVerifier {
             now,
         );
         self.report.record(result.as_ref().err().map(|e| {
+            // The hint is about the issuer: a name mismatch or an expired
+            // certificate is not cured by another CA.
+            let hint = match e {
+                rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer
+                    | rustls::CertificateError::BadSignature,
+                ) => self.hint,
+                _ => "",
+            };
             format!(
-                "the coordinator's certificate did not verify against the CA in {}: {e}",
+                "the coordinator's certificate did not verify against the CA in {}: {e}{hint}",
                 self.source
             )
         }));

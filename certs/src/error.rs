@@ -115,6 +115,18 @@ pub enum CertError {
     #[error("TLS configuration failed: {0}")]
     Rustls(#[from] rustls::Error),
 
+    /// The system's trust store held no usable root certificate.
+    #[error(
+        "no trusted root certificates in {origin} ({detail}); give the coordinator's CA with \
+         --ca FILE, or set SSL_CERT_FILE to a PEM bundle of roots"
+    )]
+    NoSystemRoots {
+        /// Which store was read.
+        origin: String,
+        /// What reading it found.
+        detail: String,
+    },
+
     /// A trust anchor could not be added to the root store.
     #[error("the CA certificate from {origin} cannot be used as a trust anchor: {source}")]
     BadTrustAnchor {

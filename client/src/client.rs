@@ -832,7 +832,9 @@ async fn rejoin(weak: &Weak<Inner>, mut cause: String) -> Option<()> {
             let spot = lock(&inner.current);
             (inner.session_config(), spot.on.clone(), spot.next)
         };
-        let target = match candidates(&config.addresses(), config.connect_timeout).await {
+        let target = match candidates(&config.addresses(), config.connect_timeout, &config.resolve)
+            .await
+        {
             Ok((list, _)) if !list.is_empty() => {
                 let keys: Vec<_> = list.iter().map(|c| (c.index, c.addr)).collect();
                 let start = reconnect::position(&keys, (last.index, last.addr)) + usize::from(next);

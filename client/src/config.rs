@@ -72,6 +72,11 @@ pub struct ClientConfig {
     /// them (over every address their names resolve to), and a connect or
     /// reconnect that fails on one goes on to the next.
     pub also: Vec<Address>,
+    /// Addresses to use for host names instead of asking the resolver,
+    /// like curl's `--resolve`: the certificate is still checked for the
+    /// name. For a coordinator whose name is not (yet) in DNS, or to reach
+    /// one instance of several behind a name.
+    pub resolve: Vec<Resolve>,
     /// Whether and how a lost session is joined again (on by default:
     /// first retry within 100 ms, at most 5 s apart, no limit).
     pub reconnect: Reconnect,
@@ -153,6 +158,7 @@ impl ClientConfig {
             quotas: HashMap::new(),
             reconnect: Reconnect::default(),
             also: Vec::new(),
+            resolve: Vec::new(),
             tls: TlsCache::default(),
         }
     }
@@ -163,6 +169,14 @@ impl ClientConfig {
             certs: qmesh_certs::load_certs(path)?,
             source: path.display().to_string(),
         })
+    }
+
+    /// Trust the coordinator certificates the platform's trust store
+    /// vouches for, as every TLS client does by default
+    /// ([`Trust::system`]): for a coordinator with a certificate from a
+    /// public CA.
+    pub fn trust_system() -> Result<Trust, CertError> {
+        Trust::system()
     }
 
     /// Trust exactly the coordinator certificate with this fingerprint.
@@ -229,5 +243,70 @@ impl ClientConfig {
             report: report.clone(),
         });
         Ok((quic, report))
+    }
+}
+
+/// Where a host name and port go instead of the resolver's answer:
+/// `HOST:PORT:ADDR[,ADDR...]`, as curl's `--resolve` (an IPv6 address in
+/// brackets: `coord.example.com:7447:[::1]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolve {
+    /// The host name, as written in the coordinator's address.
+    pub host: String,
+    /// The port it applies to.
+    pub port: u16,
+    /// The addresses to use, in order. Never empty.
+    pub addrs: Vec<std::net::IpAddr>,
+}
+
+impl Resolve {
+    /// The addresses for `host` and `port` in `overrides`, if any names them
+    /// (host names compare without regard to case).
+    pub(crate) fn find<'a>(
+        overrides: &'a [Resolve],
+        host: &str,
+        port: u16,
+    ) -> Option<&'a [std::net::IpAddr]> {
+        overrides
+            .iter()
+            .find(|r| r.port == port && r.host.eq_ignore_ascii_case(host))
+            .map(|r| r.addrs.as_slice())
+    }
+}
+
+impl std::str::FromStr for Resolve {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Resolve, String> {
+        let usage = || {
+            format!(
+                "{text:?} is not HOST:PORT:ADDR[,ADDR...] (e.g. coord.example.com:7447:127.0.0.1)"
+            )
+        };
+        let mut parts = text.splitn(3, ':');
+        let (Some(host), Some(port), Some(addrs)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(usage());
+        };
+        if host.is_empty() {
+            return Err(usage());
+        }
+        let port: u16 = port.parse().map_err(|_| usage())?;
+        let mut parsed = Vec::new();
+        for addr in addrs.split(',') {
+            let bare = addr
+                .strip_prefix('[')
+                .and_then(|a| a.strip_suffix(']'))
+                .unwrap_or(addr);
+            parsed.push(
+                bare.parse()
+                    .map_err(|_| format!("{addr:?} in {text:?} is not an IP address"))?,
+            );
+        }
+        Ok(Resolve {
+            host: host.to_owned(),
+            port,
+            addrs: parsed,
+        })
     }
 }

@@ -16,7 +16,7 @@ use tokio::time::timeout;
 use tracing::{info, Instrument, Span};
 
 use crate::channel::IncomingChannel;
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, Resolve};
 use crate::direct::{Direct, DirectParts, PeerSet};
 use crate::driver::{drive, run_session_stream};
 use crate::error::ConnectError;
@@ -87,17 +87,29 @@ pub(crate) fn server_name(host: &Host) -> String {
 
 /// The first address `host` resolves to (an IP host is itself): where a
 /// one-shot exchange such as an enrollment goes.
-pub(crate) async fn resolve(host: &Host, port: u16) -> Result<SocketAddr, ConnectError> {
-    Ok(lookup(host, port).await?[0])
+pub(crate) async fn resolve(
+    host: &Host,
+    port: u16,
+    overrides: &[Resolve],
+) -> Result<SocketAddr, ConnectError> {
+    Ok(lookup(host, port, overrides).await?[0])
 }
 
 /// Every address `host` resolves to, in the resolver's order, each once
 /// (an IP host is itself). Never empty.
-pub(crate) async fn lookup(host: &Host, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
+/// A name in `overrides` (the config's `resolve`) is not looked up.
+pub(crate) async fn lookup(
+    host: &Host,
+    port: u16,
+    overrides: &[Resolve],
+) -> Result<Vec<SocketAddr>, ConnectError> {
     if let Some(ip) = host.to_ip() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
     let name = server_name(host);
+    if let Some(addrs) = Resolve::find(overrides, &name, port) {
+        return Ok(addrs.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
+    }
     let found = tokio::net::lookup_host((name.as_str(), port))
         .await
         .map_err(|e| ConnectError::Resolve {
@@ -168,12 +180,13 @@ impl std::fmt::Display for Candidate {
 pub(crate) async fn candidates(
     addresses: &[&Address],
     within: std::time::Duration,
+    overrides: &[Resolve],
 ) -> Result<(Vec<Candidate>, Vec<ConnectError>), ConnectError> {
     let mut found = Vec::new();
     let mut unresolved = Vec::new();
     for (index, address) in addresses.iter().enumerate() {
         let (host, port) = address.quic_endpoint()?;
-        let looked = timeout(within, lookup(host, port))
+        let looked = timeout(within, lookup(host, port, overrides))
             .await
             .unwrap_or_else(|_| {
                 Err(ConnectError::Resolve {
@@ -418,7 +431,7 @@ pub(crate) async fn join(
     span: &Span,
 ) -> Result<(Base, Session, Candidate), ConnectError> {
     let (candidates, mut failures) =
-        candidates(&config.addresses(), config.connect_timeout).await?;
+        candidates(&config.addresses(), config.connect_timeout, &config.resolve).await?;
     if candidates.is_empty() {
         return Err(none_joined(failures));
     }
@@ -713,7 +726,7 @@ mod tests {
     async fn every_configured_address_becomes_candidates_in_order() {
         let a: Address = "quic/192.0.2.2:7000".parse().expect("address");
         let b: Address = "quic/[2001:db8::1]".parse().expect("address");
-        let (found, unresolved) = candidates(&[&a, &b], std::time::Duration::from_secs(1))
+        let (found, unresolved) = candidates(&[&a, &b], std::time::Duration::from_secs(1), &[])
             .await
             .expect("candidates");
         assert!(unresolved.is_empty(), "{unresolved:?}");
@@ -726,7 +739,7 @@ mod tests {
         );
         let tcp: Address = "tcp/192.0.2.2:7000".parse().expect("address");
         assert!(matches!(
-            candidates(&[&a, &tcp], std::time::Duration::from_secs(1)).await,
+            candidates(&[&a, &tcp], std::time::Duration::from_secs(1), &[]).await,
             Err(ConnectError::Address(_))
         ));
     }

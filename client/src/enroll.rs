@@ -48,7 +48,7 @@ async fn enroll_inner(
     token: Option<&str>,
 ) -> Result<Enrolled, ConnectError> {
     let (host, port) = config.coordinator.quic_endpoint()?;
-    let addr = resolve(host, port).await?;
+    let addr = resolve(host, port, &config.resolve).await?;
     let coord_text = config.coordinator.to_string();
     let (client_config, report) = config.quic()?;
     let identity = config.identity()?;

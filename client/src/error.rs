@@ -29,7 +29,7 @@ pub enum ConnectError {
     #[error("cannot open a UDP socket: {0}")]
     Socket(#[source] std::io::Error),
     /// The coordinator's certificate did not verify.
-    #[error("{0}; check --ca (or the pinned fingerprint) and the coordinator host name")]
+    #[error("{0}; check the trust given (--ca, --fingerprint, or else the system's roots) and the coordinator's host name")]
     Certificate(String),
     /// The coordinator refused this client's certificate in the TLS
     /// handshake (revoked, expired, wrong CA, …).

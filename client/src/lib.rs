@@ -107,7 +107,7 @@ mod sync;
 pub use broadcast::{Group, GroupEvent, GroupPolicy};
 pub use channel::{Channel, ChannelEnd, IncomingChannel, Path, Side};
 pub use client::{Client, SessionState};
-pub use config::{ClientConfig, DirectConfig};
+pub use config::{ClientConfig, DirectConfig, Resolve};
 pub use error::{
     AcceptError, CloseError, ConnectError, OpenError, RecvError, RequestError, SendError,
     StreamError,

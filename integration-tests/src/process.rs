@@ -20,6 +20,8 @@ pub const CLEARED_ENV: &[&str] = &[
     "QMESH_CA",
     "QMESH_FINGERPRINT",
     "RUST_LOG",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
 ];
 
 /// A running binary, its stdout and stderr read line by line.

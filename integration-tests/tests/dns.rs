@@ -326,7 +326,7 @@ async fn the_name_is_what_the_certificate_must_carry_and_a_failure_lists_each_ad
     assert!(
         refused
             .stderr
-            .contains("check --ca (or the pinned fingerprint) and the coordinator host name"),
+            .contains("check the trust given (--ca, --fingerprint, or else the system's roots) and the coordinator's host name"),
         "{}",
         show(&refused)
     );

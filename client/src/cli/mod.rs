@@ -47,13 +47,21 @@ pub(crate) struct Cli {
     /// This client's name (1-64 of a-z 0-9 . _ -).
     #[arg(long, global = true, env = "QMESH_NAME")]
     name: Option<String>,
-    /// PEM file of the CA that issued the coordinator's certificate.
+    /// PEM file of the CA that issued the coordinator's certificate, for
+    /// a private deployment; trusted instead of the system's roots. With
+    /// neither --ca nor --fingerprint the coordinator is verified against
+    /// the system's trust store (SSL_CERT_FILE / SSL_CERT_DIR honoured).
     #[arg(long, global = true, env = "QMESH_CA")]
     ca: Option<PathBuf>,
     /// Trust exactly the coordinator certificate with this SHA-256
     /// fingerprint instead of a CA.
     #[arg(long, global = true, env = "QMESH_FINGERPRINT", conflicts_with = "ca")]
     fingerprint: Option<String>,
+    /// Use ADDR for HOST:PORT instead of asking DNS, as curl's --resolve
+    /// (HOST:PORT:ADDR[,ADDR...]; repeatable). The coordinator's
+    /// certificate is still checked for HOST.
+    #[arg(long, global = true, value_name = "HOST:PORT:ADDR")]
+    resolve: Vec<qmesh_client::Resolve>,
     /// Seconds without hearing from the coordinator before the session is
     /// reported lost.
     #[arg(long, global = true, default_value_t = 30)]
@@ -395,15 +403,14 @@ impl Cli {
                 let fp: Fingerprint = fp.parse().context("--fingerprint")?;
                 ClientConfig::trust_fingerprint(fp)
             }
-            (None, None) => bail!(
-                "say how to trust the coordinator: --ca FILE (the CA file the coordinator \
-                 printed at start) or --fingerprint sha256:..."
-            ),
+            (None, None) => ClientConfig::trust_system()
+                .context("no --ca or --fingerprint given, so the system's trust store is used")?,
         };
         let identity = load_identity(self, &name)?;
         let mut config = ClientConfig::new(coordinator, name, trust)
             .with_idle_timeout(Duration::from_secs(self.idle_timeout.max(1)));
         config.also = addresses.split_off(1);
+        config.resolve = self.resolve.clone();
         config.identity = Some(Arc::new(identity));
         config.direct.enabled = !self.no_direct;
         config.direct.timeout = Duration::from_secs(self.direct_timeout.max(1));
