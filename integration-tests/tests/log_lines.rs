@@ -193,7 +193,14 @@ async fn a_session_flooding_bad_headers_is_closed_and_its_lines_are_limited() {
         )),
         "{reason}"
     );
-    assert_eq!(sent, MAX_STRIKES + 1, "streams sent before the close");
+    // The close follows the stream that was one strike too many; it may
+    // reach this side after one more stream was opened and written (the
+    // last stream's stop can arrive before the close). CI saw 34.
+    assert!(
+        (MAX_STRIKES + 1..=MAX_STRIKES + 2).contains(&sent),
+        "streams sent before the close: {sent}, want {} (or one more)",
+        MAX_STRIKES + 1
+    );
     let closing = coord
         .proc
         .stderr_line("`closing connection` for the flooder", |l| {
