@@ -118,6 +118,16 @@ fn since(unix: u64) -> String {
 
 fn info_lines(i: &crate::control::Info) -> Vec<String> {
     let channels: Vec<String> = i.channels.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    let certificate = match &i.certificate {
+        Some(c) => format!(
+            "certificate for {} from {}, serial {}, valid until {}",
+            c.names.join(", "),
+            c.issuer,
+            c.serial,
+            c.not_after_text()
+        ),
+        None => "certificate: cannot be read".into(),
+    };
     vec![
         format!("version {}", i.version),
         format!("uptime {}", age(i.uptime_secs)),
@@ -136,6 +146,7 @@ fn info_lines(i: &crate::control::Info) -> Vec<String> {
             "relayed {} bytes on {} streams; {} sessions admitted, {} hellos refused",
             i.bytes_relayed, i.streams_relayed, i.sessions_admitted, i.hellos_refused
         ),
+        certificate,
     ]
 }
 

@@ -81,6 +81,9 @@ pub struct Info {
     pub sessions_admitted: u64,
     /// Hellos refused since this worker started.
     pub hellos_refused: u64,
+    /// The certificate new handshakes get.
+    #[serde(default)]
+    pub certificate: Option<crate::tls::CertSummary>,
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
@@ -284,6 +287,12 @@ impl Control {
             streams_relayed: stats.streams_relayed.load(Ordering::Relaxed),
             sessions_admitted: stats.sessions_admitted.load(Ordering::Relaxed),
             hellos_refused: stats.hellos_refused.load(Ordering::Relaxed),
+            certificate: self
+                .0
+                .cert_summary
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 

@@ -10,6 +10,12 @@
 //! log = "info"                      # the log filter; a reload applies it
 //! # http_token_file = "http-token"  # required when http is not loopback
 //!
+//! # [acme]                          # instead of cert/key
+//! # domains = ["coord.example.com"]
+//! # contact = ["mailto:ops@example.com"]
+//! # directory = "letsencrypt"       # or staging, or an https:// URL
+//! # http = "0.0.0.0:80"             # where the HTTP-01 challenge is answered
+//!
 //! [auth]
 //! mode = "token"                    # open | token | ca
 //! cert_ttl = "24h"                  # token mode: issued certificate lifetime
@@ -72,6 +78,8 @@ pub struct FileConfig {
     /// The log filter, e.g. `info` or `qmesh_coordinator=debug` (`--log`
     /// and `RUST_LOG` come first at start; a reload applies it).
     pub log: Option<String>,
+    /// `[acme]`: the certificate by ACME instead of `cert`/`key`.
+    pub acme: Option<AcmeSection>,
     /// `[auth]`.
     #[serde(default)]
     pub auth: AuthSection,
@@ -83,6 +91,26 @@ pub struct FileConfig {
     /// `[groups.NAME]`: broadcast groups with settings of their own.
     #[serde(default)]
     pub groups: HashMap<String, GroupSection>,
+}
+
+/// `[acme]`: what `--acme` and its companion flags say.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeSection {
+    /// The names to get a certificate for.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// The directory URL, or `letsencrypt` / `staging`.
+    pub directory: Option<String>,
+    /// Contact URLs, e.g. `mailto:ops@example.com`.
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// CA file for the directory's own HTTPS.
+    pub directory_ca: Option<PathBuf>,
+    /// Where to answer the HTTP-01 challenge, e.g. `0.0.0.0:80`.
+    pub http: Option<String>,
+    /// The first wait after a failed order, e.g. `10s`.
+    pub retry: Option<String>,
 }
 
 /// `[groups.NAME]`: one broadcast group's settings; each defaults to
@@ -154,6 +182,8 @@ pub struct Checked {
     pub flood_after: Option<Duration>,
     /// `http`.
     pub http: Option<std::net::SocketAddr>,
+    /// `[acme] retry`.
+    pub acme_retry: Option<Duration>,
     /// `[groups.NAME]`, checked.
     pub groups: HashMap<String, GroupConfig>,
 }
@@ -232,6 +262,9 @@ pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
     rel(&mut file.state_dir);
     rel(&mut file.auth.client_ca);
     rel(&mut file.http_token_file);
+    if let Some(acme) = &mut file.acme {
+        rel(&mut acme.directory_ca);
+    }
     if file.cert.is_some() != file.key.is_some() {
         errors.push("cert and key go together: give both or neither".into());
     }
@@ -295,6 +328,32 @@ pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
         None => None,
     };
     let groups = check_groups(&file.groups, &mut errors);
+    let acme_retry = match &file.acme {
+        Some(acme) => {
+            if acme.domains.is_empty() {
+                errors.push("[acme] domains: give at least one name".into());
+            }
+            if file.cert.is_some() {
+                errors.push("[acme] and cert/key both give the certificate: keep one".into());
+            }
+            if let Some(Err(e)) = acme
+                .directory
+                .as_deref()
+                .map(crate::acme::AcmeSettings::directory_url)
+            {
+                errors.push(format!("[acme] directory: {e}"));
+            }
+            if let Some(v) = &acme.http {
+                if v.parse::<std::net::SocketAddr>().is_err() {
+                    errors.push(format!(
+                        "[acme] http = \"{v}\" is not an IP address and port like 0.0.0.0:80"
+                    ));
+                }
+            }
+            duration("[acme] retry", &acme.retry, &mut errors)
+        }
+        None => None,
+    };
     let http = match &file.http {
         Some(v) => match v.parse() {
             Ok(addr) => Some(addr),
@@ -318,6 +377,7 @@ pub fn check_text(text: &str, base: &Path) -> Result<Checked, Vec<String>> {
             burst,
             flood_after,
             http,
+            acme_retry,
             groups,
         })
     } else {

@@ -62,6 +62,7 @@
 
 #![warn(missing_docs)]
 
+pub mod acme;
 pub mod admin;
 mod admission;
 pub mod auth;
@@ -92,7 +93,7 @@ pub mod socket;
 pub mod statelock;
 mod streams;
 pub mod strikes;
-mod tls;
+pub mod tls;
 pub mod token;
 mod wire;
 

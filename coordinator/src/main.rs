@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use qmesh_coordinator::admin::Request;
 use qmesh_coordinator::auth::{token_key, AuthMode};
 use qmesh_coordinator::devcert::write_certs;
-use qmesh_coordinator::settings::{self, Flags};
+use qmesh_coordinator::settings::{self, CertSource, Flags};
 use qmesh_coordinator::{BindError, Coordinator, Listener};
 use qmesh_proto::logging;
 
@@ -256,6 +256,31 @@ struct RunArgs {
     /// loopback.
     #[arg(long, value_name = "FILE")]
     http_token_file: Option<PathBuf>,
+    /// Get (and renew) the certificate for this name by ACME instead of
+    /// --cert/--key (repeatable; the first is the subject). Kept in
+    /// acme/ in the state directory.
+    #[arg(long, value_name = "DOMAIN", conflicts_with = "cert")]
+    acme: Vec<String>,
+    /// The ACME directory: an https:// URL, `letsencrypt` or `staging`
+    /// [default: letsencrypt].
+    #[arg(long, value_name = "URL")]
+    acme_directory: Option<String>,
+    /// Contact for the ACME account, e.g. mailto:ops@example.com
+    /// (repeatable).
+    #[arg(long, value_name = "URL")]
+    acme_contact: Vec<String>,
+    /// CA file for the ACME directory's own HTTPS (a private ACME server)
+    /// [default: the system's roots].
+    #[arg(long, value_name = "FILE")]
+    acme_ca: Option<PathBuf>,
+    /// Where to answer the ACME HTTP-01 challenge (TCP) [default:
+    /// 0.0.0.0:80].
+    #[arg(long, value_name = "ADDR")]
+    acme_http: Option<std::net::SocketAddr>,
+    /// The first wait after a failed ACME order; it doubles up to 1h
+    /// [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    acme_retry: Option<humantime::Duration>,
 }
 
 fn main() -> Result<()> {
@@ -435,6 +460,12 @@ impl From<&RunArgs> for Flags {
             messages_per_second: args.messages_per_second,
             http: args.http,
             http_token_file: args.http_token_file.clone(),
+            acme: args.acme.clone(),
+            acme_directory: args.acme_directory.clone(),
+            acme_contact: args.acme_contact.clone(),
+            acme_ca: args.acme_ca.clone(),
+            acme_http: args.acme_http,
+            acme_retry: args.acme_retry.map(Duration::from),
         }
     }
 }
@@ -466,8 +497,11 @@ fn lead(args: &RunArgs) -> Result<()> {
         // Held until this process exits; the workers run inside the hold.
         let _lock = qmesh_coordinator::statelock::hold(&settings.state_dir)?;
         // Errors in the certificate or auth files stop here, once, rather
-        // than in a worker that would die at every start.
-        settings.load()?;
+        // than in a worker that would die at every start. An ACME
+        // certificate is the worker's to get.
+        if !matches!(settings.cert, CertSource::Acme(_)) {
+            settings.load()?;
+        }
         let leader = qmesh_coordinator::leader::Leader {
             binary: std::env::current_exe().context("finding this program")?,
             args: std::env::args_os().skip(1).collect(),
@@ -507,6 +541,17 @@ async fn run(
         Some(_) => None,
         None => Some(qmesh_coordinator::statelock::hold(&settings.state_dir)?),
     };
+    // An ACME certificate: the kept one, or one ordered now (until one
+    // arrives; nothing is served before).
+    let acme = match &settings.cert {
+        CertSource::Acme(acme) => {
+            let acme = qmesh_coordinator::acme::Acme::new(acme.clone(), &settings.state_dir);
+            acme.serve_challenges().await?;
+            acme.first_certificate().await;
+            Some(acme)
+        }
+        _ => None,
+    };
     let (mut config, ca_note) = settings.load()?;
     config.worker = worker;
     // The file's log filter, unless --log or RUST_LOG chose one.
@@ -534,6 +579,10 @@ async fn run(
     // SIGTERM sent right after the listening line still stops us cleanly.
     let stops = stop_signals()?;
     reload_on_hangup(control.clone())?;
+    if let Some(acme) = acme {
+        let control = control.clone();
+        tokio::spawn(acme.renew(move || control.reload_certificate().map(|_| ())));
+    }
     if let Some(every) = args.reload_certs_every {
         let control = control.clone();
         let every: Duration = every.into();

@@ -19,6 +19,7 @@
 //! | `qmesh_rejects_total{code}` | counter | refused hellos by `RejectCode` |
 //! | `qmesh_rate_limited_total` | counter | sessions closed past their flood threshold |
 //! | `qmesh_worker_restarts_total` | counter | workers the leader started before this one |
+//! | `qmesh_certificate_expiry_timestamp_seconds` | gauge | when the certificate in force expires (Unix time) |
 //! | `process_*` | | CPU seconds, resident memory, descriptors, start time |
 //!
 //! Counters count from this worker's start, except the worker restarts,
@@ -196,6 +197,20 @@ impl Collector for CoordinatorCollector {
             "Workers the leader started before this one (0 with --single).",
             shared.config.worker.as_ref().map_or(0, |w| w.restarts),
         )?;
+        let not_after = shared
+            .cert_summary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.not_after);
+        if let Some(not_after) = not_after {
+            gauge(
+                e,
+                "qmesh_certificate_expiry_timestamp_seconds",
+                "When the certificate new handshakes get stops being valid (Unix time).",
+                i64::try_from(not_after).unwrap_or(i64::MAX),
+            )?;
+        }
         Ok(())
     }
 }

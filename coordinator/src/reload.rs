@@ -43,6 +43,15 @@ fn restart_needed(old: &Settings, new: &Settings) -> Vec<String> {
     check("auth", format!("{:?}", old.auth), format!("{:?}", new.auth));
     check("http", format!("{:?}", old.http), format!("{:?}", new.http));
     check("cert", kind(&old.cert).into(), kind(&new.cert).into());
+    if let (CertSource::Acme(a), CertSource::Acme(b)) = (&old.cert, &new.cert) {
+        check(
+            "acme",
+            format!("{:?}", a.domains),
+            format!("{:?}", b.domains),
+        );
+        check("acme directory", a.directory.clone(), b.directory.clone());
+        check("acme http", a.http.to_string(), b.http.to_string());
+    }
     check(
         "idle_timeout",
         format!("{:?}", old.idle_timeout),
@@ -95,6 +104,7 @@ fn kind(c: &CertSource) -> &'static str {
     match c {
         CertSource::Files { .. } => "certificate files",
         CertSource::Development => "development certificate",
+        CertSource::Acme(_) => "ACME certificate",
     }
 }
 
@@ -128,12 +138,12 @@ pub(crate) fn reload(shared: &Shared) -> Result<Vec<String>, Vec<String>> {
     let new = resolve(&source.flags, Some(&checked), &old.state_dir)
         .map_err(|e| vec![format!("{:#}", anyhow::Error::from(e))])?;
     // Everything that can fail, before anything changes.
-    let identity = match &new.cert {
-        CertSource::Files { cert, key } => Some(
-            Identity::load(cert, key)
+    let identity = match new.cert.files(&new.state_dir) {
+        Some((cert, key)) => Some(
+            Identity::load(&cert, &key)
                 .map_err(|e| vec![format!("the certificate files {}: {e}", cert.display())])?,
         ),
-        CertSource::Development => None,
+        None => None,
     };
     let server = match &identity {
         Some(id) => Some(
@@ -197,6 +207,14 @@ pub(crate) fn reload(shared: &Shared) -> Result<Vec<String>, Vec<String>> {
     }
     if let (Some(server), Some(id)) = (server, &identity) {
         shared.endpoint.set_server_config(Some(server));
+        *shared
+            .current_cert
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(id.fingerprint().to_string());
+        *shared
+            .cert_summary
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = crate::tls::CertSummary::of(id);
         lines.push(format!(
             "certificate: {} for new handshakes; live sessions keep theirs",
             id.fingerprint()
@@ -227,13 +245,13 @@ pub(crate) fn reload(shared: &Shared) -> Result<Vec<String>, Vec<String>> {
 /// certificate when it changed (`--reload-certs-every`): the new
 /// fingerprint, or `None` when unchanged.
 pub(crate) fn reload_certificate(shared: &Shared) -> Result<Option<String>, String> {
-    let cert = shared
+    let files = shared
         .running
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .as_ref()
-        .map(|s| s.cert.clone());
-    let Some(CertSource::Files { cert, key }) = cert else {
+        .and_then(|s| s.cert.files(&s.state_dir));
+    let Some((cert, key)) = files else {
         return Ok(None);
     };
     let id = Identity::load(&cert, &key).map_err(|e| format!("{}: {e}", cert.display()))?;
@@ -248,6 +266,10 @@ pub(crate) fn reload_certificate(shared: &Shared) -> Result<Option<String>, Stri
     let server = crate::tls::server_config(&shared.config, &id).map_err(|e| e.to_string())?;
     shared.endpoint.set_server_config(Some(server));
     *current = Some(fp.clone());
+    *shared
+        .cert_summary
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = crate::tls::CertSummary::of(&id);
     info!(fingerprint = %fp, "certificate reloaded for new handshakes");
     shared.note("reload", format!("certificate {fp} for new handshakes"));
     Ok(Some(fp))

@@ -183,6 +183,7 @@ impl Coordinator {
                 source: Mutex::new(None),
                 endpoint: shared_endpoint,
                 current_cert: Mutex::new(Some(config.identity.fingerprint().to_string())),
+                cert_summary: Mutex::new(crate::tls::CertSummary::of(&config.identity)),
                 config,
             }),
         })

@@ -151,6 +151,8 @@ pub(crate) struct Shared {
     pub(crate) endpoint: quinn::Endpoint,
     /// The fingerprint of the certificate new handshakes get.
     pub(crate) current_cert: Mutex<Option<String>>,
+    /// What `info` says about that certificate.
+    pub(crate) cert_summary: Mutex<Option<crate::tls::CertSummary>>,
 }
 
 /// How many events [`Shared::events`] keeps.

@@ -71,6 +71,18 @@ pub struct Flags {
     pub http: Option<SocketAddr>,
     /// `--http-token-file`: the bearer token the HTTP listener requires.
     pub http_token_file: Option<PathBuf>,
+    /// `--acme`: names to get a certificate for by ACME.
+    pub acme: Vec<String>,
+    /// `--acme-directory`.
+    pub acme_directory: Option<String>,
+    /// `--acme-contact`.
+    pub acme_contact: Vec<String>,
+    /// `--acme-ca`: CA file for the ACME directory's HTTPS.
+    pub acme_ca: Option<PathBuf>,
+    /// `--acme-http`: where to answer the HTTP-01 challenge.
+    pub acme_http: Option<SocketAddr>,
+    /// `--acme-retry`: the first wait after a failed order.
+    pub acme_retry: Option<Duration>,
 }
 
 /// Where the coordinator's certificate comes from.
@@ -85,6 +97,21 @@ pub enum CertSource {
     },
     /// A development certificate made (or reused) in the state directory.
     Development,
+    /// A certificate obtained and renewed by ACME, kept in the state
+    /// directory's `acme/`.
+    Acme(crate::acme::AcmeSettings),
+}
+
+impl CertSource {
+    /// The certificate and key files to read for this source, `None` for
+    /// the development certificate.
+    pub fn files(&self, state_dir: &Path) -> Option<(PathBuf, PathBuf)> {
+        match self {
+            CertSource::Files { cert, key } => Some((cert.clone(), key.clone())),
+            CertSource::Acme(_) => Some(crate::acme::AcmeSettings::files(state_dir)),
+            CertSource::Development => None,
+        }
+    }
 }
 
 /// The auth mode with what it needs.
@@ -216,6 +243,15 @@ pub enum SettingsError {
          127.0.0.1 and reach it through an SSH tunnel"
     )]
     HttpNeedsToken(SocketAddr),
+    /// ACME and certificate files both given.
+    #[error(
+        "--acme and --cert/--key both say where the certificate comes from: give one (--acme \
+         gets and renews it; --cert/--key read files another program renews)"
+    )]
+    AcmeAndFiles,
+    /// An ACME setting is wrong.
+    #[error("{0}")]
+    Acme(String),
     /// A token file without `--http`.
     #[error("--http-token-file is for the HTTP listener, which only runs with --http ADDR")]
     TokenWithoutHttp,
@@ -225,6 +261,52 @@ pub enum SettingsError {
          must chain to"
     )]
     NoClientCa,
+}
+
+/// The ACME settings from the flags over the file's `[acme]`, when
+/// either names a domain.
+fn acme_settings(
+    flags: &Flags,
+    file: Option<&Checked>,
+) -> Result<Option<crate::acme::AcmeSettings>, SettingsError> {
+    use crate::acme::{AcmeSettings, DEFAULT_CHALLENGE_ADDR, DEFAULT_RETRY, LETS_ENCRYPT};
+    let section = file.and_then(|c| c.file.acme.clone()).unwrap_or_default();
+    let domains = if flags.acme.is_empty() {
+        section.domains.clone()
+    } else {
+        flags.acme.clone()
+    };
+    if domains.is_empty() {
+        return Ok(None);
+    }
+    let directory = match flags.acme_directory.clone().or(section.directory.clone()) {
+        Some(text) => AcmeSettings::directory_url(&text).map_err(SettingsError::Acme)?,
+        None => LETS_ENCRYPT.into(),
+    };
+    let http = match flags.acme_http {
+        Some(addr) => addr,
+        None => section
+            .http
+            .as_deref()
+            .unwrap_or(DEFAULT_CHALLENGE_ADDR)
+            .parse()
+            .map_err(|_| SettingsError::Acme("[acme] http is not an address".into()))?,
+    };
+    Ok(Some(AcmeSettings {
+        domains,
+        directory,
+        contact: if flags.acme_contact.is_empty() {
+            section.contact.clone()
+        } else {
+            flags.acme_contact.clone()
+        },
+        directory_ca: flags.acme_ca.clone().or(section.directory_ca.clone()),
+        http,
+        retry: flags
+            .acme_retry
+            .or(file.and_then(|c| c.acme_retry))
+            .unwrap_or(DEFAULT_RETRY),
+    }))
 }
 
 /// Read and check the config file `flags` name (if any), then
@@ -272,6 +354,11 @@ pub fn resolve(
     ) {
         (Some(cert), Some(key)) => CertSource::Files { cert, key },
         _ => CertSource::Development,
+    };
+    let cert = match acme_settings(flags, file)? {
+        Some(_) if cert != CertSource::Development => return Err(SettingsError::AcmeAndFiles),
+        Some(acme) => CertSource::Acme(acme),
+        None => cert,
     };
     let auth = match flags.auth.or(written.auth.mode).unwrap_or(AuthMode::Open) {
         AuthMode::Open => AuthChoice::Open,
@@ -446,6 +533,12 @@ impl Settings {
                     Identity::load(cert, key).context("loading the coordinator --cert/--key")?;
                 (identity, None)
             }
+            CertSource::Acme(_) => {
+                let (cert, key) = crate::acme::AcmeSettings::files(dir);
+                let identity =
+                    Identity::load(&cert, &key).context("loading the certificate ACME obtained")?;
+                (identity, None)
+            }
             CertSource::Development => {
                 let files = crate::devcert::dev_identity(dir).with_context(|| {
                     format!("preparing the development certificate in {}", dir.display())
@@ -603,6 +696,47 @@ mod tests {
     }
 
     #[test]
+    fn acme_from_the_file_and_flags_and_never_with_files() {
+        let checked = file(
+            "[acme]\ndomains = [\"coord.example.com\"]\ncontact = [\"mailto:ops@example.com\"]\ndirectory = \"staging\"\nretry = \"3s\"\n",
+        );
+        let s = resolved(&Flags::default(), Some(&checked));
+        let CertSource::Acme(acme) = &s.cert else {
+            panic!("the file's [acme] must choose ACME: {:?}", s.cert);
+        };
+        assert_eq!(acme.domains, ["coord.example.com"]);
+        assert_eq!(acme.directory, crate::acme::LETS_ENCRYPT_STAGING);
+        assert_eq!(acme.contact, ["mailto:ops@example.com"]);
+        assert_eq!(acme.retry, Duration::from_secs(3));
+        assert_eq!(acme.http, "0.0.0.0:80".parse().unwrap());
+        let flags = Flags {
+            acme: vec!["other.example.com".into()],
+            acme_http: Some("127.0.0.1:8080".parse().unwrap()),
+            ..Flags::default()
+        };
+        let CertSource::Acme(acme) = resolved(&flags, Some(&checked)).cert else {
+            panic!("ACME");
+        };
+        assert_eq!(acme.domains, ["other.example.com"]);
+        assert_eq!(acme.http, "127.0.0.1:8080".parse().unwrap());
+        let both = Flags {
+            acme: vec!["coord.example.com".into()],
+            cert: Some("c.pem".into()),
+            key: Some("k.pem".into()),
+            ..Flags::default()
+        };
+        assert!(matches!(
+            resolve(&both, None, Path::new("/tmp")),
+            Err(SettingsError::AcmeAndFiles)
+        ));
+        assert!(crate::file::check_text(
+            "cert = \"c.pem\"\nkey = \"k.pem\"\n[acme]\ndomains = [\"a.example\"]\n",
+            Path::new("/etc")
+        )
+        .is_err());
+    }
+
+    #[test]
     fn a_flag_beats_the_file() {
         let checked = file(FULL);
         let flags = Flags {
@@ -622,6 +756,7 @@ mod tests {
             messages_per_second: Some(4),
             http: Some("127.0.0.1:9464".parse().unwrap()),
             http_token_file: Some("token".into()),
+            ..Flags::default()
         };
         let s = resolved(&flags, Some(&checked));
         assert_eq!(s.listen, "127.0.0.2:9001".parse().unwrap());

@@ -24,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod netns;
+pub mod pebble;
 pub mod process;
 pub mod programs;
 pub mod raw;

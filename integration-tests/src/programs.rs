@@ -76,6 +76,7 @@ fn package_of(program: &str) -> &str {
     match program {
         "redis-cli" | "redis-benchmark" => "redis-tools",
         "promtool" => "prometheus",
+        "pebble-challtestsrv" => "pebble",
         other => other,
     }
 }
