@@ -86,6 +86,8 @@ impl Lossy {
     async fn coordinator(&self) -> Proc {
         let cert = self.dir.path().join("coordinator.pem");
         let key = self.dir.path().join("coordinator-key.pem");
+        // A state directory of its own: one coordinator holds a directory.
+        let state = self.dir.path().join("coordinator-state");
         let args: Vec<&OsStr> = vec![
             "run".as_ref(),
             "--listen".as_ref(),
@@ -94,6 +96,8 @@ impl Lossy {
             cert.as_os_str(),
             "--key".as_ref(),
             key.as_os_str(),
+            "--state-dir".as_ref(),
+            state.as_os_str(),
         ];
         let mut p = Proc::spawn_in(Some(&self.ns), "qmesh-coordinator", args, &[]);
         p.stdout_line("`listening on`", |l| {
