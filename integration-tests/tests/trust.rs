@@ -176,3 +176,94 @@ async fn the_development_certificate_needs_ca_and_the_refusal_says_so() {
     coord.proc.terminate();
     let _ = coord.proc.finish().await;
 }
+
+/// A root, an intermediate under it, and a leaf for `coord.test` under
+/// the intermediate, written to `dir`: (root.pem, fullchain.pem,
+/// leaf.pem, key.pem), the chain being leaf then intermediate.
+fn chain(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let ca = |name: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p
+    };
+    let root_key = KeyPair::generate().unwrap();
+    let root_params = ca("qmesh test root");
+    let root = root_params.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(root_params, root_key);
+    let mid_key = KeyPair::generate().unwrap();
+    let mid_params = ca("qmesh test intermediate");
+    let mid = mid_params.signed_by(&mid_key, &root_issuer).unwrap();
+    let mid_issuer = Issuer::new(mid_params, mid_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let mut leaf_params = CertificateParams::new(vec!["coord.test".to_owned()]).unwrap();
+    leaf_params
+        .distinguished_name
+        .push(DnType::CommonName, "coord.test");
+    let leaf = leaf_params.signed_by(&leaf_key, &mid_issuer).unwrap();
+    let paths = (
+        dir.join("root.pem"),
+        dir.join("fullchain.pem"),
+        dir.join("leaf.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, root.pem()).unwrap();
+    std::fs::write(&paths.1, leaf.pem() + &mid.pem()).unwrap();
+    std::fs::write(&paths.2, leaf.pem()).unwrap();
+    std::fs::write(&paths.3, leaf_key.serialize_pem()).unwrap();
+    paths
+}
+
+/// A certificate from an intermediate CA, as public CAs issue them: with
+/// the full chain in --cert a client trusting only the root (through the
+/// system store) joins; with the leaf alone it is refused with
+/// `UnknownIssuer`, which names the missing link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_chain_is_trusted_and_a_leaf_without_its_intermediate_is_not() {
+    let files = tempfile::tempdir().unwrap();
+    let (root, full, leaf, key) = chain(files.path());
+    let clients = tempfile::tempdir().unwrap();
+    for (cert, joins) in [(&full, true), (&leaf, false)] {
+        let state = tempfile::tempdir().unwrap();
+        let mut coord = CoordinatorProc::start(&[
+            OsStr::new("--single"),
+            OsStr::new("--cert"),
+            cert.as_os_str(),
+            OsStr::new("--key"),
+            key.as_os_str(),
+            OsStr::new("--state-dir"),
+            state.path().as_os_str(),
+        ])
+        .await;
+        let port = coord.port;
+        let exit = qmesh(
+            &format!("quic/coord.test:{port}"),
+            &root,
+            clients.path(),
+            &[
+                "--resolve",
+                &format!("coord.test:{port}:127.0.0.1"),
+                "--name",
+                "alice",
+                "peers",
+            ],
+        )
+        .finish()
+        .await;
+        if joins {
+            assert!(exit.status.success(), "full chain: {}", show(&exit));
+        } else {
+            assert!(
+                !exit.status.success() && exit.stderr.contains("UnknownIssuer"),
+                "leaf alone: {}",
+                show(&exit)
+            );
+        }
+        coord.proc.terminate();
+        let _ = coord.proc.finish().await;
+    }
+}
