@@ -230,6 +230,10 @@ fn lab(case: u32, test: &str) -> Option<Lab> {
 /// new client joins there too. Every join checked the certificate, which
 /// names only `coord.qmesh.test`, so each checked the name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    qmesh_no_netns,
+    ignore = "needs root, iproute2 and nftables (network namespaces), which this machine lacked when the tests were built; CI runs it"
+)]
 async fn clients_of_a_name_with_two_addresses_spread_over_both_and_fail_over() {
     let Some(lab) = lab(1, "spread and failover") else {
         return;
@@ -305,6 +309,10 @@ async fn clients_of_a_name_with_two_addresses_spread_over_both_and_fail_over() {
 /// is accepted (so the name is what failed). With nothing answering at
 /// either address, the error lists both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    qmesh_no_netns,
+    ignore = "needs root, iproute2 and nftables (network namespaces), which this machine lacked when the tests were built; CI runs it"
+)]
 async fn the_name_is_what_the_certificate_must_carry_and_a_failure_lists_each_address() {
     let Some(lab) = lab(2, "certificate name") else {
         return;

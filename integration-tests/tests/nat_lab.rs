@@ -189,6 +189,10 @@ fn p50(mut v: Vec<u64>) -> u64 {
 /// Case 1: both behind endpoint-independent NATs. The direct path comes
 /// up, and data keeps flowing with the coordinator cut off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    qmesh_no_netns,
+    ignore = "needs root, iproute2 and nftables (network namespaces), which this machine lacked when the tests were built; CI runs it"
+)]
 async fn lab_both_behind_eim_nats_go_direct() {
     if skip_if_unavailable("both behind EIM NATs") {
         return;
@@ -247,6 +251,10 @@ async fn lab_both_behind_eim_nats_go_direct() {
 /// Case 2: one side behind a symmetric NAT. `auto` stays relayed and
 /// works; `direct` fails with a clear error within its deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    qmesh_no_netns,
+    ignore = "needs root, iproute2 and nftables (network namespaces), which this machine lacked when the tests were built; CI runs it"
+)]
 async fn lab_symmetric_nat_stays_relayed_and_direct_fails_clearly() {
     if skip_if_unavailable("one side behind a symmetric NAT") {
         return;
@@ -307,6 +315,10 @@ async fn lab_symmetric_nat_stays_relayed_and_direct_fails_clearly() {
 /// Case 3: both on one LAN, no NAT between them: direct, on the LAN
 /// addresses they reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    qmesh_no_netns,
+    ignore = "needs root, iproute2 and nftables (network namespaces), which this machine lacked when the tests were built; CI runs it"
+)]
 async fn lab_same_lan_goes_direct() {
     if skip_if_unavailable("both on one LAN") {
         return;
@@ -341,6 +353,10 @@ async fn lab_same_lan_goes_direct() {
 /// arrive, she never reconnects, and the sender's channel ends once, closed,
 /// with every line confirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    qmesh_no_netns,
+    ignore = "needs root, iproute2 and nftables (network namespaces), which this machine lacked when the tests were built; CI runs it"
+)]
 async fn lab_a_nat_rebinding_mid_session_keeps_the_session_and_the_channel() {
     if let Some(why) = unavailable() {
         if std::env::var_os("CI").is_some_and(|v| v == "true") {
