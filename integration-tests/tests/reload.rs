@@ -17,6 +17,25 @@ use qmesh_integration_tests::process::{self, show, Proc};
 use qmesh_integration_tests::programs::sha256_file;
 use qmesh_integration_tests::target::CoordinatorProc;
 
+/// `qmesh-coordinator info --json --state-dir DIR`: the data.
+async fn info(state: &Path) -> serde_json::Value {
+    let exit = Proc::spawn(
+        "qmesh-coordinator",
+        [
+            OsStr::new("info"),
+            OsStr::new("--json"),
+            OsStr::new("--state-dir"),
+            state.as_os_str(),
+        ],
+        &[],
+    )
+    .finish()
+    .await;
+    assert!(exit.status.success(), "{}", show(&exit));
+    let reply: serde_json::Value = serde_json::from_str(&exit.stdout).unwrap();
+    reply["data"].clone()
+}
+
 /// `qmesh-coordinator reload --state-dir DIR`: (success, stdout, stderr).
 async fn reload(state: &Path) -> (bool, String, String) {
     let exit = Proc::spawn(
@@ -131,6 +150,16 @@ async fn transfers_stay_byte_exact_through_five_reloads() {
     dave.stderr_line("dave's direct path", |l| l.contains("path direct"))
         .await;
 
+    let before = info(&state).await;
+    assert_eq!(
+        (
+            before["channels"]["relay"].as_u64(),
+            before["channels"]["direct"].as_u64()
+        ),
+        (Some(1), Some(1)),
+        "{before}"
+    );
+    let mut after = before.clone();
     // Five reloads, 1.5 s apart (a pace, not a synchronisation: the
     // transfers run on their own), while dave's lines go out every 100 ms.
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -161,6 +190,18 @@ async fn transfers_stay_byte_exact_through_five_reloads() {
             assert!(out.contains(want), "reload {round} lacks {want:?}: {out}");
         }
         assert!(!out.contains("needs a restart"), "reload {round}: {out}");
+        // The channels are the same ones after each reload: the direct one
+        // throughout, the relayed one until its file is through.
+        let now = info(&state).await;
+        assert_eq!(now["channels"]["direct"].as_u64(), Some(1), "{now}");
+        if alice.running() {
+            assert_eq!(now["channels"]["relay"].as_u64(), Some(1), "{now}");
+        }
+        assert!(
+            now["bytes_relayed"].as_u64() >= after["bytes_relayed"].as_u64(),
+            "{now}"
+        );
+        after = now;
         if round == 1 {
             // The new filter is in force: debug lines come.
             coord
@@ -196,7 +237,11 @@ async fn transfers_stay_byte_exact_through_five_reloads() {
         !lines.stderr.contains("reconnecting") && !sent.stderr.contains("reconnecting"),
         "no session was lost"
     );
-    eprintln!("RELOAD 5 reloads during 10 MB relayed and {line} direct lines: both whole");
+    eprintln!(
+        "RELOAD 5 reloads during 10 MB relayed and {line} direct lines: both whole; \
+         before the first: channels {} bytes relayed {}; after the last: channels {} bytes relayed {}",
+        before["channels"], before["bytes_relayed"], after["channels"], after["bytes_relayed"]
+    );
 
     // A broken file: every error printed, nothing changed.
     std::fs::write(
