@@ -227,6 +227,29 @@ impl Ca {
         name: &str,
         ttl: std::time::Duration,
     ) -> Result<Issued, CertError> {
+        let ttl = Duration::try_from(ttl)
+            .unwrap_or(LEAF_VALIDITY)
+            .min(LEAF_VALIDITY);
+        let now = std::time::SystemTime::now();
+        // A short backdate for clocks a little behind: five minutes, and
+        // never more than a quarter of the lifetime. Renewal is due two
+        // thirds from `notBefore`, so a backdate as long as the lifetime
+        // (a 30 s certificate backdated 5 min) would make every new
+        // certificate due at once, and the client would renew in a loop.
+        let backdate = (ttl / 4_u32).min(Duration::minutes(5));
+        self.issue_client_valid(presented, name, now - backdate, now + ttl)
+    }
+
+    /// As [`Ca::issue_client_for`], valid from `not_before` to `not_after`
+    /// exactly: for a certificate already some way into its life, as a
+    /// test of renewal needs one.
+    pub fn issue_client_valid(
+        &self,
+        presented: &CertificateDer<'_>,
+        name: &str,
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> Result<Issued, CertError> {
         let leaf = parse_cert(presented, "the presented certificate")?;
         let spki = rcgen::SubjectPublicKeyInfo::from_der(leaf.public_key().raw)?;
         let mut params = leaf_params(name)?;
@@ -235,14 +258,8 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
             ExtendedKeyUsagePurpose::ServerAuth,
         ];
-        let now = OffsetDateTime::now_utc();
-        let ttl = Duration::try_from(ttl)
-            .unwrap_or(LEAF_VALIDITY)
-            .min(LEAF_VALIDITY);
-        // A short backdate: enough for clocks a little behind, and short
-        // beside lifetimes of hours.
-        params.not_before = now - Duration::minutes(5);
-        params.not_after = now + ttl;
+        params.not_before = OffsetDateTime::from(not_before);
+        params.not_after = OffsetDateTime::from(not_after);
         let cert = params.signed_by(&spki, &self.issuer)?;
         Ok(Issued {
             cert: cert.der().clone(),

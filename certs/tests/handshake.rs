@@ -26,7 +26,17 @@ async fn start_server(identity: &Identity) -> (Endpoint, SocketAddr) {
         while let Ok(Some(incoming)) = timeout(STEP * 3, accepting.accept()).await {
             tokio::spawn(async move {
                 if let Ok(Ok(conn)) = timeout(STEP, incoming).await {
-                    let _ = timeout(STEP, conn.closed()).await;
+                    // Answer each stream with what it carried, after
+                    // `echo:`: proof that this side is up too.
+                    while let Ok(Ok((mut send, mut recv))) = timeout(STEP, conn.accept_bi()).await {
+                        let Ok(Ok(asked)) = timeout(STEP, recv.read_to_end(1024)).await else {
+                            break;
+                        };
+                        let _ = send.write_all(b"echo:").await;
+                        let _ = send.write_all(&asked).await;
+                        let _ = send.finish();
+                        let _ = timeout(STEP, send.stopped()).await;
+                    }
                 }
             });
         }
@@ -72,6 +82,22 @@ async fn expect_ok(
         ),
     };
     assert_eq!(report.failure(), None);
+    // A server that refuses the client's certificate does so after the
+    // client's side of the handshake completed: only a round trip shows
+    // that both sides agree the connection is up.
+    let round_trip = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(name.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        recv.read_to_end(1024).await.map_err(|e| e.to_string())
+    };
+    let answer = timeout(STEP, round_trip)
+        .await
+        .expect("the round trip timed out")
+        .unwrap_or_else(|e| panic!("no round trip as {name:?}: {e}"));
+    assert_eq!(answer, format!("echo:{name}").into_bytes());
     conn.close(0u32.into(), b"done");
 }
 
@@ -105,7 +131,7 @@ async fn ca_trust_accepts_dns_and_ip_names() {
         source: "/test/ca.pem".to_owned(),
     };
     for name in ["localhost", "127.0.0.1"] {
-        let (config, report) = client_config(&trust).unwrap();
+        let (config, report) = client_config_with_identity(&trust, &client()).unwrap();
         expect_ok(config, &report, addr, name).await;
     }
 }
@@ -119,7 +145,8 @@ async fn ca_file_trust_works() {
     // A CA loaded back from disk issues certificates that chain to the file.
     let loaded = Ca::load(&cert, &key).unwrap();
     let (_server, addr) = start_server(&loaded.issue_server(&hosts()).unwrap()).await;
-    let (config, report) = client_config(&Trust::ca_file(&cert).unwrap()).unwrap();
+    let (config, report) =
+        client_config_with_identity(&Trust::ca_file(&cert).unwrap(), &client()).unwrap();
     expect_ok(config, &report, addr, "localhost").await;
 }
 
@@ -167,7 +194,7 @@ async fn pinned_fingerprint_is_accepted_under_any_name() {
     let (_server, addr) = start_server(&identity).await;
     let pin: Fingerprint = identity.fingerprint().to_string().parse().unwrap();
     for name in ["anything", "localhost"] {
-        let (config, report) = client_config(&Trust::Pinned(pin)).unwrap();
+        let (config, report) = client_config_with_identity(&Trust::Pinned(pin), &client()).unwrap();
         expect_ok(config, &report, addr, name).await;
     }
 }
@@ -213,4 +240,39 @@ async fn client_identity_is_harmless_without_client_auth() {
 /// Some certificate that is not the server's.
 fn unrelated_cert(ca: &Ca) -> rustls_pki_types::CertificateDer<'static> {
     ca.issue_client("not-the-server").unwrap().chain[0].clone()
+}
+
+/// A client certificate for the tests whose server requires one (every
+/// [`server_config`] does).
+fn client() -> Identity {
+    Identity::self_signed("handshake-test-client").unwrap()
+}
+
+/// A client with no certificate completes its side of the handshake
+/// against a server that requires one, and is refused only afterwards:
+/// the round trip in [`expect_ok`] is what tells.
+#[tokio::test]
+async fn a_client_without_a_certificate_is_refused_after_its_handshake() {
+    let ca = Ca::generate("qmesh test CA").unwrap();
+    let (_server, addr) = start_server(&ca.issue_server(&hosts()).unwrap()).await;
+    let trust = Trust::Ca {
+        certs: vec![ca.cert_der().clone()],
+        source: "/test/ca.pem".to_owned(),
+    };
+    let (config, _report) = client_config(&trust).unwrap();
+    let conn = connect(config, addr, "localhost")
+        .await
+        .expect("the client's side of the handshake completes");
+    let refused = timeout(STEP, async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(b"x").await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        recv.read_to_end(1024).await.map_err(|e| e.to_string())
+    })
+    .await
+    .expect("the refusal arrives");
+    assert!(
+        refused.is_err(),
+        "a round trip without a client certificate: {refused:?}"
+    );
 }

@@ -285,6 +285,7 @@ fn tls_refusal(err: &ConnectionError) -> Option<&'static str> {
         44 => "the coordinator refused this client's certificate: the operator revoked it (TLS alert certificate_revoked); ask them for a new credential",
         45 => "the coordinator refused this client's certificate: it has expired or is not valid yet (TLS alert certificate_expired); check this machine's clock, renew it, or enroll again with a new token",
         46 | 49 => "the coordinator refused this client's certificate (TLS alert certificate_unknown or access_denied)",
+        51 => "the coordinator refused this client's certificate: its signature does not verify against the coordinator's client CA (TLS alert decrypt_error), so it was issued by another CA of the same name, such as another coordinator's; ask the operator for a certificate, or a token to enroll with",
         48 => "the coordinator refused this client's certificate: it is not signed by the coordinator's client CA (TLS alert unknown_ca); ask the operator for a certificate, or a token to enroll with",
         116 => "the coordinator requires a client certificate and none was presented (TLS alert certificate_required)",
         _ => return None,

@@ -122,3 +122,53 @@ pub fn is_issued(identity: &Identity) -> bool {
         .first()
         .is_some_and(|c| !qmesh_certs::clientauth::is_self_signed(c))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qmesh_certs::Ca;
+
+    /// `identity` carrying a certificate `ca` issued for `ttl` just now.
+    fn issued(ca: &Ca, ttl: Duration) -> Identity {
+        let own = Identity::self_signed("alice").unwrap();
+        let issued = ca.issue_client_for(&own.chain[0], "alice", ttl).unwrap();
+        Identity {
+            chain: vec![issued.cert],
+            key: own.key,
+        }
+    }
+
+    /// Seconds from now to `at` (negative when past).
+    fn from_now(at: SystemTime) -> i64 {
+        match at.duration_since(SystemTime::now()) {
+            Ok(d) => d.as_secs() as i64,
+            Err(e) => -(e.duration().as_secs() as i64),
+        }
+    }
+
+    #[test]
+    fn a_new_certificate_is_due_about_two_thirds_into_its_ttl() {
+        let ca = Ca::generate("clients").unwrap();
+        // (ttl, earliest and latest due time from now, in seconds): the
+        // backdate moves renewal a little earlier than 2/3 of the ttl, never
+        // to now. A 30 s certificate backdated by 5 minutes would be due
+        // at once and renewed in a loop.
+        for (ttl, earliest, latest) in [(30, 15, 20), (3600, 2290, 2400), (86_400, 57_400, 57_600)]
+        {
+            let id = issued(&ca, Duration::from_secs(ttl));
+            let due = from_now(renew_at(&id).unwrap());
+            assert!(
+                (earliest..=latest).contains(&due),
+                "a {ttl} s certificate is due in {due} s"
+            );
+            let expires = from_now(expires_at(&id).unwrap());
+            assert!(due < expires, "{ttl}: due {due}, expires {expires}");
+            assert!(is_issued(&id));
+        }
+    }
+
+    #[test]
+    fn a_self_signed_identity_is_not_issued() {
+        assert!(!is_issued(&Identity::self_signed("alice").unwrap()));
+    }
+}

@@ -186,7 +186,7 @@ pub enum SendError {
         max: usize,
     },
     /// The receiver stopped the stream with this code.
-    #[error("the receiver stopped the stream (code {0})")]
+    #[error("the receiver stopped the stream: {meaning} (code {0})", meaning = stop_meaning(*.0))]
     Stopped(VarInt),
     /// The stream or session failed.
     #[error("stream failed: {0}")]
@@ -252,4 +252,11 @@ pub enum CloseError {
         /// The timeout in seconds.
         secs: u64,
     },
+}
+
+/// What a stop code means, for the user: the known `StreamCode`'s
+/// description, else that the code is the application's own.
+fn stop_meaning(code: VarInt) -> &'static str {
+    qmesh_proto::codes::StreamCode::from_code(code.into_inner())
+        .map_or("a code of the receiving application", |c| c.describe())
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use qmesh_proto::codec::{read_frame, write_frame};
-use qmesh_proto::codes::{OpenFailCode, StreamCode};
+use qmesh_proto::codes::{ConnCode, OpenFailCode, StreamCode};
 use qmesh_proto::limits::clip_reason;
 use qmesh_proto::msg::{Arrival, Close, Ending, Open, OpenAnswer};
 use qmesh_proto::{ChannelId, SessionId, StreamId, Untrusted};
@@ -390,7 +390,9 @@ fn reachable(session: &Session) -> Reachable<'_> {
 fn lost_reason(from: &Session, stream_error: Option<&str>) -> String {
     match from.conn.close_reason() {
         Some(quinn::ConnectionError::LocallyClosed) => match from.closed_why.get() {
-            Some(why) => format!(
+            // The client ended its own session: it left, it was not put out.
+            Some((ConnCode::Normal, why)) => format!("\"{}\" left: {why}", from.name),
+            Some((_, why)) => format!(
                 "\"{}\" was disconnected by the coordinator: {why}",
                 from.name
             ),

@@ -14,7 +14,7 @@
 //!   client keeps many streams pushing at once), the pass fails and the
 //!   client is disconnected with `ConnCode::RateExceeded`.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -116,17 +116,22 @@ impl Bucket {
     }
 }
 
-/// A client's byte and message buckets.
+/// A client's byte and message buckets; a reload replaces them
+/// ([`Limiter::set`]) under a live session.
 #[derive(Debug)]
 pub struct Limiter {
+    buckets: std::sync::RwLock<Arc<Buckets>>,
+}
+
+#[derive(Debug)]
+struct Buckets {
     bytes: Option<Bucket>,
     messages: Option<Bucket>,
 }
 
-impl Limiter {
-    /// Buckets for `limits`.
-    pub fn new(limits: &RateLimits) -> Limiter {
-        Limiter {
+impl Buckets {
+    fn new(limits: &RateLimits) -> Buckets {
+        Buckets {
             bytes: limits
                 .bytes_per_sec
                 .map(|r| Bucket::new("bytes", r, limits.burst, limits.flood_after)),
@@ -135,15 +140,35 @@ impl Limiter {
                 .map(|r| Bucket::new("messages", r, limits.burst, limits.flood_after)),
         }
     }
+}
+
+impl Limiter {
+    /// Buckets for `limits`.
+    pub fn new(limits: &RateLimits) -> Limiter {
+        Limiter {
+            buckets: std::sync::RwLock::new(Arc::new(Buckets::new(limits))),
+        }
+    }
+
+    /// Use `limits` from now on (fresh buckets: what was owed under the
+    /// old rate is forgiven).
+    pub fn set(&self, limits: &RateLimits) {
+        *self.buckets.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Buckets::new(limits));
+    }
 
     /// Wait until `bytes` and `messages` may pass, or fail past the flood
     /// threshold.
     pub async fn pass(&self, bytes: u64, messages: u64) -> Result<(), Flooded> {
+        let buckets = self
+            .buckets
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut wait = Duration::ZERO;
-        if let Some(b) = &self.bytes {
+        if let Some(b) = &buckets.bytes {
             wait = wait.max(b.take(bytes)?);
         }
-        if let Some(m) = &self.messages {
+        if let Some(m) = &buckets.messages {
             wait = wait.max(m.take(messages)?);
         }
         if !wait.is_zero() {

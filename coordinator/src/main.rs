@@ -283,7 +283,21 @@ struct RunArgs {
     acme_retry: Option<humantime::Duration>,
 }
 
-fn main() -> Result<()> {
+/// Errors are one line each on stderr, the causes joined with ": ", and
+/// status 1: never anyhow's debug form, which under `RUST_BACKTRACE=1`
+/// adds a backtrace to what is an operator's mistake (a typo in the
+/// config file, a port in use).
+fn main() -> std::process::ExitCode {
+    match run_cli() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cli() -> Result<()> {
     let cli = Cli::parse();
     logging::init(cli.log.as_deref());
     let log_fixed = cli.log.is_some() || std::env::var_os("RUST_LOG").is_some();

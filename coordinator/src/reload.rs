@@ -179,8 +179,13 @@ pub(crate) fn reload(shared: &Shared) -> Result<Vec<String>, Vec<String>> {
         )
         .rate;
     *shared.rate.write().unwrap_or_else(|e| e.into_inner()) = rate;
+    let live: Vec<_> = shared.registry().iter().cloned().collect();
+    for session in &live {
+        session.limiter.set(&rate);
+    }
     lines.push(format!(
-        "rates for sessions admitted from now on: {} bytes/s, {} messages/s",
+        "rates for every session ({} now, and those admitted from now on): {} bytes/s, {} messages/s",
+        live.len(),
         rate.bytes_per_sec
             .map_or("unlimited".into(), |v| v.to_string()),
         rate.messages_per_sec

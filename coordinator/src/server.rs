@@ -604,7 +604,7 @@ async fn run_session(
                 }
                 end = &mut session_stream => {
                     match end {
-                        StreamEnd::Finished => session.close(ConnCode::Normal, "session stream finished"),
+                        StreamEnd::Finished => session.close(ConnCode::Normal, "it finished its session stream"),
                         StreamEnd::Silent { .. } | StreamEnd::Unanswered { .. } => {
                             let why = format!("{end}; closing the session");
                             info!(cause = %why, "client silent");

@@ -240,9 +240,9 @@ pub(crate) struct Session {
     pub(crate) limiter: Limiter,
     /// The interfaces the client offers (empty: it declares none).
     pub(crate) interfaces: Mutex<Arc<Vec<Interface>>>,
-    /// Why the coordinator closed this session, when it did: the reason
-    /// its peers' channels are told.
-    pub(crate) closed_why: std::sync::OnceLock<String>,
+    /// How and why the coordinator closed this session, when it did: the
+    /// reason its peers' channels are told (`Normal`: the client left).
+    pub(crate) closed_why: std::sync::OnceLock<(ConnCode, String)>,
     /// Notified when a channel is opened to this client: its session
     /// stream pings at once, and a client that does not answer within the
     /// heartbeat's probe window is closed as gone (a peer killed without a
@@ -259,7 +259,7 @@ impl Session {
     /// Close the session with `code`, and keep `why` for the peers of its
     /// channels. The first close is the one that counts.
     pub(crate) fn close(&self, c: ConnCode, why: &str) {
-        let _ = self.closed_why.set(why.to_owned());
+        let _ = self.closed_why.set((c, why.to_owned()));
         self.conn.close(c.varint(), why.as_bytes());
     }
 

@@ -198,6 +198,7 @@ async fn a_sender_over_the_rate_on_one_stream_is_slowed_not_cut_off() {
         s.finish().await.unwrap();
         out
     });
+    let started = std::time::Instant::now();
     let mut inbox = next_stream(&inn).await;
     let mut got = 0;
     while let Some(m) = within_ok(STEP, "message", inbox.recv()).await {
@@ -205,6 +206,15 @@ async fn a_sender_over_the_rate_on_one_stream_is_slowed_not_cut_off() {
     }
     assert_eq!(got, 16 * 64 * 1024 + 100);
     let _out = sender.await.unwrap();
+    // Slowed: 1 MiB at 512 KiB/s, less the 100 ms burst, takes at least
+    // 1.9 s; with no byte limit it arrives in a few milliseconds. A slow
+    // machine only lengthens this, so the bound cannot fail spuriously.
+    let took = started.elapsed();
+    eprintln!("RATE 1 MiB + 100 messages at 512 KiB/s, 200/s: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1700),
+        "1 MiB over a 512 KiB/s limit arrived in {took:?}"
+    );
     // Still connected: another channel opens.
     let (_a, _b) = open_pair(&alice, &bob, "after").await;
 }
@@ -236,7 +246,7 @@ async fn streams_per_channel_and_message_size_are_bounded_at_the_relay() {
         held.push(s);
     }
     let stops = held.iter().map(|s| Box::pin(s.stopped()));
-    let (first, _, _) = within(
+    let (first, stopped, _) = within(
         STEP,
         "a stream stopped",
         futures_util::future::select_all(stops),
@@ -246,11 +256,27 @@ async fn streams_per_channel_and_message_size_are_bounded_at_the_relay() {
         first.map(|c| c.into_inner()),
         Some(u64::from(StreamCode::TooManyStreams.code()))
     );
-    let mut relayed = 0;
+    // The two streams that were not stopped arrive, each with its own
+    // byte; the stopped one's byte never does.
+    let mut relayed = std::collections::BTreeSet::new();
     for _ in 0..2 {
         let mut r = next_stream(&inn).await;
-        assert_eq!(next_message(&mut r).await.len(), 1);
-        relayed += 1;
+        let m = next_message(&mut r).await;
+        assert_eq!(m.len(), 1);
+        assert!(relayed.insert(m[0]), "stream {} relayed twice", m[0]);
     }
-    assert_eq!(relayed, 2);
+    let expected: std::collections::BTreeSet<u8> =
+        (0..3u8).filter(|&i| usize::from(i) != stopped).collect();
+    assert_eq!(relayed, expected, "stream {stopped} was stopped");
+    // The relay opened a mirror for the oversized stream and the two
+    // taken ones, and none for the stopped one.
+    assert_eq!(
+        mesh.coordinator
+            .stats()
+            .streams_relayed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3,
+        "a stream was relayed past the limit of two"
+    );
+    drop(held);
 }

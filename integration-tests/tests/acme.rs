@@ -146,7 +146,12 @@ async fn a_coordinator_gets_keeps_and_renews_its_certificate_by_acme() {
     let listen = format!("quic/127.0.0.1:{port}");
     let args = acme_args(&pebble, state.path(), pebble.http01_port());
 
+    let started = std::time::Instant::now();
     let mut coord = CoordinatorProc::start_at(&listen, &args).await;
+    eprintln!(
+        "ACME from start to serving with a new certificate: {:?}",
+        started.elapsed()
+    );
     let issued = pebble.issued();
     assert_eq!(issued.len(), 1, "one order: {}", pebble.log());
     let (serial, first_fp) = certificate(state.path()).await;
@@ -224,6 +229,10 @@ async fn a_coordinator_gets_keeps_and_renews_its_certificate_by_acme() {
             l.contains("ACME: certificate renewed")
         })
         .await;
+    eprintln!(
+        "ACME renewed {:?} after the first start (certificates live 30 s)",
+        started.elapsed()
+    );
     feed.write_stdin(b"after the renewal\n").await;
     assert_eq!(
         alice.stdout_line("the line after", |_| true).await,

@@ -105,6 +105,27 @@ async fn enrolled(mesh: &Mesh, dir: &std::path::Path, name: &str) -> ClientConfi
     with_identity(config, id)
 }
 
+/// `identity`'s key under a certificate from the token CA in `dir` that is
+/// 100 s into a 120 s life: past half, so the coordinator renews it. (A
+/// new certificate is due two thirds into its life, later than a test
+/// should wait.)
+fn aged(dir: &std::path::Path, identity: &Identity, name: &str) -> Identity {
+    let ca = qmesh_coordinator::auth::token_ca(dir).unwrap();
+    let now = SystemTime::now();
+    let issued = ca
+        .issue_client_valid(
+            &identity.chain[0],
+            name,
+            now - Duration::from_secs(100),
+            now + Duration::from_secs(20),
+        )
+        .unwrap();
+    Identity {
+        chain: vec![issued.cert],
+        key: identity.key.clone_key(),
+    }
+}
+
 async fn try_connect(config: ClientConfig) -> Result<Client, ConnectError> {
     within(STEP, "connect", Client::connect(config)).await
 }
@@ -158,6 +179,13 @@ async fn ca_mode_refuses_each_bad_certificate_with_its_reason() {
             "wrong CA",
             TestCa::new("someone else").valid("alice"),
             "not signed by the coordinator's client CA",
+        ),
+        (
+            // Same issuer name, another key: the chain builds and its
+            // signature fails (rustls sends decrypt_error).
+            "another CA with the same name",
+            TestCa::new("clients").valid("alice"),
+            "another CA of the same name",
         ),
         (
             "self-signed",
@@ -278,7 +306,9 @@ async fn token_mode_enrolls_once_renews_and_refuses_bad_tokens() {
     let mut inbox = next_stream(&from_alice).await;
     assert_eq!(&next_message(&mut inbox).await[..], b"enrolled");
 
-    // Renewal: the issued certificate gets a new one for the same key.
+    // Renewal: an issued certificate past half its life gets a new one
+    // for the same key.
+    let bob_id = aged(dir.path(), &bob_id, "bob");
     let renewed = within_ok(
         STEP,
         "renew",
@@ -320,6 +350,8 @@ async fn a_renewed_certificate_takes_its_name_back_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let mesh = token_mesh_ttl(dir.path(), Duration::from_secs(120)).await;
     let config = enrolled(&mesh, dir.path(), "alice").await;
+    let identity = aged(dir.path(), config.identity.as_deref().unwrap(), "alice");
+    let config = with_identity(config, identity);
     let old = try_connect(config.clone()).await.unwrap();
     let renewed = enroll(&config, None).await.unwrap().identity;
     // Same key, new certificate: the old session is replaced.

@@ -449,6 +449,46 @@ async fn file_transfer_keeps_name_and_bytes() {
     assert_eq!(names, vec![OsStr::new("random-5MiB.bin").to_owned()]);
 }
 
+/// A file sent to a listener with no `--out` directory: the listener stops
+/// the stream with `FileRefused`, and the sender fails saying the listener
+/// takes no files and that nothing was confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_to_a_listener_without_out_is_refused_with_the_reason() {
+    let state = tempdir();
+    let (coord, ca) = start_dev(state.path()).await;
+    let files = tempdir();
+    let path = files.path().join("notes.txt");
+    std::fs::write(&path, payload(6, 200_000)).expect("writing the source file");
+    let mut bob = qmesh(
+        &coord.localhost(),
+        &ca,
+        &["--name", "bob", "listen", "chat"],
+    );
+    bob.ready().await;
+    for mode in ["relay", "direct"] {
+        let exit = send_file(&coord.localhost(), &ca, mode, &path)
+            .finish()
+            .await;
+        assert!(!exit.status.success(), "{mode}: {}", show(&exit));
+        assert!(
+            exit.stderr
+                .contains("the receiver takes no files (it has no --out directory) (code 13)"),
+            "{mode}: {}",
+            show(&exit)
+        );
+        assert!(
+            exit.stderr
+                .contains("the peer confirmed 0 line(s), 0 byte(s)"),
+            "{mode}: {}",
+            show(&exit)
+        );
+        bob.stderr_line("the listener's refusal", |l| {
+            l.contains("sent file \"notes.txt\" but this listener has no --out DIR")
+        })
+        .await;
+    }
+}
+
 /// A file cut off mid-transfer (the sender killed) is kept as `NAME.part`,
 /// never under its own name, and the listener says so, naming the part
 /// file. The coordinator relays 1 MiB/s per client, so the 64 MiB file

@@ -27,22 +27,34 @@ async fn a_close_right_after_sending_still_delivers_every_stream_first() {
     }
     within_ok(STEP, "close", a.close("sent three")).await;
 
-    let mut streams = 0u64;
+    // Each of the three streams arrives once, whole and in order: stream s
+    // carries payload(s * 10_000 + i) for i in 0..1000.
+    let mut seen = std::collections::BTreeSet::new();
     while let Some(mut inbox) = within_ok(STEP, "accept", b.accept_stream()).await {
-        let mut n = 0u64;
-        let mut first = None;
+        let first = within_ok(STEP, "recv", inbox.recv())
+            .await
+            .expect("a stream with no message");
+        let s = (0..3u64)
+            .find(|s| first[..] == payload(s * 10_000, 700)[..])
+            .expect("a stream whose first message is the first of a sent stream");
+        assert!(seen.insert(s), "stream {s} arrived twice");
+        let mut n = 1u64;
         while let Some(m) = within_ok(STEP, "recv", inbox.recv()).await {
-            first.get_or_insert_with(|| m.clone());
+            assert!(n < 1000, "stream {s} carries more than 1000 messages");
+            assert_eq!(
+                m[..],
+                payload(s * 10_000 + n, 700)[..],
+                "stream {s}, message {n} differs or is out of order"
+            );
             n += 1;
         }
-        assert_eq!(n, 1000);
-        let s = (0..3u64)
-            .find(|s| first.as_deref() == Some(&payload(s * 10_000, 700)[..]))
-            .expect("a known stream");
-        assert!(s < 3);
-        streams += 1;
+        assert_eq!(n, 1000, "stream {s} ended after {n} messages");
     }
-    assert_eq!(streams, 3, "every stream sent before the close arrives");
+    assert_eq!(
+        seen,
+        (0..3u64).collect(),
+        "every stream sent before the close arrives"
+    );
     assert_eq!(
         b.end(),
         Some(ChannelEnd::Closed {
@@ -172,4 +184,41 @@ async fn coordinator_shutdown_ends_sessions_with_a_code_and_channels_as_lost() {
         within(STEP, "lost", a.ended()).await,
         ChannelEnd::Lost { .. }
     ));
+}
+
+/// A peer that ends its session by finishing its session stream has left:
+/// the coordinator closes its connection with `Normal`, and the other
+/// side's channel ends `Lost` saying it left, not that the coordinator put
+/// it out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_finishes_its_session_stream_is_reported_as_left() {
+    use qmesh_integration_tests::raw::{frame, Raw};
+    use qmesh_proto::codec::read_frame;
+    use qmesh_proto::msg::{Open, OpenAnswer, PathMode, StreamRequest};
+
+    let mesh = Mesh::start().await;
+    let bob = mesh.client("bob").await;
+    let (raw, mut session_send, _session_recv) = Raw::join(&mesh.target(), "opener").await;
+    let open = StreamRequest::Open(Open {
+        peer: "bob".into(),
+        channel: "chat".into(),
+        path: PathMode::Relay,
+    });
+    let (_send, mut recv) = raw.send_bi(&frame(&open)).await;
+    let offer = within(STEP, "offer", bob.accept()).await.expect("offer");
+    let channel = within_ok(STEP, "accept", offer.accept()).await;
+    let answer = within_ok(STEP, "answer", read_frame::<OpenAnswer, _>(&mut recv)).await;
+    assert!(
+        matches!(answer, Some(OpenAnswer::Ready(_))),
+        "the open goes through: {answer:?}"
+    );
+    session_send.finish().unwrap();
+    match within(STEP, "lost", channel.ended()).await {
+        ChannelEnd::Lost { reason } => assert!(
+            reason.starts_with("\"opener\" left: it finished its session stream"),
+            "{reason}"
+        ),
+        other => panic!("expected lost, got {other:?}"),
+    }
+    drop(raw);
 }

@@ -435,3 +435,49 @@ async fn operator_commands_answer_in_text_and_json() {
     let exit = coord.proc.finish().await;
     assert!(exit.status.success(), "{}", show(&exit));
 }
+
+/// A typo in the config file is one error naming the file, the line and
+/// the key (with TOML's excerpt of the line), and status 1: no backtrace
+/// and no "Caused by" block, even with `RUST_BACKTRACE=1` set.
+#[tokio::test]
+async fn a_config_typo_is_one_error_without_a_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(&config, "[limits]\nbytes_per_secnd = 5\n").unwrap();
+    let state = dir.path().join("state");
+    let exit = Proc::spawn(
+        "qmesh-coordinator",
+        [
+            "run".as_ref(),
+            "--single".as_ref(),
+            "--listen".as_ref(),
+            "quic/127.0.0.1:0".as_ref(),
+            "--state-dir".as_ref(),
+            state.as_os_str(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+        &[("RUST_BACKTRACE", OsStr::new("1"))],
+    )
+    .finish()
+    .await;
+    assert!(!exit.status.success(), "{}", show(&exit));
+    let err = &exit.stderr;
+    assert!(err.starts_with("error: "), "{}", show(&exit));
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error")).count(),
+        1,
+        "{}",
+        show(&exit)
+    );
+    for part in [
+        "coordinator.toml",
+        "line 2",
+        "unknown field `bytes_per_secnd`",
+    ] {
+        assert!(err.contains(part), "{part}: {}", show(&exit));
+    }
+    for noise in ["backtrace", "Caused by", "Stack", "panicked"] {
+        assert!(!err.contains(noise), "{noise}: {}", show(&exit));
+    }
+}

@@ -373,3 +373,94 @@ async fn a_rotated_certificate_is_what_new_clients_see() {
     coord.proc.terminate();
     let _ = coord.proc.finish().await;
 }
+
+/// A rate reload applies to sessions already joined: a `qmesh send` whose
+/// session and channel were up before the reload, unlimited then, is held
+/// to the new 40,000 bytes/s for what it sends after it (relayed: the
+/// coordinator limits what it relays). 200 lines of
+/// 1,000 bytes cannot pass in less than 200,000 / 40,000 = 5 s less the
+/// 250 ms burst; the check is that lower bound with room (3.5 s), which a
+/// busy machine can only lengthen. With the live sessions' limiters left
+/// alone, the lines pass at once and the test fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_reload_holds_a_live_session_to_the_new_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(&config, format!("[limits]\nbytes_per_second = 0\n{ALLOW}")).unwrap();
+    let (mut coord, ca) = CoordinatorProc::start_dev(
+        &state,
+        &[
+            OsStr::new("--single"),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+    )
+    .await;
+    let addr = coord.v4();
+    let mut alice = process::qmesh(
+        &addr,
+        &ca,
+        dir.path(),
+        &["--name", "alice", "listen", "chat"],
+    );
+    alice.ready().await;
+    let mut bob = process::qmesh(
+        &addr,
+        &ca,
+        dir.path(),
+        &[
+            "--name",
+            "bob",
+            "send",
+            "--mode",
+            "relay",
+            "mesh/alice!chat",
+        ],
+    );
+    bob.write_stdin(b"before the reload\n").await;
+    assert_eq!(
+        alice.stdout_line("the first line", |_| true).await,
+        "before the reload"
+    );
+
+    std::fs::write(
+        &config,
+        format!(
+            "[limits]\nbytes_per_second = 40000\nburst = \"250ms\"\nflood_after = \"30s\"\n{ALLOW}"
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = reload(&state).await;
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(
+            "rates for every session (2 now, and those admitted from now on): 40000 bytes/s"
+        ),
+        "{out}"
+    );
+    let line = "x".repeat(999);
+    let started = std::time::Instant::now();
+    let mut block = String::new();
+    for _ in 0..200 {
+        block.push_str(&line);
+        block.push('\n');
+    }
+    bob.write_stdin(block.as_bytes()).await;
+    for n in 0..200 {
+        let got = alice.stdout_line("a limited line", |_| true).await;
+        assert_eq!(got.len(), 999, "line {n}");
+    }
+    let took = started.elapsed();
+    eprintln!("RATE 200,000 bytes after the reload to 40,000 bytes/s took {took:?}");
+    assert!(
+        took >= Duration::from_millis(3500),
+        "the live session was not held to the new rate: {took:?}"
+    );
+    bob.feed_stdin(b"").await;
+    let sent = bob.finish().await;
+    assert!(sent.status.success(), "{}", show(&sent));
+    alice.kill().await;
+    coord.proc.terminate();
+    let _ = coord.proc.finish().await;
+}

@@ -129,6 +129,9 @@ numbered! {
         /// A forwarded connection ended without finishing (its route was
         /// removed, or the forwarder is shutting down).
         RouteClosed = 12, "forwarding route closed";
+        /// The receiver does not take files: `qmesh listen` without an
+        /// `--out` directory stops a file stream with this code.
+        FileRefused = 13, "the receiver takes no files (it has no --out directory)";
     }
 }
 

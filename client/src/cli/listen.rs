@@ -129,7 +129,7 @@ async fn receive(
         };
         let size: u64 = size.parse().context("bad file size")?;
         let Some(dir) = out else {
-            stream.stop(qmesh_proto::codes::StreamCode::Cancelled);
+            stream.stop(qmesh_proto::codes::StreamCode::FileRefused);
             bail!("{peer} sent file {name:?} but this listener has no --out DIR");
         };
         let path = safe_path(&dir, name)?;

@@ -331,7 +331,7 @@ fn renew_in_background(files: (PathBuf, PathBuf), mut config: ClientConfig, clie
             let wait = at
                 .duration_since(std::time::SystemTime::now())
                 .unwrap_or_default();
-            tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
+            tokio::time::sleep(wait.max(renewal_floor(&identity))).await;
             match enroll_and_save(&files, &config, None).await {
                 Ok(renewed) => {
                     let renewed = Arc::new(renewed);
@@ -345,6 +345,20 @@ fn renew_in_background(files: (PathBuf, PathBuf), mut config: ClientConfig, clie
             }
         }
     });
+}
+
+/// The least time between two renewals of `identity`: a sixth of its
+/// lifetime, and at least a second. A certificate that looks due at once
+/// (this machine's clock ahead of the coordinator's) is then renewed a few
+/// times over its life, not in a loop.
+fn renewal_floor(identity: &Identity) -> Duration {
+    let life = identity
+        .chain
+        .first()
+        .and_then(|c| qmesh_certs::clientauth::validity(c))
+        .map_or(0, |(from, until)| (until - from).max(0) as u64);
+    let life = Duration::from_secs(life);
+    (life / 6).max(Duration::from_secs(1))
 }
 
 /// The identity for `name`: `--cert`/`--key` when given, else the one kept
