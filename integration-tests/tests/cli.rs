@@ -1316,3 +1316,87 @@ async fn request_serve_peers_and_describe_from_a_shell() {
     }
     carol.kill().await;
 }
+
+/// SIGTERM to `qmesh listen` (a service): it leaves at once, closing its
+/// session with the signal as the reason, and exits 0; the relayed channel
+/// of the `qmesh send` feeding it ends with that reason (not after the idle
+/// timeout as "silent"). SIGINT to that `qmesh send` (a one-shot command)
+/// then makes it leave and exit 1, saying it was stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_makes_a_client_leave_at_once_with_the_signal_as_reason() {
+    let state = tempdir();
+    let (coord, ca) = start_dev(state.path()).await;
+    let mut bob = qmesh(
+        &coord.localhost(),
+        &ca,
+        &["--name", "bob", "listen", "chat"],
+    );
+    bob.ready().await;
+    let mut alice = qmesh(
+        &coord.localhost(),
+        &ca,
+        &[
+            "--name",
+            "alice",
+            "send",
+            "--mode",
+            "relay",
+            "mesh/bob!chat",
+        ],
+    );
+    alice.write_stdin(b"one\n").await;
+    assert_eq!(bob.stdout_line("`one`", |_| true).await, "one");
+
+    bob.terminate();
+    let exit = bob.finish().await;
+    assert_eq!(exit.status.code(), Some(0), "listen: {}", show(&exit));
+    assert!(
+        exit.stderr.contains("qmesh: SIGTERM: leaving"),
+        "listen: {}",
+        show(&exit)
+    );
+    // alice's send sees bob leave for the reason bob gave.
+    let lost = alice
+        .stderr_line("the channel's end", |l| l.contains("\"bob\""))
+        .await;
+    assert!(lost.contains("stopped by SIGTERM"), "{lost}");
+
+    // A second sender, stopped while it still reads its input.
+    let mut carol = qmesh(
+        &coord.localhost(),
+        &ca,
+        &["--name", "carol", "-v", "listen", "chat"],
+    );
+    carol.ready().await;
+    let mut dave = qmesh(
+        &coord.localhost(),
+        &ca,
+        &[
+            "--name",
+            "dave",
+            "send",
+            "--mode",
+            "relay",
+            "mesh/carol!chat",
+        ],
+    );
+    dave.write_stdin(b"two\n").await;
+    assert_eq!(carol.stdout_line("`two`", |_| true).await, "two");
+    dave.signal("INT");
+    let exit = dave.finish().await;
+    assert_eq!(exit.status.code(), Some(1), "send: {}", show(&exit));
+    assert!(
+        exit.stderr
+            .contains("stopped by SIGINT before the command finished"),
+        "send: {}",
+        show(&exit)
+    );
+    // carol logs the channel's end at info (-v), with dave's reason.
+    carol
+        .stderr_line("the channel's end, with dave's reason", |l| {
+            l.contains("dave") && l.contains("stopped by SIGINT")
+        })
+        .await;
+    carol.kill().await;
+    alice.kill().await;
+}

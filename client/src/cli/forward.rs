@@ -35,21 +35,24 @@ pub(crate) fn forward(listen: &str, to: &str) -> Result<Forward> {
 pub(crate) async fn run_expose(client: Client, expose: Expose) -> Result<()> {
     println!("exposing {} -> {}", expose.name, expose.target);
     let exposer = Exposer::new(client.name().to_owned(), [expose]);
-    tokio::select! {
+    let signal = tokio::select! {
         () = exposer.run(&client) => bail!("the session ended: {}", client.closed().await),
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    client.close("interrupted").await;
+        signal = super::signals::requested() => signal,
+    };
+    client.close(&super::signals::reason(signal)).await;
     Ok(())
 }
 
 /// Run `route` until interrupted.
 pub(crate) async fn run_forward(client: Client, route: Forward) -> Result<()> {
     let run = route.run(client.clone(), Stop::never(), |line| println!("{line}"));
-    tokio::select! {
-        done = run => done.map_err(|e| anyhow!(e))?,
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    client.close("interrupted").await;
+    let reason = tokio::select! {
+        done = run => {
+            done.map_err(|e| anyhow!(e))?;
+            "the forward ended".to_owned()
+        }
+        signal = super::signals::requested() => super::signals::reason(signal),
+    };
+    client.close(&reason).await;
     Ok(())
 }

@@ -105,10 +105,10 @@ pub(crate) async fn serve(client: Client, channel: &str) -> Result<()> {
         client.name(),
         client.name()
     );
-    loop {
+    let signal = loop {
         let offer = tokio::select! {
             offer = client.accept() => offer,
-            _ = tokio::signal::ctrl_c() => break,
+            signal = super::signals::requested() => break signal,
         };
         let Some(offer) = offer else {
             bail!("the session ended: {}", client.closed().await);
@@ -132,8 +132,8 @@ pub(crate) async fn serve(client: Client, channel: &str) -> Result<()> {
                 }
             }
         });
-    }
-    client.close("interrupted").await;
+    };
+    client.close(&super::signals::reason(signal)).await;
     Ok(())
 }
 
@@ -199,10 +199,10 @@ pub(crate) async fn peers(client: Client, watch: bool, json: bool) -> Result<()>
         return Ok(());
     }
     let mut events = client.watch().await.context("watching presence")?;
-    loop {
+    let signal = loop {
         let event = tokio::select! {
             e = events.next() => e,
-            _ = tokio::signal::ctrl_c() => break,
+            signal = super::signals::requested() => break signal,
         };
         let Some(event) = event else {
             bail!("the presence watch ended: {}", client.closed().await);
@@ -225,8 +225,8 @@ pub(crate) async fn peers(client: Client, watch: bool, json: bool) -> Result<()>
                 )
             }
         }
-    }
-    client.close("interrupted").await;
+    };
+    client.close(&super::signals::reason(signal)).await;
     Ok(())
 }
 

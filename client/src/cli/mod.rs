@@ -9,6 +9,7 @@ mod messaging;
 mod metrics;
 mod receipts;
 mod send;
+mod signals;
 mod up;
 
 use std::path::PathBuf;
@@ -635,10 +636,17 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
             (None, None, _) => bail!("give the agent's file: qmesh up --config FILE"),
         };
     }
+    signals::install().context("listening for SIGINT and SIGTERM")?;
+    use signals::{until_stopped, OnStop};
     match &cli.command {
         Command::Listen { channel, out } => {
             let client = cli.connect(None).await?;
-            listen::run(client, channel, out.clone()).await
+            until_stopped(
+                client.clone(),
+                OnStop::Done,
+                listen::run(client, channel, out.clone()),
+            )
+            .await
         }
         Command::Send {
             address,
@@ -650,7 +658,12 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
             let client = cli
                 .connect(Some(format!("send-{}", std::process::id())))
                 .await?;
-            send::run(client, address, file.clone(), (*mode).into()).await
+            until_stopped(
+                client.clone(),
+                OnStop::Unfinished,
+                send::run(client, address, file.clone(), (*mode).into()),
+            )
+            .await
         }
         Command::Broadcast { group, count } => {
             let name = Some(format!("broadcast-{}", std::process::id()));
@@ -660,9 +673,14 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
                 cli.connect(name).await?
             };
             if *count {
-                broadcast::count(client, group).await
+                until_stopped(
+                    client.clone(),
+                    OnStop::Unfinished,
+                    broadcast::count(client, group),
+                )
+                .await
             } else {
-                broadcast::run(client, group).await
+                until_stopped(client.clone(), OnStop::Done, broadcast::run(client, group)).await
             }
         }
         #[cfg(feature = "demo")]
@@ -677,11 +695,14 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
                 .connect_once(Some(format!("request-{}", std::process::id())))
                 .await?;
             let limit = Duration::from_millis((*timeout_ms).max(1));
-            if *count > 1 {
-                messaging::requests(client, address, body, limit, *count).await
-            } else {
-                messaging::request(client, address, body, limit).await
-            }
+            let work = async {
+                if *count > 1 {
+                    messaging::requests(client.clone(), address, body, limit, *count).await
+                } else {
+                    messaging::request(client.clone(), address, body, limit).await
+                }
+            };
+            until_stopped(client.clone(), OnStop::Unfinished, work).await
         }
         Command::Serve { channel } => {
             qmesh_proto::name::validate_channel_name(channel)
@@ -697,13 +718,28 @@ pub(crate) async fn run(mut cli: Cli) -> Result<()> {
             } else {
                 cli.connect_once(name).await?
             };
-            messaging::peers(client, *watch, *json).await
+            if *watch {
+                // peers --watch leaves on a signal by itself.
+                messaging::peers(client, true, *json).await
+            } else {
+                until_stopped(
+                    client.clone(),
+                    OnStop::Unfinished,
+                    messaging::peers(client, false, *json),
+                )
+                .await
+            }
         }
         Command::Describe { address } => {
             let client = cli
                 .connect_once(Some(format!("describe-{}", std::process::id())))
                 .await?;
-            messaging::describe(client, address).await
+            until_stopped(
+                client.clone(),
+                OnStop::Unfinished,
+                messaging::describe(client, address),
+            )
+            .await
         }
         Command::Expose {
             interface,

@@ -309,13 +309,13 @@ pub(crate) async fn run(cli: &mut Cli, path: &Path, http: Option<SocketAddr>) ->
     }
     let serving = exposer.run(&client);
     tokio::pin!(serving);
-    loop {
+    let signal = loop {
         tokio::select! {
             () = &mut serving => bail!("the session ended: {}", client.closed().await),
             _ = hup.recv() => agent.reload().await,
-            _ = tokio::signal::ctrl_c() => break,
+            signal = super::signals::requested() => break signal,
         }
-    }
-    client.close("interrupted").await;
+    };
+    client.close(&super::signals::reason(signal)).await;
     Ok(())
 }
