@@ -98,11 +98,20 @@ struct Row {
     case: String,
     unit: String,
     baseline: Option<f64>,
-    qmesh: f64,
+    /// `None` when the figure could not be measured here; `reason` says why.
+    qmesh: Option<f64>,
     ratio: Option<f64>,
     target: String,
     met: Option<bool>,
+    /// Why `qmesh` is missing (printed as `n/a`, JSON `null`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
 }
+
+/// Why a CPU figure is missing.
+const PROC_STAT: &str = "/proc/PID/stat could not be read on this machine";
+/// Why a UDP counter figure is missing.
+const PROC_SNMP: &str = "/proc/net/snmp has no Udp counters on this machine";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -479,10 +488,26 @@ impl Bench {
             case: case.into(),
             unit: unit.into(),
             baseline,
-            qmesh,
+            qmesh: Some(qmesh),
             ratio,
             target: target.into(),
             met,
+            reason: None,
+        });
+    }
+
+    /// A row this machine could not measure: `n/a` and `reason`, never a
+    /// made-up figure (a missing counter read as 0 would pass a target).
+    fn unavailable(&mut self, case: &str, unit: &str, target: &str, reason: &str) {
+        self.rows.push(Row {
+            case: case.into(),
+            unit: unit.into(),
+            baseline: None,
+            qmesh: None,
+            ratio: None,
+            target: target.into(),
+            met: None,
+            reason: Some(reason.into()),
         });
     }
 
@@ -568,7 +593,9 @@ impl Bench {
             ">= 0.95x",
             Some(direct / raw >= 0.95),
         );
-        if !cpu.is_empty() {
+        if cpu.is_empty() {
+            self.unavailable("relay cost", "coordinator CPU s/GiB", "measured", PROC_STAT);
+        } else {
             self.row(
                 "relay cost",
                 "coordinator CPU s/GiB",
@@ -810,6 +837,7 @@ impl Bench {
         let n = self.plan.connects;
         let (mut raw, mut mesh, mut lost) = (Vec::new(), Vec::new(), 0u64);
         let (mut raw_cpu, mut mesh_cpu) = (Vec::new(), Vec::new());
+        let mut drops_counted = true;
         let (mut raw_ccpu, mut mesh_ccpu) = (Vec::new(), Vec::new());
         let (mut raw_dgrams, mut mesh_dgrams) = (Vec::new(), Vec::new());
         let me = std::process::id();
@@ -885,8 +913,9 @@ impl Bench {
             if let (Some(a), Some(b)) = (dgrams0, udp_counter("OutDatagrams")) {
                 mesh_dgrams.push((b - a) as f64 / n as f64);
             }
-            if let (Some(a), Some(b)) = (drops0, udp_rcvbuf_errors()) {
-                lost += b - a;
+            match (drops0, udp_rcvbuf_errors()) {
+                (Some(a), Some(b)) => lost += b - a,
+                _ => drops_counted = false,
             }
             for c in &clients {
                 c.close("done").await;
@@ -897,7 +926,14 @@ impl Bench {
         let (r, q) = (median(raw), median(mesh));
         let case = format!("connect rate, {n} at once, sessions vs raw handshakes");
         self.row(&case, "per s", Some(r), q, ">= 0.8x", Some(q / r >= 0.8));
-        if !raw_cpu.is_empty() && !mesh_cpu.is_empty() {
+        if raw_cpu.is_empty() || mesh_cpu.is_empty() {
+            self.unavailable(
+                "server CPU per connect, coordinator vs raw server",
+                "µs",
+                "measured",
+                PROC_STAT,
+            );
+        } else {
             let (r, q) = (median(raw_cpu), median(mesh_cpu));
             self.row(
                 "server CPU per connect, coordinator vs raw server",
@@ -908,7 +944,14 @@ impl Bench {
                 None,
             );
         }
-        if !raw_ccpu.is_empty() && !mesh_ccpu.is_empty() {
+        if raw_ccpu.is_empty() || mesh_ccpu.is_empty() {
+            self.unavailable(
+                "client CPU per connect, qmesh client vs raw quinn",
+                "µs",
+                "measured",
+                PROC_STAT,
+            );
+        } else {
             let (r, q) = (median(raw_ccpu), median(mesh_ccpu));
             self.row(
                 "client CPU per connect, qmesh client vs raw quinn",
@@ -919,7 +962,14 @@ impl Bench {
                 None,
             );
         }
-        if !raw_dgrams.is_empty() && !mesh_dgrams.is_empty() {
+        if raw_dgrams.is_empty() || mesh_dgrams.is_empty() {
+            self.unavailable(
+                "UDP datagrams per connect, both directions",
+                "datagrams",
+                "measured",
+                PROC_SNMP,
+            );
+        } else {
             let (r, q) = (median(raw_dgrams), median(mesh_dgrams));
             self.row(
                 "UDP datagrams per connect, both directions",
@@ -930,14 +980,23 @@ impl Bench {
                 None,
             );
         }
-        self.row(
-            "UDP receive-buffer drops during connect bursts",
-            "datagrams",
-            None,
-            lost as f64,
-            "0",
-            Some(lost == 0),
-        );
+        if drops_counted {
+            self.row(
+                "UDP receive-buffer drops during connect bursts",
+                "datagrams",
+                None,
+                lost as f64,
+                "0",
+                Some(lost == 0),
+            );
+        } else {
+            self.unavailable(
+                "UDP receive-buffer drops during connect bursts",
+                "datagrams",
+                "0",
+                PROC_SNMP,
+            );
+        }
         Ok(())
     }
 
@@ -1052,8 +1111,11 @@ where
     Ok(out)
 }
 
-fn print_table(rows: &[Row], machine: &str) {
-    println!("qmesh-bench on {machine}");
+fn print_table(rows: &[Row], machine: &str, run: &Provenance) {
+    println!(
+        "qmesh-bench on {machine}, commit {}, {}",
+        run.commit, run.date
+    );
     println!(
         "{:<58} {:>14} {:>14} {:>8}  {:<9} unit",
         "case", "baseline", "qmesh", "ratio", "target"
@@ -1067,15 +1129,53 @@ fn print_table(rows: &[Row], machine: &str) {
             .ratio
             .map(|x| format!("{x:.2}x"))
             .unwrap_or_else(|| "-".into());
-        let met = match r.met {
-            Some(true) => " ok",
-            Some(false) => " MISSED",
-            None => "",
+        let met = match (r.met, &r.reason) {
+            (Some(true), _) => " ok".to_owned(),
+            (Some(false), _) => " MISSED".to_owned(),
+            (None, Some(why)) => format!(" ({why})"),
+            (None, None) => String::new(),
         };
+        let qmesh = r
+            .qmesh
+            .map(|q| format!("{q:.1}"))
+            .unwrap_or_else(|| "n/a".into());
         println!(
-            "{:<58} {:>14} {:>14.1} {:>8}  {:<9} {}{}",
-            r.case, base, r.qmesh, ratio, r.target, r.unit, met
+            "{:<58} {:>14} {:>14} {:>8}  {:<9} {}{}",
+            r.case, base, qmesh, ratio, r.target, r.unit, met
         );
+    }
+}
+
+/// Which code a table measured, and when: every figure in
+/// docs/benchmarks.md names its run by these.
+struct Provenance {
+    /// `git rev-parse --short=12 HEAD`, `+changes` when the tree differs
+    /// from it; `unknown` outside a checkout.
+    commit: String,
+    /// UTC, to the second.
+    date: String,
+}
+
+impl Provenance {
+    fn now() -> Provenance {
+        let run = |cmd: &str, args: &[&str]| {
+            std::process::Command::new(cmd)
+                .args(args)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        };
+        let commit = match run("git", &["rev-parse", "--short=12", "HEAD"]) {
+            Some(c) => match run("git", &["status", "--porcelain", "--untracked-files=no"]) {
+                Some(changes) if !changes.is_empty() => format!("{c}+changes"),
+                _ => c,
+            },
+            None => "unknown (not run in a git checkout)".into(),
+        };
+        let date =
+            run("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]).unwrap_or_else(|| "unknown".into());
+        Provenance { commit, date }
     }
 }
 
@@ -1161,9 +1261,12 @@ async fn run(args: Args) -> Result<()> {
     }
     let _ = (&bench.identity, &bench.bob);
     let machine = machine();
+    let run = Provenance::now();
     if args.json {
         let out = serde_json::json!({
             "machine": machine,
+            "commit": run.commit,
+            "date": run.date,
             "quick": args.quick,
             "runs": bench.runs,
             "seconds": started.elapsed().as_secs_f64(),
@@ -1171,7 +1274,7 @@ async fn run(args: Args) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        print_table(&bench.rows, &machine);
+        print_table(&bench.rows, &machine, &run);
         println!(
             "({} runs per figure, median; {:.0} s in all)",
             bench.runs,
