@@ -465,3 +465,344 @@ impl Auth {
         Ok((qmesh_certs::pem_encode_cert(&issued.cert), issued.expires))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+        IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    const HOUR: i64 = 3600;
+
+    /// A client CA made with rcgen, to sign certificates with chosen names.
+    struct TestCa {
+        der: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl TestCa {
+        fn new(common_name: &str) -> TestCa {
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params
+                .distinguished_name
+                .push(DnType::CommonName, common_name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            let key = KeyPair::generate().unwrap();
+            let der = params.self_signed(&key).unwrap().der().clone();
+            TestCa {
+                der,
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        /// A client certificate with the DNS names `sans`, valid from an
+        /// hour ago to an hour from now.
+        fn issue(&self, common_name: &str, sans: &[&str]) -> CertificateDer<'static> {
+            let now = now_secs() as i64;
+            leaf(
+                Some(&self.issuer),
+                common_name,
+                sans,
+                now - HOUR,
+                now + HOUR,
+            )
+        }
+    }
+
+    /// A client certificate for a fresh key, valid from `not_before` to
+    /// `not_after` (Unix seconds), signed by `issuer` or else self-signed.
+    fn leaf(
+        issuer: Option<&Issuer<'_, KeyPair>>,
+        common_name: &str,
+        sans: &[&str],
+        not_before: i64,
+        not_after: i64,
+    ) -> CertificateDer<'static> {
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(sans).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = OffsetDateTime::from_unix_timestamp(not_before).unwrap();
+        params.not_after = OffsetDateTime::from_unix_timestamp(not_after).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = match issuer {
+            Some(issuer) => params.signed_by(&key, issuer),
+            None => params.self_signed(&key),
+        };
+        cert.unwrap().der().clone()
+    }
+
+    /// A self-signed certificate for `name`, valid an hour either side of now.
+    fn self_signed(name: &str) -> CertificateDer<'static> {
+        let now = now_secs() as i64;
+        leaf(None, name, &[name], now - HOUR, now + HOUR)
+    }
+
+    /// Runs `f` with the current Unix second, again if the clock ticked to
+    /// the next second while it ran. `check_hello` reads the wall clock, so
+    /// a test of the exact validity boundaries needs its certificates and
+    /// the check to agree on "now"; a retry happens only when a second
+    /// boundary fell inside `f`, and nothing sleeps.
+    fn in_one_second<T>(mut f: impl FnMut(i64) -> T) -> T {
+        for _ in 0..5 {
+            let now = now_secs();
+            let out = f(now as i64);
+            if now_secs() == now {
+                return out;
+            }
+        }
+        panic!("the clock ticked during each of five tries");
+    }
+
+    /// The message of a `NotAuthorised` refusal; panics on anything else.
+    fn refusal(result: Result<(), (RejectCode, String)>) -> String {
+        match result {
+            Ok(()) => panic!("admitted, but a refusal was expected"),
+            Err((code, msg)) => {
+                assert_eq!(code, RejectCode::NotAuthorised, "{msg}");
+                msg
+            }
+        }
+    }
+
+    #[test]
+    fn no_certificate_is_refused_in_every_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("client CA");
+        for auth in [
+            Auth::development(),
+            Auth::ca(vec![ca.der.clone()], None).unwrap(),
+            Auth::token(dir.path(), DEFAULT_CERT_TTL).unwrap(),
+        ] {
+            let msg = refusal(auth.check_hello("alice", &[]));
+            assert!(msg.contains("no certificate"), "{}: {msg}", auth.mode());
+        }
+    }
+
+    #[test]
+    fn a_revoked_certificate_is_refused_in_every_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("client CA");
+        let token = Auth::token(dir.path(), DEFAULT_CERT_TTL).unwrap();
+        let token_ca = token_ca(dir.path()).unwrap();
+        let cases = [
+            (Auth::development(), self_signed("alice")),
+            (
+                Auth::ca(vec![ca.der.clone()], None).unwrap(),
+                ca.issue("alice", &["alice"]),
+            ),
+            (
+                token,
+                token_ca.issue_client("alice").unwrap().chain.remove(0),
+            ),
+        ];
+        for (auth, cert) in cases {
+            let mode = auth.mode();
+            let chain = [cert];
+            assert_eq!(auth.check_hello("alice", &chain), Ok(()), "{mode}");
+            assert!(auth.revocations().add(Fingerprint::of(&chain[0]), "alice"));
+            assert!(!auth.revocations().add(Fingerprint::of(&chain[0]), "alice"));
+            let msg = refusal(auth.check_hello("alice", &chain));
+            assert!(msg.contains("revoked"), "{mode}: {msg}");
+        }
+    }
+
+    #[test]
+    fn revocations_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let revoked = self_signed("alice");
+        let auth = Auth::open(Some(dir.path())).unwrap();
+        auth.revocations().add(Fingerprint::of(&revoked), "alice");
+        drop(auth);
+
+        let auth = Auth::open(Some(dir.path())).unwrap();
+        assert_eq!(auth.revocations().len(), 1);
+        let msg = refusal(auth.check_hello("alice", std::slice::from_ref(&revoked)));
+        assert!(msg.contains("revoked"), "{msg}");
+        assert_eq!(auth.check_hello("alice", &[self_signed("alice")]), Ok(()));
+    }
+
+    #[test]
+    fn a_certificate_is_valid_through_its_last_second() {
+        let auth = Auth::development();
+        let (last_second, expired) = in_one_second(|now| {
+            let last_second = leaf(None, "alice", &["alice"], now - HOUR, now);
+            let expired = leaf(None, "alice", &["alice"], now - HOUR, now - 1);
+            (
+                auth.check_hello("alice", &[last_second]),
+                auth.check_hello("alice", &[expired]),
+            )
+        });
+        assert_eq!(last_second, Ok(()));
+        let msg = refusal(expired);
+        assert!(msg.contains("expired or is not valid yet"), "{msg}");
+    }
+
+    #[test]
+    fn a_certificate_is_valid_from_its_first_second() {
+        let auth = Auth::development();
+        let (first_second, early) = in_one_second(|now| {
+            let first_second = leaf(None, "alice", &["alice"], now, now + HOUR);
+            let early = leaf(None, "alice", &["alice"], now + 1, now + HOUR);
+            (
+                auth.check_hello("alice", &[first_second]),
+                auth.check_hello("alice", &[early]),
+            )
+        });
+        assert_eq!(first_second, Ok(()));
+        let msg = refusal(early);
+        assert!(msg.contains("expired or is not valid yet"), "{msg}");
+    }
+
+    #[test]
+    fn a_certificate_that_does_not_parse_is_refused() {
+        let auth = Auth::development();
+        let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+        let msg = refusal(auth.check_hello("alice", &[garbage]));
+        assert!(msg.contains("expired or is not valid yet"), "{msg}");
+    }
+
+    #[test]
+    fn open_mode_admits_any_name_with_any_certificate() {
+        let auth = Auth::development();
+        assert_eq!(auth.mode(), AuthMode::Open);
+        let alice = [self_signed("alice")];
+        assert_eq!(auth.check_hello("alice", &alice), Ok(()));
+        assert_eq!(auth.check_hello("bob", &alice), Ok(()));
+        let now = now_secs() as i64;
+        let nameless = leaf(None, "nobody", &[], now - HOUR, now + HOUR);
+        assert_eq!(auth.check_hello("carol", &[nameless]), Ok(()));
+    }
+
+    #[test]
+    fn ca_mode_admits_exactly_the_dns_names_of_the_certificate() {
+        let ca = TestCa::new("client CA");
+        let auth = Auth::ca(vec![ca.der.clone()], None).unwrap();
+        assert_eq!(auth.mode(), AuthMode::Ca);
+        let chain = [ca.issue("carol", &["alice", "alice-laptop"])];
+        assert_eq!(auth.check_hello("alice", &chain), Ok(()));
+        assert_eq!(auth.check_hello("alice-laptop", &chain), Ok(()));
+        // Not another name, not the common name, not a prefix or extension.
+        for name in ["bob", "carol", "ali", "alice-laptop2"] {
+            let msg = refusal(auth.check_hello(name, &chain));
+            assert_eq!(
+                msg,
+                format!(
+                    "this certificate is for alice, alice-laptop, so it cannot join as {name}; \
+                     connect with --name alice"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn ca_mode_certificate_without_dns_names_takes_no_name() {
+        let ca = TestCa::new("client CA");
+        let auth = Auth::ca(vec![ca.der.clone()], None).unwrap();
+        let chain = [ca.issue("alice", &[])];
+        let msg = refusal(auth.check_hello("alice", &chain));
+        assert!(msg.contains("this certificate is for no name"), "{msg}");
+    }
+
+    #[test]
+    fn ca_mode_refuses_certificates_its_client_ca_did_not_sign() {
+        let ca = TestCa::new("client CA");
+        let other = TestCa::new("another CA");
+        let auth = Auth::ca(vec![ca.der.clone()], None).unwrap();
+        for chain in [[self_signed("alice")], [other.issue("alice", &["alice"])]] {
+            let msg = refusal(auth.check_hello("alice", &chain));
+            assert!(
+                msg.contains("admits certificates from its client CA only"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn token_mode_admits_enrolled_certificates_for_their_own_name_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::token(dir.path(), DEFAULT_CERT_TTL).unwrap();
+        assert_eq!(auth.mode(), AuthMode::Token);
+        // The TLS layer lets self-signed certificates through to enroll;
+        // the hello must not.
+        let msg = refusal(auth.check_hello("alice", &[self_signed("alice")]));
+        assert!(msg.contains("admits enrolled clients only"), "{msg}");
+        assert!(msg.contains("--token"), "{msg}");
+
+        let enrolled = token_ca(dir.path())
+            .unwrap()
+            .issue_client("alice")
+            .unwrap()
+            .chain;
+        assert_eq!(auth.check_hello("alice", &enrolled), Ok(()));
+        let msg = refusal(auth.check_hello("bob", &enrolled));
+        assert!(msg.contains("cannot join as bob"), "{msg}");
+
+        // Enrolled with another coordinator: not this one's client.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let foreign = token_ca(elsewhere.path())
+            .unwrap()
+            .issue_client("alice")
+            .unwrap()
+            .chain;
+        let msg = refusal(auth.check_hello("alice", &foreign));
+        assert!(msg.contains("admits enrolled clients only"), "{msg}");
+    }
+
+    #[test]
+    fn issued_for_lists_the_unexpired_certificates_of_a_name() {
+        let fp = |b: u8| Fingerprint([b; 32]);
+        let (alice, bob, carol, kept) = in_one_second(|now| {
+            let dir = tempfile::tempdir().unwrap();
+            let records = format!(
+                "# fingerprint name expiry\n\
+                 {a1} alice {later}\n\
+                 {a2} alice {now}\n\
+                 {a3} alice {before}\n\
+                 {b1} bob {later}\n\
+                 not-a-fingerprint alice {later}\n",
+                a1 = fp(1),
+                a2 = fp(2),
+                a3 = fp(3),
+                b1 = fp(4),
+                later = now + HOUR,
+                before = now - 1,
+            );
+            std::fs::write(dir.path().join("issued"), records).unwrap();
+            let auth = Auth::token(dir.path(), DEFAULT_CERT_TTL).unwrap();
+            let kept = std::fs::read_to_string(dir.path().join("issued")).unwrap();
+            (
+                auth.issued_for("alice"),
+                auth.issued_for("bob"),
+                auth.issued_for("carol"),
+                kept,
+            )
+        });
+        // Expiring this very second still counts; a second ago does not.
+        assert_eq!(alice, vec![fp(1), fp(2)]);
+        assert_eq!(bob, vec![fp(4)]);
+        assert_eq!(carol, Vec::new());
+        // The state file is rewritten without what expired.
+        assert_eq!(kept.lines().count(), 3, "{kept}");
+        for b in [1, 2, 4] {
+            assert!(kept.contains(&fp(b).to_string()), "{kept}");
+        }
+        assert!(!kept.contains(&fp(3).to_string()), "{kept}");
+        // Only `token` mode issues certificates.
+        assert!(Auth::development().issued_for("alice").is_empty());
+    }
+}

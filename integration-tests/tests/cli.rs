@@ -211,11 +211,17 @@ async fn send_direct_says_its_path_and_keeps_its_identity() {
     let (coord, ca) = start_dev(state.path()).await;
     let mut bob = qmesh(&coord.v4(), &ca, &["--name", "bob", "listen", "chat"]);
     bob.ready().await;
-    let cert = ca
-        .parent()
-        .expect("dir")
-        .join("client-state")
-        .join("alice.pem");
+    let client_state = ca.parent().expect("dir").join("client-state");
+    // The identity lives in the folder of the coordinator's CA.
+    let in_ca_folder = || {
+        let folders: Vec<_> = std::fs::read_dir(&client_state)
+            .expect("the client's state directory")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("ca-"))
+            .collect();
+        assert_eq!(folders.len(), 1, "{folders:?}");
+        client_state.join(&folders[0]).join("alice.pem")
+    };
     let mut first_cert = None;
     for word in ["first", "second"] {
         let mut alice = qmesh(
@@ -240,7 +246,8 @@ async fn send_direct_says_its_path_and_keeps_its_identity() {
         );
         let line = bob.stdout_line(word, |_| true).await;
         assert_eq!(line, word);
-        let pem = std::fs::read_to_string(&cert).expect("alice's certificate in the state dir");
+        let pem =
+            std::fs::read_to_string(in_ca_folder()).expect("alice's certificate in the state dir");
         match &first_cert {
             None => first_cert = Some(pem),
             Some(first) => assert_eq!(first, &pem, "the identity must be kept across runs"),

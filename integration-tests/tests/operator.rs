@@ -481,3 +481,72 @@ async fn a_config_typo_is_one_error_without_a_backtrace() {
         assert!(!err.contains(noise), "{noise}: {}", show(&exit));
     }
 }
+
+/// One client, one state directory, two token-mode coordinators with CAs
+/// of their own: bob enrolls with each, and each keeps its own credential.
+/// Enrolling with the second does not overwrite the first, so bob joins the
+/// first again with no token; alice, listening on each, gets both lines.
+#[tokio::test]
+async fn credentials_are_kept_per_coordinator() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let clients = tempfile::tempdir().unwrap();
+    let alice_state = tempfile::tempdir().unwrap();
+    let token_mode = ["--auth".as_ref(), "token".as_ref()];
+    let mut a = start(dir_a.path(), &token_mode).await;
+    let mut b = start(dir_b.path(), &token_mode).await;
+    let mut listeners = Vec::new();
+    for (coord, dir) in [(&a, dir_a.path()), (&b, dir_b.path())] {
+        let t = token(dir, "alice").await;
+        let mut alice = coord.qmesh(
+            alice_state.path(),
+            &["--name", "alice", "--token", &t, "listen", "chat"],
+        );
+        alice.ready().await;
+        listeners.push(alice);
+    }
+    for (i, (coord, dir)) in [(&a, dir_a.path()), (&b, dir_b.path())]
+        .into_iter()
+        .enumerate()
+    {
+        let t = token(dir, "bob").await;
+        let mut bob = coord.qmesh(
+            clients.path(),
+            &["--name", "bob", "--token", &t, "send", "mesh/alice!chat"],
+        );
+        bob.feed_stdin(format!("enrolled {i}\n").as_bytes()).await;
+        let sent = bob.finish().await;
+        assert!(sent.status.success(), "{}", show(&sent));
+        assert_eq!(
+            listeners[i].stdout_line("the line", |_| true).await,
+            format!("enrolled {i}")
+        );
+    }
+    // Back to the first coordinator without a token: its credential is
+    // still there.
+    let mut bob = a.qmesh(
+        clients.path(),
+        &["--name", "bob", "send", "mesh/alice!chat"],
+    );
+    bob.feed_stdin(b"again\n").await;
+    let sent = bob.finish().await;
+    assert!(sent.status.success(), "{}", show(&sent));
+    assert_eq!(
+        listeners[0].stdout_line("the line", |_| true).await,
+        "again"
+    );
+    let folders = std::fs::read_dir(clients.path())
+        .unwrap()
+        .filter(|e| {
+            let e = e.as_ref().unwrap();
+            e.path().join("bob.pem").exists()
+        })
+        .count();
+    assert_eq!(folders, 2, "one credential folder per coordinator");
+    for mut l in listeners {
+        l.kill().await;
+    }
+    for c in [&mut a, &mut b] {
+        c.proc.terminate();
+        let _ = c.proc.finish().await;
+    }
+}

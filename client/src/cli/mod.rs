@@ -281,13 +281,84 @@ fn default_state_dir() -> PathBuf {
     }
 }
 
-/// Where the identity of `name` is kept: certificate and key files.
-fn identity_files(cli: &Cli, name: &str) -> (PathBuf, PathBuf) {
-    let dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
-    (
+/// Where the identity of `name` is kept for the coordinator `cli` joins:
+/// certificate and key files in that coordinator's folder of the state
+/// directory (see [`credentials_folder`]).
+fn identity_files(cli: &Cli, name: &str) -> Result<(PathBuf, PathBuf)> {
+    let dir = cli
+        .state_dir
+        .clone()
+        .unwrap_or_else(default_state_dir)
+        .join(credentials_folder(cli)?);
+    Ok((
         dir.join(format!("{name}.pem")),
         dir.join(format!("{name}-key.pem")),
-    )
+    ))
+}
+
+/// The state directory's folder for the coordinator `cli` joins. A
+/// certificate one coordinator issued means nothing to another, and
+/// enrolling with one must not overwrite what another issued, so each
+/// coordinator (or mesh) has its own, named by what the client trusts:
+/// `ca-HEX` for the `--ca` file's first certificate (every coordinator of
+/// one mesh shares it), `pin-HEX` for `--fingerprint`, and with the
+/// system's roots `addr-ADDRESS` for the first `--coordinator`.
+fn credentials_folder(cli: &Cli) -> Result<String> {
+    let short = |fp: &Fingerprint| hex_prefix(&fp.0);
+    if let Some(path) = &cli.ca {
+        let pem = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the CA file {}", path.display()))?;
+        let first = qmesh_certs::certs_from_pem(&pem)
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .with_context(|| format!("the CA file {} holds no certificate", path.display()))?;
+        return Ok(format!("ca-{}", short(&Fingerprint::of(&first))));
+    }
+    if let Some(fp) = &cli.fingerprint {
+        let fp: Fingerprint = fp.parse().context("--fingerprint")?;
+        return Ok(format!("pin-{}", short(&fp)));
+    }
+    let address = cli.coordinator.first().map_or("", String::as_str);
+    let safe: String = address
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_' => c,
+            _ => '_',
+        })
+        .collect();
+    Ok(format!("addr-{safe}"))
+}
+
+/// The first 16 hex digits of `bytes`: enough to tell folders apart.
+fn hex_prefix(bytes: &[u8]) -> String {
+    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Before per-coordinator folders, `NAME.pem` and `NAME-key.pem` sat in
+/// the state directory itself. When they are there and the coordinator's
+/// folder has none, copy them in: the client keeps its key and any
+/// certificate it holds, and a coordinator that refuses it is answered by
+/// enrolling again (`--token`) into that folder alone.
+fn adopt_legacy_identity(cli: &Cli, name: &str, (cert, key): &(PathBuf, PathBuf)) -> Result<()> {
+    let dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
+    let (old_cert, old_key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    if cert.exists() || key.exists() || !old_cert.exists() || !old_key.exists() {
+        return Ok(());
+    }
+    if let Some(parent) = cert.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    // fs::copy keeps the key file's mode (0600).
+    std::fs::copy(&old_key, key)
+        .with_context(|| format!("copying {} to {}", old_key.display(), key.display()))?;
+    std::fs::copy(&old_cert, cert)
+        .with_context(|| format!("copying {} to {}", old_cert.display(), cert.display()))?;
+    info!(from = %old_cert.display(), to = %cert.display(), "this coordinator's folder now holds the identity kept before per-coordinator folders");
+    Ok(())
 }
 
 /// Enroll with `token` (or renew without one), save the issued
@@ -369,8 +440,10 @@ fn load_identity(cli: &Cli, name: &str) -> Result<Identity> {
         return Identity::load(cert, key)
             .with_context(|| format!("loading --cert {} --key {}", cert.display(), key.display()));
     }
-    let dir = cli.state_dir.clone().unwrap_or_else(default_state_dir);
-    let (cert, key) = identity_files(cli, name);
+    let files = identity_files(cli, name)?;
+    adopt_legacy_identity(cli, name, &files)?;
+    let (cert, key) = files;
+    let dir = cert.parent().map(PathBuf::from).unwrap_or_default();
     if cert.exists() || key.exists() {
         return Identity::load(&cert, &key).with_context(|| {
             format!(
@@ -464,7 +537,7 @@ impl Cli {
             config.reconnect = qmesh_client::Reconnect::never();
         }
         let kept = self.cert.is_none();
-        let files = identity_files(self, &config.name);
+        let files = identity_files(self, &config.name)?;
         // With --token and a kept issued certificate that still looks good,
         // try it first and enroll again only if the coordinator refuses it.
         let mut token_fallback = None;
@@ -789,6 +862,56 @@ mod tests {
         assert_eq!(
             log_filter(Some("quinn=debug"), true, 1).as_deref(),
             Some("quinn=debug")
+        );
+    }
+
+    #[test]
+    fn credentials_sit_in_a_folder_per_coordinator_and_old_ones_are_adopted() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().to_str().unwrap();
+        let cli = |address: &str| {
+            Cli::parse_from([
+                "qmesh",
+                "--state-dir",
+                state,
+                "--coordinator",
+                address,
+                "peers",
+            ])
+        };
+        let (one, two) = (cli("quic/127.0.0.1:4433"), cli("quic/127.0.0.1:4434"));
+        let (cert, key) = identity_files(&one, "alice").unwrap();
+        assert_eq!(
+            cert,
+            dir.path()
+                .join("addr-quic_127.0.0.1_4433")
+                .join("alice.pem")
+        );
+        assert_eq!(key.parent(), cert.parent());
+        assert_ne!(identity_files(&two, "alice").unwrap().0, cert);
+        // The old layout's files are copied into the folder, key mode kept.
+        let legacy = Identity::self_signed("alice").unwrap();
+        legacy
+            .save(
+                &dir.path().join("alice.pem"),
+                &dir.path().join("alice-key.pem"),
+            )
+            .unwrap();
+        let loaded = load_identity(&one, "alice").unwrap();
+        assert_eq!(loaded.fingerprint(), legacy.fingerprint());
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // A folder that has its own identity keeps it.
+        let own = Identity::self_signed("alice").unwrap();
+        let files = identity_files(&two, "alice").unwrap();
+        std::fs::create_dir_all(files.0.parent().unwrap()).unwrap();
+        own.save(&files.0, &files.1).unwrap();
+        assert_eq!(
+            load_identity(&two, "alice").unwrap().fingerprint(),
+            own.fingerprint()
         );
     }
 
