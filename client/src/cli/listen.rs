@@ -82,8 +82,18 @@ async fn serve(channel: Channel, out: Option<PathBuf>) {
         let peer = channel.peer().to_owned();
         let out = out.clone();
         let tally = tally.clone();
+        let channel = channel.clone();
         tasks.spawn(async move {
-            if let Err(e) = receive(peer.clone(), stream, out, &tally).await {
+            let result = receive(peer.clone(), stream, out, &tally).await;
+            if let Some(refused) = result.as_ref().err().and_then(|e| e.downcast_ref::<NoFiles>()) {
+                // The stop code reaches a sender only if it comes before
+                // the file is acknowledged; the close reaches it always
+                // (else a sender waiting for receipts would wait forever).
+                warn!(from = %Untrusted::name(&peer), file = %Untrusted::name(&refused.0), "refused a file: this listener has no --out DIR");
+                let _ = channel.close(NO_FILES).await;
+                return;
+            }
+            if let Err(e) = result {
                 // The whole chain: a file's error names its part file.
                 warn!(from = %Untrusted::name(&peer), cause = %Untrusted::reason(format_args!("{e:#}")), "stream failed");
             }
@@ -97,6 +107,23 @@ async fn serve(channel: Channel, out: Option<PathBuf>) {
     let ended = channel.ended().await;
     info!(from = %Untrusted::name(channel.peer()), "{}", Untrusted::reason(&ended));
 }
+
+/// The reason a listener without `--out` closes a channel that sent it
+/// a file.
+const NO_FILES: &str = "this listener takes no files (it has no --out directory)";
+
+/// A file arrived at a listener without `--out`: the stream is stopped
+/// with `FileRefused` and the channel closed with [`NO_FILES`].
+#[derive(Debug)]
+struct NoFiles(String);
+
+impl std::fmt::Display for NoFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "file {:?} refused: {NO_FILES}", self.0)
+    }
+}
+
+impl std::error::Error for NoFiles {}
 
 async fn receive(
     peer: String,
@@ -130,7 +157,7 @@ async fn receive(
         let size: u64 = size.parse().context("bad file size")?;
         let Some(dir) = out else {
             stream.stop(qmesh_proto::codes::StreamCode::FileRefused);
-            bail!("{peer} sent file {name:?} but this listener has no --out DIR");
+            return Err(NoFiles(name.to_owned()).into());
         };
         let path = safe_path(&dir, name)?;
         receive_file(&peer, &mut stream, &path, size).await?;
