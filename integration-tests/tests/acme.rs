@@ -146,6 +146,8 @@ async fn a_coordinator_gets_keeps_and_renews_its_certificate_by_acme() {
     let listen = format!("quic/127.0.0.1:{port}");
     let args = acme_args(&pebble, state.path(), pebble.http01_port());
 
+    // Build the binaries first, so the figure below is the coordinator's.
+    let _ = qmesh_integration_tests::bin("qmesh-coordinator");
     let started = std::time::Instant::now();
     let mut coord = CoordinatorProc::start_at(&listen, &args).await;
     eprintln!(
