@@ -232,10 +232,23 @@ async fn direct_only_to_a_client_on_a_shared_endpoint_fails_clearly() {
             .contains("\"bob\" cannot take direct channels"),
         "{err}"
     );
-    // Auto still works, through the relay.
+    // Auto still works, through the relay: the coordinator counts the
+    // bytes, and both sides see the relay path.
     let (a, b) = open_pair_with(&alice, &bob, "chat", PathMode::Auto).await;
+    let relayed = || {
+        mesh.coordinator
+            .stats()
+            .bytes_relayed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = relayed();
     carries(&a, &b, b"relayed").await;
+    assert!(
+        relayed() >= before + b"relayed".len() as u64,
+        "the message did not pass through the coordinator"
+    );
     assert_eq!(a.path(), Path::Relay);
+    assert_eq!(b.path(), Path::Relay);
     mesh.coordinator.shutdown().await;
 }
 
