@@ -264,3 +264,136 @@ async fn a_paused_message_reader_holds_its_sender_back() {
     within_ok(STEP, "close", slow_out.close("done")).await;
     let _ = coordinator.start_kill();
 }
+
+/// Streams alice opens at once toward a bob who accepts none of them.
+const MANY: u64 = 1000;
+/// What each of them tries to push: 256 KiB, 250 MiB in all.
+const EACH: u64 = 256 * 1024;
+/// Most the sender may get ahead of a reader who takes none of its 1,000
+/// streams. Each hop holds at most a connection's worth plus what the
+/// relay has in hand: alice's send buffer (16 MiB), the coordinator's
+/// receive window for alice (16 MiB), one read of at most 32 chunks of a
+/// datagram (under 48 KiB) in hand per stream (47 MiB for 1,000), the
+/// coordinator's send buffer toward bob (16 MiB) and bob's receive window
+/// (16 MiB): 111 MiB, under half of what is pushed.
+const MANY_BOUND: u64 = 112 * MIB;
+/// Most the coordinator may grow by meanwhile: its own share of the above
+/// (16 + 47 + 16 MiB) with room for the allocator and 1,000 streams' state.
+const MANY_COORDINATOR_BOUND_KIB: u64 = 128 * 1024;
+
+/// `streams_relayed` from the coordinator's `info --json`.
+async fn streams_relayed(state: &std::path::Path) -> u64 {
+    let out = tokio::process::Command::new(bin("qmesh-coordinator"))
+        .args(["info", "--json", "--state-dir"])
+        .arg(state)
+        .output()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["data"]["streams_relayed"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no streams_relayed in {v}"))
+}
+
+/// 1,000 streams at a reader that takes none: the sender stops within the
+/// bound, the coordinator's memory stays within its share, another pair
+/// keeps flowing, and once bob reads, every stream arrives whole.
+///
+/// The streams are opened, and their headers relayed, before any pushes
+/// data.
+///
+/// Ignored: a known bug this test found. The bounds hold (sender 30-32 MiB
+/// ahead, coordinator +29-36 MiB), but alice's session is then lost
+/// ("connection lost" on her writes). 1,000 blocked streams fill the
+/// connection's 16 MiB window at the coordinator. With the streams opened
+/// while others pushed, the coordinator logged three "header did not come
+/// in time" strikes and closed the session; with the headers relayed
+/// first (as here) the session is still lost, the cause not yet confirmed
+/// (heartbeats stuck behind the full window are the likely one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: with 1,000 blocked streams filling the connection window, the session is lost"]
+async fn a_thousand_streams_to_a_paused_reader_hold_the_sender_back() {
+    let Setup {
+        mut coordinator,
+        pid,
+        clients: [alice, bob, carol, dave],
+        _state: state,
+    } = setup().await;
+    let (many_out, many_in) = open_pair(&alice, &bob, "many").await;
+    let (fast_out, fast_in) = open_pair(&carol, &dave, "fast").await;
+    let (idle_rss, _) = memory_kib(pid).unwrap();
+    let relayed_before = streams_relayed(state.path()).await;
+
+    let mut streams = Vec::new();
+    for _ in 0..MANY {
+        streams.push(within_ok(STEP, "open", many_out.open_stream()).await);
+    }
+    within(STEP, "every header relayed", async {
+        while streams_relayed(state.path()).await < relayed_before + MANY {}
+    })
+    .await;
+
+    let written = Arc::new(AtomicU64::new(0));
+    let mut writers = tokio::task::JoinSet::new();
+    for (s, mut stream) in (0u64..).zip(streams) {
+        let written = written.clone();
+        writers.spawn(async move {
+            for part in 0..EACH / (64 * 1024) {
+                let mut m = vec![(s % 251) as u8; 64 * 1024];
+                m[..16].copy_from_slice(&[s.to_be_bytes(), part.to_be_bytes()].concat());
+                stream.send(&m).await.unwrap();
+                written.fetch_add(m.len() as u64, Ordering::SeqCst);
+            }
+            stream.finish().await.unwrap();
+        });
+    }
+    // The time in which the writers could run ahead: carol moves 64 MiB.
+    other_pair_moves(&fast_out, &fast_in).await;
+
+    let ahead = written.load(Ordering::SeqCst);
+    let (_, peak) = memory_kib(pid).unwrap();
+    let grown = peak.saturating_sub(idle_rss);
+    eprintln!(
+        "1000 streams to a paused reader: sender {} MiB ahead (bound {} MiB) of {} MiB; \
+         coordinator grew by {} KiB (bound {MANY_COORDINATOR_BOUND_KIB} KiB)",
+        ahead / MIB,
+        MANY_BOUND / MIB,
+        MANY * EACH / MIB,
+        grown
+    );
+    assert!(
+        ahead <= MANY_BOUND,
+        "sender {ahead} bytes ahead, bound {MANY_BOUND}"
+    );
+    assert!(
+        grown <= MANY_COORDINATOR_BOUND_KIB,
+        "coordinator grew by {grown} KiB"
+    );
+
+    // Bob reads now: 1,000 streams, each whole and its own.
+    let read = async {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..MANY {
+            let mut inbox = many_in.accept_stream().await.unwrap().unwrap();
+            let first = inbox.recv().await.unwrap().unwrap();
+            let s = u64::from_be_bytes(first[..8].try_into().unwrap());
+            assert!(seen.insert(s), "stream {s} twice");
+            let mut parts = 1u64;
+            while let Some(m) = inbox.recv().await.unwrap() {
+                assert_eq!(m.len(), 64 * 1024);
+                assert_eq!(m[..8], s.to_be_bytes(), "stream {s} mixed");
+                assert_eq!(m[8..16], parts.to_be_bytes(), "stream {s} order");
+                parts += 1;
+            }
+            assert_eq!(parts * 64 * 1024, EACH, "stream {s}");
+        }
+        seen.len() as u64
+    };
+    let drain = async { while writers.join_next().await.is_some() {} };
+    let (n, ()) = within(STEP * 3, "the thousand streams drain", async {
+        tokio::join!(read, drain)
+    })
+    .await;
+    assert_eq!(n, MANY);
+    let _ = coordinator.start_kill();
+}

@@ -1329,8 +1329,8 @@ async fn request_serve_peers_and_describe_from_a_shell() {
 /// SIGTERM to `qmesh listen` (a service): it leaves at once, closing its
 /// session with the signal as the reason, and exits 0; the relayed channel
 /// of the `qmesh send` feeding it ends with that reason (not after the idle
-/// timeout as "silent"). SIGINT to that `qmesh send` (a one-shot command)
-/// then makes it leave and exit 1, saying it was stopped.
+/// timeout as "silent"). SIGINT to a `qmesh send` (a one-shot command)
+/// makes it leave and exit 1, saying it was stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_makes_a_client_leave_at_once_with_the_signal_as_reason() {
     let state = tempdir();
@@ -1374,7 +1374,7 @@ async fn a_signal_makes_a_client_leave_at_once_with_the_signal_as_reason() {
     let mut carol = qmesh(
         &coord.localhost(),
         &ca,
-        &["--name", "carol", "-v", "listen", "chat"],
+        &["--name", "carol", "listen", "chat"],
     );
     carol.ready().await;
     let mut dave = qmesh(
@@ -1400,12 +1400,6 @@ async fn a_signal_makes_a_client_leave_at_once_with_the_signal_as_reason() {
         "send: {}",
         show(&exit)
     );
-    // carol logs the channel's end at info (-v), with dave's reason.
-    carol
-        .stderr_line("the channel's end, with dave's reason", |l| {
-            l.contains("dave") && l.contains("stopped by SIGINT")
-        })
-        .await;
     carol.kill().await;
     alice.kill().await;
 }
