@@ -7,7 +7,8 @@
 //!
 //! - the access policy applies to opens from then on;
 //! - the rate limits (`bytes_per_second`, `messages_per_second`, `burst`,
-//!   `flood_after`) apply to sessions admitted from then on;
+//!   `flood_after`) apply to every session at once, live ones included
+//!   (each session's limiter is set to the new rates);
 //! - `[groups.NAME]` settings apply to groups made from then on;
 //! - `log` sets the log filter at once (unless `--log` was given);
 //! - the certificate files (`cert`, `key`) are read again and new
