@@ -113,12 +113,65 @@ impl Tuning {
         t.send_window(self.send_window);
         t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_bidi_streams));
         t.max_concurrent_uni_streams(VarInt::from_u32(self.max_uni_streams));
-        // No QUIC datagrams: nothing reads them on a session, so a peer's
-        // would only fill a buffer. A DATAGRAM frame from the peer then
-        // closes the connection (PROTOCOL_VIOLATION). Direct connections
-        // turn them on for forwarded UDP.
-        t.datagram_receive_buffer_size(None);
+        // QUIC datagrams carry only heartbeat beats on a session ([`pulse`]):
+        // a buffer of a few of them, the oldest dropped when it is full, so
+        // what a peer sends there cannot pile up. Direct connections take
+        // larger ones for forwarded UDP.
+        t.datagram_receive_buffer_size(Some(PULSE_BUFFER));
+        t.datagram_send_buffer_size(PULSE_BUFFER);
         t
+    }
+}
+
+/// Bytes of beat datagrams a session connection buffers each way.
+pub const PULSE_BUFFER: usize = 1024;
+
+/// Beats as QUIC datagrams beside a session stream, until `conn` closes
+/// (protocol.md §13.1).
+///
+/// Sends a ping datagram every `every` and each time `pulse.kick` is
+/// notified, answers every ping datagram with a pong, and notifies
+/// `pulse.heard` for every beat that arrives. Datagrams are not held back
+/// by flow control, so the other side hears these while the session
+/// stream waits behind full connection windows. Anything that is not a
+/// beat is ignored. A peer that takes no datagrams (an older version)
+/// gets none, and the session stream's beats are all there is.
+pub async fn pulse(
+    conn: quinn::Connection,
+    every: Duration,
+    pulse: Arc<qmesh_proto::heartbeat::Pulse>,
+) {
+    use qmesh_proto::heartbeat::Beat;
+    let send = |beat: Beat| {
+        // Best effort: a full buffer drops the oldest, and a peer that
+        // takes none is told nothing.
+        let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(&beat.to_datagram()));
+    };
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            got = conn.read_datagram() => match got {
+                Ok(datagram) => {
+                    if let Some(beat) = Beat::from_datagram(&datagram) {
+                        if let Beat::Ping(n) = beat {
+                            send(Beat::Pong(n));
+                        }
+                        pulse.heard.notify_one();
+                    }
+                }
+                Err(_) => return,
+            },
+            _ = ticks.tick() => {
+                seq += 1;
+                send(Beat::Ping(seq));
+            }
+            () = pulse.kick.notified() => {
+                seq += 1;
+                send(Beat::Ping(seq));
+            }
+        }
     }
 }
 

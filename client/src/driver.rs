@@ -193,12 +193,19 @@ pub(crate) async fn run_session_stream(
 ) {
     // After the welcome the coordinator sends pings and pongs, which
     // `drive` answers itself, and at most one going-away notice.
+    // Beats also go as datagrams, which flow control never holds back.
+    let pulse = Arc::new(qmesh_proto::heartbeat::Pulse::default());
+    tokio::spawn(
+        qmesh_certs::transport::pulse(conn.clone(), heartbeat.interval, pulse.clone())
+            .in_current_span(),
+    );
     let end = qmesh_proto::heartbeat::drive(
         recv,
         send,
         heartbeat,
         Some(outgoing),
         None,
+        Some(&pulse),
         |msg: CoordinatorSession| {
             if let CoordinatorSession::GoingAway { drain_ms } = msg {
                 let within = std::time::Duration::from_millis(drain_ms);

@@ -587,7 +587,10 @@ async fn run_session(
         // going-away notice when a drain starts.
         let (notices, notices_rx) = tokio::sync::mpsc::channel(1);
         let mut told = false;
-        let mut session_stream = pin!(heartbeat::drive::<_, _, ClientSession, CoordinatorSession>(recv, send, shared.config.heartbeat, Some(notices_rx), Some(&session.probe), updates));
+        // Beats also go as datagrams, which flow control never holds back.
+        let pulse = Arc::new(heartbeat::Pulse::default());
+        shared.tasks.spawn(qmesh_certs::transport::pulse(conn.clone(), shared.config.heartbeat.interval, pulse.clone()).in_current_span());
+        let mut session_stream = pin!(heartbeat::drive::<_, _, ClientSession, CoordinatorSession>(recv, send, shared.config.heartbeat, Some(notices_rx), Some(&session.probe), Some(&pulse), updates));
         let tuning = &shared.config.tuning;
         let bi_allowance = StreamAllowance::new(conn.clone(), StreamKind::Bi, tuning.max_bidi_streams, tuning.stream_ceiling);
         let uni_allowance = StreamAllowance::new(conn.clone(), StreamKind::Uni, tuning.max_uni_streams, tuning.stream_ceiling);

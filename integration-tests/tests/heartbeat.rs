@@ -282,3 +282,100 @@ async fn a_direct_channel_to_a_killed_peer_ends_lost_when_the_peer_does_not_hold
         killed.elapsed()
     );
 }
+
+/// Sessions whose streams are stuck behind full connection windows stay
+/// up: alice pushes 12 streams at bob, who reads nothing, until both
+/// connections' 16 MiB windows are full, so the session streams' beats
+/// are held back both ways. The beats that travel as datagrams
+/// (protocol.md §13.1) keep both sessions: neither changes state over
+/// five times the heartbeat's 600 ms limit. Then bob reads, and every
+/// stream arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_stuck_behind_full_connection_windows_stay_up() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    const STREAMS: u64 = 12;
+    const EACH: u64 = 8 << 20;
+    const PART: usize = 64 << 10;
+    let mesh = Mesh::start_with(|c| {
+        c.heartbeat = quick();
+        c.tuning = c.tuning.clone().with_idle_timeout(IDLE);
+    })
+    .await;
+    let client = |name: &str| {
+        let mut config = mesh.config(name).with_idle_timeout(IDLE);
+        config.heartbeat = quick();
+        connect(config)
+    };
+    let (alice, bob) = tokio::join!(client("alice"), client("bob"));
+    let (out, inbox) = open_pair(&alice, &bob, "bulk").await;
+    let written = Arc::new(AtomicU64::new(0));
+    let mut writers = tokio::task::JoinSet::new();
+    for s in 0..STREAMS {
+        let mut stream = within_ok(STEP, "open", out.open_stream()).await;
+        let written = written.clone();
+        writers.spawn(async move {
+            for part in 0..EACH / PART as u64 {
+                let mut m = vec![s as u8; PART];
+                m[..8].copy_from_slice(&part.to_be_bytes());
+                stream.send(&m).await.unwrap();
+                written.fetch_add(PART as u64, Ordering::SeqCst);
+            }
+            stream.finish().await.unwrap();
+        });
+    }
+    // Past bob's 16 MiB window: the rest fills alice's 16 MiB within
+    // milliseconds, well inside the time held below.
+    within(STEP, "the windows fill", async {
+        let mut ticks = tokio::time::interval(Duration::from_millis(20));
+        while written.load(Ordering::SeqCst) < 20 << 20 {
+            ticks.tick().await;
+        }
+    })
+    .await;
+    let (mut a_state, mut b_state) = (alice.state(), bob.state());
+    let held = quick().limit() * 5;
+    let changed = tokio::time::timeout(held, async {
+        tokio::select! {
+            _ = a_state.changed() => format!("alice: {:?}", *a_state.borrow()),
+            _ = b_state.changed() => format!("bob: {:?}", *b_state.borrow()),
+        }
+    })
+    .await;
+    assert!(
+        changed.is_err(),
+        "a session changed while its streams were stuck: {changed:?}"
+    );
+    assert!(
+        written.load(Ordering::SeqCst) < STREAMS * EACH,
+        "the writers were never held back"
+    );
+    // Bob reads now, every stream side by side.
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..STREAMS {
+        let mut stream = within_ok(STEP, "accept", inbox.accept_stream())
+            .await
+            .expect("a stream");
+        readers.spawn(async move {
+            let mut parts = 0u64;
+            while let Some(m) = stream.recv().await.unwrap() {
+                assert_eq!(m[..8], parts.to_be_bytes());
+                parts += 1;
+            }
+            parts
+        });
+    }
+    let parts = within(STEP, "every stream read", async {
+        let mut all = Vec::new();
+        while let Some(p) = readers.join_next().await {
+            all.push(p.unwrap());
+        }
+        all
+    })
+    .await;
+    assert_eq!(parts, vec![EACH / PART as u64; STREAMS as usize]);
+    within(STEP, "writers", async {
+        while writers.join_next().await.is_some() {}
+    })
+    .await;
+}

@@ -9,6 +9,14 @@
 //! other lost. A side that leaves finishes the stream (or closes the
 //! connection with a normal code): that is a graceful end, never a loss.
 //!
+//! The same beats also travel beside the stream as QUIC datagrams
+//! ([`Beat::to_datagram`], protocol.md §13.1): flow control never holds a
+//! datagram back, so a session whose stream is stuck behind full
+//! connection windows (a peer that reads nothing while many streams wait
+//! for it) still shows the other side alive. What the datagrams bring
+//! reaches the loop through a [`Pulse`]; the task that sends and reads
+//! them is the transport's (`qmesh_certs::transport::pulse`).
+//!
 //! [`drive`] is that loop, over any reader and writer, so the same code
 //! runs on QUIC streams and, in tests, on in-memory pipes under tokio's
 //! paused clock.
@@ -33,6 +41,49 @@ pub enum Beat {
     Ping(u64),
     /// The answer to the ping with this number.
     Pong(u64),
+}
+
+/// The length of a beat as a datagram.
+pub const PULSE_LEN: usize = 9;
+
+impl Beat {
+    /// The datagram form: a tag byte (0 a ping, 1 a pong) and the
+    /// sequence number, 8 bytes big-endian.
+    pub fn to_datagram(self) -> [u8; PULSE_LEN] {
+        let (tag, seq) = match self {
+            Beat::Ping(seq) => (0u8, seq),
+            Beat::Pong(seq) => (1u8, seq),
+        };
+        let mut out = [0u8; PULSE_LEN];
+        out[0] = tag;
+        out[1..].copy_from_slice(&seq.to_be_bytes());
+        out
+    }
+
+    /// Read a datagram: `None` for anything that is not exactly a beat.
+    pub fn from_datagram(bytes: &[u8]) -> Option<Beat> {
+        let (&tag, seq) = bytes.split_first()?;
+        let seq = u64::from_be_bytes(seq.try_into().ok()?);
+        match tag {
+            0 => Some(Beat::Ping(seq)),
+            1 => Some(Beat::Pong(seq)),
+            _ => None,
+        }
+    }
+}
+
+/// Signs of life from outside the session stream, and requests for one.
+///
+/// The transport's pulse task notifies `heard` for every beat datagram
+/// that arrives; [`drive`] counts it as hearing the other side. `drive`
+/// notifies `kick` when it probes, so a ping datagram goes out at once
+/// even if the stream's ping is held back.
+#[derive(Debug, Default)]
+pub struct Pulse {
+    /// A beat arrived outside the stream.
+    pub heard: Notify,
+    /// Send a ping outside the stream now.
+    pub kick: Notify,
 }
 
 /// A session-stream message type that carries heartbeats: each direction's
@@ -200,6 +251,10 @@ impl std::fmt::Display for StreamEnd {
 /// [`StreamEnd::Unanswered`]: how a coordinator finds out quickly that the
 /// peer a channel is being opened to is gone.
 ///
+/// With a `pulse`, a beat that arrived as a datagram counts as hearing
+/// the other side (and answers a probe), and a probe also kicks a ping
+/// datagram out.
+///
 /// It holds no queue and no task of its own: one frame read is kept in
 /// flight across the loop (a frame read must never be cancelled half way),
 /// so an idle session costs only this future.
@@ -209,6 +264,7 @@ pub async fn drive<R, W, In, Out>(
     heartbeat: Heartbeat,
     mut outgoing: Option<mpsc::Receiver<Out>>,
     probe: Option<&Notify>,
+    pulse: Option<&Pulse>,
     mut on_frame: impl FnMut(In) -> Result<(), String>,
 ) -> StreamEnd
 where
@@ -251,12 +307,19 @@ where
                     },
                 }
             }
+            () = notified(pulse.map(|p| &p.heard)) => {
+                heard = Instant::now();
+                probed = None;
+            }
             () = wait_until(answer_by) => {
                 return StreamEnd::Unanswered { waited: heard.elapsed().min(heartbeat.probe_window()) };
             }
             () = notified(probe), if probed.is_none() => {
                 seq += 1;
                 probed = Some(Instant::now());
+                if let Some(p) = pulse {
+                    p.kick.notify_one();
+                }
                 if let Err(e) = write_frame(&mut writer, &Out::ping(seq)).await {
                     return write_failed(read, e, heartbeat).await;
                 }
@@ -351,6 +414,18 @@ where
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_stream_end_says_what_happened() {
+        assert_eq!(StreamEnd::Finished.to_string(), "the other side left");
+        let unanswered = StreamEnd::Unanswered {
+            waited: Duration::from_millis(1500),
+        };
+        assert_eq!(
+            unanswered.to_string(),
+            "no answer to a probe within 1500 ms"
+        );
+    }
+
     /// The coordinator's end: reads client frames, writes its own.
     async fn coordinator_end<R, W>(
         r: R,
@@ -362,7 +437,7 @@ mod tests {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        drive(r, w, hb(), rx, None, on_frame).await
+        drive(r, w, hb(), rx, None, None, on_frame).await
     }
 
     fn hb() -> Heartbeat {
@@ -402,6 +477,7 @@ mod tests {
             hb(),
             Some(b_rx),
             None,
+            None,
             |_| Ok(()),
         ));
         tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -429,6 +505,7 @@ mod tests {
             slow,
             None,
             Some(&probe),
+            None,
             |_| Ok(()),
         )
         .await;
@@ -448,15 +525,22 @@ mod tests {
         let probe = std::sync::Arc::new(Notify::new());
         let p = probe.clone();
         let prober = tokio::spawn(async move {
-            drive::<_, _, ClientSession, CoordinatorSession>(ar, aw, slow, None, Some(&p), |_| {
-                Ok(())
-            })
+            drive::<_, _, ClientSession, CoordinatorSession>(
+                ar,
+                aw,
+                slow,
+                None,
+                Some(&p),
+                None,
+                |_| Ok(()),
+            )
             .await
         });
         let answerer = tokio::spawn(drive::<_, _, CoordinatorSession, ClientSession>(
             br,
             bw,
             slow,
+            None,
             None,
             None,
             |_| Ok(()),
@@ -528,5 +612,105 @@ mod tests {
             .unwrap();
         tw.shutdown().await.unwrap();
         assert_eq!(side.await.unwrap(), StreamEnd::Finished);
+    }
+
+    /// A beat as a datagram reads back as itself; anything else is not a
+    /// beat.
+    #[test]
+    fn beats_as_datagrams_round_trip_and_nothing_else_reads_as_one() {
+        for beat in [
+            Beat::Ping(0),
+            Beat::Pong(1),
+            Beat::Ping(u64::MAX),
+            Beat::Pong(0x0102),
+        ] {
+            assert_eq!(Beat::from_datagram(&beat.to_datagram()), Some(beat));
+        }
+        assert_eq!(
+            Beat::Pong(0x0102).to_datagram(),
+            [1, 0, 0, 0, 0, 0, 0, 1, 2]
+        );
+        let ping = Beat::Ping(7).to_datagram();
+        assert_eq!(Beat::from_datagram(&ping[..PULSE_LEN - 1]), None);
+        assert_eq!(Beat::from_datagram(&[&ping[..], &[0]].concat()), None);
+        assert_eq!(Beat::from_datagram(&[]), None);
+        let mut bad = ping;
+        bad[0] = 2;
+        assert_eq!(Beat::from_datagram(&bad), None);
+    }
+
+    /// A stream that carries nothing (stuck behind flow control) with
+    /// beats arriving outside it: the other side is alive for an hour;
+    /// once the beats stop, it is lost after the heartbeat's limit.
+    #[tokio::test(start_paused = true)]
+    async fn beats_outside_the_stream_keep_a_stuck_stream_alive() {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (r, w) = tokio::io::split(ours);
+        let pulse = std::sync::Arc::new(Pulse::default());
+        let side = {
+            let pulse = pulse.clone();
+            tokio::spawn(async move {
+                drive::<_, _, ClientSession, CoordinatorSession>(
+                    r,
+                    w,
+                    hb(),
+                    None,
+                    None,
+                    Some(&pulse),
+                    |_| Ok(()),
+                )
+                .await
+            })
+        };
+        for _ in 0..3600 {
+            pulse.heard.notify_one();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert!(!side.is_finished(), "lost while beats arrived");
+        let stopped = Instant::now();
+        let end = side.await.unwrap();
+        assert!(matches!(end, StreamEnd::Silent { .. }), "{end:?}");
+        let took = stopped.elapsed();
+        assert!(took <= hb().limit() + hb().interval, "{took:?}");
+        drop(theirs);
+    }
+
+    /// A probe kicks a ping out beside the stream, and a beat heard
+    /// outside the stream answers it.
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_kicks_the_pulse_and_a_beat_outside_the_stream_answers_it() {
+        let slow = Heartbeat::new(Duration::from_secs(5), 3).with_probe(Duration::from_millis(500));
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (r, w) = tokio::io::split(ours);
+        let pulse = std::sync::Arc::new(Pulse::default());
+        let probe = std::sync::Arc::new(Notify::new());
+        let side = {
+            let (pulse, probe) = (pulse.clone(), probe.clone());
+            tokio::spawn(async move {
+                drive::<_, _, ClientSession, CoordinatorSession>(
+                    r,
+                    w,
+                    slow,
+                    None,
+                    Some(&probe),
+                    Some(&pulse),
+                    |_| Ok(()),
+                )
+                .await
+            })
+        };
+        for _ in 0..20 {
+            probe.notify_one();
+            tokio::time::timeout(Duration::from_millis(100), pulse.kick.notified())
+                .await
+                .expect("the probe kicks a ping datagram out");
+            pulse.heard.notify_one();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        assert!(!side.is_finished(), "a probe answered outside the stream");
+        probe.notify_one();
+        let end = side.await.unwrap();
+        assert!(matches!(end, StreamEnd::Unanswered { .. }), "{end:?}");
+        drop(theirs);
     }
 }
