@@ -1403,3 +1403,41 @@ async fn a_signal_makes_a_client_leave_at_once_with_the_signal_as_reason() {
     carol.kill().await;
     alice.kill().await;
 }
+
+/// A second signal exits at once, with 128 + its number, without waiting
+/// for the leave the first one started. The process is stopped
+/// (SIGSTOP) while SIGTERM and SIGINT are sent, so both are pending when
+/// it runs again (SIGCONT) and the second is seen before the first's leave
+/// can finish: whichever it takes second, it exits 130 or 143.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let state = tempdir();
+    let (coord, ca) = start_dev(state.path()).await;
+    for args in [
+        &["--name", "bob", "listen", "chat"][..],
+        &["--name", "erin", "peers", "--watch"][..],
+    ] {
+        let mut p = qmesh(&coord.localhost(), &ca, args);
+        if args[2] == "listen" {
+            p.ready().await;
+        } else {
+            p.stdout_line("the watch's start", |l| l == "-- watching for changes")
+                .await;
+        }
+        p.signal("STOP");
+        p.signal("TERM");
+        p.signal("INT");
+        p.signal("CONT");
+        let exit = p.finish().await;
+        assert!(
+            matches!(exit.status.code(), Some(130 | 143)),
+            "{args:?}: {}",
+            show(&exit)
+        );
+        assert!(
+            exit.stderr.contains("again: exiting now"),
+            "{args:?}: {}",
+            show(&exit)
+        );
+    }
+}

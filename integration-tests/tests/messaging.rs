@@ -419,7 +419,7 @@ async fn play_bob(bob: Arc<Client>, ch: Channel, mode: Bob) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_one_terminal_event_per_action_under_random_peer_kills() {
+async fn exactly_one_terminal_event_per_action_under_random_peer_endings() {
     const ROUNDS: u64 = 30;
     let mesh = Mesh::start().await;
     let events = Events::new();
@@ -540,6 +540,135 @@ async fn exactly_one_terminal_event_per_action_under_random_peer_kills() {
     assert!(outcomes.values().any(|o| o.replies > 0), "{outcomes:#?}");
     assert!(outcomes.values().any(|o| o.missing > 0), "{outcomes:#?}");
 
+    each_outcome_reported_once(&events, &outcomes).await;
+    mesh.coordinator.shutdown().await;
+}
+
+/// How a peer process is made to disappear.
+#[derive(Debug, Clone, Copy)]
+enum Fate {
+    /// SIGKILL while requests are in flight on an open channel.
+    KilledMidRequest,
+    /// SIGSTOP while requests are in flight: its endpoint goes silent
+    /// without a close.
+    FrozenMidRequest,
+    /// SIGKILL just before alice opens a channel to it: the coordinator
+    /// still holds its session when the open comes.
+    KilledBeforeOpen,
+    /// SIGSTOP just before alice opens a channel to it.
+    FrozenBeforeOpen,
+}
+
+/// Peers that are real `qmesh serve` processes, killed with SIGKILL or
+/// frozen with SIGSTOP mid-request and mid-open: every open, request and
+/// channel of alice's still ends in exactly one event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_one_terminal_event_per_action_when_peer_processes_are_killed_or_frozen() {
+    use qmesh_integration_tests::process::qmesh;
+    const IN_FLIGHT: usize = 20;
+    let mesh = Mesh::start_with(|c| {
+        c.heartbeat = qmesh_proto::heartbeat::Heartbeat::new(Duration::from_millis(500), 3);
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, mesh.ca.cert_pem()).unwrap();
+    let address = mesh.address.to_string();
+
+    let events = Events::new();
+    let mut config = mesh.config("alice");
+    config.events = Some(events.clone());
+    config.request_timeout = Duration::from_secs(5);
+    let alice = Arc::new(connect(config).await);
+    assert!(matches!(
+        within(STEP, "connected", events.next()).await,
+        Event::Connected { .. }
+    ));
+
+    let fates = [
+        Fate::KilledMidRequest,
+        Fate::FrozenMidRequest,
+        Fate::KilledBeforeOpen,
+        Fate::FrozenBeforeOpen,
+        Fate::KilledMidRequest,
+        Fate::FrozenMidRequest,
+    ];
+    let mut outcomes: BTreeMap<String, Outcome> = BTreeMap::new();
+    for (round, fate) in fates.into_iter().enumerate() {
+        let name = format!("victim{round}");
+        let state = dir.path().join(&name);
+        let mut peer = qmesh(&address, &ca, &state, &["--name", &name, "serve", "echo"]);
+        peer.stderr_line("`serves echo`", |l| l.contains("serves echo on"))
+            .await;
+        let label = format!("alice>{name}!echo");
+        let outcome = outcomes.entry(label.clone()).or_default();
+        let target = format!("mesh/{name}!echo");
+        match fate {
+            Fate::KilledMidRequest | Fate::FrozenMidRequest => {
+                let ch = Arc::new(within_ok(STEP, "open", alice.open_str(&target)).await);
+                outcome.open_ok = true;
+                let mut asks = JoinSet::new();
+                for r in 0..IN_FLIGHT {
+                    let ch = ch.clone();
+                    asks.spawn(async move { ch.request(format!("r{r}").as_bytes()).await });
+                }
+                // The first answer shows the peer mid-way through them.
+                let first = within(STEP, "a first answer", asks.join_next()).await;
+                let mut results = vec![first.unwrap().unwrap()];
+                assert!(results[0].is_ok(), "{:?}", results[0]);
+                match fate {
+                    Fate::KilledMidRequest => peer.signal("KILL"),
+                    _ => peer.signal("STOP"),
+                }
+                // And some that certainly reach no one.
+                for r in 0..3 {
+                    let ch = ch.clone();
+                    asks.spawn(async move { ch.request(format!("late{r}").as_bytes()).await });
+                }
+                while let Some(done) = within(STEP, "requests resolve", asks.join_next()).await {
+                    results.push(done.unwrap());
+                }
+                for result in results {
+                    match result {
+                        Ok(_) => outcome.replies += 1,
+                        Err(RequestError::ReplyMissing { .. }) => outcome.missing += 1,
+                        Err(e) => panic!("{label}: unexpected {e:?}"),
+                    }
+                }
+                let end = within(STEP, "channel ends", ch.ended()).await;
+                assert!(
+                    matches!(end, ChannelEnd::Lost { .. }),
+                    "{label}: a killed or frozen peer is lost: {end:?}"
+                );
+                outcome.end = Some(end);
+            }
+            Fate::KilledBeforeOpen | Fate::FrozenBeforeOpen => {
+                match fate {
+                    Fate::KilledBeforeOpen => peer.signal("KILL"),
+                    _ => peer.signal("STOP"),
+                }
+                let result = within(STEP, "open", alice.open_str(&target)).await;
+                assert!(result.is_err(), "{label}: the open must fail");
+            }
+        }
+        peer.kill().await;
+    }
+    let total = |f: fn(&Outcome) -> usize| outcomes.values().map(f).sum::<usize>();
+    eprintln!(
+        "killed and frozen peers: {} channels, {} replies, {} missing",
+        outcomes.len(),
+        total(|o| o.replies),
+        total(|o| o.missing)
+    );
+    assert!(total(|o| o.missing) > 0, "{outcomes:#?}");
+    each_outcome_reported_once(&events, &outcomes).await;
+    mesh.coordinator.shutdown().await;
+}
+
+/// The hub reported each of `outcomes` exactly once, and nothing else:
+/// one `Ready` or `OpenError` per open, one `Closed` or `Lost` per ended
+/// channel, one `Reply` or `ReplyMissing` per request.
+async fn each_outcome_reported_once(events: &Events, outcomes: &BTreeMap<String, Outcome>) {
     // The hub reports each outcome once: wait for the count, then check
     // for extras.
     let expected: usize = outcomes
@@ -566,7 +695,7 @@ async fn exactly_one_terminal_event_per_action_under_random_peer_kills() {
         by_label.keys().collect::<Vec<_>>(),
         outcomes.keys().collect::<Vec<_>>()
     );
-    for (label, o) in &outcomes {
+    for (label, o) in outcomes {
         let evs = &by_label[label];
         let count = |f: fn(&Event) -> bool| evs.iter().filter(|e| f(e)).count();
         let ready = count(|e| matches!(e, Event::Ready { .. }));
@@ -616,7 +745,6 @@ async fn exactly_one_terminal_event_per_action_under_random_peer_kills() {
             assert!(matches!(evs[0], Event::Ready { .. }), "{label}: {evs:#?}");
         }
     }
-    mesh.coordinator.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

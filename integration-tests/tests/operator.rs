@@ -550,3 +550,145 @@ async fn credentials_are_kept_per_coordinator() {
         let _ = c.proc.finish().await;
     }
 }
+
+/// A kept credential that a coordinator refuses, in each way it can be
+/// refused (issued by another client CA of the same name, revoked,
+/// expired): without a token `qmesh` fails with a line that says what
+/// happened and to run once with `--token`; with a fresh token it enrolls
+/// again under a new key and gets through.
+///
+/// The coordinator keeps its TLS certificate (files given with `--cert`
+/// and `--key`) across a redeploy on a new state directory, so the client
+/// trusts it as before and finds its kept credential, which the new
+/// client CA did not issue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refused_kept_credential_says_to_enroll_again_and_a_token_does() {
+    use qmesh_certs::{Ca, Identity};
+    use std::time::{Duration, SystemTime};
+
+    let files = tempfile::tempdir().unwrap();
+    let server_ca = Ca::generate("deploy CA").unwrap();
+    let server = server_ca
+        .issue_server(&["localhost".into(), "127.0.0.1".into()])
+        .unwrap();
+    let (cert, key, ca) = (
+        files.path().join("cert.pem"),
+        files.path().join("key.pem"),
+        files.path().join("ca.pem"),
+    );
+    server.save(&cert, &key).unwrap();
+    std::fs::write(&ca, server_ca.cert_pem()).unwrap();
+    let run_on = |dir: &Path| {
+        let (cert, key, dir) = (cert.clone(), key.clone(), dir.to_owned());
+        async move {
+            CoordinatorProc::start(&[
+                "--auth".as_ref(),
+                "token".as_ref(),
+                "--cert".as_ref(),
+                cert.as_os_str(),
+                "--key".as_ref(),
+                key.as_os_str(),
+                "--state-dir".as_ref(),
+                dir.as_os_str(),
+            ])
+            .await
+        }
+    };
+    let clients = tempfile::tempdir().unwrap();
+    let bob = |coord: &CoordinatorProc, token: Option<&str>| {
+        let mut args = vec!["--name", "bob"];
+        if let Some(t) = token {
+            args.extend(["--token", t]);
+        }
+        args.extend(["peers", "--json"]);
+        process::qmesh(&coord.v4(), &ca, clients.path(), &args)
+    };
+    let refused = |exit: &process::Exit, why: &str| {
+        assert!(!exit.status.success(), "{}", show(exit));
+        assert!(
+            exit.stderr.contains(why) && exit.stderr.contains("run once with --token"),
+            "expected {why:?} and what to do: {}",
+            show(exit)
+        );
+    };
+
+    // Enrolled with the first deployment.
+    let first = tempfile::tempdir().unwrap();
+    let mut coord = run_on(first.path()).await;
+    let t = token(first.path(), "bob").await;
+    let enrolled = bob(&coord, Some(&t)).finish().await;
+    assert!(enrolled.status.success(), "{}", show(&enrolled));
+    coord.proc.terminate();
+    let _ = coord.proc.finish().await;
+
+    // 1. The same coordinator redeployed on a new state directory: a new
+    //    client CA with the same name, which did not issue bob's.
+    let second = tempfile::tempdir().unwrap();
+    let mut coord = run_on(second.path()).await;
+    refused(
+        &bob(&coord, None).finish().await,
+        "another CA of the same name",
+    );
+    let t = token(second.path(), "bob").await;
+    let again = bob(&coord, Some(&t)).finish().await;
+    assert!(again.status.success(), "{}", show(&again));
+    let kept = bob(&coord, None).finish().await;
+    assert!(
+        kept.status.success(),
+        "the new credential is kept: {}",
+        show(&kept)
+    );
+
+    // 2. Revoked.
+    let (ok, _, err) = operator(&[
+        "revoke".as_ref(),
+        "bob".as_ref(),
+        "--state-dir".as_ref(),
+        second.path().as_os_str(),
+    ])
+    .await;
+    assert!(ok, "revoke: {err}");
+    refused(&bob(&coord, None).finish().await, "revoked");
+    let t = token(second.path(), "bob").await;
+    let again = bob(&coord, Some(&t)).finish().await;
+    assert!(again.status.success(), "{}", show(&again));
+
+    // 3. Expired: bob's kept certificate replaced by one the client CA
+    //    issued for the same key, valid until an hour ago.
+    let folder = std::fs::read_dir(clients.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("bob.pem").exists())
+        .expect("bob's credential folder");
+    let kept = Identity::from_pem(
+        &std::fs::read_to_string(folder.join("bob.pem")).unwrap(),
+        &std::fs::read_to_string(folder.join("bob-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let client_ca = Ca::from_pem(
+        &std::fs::read_to_string(second.path().join("client-ca.pem")).unwrap(),
+        &std::fs::read_to_string(second.path().join("client-ca-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let hour = Duration::from_secs(3600);
+    let now = SystemTime::now();
+    let expired = client_ca
+        .issue_client_valid(&kept.chain[0], "bob", now - hour * 3, now - hour)
+        .unwrap();
+    let expired = Identity {
+        chain: vec![expired.cert],
+        key: kept.key.clone_key(),
+    };
+    expired
+        .save(&folder.join("bob.pem"), &folder.join("bob-key.pem"))
+        .unwrap();
+    refused(&bob(&coord, None).finish().await, "expired");
+    let t = token(second.path(), "bob").await;
+    let again = bob(&coord, Some(&t)).finish().await;
+    assert!(again.status.success(), "{}", show(&again));
+    let kept = bob(&coord, None).finish().await;
+    assert!(kept.status.success(), "{}", show(&kept));
+
+    coord.proc.terminate();
+    let _ = coord.proc.finish().await;
+}
