@@ -792,6 +792,177 @@ mod tests {
     }
 
     #[test]
+    fn the_server_name_is_the_host_as_configured() {
+        use qmesh_proto::address::Shorthand;
+        let ip4: std::net::Ipv4Addr = "192.0.2.1".parse().expect("v4");
+        let ip6: std::net::Ipv6Addr = "2001:db8::1".parse().expect("v6");
+        assert_eq!(server_name(&Host::Ipv4(ip4)), "192.0.2.1");
+        assert_eq!(server_name(&Host::Ipv6(ip6)), "2001:db8::1");
+        assert_eq!(server_name(&Host::Name("c.example".into())), "c.example");
+        assert_eq!(
+            server_name(&Host::Path("/run/q.sock".into())),
+            "/run/q.sock"
+        );
+        assert_eq!(
+            server_name(&Host::Shorthand(Shorthand::Local4)),
+            "127.0.0.1"
+        );
+        assert_eq!(server_name(&Host::Shorthand(Shorthand::Local6)), "::1");
+        assert_eq!(
+            server_name(&Host::Shorthand(Shorthand::LocalName)),
+            "localhost"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_name_in_the_resolve_overrides_is_not_looked_up() {
+        let ip: std::net::IpAddr = "192.0.2.9".parse().expect("ip");
+        let other: std::net::IpAddr = "192.0.2.10".parse().expect("ip");
+        let overrides = [Resolve {
+            host: "Coord.Invalid".into(),
+            port: 7447,
+            addrs: vec![ip, other],
+        }];
+        let host = Host::Name("coord.invalid".into());
+        let found = lookup(&host, 7447, &overrides).await.expect("lookup");
+        assert_eq!(
+            found,
+            [SocketAddr::new(ip, 7447), SocketAddr::new(other, 7447)]
+        );
+        assert_eq!(
+            resolve(&host, 7447, &overrides).await.expect("resolve"),
+            SocketAddr::new(ip, 7447)
+        );
+        // An IP host is itself, whatever the overrides say.
+        let v4 = Host::Ipv4("192.0.2.1".parse().expect("v4"));
+        assert_eq!(
+            lookup(&v4, 9, &overrides).await.expect("lookup"),
+            ["192.0.2.1:9".parse::<SocketAddr>().expect("addr")]
+        );
+        // Names sort within one configured address, and keep its index.
+        let named: Address = "quic/coord.invalid".parse().expect("address");
+        let reversed = [Resolve {
+            host: "coord.invalid".into(),
+            port: 7447,
+            addrs: vec![other, ip],
+        }];
+        let (found, _) = candidates(&[&named], std::time::Duration::from_secs(1), &reversed)
+            .await
+            .expect("candidates");
+        assert_eq!(
+            found,
+            [
+                candidate(0, "quic/coord.invalid", "192.0.2.9:7447"),
+                candidate(0, "quic/coord.invalid", "192.0.2.10:7447"),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_name_is_looked_up_and_each_address_kept_once() {
+        // `localhost` comes from the hosts file: no network needed.
+        let found = timeout(
+            std::time::Duration::from_secs(10),
+            lookup(&Host::Name("localhost".into()), 7447, &[]),
+        )
+        .await
+        .expect("the resolver answers")
+        .expect("localhost resolves");
+        assert!(!found.is_empty());
+        for (i, addr) in found.iter().enumerate() {
+            assert!(addr.ip().is_loopback(), "{found:?}");
+            assert_eq!(addr.port(), 7447);
+            assert!(!found[..i].contains(addr), "{found:?}");
+        }
+    }
+
+    #[test]
+    fn a_client_reports_its_route_address_then_the_extra_ones_once_each() {
+        let coordinator: SocketAddr = "127.0.0.1:4433".parse().expect("addr");
+        let extra: Vec<SocketAddr> = (1..=9)
+            .map(|i| SocketAddr::from(([192, 0, 2, i], 7000)))
+            .collect();
+        let out = reported_addrs(coordinator, 5555, &extra[..2]);
+        // Towards a loopback coordinator the route is the loopback address,
+        // with the endpoint's port.
+        assert_eq!(
+            out,
+            ["127.0.0.1:5555".parse().expect("addr"), extra[0], extra[1]]
+        );
+        let twice = reported_addrs(coordinator, 5555, &[extra[0], extra[0]]);
+        assert_eq!(twice.len(), 2, "{twice:?}");
+        let many = reported_addrs(coordinator, 5555, &extra);
+        assert_eq!(many.len(), qmesh_proto::limits::MAX_REPORTED_ADDRS);
+    }
+
+    /// A connection closed by the peer with TLS alert `alert`.
+    fn alert(alert: u8) -> ConnectionError {
+        ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: quinn::TransportErrorCode::crypto(alert),
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        })
+    }
+
+    #[test]
+    fn each_tls_alert_about_the_client_certificate_says_what_it_means() {
+        for (code, words) in [
+            (42, "malformed"),
+            (43, "not a client certificate"),
+            (44, "revoked"),
+            (45, "expired"),
+            (46, "certificate_unknown"),
+            (49, "access_denied"),
+            (48, "unknown_ca"),
+            (51, "decrypt_error"),
+            (116, "none was presented"),
+        ] {
+            let said = tls_refusal(&alert(code)).unwrap_or_else(|| panic!("alert {code}"));
+            assert!(said.contains(words), "alert {code}: {said}");
+        }
+        // Other alerts, other transport codes and other errors are not about
+        // this client's certificate.
+        assert_eq!(tls_refusal(&alert(40)), None);
+        let not_crypto = ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: quinn::TransportErrorCode::PROTOCOL_VIOLATION,
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        });
+        assert_eq!(tls_refusal(&not_crypto), None);
+        assert_eq!(tls_refusal(&ConnectionError::TimedOut), None);
+    }
+
+    #[test]
+    fn a_failed_connect_says_why_in_the_users_terms() {
+        let report = qmesh_certs::VerifyReport::default();
+        let refused = connect_failure(alert(44), &report, "quic/$4");
+        assert!(
+            matches!(&refused, ConnectError::CertificateRefused(s) if s.contains("revoked")),
+            "{refused:?}"
+        );
+        let rejected = ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: quinn::VarInt::from_u32(RejectCode::NameTaken.conn_code().code()),
+            reason: bytes::Bytes::from_static(b"alice is here"),
+        });
+        let said = connect_failure(rejected, &report, "quic/$4");
+        assert!(
+            matches!(&said, ConnectError::Rejected { code: RejectCode::NameTaken, message } if message == "alice is here"),
+            "{said:?}"
+        );
+        match connect_failure(ConnectionError::TimedOut, &report, "quic/$4") {
+            ConnectError::Handshake { addr, reason } => {
+                assert_eq!(addr, "quic/$4");
+                assert!(reason.contains("is the coordinator running"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match connect_failure(ConnectionError::Reset, &report, "quic/$4") {
+            ConnectError::Handshake { reason, .. } => assert!(reason.contains("reset"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn the_hello_names_the_client_its_version_and_then_its_interfaces() {
         let reported = vec!["192.0.2.1:7000".parse().expect("addr")];
         let (first, second) = hello(&config().name, &[], Some(reported.clone()));

@@ -637,6 +637,148 @@ mod tests {
     }
 
     #[test]
+    fn a_revocation_file_may_hold_blank_lines_and_comments() {
+        let dir = tempfile::tempdir().unwrap();
+        let revoked = self_signed("alice");
+        let fp = Fingerprint::of(&revoked);
+        std::fs::write(
+            dir.path().join("revoked"),
+            format!("# revoked by hand\n\n{fp} alice 1\n   \nnot-a-fingerprint bob 2\n"),
+        )
+        .unwrap();
+        let auth = Auth::open(Some(dir.path())).unwrap();
+        assert_eq!(auth.revocations().len(), 1);
+        assert!(auth.revocations().contains(&fp));
+        assert!(!auth.revocations().is_empty());
+        assert!(auth
+            .revocations()
+            .add(Fingerprint::of(&self_signed("bob")), "bob"));
+        assert_eq!(auth.revocations().len(), 2);
+        let none = Auth::development();
+        assert!(none.revocations().is_empty());
+        assert_eq!(none.revocations().len(), 0);
+    }
+
+    #[test]
+    fn a_mode_shows_as_the_name_the_config_takes() {
+        use clap::ValueEnum;
+        for mode in [AuthMode::Open, AuthMode::Token, AuthMode::Ca] {
+            let name = mode.to_string();
+            assert_eq!(AuthMode::from_str(&name, false), Ok(mode), "{name}");
+            let parsed: AuthMode =
+                serde::de::Deserialize::deserialize(serde::de::value::StrDeserializer::<
+                    serde::de::value::Error,
+                >::new(&name))
+                .unwrap();
+            assert_eq!(parsed, mode);
+        }
+    }
+
+    #[test]
+    fn the_token_ca_is_kept_and_made_again_only_without_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = token_ca(dir.path()).unwrap();
+        let again = token_ca(dir.path()).unwrap();
+        assert_eq!(again.cert_der(), first.cert_der());
+        // Half a CA (the key file gone) is not loaded: a new one is made.
+        std::fs::remove_file(dir.path().join("client-ca-key.pem")).unwrap();
+        let new = token_ca(dir.path()).unwrap();
+        assert_ne!(new.cert_der(), first.cert_der());
+        assert!(dir.path().join("client-ca-key.pem").exists());
+    }
+
+    #[test]
+    fn a_token_enrolls_its_names_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::token(dir.path(), DEFAULT_CERT_TTL).unwrap();
+        let token = token_key(dir.path())
+            .unwrap()
+            .create("ci-*", Duration::from_secs(60))
+            .unwrap();
+        let chain = [self_signed("ci-1")];
+        let code = |r: Result<(String, u64), (RejectCode, String)>| r.unwrap_err().0;
+        assert_eq!(
+            code(auth.enroll("ci-1", Some(&token), &[])),
+            RejectCode::NotAuthorised
+        );
+        assert_eq!(
+            code(auth.enroll("CI 1", Some(&token), &chain)),
+            RejectCode::InvalidName
+        );
+        assert_eq!(
+            code(auth.enroll("alice", Some(&token), &chain)),
+            RejectCode::BadToken
+        );
+        assert_eq!(
+            code(auth.enroll("ci-1", Some("qmt1_junk"), &chain)),
+            RejectCode::BadToken
+        );
+        let now = now_secs();
+        let (pem, expires) = auth.enroll("ci-1", Some(&token), &chain).unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+        let ttl = DEFAULT_CERT_TTL.as_secs();
+        assert!(
+            expires >= now + ttl - 600 && expires <= now_secs() + ttl,
+            "{expires} for a TTL of {ttl} s from {now}"
+        );
+        assert_eq!(auth.issued_for("ci-1").len(), 1);
+        // A second enrollment keeps the first certificate listed.
+        let again = token_key(dir.path())
+            .unwrap()
+            .create("ci-1", Duration::from_secs(60))
+            .unwrap();
+        auth.enroll("ci-1", Some(&again), &chain).unwrap();
+        assert_eq!(auth.issued_for("ci-1").len(), 2);
+        // Used up.
+        let (code, msg) = auth.enroll("ci-2", Some(&token), &chain).unwrap_err();
+        assert_eq!(code, RejectCode::BadToken);
+        assert!(msg.contains("already used"), "{msg}");
+        // Other modes issue nothing.
+        let (code, msg) = Auth::development()
+            .enroll("ci-1", Some(&token), &chain)
+            .unwrap_err();
+        assert_eq!(code, RejectCode::NotAuthorised);
+        assert!(msg.contains("issues no certificates"), "{msg}");
+    }
+
+    #[test]
+    fn a_certificate_renews_from_half_its_life_and_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::token(dir.path(), DEFAULT_CERT_TTL).unwrap();
+        // Sign test certificates with the token CA itself.
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+        let key = KeyPair::from_pem(&read("client-ca-key.pem")).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(&read("client-ca.pem"), key).unwrap();
+        let (early, at_half) = in_one_second(|now| {
+            // Half of [now - 10, now + 100] is 45 s away; of
+            // [now - 50, now + 50] it is now.
+            let young = leaf(Some(&issuer), "alice", &["alice"], now - 10, now + 100);
+            let half = leaf(Some(&issuer), "alice", &["alice"], now - 50, now + 50);
+            (
+                auth.enroll("alice", None, &[young]),
+                auth.enroll("alice", None, &[half]),
+            )
+        });
+        let (code, msg) = early.unwrap_err();
+        assert_eq!(code, RejectCode::NotAuthorised);
+        assert!(msg.contains("renew in 45 s"), "{msg}");
+        let (pem, _) = at_half.unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        // A certificate revoked meanwhile renews nothing.
+        let old = leaf(Some(&issuer), "alice", &["alice"], 0, i64::from(u32::MAX));
+        auth.revocations().add(Fingerprint::of(&old), "alice");
+        let (code, msg) = auth.enroll("alice", None, &[old]).unwrap_err();
+        assert_eq!(code, RejectCode::NotAuthorised);
+        assert!(msg.contains("cannot renew"), "{msg}");
+    }
+
+    #[test]
+    fn issued_certificates_live_a_day_by_default() {
+        // docs/security.md and operations.md: `cert_ttl`, 24 h by default.
+        assert_eq!(DEFAULT_CERT_TTL, Duration::from_secs(86_400));
+    }
+
+    #[test]
     fn a_certificate_is_valid_through_its_last_second() {
         let auth = Auth::development();
         let (last_second, expired) = in_one_second(|now| {

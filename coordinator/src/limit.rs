@@ -274,9 +274,119 @@ mod tests {
         assert_eq!(c.feed(&msg(11)), Err(TooLong { len: 11, max: 10 }));
     }
 
+    #[test]
+    fn the_header_budget_holds_sixteen_whole_first_frames() {
+        // Less than one frame would refuse an honest peer's largest header.
+        assert_eq!(
+            HEADER_BUDGET,
+            16 * qmesh_proto::limits::MAX_CONTROL_FRAME,
+            "256 KiB, as documented"
+        );
+    }
+
+    #[test]
+    fn counting_a_chunk_ends() {
+        // On a thread with a deadline: a counter that stops consuming its
+        // chunk would spin for ever, and so would the other counter tests,
+        // which the harness would wait for: end the test binary instead.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut c = MessageCounter::new(100);
+            let _ = tx.send(c.feed(&[msg(3), msg(0)].concat()));
+        });
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(counted) => assert_eq!(counted, Ok(2)),
+            Err(_) => {
+                eprintln!("counting one chunk did not end within 5 s");
+                std::process::exit(101);
+            }
+        }
+    }
+
+    #[test]
+    fn a_message_of_exactly_the_limit_passes() {
+        let mut c = MessageCounter::new(10);
+        assert_eq!(c.feed(&msg(10)), Ok(1));
+        // Its body was skipped, not read as the next prefix.
+        assert_eq!(c.feed(&msg(0)), Ok(1));
+        // A prefix split 1 + 3 bytes is one message.
+        let next = msg(2);
+        assert_eq!(c.feed(&next[..1]), Ok(0));
+        assert_eq!(c.feed(&next[1..]), Ok(1));
+        assert_eq!(c.feed(&[]), Ok(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_waits_past_its_burst_and_floods_past_its_threshold() {
+        // 100 units/s, 1 s of burst, flooded past 2 s of backlog.
+        let b = Bucket::new("bytes", 100, Duration::from_secs(1), Duration::from_secs(2));
+        assert_eq!(b.take(0), Ok(Duration::ZERO));
+        // The first second's worth is the burst: no wait.
+        assert_eq!(b.take(100), Ok(Duration::ZERO));
+        assert_eq!(b.take(100), Ok(Duration::from_secs(1)));
+        // A backlog of exactly the threshold still passes...
+        assert_eq!(b.take(100), Ok(Duration::from_secs(2)));
+        // ...one unit more is a flood, and is not counted.
+        let flooded = b.take(1).unwrap_err();
+        assert_eq!(
+            flooded,
+            Flooded {
+                what: "bytes",
+                rate: 100,
+                secs: 2.0
+            }
+        );
+        // Time pays the backlog off at the rate.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.take(100), Ok(Duration::from_secs(2)));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(b.take(50), Ok(Duration::ZERO));
+        // A rate of 0 is taken as 1 per second.
+        let slow = Bucket::new("messages", 0, Duration::ZERO, Duration::from_secs(5));
+        assert_eq!(slow.take(1), Ok(Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_replaces_the_limits_of_a_live_limiter() {
+        let slow = RateLimits {
+            bytes_per_sec: Some(10),
+            messages_per_sec: Some(10),
+            burst: Duration::ZERO,
+            flood_after: Duration::from_secs(60),
+        };
+        let limiter = Limiter::new(&slow);
+        let start = Instant::now();
+        limiter.pass(20, 1).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        // Messages alone are held to their own rate.
+        let start = Instant::now();
+        limiter.pass(0, 30).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+        limiter.set(&RateLimits::unlimited());
+        let start = Instant::now();
+        limiter.pass(1_000_000, 1_000_000).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        let unlimited = RateLimits::unlimited();
+        assert_eq!(
+            (unlimited.bytes_per_sec, unlimited.messages_per_sec),
+            (None, None)
+        );
+        let defaults = RateLimits::default();
+        assert_eq!(defaults.bytes_per_sec, Some(256 * 1024 * 1024));
+        assert_eq!(defaults.messages_per_sec, Some(1_000_000));
+    }
+
+    /// Most passes one sender in these tests makes: far more than any limit
+    /// here lets through in the time the tests run, so a limiter that never
+    /// waits ends the test at once (with a rate far over the limit) instead
+    /// of spinning on the paused clock, which only moves when every task
+    /// waits.
+    const MAX_PASSES: u64 = 100_000;
+
     /// `tasks` senders push `chunk`-unit batches through one limiter as fast
-    /// as it lets them for `secs` of (paused, virtual) time; returns units
-    /// passed and whether any pass reported a flood.
+    /// as it lets them for `secs` of (paused, virtual) time, each for at most
+    /// [`MAX_PASSES`]; returns units passed and whether any pass reported a
+    /// flood.
     async fn flood(limits: RateLimits, tasks: usize, chunk: u64, secs: u64) -> (u64, bool) {
         let limiter = Arc::new(Limiter::new(&limits));
         let passed = Arc::new(AtomicU64::new(0));
@@ -286,7 +396,11 @@ mod tests {
         for _ in 0..tasks {
             let (limiter, passed, flooded) = (limiter.clone(), passed.clone(), flooded.clone());
             handles.push(tokio::spawn(async move {
-                while Instant::now() < end {
+                for _ in 0..MAX_PASSES {
+                    if Instant::now() >= end {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
                     match limiter.pass(chunk, 1).await {
                         Ok(()) => {
                             passed.fetch_add(chunk, Ordering::Relaxed);
@@ -340,7 +454,10 @@ mod tests {
         let limiter = Limiter::new(&limits);
         let end = Instant::now() + Duration::from_secs(secs);
         let mut passed = 0u64;
-        while Instant::now() < end {
+        for _ in 0..MAX_PASSES {
+            if Instant::now() >= end {
+                break;
+            }
             limiter.pass(0, 50).await.unwrap();
             passed += 50;
         }

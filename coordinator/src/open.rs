@@ -770,5 +770,11 @@ mod tests {
         assert_eq!((to_a.session, to_b.session), (SessionId(2), SessionId(1)));
         let none = introduce(side("zed", 1, None), side("amy", 2, Some(&b_addrs[..])));
         assert_eq!(none, (None, None));
+        // Whoever opens, amy dials: the same dialer for every channel.
+        let (to_amy, to_zed) = introduce(
+            side("amy", 2, Some(&b_addrs[..])),
+            side("zed", 1, Some(&a_addrs[..])),
+        );
+        assert!(to_amy.unwrap().dial && !to_zed.unwrap().dial);
     }
 }

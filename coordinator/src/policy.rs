@@ -275,4 +275,95 @@ mod tests {
             "{errs:#?}"
         );
     }
+
+    #[test]
+    fn a_name_or_pattern_is_1_to_64_of_the_allowed_characters() {
+        for good in ["a", "sensor-*", "x.y_z-1?", &"a".repeat(64)] {
+            assert!(pattern_ok(good), "{good}");
+        }
+        for bad in ["", "Alice", "a b", "a/b", "@ops", &"a".repeat(65)] {
+            assert!(!pattern_ok(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn group_names_are_plain_names() {
+        let errs = parse(
+            r#"
+            [policy.groups]
+            "ops-*" = ["alice"]
+            ok = ["bob"]
+            "#,
+        )
+        .unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(errs[0].contains("group name `ops-*`"), "{errs:#?}");
+    }
+
+    #[test]
+    fn a_rule_needs_its_opener_callee_and_channel_to_match() {
+        let p = parse(
+            r#"
+            [policy.groups]
+            ops = ["alice"]
+            [[policy.allow]]
+            from = ["@ops"]
+            to = ["bob"]
+            channels = ["shell"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(p.len(), 1);
+        assert!(!p.is_empty());
+        assert_eq!(
+            p.decide("alice", "bob", "shell"),
+            Decision::Allow { direct: false }
+        );
+        // Each of the three alone is not enough.
+        assert_eq!(p.decide("carol", "bob", "shell"), Decision::Deny);
+        assert_eq!(p.decide("alice", "carol", "shell"), Decision::Deny);
+        assert_eq!(p.decide("alice", "bob", "web"), Decision::Deny);
+        assert_eq!(p.decide("bob", "alice", "shell"), Decision::Deny);
+    }
+
+    #[test]
+    fn any_allowing_rule_that_says_direct_makes_the_channel_direct() {
+        let p = parse(
+            r#"
+            [[policy.allow]]
+            from = ["*"]
+            to = ["*"]
+            channels = ["*"]
+            [[policy.allow]]
+            from = ["alice"]
+            to = ["*"]
+            channels = ["*"]
+            direct = true
+            [[policy.allow]]
+            from = ["*"]
+            to = ["*"]
+            channels = ["logs"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(
+            p.decide("alice", "bob", "logs"),
+            Decision::Allow { direct: true }
+        );
+        assert_eq!(
+            p.decide("bob", "alice", "logs"),
+            Decision::Allow { direct: false }
+        );
+    }
+
+    #[test]
+    fn an_empty_policy_denies_everything() {
+        let p = parse("[policy]\n").unwrap();
+        assert!(p.is_empty());
+        assert_eq!(p.len(), 0);
+        assert_eq!(p.decide("alice", "bob", "shell"), Decision::Deny);
+        assert_eq!(Policy::allow_all().len(), 1);
+        assert!(!Policy::allow_all().is_empty());
+    }
 }

@@ -219,6 +219,21 @@ mod tests {
     }
 
     #[test]
+    fn every_session_is_listed_until_it_leaves() {
+        let mut reg = Registry::new();
+        assert!(reg.is_empty());
+        assert_eq!(reg.iter().count(), 0);
+        let a = admit(&mut reg, "alice", Holder::Other).unwrap().id;
+        let b = admit(&mut reg, "bob", Holder::Other).unwrap().id;
+        assert!(!reg.is_empty());
+        let mut all: Vec<u64> = reg.iter().copied().collect();
+        all.sort();
+        assert_eq!(all, [a, b]);
+        assert!(reg.leave("alice", a));
+        assert_eq!(reg.iter().copied().collect::<Vec<_>>(), [b]);
+    }
+
+    #[test]
     fn stale_leave_keeps_the_new_holder() {
         let mut reg = Registry::new();
         let a = admit(&mut reg, "bob", Holder::Other).unwrap().id;

@@ -315,6 +315,153 @@ mod tests {
         ));
     }
 
+    /// A payload of `pattern_len` pattern bytes, as `create_until` lays it out.
+    fn payload(expires: u64, pattern_len: usize) -> Vec<u8> {
+        let mut p = expires.to_be_bytes().to_vec();
+        p.extend_from_slice(&[9; NONCE]);
+        p.extend(std::iter::repeat_n(b'a', pattern_len));
+        p
+    }
+
+    #[test]
+    fn a_payload_holds_one_to_max_pattern_bytes() {
+        assert_eq!(parse_payload(&payload(0, 0)), Err(TokenError::Malformed));
+        assert_eq!(
+            parse_payload(&payload(0, 0)[..8]),
+            Err(TokenError::Malformed)
+        );
+        let one = parse_payload(&payload(77, 1)).unwrap();
+        assert_eq!((one.expires, one.pattern.as_str()), (77, "a"));
+        assert_eq!(one.nonce, [9; NONCE]);
+        let max = parse_payload(&payload(u64::MAX, MAX_PATTERN_LEN)).unwrap();
+        assert_eq!(max.expires, u64::MAX);
+        assert_eq!(max.pattern, "a".repeat(MAX_PATTERN_LEN));
+        assert_eq!(
+            parse_payload(&payload(0, MAX_PATTERN_LEN + 1)),
+            Err(TokenError::Malformed)
+        );
+        let mut not_utf8 = payload(0, 1);
+        *not_utf8.last_mut().unwrap() = 0xff;
+        assert_eq!(parse_payload(&not_utf8), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn a_pattern_of_one_to_max_bytes_makes_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key(dir.path());
+        let ttl = Duration::from_secs(60);
+        assert!(k.create("", ttl).is_err());
+        assert!(k.create(&"a".repeat(MAX_PATTERN_LEN + 1), ttl).is_err());
+        for pattern in ["a", &"a".repeat(MAX_PATTERN_LEN)] {
+            let t = k.create(pattern, ttl).unwrap();
+            assert_eq!(k.verify(&t).unwrap().pattern, pattern);
+        }
+    }
+
+    #[test]
+    fn a_token_text_up_to_max_len_is_read_and_a_longer_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key(dir.path());
+        // Surrounding blanks are trimmed before the length check.
+        let t = k.create("alice", Duration::from_secs(60)).unwrap();
+        let padded = format!("{t}{}", " ".repeat(MAX_TOKEN_LEN));
+        assert_eq!(k.verify(&padded).unwrap().pattern, "alice");
+        // Hex digits after the signature lengthen the text: at MAX_TOKEN_LEN
+        // it is read and its signature checked; longer (an even number of
+        // digits, so still hex) it is refused unread.
+        let at_max = format!("{t}{}", "0".repeat(MAX_TOKEN_LEN - t.len()));
+        assert_eq!(k.verify(&at_max), Err(TokenError::BadSignature));
+        let over = format!("{t}{}", "0".repeat(MAX_TOKEN_LEN + 2 - t.len()));
+        assert_eq!(k.verify(&over), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn a_ttl_below_one_second_still_gives_one_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key(dir.path());
+        let before = now_secs();
+        let claims = k
+            .verify(&k.create("alice", Duration::ZERO).unwrap())
+            .unwrap();
+        assert!(claims.expires > before, "{} <= {before}", claims.expires);
+        assert!(claims.expires <= now_secs() + 1);
+    }
+
+    /// Runs `f` with the current Unix second, again if the clock ticked
+    /// while it ran (as in `auth`'s tests), so the exact expiry second is
+    /// tested without sleeping.
+    fn in_one_second<T>(mut f: impl FnMut(u64) -> T) -> T {
+        for _ in 0..5 {
+            let now = now_secs();
+            let out = f(now);
+            if now_secs() == now {
+                return out;
+            }
+        }
+        panic!("the clock ticked during each of five tries");
+    }
+
+    #[test]
+    fn a_token_works_through_its_expiry_second_and_not_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = key(dir.path());
+        let (last, late) = in_one_second(|now| {
+            let until = |secs| {
+                let t = k.create_until("alice", UNIX_EPOCH + Duration::from_secs(secs));
+                k.verify(&t.unwrap()).unwrap()
+            };
+            let used = UsedTokens::in_memory();
+            (
+                used.redeem(&until(now), "alice"),
+                used.redeem(&until(now - 3), "alice"),
+            )
+        });
+        assert_eq!(last, Ok(()));
+        assert_eq!(late, Err(TokenError::Expired { ago: 3 }));
+    }
+
+    #[test]
+    fn a_used_token_is_forgotten_only_once_it_has_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("used");
+        let keep = [1u8; NONCE];
+        let gone = [2u8; NONCE];
+        let now = now_secs();
+        // One entry expiring in an hour, one an hour ago, and junk lines.
+        std::fs::write(
+            &path,
+            format!(
+                "{} {}\n{} {}\nnot-hex 5\n{} soon\n{}\n",
+                hex::encode(keep),
+                now + 3600,
+                hex::encode(gone),
+                now - 3600,
+                hex::encode(keep),
+                hex::encode(keep),
+            ),
+        )
+        .unwrap();
+        let used = UsedTokens::load(&path).unwrap();
+        assert_eq!(
+            used.used.lock().unwrap().keys().collect::<Vec<_>>(),
+            [&keep]
+        );
+        // The file is rewritten without the expired entry and the junk.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, format!("{} {}\n", hex::encode(keep), now + 3600));
+        // Redeeming drops expired entries from memory too.
+        used.used.lock().unwrap().insert(gone, now - 1);
+        let claims = Claims {
+            expires: now + 60,
+            pattern: "alice".into(),
+            nonce: [3; NONCE],
+        };
+        used.redeem(&claims, "alice").unwrap();
+        let mut left: Vec<_> = used.used.lock().unwrap().keys().copied().collect();
+        left.sort();
+        assert_eq!(left, [keep, [3; NONCE]]);
+    }
+
     #[test]
     fn concurrent_redeems_have_one_winner() {
         let dir = tempfile::tempdir().unwrap();

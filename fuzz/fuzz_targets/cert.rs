@@ -12,14 +12,47 @@
 //!   fingerprint.
 //!
 //! None of it may panic.
+//!
+//! Allocation bound, around each call above (DER parse and reads, and each
+//! text parser): no single allocation larger than 72 bytes per byte of
+//! input plus 4 KiB (`qmesh_fuzz::der_bound`). The certificate code
+//! documents no bound for parsing (`MAX_PEM_FILE` only caps the files it
+//! reads), so the bound is linear: x509-parser keeps one value per element
+//! of a list, and the costliest per byte is a 72-byte `GeneralName` for 2
+//! bytes of DER, in a `Vec` up to twice as large as needed. x509-parser
+//! builds its OID registry (20 KiB) the first time it names an attribute;
+//! the target does that once before fuzzing, as it is not a cost of the
+//! input.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use qmesh_certs::{certs_from_pem, Ca, Fingerprint, Identity};
+use qmesh_fuzz::{check_allocation, der_bound};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
+/// A certificate from the corpus, read once before fuzzing.
+const WARM_UP: &[u8] = include_bytes!("../corpus/cert/ca-cert.der");
+
+/// `f`, on `len` bytes of input, checked against the bound above.
+fn checked<T>(what: &str, len: usize, f: impl FnOnce() -> T) -> T {
+    check_allocation(
+        format_args!("{what} of {len} bytes"),
+        der_bound(len),
+        "72 bytes per byte plus 4 KiB: the certificate code documents no bound for parsing",
+        f,
+    )
+}
+
 fn der(bytes: &[u8]) {
+    checked(
+        "X509Certificate::from_der and its reads",
+        bytes.len(),
+        || read_der(bytes),
+    )
+}
+
+fn read_der(bytes: &[u8]) {
     let Ok((rest, cert)) = X509Certificate::from_der(bytes) else {
         return;
     };
@@ -44,26 +77,33 @@ fn der(bytes: &[u8]) {
     let _ = Fingerprint::of(&bytes.to_vec().into());
 }
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: read_der(WARM_UP), |data: &[u8]| {
     der(data);
 
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(certs) = certs_from_pem(text) {
-        assert!(!certs.is_empty(), "certs_from_pem returned Ok with no certificate");
+    if let Ok(certs) = checked("certs_from_pem", text.len(), || certs_from_pem(text)) {
+        assert!(
+            !certs.is_empty(),
+            "certs_from_pem returned Ok with no certificate"
+        );
         for cert in &certs {
             der(cert.as_ref());
         }
     }
-    if let Ok(identity) = Identity::from_pem(text, text) {
+    if let Ok(identity) = checked("Identity::from_pem", text.len(), || {
+        Identity::from_pem(text, text)
+    }) {
         assert!(!identity.chain.is_empty());
         let _ = identity.fingerprint();
     }
-    if let Ok(ca) = Ca::from_pem(text, text) {
+    if let Ok(ca) = checked("Ca::from_pem", text.len(), || Ca::from_pem(text, text)) {
         let _ = ca.fingerprint();
     }
-    if let Ok(fp) = text.parse::<Fingerprint>() {
+    if let Ok(fp) = checked("str::parse::<Fingerprint>", text.len(), || {
+        text.parse::<Fingerprint>()
+    }) {
         let shown = fp.to_string();
         assert_eq!(
             shown.parse::<Fingerprint>().ok(),

@@ -27,6 +27,20 @@
 //! (in every mode); in token mode a completed handshake means
 //! `issued_names` is `Some` or the certificate is self-issued; open mode
 //! never says `unknown_ca`. Nothing may panic.
+//!
+//! Allocation bound: no single allocation larger than 72 bytes per byte of
+//! certificate plus 4 KiB (`qmesh_fuzz::der_bound`, the bound of the `cert`
+//! target: clientauth.rs documents none, and these parse with the same
+//! x509-parser), around each helper (`dns_names`, `validity`,
+//! `is_self_signed`, both `issued_names`) and around each piece of the
+//! handshake the server reads. Reading the client's certificate flight,
+//! the server holds the handshake message (the certificate and some 150
+//! bytes) and its verifier parses the certificate; the ClientHello costs
+//! rustls a fixed 1.6 KiB (measured). A read may also be the one in which
+//! rustls's session cache grows to its largest table, 50192 bytes (see
+//! `SESSION_CACHE`), so a handshake read is held to that or the bound
+//! above, whichever is larger. The test client's side of the handshake is
+//! not checked.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -34,6 +48,7 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use qmesh_certs::clientauth::{dns_names, is_self_signed, validity, RevokedCheck};
 use qmesh_certs::{server_config_with, Ca, ClientAuth, Fingerprint, Identity};
+use qmesh_fuzz::{check_allocation, der_bound};
 use quinn_proto::crypto::rustls::QuicClientConfig;
 use quinn_proto::crypto::{ClientConfig as _, ServerConfig, Session};
 use quinn_proto::transport_parameters::TransportParameters;
@@ -51,6 +66,13 @@ use x509_parser::prelude::FromDer;
 const CA_DER: &[u8] = include_bytes!("../corpus/client_cert/ca-cert.der");
 /// The client's key (and a certificate for it) from the `cert` corpus.
 const CLIENT_PEM: &str = include_str!("../corpus/cert/client-identity.pem");
+/// The largest table of the server's session cache (rustls's
+/// `ServerSessionMemoryCache` of 256 sessions, a `HashMap` of
+/// `(Vec<u8>, Vec<u8>)`): 1024 buckets of 48 bytes and their 1024 + 16
+/// control bytes. It is rehashed into that size, once, while a completed
+/// handshake stores its session, after many handshakes: state of the
+/// process, not a cost of the certificate.
+const SESSION_CACHE: usize = 1024 * 48 + 1024 + 16;
 /// Seconds around a validity bound where time-dependent checks are skipped.
 const MARGIN: i64 = 120;
 
@@ -213,7 +235,16 @@ fn handshake(fx: &Fixture, server: &Arc<dyn ServerConfig>, leaf: &[u8]) -> Outco
     // ClientHello; the server's flight; the client's certificate flight.
     for _ in 0..3 {
         for piece in drain(&mut *client) {
-            if let Err(e) = server.read_handshake(&piece) {
+            let read = check_allocation(
+                format_args!(
+                    "the server reading a handshake with a {} byte certificate",
+                    leaf.len()
+                ),
+                der_bound(leaf.len()).max(SESSION_CACHE),
+                "72 bytes per byte of certificate plus 4 KiB, or rustls's session cache",
+                || server.read_handshake(&piece),
+            );
+            if let Err(e) = read {
                 return Outcome::Refused(alert(&e));
             }
         }
@@ -229,6 +260,16 @@ fn handshake(fx: &Fixture, server: &Arc<dyn ServerConfig>, leaf: &[u8]) -> Outco
     panic!("the handshake did not finish in three rounds");
 }
 
+/// `f`, on `len` bytes of certificate, checked against the bound above.
+fn checked<T>(what: &str, len: usize, f: impl FnOnce() -> T) -> T {
+    check_allocation(
+        format_args!("{what} of {len} bytes"),
+        der_bound(len),
+        "72 bytes per byte of certificate plus 4 KiB: clientauth.rs documents no bound",
+        f,
+    )
+}
+
 fn alert_name(outcome: Outcome) -> String {
     match outcome {
         Outcome::Refused(Some(a)) => format!("{:?}", AlertDescription::from(a)),
@@ -239,9 +280,9 @@ fn alert_name(outcome: Outcome) -> String {
 fuzz_target!(|data: &[u8]| {
     let fx = fixture();
 
-    let names = dns_names(data);
-    let valid = validity(data);
-    let self_issued = is_self_signed(data);
+    let names = checked("dns_names", data.len(), || dns_names(data));
+    let valid = checked("validity", data.len(), || validity(data));
+    let self_issued = checked("is_self_signed", data.len(), || is_self_signed(data));
     let parsed = X509Certificate::from_der(data);
     match &parsed {
         Ok((_, cert)) => {
@@ -259,8 +300,11 @@ fuzz_target!(|data: &[u8]| {
     }
     let chain = [CertificateDer::from(data)];
     assert!(!fx.any.has_ca() && fx.ca.has_ca());
-    assert_eq!(fx.any.issued_names(&chain), None, "no CA, but issued names");
-    let issued = fx.ca.issued_names(&chain);
+    let none = checked("issued_names (no CA)", data.len(), || {
+        fx.any.issued_names(&chain)
+    });
+    assert_eq!(none, None, "no CA, but issued names");
+    let issued = checked("issued_names", data.len(), || fx.ca.issued_names(&chain));
 
     let Ok((rest, cert)) = parsed else {
         return;

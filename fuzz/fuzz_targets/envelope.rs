@@ -13,49 +13,14 @@
 //! collection length reserves, whichever is larger.
 #![no_main]
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
+use qmesh_fuzz::check_allocation;
 use qmesh_proto::codec::{decode_value, encode_value};
 use qmesh_proto::envelope::{Envelope, GroupEvent};
 use serde::{Deserialize, Serialize};
-
-/// The system allocator, recording the largest request while armed.
-struct Tracking;
-
-static ARMED: AtomicBool = AtomicBool::new(false);
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-fn record(size: usize) {
-    if ARMED.load(Ordering::Relaxed) {
-        LARGEST.fetch_max(size, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every call is passed on unchanged to the system allocator.
-unsafe impl GlobalAlloc for Tracking {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        record(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        record(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        record(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Tracking = Tracking;
 
 /// A typed message of the kind an application sends with `send_value`:
 /// strings, nested sequences, a map, an enum and an option.
@@ -111,9 +76,11 @@ fuzz_target!(|data: &[u8]| {
         Ok(e) => assert_eq!(e.to_bytes(), data, "group event {e:?} is not its input"),
         Err(_) => {
             let valid = match data.first() {
-                Some(0) => data.len() >= 2
-                    && data.len() >= 2 + usize::from(data[1])
-                    && std::str::from_utf8(&data[2..2 + usize::from(data[1])]).is_ok(),
+                Some(0) => {
+                    data.len() >= 2
+                        && data.len() >= 2 + usize::from(data[1])
+                        && std::str::from_utf8(&data[2..2 + usize::from(data[1])]).is_ok()
+                }
                 Some(1) => data.len() == 9,
                 Some(2) => true,
                 _ => false,
@@ -122,15 +89,11 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    LARGEST.store(0, Ordering::Relaxed);
-    ARMED.store(true, Ordering::Relaxed);
-    let decoded = decode_value::<Sample>(data);
-    ARMED.store(false, Ordering::Relaxed);
-    let largest = LARGEST.load(Ordering::Relaxed);
-    assert!(
-        largest <= bound(data.len()),
-        "decoding {} bytes allocated {largest} bytes at once",
-        data.len()
+    let decoded = check_allocation(
+        format_args!("decode_value of {} bytes", data.len()),
+        bound(data.len()),
+        "decode_value: the read step for the body's size, or serde's 1 MiB cap",
+        || decode_value::<Sample>(data),
     );
     if let Ok(value) = decoded {
         let again = encode_value(&value).expect("a decoded value encodes");

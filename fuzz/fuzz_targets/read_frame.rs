@@ -19,53 +19,18 @@
 //! fuzzing past a known finding.
 #![no_main]
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
 use libfuzzer_sys::fuzz_target;
+use qmesh_fuzz::check_allocation;
 use qmesh_proto::codec::read_frame;
 use qmesh_proto::limits::MAX_CONTROL_FRAME;
 use qmesh_proto::msg::{ClientSession, Greeting, StreamHeader, StreamRequest};
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, ReadBuf};
-
-/// The system allocator, recording the largest request while armed.
-struct Tracking;
-
-static ARMED: AtomicBool = AtomicBool::new(false);
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-fn record(size: usize) {
-    if ARMED.load(Ordering::Relaxed) {
-        LARGEST.fetch_max(size, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: every call is passed on unchanged to the system allocator.
-unsafe impl GlobalAlloc for Tracking {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        record(layout.size());
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        record(layout.size());
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        record(new_size);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Tracking = Tracking;
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -159,19 +124,17 @@ fuzz_target!(|input: &[u8]| {
     };
     let rt = runtime();
     let limit = alloc_limit();
-    LARGEST.store(0, Ordering::Relaxed);
-    ARMED.store(true, Ordering::Relaxed);
-    match control & 3 {
-        0 => rt.block_on(read_stream::<Greeting>(control, data)),
-        1 => rt.block_on(read_stream::<StreamRequest>(control, data)),
-        2 => rt.block_on(read_stream::<StreamHeader>(control, data)),
-        _ => rt.block_on(read_stream::<ClientSession>(control, data)),
-    }
-    ARMED.store(false, Ordering::Relaxed);
-    let largest = LARGEST.load(Ordering::Relaxed);
-    assert!(
-        largest <= limit,
-        "read_frame made an allocation of {largest} bytes, above the limit of {limit} bytes \
-         (MAX_CONTROL_FRAME is {MAX_CONTROL_FRAME})"
+    check_allocation(
+        "read_frame",
+        limit,
+        format_args!(
+            "MAX_CONTROL_FRAME is {MAX_CONTROL_FRAME}; QMESH_FUZZ_ALLOC_LIMIT overrides it"
+        ),
+        || match control & 3 {
+            0 => rt.block_on(read_stream::<Greeting>(control, data)),
+            1 => rt.block_on(read_stream::<StreamRequest>(control, data)),
+            2 => rt.block_on(read_stream::<StreamHeader>(control, data)),
+            _ => rt.block_on(read_stream::<ClientSession>(control, data)),
+        },
     );
 });

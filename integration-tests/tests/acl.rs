@@ -280,3 +280,131 @@ async fn streams_per_channel_and_message_size_are_bounded_at_the_relay() {
     );
     drop(held);
 }
+
+/// A flooder is held to its rates, measured: 600 one-byte messages at
+/// 200 messages/s, then 1 MiB on one stream at 256 KiB/s, each slowed for
+/// seconds and never cut off (only a backlog past `flood_after` is: see
+/// the test above; 600 messages in one go are a 3 s backlog, within the
+/// default 5 s). Meanwhile an honest client
+/// on the same coordinator keeps its round trip: each of its requests,
+/// during both floods, is answered within 500 ms (its own rate limit is
+/// its own; the figures are printed against a baseline taken before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooder_is_held_to_its_rates_and_an_honest_client_keeps_its_latency() {
+    use qmesh_client::Incoming;
+    use std::time::Instant;
+    const MESSAGES: u64 = 600;
+    const BYTES: usize = 1 << 20;
+    let mesh = Mesh::start_with(|c| {
+        c.rate = RateLimits {
+            bytes_per_sec: Some(256 * 1024),
+            messages_per_sec: Some(200),
+            burst: Duration::from_millis(100),
+            flood_after: Duration::from_secs(5),
+        };
+    })
+    .await;
+    let (alice, bob, carol, dave) = tokio::join!(
+        mesh.client("alice"),
+        mesh.client("bob"),
+        mesh.client("carol"),
+        mesh.client("dave")
+    );
+    let first_session = alice.state().borrow().clone();
+    assert!(
+        matches!(first_session, qmesh_client::SessionState::Up { .. }),
+        "{first_session:?}"
+    );
+    let (flood_out, flood_in) = open_pair(&alice, &bob, "flood").await;
+    let (ask, answer) = open_pair(&carol, &dave, "ask").await;
+    tokio::spawn(async move {
+        while let Some(Incoming::Request(r)) = answer.recv_message().await {
+            let body = r.body().clone();
+            let _ = r.reply(&body).await;
+        }
+    });
+    let ask = std::sync::Arc::new(ask);
+    // Carol's round trips until `stop`, each timed.
+    let round_trips = |n: usize| {
+        let ask = ask.clone();
+        async move {
+            let mut took = Vec::new();
+            for i in 0..n {
+                let start = Instant::now();
+                let body = format!("ping {i}");
+                let reply = within_ok(STEP, "request", ask.request(body.as_bytes())).await;
+                assert_eq!(&reply[..], body.as_bytes());
+                took.push(start.elapsed());
+            }
+            took.sort();
+            took
+        }
+    };
+    let baseline = round_trips(30).await;
+
+    // Messages: 600 of one byte, over the 200/s rate.
+    let messages = async {
+        let start = Instant::now();
+        let mut s = flood_out.open_stream().await.unwrap();
+        for _ in 0..MESSAGES {
+            s.feed(b"x").await.unwrap();
+        }
+        s.finish().await.unwrap();
+        let mut inbox = next_stream(&flood_in).await;
+        let mut got = 0;
+        while within_ok(STEP, "message", inbox.recv()).await.is_some() {
+            got += 1;
+        }
+        assert_eq!(got, MESSAGES);
+        start.elapsed()
+    };
+    let (took_messages, during_messages) = tokio::join!(messages, round_trips(30));
+    // Bytes: 1 MiB on one stream, over the 256 KiB/s rate.
+    let bytes = async {
+        let start = Instant::now();
+        let mut s = flood_out.open_stream().await.unwrap();
+        for _ in 0..16 {
+            s.send(&vec![3u8; BYTES / 16]).await.unwrap();
+        }
+        s.finish().await.unwrap();
+        let mut inbox = next_stream(&flood_in).await;
+        let mut got = 0;
+        while let Some(m) = within_ok(STEP, "message", inbox.recv()).await {
+            got += m.len();
+        }
+        assert_eq!(got, BYTES);
+        start.elapsed()
+    };
+    let (took_bytes, during_bytes) = tokio::join!(bytes, round_trips(30));
+
+    let p50_max = |t: &[Duration]| (t[t.len() / 2], t[t.len() - 1]);
+    eprintln!(
+        "RATE messages: {MESSAGES} in {took_messages:?} ({:.0}/s, limit 200/s); bytes: 1 MiB in \
+         {took_bytes:?} ({:.0} KiB/s, limit 256 KiB/s); honest round trip p50/max: before \
+         {:?}, during messages {:?}, during bytes {:?}",
+        MESSAGES as f64 / took_messages.as_secs_f64(),
+        1024.0 / took_bytes.as_secs_f64(),
+        p50_max(&baseline),
+        p50_max(&during_messages),
+        p50_max(&during_bytes),
+    );
+    // Held to the rates: (n - burst) / rate at the least. A slow machine
+    // only lengthens these, so they cannot fail spuriously.
+    assert!(
+        took_messages >= Duration::from_millis(2600),
+        "{MESSAGES} messages at 200/s arrived in {took_messages:?}"
+    );
+    assert!(
+        took_bytes >= Duration::from_millis(3600),
+        "1 MiB at 256 KiB/s arrived in {took_bytes:?}"
+    );
+    for (what, t) in [("messages", &during_messages), ("bytes", &during_bytes)] {
+        let (_, max) = p50_max(t);
+        assert!(
+            max < Duration::from_millis(500),
+            "an honest request took {max:?} during the {what} flood"
+        );
+    }
+    // Slowed, never cut off: alice is still in the same session.
+    assert_eq!(*alice.state().borrow(), first_session);
+}

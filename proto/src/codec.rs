@@ -795,6 +795,155 @@ mod tests {
         assert!(decode_value::<u8>(&[1, 2]).is_err(), "trailing bytes");
     }
 
+    /// A message of exactly 16 KiB on the wire and in the decoder's
+    /// accounting: fixed-size arrays carry no length, and each `u8` is one
+    /// byte either way. (A string is not: bincode counts its length as 8
+    /// bytes against the limit, whatever its varint takes on the wire.)
+    type Block = [[[u8; 32]; 32]; 16];
+
+    fn block() -> Block {
+        let mut b = [[[0u8; 32]; 32]; 16];
+        b[15][31][31] = 9;
+        b
+    }
+
+    #[test]
+    fn the_frame_limit_is_16_kib_and_a_body_of_exactly_it_passes() {
+        assert_eq!(MAX_CONTROL_FRAME, 16 * 1024);
+        let at = encode(&block()).unwrap();
+        assert_eq!(at.len(), 16_384);
+        assert_eq!(decode::<Block>(&at).unwrap(), block());
+        let frame = encode_frame(&block()).unwrap();
+        assert_eq!(frame[..LENGTH_PREFIX], [0, 0, 0x40, 0]);
+        let (back, used) = decode_frame::<Block>(&frame).unwrap().unwrap();
+        assert_eq!((back, used), (block(), 16_388));
+        // One byte more is refused both ways, with the length and limit.
+        let over = (block(), 1u8);
+        assert!(matches!(
+            encode(&over),
+            Err(EncodeError::TooLarge {
+                len: 16_385,
+                limit: 16_384
+            })
+        ));
+        assert!(encode_frame(&over).is_err());
+        let mut long = at.clone();
+        long.push(1);
+        assert!(matches!(
+            decode::<(Block, u8)>(&long),
+            Err(DecodeError::TooLarge {
+                len: 16_385,
+                limit: 16_384
+            })
+        ));
+        // Its encoded length is still known, for the error message.
+        assert_eq!(encoded_len(&over).unwrap(), 16_385);
+    }
+
+    #[test]
+    fn a_declared_length_at_the_limit_passes_and_one_more_does_not() {
+        assert_eq!(check_length(length_prefix(100), 100).unwrap(), 100);
+        assert_eq!(check_length([0, 0, 1, 2], 258).unwrap(), 258);
+        assert!(matches!(
+            check_length(length_prefix(101), 100),
+            Err(DecodeError::TooLarge {
+                len: 101,
+                limit: 100
+            })
+        ));
+        assert_eq!(length_prefix(0x0102_0304), [1, 2, 3, 4]);
+        assert_eq!(length_prefix(usize::MAX), [0xff; 4]);
+    }
+
+    #[tokio::test]
+    async fn a_frame_written_reads_back_from_a_stream_in_small_pieces() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, &IncomingAnswer::Accept)
+            .await
+            .unwrap();
+        write_frame(&mut wire, &block()).await.unwrap();
+        assert_eq!(wire[..5], encode_frame(&IncomingAnswer::Accept).unwrap());
+        assert!(write_frame(&mut wire, &(block(), 1u8)).await.is_err());
+        // A reader that gets one byte at a time.
+        let (mut w, mut r) = tokio::io::duplex(1);
+        let writer = tokio::spawn(async move {
+            w.write_all(&wire).await.unwrap();
+        });
+        let first = read_frame::<IncomingAnswer, _>(&mut r).await.unwrap();
+        assert_eq!(first, Some(IncomingAnswer::Accept));
+        let second = read_frame::<Block, _>(&mut r).await.unwrap();
+        assert_eq!(second, Some(block()));
+        writer.await.unwrap();
+        assert!(read_frame::<Block, _>(&mut r).await.unwrap().is_none());
+    }
+
+    #[test]
+    fn the_end_of_a_stream_is_seen_at_once() {
+        // On a thread of its own with a deadline: a reader that missed the
+        // end would spin without yielding, and a timeout in the same
+        // runtime could never fire.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let (mut empty, mut cut): (&[u8], &[u8]) = (&[], &[0, 0]);
+            let _ = tx.send(rt.block_on(async {
+                (
+                    read_frame::<u32, _>(&mut empty).await,
+                    read_frame::<u32, _>(&mut cut).await,
+                )
+            }));
+        });
+        let Ok((empty, cut)) = rx.recv_timeout(std::time::Duration::from_secs(5)) else {
+            // Every other test that reads to the end spins too, and the
+            // harness would wait for them for ever: end the test binary.
+            eprintln!("reading at the end of a stream did not finish within 5 s");
+            std::process::exit(101);
+        };
+        assert!(matches!(empty, Ok(None)), "{empty:?}");
+        assert!(matches!(cut, Err(ReadFrameError::Truncated)), "{cut:?}");
+    }
+
+    /// The steps of [`decode_value`]'s limit.
+    const STEPS: [usize; 4] = [16 * 1024, 256 * 1024, 4 * 1024 * 1024, 64 * 1024 * 1024];
+
+    #[test]
+    fn values_decode_with_the_limit_of_the_next_step_above_their_size() {
+        for step in STEPS {
+            // Just inside the step, and just past it (the next step's limit).
+            let inside = encode_value(&"a".repeat(step - 16)).unwrap();
+            assert!(inside.len() <= step);
+            assert_eq!(decode_value::<String>(&inside).unwrap().len(), step - 16);
+            if step < VALUE_CEILING {
+                let past = encode_value(&"a".repeat(step)).unwrap();
+                assert!(past.len() > step);
+                assert_eq!(decode_value::<String>(&past).unwrap().len(), step);
+            }
+            // A body inside the step that declares a string of the whole
+            // step is refused by the step's limit, before the decoder looks
+            // for the bytes: a larger limit would fail at the end of input
+            // instead, having granted the string room.
+            let mut lie = encode_value(&"a".repeat(step)).unwrap();
+            lie.truncate(step - 100);
+            let err = decode_value::<String>(&lie).unwrap_err();
+            assert!(err.to_string().contains("LimitExceeded"), "{step}: {err}");
+        }
+        // Past the ceiling nothing is decoded.
+        assert_eq!(VALUE_CEILING, 64 * 1024 * 1024);
+        let over = vec![0u8; VALUE_CEILING + 1];
+        assert!(matches!(
+            decode_value::<String>(&over),
+            Err(DecodeError::TooLarge { len, limit: VALUE_CEILING }) if len == VALUE_CEILING + 1
+        ));
+        let mut trailing = encode_value(&7u32).unwrap();
+        trailing.extend([0, 0]);
+        assert!(matches!(
+            decode_value::<u32>(&trailing),
+            Err(DecodeError::TrailingBytes { extra: 2 })
+        ));
+    }
+
     #[test]
     fn oversized_length_is_refused_before_reading_body() {
         let prefix = length_prefix(MAX_CONTROL_FRAME + 1);

@@ -278,6 +278,22 @@ mod tests {
     }
 
     #[test]
+    fn a_group_message_may_end_with_its_senders_name() {
+        // The name fills the rest exactly: an empty body.
+        let ev = GroupEvent::parse(Bytes::from_static(b"\x00\x02al")).unwrap();
+        assert_eq!(
+            ev,
+            GroupEvent::Message {
+                from: "al".into(),
+                body: Bytes::new()
+            }
+        );
+        // One byte of the name missing.
+        assert!(GroupEvent::parse(Bytes::from_static(b"\x00\x03al")).is_err());
+        assert!(GroupEvent::parse(Bytes::from_static(b"\x00\x02a")).is_err());
+    }
+
+    #[test]
     fn bad_envelopes_are_errors() {
         for bad in [&b""[..], b"\x01short", b"\x07\0\0\0\0\0\0\0\0"] {
             assert!(Envelope::parse(Bytes::copy_from_slice(bad)).is_err());

@@ -59,4 +59,38 @@ mod tests {
         assert!(cut.len() <= MAX_REASON);
         assert!(cut.chars().all(|c| c == 'é'));
     }
+
+    /// Runs `f` on another thread and fails the test if it takes longer
+    /// than five seconds, so a loop that never ends is a failure, not a hang.
+    fn within_five_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("did not finish within five seconds")
+    }
+
+    #[test]
+    fn clip_keeps_max_reason_bytes_and_cuts_back_to_a_char_boundary() {
+        let exact = "a".repeat(MAX_REASON);
+        assert_eq!(clip_reason(&exact), exact);
+        let ascii = "a".repeat(MAX_REASON + 1);
+        assert_eq!(clip_reason(&ascii), exact);
+        // Byte MAX_REASON falls inside a 2-byte character: cut one earlier.
+        let odd = format!("a{}", "é".repeat(MAX_REASON));
+        let cut = within_five_seconds(move || clip_reason(&odd));
+        assert_eq!(cut.len(), MAX_REASON - 1);
+        assert!(cut.starts_with('a') && cut[1..].chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn documented_limits_have_their_documented_values() {
+        // docs/protocol.md states these sizes; a change is a protocol change.
+        assert_eq!(MAX_CONTROL_FRAME, 16_384);
+        assert_eq!(DEFAULT_MAX_MESSAGE, 67_108_864);
+        assert_eq!(DEFAULT_MAX_BROADCAST, 65_536);
+        assert_eq!(MAX_REASON, 1024);
+        assert_eq!(MAX_MESSAGE_CEILING, 4_294_967_295);
+    }
 }

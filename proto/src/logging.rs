@@ -253,6 +253,18 @@ mod tests {
     }
 
     #[test]
+    fn a_filter_is_checked_and_changed_only_after_init() {
+        assert!(check_filter("qmesh_coordinator=debug,warn").is_ok());
+        let err = check_filter("[").unwrap_err();
+        assert!(err.contains("log filter \"[\""), "{err}");
+        // No test in this crate installs the format but this one.
+        assert!(set_filter("debug").is_err());
+        init(Some("warn"));
+        assert_eq!(set_filter("debug"), Ok(()));
+        assert!(set_filter("[").is_err());
+    }
+
+    #[test]
     fn a_wrapped_peer_name_stays_on_its_line() {
         let name = "x\n[2026-01-01 00:00:00.000 WARN session/admin] forged";
         let lines = logged(|| {

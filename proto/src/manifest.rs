@@ -255,4 +255,70 @@ mod tests {
         assert_eq!(names(&ok), "web, echo");
         assert_eq!(names(&[]), "none");
     }
+
+    #[test]
+    fn a_direction_reads_back_from_its_name() {
+        for d in [Direction::Send, Direction::Recv, Direction::Both] {
+            assert_eq!(d.to_string().parse::<Direction>(), Ok(d));
+        }
+        assert_eq!("send".parse::<Direction>(), Ok(Direction::Send));
+    }
+
+    #[test]
+    fn exactly_max_interfaces_pass() {
+        let list: Vec<_> = (0..MAX_INTERFACES)
+            .map(|i| Interface::new(format!("i{i}"), ""))
+            .collect();
+        assert_eq!(validate_interfaces(&list), Ok(()));
+    }
+
+    #[test]
+    fn a_list_of_max_bytes_passes_and_one_byte_more_does_not() {
+        assert_eq!(MAX_INTERFACES_BYTES, 16 * 1024 - 512);
+        // The purpose is the only free length: grow it to the limit.
+        let list = |purpose: usize| vec![Interface::new("big", "x".repeat(purpose))];
+        let fixed = crate::codec::encoded_len(&list(300)).unwrap() - 300;
+        let at = list(MAX_INTERFACES_BYTES - fixed);
+        assert_eq!(
+            crate::codec::encoded_len(&at).unwrap(),
+            MAX_INTERFACES_BYTES
+        );
+        assert_eq!(validate_interfaces(&at), Ok(()));
+        let over = list(MAX_INTERFACES_BYTES - fixed + 1);
+        let err = validate_interfaces(&over).unwrap_err();
+        assert!(err.contains("15873 bytes"), "{err}");
+    }
+
+    #[test]
+    fn an_interface_shows_every_field_it_has() {
+        let plain = Interface::new("web", "pages").to_string();
+        assert_eq!(
+            plain,
+            "interface: web\npurpose:   pages\n\
+             direction: both (from the offerer's side)\nversion:   1\n"
+        );
+        let full = Interface::new("tunnel", "ssh")
+            .with_direction(Direction::Recv)
+            .with_forward(ForwardKind::Stream)
+            .with_schema("line one\nline two")
+            .with_json_schema("{}")
+            .with_version("2");
+        assert_eq!(full.direction, Direction::Recv);
+        assert_eq!(full.forward, Some(ForwardKind::Stream));
+        assert_eq!(full.schema, "line one\nline two");
+        assert_eq!(full.json_schema.as_deref(), Some("{}"));
+        assert_eq!(full.version, "2");
+        let text = full.to_string();
+        for line in [
+            "direction: recv (from",
+            "version:   2",
+            "forwards:  stream (tcp or unix)",
+            "schema:\n  line one\n  line two\n",
+            "json schema:\n  {}\n",
+        ] {
+            assert!(text.contains(line), "{line:?} not in {text}");
+        }
+        let udp = Interface::new("dns", "").with_forward(ForwardKind::Datagram);
+        assert!(udp.to_string().contains("forwards:  datagram (udp)"));
+    }
 }

@@ -730,3 +730,68 @@ mod bounded {
         d.deserialize_option(OptionAddrs)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+    use crate::limits::MAX_REPORTED_ADDRS;
+    use crate::manifest::MAX_INTERFACES;
+
+    #[test]
+    fn a_group_policy_reads_back_from_its_name() {
+        for p in [GroupPolicy::Block, GroupPolicy::Lag, GroupPolicy::Evict] {
+            assert_eq!(p.to_string().parse::<GroupPolicy>(), Ok(p));
+        }
+        assert_eq!("block".parse::<GroupPolicy>(), Ok(GroupPolicy::Block));
+        assert_eq!("evict".parse::<GroupPolicy>(), Ok(GroupPolicy::Evict));
+        let err = "drop".parse::<GroupPolicy>().unwrap_err();
+        assert!(err.contains("block, lag or evict"), "{err}");
+    }
+
+    #[test]
+    fn only_message_streams_carry_envelopes() {
+        let (stream, channel) = (StreamId(1), ChannelId(1));
+        assert!(StreamHeader::Messages { channel: stream }.is_messages());
+        assert!(StreamHeader::DirectMessages { channel }.is_messages());
+        assert!(!StreamHeader::Data { channel: stream }.is_messages());
+        assert!(!StreamHeader::Direct { channel }.is_messages());
+        assert!(!StreamHeader::Hold { channel }.is_messages());
+        assert!(!StreamHeader::DirectClose { channel }.is_messages());
+    }
+
+    #[test]
+    fn exactly_max_interfaces_decode_and_one_more_does_not() {
+        let list = |n: usize| ClientSession::Interfaces {
+            list: (0..n)
+                .map(|i| Interface::new(format!("i{i}"), ""))
+                .collect(),
+        };
+        let at = list(MAX_INTERFACES);
+        assert_eq!(decode::<ClientSession>(&encode(&at).unwrap()).unwrap(), at);
+        let over = encode(&list(MAX_INTERFACES + 1)).unwrap();
+        let err = decode::<ClientSession>(&over).unwrap_err();
+        assert!(err.to_string().contains("more than 64 interfaces"), "{err}");
+    }
+
+    #[test]
+    fn a_peer_intro_keeps_up_to_max_addresses() {
+        let intro = |n: usize| PeerIntro {
+            fingerprint: [3; 32],
+            observed: "192.0.2.1:5".parse().unwrap(),
+            addrs: (0..n)
+                .map(|i| SocketAddr::from(([10, 0, 0, i as u8], 7)))
+                .collect(),
+            dial: true,
+            session: SessionId(4),
+        };
+        for n in [1, MAX_REPORTED_ADDRS] {
+            let back = decode::<PeerIntro>(&encode(&intro(n)).unwrap()).unwrap();
+            assert_eq!(back, intro(n));
+        }
+        let over = encode(&intro(MAX_REPORTED_ADDRS + 1)).unwrap();
+        let err = decode::<PeerIntro>(&over).unwrap_err();
+        assert!(err.to_string().contains("more than 8 addresses"), "{err}");
+    }
+}

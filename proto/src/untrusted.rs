@@ -194,6 +194,25 @@ mod tests {
     }
 
     #[test]
+    fn a_value_written_in_pieces_counts_every_piece_left_out() {
+        /// Displays itself in three writes.
+        struct Pieces;
+        impl Display for Pieces {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("abcdef")?;
+                f.write_str("ghij")?;
+                f.write_str("kl")
+            }
+        }
+        let shown = Untrusted::clipped_at(Pieces, 3).to_string();
+        assert_eq!(shown, "abc…(9 more bytes)");
+        assert_eq!(
+            Untrusted::clipped_at(Pieces, 12).to_string(),
+            "abcdefghijkl"
+        );
+    }
+
+    #[test]
     fn the_cut_counts_escapes_as_shown_and_never_splits_one() {
         // 127 plain characters, then a newline whose escape would pass 128.
         let text = format!("{}\néé", "x".repeat(MAX_SHOWN - 1));
