@@ -148,6 +148,31 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
     Ok(msg)
 }
 
+/// Bytes of the decoder's limit kept for the message around a value that
+/// travels inside others (see [`decode_in_carrier`]). The largest carrier
+/// of an interface list, `PresenceEvent::Changed`, adds 84 as the decoder
+/// counts them: a 4-byte variant, a 64-byte name with its 8-byte length,
+/// and the list's 8-byte length.
+pub const CARRIER_ROOM: usize = 128;
+
+/// Decode as [`decode`] does, with [`CARRIER_ROOM`] bytes less of the
+/// decoder's limit: whether a value sent on its own would also decode
+/// inside any message that carries it. The limit counts what decoding
+/// takes in memory, not bytes on the wire (a length as 8 bytes, each
+/// field at its size), so a body under the frame limit can still pass the
+/// decoder's; a sender checks this before sending.
+pub fn decode_in_carrier<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
+    let config = bincode::config::standard().with_limit::<{ MAX_CONTROL_FRAME - CARRIER_ROOM }>();
+    let (msg, used) = bincode::serde::decode_from_slice(body, config)
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if used != body.len() {
+        return Err(DecodeError::TrailingBytes {
+            extra: body.len() - used,
+        });
+    }
+    Ok(msg)
+}
+
 /// The encoded size of `msg`, whatever its size.
 pub fn encoded_len<T: Serialize>(msg: &T) -> Result<usize, EncodeError> {
     bincode::serde::encode_to_vec(msg, bincode::config::standard())

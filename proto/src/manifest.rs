@@ -206,6 +206,19 @@ pub fn validate_interfaces(list: &[Interface]) -> Result<(), String> {
             "the interface list takes {size} bytes encoded; at most {MAX_INTERFACES_BYTES} are allowed (shorten schemas or purposes)"
         ));
     }
+    // What a receiver's decoder allows is counted in memory, not on the
+    // wire (each string's length as 8 bytes, each field at its size): a
+    // list under the byte limit can still be refused where it arrives, as
+    // a broken session frame. Decode it as its receivers will, with room
+    // for the message around it.
+    let body = crate::codec::encode(&list)
+        .map_err(|e| format!("the interface list cannot be encoded: {e}"))?;
+    if let Err(e) = crate::codec::decode_in_carrier::<Vec<Interface>>(&body) {
+        return Err(format!(
+            "the interface list of {} interfaces ({size} bytes encoded) is more than a receiver decodes in one message ({e}); shorten schemas or purposes, or declare fewer interfaces",
+            list.len()
+        ));
+    }
     Ok(())
 }
 

@@ -794,4 +794,57 @@ mod tests {
         let err = decode::<PeerIntro>(&over).unwrap_err();
         assert!(err.to_string().contains("more than 8 addresses"), "{err}");
     }
+
+    /// 64 interfaces whose schemas take `schema` bytes each.
+    fn interfaces(schema: usize) -> Vec<Interface> {
+        (0..MAX_INTERFACES)
+            .map(|i| Interface {
+                name: format!("if{i}"),
+                purpose: String::new(),
+                direction: crate::manifest::Direction::Both,
+                schema: "s".repeat(schema),
+                json_schema: None,
+                version: String::new(),
+                forward: None,
+            })
+            .collect()
+    }
+
+    /// Every interface list the rules accept decodes wherever it travels
+    /// whole: as the client's update and as a presence change naming the
+    /// longest client name. The largest accepted list is found by growing
+    /// the schemas; before the carrier check, a list of 64 interfaces
+    /// under the byte limit (15,872 bytes) was refused by the decoder.
+    #[test]
+    fn every_interface_list_the_rules_accept_decodes_where_it_travels() {
+        let accepted = |n| crate::manifest::validate_interfaces(&interfaces(n)).is_ok();
+        assert!(accepted(0));
+        let (mut ok, mut refused) = (0, 16 * 1024);
+        assert!(!accepted(refused));
+        while refused - ok > 1 {
+            let mid = (ok + refused) / 2;
+            if accepted(mid) {
+                ok = mid;
+            } else {
+                refused = mid;
+            }
+        }
+        let list = interfaces(ok);
+        let update = ClientSession::Interfaces { list: list.clone() };
+        assert_eq!(
+            decode::<ClientSession>(&encode(&update).unwrap()).unwrap(),
+            update
+        );
+        let change = PresenceEvent::Changed {
+            name: ClientName::from("n".repeat(crate::name::MAX_NAME_LEN).as_str()),
+            interfaces: list,
+        };
+        assert_eq!(
+            decode::<PresenceEvent>(&encode(&change).unwrap()).unwrap(),
+            change
+        );
+        // And the refusal says what to do.
+        let e = crate::manifest::validate_interfaces(&interfaces(refused)).unwrap_err();
+        assert!(e.contains("shorten schemas or purposes"), "{e}");
+    }
 }
