@@ -1778,6 +1778,30 @@ mod tests {
         assert_eq!(a, parse("unix//x"));
     }
 
+    /// A host field that opens a bracket must close it; `[]` and `[x]` are
+    /// closed but hold no IPv6 address, and say that instead.
+    #[test]
+    fn from_fields_hosts_with_brackets_say_what_is_wrong() {
+        let str_ = |s: &str| Value::Str(s.to_owned());
+        let err = |host: &str| {
+            Address::from_fields(&fields(&[
+                ("connector", str_("tcp")),
+                ("host", str_(host)),
+                ("port", Value::U64(80)),
+            ]))
+            .unwrap_err()
+            .to_string()
+        };
+        for unclosed in ["[", "[x", "[::1"] {
+            let e = err(unclosed);
+            assert!(e.contains("does not end with ']'"), "{unclosed}: {e}");
+        }
+        for closed in ["[]", "[x]"] {
+            let e = err(closed);
+            assert!(!e.contains("does not end with ']'"), "{closed}: {e}");
+        }
+    }
+
     #[test]
     fn from_fields_errors_name_the_field() {
         let str_ = |s: &str| Value::Str(s.to_owned());
