@@ -138,14 +138,7 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
             limit: MAX_CONTROL_FRAME,
         });
     }
-    let (msg, used) = bincode::serde::decode_from_slice(body, config())
-        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    if used != body.len() {
-        return Err(DecodeError::TrailingBytes {
-            extra: body.len() - used,
-        });
-    }
-    Ok(msg)
+    decode_limited::<T, MAX_CONTROL_FRAME>(body)
 }
 
 /// Bytes of the decoder's limit kept for the message around a value that
@@ -162,15 +155,21 @@ pub const CARRIER_ROOM: usize = 128;
 /// field at its size), so a body under the frame limit can still pass the
 /// decoder's; a sender checks this before sending.
 pub fn decode_in_carrier<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
-    let config = bincode::config::standard().with_limit::<{ MAX_CONTROL_FRAME - CARRIER_ROOM }>();
-    let (msg, used) = bincode::serde::decode_from_slice(body, config)
+    decode_limited::<T, { MAX_CONTROL_FRAME - CARRIER_ROOM }>(body)
+}
+
+/// Decode a body that must hold exactly one `T`, with bincode's decode
+/// limit at `N` bytes (as bincode counts them).
+fn decode_limited<T: DeserializeOwned, const N: usize>(body: &[u8]) -> Result<T, DecodeError> {
+    let config = bincode::config::standard().with_limit::<N>();
+    let (value, used) = bincode::serde::decode_from_slice(body, config)
         .map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if used != body.len() {
         return Err(DecodeError::TrailingBytes {
             extra: body.len() - used,
         });
     }
-    Ok(msg)
+    Ok(value)
 }
 
 /// The encoded size of `msg`, whatever its size.
@@ -200,22 +199,11 @@ const VALUE_CEILING: usize = 64 * 1024 * 1024;
 /// a short body can make one allocation of up to 1 MiB per nested
 /// collection, freed when decoding fails.
 pub fn decode_value<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
-    fn with<T: DeserializeOwned, const N: usize>(body: &[u8]) -> Result<T, DecodeError> {
-        let config = bincode::config::standard().with_limit::<N>();
-        let (value, used) = bincode::serde::decode_from_slice(body, config)
-            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
-        if used != body.len() {
-            return Err(DecodeError::TrailingBytes {
-                extra: body.len() - used,
-            });
-        }
-        Ok(value)
-    }
     match body.len() {
-        n if n <= 16 * 1024 => with::<T, { 16 * 1024 }>(body),
-        n if n <= 256 * 1024 => with::<T, { 256 * 1024 }>(body),
-        n if n <= 4 * 1024 * 1024 => with::<T, { 4 * 1024 * 1024 }>(body),
-        n if n <= VALUE_CEILING => with::<T, VALUE_CEILING>(body),
+        n if n <= 16 * 1024 => decode_limited::<T, { 16 * 1024 }>(body),
+        n if n <= 256 * 1024 => decode_limited::<T, { 256 * 1024 }>(body),
+        n if n <= 4 * 1024 * 1024 => decode_limited::<T, { 4 * 1024 * 1024 }>(body),
+        n if n <= VALUE_CEILING => decode_limited::<T, VALUE_CEILING>(body),
         len => Err(DecodeError::TooLarge {
             len,
             limit: VALUE_CEILING,
