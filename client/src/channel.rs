@@ -1135,19 +1135,28 @@ impl Channel {
 
     /// Close gracefully with `reason` and wait until the peer confirms.
     /// Data streams sent before the close are delivered first. Closing an
-    /// ended channel returns at once.
+    /// ended channel returns at once. [`CloseError::Lost`] when the channel
+    /// was lost (the peer or the coordinator went away) before the peer's
+    /// close arrived: then nothing says the peer read what was sent.
     pub async fn close(&self, reason: &str) -> Result<(), CloseError> {
         let fx = self.shared.apply(|s| s.close_local(reason));
         self.shared.send_close(fx).await;
         let mut state = self.shared.life.watch();
         let secs = self.shared.close_timeout.as_secs();
-        timeout(
+        let answered = timeout(
             self.shared.close_timeout,
             state.wait_for(ChannelState::close_answered),
         )
         .await
-        .map(|_| ())
-        .map_err(|_| CloseError::Timeout { secs })
+        .map_err(|_| CloseError::Timeout { secs })?;
+        match answered {
+            Ok(s) => s
+                .close_outcome()
+                .map_err(|reason| CloseError::Lost { reason }),
+            Err(_) => Err(CloseError::Lost {
+                reason: "the client was dropped".into(),
+            }),
+        }
     }
 
     /// How the channel ended, once it has.

@@ -252,6 +252,13 @@ pub enum CloseError {
         /// The timeout in seconds.
         secs: u64,
     },
+    /// The channel was lost before the peer confirmed the close: what this
+    /// side sent may not all have been read.
+    #[error("the channel was lost before the peer confirmed the close: {reason}")]
+    Lost {
+        /// Why the channel was lost.
+        reason: String,
+    },
 }
 
 /// What a stop code means, for the user: the known `StreamCode`'s

@@ -34,6 +34,9 @@ pub(crate) struct ChannelState {
     relayed: u64,
     /// This side has decided its close (sent, or no longer possible).
     close_sent: bool,
+    /// Why the control stream ended, when it ended after the channel had
+    /// ended without the peer's close (this side's close went unanswered).
+    unanswered: Option<String>,
     /// Ready has been reported.
     ready: bool,
     /// The end has been reported (only ever after Ready).
@@ -129,6 +132,9 @@ impl ChannelState {
     /// The control stream is over; `reason` is why, should the channel not
     /// have ended yet (then it is lost).
     pub(crate) fn control_ended(&mut self, reason: String) -> Effects {
+        if self.end.is_some() && self.peer_close.is_none() {
+            self.unanswered = Some(reason.clone());
+        }
         let mut fx = self.finish(ChannelEnd::Lost { reason });
         self.done = true;
         fx.finish_control = !self.close_sent;
@@ -204,6 +210,19 @@ impl ChannelState {
     /// control stream is over.
     pub(crate) fn close_answered(&self) -> bool {
         self.peer_close.is_some() || self.done
+    }
+
+    /// Once [`Self::close_answered`]: `Ok` when the peer's close arrived,
+    /// else why the control stream ended without it (the channel was lost,
+    /// before or after this side closed it).
+    pub(crate) fn close_outcome(&self) -> Result<(), String> {
+        if self.peer_close.is_some() {
+            return Ok(());
+        }
+        match (&self.end, &self.unanswered) {
+            (Some(ChannelEnd::Lost { reason }), _) | (_, Some(reason)) => Err(reason.clone()),
+            _ => Err("the control stream ended without the peer's close".into()),
+        }
     }
 
     /// Whether no more of the peer's one-way messages and requests can come:
@@ -466,6 +485,21 @@ mod tests {
                 .is_some_and(|(p, c)| p < c);
             if peer_first {
                 assert_eq!(closes.len(), 1, "{order:?}: the peer's close unanswered");
+            }
+            // A close is confirmed only by the peer's close: a channel
+            // lost before or after this side closed reports why instead.
+            if s.close_answered() {
+                let peer_closed = order.iter().any(|i| matches!(i, Input::PeerClose(_)));
+                match s.close_outcome() {
+                    Ok(()) => assert!(peer_closed, "{order:?}: confirmed without the peer"),
+                    Err(why) => {
+                        assert!(!peer_closed, "{order:?}: the peer's close not counted");
+                        assert!(
+                            ["direct path lost", "control stream failed"].contains(&why.as_str()),
+                            "{order:?}: {why}"
+                        );
+                    }
+                }
             }
             // Ended means no new streams.
             if s.end().is_some() {

@@ -45,7 +45,7 @@ pub(crate) async fn run(
             );
         }
     });
-    let mut confirmed = receipts::ask(&channel).await;
+    let confirmed = receipts::ask(&channel).await;
     let mut sent = Count::default();
     let sending = async {
         match file {
@@ -77,50 +77,79 @@ pub(crate) async fn run(
     }
     // Everything is sent: wait until the peer confirms it all, or the
     // channel ends first.
-    let all_there = async {
-        if tokio::time::timeout(RECEIPTS_WAIT, confirmed.wait_for(Option::is_some))
-            .await
-            .is_err()
-        {
-            return None;
+    let mut follow = confirmed.clone();
+    let heard = async move {
+        match tokio::time::timeout(RECEIPTS_WAIT, follow.wait_for(Option::is_some)).await {
+            // No answer to the hello: a peer that keeps no count (the
+            // close below still has to be confirmed).
+            Err(_) | Ok(Err(_)) => return Heard::NoReceipts,
+            Ok(Ok(_)) => {}
         }
-        confirmed
-            .wait_for(|c| c.is_none_or(|c| c.covers(&sent)))
-            .await
-            .ok()
-            .and_then(|c| *c)
+        match follow.wait_for(|c| c.is_none_or(|c| c.covers(&sent))).await {
+            Ok(c) => c.map_or(Heard::NoReceipts, Heard::All),
+            // The receipts ended short of what was sent: the peer is gone
+            // or stopped counting.
+            Err(_) => Heard::Short,
+        }
     };
+    let short = |end: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "the channel {} ended before the peer confirmed everything ({end}); {}",
+            channel.label(),
+            what_arrived(*confirmed.borrow(), &sent)
+        )
+    };
+    let mut covered = false;
     tokio::select! {
-        all = all_there => if let Some(told) = all {
-            // What the peer says it has, which covers what was sent.
-            eprintln!("qmesh: the peer confirmed {told}");
-        } else {
-            eprintln!("qmesh: the peer does not send receipts; {sent} sent, delivery not confirmed");
+        heard = heard => match heard {
+            Heard::All(told) => {
+                covered = true;
+                eprintln!("qmesh: the peer confirmed {told}");
+            }
+            Heard::NoReceipts => eprintln!(
+                "qmesh: the peer does not send receipts; {sent} sent, delivery not confirmed"
+            ),
+            Heard::Short => {
+                let end = channel.ended().await;
+                return Err(short(&end));
+            }
         },
         end = channel.ended() => {
-            let told = *confirmed.borrow();
-            if !told.is_some_and(|c| c.covers(&sent)) {
-                anyhow::bail!(
-                    "the channel {} ended before the peer confirmed everything ({end}); {}",
-                    channel.label(),
-                    what_arrived(told, &sent)
-                );
+            if !confirmed.borrow().is_some_and(|c| c.covers(&sent)) {
+                return Err(short(&end));
             }
+            covered = true;
         }
     }
-    channel
-        .close("done")
-        .await
-        .context("waiting for the peer to confirm the close")?;
+    match channel.close("done").await {
+        Ok(()) => {}
+        // The receipts already cover everything: the close is a formality.
+        Err(e) if covered => eprintln!("qmesh: closing the channel: {e}"),
+        Err(e) => return Err(short(&e)),
+    }
     client.close("done").await;
     Ok(())
 }
 
-/// What the peer confirmed of `sent`, as a sentence.
+/// What `send` heard from the peer's receipts once everything was sent.
+enum Heard {
+    /// Receipts covering everything sent.
+    All(Count),
+    /// No receipts: the peer did not answer the hello, or sent a receipt
+    /// that is not a count.
+    NoReceipts,
+    /// The receipts ended before they covered everything sent.
+    Short,
+}
+
+/// What the peer confirmed of `sent`, as a sentence. A receipt of zero
+/// and no receipt at all (the peer had not answered the receipts hello
+/// when the channel ended, or keeps no count) read the same: nothing of
+/// what was sent is confirmed.
 fn what_arrived(confirmed: Option<Count>, sent: &Count) -> String {
     match confirmed {
-        Some(c) => format!("the peer confirmed {c} of the {sent} sent"),
-        None => format!("the peer confirmed nothing of the {sent} sent (it sends no receipts)"),
+        Some(c) if c != Count::default() => format!("the peer confirmed {c} of the {sent} sent"),
+        _ => format!("the peer confirmed nothing of the {sent} sent"),
     }
 }
 
@@ -200,4 +229,24 @@ async fn send_file(out: &mut MessageSender, path: &PathBuf, sent_count: &mut Cou
     }
     bar.finish();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_confirmed_reads_the_same_with_or_without_a_receipt() {
+        let sent = Count { lines: 2, bytes: 9 };
+        let none = what_arrived(None, &sent);
+        assert_eq!(
+            none,
+            "the peer confirmed nothing of the 2 line(s), 9 byte(s) sent"
+        );
+        assert_eq!(what_arrived(Some(Count::default()), &sent), none);
+        assert_eq!(
+            what_arrived(Some(Count { lines: 1, bytes: 4 }), &sent),
+            "the peer confirmed 1 line(s), 4 byte(s) of the 2 line(s), 9 byte(s) sent"
+        );
+    }
 }
