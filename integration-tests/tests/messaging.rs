@@ -631,7 +631,17 @@ async fn exactly_one_terminal_event_per_action_when_peer_processes_are_killed_or
                 for result in results {
                     match result {
                         Ok(_) => outcome.replies += 1,
-                        Err(RequestError::ReplyMissing { .. }) => outcome.missing += 1,
+                        // The peer is declared lost after 1.5 s of silence,
+                        // well before the 5 s request timeout: a missing
+                        // reply is put down to the channel's end.
+                        Err(RequestError::ReplyMissing { reason }) => {
+                            assert!(
+                                reason.starts_with("the channel ended before the reply")
+                                    || reason.starts_with("the channel has ended"),
+                                "{label}: a request on a lost channel: {reason}"
+                            );
+                            outcome.missing += 1;
+                        }
                         Err(e) => panic!("{label}: unexpected {e:?}"),
                     }
                 }
