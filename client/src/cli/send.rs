@@ -99,13 +99,9 @@ pub(crate) async fn run(
             what_arrived(*confirmed.borrow(), &sent)
         )
     };
-    let mut covered = false;
     tokio::select! {
         heard = heard => match heard {
-            Heard::All(told) => {
-                covered = true;
-                eprintln!("qmesh: the peer confirmed {told}");
-            }
+            Heard::All(told) => eprintln!("qmesh: the peer confirmed {told}"),
             Heard::NoReceipts => eprintln!(
                 "qmesh: the peer does not send receipts; {sent} sent, delivery not confirmed"
             ),
@@ -118,13 +114,14 @@ pub(crate) async fn run(
             if !confirmed.borrow().is_some_and(|c| c.covers(&sent)) {
                 return Err(short(&end));
             }
-            covered = true;
         }
     }
     match channel.close("done").await {
         Ok(()) => {}
         // The receipts already cover everything: the close is a formality.
-        Err(e) if covered => eprintln!("qmesh: closing the channel: {e}"),
+        Err(e) if confirmed.borrow().is_some_and(|c| c.covers(&sent)) => {
+            eprintln!("qmesh: closing the channel: {e}")
+        }
         Err(e) => return Err(short(&e)),
     }
     client.close("done").await;
