@@ -163,7 +163,8 @@ fn after_code(code: ConnCode) -> After {
         | ConnCode::Full
         | ConnCode::HeartbeatMissed
         // The operator closed the session (`kick`), not the credential.
-        | ConnCode::Kicked => After::Retry,
+        | ConnCode::Kicked
+        | ConnCode::Unavailable => After::Retry,
         // Refusals of this credential or this name, and this client's own
         // protocol faults: the same hello would meet the same answer.
         ConnCode::Malformed
@@ -185,7 +186,7 @@ fn after_code(code: ConnCode) -> After {
 pub(crate) fn after_attempt(err: &ConnectError) -> After {
     match err {
         ConnectError::Rejected { code, .. } => match code {
-            RejectCode::ShuttingDown | RejectCode::Full => After::Retry,
+            RejectCode::ShuttingDown | RejectCode::Full | RejectCode::Unavailable => After::Retry,
             RejectCode::VersionMismatch
             | RejectCode::NameTaken
             | RejectCode::InvalidName

@@ -90,6 +90,10 @@ pub struct Config {
     /// The HTTP listener for `/metrics`, `/status.json` and the status
     /// page (`run --http`); `None`: none.
     pub http: Option<HttpConfig>,
+    /// Where names are claimed before a hello is admitted:
+    /// [`crate::directory::LocalDirectory`] for a coordinator on its own,
+    /// the etcd directory for a member of a cluster.
+    pub directory: Arc<dyn crate::directory::Directory>,
 }
 
 /// The HTTP listener of `run --http`.
@@ -163,6 +167,7 @@ impl Config {
             groups: HashMap::new(),
             worker: None,
             http: None,
+            directory: Arc::new(crate::directory::LocalDirectory),
         }
     }
 }

@@ -45,6 +45,7 @@ use tracing::{debug, info, warn};
 use crate::admission::{
     self, judge_holder, Credential, Greeted, Hello, Joining, Refusal, Violation,
 };
+use crate::directory::{Claim, ClaimCredential};
 use crate::limit::Limiter;
 use crate::registry::{Admitted, SessionId};
 use crate::session::{Session, Shared};
@@ -67,12 +68,20 @@ pub(crate) trait Gate {
     /// for `name`, PEM, and when it expires.
     fn enroll(&self, name: &str, token: Option<&str>) -> Result<(String, u64), Refusal>;
 
-    /// Admit `joining` with its `interfaces`: register it, and return its
-    /// session number.
+    /// Claim the name in the directory (across a cluster's coordinators),
+    /// before [`Gate::admit`].
+    fn claim(
+        &self,
+        joining: &Joining,
+    ) -> impl std::future::Future<Output = Result<Claim, Refusal>> + Send;
+
+    /// Admit `joining` with its `interfaces` and its `claim`: register it,
+    /// and return its session number. A refusal gives the claim back.
     fn admit(
         &self,
         joining: &Joining,
         interfaces: Vec<Interface>,
+        claim: Claim,
     ) -> Result<(SessionId, Self::Admitted), Refusal>;
 
     /// The welcome could not be delivered: undo `admit`.
@@ -164,7 +173,14 @@ where
     } else {
         Vec::new()
     };
-    let (id, admitted) = match gate.admit(&joining, interfaces) {
+    let claim = match gate.claim(&joining).await {
+        Ok(claim) => claim,
+        Err(refusal) => {
+            debug!(code = %refusal.code.conn_code(), "the directory refused");
+            return reject(send, joining.name, refusal, Greeted::Hello).await;
+        }
+    };
+    let (id, admitted) = match gate.admit(&joining, interfaces, claim) {
         Ok(ok) => ok,
         Err(refusal) => {
             debug!(
@@ -249,12 +265,25 @@ impl Gate for CoordinatorGate<'_> {
         Ok(self.shared.config.auth.enroll(name, token, self.chain)?)
     }
 
+    async fn claim(&self, joining: &Joining) -> Result<Claim, Refusal> {
+        let Credential { fingerprint, key } = self.credential;
+        let credential = ClaimCredential { fingerprint, key };
+        Ok(self
+            .shared
+            .config
+            .directory
+            .claim(&joining.name, credential)
+            .await?)
+    }
+
     fn admit(
         &self,
         joining: &Joining,
         interfaces: Vec<Interface>,
+        claim: Claim,
     ) -> Result<(SessionId, Self::Admitted), Refusal> {
         let Credential { fingerprint, key } = self.credential;
+        let directory = &self.shared.config.directory;
         let admitted = self.shared.registry().admit(
             joining.version,
             &joining.name,
@@ -275,6 +304,7 @@ impl Gate for CoordinatorGate<'_> {
                     probe: tokio::sync::Notify::new(),
                     strikes: Default::default(),
                     headers: tokio::sync::Semaphore::new(crate::limit::HEADER_BUDGET),
+                    claim,
                 })
             },
             |held| {
@@ -285,7 +315,17 @@ impl Gate for CoordinatorGate<'_> {
                 };
                 judge_holder(open, held_credential, self.credential)
             },
-        )?;
+        );
+        let admitted = match admitted {
+            Ok(a) => {
+                directory.admitted(&joining.name, claim);
+                a
+            }
+            Err(e) => {
+                directory.release(&joining.name, claim);
+                return Err(e.into());
+            }
+        };
         let Admitted {
             id,
             handle: session,
@@ -310,7 +350,11 @@ impl Gate for CoordinatorGate<'_> {
     }
 
     fn withdraw(&self, joining: &Joining, id: SessionId) {
+        let session = self.shared.registry().lookup(&joining.name).cloned();
         self.shared.registry().leave(&joining.name, id);
+        if let Some(s) = session.filter(|s| s.id == id) {
+            self.shared.config.directory.release(&joining.name, s.claim);
+        }
     }
 }
 
@@ -371,6 +415,10 @@ pub(crate) async fn hello(
                 .contains(&credential.fingerprint)
             {
                 shared.registry().leave(&session.name, session.id);
+                shared
+                    .config
+                    .directory
+                    .release(&session.name, session.claim);
                 session.close_revoked();
                 shared.stats.handshake_failed();
                 return None;
@@ -501,10 +549,15 @@ mod tests {
             }
         }
 
+        async fn claim(&self, _: &Joining) -> Result<Claim, Refusal> {
+            Ok(Claim::default())
+        }
+
         fn admit(
             &self,
             joining: &Joining,
             interfaces: Vec<Interface>,
+            _: Claim,
         ) -> Result<(SessionId, SessionId), Refusal> {
             let me = self.credential;
             let a = self.names().admit(

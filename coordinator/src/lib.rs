@@ -69,9 +69,12 @@ pub mod auth;
 pub mod bearer;
 mod broadcast;
 mod channel;
+#[cfg(feature = "etcd")]
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod devcert;
+pub mod directory;
 pub mod file;
 mod files;
 mod groups;

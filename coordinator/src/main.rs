@@ -199,6 +199,18 @@ struct RunArgs {
     /// See --max-crashes [default: 60s].
     #[arg(long, default_value = "60s")]
     crash_window: humantime::Duration,
+    /// Join a cluster of coordinators whose directory is this etcd,
+    /// e.g. http://127.0.0.1:2379 (repeatable: the members of one etcd
+    /// cluster). Names are then unique across the cluster.
+    #[arg(long, value_name = "URL")]
+    etcd: Vec<String>,
+    /// The cluster's name: its keys in etcd are under /qmesh/NAME/.
+    #[arg(long, value_name = "NAME", default_value = "qmesh", requires = "etcd")]
+    cluster: String,
+    /// The time to live of this coordinator's lease in etcd: how soon its
+    /// names are free after it dies.
+    #[arg(long, value_name = "DURATION", default_value = "5s", requires = "etcd")]
+    etcd_lease_ttl: humantime::Duration,
     /// TOML config file; flags given here override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -484,6 +496,57 @@ impl From<&RunArgs> for Flags {
     }
 }
 
+/// With `--etcd`: join the cluster, and say so in a line for the banner.
+#[cfg(feature = "etcd")]
+async fn join_cluster(
+    args: &RunArgs,
+    listener: &Listener,
+) -> Result<
+    Option<(
+        std::sync::Arc<dyn qmesh_coordinator::directory::Directory>,
+        String,
+    )>,
+> {
+    use qmesh_coordinator::cluster::{ClusterSettings, EtcdDirectory};
+    if args.etcd.is_empty() {
+        return Ok(None);
+    }
+    let directory = EtcdDirectory::join(ClusterSettings {
+        endpoints: args.etcd.clone(),
+        cluster: args.cluster.clone(),
+        lease_ttl: args.etcd_lease_ttl.into(),
+        clients: listener.local_addr(),
+    })
+    .await?;
+    let line = format!(
+        "cluster {}: member {} (directory: etcd at {})",
+        args.cluster,
+        directory.id(),
+        args.etcd.join(", ")
+    );
+    Ok(Some((std::sync::Arc::new(directory), line)))
+}
+
+/// Without the `etcd` feature, `--etcd` is refused.
+#[cfg(not(feature = "etcd"))]
+async fn join_cluster(
+    args: &RunArgs,
+    _listener: &Listener,
+) -> Result<
+    Option<(
+        std::sync::Arc<dyn qmesh_coordinator::directory::Directory>,
+        String,
+    )>,
+> {
+    if args.etcd.is_empty() {
+        return Ok(None);
+    }
+    bail!(
+        "this qmesh-coordinator was built without the `etcd` feature, so it cannot join a \
+         cluster: build it with its default features (which need protoc)"
+    )
+}
+
 /// Bind the coordinator's port, with what to do when it is taken.
 fn bind(addr: std::net::SocketAddr) -> Result<Listener> {
     Listener::bind(addr).map_err(|e| match &e {
@@ -582,6 +645,10 @@ async fn run(
     let mode = settings.auth.mode();
     let dir = &settings.state_dir;
     let policy_rules = settings.policy.as_ref().map(|p| p.len());
+    let cluster = join_cluster(&args, &listener).await?;
+    if let Some((directory, _)) = &cluster {
+        config.directory = directory.clone();
+    }
     let coordinator = Coordinator::on(listener, config)?;
     let control = coordinator.control();
     control.set_source(settings::Source {
@@ -616,6 +683,9 @@ async fn run(
         coordinator.local_addr()
     );
     println!("auth mode: {mode}");
+    if let Some((_, line)) = &cluster {
+        println!("{line}");
+    }
     match mode {
         AuthMode::Open => {
             eprintln!(

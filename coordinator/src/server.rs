@@ -156,36 +156,52 @@ impl Coordinator {
         // operator command right after that line finds it.
         let admin = config.state_dir.as_deref().map(crate::admin::bind);
         let shared_endpoint = endpoint.clone();
+        let shared = Arc::new(Shared {
+            presence: tokio::sync::broadcast::channel(config.presence_buffer.max(1)).0,
+            groups: crate::groups::Groups::default(),
+            registry: Mutex::new(registry),
+            stats: Arc::default(),
+            tasks: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            draining: CancellationToken::new(),
+            pending_sources: Mutex::default(),
+            slots: tokio::sync::watch::Sender::new(0),
+            next_channel: AtomicU64::new(first_channel_number()),
+            policy: RwLock::new(Arc::new(policy)),
+            local_addr,
+            started: std::time::SystemTime::now(),
+            operator_stop: tokio::sync::watch::Sender::new(0),
+            restart_asked: Default::default(),
+            events: Mutex::default(),
+            rate: RwLock::new(config.rate),
+            group_config: RwLock::new(config.groups.clone()),
+            running: Mutex::new(None),
+            source: Mutex::new(None),
+            endpoint: shared_endpoint,
+            current_cert: Mutex::new(Some(config.identity.fingerprint().to_string())),
+            cert_summary: Mutex::new(crate::tls::CertSummary::of(&config.identity)),
+            config,
+        });
+        // A name the directory gives to another coordinator closes its
+        // session here.
+        let weak = Arc::downgrade(&shared);
+        shared.config.directory.on_lost(Box::new(move |lost| {
+            let Some(shared) = weak.upgrade() else { return };
+            let Some(session) = shared.registry().lookup(&lost.name).cloned() else {
+                return;
+            };
+            let code = if lost.replaced {
+                ConnCode::Replaced
+            } else {
+                ConnCode::NameTaken
+            };
+            session.close(code, &lost.reason);
+        }));
         Ok(Self {
             endpoint,
             http,
             admin,
-            shared: Arc::new(Shared {
-                presence: tokio::sync::broadcast::channel(config.presence_buffer.max(1)).0,
-                groups: crate::groups::Groups::default(),
-                registry: Mutex::new(registry),
-                stats: Arc::default(),
-                tasks: TaskTracker::new(),
-                shutdown: CancellationToken::new(),
-                draining: CancellationToken::new(),
-                pending_sources: Mutex::default(),
-                slots: tokio::sync::watch::Sender::new(0),
-                next_channel: AtomicU64::new(first_channel_number()),
-                policy: RwLock::new(Arc::new(policy)),
-                local_addr,
-                started: std::time::SystemTime::now(),
-                operator_stop: tokio::sync::watch::Sender::new(0),
-                restart_asked: Default::default(),
-                events: Mutex::default(),
-                rate: RwLock::new(config.rate),
-                group_config: RwLock::new(config.groups.clone()),
-                running: Mutex::new(None),
-                source: Mutex::new(None),
-                endpoint: shared_endpoint,
-                current_cert: Mutex::new(Some(config.identity.fingerprint().to_string())),
-                cert_summary: Mutex::new(crate::tls::CertSummary::of(&config.identity)),
-                config,
-            }),
+            shared,
         })
     }
 
@@ -637,6 +653,7 @@ async fn run_session(
             }
         }
         let left = shared.registry().leave(&session.name, session.id);
+        shared.config.directory.release(&session.name, session.claim);
         if left {
             let _ = shared.presence.send(PresenceEvent::Left { name: session.name.clone() });
         }

@@ -49,7 +49,7 @@ pub struct Stats {
     pub handshakes_failed: AtomicU64,
     /// Refused hellos and enrollments by [`RejectCode`], in the order of
     /// [`Stats::REJECT_CODES`].
-    pub rejects: [AtomicU64; 7],
+    pub rejects: [AtomicU64; 8],
     /// Sessions closed because the client went past its rate limit's
     /// flood threshold (`ConnCode::RateExceeded`).
     pub rate_limited: AtomicU64,
@@ -57,7 +57,7 @@ pub struct Stats {
 
 impl Stats {
     /// Every [`RejectCode`], in the order [`Stats::rejects`] counts them.
-    pub const REJECT_CODES: [RejectCode; 7] = [
+    pub const REJECT_CODES: [RejectCode; 8] = [
         RejectCode::VersionMismatch,
         RejectCode::NameTaken,
         RejectCode::InvalidName,
@@ -65,6 +65,7 @@ impl Stats {
         RejectCode::ShuttingDown,
         RejectCode::Full,
         RejectCode::BadToken,
+        RejectCode::Unavailable,
     ];
 
     /// Count a hello or enrollment refused with `code`.
@@ -79,6 +80,7 @@ impl Stats {
             RejectCode::ShuttingDown => 4,
             RejectCode::Full => 5,
             RejectCode::BadToken => 6,
+            RejectCode::Unavailable => 7,
         };
         self.rejects[i].fetch_add(1, Ordering::Relaxed);
     }
@@ -253,6 +255,8 @@ pub(crate) struct Session {
     /// Room for the first frames of its new streams while they are read:
     /// [`crate::limit::HEADER_BUDGET`] bytes of permits.
     pub(crate) headers: tokio::sync::Semaphore,
+    /// Its claim of the name in the directory, given back when it leaves.
+    pub(crate) claim: crate::directory::Claim,
 }
 
 impl Session {
@@ -402,6 +406,6 @@ mod tests {
         let counted: Vec<(RejectCode, u64)> = stats.rejects().collect();
         let expected: Vec<(RejectCode, u64)> = Stats::REJECT_CODES.into_iter().zip(1..).collect();
         assert_eq!(counted, expected);
-        assert_eq!(stats.hellos_refused.load(Ordering::Relaxed), 28);
+        assert_eq!(stats.hellos_refused.load(Ordering::Relaxed), 36);
     }
 }

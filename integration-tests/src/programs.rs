@@ -77,6 +77,7 @@ fn package_of(program: &str) -> &str {
         "redis-cli" | "redis-benchmark" => "redis-tools",
         "promtool" => "prometheus",
         "pebble-challtestsrv" => "pebble",
+        "etcd" => "etcd-server",
         other => other,
     }
 }
@@ -551,4 +552,98 @@ mod tests {
         TcpListener::bind(local(free_port())).expect("the TCP port is free");
         UdpSocket::bind(local(free_udp_port())).expect("the UDP port is free");
     }
+}
+
+/// One member of an etcd cluster started by [`etcd_cluster`].
+#[derive(Debug)]
+pub struct EtcdMember {
+    /// The running `etcd`.
+    pub program: Program,
+    /// Its client port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl EtcdMember {
+    /// `http://127.0.0.1:PORT`: what `--etcd` takes.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Whether etcd on 127.0.0.1:`port` says it is healthy (`GET /health`:
+/// it has a leader and answers).
+pub fn etcd_healthy(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&local(port), Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.contains("\"health\":\"true\"")
+}
+
+/// An etcd cluster of `members` members on loopback, each with a data
+/// directory in its own temporary directory, once every member says it
+/// is healthy.
+pub fn etcd_cluster(members: usize) -> Vec<EtcdMember> {
+    for attempt in 1..=START_ATTEMPTS {
+        let ports: Vec<(u16, u16)> = (0..members).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("t{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let initial = initial.join(",");
+        let token = format!("qmesh-test-{}-{attempt}", std::process::id());
+        let mut started: Vec<EtcdMember> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                let client_url = format!("http://127.0.0.1:{client}");
+                let peer_url = format!("http://127.0.0.1:{peer}");
+                let args = [
+                    "--name".to_owned(),
+                    format!("t{i}"),
+                    "--data-dir".to_owned(),
+                    "data".to_owned(),
+                    "--listen-client-urls".to_owned(),
+                    client_url.clone(),
+                    "--advertise-client-urls".to_owned(),
+                    client_url,
+                    "--listen-peer-urls".to_owned(),
+                    peer_url.clone(),
+                    "--initial-advertise-peer-urls".to_owned(),
+                    peer_url,
+                    "--initial-cluster".to_owned(),
+                    initial.clone(),
+                    "--initial-cluster-token".to_owned(),
+                    token.clone(),
+                    "--initial-cluster-state".to_owned(),
+                    "new".to_owned(),
+                ];
+                EtcdMember {
+                    program: Program::start("etcd", &args),
+                    port: *client,
+                }
+            })
+            .collect();
+        let last = attempt == START_ATTEMPTS;
+        let mut all = true;
+        for m in &mut started {
+            let port = m.port;
+            if !m.program.wait_ready(!last, || etcd_healthy(port)) {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            return started;
+        }
+    }
+    unreachable!("the last attempt panics instead of returning false")
 }

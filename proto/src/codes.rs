@@ -93,6 +93,10 @@ numbered! {
         /// The operator closed this session (`qmesh-coordinator kick`);
         /// the client may join again.
         Kicked = 17, "closed by the operator";
+        /// The cluster's shared directory (etcd) cannot be reached, so the
+        /// coordinator cannot claim the name without risking a duplicate;
+        /// the client may try again.
+        Unavailable = 18, "directory unavailable";
     }
 }
 
@@ -155,6 +159,9 @@ pub enum RejectCode {
     /// An enrollment token was unknown, expired, already used or not for
     /// this name.
     BadToken,
+    /// The cluster's shared directory cannot be reached: the name cannot
+    /// be claimed now. Worth trying again.
+    Unavailable,
 }
 
 impl RejectCode {
@@ -168,6 +175,7 @@ impl RejectCode {
             Self::ShuttingDown => ConnCode::Shutdown,
             Self::Full => ConnCode::Full,
             Self::BadToken => ConnCode::BadToken,
+            Self::Unavailable => ConnCode::Unavailable,
         }
     }
 
@@ -182,6 +190,7 @@ impl RejectCode {
             Self::ShuttingDown,
             Self::Full,
             Self::BadToken,
+            Self::Unavailable,
         ]
         .into_iter()
         .find(|r| r.conn_code() == code)
@@ -247,6 +256,7 @@ mod tests {
             ConnCode::RateExceeded,
             ConnCode::HeartbeatMissed,
             ConnCode::Kicked,
+            ConnCode::Unavailable,
         ];
         for (i, c) in all.iter().enumerate() {
             assert_eq!(c.code() as usize, i);

@@ -12,7 +12,7 @@ pub const DIRECT_ALPN: &[u8] = b"qmesh-direct/1";
 pub const MAX_REPORTED_ADDRS: usize = 8;
 
 /// The protocol version carried in `Hello`. The coordinator refuses any other.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Largest control frame body (session and channel control streams and data
 /// stream headers). A declared length above this is refused before any

@@ -1,0 +1,134 @@
+//! Who holds a name across coordinators: the directory a hello claims its
+//! name in before the registry admits it.
+//!
+//! A coordinator on its own uses [`LocalDirectory`], which grants every
+//! claim: its [`crate::registry::Registry`] alone decides, as it always
+//! has. Coordinators in a cluster use the etcd directory
+//! ([`crate::cluster::EtcdDirectory`], feature `etcd`), where a claim is an
+//! etcd transaction bound to the coordinator's lease, so that one name is
+//! held by one coordinator at a time. The rest of the coordinator sees
+//! only this trait: claim before admitting, confirm after, release at the
+//! leave.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+
+use qmesh_certs::Fingerprint;
+use serde::{Deserialize, Serialize};
+
+use crate::registry::Rejection;
+
+/// A claim on its way.
+pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The credential a name is claimed with: what "the same credential"
+/// compares across coordinators (the certificate, or its public key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimCredential {
+    /// The certificate's fingerprint.
+    pub fingerprint: Fingerprint,
+    /// SHA-256 of its public key, when it could be read.
+    pub key: Option<[u8; 32]>,
+}
+
+/// A claim the directory granted; given back with [`Directory::release`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Claim(pub u64);
+
+/// A name held on this coordinator that the directory no longer gives it:
+/// its session must close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameLost {
+    /// The name.
+    pub name: String,
+    /// The same credential took it over on another coordinator (a client
+    /// that reconnected elsewhere); otherwise another client holds it now.
+    pub replaced: bool,
+    /// A sentence for the session's close.
+    pub reason: String,
+}
+
+/// What the coordinator does when a name is lost ([`Directory::on_lost`]).
+pub type OnLost = Box<dyn Fn(NameLost) + Send + Sync>;
+
+/// A coordinator of the cluster, as the directory lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its id (random, made at its start).
+    pub id: String,
+    /// The address clients reach it on.
+    pub clients: String,
+    /// When it started (Unix seconds).
+    pub started: u64,
+}
+
+/// What the directory knows of the cluster, for operators (`info`,
+/// `clients`, `/metrics`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ClusterView {
+    /// The cluster's name.
+    pub cluster: String,
+    /// This coordinator's member id.
+    pub me: String,
+    /// Whether claims can be made now (the directory answers and this
+    /// member's lease is live).
+    pub available: bool,
+    /// The members, this one included, by id.
+    pub members: Vec<Member>,
+    /// Every name held in the cluster, with the id of the member holding
+    /// it, by name.
+    pub names: Vec<(String, String)>,
+}
+
+/// Where names are claimed. See the module documentation.
+pub trait Directory: Send + Sync + fmt::Debug {
+    /// Claim `name` for a hello with `credential`. A refusal is a hello's
+    /// refusal: `NameTaken` (another credential holds it on another
+    /// coordinator) or `Unavailable` (the directory cannot be asked now).
+    fn claim<'a>(
+        &'a self,
+        name: &'a str,
+        credential: ClaimCredential,
+    ) -> Pending<'a, Result<Claim, Rejection>>;
+
+    /// The registry admitted the session that made `claim` for `name`: it
+    /// is the one whose release gives the name up.
+    fn admitted(&self, name: &str, claim: Claim);
+
+    /// The session that made `claim` left (or was not admitted): give the
+    /// name up, unless a newer session holds it.
+    fn release(&self, name: &str, claim: Claim);
+
+    /// The cluster as this directory sees it; `None` for a coordinator on
+    /// its own.
+    fn view(&self) -> Option<ClusterView>;
+
+    /// Set what happens when a name held here is lost.
+    fn on_lost(&self, f: OnLost);
+}
+
+/// The directory of a coordinator on its own: every claim is granted, and
+/// the registry decides.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalDirectory;
+
+impl Directory for LocalDirectory {
+    fn claim<'a>(
+        &'a self,
+        _name: &'a str,
+        _credential: ClaimCredential,
+    ) -> Pending<'a, Result<Claim, Rejection>> {
+        Box::pin(std::future::ready(Ok(Claim::default())))
+    }
+
+    fn admitted(&self, _name: &str, _claim: Claim) {}
+
+    fn release(&self, _name: &str, _claim: Claim) {}
+
+    fn view(&self) -> Option<ClusterView> {
+        None
+    }
+
+    fn on_lost(&self, _f: OnLost) {}
+}

@@ -1,0 +1,449 @@
+//! Several coordinators on one directory in etcd (issue 16): a real etcd
+//! (Debian `etcd-server`) on loopback ports with its data in a temporary
+//! directory, and three `qmesh-coordinator run --etcd` processes sharing a
+//! certificate. Names are unique across the cluster; a coordinator's
+//! death frees its names within its lease; a frozen etcd refuses new
+//! names with a clear reason and no name is ever held twice.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use qmesh_client::events::{Event, Events};
+use qmesh_client::{Address, Client, ClientConfig, ConnectError, Heartbeat, Reconnect, Trust};
+use qmesh_integration_tests::programs::{etcd_cluster, require, EtcdMember};
+use qmesh_integration_tests::target::CoordinatorProc;
+use qmesh_integration_tests::{message_flows, open_pair, within, STEP};
+use qmesh_proto::codes::RejectCode;
+use tempfile::TempDir;
+
+/// The lease TTL the coordinators here run with.
+const TTL: Duration = Duration::from_secs(3);
+
+/// etcd, a certificate every coordinator presents, and its CA.
+struct Lab {
+    etcd: Vec<EtcdMember>,
+    dir: TempDir,
+    trust: Trust,
+}
+
+/// A coordinator of the lab with its state directory.
+struct Member {
+    proc: CoordinatorProc,
+    state: TempDir,
+}
+
+impl Member {
+    fn address(&self) -> Address {
+        self.proc.address()
+    }
+
+    /// Its state directory, where its admin socket is.
+    fn state(&self) -> PathBuf {
+        self.state.path().to_path_buf()
+    }
+
+    /// The names of the clients connected to this coordinator.
+    fn names(&self) -> Vec<String> {
+        clients_of(&self.state()).expect("the coordinator's admin socket")
+    }
+}
+
+/// The names of the clients connected to the coordinator whose state
+/// directory is `state` (`clients --json` on its admin socket); `None`
+/// when it does not answer.
+fn clients_of(state: &std::path::Path) -> Option<Vec<String>> {
+    let out = Command::new(env_bin("qmesh-coordinator"))
+        .args(["clients", "--json", "--state-dir"])
+        .arg(state)
+        .output()
+        .expect("running qmesh-coordinator");
+    if !out.status.success() {
+        return None;
+    }
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("clients --json");
+    let list = reply["data"].as_array().expect("a list of clients");
+    Some(
+        list.iter()
+            .map(|c| c["name"].as_str().expect("a name").to_owned())
+            .collect(),
+    )
+}
+
+/// Reads every live coordinator's client list, one after another, over
+/// and over until stopped, and keeps each time a name was on two of them.
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    /// Coordinators (by index) no longer read: killed.
+    dead: Arc<Mutex<HashSet<usize>>>,
+    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Drop for Watcher {
+    /// A failed test stops it too.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+impl Watcher {
+    fn start(members: &[&Member]) -> Watcher {
+        let states: Vec<PathBuf> = members.iter().map(|m| m.state()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let dead = Arc::new(Mutex::new(HashSet::new()));
+        let (stop2, dead2) = (stop.clone(), dead.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let mut rounds = 0;
+            let mut twice = Vec::new();
+            while !stop2.load(Ordering::Acquire) {
+                let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+                for (i, state) in states.iter().enumerate() {
+                    if dead2.lock().expect("lock").contains(&i) {
+                        continue;
+                    }
+                    for name in clients_of(state).unwrap_or_default() {
+                        if let Some(other) = seen.insert(name.clone(), i) {
+                            twice.push(format!("{name} on coordinators {other} and {i}"));
+                        }
+                    }
+                }
+                rounds += 1;
+            }
+            (rounds, twice)
+        });
+        Watcher { stop, dead, task }
+    }
+
+    /// Stop reading coordinator `i` (before it is killed).
+    fn forget(&self, i: usize) {
+        self.dead.lock().expect("lock").insert(i);
+    }
+
+    /// Stop; no name may have been on two coordinators at once.
+    async fn finish(mut self) {
+        self.stop.store(true, Ordering::Release);
+        let task = std::mem::replace(
+            &mut self.task,
+            tokio::task::spawn_blocking(|| (0, Vec::new())),
+        );
+        let (rounds, twice) = task.await.expect("the watcher");
+        assert!(rounds > 0, "the watcher read nothing");
+        assert!(twice.is_empty(), "names held twice: {twice:?}");
+        eprintln!("watcher: {rounds} rounds, no name held twice");
+    }
+}
+
+/// The path of one of the workspace's binaries, as the process helpers
+/// find it.
+fn env_bin(name: &str) -> PathBuf {
+    qmesh_integration_tests::bin(name)
+}
+
+impl Lab {
+    /// `None` (the test is skipped) outside CI when etcd is missing.
+    fn new(etcd_members: usize) -> Option<Lab> {
+        require("etcd")?;
+        let etcd = etcd_cluster(etcd_members);
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let ca = qmesh_certs::Ca::generate("qmesh cluster test CA").expect("CA");
+        let hosts = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let identity = ca.issue_server(&hosts).expect("coordinator certificate");
+        identity
+            .save(&dir.path().join("cert.pem"), &dir.path().join("key.pem"))
+            .expect("saving the certificate");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.cert_pem()).expect("writing the CA");
+        let trust = ClientConfig::trust_ca_file(&ca_file).expect("CA file");
+        Some(Lab { etcd, dir, trust })
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.etcd.iter().map(|m| m.url()).collect()
+    }
+
+    /// A coordinator in the cluster, once it listens (it has joined by
+    /// then).
+    async fn coordinator(&self) -> Member {
+        let state = tempfile::tempdir().expect("temporary directory");
+        let cert = self.dir.path().join("cert.pem");
+        let key = self.dir.path().join("key.pem");
+        let ttl = format!("{}s", TTL.as_secs());
+        let mut args: Vec<&OsStr> = vec![
+            "--single".as_ref(),
+            "--state-dir".as_ref(),
+            state.path().as_os_str(),
+            "--cert".as_ref(),
+            cert.as_os_str(),
+            "--key".as_ref(),
+            key.as_os_str(),
+            "--cluster".as_ref(),
+            "test".as_ref(),
+            "--etcd-lease-ttl".as_ref(),
+            ttl.as_ref(),
+        ];
+        let urls = self.urls();
+        for url in &urls {
+            args.push("--etcd".as_ref());
+            args.push(url.as_ref());
+        }
+        let proc = CoordinatorProc::start(&args).await;
+        Member { proc, state }
+    }
+
+    fn config(&self, at: &Member, name: &str) -> ClientConfig {
+        let mut config = ClientConfig::new(at.address(), name, self.trust.clone());
+        config.reconnect = Reconnect::never();
+        config
+    }
+
+    /// A client that reconnects, to `at` first and then to `others`, and
+    /// finds a silent coordinator in 2 s; with its events.
+    fn staying(&self, at: &Member, others: &[&Member], name: &str) -> (ClientConfig, Events) {
+        let mut config = ClientConfig::new(at.address(), name, self.trust.clone());
+        config.also = others.iter().map(|m| m.address()).collect();
+        config.heartbeat = Heartbeat::new(Duration::from_secs(1), 2);
+        let events = Events::new();
+        config.events = Some(events.clone());
+        (config, events)
+    }
+
+    /// The names in etcd under the test cluster, with their members.
+    async fn etcd_names(&self) -> BTreeMap<String, String> {
+        let mut etcd = etcd_client::Client::connect(self.urls(), None)
+            .await
+            .expect("connecting to etcd");
+        let options = etcd_client::GetOptions::new().with_prefix();
+        let answer = etcd
+            .get("/qmesh/test/names/", Some(options))
+            .await
+            .expect("reading the names");
+        answer
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let name = kv.key_str().expect("a UTF-8 key");
+                let name = name.strip_prefix("/qmesh/test/names/").expect("the prefix");
+                let record: serde_json::Value =
+                    serde_json::from_slice(kv.value()).expect("a JSON record");
+                let member = record["member"].as_str().expect("its member").to_owned();
+                (name.to_owned(), member)
+            })
+            .collect()
+    }
+}
+
+fn rejected(r: &Result<Client, ConnectError>) -> Option<RejectCode> {
+    match r {
+        Err(ConnectError::Rejected { code, .. }) => Some(*code),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_claims_of_one_name_through_three_coordinators_have_one_winner() {
+    let Some(lab) = Lab::new(1) else { return };
+    let members = [
+        lab.coordinator().await,
+        lab.coordinator().await,
+        lab.coordinator().await,
+    ];
+    // Each claimant has a credential of its own (a self-signed certificate
+    // made at its connect), so none may take the name over from another.
+    let tries: Vec<_> = (0..100)
+        .map(|i| {
+            let config = lab.config(&members[i % 3], "contested");
+            tokio::spawn(Client::connect(config))
+        })
+        .collect();
+    let mut winners = Vec::new();
+    let mut taken = 0;
+    for (i, t) in tries.into_iter().enumerate() {
+        let r = within(STEP * 4, "a claim", t)
+            .await
+            .expect("the claim's task");
+        match rejected(&r) {
+            Some(RejectCode::NameTaken) => taken += 1,
+            None if r.is_ok() => winners.push((i, r.expect("connected"))),
+            _ => panic!("claim {i} failed otherwise: {:?}", r.err()),
+        }
+    }
+    assert_eq!(winners.len(), 1, "one winner, {taken} refused as taken");
+    assert_eq!(taken, 99);
+    let (i, _winner) = &winners[0];
+    // The winner is the only "contested" in the cluster: on its own
+    // coordinator, and nowhere else.
+    for (m, member) in members.iter().enumerate() {
+        let here = member.names().contains(&"contested".to_owned());
+        assert_eq!(here, m == i % 3, "coordinator {m}: {:?}", member.names());
+    }
+    let names = lab.etcd_names().await;
+    assert_eq!(names.len(), 1, "{names:?}");
+}
+
+/// The next event that is not about channels, within `limit`.
+async fn next_session_event(events: &Events, limit: Duration, what: &str) -> Event {
+    within(limit, what, async {
+        loop {
+            let e = events.next().await;
+            if e.channel().is_none() {
+                return e;
+            }
+        }
+    })
+    .await
+}
+
+/// Connect with `config` until the coordinator admits it, within `limit`;
+/// returns the client and each refusal before, as (code, message).
+async fn connect_until_admitted(
+    config: ClientConfig,
+    limit: Duration,
+) -> (Client, Vec<(RejectCode, String)>) {
+    let mut refusals = Vec::new();
+    let started = Instant::now();
+    loop {
+        match Client::connect(config.clone()).await {
+            Ok(c) => return (c, refusals),
+            Err(ConnectError::Rejected { code, message }) => refusals.push((code, message)),
+            Err(e) => panic!("connecting failed otherwise: {e}"),
+        }
+        assert!(
+            started.elapsed() < limit,
+            "not admitted within {limit:?}; refused {refusals:?}"
+        );
+        // The pace of a client's retries (Reconnect's first step).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_is_held_once_in_the_cluster_and_its_credential_takes_it_over_on_another_coordinator(
+) {
+    let Some(lab) = Lab::new(1) else { return };
+    let (a, b, c) = (
+        lab.coordinator().await,
+        lab.coordinator().await,
+        lab.coordinator().await,
+    );
+    let mut config = lab.config(&a, "alice");
+    let events = Events::new();
+    config.events = Some(events.clone());
+    let alice = Client::connect(config.clone()).await.expect("alice on A");
+    // Another credential cannot have "alice" on B: the refusal names the
+    // coordinator that holds it.
+    let other = Client::connect(lab.config(&b, "alice")).await;
+    match &other {
+        Err(ConnectError::Rejected { code, message }) => {
+            assert_eq!(*code, RejectCode::NameTaken, "{message}");
+            assert!(
+                message.contains(&format!("127.0.0.1:{}", a.proc.port)),
+                "the refusal should say where alice is: {message}"
+            );
+        }
+        _ => panic!("a second alice was admitted on B"),
+    }
+    // The same credential on C takes the name over; A closes its session
+    // as replaced.
+    let mut moved = config.clone();
+    moved.coordinator = c.address();
+    moved.events = None;
+    let alice_c = Client::connect(moved)
+        .await
+        .expect("alice's credential on C");
+    let reason = within(STEP, "alice on A to end", alice.closed()).await;
+    assert!(
+        reason.contains("taken over by a new session with the same credential"),
+        "{reason}"
+    );
+    assert_eq!(a.names(), Vec::<String>::new());
+    assert_eq!(c.names(), vec!["alice".to_owned()]);
+    let names = lab.etcd_names().await;
+    assert_eq!(names.len(), 1, "{names:?}");
+    // Leaving frees the name in the cluster: another credential gets it on B.
+    alice_c.close("done").await;
+    let (_b_alice, refusals) = connect_until_admitted(lab.config(&b, "alice"), STEP).await;
+    assert!(
+        refusals
+            .iter()
+            .all(|(code, _)| *code == RejectCode::NameTaken),
+        "{refusals:?}"
+    );
+    assert_eq!(b.names(), vec!["alice".to_owned()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_coordinators_clients_reclaim_their_names_elsewhere_and_its_other_names_free_within_the_lease(
+) {
+    const MOVERS: usize = 24;
+    let Some(lab) = Lab::new(1) else { return };
+    let (a, mut b, c) = (
+        lab.coordinator().await,
+        lab.coordinator().await,
+        lab.coordinator().await,
+    );
+    // Clients given all three coordinators: each joins one at random.
+    let mut movers = Vec::new();
+    for i in 0..MOVERS {
+        let (config, events) = lab.staying(&b, &[&a, &c], &format!("m{i}"));
+        let client = Client::connect(config).await.expect("a client");
+        movers.push((client, events));
+    }
+    let on_b: BTreeSet<String> = b.names().into_iter().collect();
+    assert!(!on_b.is_empty(), "no client chose B");
+    // zed does not come back: its name frees when B's lease ends.
+    let _zed = Client::connect(lab.config(&b, "zed"))
+        .await
+        .expect("zed on B");
+    // Two clients on A with a channel between them: untouched by B's death.
+    let x = Client::connect(lab.config(&a, "x")).await.expect("x");
+    let y = Client::connect(lab.config(&a, "y")).await.expect("y");
+    let (to, from) = open_pair(&x, &y, "chat").await;
+    let watcher = Watcher::start(&[&a, &b, &c]);
+    watcher.forget(1);
+    let killed = Instant::now();
+    b.proc.proc.kill().await;
+    // Another credential asks for "zed" at once: refused while B's lease
+    // lives, admitted once it has ended.
+    let (_zed2, refusals) = connect_until_admitted(lab.config(&a, "zed"), TTL * 4).await;
+    let freed = killed.elapsed();
+    assert!(!refusals.is_empty(), "zed's name was free at once");
+    assert!(
+        refusals
+            .iter()
+            .all(|(code, _)| *code == RejectCode::NameTaken),
+        "{refusals:?}"
+    );
+    eprintln!(
+        "zed's name was free {} ms after the kill ({} refusals; lease {TTL:?})",
+        freed.as_millis(),
+        refusals.len()
+    );
+    for (i, (_, events)) in movers.iter().enumerate() {
+        if !on_b.contains(&format!("m{i}")) {
+            continue;
+        }
+        loop {
+            match next_session_event(events, TTL * 4, "a mover to come back").await {
+                Event::Reconnected { .. } => break,
+                Event::Connected { .. } => continue,
+                Event::Reconnecting { .. } => continue,
+                other => panic!("m{i}: {other:?}"),
+            }
+        }
+    }
+    let mut on_a: BTreeSet<String> = a.names().into_iter().collect();
+    let on_c: BTreeSet<String> = c.names().into_iter().collect();
+    assert!(on_a.is_disjoint(&on_c), "{on_a:?} and {on_c:?}");
+    on_a.extend(on_c);
+    let mut expected: BTreeSet<String> = (0..MOVERS).map(|i| format!("m{i}")).collect();
+    expected.extend(["x".to_owned(), "y".to_owned(), "zed".to_owned()]);
+    assert_eq!(on_a, expected);
+    let in_etcd: BTreeSet<String> = lab.etcd_names().await.into_keys().collect();
+    assert_eq!(in_etcd, expected);
+    message_flows(&to, &from, b"after B died").await;
+    watcher.finish().await;
+}
