@@ -313,7 +313,9 @@ async fn connect_until_admitted(
         }
         assert!(
             started.elapsed() < limit,
-            "not admitted within {limit:?}; refused {refusals:?}"
+            "not admitted within {limit:?}; refused {} times, last: {:?}",
+            refusals.len(),
+            refusals.last()
         );
         // The pace of a client's retries (Reconnect's first step).
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -445,5 +447,130 @@ async fn a_killed_coordinators_clients_reclaim_their_names_elsewhere_and_its_oth
     let in_etcd: BTreeSet<String> = lab.etcd_names().await.into_keys().collect();
     assert_eq!(in_etcd, expected);
     message_flows(&to, &from, b"after B died").await;
+    watcher.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_frozen_for_ten_seconds_refuses_new_names_keeps_live_channels_and_then_resumes_without_a_duplicate(
+) {
+    const FROZEN: Duration = Duration::from_secs(10);
+    let Some(lab) = Lab::new(1) else { return };
+    let (a, b) = (lab.coordinator().await, lab.coordinator().await);
+    let alice = Client::connect(lab.config(&a, "alice"))
+        .await
+        .expect("alice");
+    let bob = Client::connect(lab.config(&a, "bob")).await.expect("bob");
+    let (to, from) = open_pair(&alice, &bob, "chat").await;
+    let (config, carol_events) = lab.staying(&b, &[], "carol");
+    let _carol = Client::connect(config).await.expect("carol");
+    let watcher = Watcher::start(&[&a, &b]);
+    let etcd = lab.etcd[0].program.pid().to_string();
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args([name, &etcd])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {name} {etcd}");
+    };
+    signal("-STOP");
+    let frozen = Instant::now();
+    // A new name cannot be claimed: refused with the reason, not admitted
+    // at the risk of a duplicate.
+    match Client::connect(lab.config(&a, "dave")).await {
+        Err(ConnectError::Rejected { code, message }) => {
+            assert_eq!(code, RejectCode::Unavailable, "{message}");
+            assert!(
+                message.contains("directory unavailable; retrying"),
+                "{message}"
+            );
+        }
+        Err(e) => panic!("dave failed otherwise: {e}"),
+        Ok(_) => panic!("dave was admitted while etcd was frozen"),
+    }
+    // The connected keep their channels.
+    message_flows(&to, &from, b"while etcd is frozen").await;
+    message_flows(&from, &to, b"both ways").await;
+    // carol, closed by B's operator, comes back by herself: refused as
+    // unavailable while etcd is frozen, admitted after.
+    let status = Command::new(env_bin("qmesh-coordinator"))
+        .args(["kick", "carol", "--state-dir"])
+        .arg(b.state())
+        .output()
+        .expect("running qmesh-coordinator kick");
+    assert!(status.status.success());
+    let mut unavailable = 0;
+    loop {
+        match next_session_event(&carol_events, STEP * 4, "carol's reconnects").await {
+            Event::Connected { .. } => continue,
+            Event::Reconnecting { cause, .. } if cause.contains("directory unavailable") => {
+                unavailable += 1;
+                if frozen.elapsed() >= FROZEN {
+                    break;
+                }
+            }
+            Event::Reconnecting { .. } => continue,
+            other => panic!("carol while etcd is frozen: {other:?}"),
+        }
+    }
+    assert!(unavailable > 0);
+    signal("-CONT");
+    let thawed = Instant::now();
+    // dave retries until admitted; carol reconnects by herself.
+    let (_dave, refusals) = connect_until_admitted(lab.config(&a, "dave"), TTL * 4).await;
+    assert!(
+        refusals
+            .iter()
+            .all(|(code, _)| *code == RejectCode::Unavailable),
+        "{refusals:?}"
+    );
+    loop {
+        match next_session_event(&carol_events, TTL * 4, "carol to come back").await {
+            Event::Reconnected { .. } => break,
+            Event::Reconnecting { .. } => continue,
+            other => panic!("carol after etcd came back: {other:?}"),
+        }
+    }
+    eprintln!(
+        "after etcd continued: dave admitted and carol back within {} ms",
+        thawed.elapsed().as_millis()
+    );
+    message_flows(&to, &from, b"after etcd came back").await;
+    let mut names = a.names();
+    names.extend(b.names());
+    names.sort();
+    assert_eq!(names, ["alice", "bob", "carol", "dave"]);
+    let in_etcd: Vec<String> = lab.etcd_names().await.into_keys().collect();
+    assert_eq!(in_etcd, names);
+    watcher.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_member_etcd_that_loses_a_member_keeps_names_unique_and_claims_working() {
+    let Some(mut lab) = Lab::new(3) else { return };
+    let (a, b) = (lab.coordinator().await, lab.coordinator().await);
+    let _alice = Client::connect(lab.config(&a, "alice"))
+        .await
+        .expect("alice");
+    let watcher = Watcher::start(&[&a, &b]);
+    // The member each coordinator is likely talking to: the first given.
+    let lost = lab.etcd.remove(0);
+    drop(lost);
+    // Claims go on through the two members left (after a retry while the
+    // coordinators' requests move to them).
+    let (_bob, refusals) = connect_until_admitted(lab.config(&b, "bob"), TTL * 4).await;
+    assert!(
+        refusals
+            .iter()
+            .all(|(code, _)| *code == RejectCode::Unavailable),
+        "{refusals:?}"
+    );
+    match Client::connect(lab.config(&b, "alice")).await {
+        Err(ConnectError::Rejected { code, .. }) => assert_eq!(code, RejectCode::NameTaken),
+        Err(e) => panic!("a second alice failed otherwise: {e}"),
+        Ok(_) => panic!("a second alice was admitted on B"),
+    }
+    let (_carol, _) = connect_until_admitted(lab.config(&a, "carol"), TTL * 4).await;
+    let in_etcd: Vec<String> = lab.etcd_names().await.into_keys().collect();
+    assert_eq!(in_etcd, ["alice", "bob", "carol"]);
     watcher.finish().await;
 }
