@@ -148,6 +148,37 @@ fn info_lines(i: &crate::control::Info) -> Vec<String> {
         ),
         certificate,
     ]
+    .into_iter()
+    .chain(i.cluster.iter().flat_map(cluster_lines))
+    .collect()
+}
+
+/// The cluster part of `info`: the members, this one marked, and whether
+/// names can be claimed.
+fn cluster_lines(c: &crate::directory::ClusterView) -> Vec<String> {
+    let mut lines = vec![format!(
+        "cluster {}: member {}, {} member(s), {} name(s) held; directory {}",
+        c.cluster,
+        c.me,
+        c.members.len(),
+        c.names.len(),
+        if c.available {
+            "available"
+        } else {
+            "UNAVAILABLE: new names are refused until it answers"
+        }
+    )];
+    lines.extend(c.members.iter().map(|m| {
+        let held = c.names.iter().filter(|(_, h)| *h == m.id).count();
+        format!(
+            "  member {}{}  clients at {}  since {}  {held} name(s)",
+            m.id,
+            if m.id == c.me { " (this one)" } else { "" },
+            m.clients,
+            since(m.started)
+        )
+    }));
+    lines
 }
 
 /// What to do once the reply is on its way.
@@ -249,6 +280,23 @@ fn answer(control: &Control, request: Request) -> Reply {
                     c.fingerprint
                 )
             }));
+            if let Some(cluster) = control.cluster() {
+                let elsewhere: Vec<&(String, String)> =
+                    cluster.names.iter().filter(|(_, m)| *m != cluster.me).collect();
+                lines.push(format!(
+                    "{} client(s) on the other members of cluster {}",
+                    elsewhere.len(),
+                    cluster.cluster
+                ));
+                lines.extend(elsewhere.iter().map(|(name, member)| {
+                    let at = cluster
+                        .members
+                        .iter()
+                        .find(|m| m.id == *member)
+                        .map_or("?", |m| m.clients.as_str());
+                    format!("{}  on member {member} at {at}", Untrusted::name(name))
+                }));
+            }
             Reply::done(lines).with(&list)
         }
         Request::Channels => {

@@ -84,6 +84,10 @@ pub struct Info {
     /// The certificate new handshakes get.
     #[serde(default)]
     pub certificate: Option<crate::tls::CertSummary>,
+    /// The cluster, when this coordinator is a member of one (`--etcd`):
+    /// its members and where each client is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::directory::ClusterView>,
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
@@ -293,7 +297,14 @@ impl Control {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+            cluster: self.cluster(),
         }
+    }
+
+    /// The cluster as this coordinator's directory sees it; `None` for a
+    /// coordinator on its own.
+    pub fn cluster(&self) -> Option<crate::directory::ClusterView> {
+        self.0.config.directory.view()
     }
 
     /// The last joins, leaves, kicks and reloads, newest last.

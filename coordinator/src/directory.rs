@@ -65,7 +65,7 @@ pub struct Member {
 
 /// What the directory knows of the cluster, for operators (`info`,
 /// `clients`, `/metrics`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterView {
     /// The cluster's name.
     pub cluster: String,

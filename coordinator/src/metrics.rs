@@ -20,6 +20,9 @@
 //! | `qmesh_rate_limited_total` | counter | sessions closed past their flood threshold |
 //! | `qmesh_worker_restarts_total` | counter | workers the leader started before this one |
 //! | `qmesh_certificate_expiry_timestamp_seconds` | gauge | when the certificate in force expires (Unix time) |
+//! | `qmesh_cluster_members` | gauge | members of this coordinator's cluster (with `--etcd`) |
+//! | `qmesh_cluster_names` | gauge | names held in the cluster, `{member="here"}` and `{member="elsewhere"}` |
+//! | `qmesh_cluster_directory_available` | gauge | 1 when names can be claimed, 0 when the directory does not answer |
 //! | `process_*` | | CPU seconds, resident memory, descriptors, start time |
 //!
 //! Counters count from this worker's start, except the worker restarts,
@@ -191,6 +194,40 @@ impl Collector for CoordinatorCollector {
              (close code 15).",
             load(&stats.rate_limited),
         )?;
+        if let Some(cluster) = self.0.cluster() {
+            gauge(
+                e,
+                "qmesh_cluster_members",
+                "Coordinators in this coordinator's cluster, itself included, as its directory \
+                 shows them.",
+                cluster.members.len() as i64,
+            )?;
+            let here = cluster
+                .names
+                .iter()
+                .filter(|(_, m)| *m == cluster.me)
+                .count();
+            let mut names = e.encode_descriptor(
+                "qmesh_cluster_names",
+                "Names held in the cluster: by clients of this member (here) or of the others \
+                 (elsewhere).",
+                None,
+                ConstGauge::new(0i64).metric_type(),
+            )?;
+            for (member, n) in [
+                ("here", here as i64),
+                ("elsewhere", (cluster.names.len() - here) as i64),
+            ] {
+                ConstGauge::new(n).encode(names.encode_family(&[("member", member)])?)?;
+            }
+            gauge(
+                e,
+                "qmesh_cluster_directory_available",
+                "1 when names can be claimed in the cluster's directory, 0 when it does not \
+                 answer (new names are refused as unavailable).",
+                i64::from(cluster.available),
+            )?;
+        }
         counter(
             e,
             "qmesh_worker_restarts",

@@ -282,6 +282,57 @@ async fn a_hundred_concurrent_claims_of_one_name_through_three_coordinators_have
     }
     let names = lab.etcd_names().await;
     assert_eq!(names.len(), 1, "{names:?}");
+    // What an operator sees: every member, and where the winner is, from
+    // any coordinator.
+    let holder = &members[i % 3];
+    let info = admin_json(holder, "info");
+    let cluster = &info["data"]["cluster"];
+    let me = cluster["me"].as_str().expect("this member's id");
+    assert_eq!(names["contested"], me);
+    let ids: BTreeSet<&str> = cluster["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| m["id"].as_str().expect("an id"))
+        .collect();
+    assert_eq!(ids.len(), 3, "{cluster}");
+    let other = &members[(i + 1) % 3];
+    let text = admin_text(other, "clients");
+    let line = format!(
+        "contested  on member {me} at 127.0.0.1:{}",
+        holder.proc.port
+    );
+    assert!(text.contains(&line), "{text}");
+    let text = admin_text(other, "info");
+    assert!(
+        text.contains("3 member(s), 1 name(s) held; directory available"),
+        "{text}"
+    );
+}
+
+/// `qmesh-coordinator COMMAND --json` on `member`'s admin socket.
+fn admin_json(member: &Member, command: &str) -> serde_json::Value {
+    serde_json::from_str(&admin(member, &[command, "--json"])).expect("JSON")
+}
+
+/// `qmesh-coordinator COMMAND` on `member`'s admin socket: what it prints.
+fn admin_text(member: &Member, command: &str) -> String {
+    admin(member, &[command])
+}
+
+fn admin(member: &Member, args: &[&str]) -> String {
+    let out = Command::new(env_bin("qmesh-coordinator"))
+        .args(args)
+        .arg("--state-dir")
+        .arg(member.state())
+        .output()
+        .expect("running qmesh-coordinator");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The next event that is not about channels, within `limit`.
