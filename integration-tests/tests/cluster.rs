@@ -168,6 +168,11 @@ impl Lab {
     /// A coordinator in the cluster, once it listens (it has joined by
     /// then).
     async fn coordinator(&self) -> Member {
+        self.coordinator_with(&[]).await
+    }
+
+    /// As [`Lab::coordinator`], with more flags.
+    async fn coordinator_with(&self, extra: &[&str]) -> Member {
         let state = tempfile::tempdir().expect("temporary directory");
         let cert = self.dir.path().join("cert.pem");
         let key = self.dir.path().join("key.pem");
@@ -190,6 +195,7 @@ impl Lab {
             args.push("--etcd".as_ref());
             args.push(url.as_ref());
         }
+        args.extend(extra.iter().map(OsStr::new));
         let proc = CoordinatorProc::start(&args).await;
         Member { proc, state }
     }
@@ -506,7 +512,15 @@ async fn etcd_frozen_for_ten_seconds_refuses_new_names_keeps_live_channels_and_t
 ) {
     const FROZEN: Duration = Duration::from_secs(10);
     let Some(lab) = Lab::new(1) else { return };
-    let (a, b) = (lab.coordinator().await, lab.coordinator().await);
+    let http = qmesh_integration_tests::programs::free_port();
+    let http_addr = format!("127.0.0.1:{http}");
+    let a = lab.coordinator_with(&["--http", &http_addr]).await;
+    let b = lab.coordinator().await;
+    assert_eq!(
+        metric(http, "qmesh_cluster_directory_available").await,
+        Some(1.0)
+    );
+    assert_eq!(metric(http, "qmesh_cluster_members").await, Some(2.0));
     let alice = Client::connect(lab.config(&a, "alice"))
         .await
         .expect("alice");
@@ -564,6 +578,11 @@ async fn etcd_frozen_for_ten_seconds_refuses_new_names_keeps_live_channels_and_t
         }
     }
     assert!(unavailable > 0);
+    // A whole lease without keep-alive answers: the operator sees it.
+    assert_eq!(
+        metric(http, "qmesh_cluster_directory_available").await,
+        Some(0.0)
+    );
     signal("-CONT");
     let thawed = Instant::now();
     // dave retries until admitted; carol reconnects by herself.
@@ -586,6 +605,10 @@ async fn etcd_frozen_for_ten_seconds_refuses_new_names_keeps_live_channels_and_t
         thawed.elapsed().as_millis()
     );
     message_flows(&to, &from, b"after etcd came back").await;
+    assert_eq!(
+        metric(http, "qmesh_cluster_directory_available").await,
+        Some(1.0)
+    );
     let mut names = a.names();
     names.extend(b.names());
     names.sort();
@@ -624,4 +647,23 @@ async fn a_three_member_etcd_that_loses_a_member_keeps_names_unique_and_claims_w
     let in_etcd: Vec<String> = lab.etcd_names().await.into_keys().collect();
     assert_eq!(in_etcd, ["alice", "bob", "carol"]);
     watcher.finish().await;
+}
+
+/// The value of the unlabelled metric `name` at 127.0.0.1:`port`/metrics.
+async fn metric(port: u16, name: &str) -> Option<f64> {
+    let name = name.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the HTTP listener");
+        s.set_read_timeout(Some(STEP)).expect("timeout");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .expect("request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("response");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+    })
+    .await
+    .expect("the scrape")
 }
