@@ -51,6 +51,10 @@ struct Args {
     /// Internal: run the raw quinn server from the certificates in this directory.
     #[arg(long, hide = true)]
     serve_raw: Option<PathBuf>,
+    /// Internal: with --serve-coordinator, join the cluster whose
+    /// directory is the etcd at this URL.
+    #[arg(long, hide = true)]
+    etcd: Option<String>,
 }
 
 /// Sizes of each case.
@@ -137,11 +141,12 @@ struct CoordinatorProcess {
 
 /// Start this binary as a child serving `flag` from `dir`; returns the
 /// child and the port it reports.
-fn start_child(flag: &str, dir: &Path) -> Result<(Child, u16)> {
+fn start_child(flag: &str, dir: &Path, extra: &[&str]) -> Result<(Child, u16)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .arg(flag)
         .arg(dir)
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -167,7 +172,12 @@ async fn until_stdin_closes() {
 
 impl CoordinatorProcess {
     fn start(dir: &Path, ca: &Ca) -> Result<Self> {
-        let (child, port) = start_child("--serve-coordinator", dir)?;
+        Self::start_with(dir, ca, &[])
+    }
+
+    /// As [`CoordinatorProcess::start`], with more flags for the child.
+    fn start_with(dir: &Path, ca: &Ca, extra: &[&str]) -> Result<Self> {
+        let (child, port) = start_child("--serve-coordinator", dir, extra)?;
         let address: qmesh_proto::Address = format!("quic/127.0.0.1:{port}").parse()?;
         let trust = Trust::Ca {
             certs: vec![ca.cert_der().clone()],
@@ -197,7 +207,7 @@ impl Drop for CoordinatorProcess {
 }
 
 /// The child side: serve until stdin closes.
-fn serve_coordinator(dir: &Path) -> Result<()> {
+fn serve_coordinator(dir: &Path, etcd: Option<&str>) -> Result<()> {
     let identity = Identity::load(
         &dir.join("coordinator.pem"),
         &dir.join("coordinator-key.pem"),
@@ -209,7 +219,20 @@ fn serve_coordinator(dir: &Path) -> Result<()> {
         // The raw baseline has no rate limits; the relay still counts
         // every message and checks its size.
         config.rate = qmesh_coordinator::limit::RateLimits::unlimited();
-        let coordinator = Coordinator::bind(config)?;
+        let listener = qmesh_coordinator::Listener::bind(config.listen)?;
+        if let Some(url) = etcd {
+            let directory = qmesh_coordinator::cluster::EtcdDirectory::join(
+                qmesh_coordinator::cluster::ClusterSettings {
+                    endpoints: vec![url.to_owned()],
+                    cluster: "bench".into(),
+                    lease_ttl: Duration::from_secs(5),
+                    clients: listener.local_addr(),
+                },
+            )
+            .await?;
+            config.directory = Arc::new(directory);
+        }
+        let coordinator = Coordinator::on(listener, config)?;
         println!("port {}", coordinator.local_addr().port());
         std::io::stdout().flush()?;
         coordinator.run(until_stdin_closes()).await;
@@ -308,7 +331,7 @@ struct RawServer {
 
 impl RawServer {
     fn start(dir: &Path, trust: &Trust) -> Result<Self> {
-        let (child, port) = start_child("--serve-raw", dir)?;
+        let (child, port) = start_child("--serve-raw", dir, &[])?;
         // The same mutual TLS a qmesh client does: a self-signed identity.
         let identity = Identity::self_signed("raw-client")?;
         let (mut client, _) = qmesh_certs::client_config_with_identity(trust, &identity)?;
@@ -833,6 +856,104 @@ impl Bench {
         Ok(())
     }
 
+    /// Connects one after another to `targets` in turn: each connect's
+    /// time in µs (the hello, and with etcd the claim, included).
+    async fn timed_connects(
+        targets: &[&CoordinatorProcess],
+        n: usize,
+        prefix: &str,
+    ) -> Result<Vec<f64>> {
+        let mut times = Vec::with_capacity(n);
+        for i in 0..n {
+            let cfg = targets[i % targets.len()].config(&format!("{prefix}-{i}"));
+            let start = Instant::now();
+            let c = Client::connect(cfg).await?;
+            times.push(start.elapsed().as_secs_f64() * 1e6);
+            c.close("done").await;
+        }
+        Ok(times)
+    }
+
+    /// `n` connects at once spread over `targets`: connects per second.
+    async fn connect_burst(targets: &[&CoordinatorProcess], n: usize, prefix: &str) -> Result<f64> {
+        let endpoints: Vec<Endpoint> = (0..8)
+            .map(|_| qmesh_certs::transport::client_endpoint("127.0.0.1:0".parse().expect("addr")))
+            .collect::<std::io::Result<_>>()?;
+        let t = Instant::now();
+        let mut set = JoinSet::new();
+        for i in 0..n {
+            let ep = endpoints[i % endpoints.len()].clone();
+            let cfg = targets[i % targets.len()].config(&format!("{prefix}-{i}"));
+            set.spawn(async move {
+                Client::connect_on(Some(&ep), cfg)
+                    .await
+                    .map_err(anyhow::Error::from)
+            });
+        }
+        let mut clients = Vec::new();
+        while let Some(r) = set.join_next().await {
+            clients.push(r??);
+        }
+        let rate = n as f64 / t.elapsed().as_secs_f64();
+        for c in &clients {
+            c.close("done").await;
+        }
+        drop(clients);
+        settle(&endpoints).await;
+        Ok(rate)
+    }
+
+    /// Three coordinators on a directory in etcd against the single
+    /// coordinator: the hello with its claim, and a connect burst spread
+    /// over the three.
+    async fn cluster(&mut self) -> Result<()> {
+        const HELLO: &str = "connect p50 (hello with its name claim), etcd member vs single";
+        const HELLO99: &str = "connect p99 (hello with its name claim), etcd member vs single";
+        const RATE: &str = "connect rate spread over 3 etcd members vs 1 single";
+        if qmesh_integration_tests::programs::require("etcd").is_none() {
+            for case in [HELLO, HELLO99, RATE] {
+                self.unavailable(
+                    case,
+                    "",
+                    "measured",
+                    "etcd (Debian etcd-server) is not installed",
+                );
+            }
+            return Ok(());
+        }
+        let etcd = qmesh_integration_tests::programs::etcd_cluster(1);
+        let url = etcd[0].url();
+        let members: Vec<CoordinatorProcess> = (0..3)
+            .map(|_| CoordinatorProcess::start_with(self.dir.path(), &self.ca, &["--etcd", &url]))
+            .collect::<Result<_>>()?;
+        let cluster: Vec<&CoordinatorProcess> = members.iter().collect();
+        let n = self.plan.opens * 4;
+        let burst = self.plan.connects;
+        let (mut single50, mut single99, mut member50, mut member99) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut single_rate, mut cluster_rate) = (Vec::new(), Vec::new());
+        for run in 0..self.runs {
+            let mut t = Self::timed_connects(&[&self.coordinator], n, &format!("hs{run}")).await?;
+            single50.push(percentile(&mut t, 0.5));
+            single99.push(percentile(&mut t, 0.99));
+            let mut t = Self::timed_connects(&cluster[..1], n, &format!("hm{run}")).await?;
+            member50.push(percentile(&mut t, 0.5));
+            member99.push(percentile(&mut t, 0.99));
+            single_rate
+                .push(Self::connect_burst(&[&self.coordinator], burst, &format!("bs{run}")).await?);
+            cluster_rate.push(Self::connect_burst(&cluster, burst, &format!("bm{run}")).await?);
+        }
+        let (r, q) = (median(single50), median(member50));
+        self.row(HELLO, "µs", Some(r), q, "measured", None);
+        let (r, q) = (median(single99), median(member99));
+        self.row(HELLO99, "µs", Some(r), q, "measured", None);
+        let (r, q) = (median(single_rate), median(cluster_rate));
+        self.row(RATE, "per s", Some(r), q, "measured", None);
+        drop(members);
+        drop(etcd);
+        Ok(())
+    }
+
     async fn connects(&mut self) -> Result<()> {
         let n = self.plan.connects;
         let (mut raw, mut mesh, mut lost) = (Vec::new(), Vec::new(), 0u64);
@@ -1198,7 +1319,7 @@ fn machine() -> String {
 fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(dir) = &args.serve_coordinator {
-        return serve_coordinator(dir);
+        return serve_coordinator(dir, args.etcd.as_deref());
     }
     if let Some(dir) = &args.serve_raw {
         return serve_raw(dir);
@@ -1255,6 +1376,9 @@ async fn run(args: Args) -> Result<()> {
     }
     if wants("connect") {
         bench.connects().await.context("connect rate")?;
+    }
+    if wants("cluster") {
+        bench.cluster().await.context("cluster")?;
     }
     if wants("idle") {
         bench.idle().await.context("idle scale")?;
