@@ -42,9 +42,10 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::directory::{
-    Claim, ClaimCredential, ClusterView, Directory, Member, NameLost, OnLost, Pending,
+    Claim, ClaimCredential, ClusterView, Directory, Member, NameLost, OnLost, OnRevoked, Pending,
 };
 use crate::registry::Rejection;
+use qmesh_certs::Fingerprint;
 
 /// How long one etcd request may take before the directory counts as
 /// unavailable.
@@ -120,8 +121,13 @@ pub struct EtcdDirectory {
     next_ticket: AtomicU64,
     /// Names held here, by name.
     held: Mutex<HashMap<String, Held>>,
-    /// Every name in the cluster → its member, from the watch.
-    names: Mutex<HashMap<String, String>>,
+    /// Every name in the cluster → its member and the fingerprint it was
+    /// claimed with, from the watch.
+    names: Mutex<HashMap<String, (String, String)>>,
+    /// Revocations from other members (and those made before the start)
+    /// seen before `on_revoked` was set, handed to it when it is.
+    early_revoked: Mutex<Vec<(Fingerprint, String)>>,
+    on_revoked: OnceLock<OnRevoked>,
     /// The members, from the watch.
     members: Mutex<HashMap<String, Member>>,
     on_lost: OnceLock<OnLost>,
@@ -220,6 +226,8 @@ impl EtcdDirectory {
             names: Mutex::default(),
             members: Mutex::default(),
             on_lost: OnceLock::new(),
+            early_revoked: Mutex::default(),
+            on_revoked: OnceLock::new(),
             reclaim: tokio::sync::Notify::new(),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
         });
@@ -371,10 +379,10 @@ impl EtcdDirectory {
                 credential,
             },
         );
-        self.names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned(), self.me.clone());
+        self.names.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            name.to_owned(),
+            (self.me.clone(), hex::encode(credential.fingerprint.0)),
+        );
     }
 
     /// Delete `names/N` if it is still at `revision`; tried again while
@@ -630,8 +638,10 @@ impl EtcdDirectory {
             let Ok(key) = kv.key_str() else { continue };
             if let Some(name) = key.strip_prefix(&format!("{}names/", self.prefix)) {
                 if let Ok(r) = serde_json::from_slice::<NameRecord>(kv.value()) {
-                    names.insert(name.to_owned(), r.member);
+                    names.insert(name.to_owned(), (r.member, r.fingerprint));
                 }
+            } else if let Some(fp) = key.strip_prefix(&format!("{}revoked/", self.prefix)) {
+                self.revoked_seen(fp, kv.value());
             } else if let Some(id) = key.strip_prefix(&format!("{}members/", self.prefix)) {
                 if let Ok(m) = serde_json::from_slice::<Member>(kv.value()) {
                     members.insert(id.to_owned(), m);
@@ -644,7 +654,7 @@ impl EtcdDirectory {
         let lost: Vec<(String, String)> = {
             let held = self.held();
             held.keys()
-                .filter_map(|n| match names.get(n) {
+                .filter_map(|n| match names.get(n).map(|(m, _)| m) {
                     Some(m) if *m != self.me => Some((n.clone(), m.clone())),
                     Some(_) => None,
                     None => {
@@ -694,6 +704,7 @@ impl EtcdDirectory {
     async fn watch(self: Arc<Self>, mut revision: i64) {
         let names_prefix = format!("{}names/", self.prefix);
         let members_prefix = format!("{}members/", self.prefix);
+        let revoked_prefix = format!("{}revoked/", self.prefix);
         loop {
             let mut client = self.client.clone();
             let options = WatchOptions::new()
@@ -717,6 +728,10 @@ impl EtcdDirectory {
                             let put = event.event_type() == EventType::Put;
                             if let Some(name) = key.strip_prefix(&names_prefix) {
                                 self.name_event(name, put, kv);
+                            } else if let Some(fp) = key.strip_prefix(&revoked_prefix) {
+                                if put {
+                                    self.revoked_seen(fp, kv.value());
+                                }
                             } else if let Some(id) = key.strip_prefix(&members_prefix) {
                                 let mut members =
                                     self.members.lock().unwrap_or_else(|e| e.into_inner());
@@ -750,6 +765,24 @@ impl EtcdDirectory {
         }
     }
 
+    /// `revoked/FP` with the name it was revoked for: to the coordinator,
+    /// or kept until it listens.
+    fn revoked_seen(&self, fp: &str, value: &[u8]) {
+        let Ok(fingerprint) = fp.parse::<Fingerprint>() else {
+            warn!(key = %qmesh_proto::Untrusted::name(fp), "a revocation in the directory is not a fingerprint; ignored");
+            return;
+        };
+        let name = String::from_utf8_lossy(value).into_owned();
+        let mut early = self.early_revoked.lock().unwrap_or_else(|e| e.into_inner());
+        match self.on_revoked.get() {
+            Some(f) => {
+                drop(early);
+                f(fingerprint, name);
+            }
+            None => early.push((fingerprint, name)),
+        }
+    }
+
     fn name_event(&self, name: &str, put: bool, kv: &KeyValue) {
         if put {
             let record: Option<NameRecord> = serde_json::from_slice(kv.value()).ok();
@@ -757,10 +790,14 @@ impl EtcdDirectory {
                 .as_ref()
                 .map(|r| r.member.clone())
                 .unwrap_or_default();
+            let fingerprint = record
+                .as_ref()
+                .map(|r| r.fingerprint.clone())
+                .unwrap_or_default();
             self.names
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(name.to_owned(), member.clone());
+                .insert(name.to_owned(), (member.clone(), fingerprint));
             if member != self.me {
                 self.taken_elsewhere(name, &member, record.as_ref());
             }
@@ -829,7 +866,7 @@ impl Directory for Arc<EtcdDirectory> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(n, m)| (n.clone(), m.clone()))
+            .map(|(n, (m, _))| (n.clone(), m.clone()))
             .collect();
         names.sort();
         Some(ClusterView {
@@ -843,5 +880,44 @@ impl Directory for Arc<EtcdDirectory> {
 
     fn on_lost(&self, f: OnLost) {
         let _ = self.on_lost.set(f);
+    }
+
+    fn fingerprint_elsewhere(&self, name: &str) -> Option<Fingerprint> {
+        let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let (member, fp) = names.get(name)?;
+        (*member != self.me).then(|| fp.parse().ok()).flatten()
+    }
+
+    fn publish_revoked<'a>(
+        &'a self,
+        revoked: &'a [(Fingerprint, String)],
+    ) -> Pending<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            for (fp, name) in revoked {
+                let key = format!("{}revoked/{}", self.prefix, hex::encode(fp.0));
+                bounded(
+                    "publishing a revocation",
+                    client.put(key, name.as_str(), None),
+                )
+                .await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn on_revoked(&self, f: OnRevoked) {
+        let early = {
+            let mut early = self.early_revoked.lock().unwrap_or_else(|e| e.into_inner());
+            if self.on_revoked.set(f).is_err() {
+                return;
+            }
+            std::mem::take(&mut *early)
+        };
+        if let Some(f) = self.on_revoked.get() {
+            for (fp, name) in early {
+                f(fp, name);
+            }
+        }
     }
 }

@@ -119,6 +119,10 @@ impl Control {
         let session = self.0.registry().lookup(name).cloned();
         let mut fps = auth.issued_for(name);
         fps.extend(session.as_ref().map(|s| s.fingerprint));
+        // A client of another member of the cluster: the certificate its
+        // name was claimed with.
+        fps.extend(self.0.config.directory.fingerprint_elsewhere(name));
+        self.publish(fps.iter().map(|fp| (*fp, name.to_owned())).collect());
         let certificates = fps
             .into_iter()
             .filter(|fp| auth.revocations().add(*fp, name))
@@ -134,6 +138,42 @@ impl Control {
     /// Revoke one certificate by fingerprint and close the session that
     /// holds it, if any.
     pub fn revoke_fingerprint(&self, fp: Fingerprint) -> Revoked {
+        let r = self.revoke_here(fp, None);
+        let name = self
+            .0
+            .registry()
+            .iter()
+            .find(|s| s.fingerprint == fp)
+            .map_or_else(|| "-".to_owned(), |s| s.name.clone().into_string());
+        self.publish(vec![(fp, name)]);
+        r
+    }
+
+    /// Tell the other members of the cluster, if any, through the
+    /// directory; tried again while it does not answer.
+    fn publish(&self, revoked: Vec<(Fingerprint, String)>) {
+        if revoked.is_empty() || self.0.config.directory.view().is_none() {
+            return;
+        }
+        let shared = self.0.clone();
+        tokio::spawn(async move {
+            let mut wait = std::time::Duration::from_millis(200);
+            loop {
+                match shared.config.directory.publish_revoked(&revoked).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::warn!(cause = %e, "the revocation cannot be given to the cluster's directory yet; trying again");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+    }
+
+    /// Revoke `fp` on this coordinator only (another member revoked it):
+    /// add it to the list and close the session that holds it.
+    pub(crate) fn revoke_here(&self, fp: Fingerprint, name: Option<&str>) -> Revoked {
         let holder = self
             .0
             .registry()
@@ -142,7 +182,8 @@ impl Control {
             .cloned();
         let name = holder
             .as_ref()
-            .map(|s| s.name.clone())
+            .map(|s| s.name.clone().into_string())
+            .or_else(|| name.map(str::to_owned))
             .unwrap_or_else(|| "-".into());
         let certificates = usize::from(self.0.config.auth.revocations().add(fp, &name));
         let disconnected = holder.is_some_and(|s| s.close_revoked()) | self.close_all_revoked();

@@ -52,6 +52,11 @@ pub struct NameLost {
 /// What the coordinator does when a name is lost ([`Directory::on_lost`]).
 pub type OnLost = Box<dyn Fn(NameLost) + Send + Sync>;
 
+/// What the coordinator does with a certificate another member revoked
+/// ([`Directory::on_revoked`]): the fingerprint and the name it was
+/// revoked for.
+pub type OnRevoked = Box<dyn Fn(Fingerprint, String) + Send + Sync>;
+
 /// A coordinator of the cluster, as the directory lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -106,6 +111,23 @@ pub trait Directory: Send + Sync + fmt::Debug {
 
     /// Set what happens when a name held here is lost.
     fn on_lost(&self, f: OnLost);
+
+    /// The fingerprint `name` was claimed with on another member, if it is
+    /// held there: what a revocation by name revokes for a client that is
+    /// not connected here.
+    fn fingerprint_elsewhere(&self, name: &str) -> Option<Fingerprint>;
+
+    /// Tell every member that these certificates (fingerprint, name) are
+    /// revoked: each adds them to its revocation list and closes their
+    /// sessions. Returns once the directory has them, or why not.
+    fn publish_revoked<'a>(
+        &'a self,
+        revoked: &'a [(Fingerprint, String)],
+    ) -> Pending<'a, Result<(), String>>;
+
+    /// Set what happens when another member revokes a certificate (and,
+    /// at the start, for every certificate revoked before).
+    fn on_revoked(&self, f: OnRevoked);
 }
 
 /// The directory of a coordinator on its own: every claim is granted, and
@@ -131,4 +153,17 @@ impl Directory for LocalDirectory {
     }
 
     fn on_lost(&self, _f: OnLost) {}
+
+    fn fingerprint_elsewhere(&self, _name: &str) -> Option<Fingerprint> {
+        None
+    }
+
+    fn publish_revoked<'a>(
+        &'a self,
+        _revoked: &'a [(Fingerprint, String)],
+    ) -> Pending<'a, Result<(), String>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn on_revoked(&self, _f: OnRevoked) {}
 }

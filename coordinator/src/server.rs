@@ -197,6 +197,14 @@ impl Coordinator {
             };
             session.close(code, &lost.reason);
         }));
+        // A certificate another member revoked is refused here too.
+        let weak = Arc::downgrade(&shared);
+        shared.config.directory.on_revoked(Box::new(move |fp, name| {
+            if let Some(shared) = weak.upgrade() {
+                let r = crate::control::Control(shared).revoke_here(fp, Some(&name));
+                info!(fingerprint = %fp, name = %Untrusted::name(&name), disconnected = r.disconnected, "revoked by another member of the cluster");
+            }
+        }));
         Ok(Self {
             endpoint,
             http,

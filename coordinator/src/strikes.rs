@@ -58,8 +58,11 @@ impl Strikes {
             s.logged = 0;
         }
         let over = s.count > MAX_STRIKES;
-        // The line that closes the session is always logged.
-        let log = if s.logged < LOG_PER_WINDOW || over {
+        // The line that closes the session is always logged, once: streams
+        // read while the close is on its way are over too, and would
+        // otherwise each log a line past the limit.
+        let closing = s.count == MAX_STRIKES + 1;
+        let log = if (s.logged < LOG_PER_WINDOW && !over) || closing {
             s.logged += 1;
             Some(std::mem::take(&mut s.suppressed))
         } else {
@@ -113,5 +116,9 @@ mod tests {
             Some(u64::from(MAX_STRIKES - LOG_PER_WINDOW)),
             "the closing line carries the suppressed count"
         );
+        // A stream read while the close is on its way: over, not logged.
+        let after = strikes.strike(t0 + WINDOW);
+        assert!(after.over);
+        assert_eq!(after.log, None);
     }
 }

@@ -667,3 +667,52 @@ async fn metric(port: u16, name: &str) -> Option<f64> {
     .await
     .expect("the scrape")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_coordinator_closes_the_session_on_another_and_is_refused_everywhere() {
+    let Some(lab) = Lab::new(1) else { return };
+    let (a, b, c) = (
+        lab.coordinator().await,
+        lab.coordinator().await,
+        lab.coordinator().await,
+    );
+    let config = lab.config(&b, "alice");
+    let alice = Client::connect(config.clone()).await.expect("alice on B");
+    // bob, on B too, is not revoked and stays.
+    let bob = Client::connect(lab.config(&b, "bob")).await.expect("bob");
+    let said = admin(&a, &["revoke", "alice"]);
+    assert!(said.contains("1 certificate(s) added"), "{said}");
+    let reason = within(STEP, "alice on B to end", alice.closed()).await;
+    assert!(reason.contains("revoked"), "{reason}");
+    // Her certificate is refused by every member, and by one that joins
+    // after the revocation.
+    let d = lab.coordinator().await;
+    for (m, member) in [&a, &b, &c, &d].into_iter().enumerate() {
+        let mut again = config.clone();
+        again.coordinator = member.address();
+        let refused = within(STEP, "alice again", async {
+            loop {
+                match Client::connect(again.clone()).await {
+                    Ok(c) => {
+                        // The revocation may still be on its way to this
+                        // member: it closes the session when it arrives.
+                        let reason = within(STEP, "the session to be closed", c.closed()).await;
+                        if reason.contains("revoked") {
+                            return reason;
+                        }
+                    }
+                    Err(e) => return e.to_string(),
+                }
+            }
+        })
+        .await;
+        assert!(
+            refused.contains("revoked")
+                || refused.contains("not authorised")
+                || refused.contains("certificate"),
+            "coordinator {m}: {refused}"
+        );
+    }
+    assert_eq!(b.names(), vec!["bob".to_owned()]);
+    drop(bob);
+}
