@@ -118,6 +118,8 @@ pub struct EtcdDirectory {
     lease: AtomicI64,
     /// Claims may be made: the lease is live as far as this member knows.
     available: AtomicBool,
+    /// Set by `leave`: the keep-alive stops, and no new lease is taken.
+    leaving: AtomicBool,
     next_ticket: AtomicU64,
     /// Names held here, by name.
     held: Mutex<HashMap<String, Held>>,
@@ -221,6 +223,7 @@ impl EtcdDirectory {
             member,
             lease: AtomicI64::new(0),
             available: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
             next_ticket: AtomicU64::new(1),
             held: Mutex::default(),
             names: Mutex::default(),
@@ -525,6 +528,9 @@ impl EtcdDirectory {
         let every = self.ttl / 3;
         let mut last_ok = Instant::now();
         loop {
+            if self.leaving.load(Ordering::Acquire) {
+                return;
+            }
             let lease = self.lease.load(Ordering::Acquire);
             let mut client = self.client.clone();
             let stream = bounded("keeping the lease alive", client.lease_keep_alive(lease)).await;
@@ -538,6 +544,9 @@ impl EtcdDirectory {
             };
             let mut tick = tokio::time::interval(every);
             loop {
+                if self.leaving.load(Ordering::Acquire) {
+                    return;
+                }
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = self.reclaim.notified() => {
@@ -609,6 +618,9 @@ impl EtcdDirectory {
     async fn renew_until_done(&self, last_ok: &mut Instant) {
         let mut wait = Duration::from_millis(200);
         loop {
+            if self.leaving.load(Ordering::Acquire) {
+                return;
+            }
             match self.renew().await {
                 Ok(()) => {
                     *last_ok = Instant::now();
@@ -903,6 +915,21 @@ impl Directory for Arc<EtcdDirectory> {
                 .await?;
             }
             Ok(())
+        })
+    }
+
+    fn leave(&self) -> Pending<'_, ()> {
+        Box::pin(async move {
+            self.leaving.store(true, Ordering::Release);
+            self.available.store(false, Ordering::Release);
+            let lease = self.lease.load(Ordering::Acquire);
+            let mut client = self.client.clone();
+            match bounded("leaving the cluster", client.lease_revoke(lease)).await {
+                Ok(_) => info!(member = %self.me, "left the cluster: its names are free"),
+                Err(e) => {
+                    warn!(cause = %e, "leaving the cluster failed; its names are free when its lease ends")
+                }
+            }
         })
     }
 

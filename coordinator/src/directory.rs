@@ -128,6 +128,10 @@ pub trait Directory: Send + Sync + fmt::Debug {
     /// Set what happens when another member revokes a certificate (and,
     /// at the start, for every certificate revoked before).
     fn on_revoked(&self, f: OnRevoked);
+
+    /// The coordinator has stopped: leave the cluster, freeing every name
+    /// it held at once.
+    fn leave(&self) -> Pending<'_, ()>;
 }
 
 /// The directory of a coordinator on its own: every claim is granted, and
@@ -166,4 +170,8 @@ impl Directory for LocalDirectory {
     }
 
     fn on_revoked(&self, _f: OnRevoked) {}
+
+    fn leave(&self) -> Pending<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }

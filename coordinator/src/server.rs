@@ -326,6 +326,9 @@ impl Coordinator {
             if idle.await.is_err() {
                 warn!("tasks still running after 3 s; stopping anyway");
             }
+            // Every session has ended: give the names back to the
+            // cluster at once rather than when the lease runs out.
+            shared.config.directory.leave().await;
             info!("stopped");
         }
         .instrument(span)

@@ -217,6 +217,21 @@ impl Lab {
         (config, events)
     }
 
+    /// How many members are registered in etcd under the test cluster.
+    async fn etcd_members(&self) -> usize {
+        let mut etcd = etcd_client::Client::connect(self.urls(), None)
+            .await
+            .expect("connecting to etcd");
+        let options = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_count_only();
+        let answer = etcd
+            .get("/qmesh/test/members/", Some(options))
+            .await
+            .expect("counting the members");
+        usize::try_from(answer.count()).expect("a count")
+    }
+
     /// The names in etcd under the test cluster, with their members.
     async fn etcd_names(&self) -> BTreeMap<String, String> {
         let mut etcd = etcd_client::Client::connect(self.urls(), None)
@@ -715,4 +730,28 @@ async fn a_revocation_on_one_coordinator_closes_the_session_on_another_and_is_re
     }
     assert_eq!(b.names(), vec!["bob".to_owned()]);
     drop(bob);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_stopped_with_sigterm_gives_its_names_back_at_once() {
+    let Some(lab) = Lab::new(1) else { return };
+    let (mut a, b) = (lab.coordinator().await, lab.coordinator().await);
+    assert_eq!(lab.etcd_members().await, 2);
+    let carol = Client::connect(lab.config(&a, "carol"))
+        .await
+        .expect("carol on A");
+    a.proc.proc.terminate();
+    let exit = a.proc.proc.finish().await;
+    assert_eq!(exit.status.code(), Some(0), "{}", exit.stderr);
+    assert!(exit.stderr.contains("left the cluster"), "{}", exit.stderr);
+    drop(carol);
+    // A left the cluster as it stopped: its lease is revoked, so its
+    // member key is gone at once, not when the lease would have run out.
+    assert_eq!(lab.etcd_members().await, 1);
+    // Another credential takes "carol" at the first try: the name did not
+    // wait for A's lease to run out.
+    let names = lab.etcd_names().await;
+    assert!(names.is_empty(), "{names:?}");
+    let other = Client::connect(lab.config(&b, "carol")).await;
+    assert!(other.is_ok(), "{:?}", other.err());
 }
