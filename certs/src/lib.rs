@@ -61,7 +61,8 @@ pub use error::CertError;
 pub use fingerprint::Fingerprint;
 pub use issue::{Ca, Identity, Issued};
 pub use peer::{
-    direct_client_config, direct_server_config, peer_chain, peer_fingerprint, AcceptFingerprint,
+    direct_client_config, direct_server_config, link_client_config, link_server_config, peer_chain,
+    peer_fingerprint, AcceptFingerprint,
 };
 pub use pem::{certs_from_pem, load_certs};
 

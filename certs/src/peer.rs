@@ -17,7 +17,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DistinguishedName};
 use rustls_pki_types::{CertificateDer, UnixTime};
 
-use qmesh_proto::DIRECT_ALPN;
+use qmesh_proto::{DIRECT_ALPN, LINK_ALPN};
 
 use crate::config::{provider, PinnedVerifier};
 use crate::signature::{handshake_signatures, Signatures};
@@ -98,13 +98,42 @@ pub fn direct_server_config(
     identity: &Identity,
     accept: AcceptFingerprint,
 ) -> Result<quinn::ServerConfig, CertError> {
+    pinned_server_config(identity, accept, DIRECT_ALPN)
+}
+
+/// The accepting side of a member link between two coordinators: presents
+/// the coordinator's `identity` and admits only members whose certificate
+/// fingerprint `accept` allows (those the cluster's directory lists).
+/// ALPN `qmesh-peer/1`.
+pub fn link_server_config(
+    identity: &Identity,
+    accept: AcceptFingerprint,
+) -> Result<quinn::ServerConfig, CertError> {
+    pinned_server_config(identity, accept, LINK_ALPN)
+}
+
+/// The dialling side of a member link: presents `identity` and accepts only
+/// a certificate with fingerprint `member` (the one the directory lists for
+/// that member). ALPN `qmesh-peer/1`.
+pub fn link_client_config(
+    identity: &Identity,
+    member: Fingerprint,
+) -> Result<quinn::ClientConfig, CertError> {
+    pinned_client_config(identity, member, "the member", LINK_ALPN).map(|(c, _)| c)
+}
+
+fn pinned_server_config(
+    identity: &Identity,
+    accept: AcceptFingerprint,
+    alpn: &[u8],
+) -> Result<quinn::ServerConfig, CertError> {
     let provider = provider();
     let verifier = Arc::new(ClientCertCheck::new(&provider, accept));
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
-    tls.alpn_protocols = vec![DIRECT_ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = QuicServerConfig::try_from(tls)?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
 }
@@ -116,11 +145,20 @@ pub fn direct_client_config(
     identity: &Identity,
     peer: Fingerprint,
 ) -> Result<(quinn::ClientConfig, VerifyReport), CertError> {
+    pinned_client_config(identity, peer, "the peer", DIRECT_ALPN)
+}
+
+fn pinned_client_config(
+    identity: &Identity,
+    peer: Fingerprint,
+    subject: &'static str,
+    alpn: &[u8],
+) -> Result<(quinn::ClientConfig, VerifyReport), CertError> {
     let provider = provider();
     let report = VerifyReport::default();
     let verifier = Arc::new(PinnedVerifier::new(
         peer,
-        "the peer",
+        subject,
         &provider,
         report.clone(),
     ));
@@ -131,7 +169,7 @@ pub fn direct_client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
-    tls.alpn_protocols = vec![DIRECT_ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = QuicClientConfig::try_from(tls)?;
     Ok((quinn::ClientConfig::new(Arc::new(quic)), report))
 }

@@ -149,13 +149,16 @@ fn info_lines(i: &crate::control::Info) -> Vec<String> {
         certificate,
     ]
     .into_iter()
-    .chain(i.cluster.iter().flat_map(cluster_lines))
+    .chain(i.cluster.iter().flat_map(|c| cluster_lines(c, &i.links)))
     .collect()
 }
 
 /// The cluster part of `info`: the members, this one marked, and whether
 /// names can be claimed.
-fn cluster_lines(c: &crate::directory::ClusterView) -> Vec<String> {
+fn cluster_lines(
+    c: &crate::directory::ClusterView,
+    links: &[crate::link::LinkInfo],
+) -> Vec<String> {
     let mut lines = vec![format!(
         "cluster {}: member {}, {} member(s), {} name(s) held; directory {}",
         c.cluster,
@@ -176,6 +179,13 @@ fn cluster_lines(c: &crate::directory::ClusterView) -> Vec<String> {
             if m.id == c.me { " (this one)" } else { "" },
             m.clients,
             since(m.started)
+        )
+    }));
+    lines.push(format!("{} member link(s) up", links.len()));
+    lines.extend(links.iter().map(|l| {
+        format!(
+            "  link to member {} at {}  {} channel(s)  {} bytes sent, {} received",
+            l.member, l.addr, l.channels, l.sent, l.received
         )
     }));
     lines

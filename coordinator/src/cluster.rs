@@ -66,6 +66,9 @@ pub struct ClusterSettings {
     pub lease_ttl: Duration,
     /// The address clients reach this coordinator on.
     pub clients: SocketAddr,
+    /// The address of this coordinator's member link endpoint and the
+    /// fingerprint of the certificate it presents (`None`: no links).
+    pub link: Option<(SocketAddr, Fingerprint)>,
 }
 
 /// `names/<name>`.
@@ -135,6 +138,8 @@ pub struct EtcdDirectory {
     on_lost: OnceLock<OnLost>,
     /// Set when a name held here was found deleted: claim again.
     reclaim: tokio::sync::Notify,
+    /// Bumped when the members or the names change.
+    changes: tokio::sync::watch::Sender<u64>,
     stripes: Vec<tokio::sync::Mutex<()>>,
 }
 
@@ -213,6 +218,8 @@ impl EtcdDirectory {
             id: me.clone(),
             clients: settings.clients.to_string(),
             started: now_unix(),
+            peers: settings.link.map(|(a, _)| a.to_string()),
+            fingerprint: settings.link.map(|(_, f)| hex::encode(f.0)),
         };
         let dir = Arc::new(EtcdDirectory {
             client,
@@ -232,6 +239,7 @@ impl EtcdDirectory {
             early_revoked: Mutex::default(),
             on_revoked: OnceLock::new(),
             reclaim: tokio::sync::Notify::new(),
+            changes: tokio::sync::watch::Sender::new(0),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
         });
         dir.renew()
@@ -247,6 +255,10 @@ impl EtcdDirectory {
         tokio::spawn(Arc::clone(&dir).keep_alive());
         tokio::spawn(Arc::clone(&dir).watch(revision));
         Ok(dir)
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// This coordinator's member id.
@@ -678,6 +690,7 @@ impl EtcdDirectory {
         };
         *self.names.lock().unwrap_or_else(|e| e.into_inner()) = names;
         *self.members.lock().unwrap_or_else(|e| e.into_inner()) = members;
+        self.changed();
         for (name, member) in lost {
             self.taken_elsewhere(&name, &member, None);
         }
@@ -755,6 +768,8 @@ impl EtcdDirectory {
                                         members.remove(id);
                                     }
                                 }
+                                drop(members);
+                                self.changed();
                             }
                         }
                     }
@@ -823,6 +838,7 @@ impl EtcdDirectory {
                 self.reclaim.notify_one();
             }
         }
+        self.changed();
     }
 }
 
@@ -892,6 +908,16 @@ impl Directory for Arc<EtcdDirectory> {
 
     fn on_lost(&self, f: OnLost) {
         let _ = self.on_lost.set(f);
+    }
+
+    fn member_of(&self, name: &str) -> Option<String> {
+        let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        let (member, _) = names.get(name)?;
+        (*member != self.me).then(|| member.clone())
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.changes.subscribe())
     }
 
     fn fingerprint_elsewhere(&self, name: &str) -> Option<Fingerprint> {

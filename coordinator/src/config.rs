@@ -94,6 +94,9 @@ pub struct Config {
     /// [`crate::directory::LocalDirectory`] for a coordinator on its own,
     /// the etcd directory for a member of a cluster.
     pub directory: Arc<dyn crate::directory::Directory>,
+    /// The UDP socket of the member link endpoint (`run --peer-listen`),
+    /// for a member of a cluster: other members dial it.
+    pub link_socket: Option<Arc<std::net::UdpSocket>>,
 }
 
 /// The HTTP listener of `run --http`.
@@ -168,6 +171,7 @@ impl Config {
             worker: None,
             http: None,
             directory: Arc::new(crate::directory::LocalDirectory),
+            link_socket: None,
         }
     }
 }

@@ -88,6 +88,9 @@ pub struct Info {
     /// its members and where each client is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::directory::ClusterView>,
+    /// The live member links to the other members of the cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<crate::link::LinkInfo>,
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
@@ -339,7 +342,13 @@ impl Control {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
             cluster: self.cluster(),
+            links: self.links(),
         }
+    }
+
+    /// The live member links, by member id.
+    pub fn links(&self) -> Vec<crate::link::LinkInfo> {
+        crate::link::links(&self.0)
     }
 
     /// The cluster as this coordinator's directory sees it; `None` for a

@@ -66,6 +66,14 @@ pub struct Member {
     pub clients: String,
     /// When it started (Unix seconds).
     pub started: u64,
+    /// The address of its member link endpoint, which the other members
+    /// dial (`None`: it takes no links).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<String>,
+    /// The fingerprint (hex) of the certificate its link endpoint
+    /// presents: the only one a link to it may present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 /// What the directory knows of the cluster, for operators (`info`,
@@ -132,6 +140,18 @@ pub trait Directory: Send + Sync + fmt::Debug {
     /// The coordinator has stopped: leave the cluster, freeing every name
     /// it held at once.
     fn leave(&self) -> Pending<'_, ()>;
+
+    /// The member id holding `name`, when another member holds it.
+    fn member_of(&self, _name: &str) -> Option<String> {
+        None
+    }
+
+    /// Changes when the members or the names held elsewhere change: what
+    /// the member links and presence follow. `None` on a coordinator on
+    /// its own.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// The directory of a coordinator on its own: every claim is granted, and

@@ -305,6 +305,7 @@ impl Gate for CoordinatorGate<'_> {
                     strikes: Default::default(),
                     headers: tokio::sync::Semaphore::new(crate::limit::HEADER_BUDGET),
                     claim,
+                    member: None,
                 })
             },
             |held| {

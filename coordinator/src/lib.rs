@@ -82,6 +82,7 @@ mod handshake;
 pub mod http;
 pub mod leader;
 pub mod limit;
+pub mod link;
 pub mod metrics;
 mod open;
 pub mod policy;

@@ -211,6 +211,12 @@ struct RunArgs {
     /// names are free after it dies.
     #[arg(long, value_name = "DURATION", default_value = "5s", requires = "etcd")]
     etcd_lease_ttl: humantime::Duration,
+    /// Where the member link endpoint listens: the other members of the
+    /// cluster dial it to relay channels between their clients and this
+    /// coordinator's. It must be an address they can reach [default: the
+    /// --listen address's IP, any free port].
+    #[arg(long, value_name = "ADDR", requires = "etcd")]
+    peer_listen: Option<std::net::SocketAddr>,
     /// TOML config file; flags given here override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -501,30 +507,42 @@ impl From<&RunArgs> for Flags {
 async fn join_cluster(
     args: &RunArgs,
     listener: &Listener,
-) -> Result<
-    Option<(
-        std::sync::Arc<dyn qmesh_coordinator::directory::Directory>,
-        String,
-    )>,
-> {
+    config: &mut qmesh_coordinator::config::Config,
+) -> Result<Option<String>> {
     use qmesh_coordinator::cluster::{ClusterSettings, EtcdDirectory};
     if args.etcd.is_empty() {
         return Ok(None);
     }
+    let peers = args
+        .peer_listen
+        .unwrap_or_else(|| std::net::SocketAddr::new(listener.local_addr().ip(), 0));
+    if peers.ip().is_unspecified() {
+        bail!(
+            "the member link would listen on {peers}, which the other members cannot dial: give \
+             --peer-listen an address they reach, e.g. --peer-listen 10.0.0.5:7448"
+        );
+    }
+    let link = Listener::bind(peers).with_context(|| {
+        format!("binding the member link endpoint on {peers}: choose another with --peer-listen")
+    })?;
     let directory = EtcdDirectory::join(ClusterSettings {
         endpoints: args.etcd.clone(),
         cluster: args.cluster.clone(),
         lease_ttl: args.etcd_lease_ttl.into(),
         clients: listener.local_addr(),
+        link: Some((link.local_addr(), config.identity.fingerprint())),
     })
     .await?;
     let line = format!(
-        "cluster {}: member {} (directory: etcd at {})",
+        "cluster {}: member {} (directory: etcd at {}; member link on quic/{})",
         args.cluster,
         directory.id(),
-        args.etcd.join(", ")
+        args.etcd.join(", "),
+        link.local_addr()
     );
-    Ok(Some((std::sync::Arc::new(directory), line)))
+    config.directory = std::sync::Arc::new(directory);
+    config.link_socket = Some(std::sync::Arc::new(link.socket().try_clone()?));
+    Ok(Some(line))
 }
 
 /// Without the `etcd` feature, `--etcd` is refused.
@@ -532,12 +550,8 @@ async fn join_cluster(
 async fn join_cluster(
     args: &RunArgs,
     _listener: &Listener,
-) -> Result<
-    Option<(
-        std::sync::Arc<dyn qmesh_coordinator::directory::Directory>,
-        String,
-    )>,
-> {
+    _config: &mut qmesh_coordinator::config::Config,
+) -> Result<Option<String>> {
     if args.etcd.is_empty() {
         return Ok(None);
     }
@@ -645,10 +659,7 @@ async fn run(
     let mode = settings.auth.mode();
     let dir = &settings.state_dir;
     let policy_rules = settings.policy.as_ref().map(|p| p.len());
-    let cluster = join_cluster(&args, &listener).await?;
-    if let Some((directory, _)) = &cluster {
-        config.directory = directory.clone();
-    }
+    let cluster = join_cluster(&args, &listener, &mut config).await?;
     let coordinator = Coordinator::on(listener, config)?;
     let control = coordinator.control();
     control.set_source(settings::Source {
@@ -683,7 +694,7 @@ async fn run(
         coordinator.local_addr()
     );
     println!("auth mode: {mode}");
-    if let Some((_, line)) = &cluster {
+    if let Some(line) = &cluster {
         println!("{line}");
     }
     match mode {

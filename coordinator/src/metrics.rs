@@ -23,6 +23,8 @@
 //! | `qmesh_cluster_members` | gauge | members of this coordinator's cluster (with `--etcd`) |
 //! | `qmesh_cluster_names` | gauge | names held in the cluster, `{member="here"}` and `{member="elsewhere"}` |
 //! | `qmesh_cluster_directory_available` | gauge | 1 when names can be claimed, 0 when the directory does not answer |
+//! | `qmesh_cluster_links` | gauge | member links up to the other coordinators |
+//! | `qmesh_cluster_link_bytes_total` | counter | UDP bytes on each member link, `{member, direction="sent"\|"received"}` |
 //! | `process_*` | | CPU seconds, resident memory, descriptors, start time |
 //!
 //! Counters count from this worker's start, except the worker restarts,
@@ -227,6 +229,27 @@ impl Collector for CoordinatorCollector {
                  answer (new names are refused as unavailable).",
                 i64::from(cluster.available),
             )?;
+            let links = self.0.links();
+            gauge(
+                e,
+                "qmesh_cluster_links",
+                "Member links up to the other coordinators of the cluster.",
+                links.len() as i64,
+            )?;
+            let mut family = e.encode_descriptor(
+                "qmesh_cluster_link_bytes",
+                "UDP bytes on each member link, by member and direction (sent or received).",
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for l in &links {
+                for (direction, n) in [("sent", l.sent), ("received", l.received)] {
+                    ConstCounter::new(n).encode(family.encode_family(&[
+                        ("member", l.member.as_str()),
+                        ("direction", direction),
+                    ])?)?;
+                }
+            }
         }
         counter(
             e,

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use qmesh_proto::codec::{write_frame, DecodeError, ReadFrameError};
 use qmesh_proto::codes::StreamCode;
-use qmesh_proto::msg::{Arrival, StreamHeader};
+use qmesh_proto::msg::{Arrival, LinkRequest, StreamHeader};
 use qmesh_proto::{StreamId, Untrusted};
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio::sync::watch;
@@ -175,22 +175,27 @@ pub(crate) async fn relay_pipe(
         return;
     }
     let _slot = PipeSlot(&side.pipes);
-    let opened = async {
-        let (mut send, recv) = side.peer_conn.open_bi().await.ok()?;
-        let arrival = Arrival::Pipe {
-            channel: side.peer_channel,
-        };
-        write_frame(&mut send, &arrival).await.ok()?;
-        Some((send, recv))
-    };
-    let Some((mut b_send, mut b_recv)) = opened.await else {
+    // Each direction counts against the rate limit of the side that
+    // sends it.
+    let Some(peer) = side.peer.upgrade() else {
         let _ = a_recv.stop(StreamCode::PeerLost.varint());
         let _ = a_send.reset(StreamCode::PeerLost.varint());
         return;
     };
-    // Each direction counts against the rate limit of the side that
-    // sends it.
-    let Some(peer) = side.peer.upgrade() else {
+    let opened = async {
+        let (mut send, recv) = side.peer_conn.open_bi().await.ok()?;
+        let channel = side.peer_channel;
+        // Over a member link the pipe is a link request; to a client, an
+        // arrival.
+        if peer.member.is_some() {
+            write_frame(&mut send, &LinkRequest::Pipe { channel }).await
+        } else {
+            write_frame(&mut send, &Arrival::Pipe { channel }).await
+        }
+        .ok()?;
+        Some((send, recv))
+    };
+    let Some((mut b_send, mut b_recv)) = opened.await else {
         let _ = a_recv.stop(StreamCode::PeerLost.varint());
         let _ = a_send.reset(StreamCode::PeerLost.varint());
         return;

@@ -156,6 +156,13 @@ impl Coordinator {
         // operator command right after that line finds it.
         let admin = config.state_dir.as_deref().map(crate::admin::bind);
         let shared_endpoint = endpoint.clone();
+        let link_endpoint = crate::link::endpoint(&config).map_err(|e| match e {
+            crate::link::EndpointError::Certificate(e) => BindError::Certificate(e),
+            crate::link::EndpointError::Socket(source) => BindError::Socket {
+                addr: config.listen,
+                source,
+            },
+        })?;
         let shared = Arc::new(Shared {
             presence: tokio::sync::broadcast::channel(config.presence_buffer.max(1)).0,
             groups: crate::groups::Groups::default(),
@@ -180,6 +187,8 @@ impl Coordinator {
             endpoint: shared_endpoint,
             current_cert: Mutex::new(Some(config.identity.fingerprint().to_string())),
             cert_summary: Mutex::new(crate::tls::CertSummary::of(&config.identity)),
+            link_endpoint,
+            links: Mutex::default(),
             config,
         });
         // A name the directory gives to another coordinator closes its
@@ -274,6 +283,9 @@ impl Coordinator {
                 let task = crate::http::serve(listener, router, shared.shutdown.clone());
                 shared.tasks.spawn(task.in_current_span());
             }
+            if shared.link_endpoint.is_some() {
+                shared.tasks.spawn(crate::link::run(shared.clone()).in_current_span());
+            }
             let mut asked = shared.operator_stop.subscribe();
             let mut asked_now = asked.clone();
             let now = async move {
@@ -318,6 +330,12 @@ impl Coordinator {
                 VarInt::from_u32(ConnCode::Shutdown.code()),
                 b"coordinator shutting down",
             );
+            if let Some(links) = &shared.link_endpoint {
+                links.close(
+                    VarInt::from_u32(ConnCode::Shutdown.code()),
+                    b"coordinator shutting down",
+                );
+            }
             shared.tasks.close();
             let idle = timeout(std::time::Duration::from_secs(3), async {
                 endpoint.wait_idle().await;

@@ -155,6 +155,11 @@ pub(crate) struct Shared {
     pub(crate) current_cert: Mutex<Option<String>>,
     /// What `info` says about that certificate.
     pub(crate) cert_summary: Mutex<Option<crate::tls::CertSummary>>,
+    /// The member link endpoint, for a member of a cluster.
+    pub(crate) link_endpoint: Option<quinn::Endpoint>,
+    /// The live member links, by member id: each a [`Session`] whose
+    /// `member` is set.
+    pub(crate) links: Mutex<HashMap<String, Arc<Session>>>,
 }
 
 /// How many events [`Shared::events`] keeps.
@@ -201,6 +206,10 @@ impl Shared {
             .get(name)
             .copied()
             .unwrap_or_default()
+    }
+
+    pub(crate) fn links(&self) -> MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn registry(&self) -> MutexGuard<'_, Registry<Arc<Session>>> {
@@ -257,6 +266,10 @@ pub(crate) struct Session {
     pub(crate) headers: tokio::sync::Semaphore,
     /// Its claim of the name in the directory, given back when it leaves.
     pub(crate) claim: crate::directory::Claim,
+    /// `Some(id)` when this is not a client but the member link to
+    /// coordinator `id` of the cluster, standing in for that member's
+    /// clients in the channels that cross it.
+    pub(crate) member: Option<String>,
 }
 
 impl Session {

@@ -193,6 +193,29 @@ pub async fn open_pair_with(
     (opened.expect("open"), accepted)
 }
 
+/// Send `msg` from `from` and check it arrives whole at `to`.
+pub async fn carries(from: &Channel, to: &Channel, msg: &[u8]) {
+    let send = async {
+        let mut s = from.open_stream().await.expect("open stream");
+        s.send(msg).await.expect("send");
+        s.finish().await.expect("finish");
+    };
+    let recv = async {
+        let mut r = to
+            .accept_stream()
+            .await
+            .expect("accept stream")
+            .expect("a stream");
+        let msg = r.recv().await.expect("recv").expect("a message");
+        // Read to the end, so the sender's finish sees the stream delivered
+        // rather than stopped.
+        assert!(r.recv().await.expect("end").is_none(), "one message only");
+        msg
+    };
+    let ((), got) = within(STEP, "carry a message", async { tokio::join!(send, recv) }).await;
+    assert_eq!(&got[..], msg);
+}
+
 /// `from` sends `msg` on a stream of its own, and the next stream `to`
 /// accepts carries it.
 pub async fn message_flows(from: &Channel, to: &Channel, msg: &[u8]) {

@@ -14,10 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qmesh_client::events::{Event, Events};
-use qmesh_client::{Address, Client, ClientConfig, ConnectError, Heartbeat, Reconnect, Trust};
+use qmesh_client::{
+    Address, ChannelEnd, Client, ClientConfig, ConnectError, Heartbeat, Incoming, Path, PathMode,
+    Reconnect, Trust,
+};
 use qmesh_integration_tests::programs::{etcd_cluster, require, EtcdMember};
 use qmesh_integration_tests::target::CoordinatorProc;
-use qmesh_integration_tests::{message_flows, open_pair, within, STEP};
+use qmesh_integration_tests::{
+    carries, message_flows, open_pair, open_pair_with, payload, within, within_ok, STEP,
+};
 use qmesh_proto::codes::RejectCode;
 use tempfile::TempDir;
 
@@ -776,4 +781,190 @@ async fn a_coordinator_stopped_with_sigterm_gives_its_names_back_at_once() {
     assert!(names.is_empty(), "{names:?}");
     let other = Client::connect(lab.config(&b, "carol")).await;
     assert!(other.is_ok(), "{:?}", other.err());
+}
+
+/// Waits until each of `members` has a member link up to every other.
+async fn links_up(members: &[&Member]) {
+    let want = members.len() - 1;
+    let started = Instant::now();
+    loop {
+        let counts: Vec<usize> = members
+            .iter()
+            .map(|m| {
+                admin_json(m, "info")["data"]["links"]
+                    .as_array()
+                    .map_or(0, Vec::len)
+            })
+            .collect();
+        if counts.iter().all(|n| *n == want) {
+            return;
+        }
+        assert!(
+            started.elapsed() < STEP,
+            "member links not up within {STEP:?}: {counts:?} of {want} each"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `streams_relayed` of `member`'s `info`.
+fn streams_relayed(member: &Member) -> u64 {
+    admin_json(member, "info")["data"]["streams_relayed"]
+        .as_u64()
+        .expect("streams_relayed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_channel_from_a_client_on_a_to_one_on_b_carries_streams_pipes_and_requests_exactly_both_ways(
+) {
+    let Some(lab) = Lab::new(1) else { return };
+    let (a, b, c) = (
+        lab.coordinator().await,
+        lab.coordinator().await,
+        lab.coordinator().await,
+    );
+    links_up(&[&a, &b, &c]).await;
+    let alice = Client::connect(lab.config(&a, "alice"))
+        .await
+        .expect("alice on A");
+    let bob = Client::connect(lab.config(&b, "bob"))
+        .await
+        .expect("bob on B");
+    let (before_a, before_b) = (streams_relayed(&a), streams_relayed(&b));
+    let (to_bob, to_alice) = open_pair(&alice, &bob, "chat").await;
+    assert_eq!(to_bob.path(), Path::Relay);
+    // Both coordinators show the channel on their link to the other.
+    let link_of = |m: &Member| admin_json(m, "info")["data"]["links"].clone();
+    let on_a = link_of(&a);
+    let on_a = on_a
+        .as_array()
+        .expect("links")
+        .iter()
+        .find(|l| l["channels"] == 1)
+        .unwrap_or_else(|| panic!("A shows no link with the channel: {on_a}"))
+        .clone();
+    assert!(link_of(&b).to_string().contains("\"channels\":1"));
+
+    // Streams of several MiB each way, byte for byte.
+    carries(&to_bob, &to_alice, &payload(1, 4 << 20)).await;
+    carries(&to_alice, &to_bob, &payload(2, 3 << 20)).await;
+    // Both coordinators relayed them: one hop each.
+    assert!(streams_relayed(&a) >= before_a + 2);
+    assert!(streams_relayed(&b) >= before_b + 2);
+
+    // A request from each side, answered by the other.
+    let ask = async {
+        let reply = to_bob.request(b"ping from A").await.expect("bob's reply");
+        assert_eq!(&reply[..], b"pong from B");
+    };
+    let answer = async {
+        match within_ok(STEP, "the request", to_alice.recv_message()).await {
+            Incoming::Request(r) => {
+                assert_eq!(&r.body()[..], b"ping from A");
+                r.reply(b"pong from B").await.expect("reply");
+            }
+            Incoming::Message(m) => panic!("a message instead of the request: {m:?}"),
+        }
+    };
+    within(STEP, "request and reply", async {
+        tokio::join!(ask, answer)
+    })
+    .await;
+
+    // A pipe opened on B's side, bytes both ways.
+    let (mut pipe_b, mut pipe_a) = within(STEP, "a pipe across the link", async {
+        tokio::join!(
+            async { to_alice.open_pipe().await.expect("open pipe") },
+            async { to_bob.accept_pipe().await.expect("a pipe") },
+        )
+    })
+    .await;
+    let up = payload(3, 1 << 20);
+    let down = payload(4, 1 << 20);
+    let (sent_up, got_up, sent_down, got_down) = within(STEP, "pipe bytes", async {
+        let (b_send, b_recv) = pipe_b.halves();
+        let (a_send, a_recv) = pipe_a.halves();
+        let up_w = async {
+            b_send.write_all(&up).await.expect("write");
+            b_send.finish().expect("finish");
+        };
+        let down_w = async {
+            a_send.write_all(&down).await.expect("write");
+            a_send.finish().expect("finish");
+        };
+        let up_r = async { a_recv.read_to_end(8 << 20).await.expect("read") };
+        let down_r = async { b_recv.read_to_end(8 << 20).await.expect("read") };
+        let ((), got_up, (), got_down) = tokio::join!(up_w, up_r, down_w, down_r);
+        (&up, got_up, &down, got_down)
+    })
+    .await;
+    assert!(got_up == *sent_up, "the pipe's bytes from bob");
+    assert!(got_down == *sent_down, "the pipe's bytes from alice");
+
+    // The link's bytes are counted.
+    let sent = on_a["sent"].as_u64().expect("sent");
+    let now_sent = link_of(&a)
+        .as_array()
+        .expect("links")
+        .iter()
+        .find(|l| l["member"] == on_a["member"])
+        .expect("the link")["sent"]
+        .as_u64()
+        .expect("sent");
+    assert!(now_sent >= sent + (4 << 20), "{sent} then {now_sent}");
+
+    // A close crosses both hops, once.
+    within_ok(STEP, "close", to_bob.close("done")).await;
+    match within(STEP, "bob's end", to_alice.ended()).await {
+        ChannelEnd::Closed { reason, .. } => assert_eq!(reason, "done"),
+        other => panic!("bob's end: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_channel_across_two_coordinators_introduces_each_peer_as_its_own_coordinator_sees_it(
+) {
+    let Some(lab) = Lab::new(1) else { return };
+    let (a, b) = (lab.coordinator().await, lab.coordinator().await);
+    links_up(&[&a, &b]).await;
+    let alice = Client::connect(lab.config(&a, "alice"))
+        .await
+        .expect("alice on A");
+    let bob = Client::connect(lab.config(&b, "bob"))
+        .await
+        .expect("bob on B");
+    assert!(alice.takes_direct() && bob.takes_direct());
+    let (to_bob, to_alice) = open_pair_with(&alice, &bob, "bulk", PathMode::Direct).await;
+    // B's observed address of bob reached alice through A, and A's of
+    // alice reached bob through B.
+    assert_eq!(
+        to_bob.path(),
+        Path::Direct {
+            remote: bob.observed_addr()
+        }
+    );
+    let mut path = to_alice.watch_path();
+    within_ok(
+        STEP,
+        "bob's path becomes direct",
+        path.wait_for(|p| {
+            *p == Path::Direct {
+                remote: alice.observed_addr(),
+            }
+        }),
+    )
+    .await;
+    let (before_a, before_b) = (streams_relayed(&a), streams_relayed(&b));
+    carries(&to_bob, &to_alice, &payload(5, 3 << 20)).await;
+    carries(&to_alice, &to_bob, &payload(6, 1 << 20)).await;
+    assert_eq!(
+        (streams_relayed(&a), streams_relayed(&b)),
+        (before_a, before_b),
+        "no data stream may pass through either coordinator"
+    );
+    within_ok(STEP, "close", to_alice.close("bye")).await;
+    assert!(matches!(
+        within(STEP, "alice's end", to_bob.ended()).await,
+        ChannelEnd::Closed { .. }
+    ));
 }

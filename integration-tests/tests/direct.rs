@@ -8,31 +8,10 @@ use std::time::Duration;
 
 use qmesh_certs::Identity;
 use qmesh_client::{Channel, ChannelEnd, Client, OpenError, Path, PathMode};
-use qmesh_integration_tests::{connect, open_pair_with, payload, within, within_ok, Mesh, STEP};
+use qmesh_integration_tests::{
+    carries, connect, open_pair_with, payload, within, within_ok, Mesh, STEP,
+};
 use qmesh_proto::codes::OpenFailCode;
-
-/// Send `msg` from `from` and check it arrives whole at `to`.
-async fn carries(from: &Channel, to: &Channel, msg: &[u8]) {
-    let send = async {
-        let mut s = from.open_stream().await.expect("open stream");
-        s.send(msg).await.expect("send");
-        s.finish().await.expect("finish");
-    };
-    let recv = async {
-        let mut r = to
-            .accept_stream()
-            .await
-            .expect("accept stream")
-            .expect("a stream");
-        let msg = r.recv().await.expect("recv").expect("a message");
-        // Read to the end, so the sender's finish sees the stream delivered
-        // rather than stopped.
-        assert!(r.recv().await.expect("end").is_none(), "one message only");
-        msg
-    };
-    let ((), got) = within(STEP, "carry a message", async { tokio::join!(send, recv) }).await;
-    assert_eq!(&got[..], msg);
-}
 
 async fn direct_soon(ch: &Channel) -> SocketAddr {
     let mut path = ch.watch_path();

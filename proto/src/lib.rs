@@ -50,6 +50,6 @@ pub mod untrusted;
 pub use address::{Address, AddressError};
 pub use codec::DecodeError;
 pub use ids::{ChannelId, ChannelName, ClientName, GroupName, SessionId, StreamId};
-pub use limits::{ALPN, DIRECT_ALPN, PROTOCOL_VERSION};
+pub use limits::{ALPN, DIRECT_ALPN, LINK_ALPN, PROTOCOL_VERSION};
 pub use manifest::{Direction, ForwardKind, Interface};
 pub use untrusted::Untrusted;

@@ -8,11 +8,16 @@ pub const ALPN: &[u8] = b"qmesh/1";
 /// connection can never be taken for each other.
 pub const DIRECT_ALPN: &[u8] = b"qmesh-direct/1";
 
+/// The ALPN protocol identifier of the member link between two coordinators
+/// of one cluster (protocol.md §23). Distinct from [`ALPN`] and
+/// [`DIRECT_ALPN`], so a client can never be taken for a member.
+pub const LINK_ALPN: &[u8] = b"qmesh-peer/1";
+
 /// The most addresses a client may report for itself in its hello.
 pub const MAX_REPORTED_ADDRS: usize = 8;
 
 /// The protocol version carried in `Hello`. The coordinator refuses any other.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// Largest control frame body (session and channel control streams and data
 /// stream headers). A declared length above this is refused before any

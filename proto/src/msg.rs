@@ -61,6 +61,8 @@ named!(
     MembersAnswer,
     PresenceEvent,
     StreamHeader,
+    LinkAnswer,
+    LinkRequest,
 );
 
 // ---------------------------------------------------------------------
@@ -625,6 +627,75 @@ impl StreamHeader {
             StreamHeader::Messages { .. } | StreamHeader::DirectMessages { .. }
         )
     }
+}
+
+// ---------------------------------------------------------------------
+// The member link between two coordinators of a cluster (protocol.md §23).
+
+/// Dialling member → accepting member: the first frame of the link's first
+/// bidirectional stream, which stays open as the link's control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkHello {
+    /// [`crate::PROTOCOL_VERSION`] of the dialling member.
+    pub version: u32,
+    /// The cluster's name.
+    pub cluster: String,
+    /// The dialling member's id, as registered in the directory.
+    pub member: String,
+}
+
+/// Accepting member → dialling member: the answer to a [`LinkHello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum LinkAnswer {
+    /// The link is up; `member` is the accepting member's id.
+    Welcome {
+        /// The accepting member's id.
+        member: String,
+    },
+    /// The link is refused; the connection closes.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The first frame of every other bidirectional stream a member opens on
+/// a link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
+pub enum LinkRequest {
+    /// A client of the sending member opens a channel on a client of the
+    /// receiving one. Answered with an [`OpenAnswer`]; then both ways
+    /// carry [`Ending`] frames, exactly one each.
+    Open(LinkOpen),
+    /// A pipe on a channel that crosses the link; `channel` is the id of
+    /// the channel's control stream on the link. Bytes follow, both ways.
+    Pipe {
+        /// Control stream id of the channel on the link.
+        channel: StreamId,
+    },
+}
+
+/// A channel open passed to the member that holds the callee: the opener
+/// as its own member saw it, and what it asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkOpen {
+    /// The opener's client name.
+    pub opener: ClientName,
+    /// The fingerprint of the certificate the opener presented.
+    pub fingerprint: [u8; 32],
+    /// The opener's address as its member sees it.
+    pub observed: SocketAddr,
+    /// The addresses the opener reported, or `None` when it cannot take
+    /// direct channels.
+    #[serde(deserialize_with = "bounded::option_addrs")]
+    pub direct: Option<Vec<SocketAddr>>,
+    /// The opener's session at its member.
+    pub session: SessionId,
+    /// The callee, the channel and the path, as in [`Open`] (the path
+    /// after the opener's member applied the policy).
+    pub open: Open,
 }
 
 /// Address lists that decode without trusting their declared length: a

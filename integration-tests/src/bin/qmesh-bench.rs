@@ -221,16 +221,19 @@ fn serve_coordinator(dir: &Path, etcd: Option<&str>) -> Result<()> {
         config.rate = qmesh_coordinator::limit::RateLimits::unlimited();
         let listener = qmesh_coordinator::Listener::bind(config.listen)?;
         if let Some(url) = etcd {
+            let link = qmesh_coordinator::Listener::bind(config.listen)?;
             let directory = qmesh_coordinator::cluster::EtcdDirectory::join(
                 qmesh_coordinator::cluster::ClusterSettings {
                     endpoints: vec![url.to_owned()],
                     cluster: "bench".into(),
                     lease_ttl: Duration::from_secs(5),
                     clients: listener.local_addr(),
+                    link: Some((link.local_addr(), config.identity.fingerprint())),
                 },
             )
             .await?;
             config.directory = Arc::new(directory);
+            config.link_socket = Some(Arc::new(link.socket().try_clone()?));
         }
         let coordinator = Coordinator::on(listener, config)?;
         println!("port {}", coordinator.local_addr().port());
