@@ -9,7 +9,7 @@
 //! lists. The dialler's first stream says which member it is, and that
 //! member's listed fingerprint must be the one it presented.
 //!
-//! On each side the link is a [`Session`] whose `member` is set: an open
+//! On each side the link is a `Session` whose `member` is set: an open
 //! from a client here to a client of the other member is passed over the
 //! link (`channel`), and the other member runs it with the link session
 //! as the opener. From then on each member relays an ordinary channel,
