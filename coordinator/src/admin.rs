@@ -184,8 +184,8 @@ fn cluster_lines(
     lines.push(format!("{} member link(s) up", links.len()));
     lines.extend(links.iter().map(|l| {
         format!(
-            "  link to member {} at {}  {} channel(s)  {} bytes sent, {} received",
-            l.member, l.addr, l.channels, l.sent, l.received
+            "  link to member {} at {}  {} channel(s)  {} group(s) fed  {} bytes sent, {} received",
+            l.member, l.addr, l.channels, l.groups, l.sent, l.received
         )
     }));
     lines

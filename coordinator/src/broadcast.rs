@@ -20,6 +20,11 @@
 //! and counts it (the count is sent as `Missed` before the next event it
 //! gets, or as soon as its queue runs empty), `Evict` removes the member:
 //! its writer sends `Evicted` and finishes the stream, its reader stops.
+//!
+//! In a cluster the fan-out also reaches link members, which carry the
+//! broadcast to the other coordinators' members (`crate::groupfeed`). A
+//! link member is never evicted: under `evict` it lags instead, and the
+//! count reaches the members on its side as `Missed`.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -44,7 +49,7 @@ use crate::wire::fail;
 
 /// Most bytes a `GroupEvent::Message` puts in front of the body: kind,
 /// name length, and a name of at most 255 bytes.
-const MESSAGE_HEAD: usize = 2 + u8::MAX as usize;
+pub(crate) const MESSAGE_HEAD: usize = 2 + u8::MAX as usize;
 
 /// Serve a member's group stream: join, relay, leave.
 pub(crate) async fn join(
@@ -89,6 +94,7 @@ async fn serve(
     let member = Arc::new(Member {
         id: shared.groups.next_member.fetch_add(1, Ordering::Relaxed),
         name: session.name.clone().into_string(),
+        link: None,
         queue: tx,
         missed: Mutex::new(0),
         end: Mutex::new(None),
@@ -97,6 +103,7 @@ async fn serve(
     // The group keeps the configuration it was made with while it has
     // members.
     let (group, members) = shared.groups.add(&name, config, member.clone());
+    crate::groupfeed::start(shared, &group);
     let config = group.config;
     let joined = JoinAnswer::Joined {
         members,
@@ -184,14 +191,14 @@ async fn read_member(
         wire.extend_from_slice(&length_prefix(head.len() + body.len()));
         wire.extend_from_slice(&head);
         wire.extend_from_slice(&body);
-        fan_out(shared, group, Bytes::from(wire)).await;
+        fan_out(shared, group, Bytes::from(wire), false).await;
     }
     if shared.groups.remove(group, member.id) {
         member.end(End::Left);
     }
 }
 
-enum BodyError {
+pub(crate) enum BodyError {
     TooLarge { len: usize },
     Truncated,
     Lost,
@@ -199,7 +206,10 @@ enum BodyError {
 
 /// The next broadcast body, `None` at a clean end of the member's side. The
 /// declared length is checked against `max` before anything is allocated.
-async fn read_body(recv: &mut RecvStream, max: usize) -> Result<Option<Vec<u8>>, BodyError> {
+pub(crate) async fn read_body(
+    recv: &mut RecvStream,
+    max: usize,
+) -> Result<Option<Vec<u8>>, BodyError> {
     let mut prefix = [0u8; LENGTH_PREFIX];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -219,11 +229,19 @@ async fn read_body(recv: &mut RecvStream, max: usize) -> Result<Option<Vec<u8>>,
 }
 
 /// Give `event` to every member of `group`, following the group's policy
-/// for members whose queue is full.
-async fn fan_out(shared: &Shared, group: &Group, event: Bytes) {
+/// for members whose queue is full; an event that came over a link
+/// (`from_link`) goes to this coordinator's members only.
+pub(crate) async fn fan_out(shared: &Shared, group: &Group, event: Bytes, from_link: bool) {
     let members = group.members();
     for member in members.iter() {
-        match group.config.policy {
+        if from_link && member.link.is_some() {
+            continue;
+        }
+        let policy = match group.config.policy {
+            GroupPolicy::Evict if member.link.is_some() => GroupPolicy::Lag,
+            policy => policy,
+        };
+        match policy {
             GroupPolicy::Block => {
                 let item = Item {
                     missed: 0,
@@ -274,7 +292,7 @@ fn evict(shared: &Shared, group: &Group, member: &Member) {
 }
 
 /// Write the member's queue to its stream until it leaves or is evicted.
-async fn write_member(
+pub(crate) async fn write_member(
     member: &Member,
     mut queue: mpsc::Receiver<Item>,
     mut send: SendStream,

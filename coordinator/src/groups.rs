@@ -1,9 +1,14 @@
 //! The coordinator's broadcast groups as state: which members each group
 //! has, each member's queue and how its time in the group ended. The
 //! `broadcast` module serves the streams; this one only keeps the lists.
+//!
+//! In a cluster a group also has link members: another coordinator that
+//! has members of the group and asked for this one's broadcasts
+//! (`crate::groupfeed`). They get what this coordinator's members send,
+//! never what came over a link, and are not counted as members.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -25,13 +30,22 @@ impl Groups {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Members of `name` now (0 when nobody is in it).
+    /// Members of `name` on this coordinator now (0 when nobody is in it).
     pub(crate) fn count(&self, name: &str) -> u64 {
-        self.map().get(name).map_or(0, |g| g.members().len() as u64)
+        self.map().get(name).map_or(0, |g| g.locals() as u64)
+    }
+
+    /// Groups whose broadcasts member coordinator `id` asked for (it has
+    /// a link member in each).
+    pub(crate) fn fed_to(&self, id: &str) -> usize {
+        self.map()
+            .values()
+            .filter(|g| g.members().iter().any(|m| m.link.as_deref() == Some(id)))
+            .count()
     }
 
     /// Add `member` to group `name`, made with `config` if it has no
-    /// members; returns the group and its member count.
+    /// members; returns the group and its count of members here.
     pub(crate) fn add(
         &self,
         name: &str,
@@ -46,6 +60,8 @@ impl Groups {
                     name: name.to_owned(),
                     config,
                     members: Mutex::new(Arc::new(Vec::new())),
+                    locals: tokio::sync::watch::Sender::new(0),
+                    feeding: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -53,10 +69,11 @@ impl Groups {
         let mut list = Vec::with_capacity(members.len() + 1);
         list.extend(members.iter().cloned());
         list.push(member);
-        let count = list.len() as u64;
+        let locals = list.iter().filter(|m| m.link.is_none()).count();
+        group.locals.send_replace(locals);
         *members = Arc::new(list);
         drop(members);
-        (group, count)
+        (group, locals as u64)
     }
 
     /// Take member `id` out of `group` (and the group out of the map when
@@ -69,6 +86,9 @@ impl Groups {
         }
         let list: Vec<_> = members.iter().filter(|m| m.id != id).cloned().collect();
         let empty = list.is_empty();
+        group
+            .locals
+            .send_replace(list.iter().filter(|m| m.link.is_none()).count());
         *members = Arc::new(list);
         drop(members);
         if empty {
@@ -86,6 +106,12 @@ pub(crate) struct Group {
     /// Replaced (never changed in place) on every join and leave, so a
     /// fan-out takes a snapshot without holding the lock.
     members: Mutex<Arc<Vec<Arc<Member>>>>,
+    /// How many of the members are this coordinator's own (not link
+    /// members).
+    pub(crate) locals: tokio::sync::watch::Sender<usize>,
+    /// Whether a task asks the other members for their broadcasts of this
+    /// group (at most one does at a time).
+    pub(crate) feeding: AtomicBool,
 }
 
 impl Group {
@@ -94,6 +120,11 @@ impl Group {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Members on this coordinator now.
+    pub(crate) fn locals(&self) -> usize {
+        *self.locals.borrow()
     }
 }
 
@@ -111,6 +142,8 @@ pub(crate) enum End {
 pub(crate) struct Member {
     pub(crate) id: u64,
     pub(crate) name: String,
+    /// For a link member, the id of the coordinator it stands for.
+    pub(crate) link: Option<String>,
     pub(crate) queue: mpsc::Sender<Item>,
     /// Broadcasts dropped for this member (policy `lag`) and not yet
     /// reported. Taken under this lock together with queue operations, so

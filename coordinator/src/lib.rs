@@ -77,6 +77,7 @@ pub mod devcert;
 pub mod directory;
 pub mod file;
 mod files;
+mod groupfeed;
 mod groups;
 mod handshake;
 pub mod http;

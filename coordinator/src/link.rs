@@ -355,6 +355,7 @@ async fn serve(
     if let Some(old) = shared.links().insert(member.clone(), link.clone()) {
         old.close(ConnCode::Replaced, "a new link to this member replaced it");
     }
+    shared.link_changes.send_modify(|n| *n += 1);
     info!(peer = %conn.remote_address(), "member link up");
     let (_control_send, mut control_recv) = control;
     loop {
@@ -391,6 +392,7 @@ async fn serve(
             links.remove(&member);
         }
     }
+    shared.link_changes.send_modify(|n| *n += 1);
     let reason = conn
         .close_reason()
         .map(|e| qmesh_certs::transport::describe_close(&e))
@@ -411,6 +413,9 @@ async fn request(shared: Arc<Shared>, link: Arc<Session>, send: SendStream, mut 
         }
         Read::Frame(LinkRequest::Pipe { channel }) => {
             crate::relay::relay_pipe(shared, link, (send, recv), channel).await
+        }
+        Read::Frame(LinkRequest::Join { group }) => {
+            crate::groupfeed::serve(shared, link, send, recv, group).await
         }
         Read::Finished | Read::Failed(ReadFrameError::Io(_)) => {}
         Read::Late | Read::Failed(ReadFrameError::OverBudget { .. }) => {
@@ -436,6 +441,10 @@ pub struct LinkInfo {
     pub sent: u64,
     /// UDP payload bytes received on the link.
     pub received: u64,
+    /// Broadcast groups whose broadcasts go to the other member (it has
+    /// members in them).
+    #[serde(default)]
+    pub groups: usize,
 }
 
 /// The live member links, by member id.
@@ -452,6 +461,7 @@ pub(crate) fn links(shared: &Shared) -> Vec<LinkInfo> {
                 channels: l.channels().len(),
                 sent: stats.udp_tx.bytes,
                 received: stats.udp_rx.bytes,
+                groups: shared.groups.fed_to(id),
             }
         })
         .collect();

@@ -189,6 +189,7 @@ impl Coordinator {
             cert_summary: Mutex::new(crate::tls::CertSummary::of(&config.identity)),
             link_endpoint,
             links: Mutex::default(),
+            link_changes: tokio::sync::watch::Sender::new(0),
             config,
         });
         // A name the directory gives to another coordinator closes its

@@ -160,6 +160,8 @@ pub(crate) struct Shared {
     /// The live member links, by member id: each a [`Session`] whose
     /// `member` is set.
     pub(crate) links: Mutex<HashMap<String, Arc<Session>>>,
+    /// Bumped whenever a member link comes up or goes down.
+    pub(crate) link_changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// How many events [`Shared::events`] keeps.

@@ -968,3 +968,98 @@ async fn a_direct_channel_across_two_coordinators_introduces_each_peer_as_its_ow
         ChannelEnd::Closed { .. }
     ));
 }
+
+/// Waits until, on each of `members`, every member link carries `groups`
+/// broadcast groups to the other side.
+async fn groups_fed(members: &[&Member], groups: u64) {
+    let started = Instant::now();
+    loop {
+        let fed: Vec<Vec<u64>> = members
+            .iter()
+            .map(|m| {
+                admin_json(m, "info")["data"]["links"]
+                    .as_array()
+                    .map(|ls| ls.iter().filter_map(|l| l["groups"].as_u64()).collect())
+                    .unwrap_or_default()
+            })
+            .collect();
+        if fed
+            .iter()
+            .all(|f| f.len() == members.len() - 1 && f.iter().all(|n| *n == groups))
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < STEP,
+            "groups not fed over every link within {STEP:?}: {fed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_group_with_a_member_on_each_coordinator_reaches_every_member_once_in_order() {
+    let Some(lab) = Lab::new(1) else { return };
+    let (a, b, c) = (
+        lab.coordinator().await,
+        lab.coordinator().await,
+        lab.coordinator().await,
+    );
+    links_up(&[&a, &b, &c]).await;
+    let mut members = Vec::new();
+    for (m, name) in [(&a, "alice"), (&b, "bob"), (&c, "carol")] {
+        let client = Client::connect(lab.config(m, name))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let group = within_ok(STEP, "join", client.join("room")).await;
+        members.push((name, client, group));
+    }
+    // Each coordinator asked the other two for the group's broadcasts.
+    groups_fed(&[&a, &b, &c], 1).await;
+
+    const EACH: usize = 25;
+    let body = |from: &str, i: usize| -> Vec<u8> {
+        // Every fifth one large, so that bodies span many QUIC packets.
+        let len = if i % 5 == 0 { 48 << 10 } else { 16 };
+        let mut b = format!("{from}#{i}:").into_bytes();
+        b.extend(payload(i as u64, len));
+        b
+    };
+    within(STEP, "every member's broadcasts", async {
+        let sends = members.iter().map(|(name, _, group)| async move {
+            for i in 0..EACH {
+                group.send(&body(name, i)).await.expect("send");
+            }
+        });
+        let recvs = members.iter().map(|(me, _, group)| async move {
+            // Per sender, what arrived, in order.
+            let mut got: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+            while got.values().map(Vec::len).sum::<usize>() < 3 * EACH {
+                match group.recv().await.expect("recv") {
+                    Some(qmesh_client::GroupEvent::Message { from, body }) => {
+                        got.entry(from).or_default().push(body.to_vec())
+                    }
+                    other => panic!("{me} got {other:?}"),
+                }
+            }
+            (me, got)
+        });
+        let (_, got) = tokio::join!(
+            futures_util::future::join_all(sends),
+            futures_util::future::join_all(recvs)
+        );
+        for (me, got) in got {
+            let senders: Vec<&String> = got.keys().collect();
+            assert_eq!(senders, ["alice", "bob", "carol"], "{me} heard from");
+            for (from, bodies) in &got {
+                let want: Vec<Vec<u8>> = (0..EACH).map(|i| body(from, i)).collect();
+                assert!(
+                    *bodies == want,
+                    "{me}: {from}'s broadcasts not each once in order ({} arrived)",
+                    bodies.len()
+                );
+            }
+        }
+    })
+    .await;
+}

@@ -665,15 +665,26 @@ pub enum LinkAnswer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::IntoStaticStr)]
 #[strum(serialize_all = "kebab-case")]
 pub enum LinkRequest {
+    /// A pipe on a channel that crosses the link; `channel` is the id of
+    /// the channel's control stream on the link. Bytes follow, both ways.
+    /// (Variant 0, so that an [`Arrival::Pipe`] written to a link by
+    /// mistake fails to decode instead of passing for this.)
+    Pipe {
+        /// Control stream id of the channel on the link.
+        channel: StreamId,
+    },
     /// A client of the sending member opens a channel on a client of the
     /// receiving one. Answered with an [`OpenAnswer`]; then both ways
     /// carry [`Ending`] frames, exactly one each.
     Open(LinkOpen),
-    /// A pipe on a channel that crosses the link; `channel` is the id of
-    /// the channel's control stream on the link. Bytes follow, both ways.
-    Pipe {
-        /// Control stream id of the channel on the link.
-        channel: StreamId,
+    /// The sending member has members of broadcast group `group` and asks
+    /// for the receiving member's broadcasts to it. Nothing more is sent
+    /// this way (its end is the end of the subscription); the other way
+    /// carries the group's events exactly as a member's group stream
+    /// does, the sender's name stamped by the member where it was sent.
+    Join {
+        /// The group's name (channel-name rules).
+        group: GroupName,
     },
 }
 
