@@ -103,7 +103,6 @@ async fn serve(
     // The group keeps the configuration it was made with while it has
     // members.
     let (group, members) = shared.groups.add(&name, config, member.clone());
-    crate::groupfeed::start(shared, &group);
     let config = group.config;
     let joined = JoinAnswer::Joined {
         members,

@@ -190,7 +190,7 @@ async fn open(
     let mut unlinked = None;
     let target = match here {
         Some(callee) => Some(Target::Here(callee)),
-        None if !opener.via_link() => match crate::link::route(&shared, &peer) {
+        None if !opener.via_link() => match shared.route(&peer) {
             Ok(link) => link.map(Target::Member),
             Err(member) => {
                 unlinked = Some(member);
@@ -236,14 +236,7 @@ async fn open(
         }
         (Ok(_), None) => {
             let refusal = match unlinked {
-                Some(member) => Refusal {
-                    code: OpenFailCode::PeerNotPresent,
-                    message: format!(
-                        "\"{peer}\" is connected to coordinator {member}, and this coordinator \
-                         has no link to it now; try again shortly, or check that the members \
-                         reach each other's --peer-listen addresses"
-                    ),
-                },
+                Some(member) => Refusal::unlinked(&peer, &member),
                 None => Refusal::not_present(&peer),
             };
             return refuse(&mut a_send, refusal).await;

@@ -2,7 +2,7 @@
 //! group asks every other member, over the member link, for the
 //! broadcasts sent there (protocol.md §23).
 //!
-//! The asking side ([`start`]: one task per group while the group has
+//! The asking side ([`run`], and a task per group while the group has
 //! members here) opens a `LinkRequest::Join` stream on each link and fans
 //! what arrives out to its own members only. The asked side ([`serve`])
 //! adds a link member to its group, which gets its own members'
@@ -33,11 +33,32 @@ use crate::broadcast::{fan_out, read_body, write_member, BodyError, MESSAGE_HEAD
 use crate::groups::{End, Group, Item, Member};
 use crate::session::{Session, Shared};
 
-/// A member of `group` joined here: make sure the other members are asked
-/// for the group's broadcasts (nothing to do off a cluster, or when a task
-/// already asks them).
-pub(crate) fn start(shared: &Arc<Shared>, group: &Arc<Group>) {
-    if shared.link_endpoint.is_none() || group.feeding.swap(true, Ordering::AcqRel) {
+/// Until the coordinator stops, make sure that for every group with
+/// members here the other members are asked for its broadcasts (nothing
+/// to do off a cluster).
+pub(crate) async fn run(shared: Arc<Shared>) {
+    if shared.link_endpoint.is_none() {
+        return;
+    }
+    let mut joined = shared.groups.joined.subscribe();
+    loop {
+        joined.borrow_and_update();
+        for group in shared.groups.all() {
+            if group.locals() > 0 {
+                start(&shared, &group);
+            }
+        }
+        tokio::select! {
+            changed = joined.changed() => if changed.is_err() { return },
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// `group` has members here: make sure the other members are asked for
+/// its broadcasts (nothing to do when a task already asks them).
+fn start(shared: &Arc<Shared>, group: &Arc<Group>) {
+    if group.feeding.swap(true, Ordering::AcqRel) {
         return;
     }
     let span = info_span!("group feed", group = %Untrusted::name(&group.name));

@@ -23,6 +23,9 @@ pub(crate) struct Groups {
     map: Mutex<HashMap<String, Arc<Group>>>,
     /// The number the next member gets.
     pub(crate) next_member: AtomicU64,
+    /// Bumped when a member of this coordinator joins a group: what the
+    /// group feed (`crate::groupfeed`) follows.
+    pub(crate) joined: tokio::sync::watch::Sender<u64>,
 }
 
 impl Groups {
@@ -37,6 +40,11 @@ impl Groups {
 
     /// Groups whose broadcasts member coordinator `id` asked for (it has
     /// a link member in each).
+    /// Every group with members now.
+    pub(crate) fn all(&self) -> Vec<Arc<Group>> {
+        self.map().values().cloned().collect()
+    }
+
     pub(crate) fn fed_to(&self, id: &str) -> usize {
         self.map()
             .values()
@@ -65,14 +73,20 @@ impl Groups {
                 })
             })
             .clone();
+        let member_is_local = member.link.is_none();
         let mut members = group.members.lock().unwrap_or_else(|e| e.into_inner());
         let mut list = Vec::with_capacity(members.len() + 1);
         list.extend(members.iter().cloned());
         list.push(member);
+        let local = member_is_local;
         let locals = list.iter().filter(|m| m.link.is_none()).count();
         group.locals.send_replace(locals);
         *members = Arc::new(list);
         drop(members);
+        drop(map);
+        if local {
+            self.joined.send_modify(|n| *n += 1);
+        }
         (group, locals as u64)
     }
 

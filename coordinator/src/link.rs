@@ -105,19 +105,6 @@ fn transport(config: &Config) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// The link session for the member holding `peer`, when another member
-/// holds it: `Ok(None)` when no member does, `Err(member)` when one does
-/// but there is no live link to it.
-pub(crate) fn route(shared: &Shared, peer: &str) -> Result<Option<Arc<Session>>, String> {
-    let Some(member) = shared.config.directory.member_of(peer) else {
-        return Ok(None);
-    };
-    match shared.links().get(&member) {
-        Some(link) if link.conn.close_reason().is_none() => Ok(Some(link.clone())),
-        _ => Err(member),
-    }
-}
-
 /// Accept links from the members that dial this one, and dial those this
 /// one should, until the coordinator stops.
 pub(crate) async fn run(shared: Arc<Shared>) {
@@ -287,7 +274,7 @@ async fn accepted(shared: Arc<Shared>, incoming: quinn::Incoming) {
         ))
     } else if hello.cluster != view.cluster {
         Some(format!(
-            "this member is in cluster {:?}, not {:?}",
+            "this member is in cluster {:?}, not \"{}\"",
             view.cluster,
             Untrusted::name(&hello.cluster)
         ))
@@ -416,6 +403,12 @@ async fn request(shared: Arc<Shared>, link: Arc<Session>, send: SendStream, mut 
         }
         Read::Frame(LinkRequest::Join { group }) => {
             crate::groupfeed::serve(shared, link, send, recv, group).await
+        }
+        Read::Frame(LinkRequest::Watch { live }) => {
+            crate::presence::serve_local(&shared, send, recv, live).await
+        }
+        Read::Frame(LinkRequest::Describe { peer, channel }) => {
+            crate::presence::describe_local(&shared, send, &peer, &channel).await
         }
         Read::Finished | Read::Failed(ReadFrameError::Io(_)) => {}
         Read::Late | Read::Failed(ReadFrameError::OverBudget { .. }) => {

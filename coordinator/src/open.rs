@@ -126,6 +126,19 @@ impl Refusal {
         )
     }
 
+    /// `peer` is a client of coordinator `member`, and there is no live
+    /// link to it.
+    pub(crate) fn unlinked(peer: &str, member: &str) -> Self {
+        Self::new(
+            OpenFailCode::PeerNotPresent,
+            format!(
+                "\"{peer}\" is connected to coordinator {member}, and this coordinator has no \
+                 link to it now; try again shortly, or check that the members reach each \
+                 other's --peer-listen addresses"
+            ),
+        )
+    }
+
     /// `peer` declares interfaces, and `channel` is not one of them.
     pub(crate) fn no_such_interface(peer: &str, channel: &str, offered: &[Interface]) -> Self {
         Self::new(

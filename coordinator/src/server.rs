@@ -286,6 +286,9 @@ impl Coordinator {
             }
             if shared.link_endpoint.is_some() {
                 shared.tasks.spawn(crate::link::run(shared.clone()).in_current_span());
+                shared
+                    .tasks
+                    .spawn(crate::groupfeed::run(shared.clone()).in_current_span());
             }
             let mut asked = shared.operator_stop.subscribe();
             let mut asked_now = asked.clone();

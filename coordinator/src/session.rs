@@ -214,6 +214,19 @@ impl Shared {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The link session for the member holding `peer`, when another member
+    /// holds it: `Ok(None)` when no member does, `Err(member)` when one
+    /// does but there is no live link to it.
+    pub(crate) fn route(&self, peer: &str) -> Result<Option<Arc<Session>>, String> {
+        let Some(member) = self.config.directory.member_of(peer) else {
+            return Ok(None);
+        };
+        match self.links().get(&member) {
+            Some(link) if link.conn.close_reason().is_none() => Ok(Some(link.clone())),
+            _ => Err(member),
+        }
+    }
+
     pub(crate) fn registry(&self) -> MutexGuard<'_, Registry<Arc<Session>>> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }

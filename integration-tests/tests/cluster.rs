@@ -14,16 +14,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qmesh_client::events::{Event, Events};
+use qmesh_client::Interface;
 use qmesh_client::{
     Address, ChannelEnd, Client, ClientConfig, ConnectError, Heartbeat, Incoming, Path, PathMode,
     Reconnect, Trust,
 };
+use qmesh_integration_tests::process;
 use qmesh_integration_tests::programs::{etcd_cluster, require, EtcdMember};
 use qmesh_integration_tests::target::CoordinatorProc;
 use qmesh_integration_tests::{
     carries, message_flows, open_pair, open_pair_with, payload, within, within_ok, STEP,
 };
 use qmesh_proto::codes::RejectCode;
+use qmesh_proto::msg::PresenceEvent;
 use tempfile::TempDir;
 
 /// The lease TTL the coordinators here run with.
@@ -500,9 +503,16 @@ async fn a_killed_coordinators_clients_reclaim_their_names_elsewhere_and_its_oth
         .await
         .expect("zed on B");
     // Two clients on A with a channel between them: untouched by B's death.
-    let x = Client::connect(lab.config(&a, "x")).await.expect("x");
+    let mut config = lab.config(&a, "x");
+    let x_events = Events::new();
+    config.events = Some(x_events.clone());
+    let x = Client::connect(config).await.expect("x");
     let y = Client::connect(lab.config(&a, "y")).await.expect("y");
     let (to, from) = open_pair(&x, &y, "chat").await;
+    // And one from x to w on B, across the link: it ends lost, once.
+    links_up(&[&a, &b, &c]).await;
+    let w = Client::connect(lab.config(&b, "w")).await.expect("w on B");
+    let (across, _at_w) = open_pair(&x, &w, "across").await;
     let watcher = Watcher::start(&[&a, &b, &c]);
     watcher.forget(1);
     let killed = Instant::now();
@@ -546,7 +556,22 @@ async fn a_killed_coordinators_clients_reclaim_their_names_elsewhere_and_its_oth
     let in_etcd: BTreeSet<String> = lab.etcd_names().await.into_keys().collect();
     assert_eq!(in_etcd, expected);
     message_flows(&to, &from, b"after B died").await;
+    match within(STEP, "the channel across to end", across.ended()).await {
+        ChannelEnd::Lost { reason } => {
+            assert!(reason.contains("the link to coordinator"), "{reason}")
+        }
+        other => panic!("the channel to w on B: {other:?}"),
+    }
     watcher.finish().await;
+    // x heard of each of its channels' ends once: the one across, lost.
+    let mut ends = Vec::new();
+    while let Some(event) = x_events.try_next() {
+        if matches!(event, Event::Closed { .. } | Event::Lost { .. }) {
+            ends.push(event.to_string());
+        }
+    }
+    assert_eq!(ends.len(), 1, "{ends:?}");
+    assert!(ends[0].contains("across lost"), "{ends:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1062,4 +1087,144 @@ async fn a_broadcast_group_with_a_member_on_each_coordinator_reaches_every_membe
         }
     })
     .await;
+}
+
+/// The next presence event of `watch` that is not `Lagged`.
+async fn next_presence(watch: &mut qmesh_client::presence::Watch, what: &str) -> PresenceEvent {
+    within(STEP, what, async {
+        loop {
+            match watch.next().await {
+                Some(PresenceEvent::Lagged { .. }) => continue,
+                Some(event) => return event,
+                None => panic!("the watch ended waiting for {what}"),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_describe_on_any_coordinator_cover_the_clients_of_every_coordinator() {
+    let Some(lab) = Lab::new(1) else { return };
+    let (a, b, mut c) = (
+        lab.coordinator().await,
+        lab.coordinator().await,
+        lab.coordinator().await,
+    );
+    links_up(&[&a, &b, &c]).await;
+    let offers = |name: &str| vec![Interface::new(name, format!("{name} for the test"))];
+    let mut config = lab.config(&a, "alice");
+    config.interfaces = offers("chat");
+    let alice = Client::connect(config).await.expect("alice on A");
+    let mut config = lab.config(&b, "bob");
+    config.interfaces = offers("files");
+    let _bob = Client::connect(config).await.expect("bob on B");
+    let mut config = lab.config(&c, "carol");
+    config.interfaces = offers("feed");
+    let carol = Client::connect(config).await.expect("carol on C");
+
+    // The list from each coordinator has everyone, with what each offers.
+    let want: BTreeMap<String, Vec<String>> =
+        [("alice", "chat"), ("bob", "files"), ("carol", "feed")]
+            .into_iter()
+            .map(|(n, i)| (n.to_owned(), vec![i.to_owned()]))
+            .collect();
+    for client in [&alice, &carol] {
+        let listed: BTreeMap<String, Vec<String>> = within_ok(STEP, "peers", client.peers())
+            .await
+            .into_iter()
+            .map(|p| (p.name, p.interfaces.into_iter().map(|i| i.name).collect()))
+            .collect();
+        assert_eq!(listed, want);
+    }
+    // `qmesh peers` through B.
+    let ca = lab.dir.path().join("ca.pem");
+    let state = lab.dir.path().join("cli-state");
+    let listed = process::qmesh(
+        &b.proc.v4(),
+        &ca,
+        &state,
+        &["--name", "erin", "peers", "--json"],
+    )
+    .finish()
+    .await;
+    assert!(
+        listed.status.success(),
+        "{}{}",
+        listed.stdout,
+        listed.stderr
+    );
+    let doc: serde_json::Value = serde_json::from_str(&listed.stdout).expect("JSON");
+    let names: BTreeSet<&str> = doc
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|p| p["name"].as_str().expect("a name"))
+        .collect();
+    assert_eq!(names, BTreeSet::from(["alice", "bob", "carol", "erin"]));
+
+    // Describe reaches the offerer's coordinator, and its refusal comes back.
+    let files = within_ok(
+        STEP,
+        "describe",
+        alice.describe(&"mesh/bob!files".parse().unwrap()),
+    )
+    .await;
+    assert_eq!(files.purpose, "files for the test");
+    let refused = within(
+        STEP,
+        "describe",
+        alice.describe(&"mesh/bob!chat".parse().unwrap()),
+    )
+    .await
+    .expect_err("bob does not offer chat");
+    assert!(
+        refused.to_string().contains("it offers: files"),
+        "{refused}"
+    );
+
+    // A live watch on A sees a client join and leave on C, and an
+    // interface change on B... through the links.
+    let mut watch = within_ok(STEP, "watch", alice.watch()).await;
+    let mut listed = BTreeSet::new();
+    loop {
+        match next_presence(&mut watch, "the list").await {
+            PresenceEvent::Present { name, .. } => {
+                listed.insert(name.into_string());
+            }
+            PresenceEvent::Synced => break,
+            other => panic!("{other:?} in the list"),
+        }
+    }
+    assert_eq!(
+        listed,
+        BTreeSet::from(["alice", "bob", "carol"].map(String::from))
+    );
+    let dave = Client::connect(lab.config(&c, "dave"))
+        .await
+        .expect("dave on C");
+    match next_presence(&mut watch, "dave's join").await {
+        PresenceEvent::Joined { name, .. } => assert_eq!(name.as_str(), "dave"),
+        other => panic!("{other:?} instead of dave's join"),
+    }
+    within_ok(STEP, "interfaces", carol.set_interfaces(offers("news"))).await;
+    match next_presence(&mut watch, "carol's change").await {
+        PresenceEvent::Changed { name, interfaces } => {
+            assert_eq!(name.as_str(), "carol");
+            assert_eq!(interfaces[0].name, "news");
+        }
+        other => panic!("{other:?} instead of carol's change"),
+    }
+    dave.close("done").await;
+    match next_presence(&mut watch, "dave's leave").await {
+        PresenceEvent::Left { name } => assert_eq!(name.as_str(), "dave"),
+        other => panic!("{other:?} instead of dave's leave"),
+    }
+    // C stops: its clients leave A's view with its link.
+    drop(carol);
+    c.proc.proc.kill().await;
+    match next_presence(&mut watch, "carol gone with C").await {
+        PresenceEvent::Left { name } => assert_eq!(name.as_str(), "carol"),
+        other => panic!("{other:?} instead of carol's leave"),
+    }
 }

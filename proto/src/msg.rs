@@ -686,6 +686,23 @@ pub enum LinkRequest {
         /// The group's name (channel-name rules).
         group: GroupName,
     },
+    /// The sending member's client watches presence: the receiving member
+    /// answers with its own clients only, as [`PresenceEvent`] frames
+    /// exactly as on a client's presence stream; with `live` it goes on
+    /// with their changes until the asker finishes the stream.
+    Watch {
+        /// Go on sending changes after the list.
+        live: bool,
+    },
+    /// A describe of `peer`, a client of the receiving member, asked by a
+    /// client of the sending member (whose policy allowed it). Answered
+    /// with one [`DescribeAnswer`].
+    Describe {
+        /// The offerer's client name.
+        peer: ClientName,
+        /// The interface's channel name.
+        channel: ChannelName,
+    },
 }
 
 /// A channel open passed to the member that holds the callee: the opener
