@@ -461,10 +461,63 @@ async fn bob_serves(bob: Client) {
     }
 }
 
+/// A relayed channel from `x` to y on another member, opened once the
+/// member link is up (until then the open is refused: no link).
+async fn open_across(x: &Client, name: &str) -> Result<Channel> {
+    let address: qmesh_proto::Address = format!("mesh/y!{name}").parse()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match x.open_with(&address, PathMode::Relay).await {
+            Ok(ch) => return Ok(ch),
+            Err(e) if Instant::now() < deadline => {
+                // The link is dialed on the members' next check (1 s).
+                tracing::debug!("open across: {e}; again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 async fn answer_u64(ch: &Channel) -> Result<u64> {
     let mut inbox = ch.accept_stream().await?.context("no answer stream")?;
     let m = inbox.recv().await?.context("no answer")?;
     Ok(u64::from_be_bytes(m[..8].try_into()?))
+}
+
+/// Send `size` bytes on one data stream of `ch` in 1 MiB messages to
+/// bob's sink and wait for its count: MB/s.
+async fn stream_bulk(ch: &Channel, size: u64, chunk: &Bytes) -> Result<f64> {
+    let t = Instant::now();
+    let mut out = ch.open_stream().await?;
+    out.send(b"S").await?;
+    for _ in 0..size / MIB {
+        out.send_bytes(chunk.clone()).await?;
+    }
+    out.finish().await?;
+    let got = answer_u64(ch).await?;
+    let secs = t.elapsed().as_secs_f64();
+    if got != size {
+        bail!("bulk moved {got} of {size} bytes");
+    }
+    Ok(size as f64 / secs / 1e6)
+}
+
+/// `n` round trips of `msg` through bob's echo on `ch`, in µs each.
+async fn echo_round_trips(ch: &Channel, msg: &[u8], n: usize) -> Result<Vec<f64>> {
+    let mut out = ch.open_stream().await?;
+    out.send(b"E").await?;
+    out.send(msg).await?;
+    let mut inbox = ch.accept_stream().await?.context("echo stream")?;
+    inbox.recv().await?.context("first echo")?;
+    let mut t = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        out.send(msg).await?;
+        inbox.recv().await?.context("echo")?;
+        t.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(t)
 }
 
 // ------------------------------------------------------------ the cases
@@ -563,20 +616,8 @@ impl Bench {
             // Relayed: one data stream on a channel, 1 MiB messages.
             let ch = self.relay_channel().await?;
             let cpu0 = cpu_seconds(self.coordinator.pid());
-            let t = Instant::now();
-            let mut out = ch.open_stream().await?;
-            out.send(b"S").await?;
-            for _ in 0..size / MIB {
-                out.send_bytes(chunk.clone()).await?;
-            }
-            out.finish().await?;
-            let got = answer_u64(&ch).await?;
-            let secs = t.elapsed().as_secs_f64();
+            relayed.push(stream_bulk(&ch, size, &chunk).await.context("relayed")?);
             let cpu1 = cpu_seconds(self.coordinator.pid());
-            if got != size {
-                bail!("relayed bulk moved {got} of {size} bytes");
-            }
-            relayed.push(size as f64 / secs / 1e6);
             if let (Some(a), Some(b)) = (cpu0, cpu1) {
                 cpu.push((b - a) / (size as f64 / (1024.0 * MIB as f64)));
             }
@@ -584,19 +625,7 @@ impl Bench {
 
             // Direct: the same on a direct-only channel, peer to peer.
             let ch = self.channel(PathMode::Direct).await?;
-            let t = Instant::now();
-            let mut out = ch.open_stream().await?;
-            out.send(b"S").await?;
-            for _ in 0..size / MIB {
-                out.send_bytes(chunk.clone()).await?;
-            }
-            out.finish().await?;
-            let got = answer_u64(&ch).await?;
-            let secs = t.elapsed().as_secs_f64();
-            if got != size {
-                bail!("direct bulk moved {got} of {size} bytes");
-            }
-            direct.push(size as f64 / secs / 1e6);
+            direct.push(stream_bulk(&ch, size, &chunk).await.context("direct")?);
             ch.close("done").await?;
         }
         let direct = median(direct);
@@ -702,21 +731,9 @@ impl Bench {
             raw99.push(percentile(&mut t, 0.99));
 
             let ch = self.relay_channel().await?;
-            let mut out = ch.open_stream().await?;
-            out.send(b"E").await?;
-            out.send(&msg).await?;
-            let mut inbox = ch.accept_stream().await?.context("echo stream")?;
-            inbox.recv().await?.context("first echo")?;
-            let mut t = Vec::new();
-            for _ in 0..self.plan.rtt {
-                let start = Instant::now();
-                out.send(&msg).await?;
-                inbox.recv().await?.context("relayed echo")?;
-                t.push(start.elapsed().as_secs_f64() * 1e6);
-            }
+            let mut t = echo_round_trips(&ch, &msg, self.plan.rtt).await?;
             rel50.push(percentile(&mut t, 0.5));
             rel99.push(percentile(&mut t, 0.99));
-            drop(out);
             ch.close("done").await?;
         }
         let (r50, q50) = (median(raw50), median(rel50));
@@ -907,8 +924,10 @@ impl Bench {
     }
 
     /// Three coordinators on a directory in etcd against the single
-    /// coordinator: the hello with its claim, and a connect burst spread
-    /// over the three.
+    /// coordinator: the hello with its claim, a connect burst spread over
+    /// the three, and a relayed channel from a client of one member to a
+    /// client of another (two relays and the member link between them)
+    /// against a relayed channel through the single coordinator.
     async fn cluster(&mut self) -> Result<()> {
         const HELLO: &str = "connect p50 (hello with its name claim), etcd member vs single";
         const HELLO99: &str = "connect p99 (hello with its name claim), etcd member vs single";
@@ -952,8 +971,78 @@ impl Bench {
         self.row(HELLO99, "µs", Some(r), q, "measured", None);
         let (r, q) = (median(single_rate), median(cluster_rate));
         self.row(RATE, "per s", Some(r), q, "measured", None);
+        self.across(&cluster)
+            .await
+            .context("across the member link")?;
         drop(members);
         drop(etcd);
+        Ok(())
+    }
+
+    /// Bulk and 64 B round trips on a channel from x on the first member
+    /// to y on the second, against the same through the single
+    /// coordinator.
+    async fn across(&mut self, cluster: &[&CoordinatorProcess]) -> Result<()> {
+        let size = self.plan.bulk;
+        let chunk = Bytes::from(vec![7u8; MIB as usize]);
+        let msg = [9u8; 64];
+        let x = Client::connect(cluster[0].config("x")).await?;
+        let y = Client::connect(cluster[1].config("y")).await?;
+        tokio::spawn(bob_serves(y.clone()));
+        let (mut single, mut cross) = (Vec::new(), Vec::new());
+        let (mut single50, mut single99, mut cross50, mut cross99) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..self.runs {
+            let ch = self.relay_channel().await?;
+            single.push(
+                stream_bulk(&ch, size, &chunk)
+                    .await
+                    .context("single bulk")?,
+            );
+            let mut t = echo_round_trips(&ch, &msg, self.plan.rtt).await?;
+            single50.push(percentile(&mut t, 0.5));
+            single99.push(percentile(&mut t, 0.99));
+            ch.close("done").await?;
+
+            let ch = open_across(&x, &self.name("x")).await?;
+            cross.push(stream_bulk(&ch, size, &chunk).await.context("cross bulk")?);
+            let mut t = echo_round_trips(&ch, &msg, self.plan.rtt).await?;
+            cross50.push(percentile(&mut t, 0.5));
+            cross99.push(percentile(&mut t, 0.99));
+            ch.close("done").await?;
+        }
+        let (r, q) = (median(single), median(cross));
+        self.row(
+            &format!(
+                "bulk {} MiB, across 2 etcd members vs single relayed",
+                size / MIB
+            ),
+            "MB/s",
+            Some(r),
+            q,
+            ">= 0.6x",
+            Some(q / r >= 0.6),
+        );
+        let (r, q) = (median(single50), median(cross50));
+        self.row(
+            "round trip 64 B p50, across 2 etcd members vs single relayed",
+            "µs",
+            Some(r),
+            q,
+            "measured",
+            None,
+        );
+        let (r, q) = (median(single99), median(cross99));
+        self.row(
+            "round trip 64 B p99, across 2 etcd members vs single relayed",
+            "µs",
+            Some(r),
+            q,
+            "measured",
+            None,
+        );
+        x.close("done").await;
+        y.close("done").await;
         Ok(())
     }
 
