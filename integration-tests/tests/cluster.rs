@@ -23,7 +23,8 @@ use qmesh_integration_tests::process;
 use qmesh_integration_tests::programs::{etcd_cluster, require, EtcdMember};
 use qmesh_integration_tests::target::CoordinatorProc;
 use qmesh_integration_tests::{
-    carries, message_flows, open_pair, open_pair_with, payload, within, within_ok, STEP,
+    carries, memory_kib, message_flows, next_stream, open_pair, open_pair_with, payload, within,
+    within_ok, STEP,
 };
 use qmesh_proto::codes::RejectCode;
 use qmesh_proto::msg::PresenceEvent;
@@ -1227,4 +1228,111 @@ async fn presence_and_describe_on_any_coordinator_cover_the_clients_of_every_coo
         PresenceEvent::Left { name } => assert_eq!(name.as_str(), "carol"),
         other => panic!("{other:?} instead of carol's leave"),
     }
+}
+
+/// Message `i` of 1 MiB, numbered.
+fn numbered(i: u64) -> Vec<u8> {
+    let mut m = vec![(i % 251) as u8; 1 << 20];
+    m[..8].copy_from_slice(&i.to_be_bytes());
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_on_b_holds_back_a_writer_on_a_with_both_coordinators_memory_bounded() {
+    const MIB: u64 = 1 << 20;
+    /// What the writer tries to push: far more than every window on the
+    /// way.
+    const PUSH: u64 = 128 * MIB;
+    /// Five 2 MiB stream windows (writer, A in, the link, B in, bob) and
+    /// a message in hand, with room.
+    const WRITER_BOUND: u64 = 24 * MIB;
+    /// Most either coordinator may grow over its size with the channels
+    /// open.
+    const GROWTH_KIB: u64 = 64 * 1024;
+    let Some(lab) = Lab::new(1) else { return };
+    let (a, b) = (lab.coordinator().await, lab.coordinator().await);
+    links_up(&[&a, &b]).await;
+    let connect = |at: &Member, name: &str| Client::connect(lab.config(at, name));
+    let (alice, bob, carol, dave) = tokio::join!(
+        connect(&a, "alice"),
+        connect(&b, "bob"),
+        connect(&a, "carol"),
+        connect(&b, "dave")
+    );
+    let (alice, bob, carol, dave) = (
+        alice.expect("alice"),
+        bob.expect("bob"),
+        carol.expect("carol"),
+        dave.expect("dave"),
+    );
+    let (slow_out, slow_in) = open_pair(&alice, &bob, "slow").await;
+    let (fast_out, fast_in) = open_pair(&carol, &dave, "fast").await;
+    let pids = [a.proc.proc.pid(), b.proc.proc.pid()];
+    let idle: Vec<u64> = pids
+        .iter()
+        .map(|p| memory_kib(*p).expect("RSS").0)
+        .collect();
+
+    // Alice pushes at bob, who takes the stream and does not read it.
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (started_tx, mut started) = tokio::sync::watch::channel(false);
+    let writer = {
+        let written = written.clone();
+        tokio::spawn(async move {
+            let mut out = slow_out.open_stream().await.expect("stream");
+            for i in 0..PUSH / MIB {
+                out.send(&numbered(i)).await.expect("send");
+                written.fetch_add(MIB, Ordering::SeqCst);
+                let _ = started_tx.send(true);
+            }
+            out.finish().await.expect("finish");
+            slow_out
+        })
+    };
+    let mut stalled = next_stream(&slow_in).await;
+    within_ok(STEP, "the writer to start", started.wait_for(|s| *s)).await;
+
+    // Meanwhile carol moves 64 MiB to dave over the same link, in full:
+    // the stalled stream holds up nothing else.
+    for i in 0..16 {
+        carries(&fast_out, &fast_in, &payload(i, 4 << 20)).await;
+    }
+
+    let ahead = written.load(Ordering::SeqCst);
+    let peaks: Vec<u64> = pids
+        .iter()
+        .map(|p| memory_kib(*p).expect("RSS").1)
+        .collect();
+    eprintln!(
+        "stalled writer {} MiB ahead of its reader; A's RSS {} KiB idle, peak {} KiB; B's {} KiB idle, peak {} KiB",
+        ahead / MIB,
+        idle[0],
+        peaks[0],
+        idle[1],
+        peaks[1]
+    );
+    assert!(
+        ahead <= WRITER_BOUND,
+        "the writer got {ahead} bytes ahead across two hops (bound {WRITER_BOUND})"
+    );
+    for (i, who) in ["A", "B"].iter().enumerate() {
+        let growth = peaks[i].saturating_sub(idle[i]);
+        assert!(growth <= GROWTH_KIB, "{who} grew by {growth} KiB");
+    }
+
+    // Bob reads now: everything arrives, in order and intact.
+    let read = async {
+        let mut n = 0u64;
+        while let Some(m) = stalled.recv().await.expect("recv") {
+            assert!(m == numbered(n), "message {n}");
+            n += 1;
+        }
+        n
+    };
+    let (n, slow_out) = within(STEP * 2, "the stalled stream to drain", async {
+        tokio::join!(read, async { writer.await.expect("writer") })
+    })
+    .await;
+    assert_eq!(n, PUSH / MIB);
+    within_ok(STEP, "close", slow_out.close("done")).await;
 }
