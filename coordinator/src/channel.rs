@@ -253,7 +253,7 @@ async fn open(
     };
     for (side, who) in [(local_opener, OPENER), (local_callee, CALLEE)] {
         let Some(side) = side else { continue };
-        match Slot::take(&shared, side, max) {
+        match Slot::take(side, max) {
             Some(slot) => slots.push(slot),
             None => {
                 let refusal = Refusal::too_many_channels(who, max);
@@ -261,6 +261,7 @@ async fn open(
             }
         }
     }
+    let _draining = Draining::new(&shared, slots.len());
     let accepted = match &target {
         Target::Here(callee) => {
             offer_here(
@@ -551,28 +552,51 @@ impl Ends<'_> {
 /// One of a client's `max_channels_per_client` places, held from the open's
 /// check until the channel ends (or the open fails); taken atomically, so
 /// concurrent opens cannot pass the limit.
-/// Each is also counted in [`Shared::slots`], which a drain waits on.
-struct Slot(Arc<Session>, Arc<Shared>);
+struct Slot(Arc<Session>);
 
 impl Slot {
-    fn take(shared: &Arc<Shared>, session: &Arc<Session>, max: usize) -> Option<Slot> {
+    fn take(session: &Arc<Session>, max: usize) -> Option<Slot> {
         session
             .slots
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()?;
-        shared.slots.send_modify(|n| *n += 1);
-        Some(Slot(session.clone(), shared.clone()))
+        Some(Slot(session.clone()))
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.slots.fetch_sub(1, Ordering::AcqRel);
-        self.1.slots.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
+
+/// A channel's sides here counted in [`Shared::slots`], which a drain
+/// waits on, until the channel's task has ended: after its last `Ending`
+/// frames were acknowledged (or [`FLUSH`] passed), so a drain that ends
+/// with the last channel does not close a connection under a frame still
+/// in flight. (The client's own [`Slot`] is given back earlier, as the
+/// last `Ending` is sent.)
+struct Draining(Arc<Shared>, usize);
+
+impl Draining {
+    fn new(shared: &Arc<Shared>, sides: usize) -> Self {
+        shared.slots.send_modify(|n| *n += sides);
+        Draining(shared.clone(), sides)
+    }
+}
+
+impl Drop for Draining {
+    fn drop(&mut self) {
+        let sides = self.1;
+        self.0.slots.send_modify(|n| *n = n.saturating_sub(sides));
+    }
+}
+
+/// How long a side's last `Ending` may wait to be acknowledged before the
+/// channel's task ends without it.
+const FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Forward the `Close` `from` sends to the other side until the channel
 /// ends, delivering exactly one `Ending` to `to`.
@@ -644,7 +668,9 @@ async fn forward(
         ends.one_sent();
         let _ = write_frame(&mut to, &Ending::Lost { reason }).await;
     }
-    let _ = to.finish();
+    if to.finish().is_ok() {
+        let _ = timeout(FLUSH, to.stopped()).await;
+    }
 }
 
 /// What one side's control stream said: a client sends `Close`; a link
