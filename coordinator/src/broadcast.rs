@@ -43,6 +43,7 @@ use tokio::sync::mpsc::{self, error::TryRecvError, error::TrySendError};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::config::GroupConfig;
 use crate::groups::{End, Group, Item, Member};
 use crate::session::{Session, Shared};
 use crate::wire::fail;
@@ -80,6 +81,31 @@ pub(crate) async fn join(
         .await;
 }
 
+/// A new member of group `group` named `name` (`link`: the member id,
+/// for a link member), the group's configuration as this coordinator
+/// applies it, and the member's queue to write from.
+pub(crate) fn new_member(
+    shared: &Shared,
+    group: &str,
+    name: String,
+    link: Option<String>,
+) -> (GroupConfig, Arc<Member>, mpsc::Receiver<Item>) {
+    let mut config = shared.group_config(group);
+    config.buffer = config.buffer.max(1);
+    config.max_message = config.max_message.min(MAX_MESSAGE_CEILING - MESSAGE_HEAD);
+    let (tx, rx) = mpsc::channel(config.buffer);
+    let member = Arc::new(Member {
+        id: shared.groups.next_member.fetch_add(1, Ordering::Relaxed),
+        name,
+        link,
+        queue: tx,
+        missed: Mutex::new(0),
+        end: Mutex::new(None),
+        ended: CancellationToken::new(),
+    });
+    (config, member, rx)
+}
+
 async fn serve(
     shared: &Arc<Shared>,
     session: &Arc<Session>,
@@ -87,19 +113,7 @@ async fn serve(
     recv: RecvStream,
     name: String,
 ) {
-    let mut config = shared.group_config(&name);
-    config.buffer = config.buffer.max(1);
-    config.max_message = config.max_message.min(MAX_MESSAGE_CEILING - MESSAGE_HEAD);
-    let (tx, rx) = mpsc::channel(config.buffer);
-    let member = Arc::new(Member {
-        id: shared.groups.next_member.fetch_add(1, Ordering::Relaxed),
-        name: session.name.clone().into_string(),
-        link: None,
-        queue: tx,
-        missed: Mutex::new(0),
-        end: Mutex::new(None),
-        ended: CancellationToken::new(),
-    });
+    let (config, member, rx) = new_member(shared, &name, session.name.clone().into_string(), None);
     // The group keeps the configuration it was made with while it has
     // members.
     let (group, members) = shared.groups.add(&name, config, member.clone());

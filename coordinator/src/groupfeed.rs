@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use qmesh_proto::codec::{length_prefix, write_frame};
@@ -24,13 +24,12 @@ use qmesh_proto::msg::LinkRequest;
 use qmesh_proto::name::validate_channel_name;
 use qmesh_proto::{GroupName, Untrusted};
 use quinn::{RecvStream, SendStream};
-use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::broadcast::{fan_out, read_body, write_member, BodyError, MESSAGE_HEAD};
-use crate::groups::{End, Group, Item, Member};
+use crate::broadcast::{fan_out, new_member, read_body, write_member, BodyError, MESSAGE_HEAD};
+use crate::groups::{End, Group, Item};
 use crate::session::{Session, Shared};
 
 /// Until the coordinator stops, make sure that for every group with
@@ -192,19 +191,8 @@ pub(crate) async fn serve(
     let Some(from) = link.member.clone() else {
         return;
     };
-    let mut config = shared.group_config(&group);
-    config.buffer = config.buffer.max(1);
-    config.max_message = config.max_message.min(MAX_MESSAGE_CEILING - MESSAGE_HEAD);
-    let (tx, rx) = mpsc::channel(config.buffer);
-    let member = Arc::new(Member {
-        id: shared.groups.next_member.fetch_add(1, Ordering::Relaxed),
-        name: link.name.clone().into_string(),
-        link: Some(from),
-        queue: tx,
-        missed: Mutex::new(0),
-        end: Mutex::new(None),
-        ended: CancellationToken::new(),
-    });
+    let (config, member, rx) =
+        new_member(&shared, &group, link.name.clone().into_string(), Some(from));
     let (group, _) = shared.groups.add(&group, config, member.clone());
     debug!(group = %Untrusted::name(&group.name), "a member asked for this group's broadcasts");
     let leave = |shared: &Shared| {
