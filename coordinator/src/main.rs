@@ -689,40 +689,45 @@ async fn run(
             }
         });
     }
-    println!(
+    say(format_args!(
         "qmesh-coordinator listening on quic/{}",
         coordinator.local_addr()
-    );
-    println!("auth mode: {mode}");
+    ));
+    say(format_args!("auth mode: {mode}"));
     if let Some(line) = &cluster {
-        println!("{line}");
+        say(format_args!("{line}"));
     }
     match mode {
         AuthMode::Open => {
-            eprintln!(
+            say_err(format_args!(
                 "WARNING: auth mode is open: any client with any certificate may join under any \
                  free name. Use it for development only; deploy with --auth token or --auth ca."
-            );
+            ));
             tracing::warn!("auth mode open: for development only");
         }
-        AuthMode::Token => println!(
+        AuthMode::Token => say(format_args!(
             "token mode: enroll clients with `qmesh-coordinator token create --name NAME --state-dir {}`",
             display_path(dir)
-        ),
+        )),
         AuthMode::Ca => {}
     }
     match policy_rules {
-        Some(n) => println!(
+        Some(n) => say(format_args!(
             "access policy: {n} rule(s); reload with SIGHUP or `qmesh-coordinator policy reload`"
-        ),
-        None => println!("access policy: none (every client may open every channel)"),
+        )),
+        None => say(format_args!(
+            "access policy: none (every client may open every channel)"
+        )),
     }
     if let Some(ca) = &ca_note {
-        println!("clients need the CA file: {}", display_path(ca));
-        println!(
+        say(format_args!(
+            "clients need the CA file: {}",
+            display_path(ca)
+        ));
+        say(format_args!(
             "  e.g. qmesh --ca {} --name alice listen chat",
             display_path(ca)
-        );
+        ));
     }
     let (first, second) = (stops.clone(), stops);
     coordinator
@@ -739,6 +744,23 @@ async fn run(
         std::process::exit(qmesh_coordinator::leader::RESTART_EXIT);
     }
     Ok(())
+}
+
+/// One line of the start banner on standard output. The banner is for
+/// whoever started the coordinator; if they have stopped reading (a closed
+/// pipe), the coordinator serves on, so a failed write is ignored rather
+/// than panicking as `println!` would.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(line).and_then(|()| out.write_all(b"\n"));
+    let _ = out.flush();
+}
+
+/// As [`say`], on standard error.
+fn say_err(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// Reload the whole config file on SIGHUP.

@@ -72,6 +72,9 @@ async fn setup() -> Setup {
             ca = Some(path.to_owned());
         }
     }
+    // The rest of stdout is read to its end, so that the coordinator never
+    // writes into a closed pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let address: qmesh_proto::Address = format!("quic/$4:{}", port.unwrap()).parse().unwrap();
     let trust = ClientConfig::trust_ca_file(std::path::Path::new(&ca.unwrap())).unwrap();
     let client = |name: &str| connect(ClientConfig::new(address.clone(), name, trust.clone()));

@@ -977,6 +977,61 @@ async fn certs_then_run_with_cert_and_key() {
     );
 }
 
+/// A coordinator whose standard output nobody reads (the pipe's reading
+/// end closed before it starts, as when a supervisor or a test stops
+/// reading after the banner) prints its banner into the closed pipe and
+/// serves on: a client joins and listens after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_whose_stdout_is_closed_serves_on() {
+    let state = tempdir();
+    let port = qmesh_integration_tests::programs::free_udp_port();
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    let mut cmd = tokio::process::Command::new(qmesh_integration_tests::bin("qmesh-coordinator"));
+    cmd.args(["--log", "info", "run", "--listen"])
+        .arg(format!("quic/$4:{port}"))
+        .arg("--state-dir")
+        .arg(state.path());
+    for var in process::CLEARED_ENV {
+        cmd.env_remove(var);
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting qmesh-coordinator");
+    let mut stderr = process::Lines::read(child.stderr.take().expect("stderr"));
+    // The open-mode warning comes after the whole stdout banner.
+    let warned = qmesh_integration_tests::within(QUICK, "the open-mode warning", async {
+        while let Some(line) = stderr.next().await {
+            if line.starts_with("WARNING: auth mode is open") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        warned,
+        "the coordinator ended before its banner was out: {}",
+        stderr.all().await
+    );
+    let ca = state.path().join("ca.pem");
+    let mut bob = qmesh(
+        &format!("quic/$4:{port}"),
+        &ca,
+        &["--name", "bob", "listen", "chat"],
+    );
+    bob.ready().await;
+    assert!(
+        matches!(child.try_wait(), Ok(None)),
+        "the coordinator is still running"
+    );
+    let _ = child.kill().await;
+}
+
 /// Test 9: a second client under a connected client's name is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_name_is_refused() {

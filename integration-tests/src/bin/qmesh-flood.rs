@@ -118,12 +118,16 @@ async fn main() -> Result<()> {
     let (port, ca) = tokio::task::spawn_blocking(move || -> Result<(u16, String)> {
         use std::io::BufRead;
         let mut port = None;
-        for line in std::io::BufReader::new(stdout).lines() {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
             let line = line?;
             if let Some(rest) = line.strip_prefix("qmesh-coordinator listening on quic/") {
                 port = rest.rsplit(':').next().and_then(|p| p.parse().ok());
             }
             if let Some(ca) = line.strip_prefix("clients need the CA file: ") {
+                // The rest of stdout is read to its end, so that the
+                // coordinator never writes into a closed pipe.
+                std::thread::spawn(move || lines.for_each(drop));
                 return Ok((port.context("no listening line")?, ca.to_owned()));
             }
         }
