@@ -145,7 +145,7 @@ def quinn(file):
     with open(file) as f:
         data = json.load(f)
     for row in data["rows"]:
-        if row["case"].startswith("bulk") and "direct vs raw" in row["case"]:
+        if row["case"].startswith("bulk") and "direct vs best raw" in row["case"]:
             print(f"quinn raw_bulk_mbs {row['baseline']:.1f}")
             print(f"quinn qmesh_direct_bulk_mbs {row['qmesh']:.1f}")
             return
