@@ -825,14 +825,19 @@ impl Bench {
         n: usize,
         prefix: &str,
     ) -> Result<Vec<f64>> {
+        // One endpoint for all of them: a client with an endpoint of its
+        // own waits, when it closes, for the connection's draining period
+        // (up to 2 s), which made 1,200 connects take many minutes.
+        let endpoint = qmesh_certs::transport::client_endpoint("127.0.0.1:0".parse()?)?;
         let mut times = Vec::with_capacity(n);
         for i in 0..n {
             let cfg = targets[i % targets.len()].config(&format!("{prefix}-{i}"));
             let start = Instant::now();
-            let c = Client::connect(cfg).await?;
+            let c = Client::connect_on(Some(&endpoint), cfg).await?;
             times.push(start.elapsed().as_secs_f64() * 1e6);
             c.close("done").await;
         }
+        settle(&[endpoint]).await;
         Ok(times)
     }
 
@@ -904,14 +909,26 @@ impl Bench {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut single_rate, mut cluster_rate) = (Vec::new(), Vec::new());
         for run in 0..self.runs {
+            progress(format_args!(
+                "cluster run {run}: {n} connects to the single coordinator"
+            ));
             let mut t = Self::timed_connects(&[&self.coordinator], n, &format!("hs{run}")).await?;
             single50.push(percentile(&mut t, 0.5));
             single99.push(percentile(&mut t, 0.99));
+            progress(format_args!(
+                "cluster run {run}: {n} connects to one member"
+            ));
             let mut t = Self::timed_connects(&cluster[..1], n, &format!("hm{run}")).await?;
             member50.push(percentile(&mut t, 0.5));
             member99.push(percentile(&mut t, 0.99));
+            progress(format_args!(
+                "cluster run {run}: {burst} connects at once to the single coordinator"
+            ));
             single_rate
                 .push(Self::connect_burst(&[&self.coordinator], burst, &format!("bs{run}")).await?);
+            progress(format_args!(
+                "cluster run {run}: {burst} connects at once over 3 members"
+            ));
             cluster_rate.push(Self::connect_burst(&cluster, burst, &format!("bm{run}")).await?);
         }
         let (r, q) = (median(single50), median(member50));
@@ -1192,6 +1209,7 @@ impl Bench {
             drop((conns, warm));
         }
         for run in 0..runs {
+            progress(format_args!("idle run {run}: {n} clients"));
             // A fresh coordinator for each count.
             let coordinator = CoordinatorProcess::start(self.dir.path(), &self.ca, self.shape)?;
             let endpoints = raw::client_endpoints(endpoint_count)?;
@@ -1277,6 +1295,12 @@ where
         }
     }
     Ok(out)
+}
+
+/// A line on stderr saying what the bench is doing now, so that a run
+/// that stalls shows where.
+fn progress(what: std::fmt::Arguments<'_>) {
+    eprintln!("qmesh-bench: {what}");
 }
 
 fn print_table(rows: &[Row], machine: &str, run: &Provenance) {
@@ -1437,27 +1461,35 @@ async fn run(args: Args) -> Result<()> {
     };
     let wants = |case: &str| args.only.as_deref().is_none_or(|o| case.contains(o));
     if wants("bulk") {
+        progress(format_args!("case bulk"));
         bench.bulk().await.context("bulk")?;
     }
     if wants("small") {
+        progress(format_args!("case small"));
         bench.small().await.context("small messages")?;
     }
     if wants("rtt") {
+        progress(format_args!("case rtt"));
         bench.rtt().await.context("round trip")?;
     }
     if wants("requests") {
+        progress(format_args!("case requests"));
         bench.requests().await.context("requests")?;
     }
     if wants("open") {
+        progress(format_args!("case open"));
         bench.open().await.context("channel open")?;
     }
     if wants("connect") {
+        progress(format_args!("case connect"));
         bench.connects().await.context("connect rate")?;
     }
     if wants("cluster") {
+        progress(format_args!("case cluster"));
         bench.cluster().await.context("cluster")?;
     }
     if wants("idle") {
+        progress(format_args!("case idle"));
         bench.idle().await.context("idle scale")?;
     }
     let _ = (&bench.identity, &bench.bob);
