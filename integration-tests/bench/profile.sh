@@ -8,7 +8,8 @@
 # --release -p qmesh-integration-tests --bin qmesh-bench), records the
 # coordinator child with `perf record` (DWARF call graphs, 499 Hz) for the
 # whole run, and draws the samples with inferno (`cargo install inferno`).
-# The bench's table goes to OUT.svg's name with .txt. Needs perf (Debian
+# The bench's table goes to OUT.svg's name with .txt, the symbols with the
+# most samples of their own to .top.txt. Needs perf (Debian
 # linux-perf) and permission to trace the child (root, or
 # kernel.perf_event_paranoid <= 1).
 set -euo pipefail
@@ -60,4 +61,7 @@ wait "$perf_pid" || true
 perf script -i "$work/perf.data" 2>/dev/null |
     inferno-collapse-perf |
     inferno-flamegraph --title "qmesh coordinator: qmesh-bench --only $case $*" >"$out"
-echo "$out: $(grep -c '<g>' "$out") frames; table in ${out%.svg}.txt"
+# The symbols with the most samples of their own, beside the drawing.
+perf report -i "$work/perf.data" --no-children --sort symbol --percent-limit 0.8 --stdio 2>/dev/null |
+    grep -E '^ +[0-9.]+%' | sed -E 's/ +$//' >"${out%.svg}.top.txt" || true
+echo "$out: $(grep -o '<title>' "$out" | wc -l) frames; table in ${out%.svg}.txt, top symbols in ${out%.svg}.top.txt"
