@@ -7,6 +7,7 @@
 //! See docs/benchmarks.md.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -21,15 +22,14 @@ use qmesh_client::{Channel, Client, ClientConfig, SessionState};
 use qmesh_coordinator::{Config, Coordinator};
 use quinn::Endpoint;
 use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 
 mod raw;
 
-use raw::{RawServer, Shape};
+use raw::{RawServer, Shape, MAX};
 
 const MIB: u64 = 1024 * 1024;
-/// The largest message any case sends (the 1 MiB bulk messages fit).
-pub(crate) const MAX: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Parser)]
 #[command(name = "qmesh-bench", version)]
@@ -47,7 +47,9 @@ struct Args {
     /// Idle clients the idle case holds (100,000; 500 with --quick).
     #[arg(long)]
     idle: Option<usize>,
-    /// Only run cases whose name contains this.
+    /// Only run the cases whose name contains this, or one of these
+    /// (comma-separated): bulk, forward, small, rtt, requests, open,
+    /// connect, cluster, idle.
     #[arg(long)]
     only: Option<String>,
     /// Internal: run a coordinator from the certificates in this directory.
@@ -586,6 +588,116 @@ impl Bench {
                 "<= 1x",
                 Some(q <= b),
             );
+        }
+        Ok(())
+    }
+
+    /// TCP through a forward and an expose (the client library's `Forward`
+    /// and `Exposer`, which `qmesh forward` and `qmesh expose` run): one
+    /// connection moving `plan.bulk` bytes in 1 MiB writes to a counting
+    /// TCP sink, which answers with the count, relayed and direct; against
+    /// the best raw bulk and against the same connection straight to the
+    /// sink.
+    async fn forward(&mut self) -> Result<()> {
+        use qmesh_client::forward::{Endpoint as Local, Expose, Exposer, Forward, Stopper};
+        let size = self.plan.bulk;
+        let sink = tcp_sink().await?;
+        let exposer = Arc::new(Exposer::new(
+            "fwd-bob",
+            [Expose::new("sink", Local::Tcp(sink))],
+        ));
+        let mut cfg = self.coordinator.config("fwd-bob");
+        cfg.interfaces = exposer.interfaces();
+        let exposing = Client::connect(cfg).await?;
+        let serving = {
+            let (exposer, client) = (exposer.clone(), exposing.clone());
+            tokio::spawn(async move { exposer.run(&client).await })
+        };
+        let forwarding = Client::connect(self.coordinator.config("fwd-alice")).await?;
+        let mut routes = Vec::new();
+        for mode in [PathMode::Relay, PathMode::Direct] {
+            let listen = SocketAddr::from((
+                [127, 0, 0, 1],
+                qmesh_integration_tests::programs::free_port(),
+            ));
+            let mut route = Forward::new(
+                format!("bench {mode:?}"),
+                Local::Tcp(listen),
+                "mesh/fwd-bob!sink".parse()?,
+            );
+            route.mode = mode;
+            let (stopper, stop) = Stopper::new();
+            let client = forwarding.clone();
+            tokio::spawn(async move { route.run(client, stop, |_| {}).await });
+            routes.push((stopper, listen));
+        }
+        let (mut plain, mut relayed, mut direct) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..self.runs {
+            plain.push(tcp_bulk(sink, size).await.context("plain TCP")?);
+            relayed.push(
+                tcp_bulk(routes[0].1, size)
+                    .await
+                    .context("relayed forward")?,
+            );
+            direct.push(
+                tcp_bulk(routes[1].1, size)
+                    .await
+                    .context("direct forward")?,
+            );
+        }
+        for (stopper, _) in &routes {
+            stopper.stop(Duration::ZERO);
+        }
+        serving.abort();
+        forwarding.close("done").await;
+        exposing.close("done").await;
+        let mib = size / MIB;
+        let (plain, relayed, direct) = (median(plain), median(relayed), median(direct));
+        match self.best_bulk {
+            Some(best) => {
+                self.row(
+                    &format!("TCP {mib} MiB, no tunnel vs best raw"),
+                    "MB/s",
+                    Some(best),
+                    plain,
+                    "measured",
+                    None,
+                );
+                self.row(
+                    &format!("TCP {mib} MiB through a relayed forward vs best raw"),
+                    "MB/s",
+                    Some(best),
+                    relayed,
+                    "measured",
+                    None,
+                );
+                self.row(
+                    &format!("TCP {mib} MiB through a direct forward vs best raw"),
+                    "MB/s",
+                    Some(best),
+                    direct,
+                    "measured",
+                    None,
+                );
+            }
+            None => {
+                self.row(
+                    &format!("TCP {mib} MiB through a relayed forward vs no tunnel"),
+                    "MB/s",
+                    Some(plain),
+                    relayed,
+                    "measured",
+                    None,
+                );
+                self.row(
+                    &format!("TCP {mib} MiB through a direct forward vs no tunnel"),
+                    "MB/s",
+                    Some(plain),
+                    direct,
+                    "measured",
+                    None,
+                );
+            }
         }
         Ok(())
     }
@@ -1290,6 +1402,57 @@ impl Bench {
     }
 }
 
+/// A TCP sink on 127.0.0.1: each connection is read to its end, and the
+/// count of bytes read is written back.
+async fn tcp_sink() -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut n = 0u64;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(k) => n += k as u64,
+                        Err(_) => return,
+                    }
+                }
+                let _ = s.write_all(&n.to_be_bytes()).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// One TCP connection to `addr` moving `size` bytes in 1 MiB writes to a
+/// [`tcp_sink`], whose count must come back: MB/s. The connect is tried
+/// again for up to 10 s: a forward binds its listener once it has asked
+/// for the interface.
+async fn tcp_bulk(addr: SocketAddr, size: u64) -> Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("connect {addr}: {e}; again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e).context(format!("connecting to {addr}")),
+        }
+    };
+    s.set_nodelay(true)?;
+    let chunk = vec![7u8; MIB as usize];
+    let t = Instant::now();
+    for _ in 0..size / MIB {
+        s.write_all(&chunk).await?;
+    }
+    s.shutdown().await?;
+    let secs = raw::counted(&mut s, t, size, "TCP bulk").await?;
+    Ok(size as f64 / secs / 1e6)
+}
+
 /// Wait (up to 10 s) until every connection on `endpoints` has finished
 /// closing.
 async fn settle(endpoints: &[Endpoint]) {
@@ -1518,10 +1681,18 @@ async fn run(args: Args) -> Result<()> {
         rows: Vec::new(),
         tick: 0,
     };
-    let wants = |case: &str| args.only.as_deref().is_none_or(|o| case.contains(o));
+    let wants = |case: &str| {
+        args.only
+            .as_deref()
+            .is_none_or(|o| o.split(',').any(|part| case.contains(part.trim())))
+    };
     if wants("bulk") {
         progress(format_args!("case bulk"));
         bench.bulk().await.context("bulk")?;
+    }
+    if wants("forward") {
+        progress(format_args!("case forward"));
+        bench.forward().await.context("forward")?;
     }
     if wants("small") {
         progress(format_args!("case small"));

@@ -34,7 +34,8 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::io::AsyncReadExt;
 use tokio::task::JoinSet;
 
-use crate::MAX;
+/// The largest message any case sends (the 1 MiB bulk messages fit).
+pub(crate) const MAX: usize = 64 * 1024 * 1024;
 
 /// The file, in the bench's directory, holding the CA that issued the
 /// coordinator's certificate (for the bare relay's own client side).
@@ -344,12 +345,7 @@ pub(crate) async fn bulk(conn: &Connection, size: u64, chunk: &Bytes) -> Result<
         send.write_chunk(chunk.clone()).await?;
     }
     send.finish()?;
-    let mut n = [0u8; 8];
-    recv.read_exact(&mut n).await?;
-    let secs = t.elapsed().as_secs_f64();
-    if u64::from_be_bytes(n) != size {
-        bail!("raw bulk moved {} of {size} bytes", u64::from_be_bytes(n));
-    }
+    let secs = counted(&mut recv, t, size, "raw bulk").await?;
     Ok(size as f64 / secs / 1e6)
 }
 
@@ -365,13 +361,26 @@ pub(crate) async fn messages(conn: &Connection, size: usize, count: u64) -> Resu
         send.feed(&msg).await?;
     }
     send.finish().await?;
-    let mut n = [0u8; 8];
-    recv.read_exact(&mut n).await?;
-    let secs = t.elapsed().as_secs_f64();
-    if u64::from_be_bytes(n) != count {
-        bail!("raw small: {} of {count}", u64::from_be_bytes(n));
-    }
+    let secs = counted(&mut recv, t, count, "raw small messages").await?;
     Ok(count as f64 / secs)
+}
+
+/// Read a sink's count from `answer`, which must be `want`: the seconds
+/// since `start`.
+pub(crate) async fn counted(
+    answer: &mut (impl tokio::io::AsyncRead + Unpin),
+    start: Instant,
+    want: u64,
+    what: &str,
+) -> Result<f64> {
+    let mut n = [0u8; 8];
+    answer.read_exact(&mut n).await?;
+    let secs = start.elapsed().as_secs_f64();
+    let got = u64::from_be_bytes(n);
+    if got != want {
+        bail!("{what} moved {got} of {want}");
+    }
+    Ok(secs)
 }
 
 /// Open a stream to the server's echo.
