@@ -381,14 +381,7 @@ async fn echo_round_trips(ch: &Channel, msg: &[u8], n: usize) -> Result<Vec<f64>
     out.send(msg).await?;
     let mut inbox = ch.accept_stream().await?.context("echo stream")?;
     inbox.recv().await?.context("first echo")?;
-    let mut t = Vec::with_capacity(n);
-    for _ in 0..n {
-        let start = Instant::now();
-        out.send(msg).await?;
-        inbox.recv().await?.context("echo")?;
-        t.push(start.elapsed().as_secs_f64() * 1e6);
-    }
-    Ok(t)
+    raw::round_trips(&mut out, &mut inbox, msg, n).await
 }
 
 // ------------------------------------------------------------ the cases
@@ -1686,41 +1679,23 @@ async fn run(args: Args) -> Result<()> {
             .as_deref()
             .is_none_or(|o| o.split(',').any(|part| case.contains(part.trim())))
     };
-    if wants("bulk") {
-        progress(format_args!("case bulk"));
-        bench.bulk().await.context("bulk")?;
-    }
-    if wants("forward") {
-        progress(format_args!("case forward"));
-        bench.forward().await.context("forward")?;
-    }
-    if wants("small") {
-        progress(format_args!("case small"));
-        bench.small().await.context("small messages")?;
-    }
-    if wants("rtt") {
-        progress(format_args!("case rtt"));
-        bench.rtt().await.context("round trip")?;
-    }
-    if wants("requests") {
-        progress(format_args!("case requests"));
-        bench.requests().await.context("requests")?;
-    }
-    if wants("open") {
-        progress(format_args!("case open"));
-        bench.open().await.context("channel open")?;
-    }
-    if wants("connect") {
-        progress(format_args!("case connect"));
-        bench.connects().await.context("connect rate")?;
-    }
-    if wants("cluster") {
-        progress(format_args!("case cluster"));
-        bench.cluster().await.context("cluster")?;
-    }
-    if wants("idle") {
-        progress(format_args!("case idle"));
-        bench.idle().await.context("idle scale")?;
+    const CASES: [&str; 9] = [
+        "bulk", "forward", "small", "rtt", "requests", "open", "connect", "cluster", "idle",
+    ];
+    for case in CASES.into_iter().filter(|c| wants(c)) {
+        progress(format_args!("case {case}"));
+        let done = match case {
+            "bulk" => bench.bulk().await,
+            "forward" => bench.forward().await,
+            "small" => bench.small().await,
+            "rtt" => bench.rtt().await,
+            "requests" => bench.requests().await,
+            "open" => bench.open().await,
+            "connect" => bench.connects().await,
+            "cluster" => bench.cluster().await,
+            _ => bench.idle().await,
+        };
+        done.with_context(|| format!("case {case}"))?;
     }
     let _ = (&bench.identity, &bench.bob);
     let machine = machine();
