@@ -35,6 +35,15 @@ use tracing::{info, warn};
 
 use crate::config::WorkerOf;
 
+/// `eprintln!` without its panic: a leader whose stderr was closed by
+/// whoever started it goes on supervising its worker.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 /// The exit status with which a worker asks its leader for a new worker.
 pub const RESTART_EXIT: i32 = 75;
 /// Crashes closer together than this count towards giving up (the
@@ -124,7 +133,7 @@ pub fn become_worker() -> Option<WorkerOf> {
         warn!(cause = %e, "cannot ask to be stopped with the leader");
     }
     if nix::unistd::getppid().as_raw() != leader_pid as i32 {
-        eprintln!("qmesh-coordinator: the leader ({leader_pid}) is gone; the worker stops");
+        note!("qmesh-coordinator: the leader ({leader_pid}) is gone; the worker stops");
         std::process::exit(1);
     }
     let restarts = std::env::var(ENV_RESTARTS)
@@ -252,7 +261,7 @@ impl Leader {
                 Ok(c) => c,
                 Err(e) if restarts == 0 => return Err(e),
                 Err(e) => {
-                    eprintln!(
+                    note!(
                         "qmesh-coordinator: {e:#}; going back to {}",
                         self.binary.display()
                     );
@@ -287,7 +296,7 @@ impl Leader {
                         let _ = std::fs::remove_file(&next);
                         binary = PathBuf::from(path.trim());
                     }
-                    eprintln!(
+                    note!(
                         "qmesh-coordinator: starting worker {} ({}) as asked",
                         restarts + 1,
                         binary.display()
@@ -303,7 +312,7 @@ impl Leader {
                         .unwrap_or_else(|| "(it wrote nothing on stderr)".into());
                     match crashes.crashed(Instant::now()) {
                         Verdict::GiveUp => {
-                            eprintln!(
+                            note!(
                                 "qmesh-coordinator: the worker died {} times within {} s; \
                                  giving up. The last one: {}; its last line: {last}",
                                 crashes.max,
@@ -313,7 +322,7 @@ impl Leader {
                             return Ok(1);
                         }
                         Verdict::Restart(wait) => {
-                            eprintln!(
+                            note!(
                                 "qmesh-coordinator: the worker died ({}); starting a new one in {} ms",
                                 describe(status),
                                 wait.as_millis()

@@ -323,7 +323,7 @@ impl Session {
             }
             warn!(name = %Untrusted::name(&self.name), strikes = strike.count, cause = %Untrusted::reason(what), "stopping a stream");
         }
-        if strike.over {
+        if strike.close {
             self.violation(
                 ConnCode::Malformed,
                 &format!(

@@ -43,8 +43,12 @@ pub(crate) struct Strike {
     /// Log it: `Some(n)`, `n` being the lines suppressed since the last
     /// one logged. `None`: suppress it.
     pub(crate) log: Option<u64>,
-    /// The session is over its limit: close it.
-    pub(crate) over: bool,
+    /// This violation put the session over its limit: close it. Only
+    /// the first one past the limit says so; streams read while that
+    /// close is on its way must not close the session again with another
+    /// count (the reason the client sees would depend on which task ran
+    /// first).
+    pub(crate) close: bool,
 }
 
 impl Strikes {
@@ -72,7 +76,7 @@ impl Strikes {
         Strike {
             count: s.count,
             log,
-            over,
+            close: closing,
         }
     }
 }
@@ -89,7 +93,7 @@ mod tests {
             let s = strikes.strike(t0);
             assert_eq!(s.count, i);
             assert_eq!(s.log, Some(0), "strike {i}");
-            assert!(!s.over);
+            assert!(!s.close);
         }
         for _ in 0..3 {
             assert_eq!(strikes.strike(t0 + Duration::from_secs(1)).log, None);
@@ -106,19 +110,21 @@ mod tests {
         let strikes = Strikes::default();
         let t0 = Instant::now();
         for _ in 0..MAX_STRIKES {
-            assert!(!strikes.strike(t0).over);
+            assert!(!strikes.strike(t0).close);
         }
         let last = strikes.strike(t0);
-        assert!(last.over);
+        assert!(last.close);
         assert_eq!(last.count, MAX_STRIKES + 1);
         assert_eq!(
             last.log,
             Some(u64::from(MAX_STRIKES - LOG_PER_WINDOW)),
             "the closing line carries the suppressed count"
         );
-        // A stream read while the close is on its way: over, not logged.
+        // A stream read while the close is on its way: over, neither
+        // logged nor closing again.
         let after = strikes.strike(t0 + WINDOW);
-        assert!(after.over);
+        assert!(!after.close);
+        assert_eq!(after.count, MAX_STRIKES + 2);
         assert_eq!(after.log, None);
     }
 }
