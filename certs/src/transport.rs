@@ -129,8 +129,11 @@ pub const PULSE_BUFFER: usize = 1024;
 /// Beats as QUIC datagrams beside a session stream, until `conn` closes
 /// (protocol.md §13.1).
 ///
-/// Sends a ping datagram every `every` and each time `pulse.kick` is
-/// notified, answers every ping datagram with a pong, and notifies
+/// Sends a ping datagram every `every` when the session has heard nothing
+/// for that long ([`qmesh_proto::heartbeat::Pulse::silent_for`]; an idle
+/// session whose stream beats flow sends none) and each time
+/// `pulse.kick` is notified (a probe), answers every ping datagram with a
+/// pong, and notifies
 /// `pulse.heard` for every beat that arrives. Datagrams are not held back
 /// by flow control, so the other side hears these while the session
 /// stream waits behind full connection windows. Anything that is not a
@@ -158,14 +161,17 @@ pub async fn pulse(
                         if let Beat::Ping(n) = beat {
                             send(Beat::Pong(n));
                         }
+                        pulse.hear(tokio::time::Instant::now());
                         pulse.heard.notify_one();
                     }
                 }
                 Err(_) => return,
             },
             _ = ticks.tick() => {
-                seq += 1;
-                send(Beat::Ping(seq));
+                if pulse.silent_for() >= every {
+                    seq += 1;
+                    send(Beat::Ping(seq));
+                }
             }
             () = pulse.kick.notified() => {
                 seq += 1;

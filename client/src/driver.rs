@@ -193,7 +193,8 @@ pub(crate) async fn run_session_stream(
 ) {
     // After the welcome the coordinator sends pings and pongs, which
     // `drive` answers itself, and at most one going-away notice.
-    // Beats also go as datagrams, which flow control never holds back.
+    // Beats also go as datagrams after an interval of silence, and flow
+    // control never holds those back.
     let pulse = Arc::new(qmesh_proto::heartbeat::Pulse::default());
     tokio::spawn(
         qmesh_certs::transport::pulse(conn.clone(), heartbeat.interval, pulse.clone())

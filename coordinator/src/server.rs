@@ -636,7 +636,8 @@ async fn run_session(
         // going-away notice when a drain starts.
         let (notices, notices_rx) = tokio::sync::mpsc::channel(1);
         let mut told = false;
-        // Beats also go as datagrams, which flow control never holds back.
+        // Beats also go as datagrams after an interval of silence, and
+        // flow control never holds those back.
         let pulse = Arc::new(heartbeat::Pulse::default());
         shared.tasks.spawn(qmesh_certs::transport::pulse(conn.clone(), shared.config.heartbeat.interval, pulse.clone()).in_current_span());
         let mut session_stream = pin!(heartbeat::drive::<_, _, ClientSession, CoordinatorSession>(recv, send, shared.config.heartbeat, Some(notices_rx), Some(&session.probe), Some(&pulse), updates));

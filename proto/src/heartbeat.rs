@@ -1,21 +1,28 @@
 //! Heartbeats and the session stream after the welcome.
 //!
 //! Once a session is up, both sides keep its session control stream open.
-//! Each side sends a ping every `interval` and answers every ping with a
-//! pong ([`ClientSession::Ping`] and [`ClientSession::Pong`] one way,
+//! Each side looks every `interval`, and pings only when it has heard
+//! nothing for half an interval; every ping is answered with a pong
+//! ([`ClientSession::Ping`] and [`ClientSession::Pong`] one way,
 //! [`CoordinatorSession::Ping`] and [`CoordinatorSession::Pong`] the
-//! other). Any frame heard counts as a sign of
-//! life; a side that hears nothing for `misses × interval` declares the
-//! other lost. A side that leaves finishes the stream (or closes the
-//! connection with a normal code): that is a graceful end, never a loss.
+//! other). So whichever side looks first after a quiet half interval
+//! pings, and its ping keeps the other quiet: an idle session carries one
+//! ping and one pong per interval in all, not one of each per side. Any
+//! frame heard counts as a sign of life; a side that hears nothing for
+//! `misses × interval` declares the other lost. A side that leaves
+//! finishes the stream (or closes the connection with a normal code): that
+//! is a graceful end, never a loss.
 //!
-//! The same beats also travel beside the stream as QUIC datagrams
-//! ([`Beat::to_datagram`], protocol.md §13.1): flow control never holds a
+//! A ping also goes beside the stream as a QUIC datagram
+//! ([`Beat::to_datagram`], protocol.md §13.1) when nothing has been heard
+//! for a whole interval, and with every probe: flow control never holds a
 //! datagram back, so a session whose stream is stuck behind full
 //! connection windows (a peer that reads nothing while many streams wait
-//! for it) still shows the other side alive. What the datagrams bring
-//! reaches the loop through a [`Pulse`]; the task that sends and reads
-//! them is the transport's (`qmesh_certs::transport::pulse`).
+//! for it) still shows the other side alive. What the datagrams bring,
+//! and when the session last heard anything, pass through a [`Pulse`]; the
+//! task that sends and reads them is the transport's
+//! (`qmesh_certs::transport::pulse`), on a timer of its own, so it goes on
+//! while the stream's loop waits on a blocked write.
 //!
 //! [`drive`] is that loop, over any reader and writer, so the same code
 //! runs on QUIC streams and, in tests, on in-memory pipes under tokio's
@@ -72,18 +79,51 @@ impl Beat {
     }
 }
 
-/// Signs of life from outside the session stream, and requests for one.
+/// Signs of life from outside the session stream, requests for one, and
+/// when the session last heard anything.
 ///
 /// The transport's pulse task notifies `heard` for every beat datagram
 /// that arrives; [`drive`] counts it as hearing the other side. `drive`
 /// notifies `kick` when it probes, so a ping datagram goes out at once
-/// even if the stream's ping is held back.
-#[derive(Debug, Default)]
+/// even if the stream's ping is held back. Both record what they hear
+/// ([`Pulse::hear`]), and the pulse task pings beside the stream only
+/// once the session has been silent for a whole interval
+/// ([`Pulse::silent_for`]).
+#[derive(Debug)]
 pub struct Pulse {
     /// A beat arrived outside the stream.
     pub heard: Notify,
     /// Send a ping outside the stream now.
     pub kick: Notify,
+    last: std::sync::Mutex<Instant>,
+}
+
+impl Default for Pulse {
+    /// A pulse that last heard the other side now.
+    fn default() -> Self {
+        Self {
+            heard: Notify::new(),
+            kick: Notify::new(),
+            last: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+}
+
+impl Pulse {
+    /// Record that the other side was heard (on the stream or beside it)
+    /// at `at`.
+    pub fn hear(&self, at: Instant) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        *last = (*last).max(at);
+    }
+
+    /// How long the session has heard nothing from the other side.
+    pub fn silent_for(&self) -> Duration {
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
 }
 
 /// A session-stream message type that carries heartbeats: each direction's
@@ -136,7 +176,8 @@ impl Beats for CoordinatorSession {
 /// How often to ping, and how many silent intervals mean lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
-    /// Time between pings.
+    /// How often each side looks, and pings when it has heard nothing
+    /// for half of this.
     pub interval: Duration,
     /// Intervals without hearing anything after which the other side is
     /// lost (at least 1).
@@ -152,7 +193,7 @@ pub struct Heartbeat {
 pub const PROBE: Duration = Duration::from_secs(2);
 
 impl Default for Heartbeat {
-    /// A ping every 5 s; lost after 3 silent intervals (15 s); 2 s to
+    /// A look every 5 s; lost after 3 silent intervals (15 s); 2 s to
     /// answer a probe.
     fn default() -> Self {
         Self {
@@ -240,10 +281,11 @@ impl std::fmt::Display for StreamEnd {
     }
 }
 
-/// Run the session stream: ping every `heartbeat.interval`, answer pings,
-/// write what arrives on `outgoing` (when there is one), and hand every
-/// other frame to `on_frame` (which returns an error to end the stream as a
-/// violation). Returns how the stream ended.
+/// Run the session stream: look every `heartbeat.interval` and ping when
+/// nothing was heard for half of one, answer pings, write what arrives on
+/// `outgoing` (when there is one), and hand every other frame to
+/// `on_frame` (which returns an error to end the stream as a violation).
+/// Returns how the stream ended.
 ///
 /// Each time `probe` is notified, a ping goes out at once unless one is
 /// already waiting, and the other side must be heard from within
@@ -252,8 +294,8 @@ impl std::fmt::Display for StreamEnd {
 /// peer a channel is being opened to is gone.
 ///
 /// With a `pulse`, a beat that arrived as a datagram counts as hearing
-/// the other side (and answers a probe), and a probe also kicks a ping
-/// datagram out.
+/// the other side (and answers a probe), every frame read is recorded in
+/// it ([`Pulse::hear`]), and a probe also kicks a ping datagram out.
 ///
 /// It holds no queue and no task of its own: one frame read is kept in
 /// flight across the loop (a frame read must never be cancelled half way),
@@ -288,6 +330,9 @@ where
             (reader, frame) = &mut read => {
                 heard = Instant::now();
                 probed = None;
+                if let Some(p) = pulse {
+                    p.hear(heard);
+                }
                 let msg: In = match frame {
                     Ok(Some(msg)) => msg,
                     Ok(None) => return StreamEnd::Finished,
@@ -328,6 +373,15 @@ where
                 let silent_for = heard.elapsed();
                 if silent_for >= heartbeat.limit() {
                     return StreamEnd::Silent { silent_for, heartbeat };
+                }
+                // Heard within the last half interval: the other side's
+                // ping, or the pong to ours, has shown both sides alive.
+                // (Half, not a whole one: the pong to the last ping came a
+                // round trip after the last tick, so a whole one would
+                // skip every other tick and let silence reach two
+                // intervals.)
+                if silent_for < heartbeat.interval / 2 {
+                    continue;
                 }
                 seq += 1;
                 if let Err(e) = write_frame(&mut writer, &Out::ping(seq)).await {
@@ -485,6 +539,151 @@ mod tests {
         drop(a_tx); // a stops, dropping its writer: the stream is finished
         assert_eq!(a_side.await.unwrap(), StreamEnd::Stopped);
         assert_eq!(b_side.await.unwrap(), StreamEnd::Finished);
+    }
+
+    /// Copy frames of type `M` from `r` to `w`, each a millisecond late
+    /// (a path's one-way delay), counting the pings.
+    async fn tap<M, R, W>(mut r: R, mut w: W, pings: std::sync::Arc<std::sync::atomic::AtomicU64>)
+    where
+        M: Beats + Serialize + DeserializeOwned,
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        while let Ok(Some(msg)) = read_frame::<M, _>(&mut r).await {
+            if let Some(Beat::Ping(_)) = msg.beat() {
+                pings.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            if write_frame(&mut w, &msg).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Run a coordinator's loop and a client's, both with `heartbeat`,
+    /// their ticks a third of an interval apart, over taps that count the
+    /// pings, for `intervals` intervals: whether both are still up, and
+    /// the pings (client's, coordinator's).
+    async fn idle_pair(heartbeat: Heartbeat, intervals: u32) -> (bool, u64, u64) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let (a, a_tap) = tokio::io::duplex(64 * 1024);
+        let (b, b_tap) = tokio::io::duplex(64 * 1024);
+        let (ar, aw) = tokio::io::split(a);
+        let (br, bw) = tokio::io::split(b);
+        let (a_tap_r, a_tap_w) = tokio::io::split(a_tap);
+        let (b_tap_r, b_tap_w) = tokio::io::split(b_tap);
+        let from_client = Arc::new(AtomicU64::new(0));
+        let from_coordinator = Arc::new(AtomicU64::new(0));
+        // a is the coordinator: it writes CoordinatorSession frames.
+        tokio::spawn(tap::<CoordinatorSession, _, _>(
+            a_tap_r,
+            b_tap_w,
+            from_coordinator.clone(),
+        ));
+        tokio::spawn(tap::<ClientSession, _, _>(
+            b_tap_r,
+            a_tap_w,
+            from_client.clone(),
+        ));
+        let (_a_tx, a_rx) = mpsc::channel(1);
+        let (_b_tx, b_rx) = mpsc::channel(1);
+        let a_side = tokio::spawn(drive::<_, _, ClientSession, CoordinatorSession>(
+            ar,
+            aw,
+            heartbeat,
+            Some(a_rx),
+            None,
+            None,
+            |_| Ok(()),
+        ));
+        tokio::time::sleep(heartbeat.interval / 3).await;
+        let b_side = tokio::spawn(drive::<_, _, CoordinatorSession, ClientSession>(
+            br,
+            bw,
+            heartbeat,
+            Some(b_rx),
+            None,
+            None,
+            |_| Ok(()),
+        ));
+        tokio::time::sleep(heartbeat.interval * intervals).await;
+        let up = !a_side.is_finished() && !b_side.is_finished();
+        (
+            up,
+            from_client.load(Ordering::SeqCst),
+            from_coordinator.load(Ordering::SeqCst),
+        )
+    }
+
+    /// A ping goes out only after half an interval heard nothing, so one
+    /// side's ping keeps the other quiet: an hour of 1 s intervals carries
+    /// one ping per interval in all (the old rule, each side every
+    /// interval, sent two), and both sides stay up.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_pair_sends_one_ping_per_interval_in_all_not_one_each() {
+        let intervals = 3600;
+        let (up, c, k) = idle_pair(hb(), intervals).await;
+        assert!(up, "a side of a live pair ended");
+        let all = c + k;
+        assert!(
+            (u64::from(intervals) - 2..=u64::from(intervals) + 2).contains(&all),
+            "{all} pings in {intervals} intervals ({c} from the client, {k} from the coordinator)"
+        );
+    }
+
+    /// With `misses` 2 (lost after two silent intervals) a live pair stays
+    /// up for an hour: skipping pings never lets either side's silence
+    /// reach the limit.
+    #[tokio::test(start_paused = true)]
+    async fn a_live_pair_with_two_misses_allowed_stays_up() {
+        let (up, c, k) = idle_pair(Heartbeat::new(Duration::from_secs(1), 2), 3600).await;
+        assert!(
+            up,
+            "a side was lost ({c} pings from the client, {k} from the coordinator)"
+        );
+    }
+
+    /// What the stream's loop hears is recorded in the pulse, so the pulse
+    /// task (which pings beside the stream only after a whole interval of
+    /// silence) stays quiet while frames arrive, and is due once they stop.
+    #[tokio::test(start_paused = true)]
+    async fn frames_read_keep_the_pulse_quiet_until_they_stop() {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (r, w) = tokio::io::split(ours);
+        let (_their_r, mut their_w) = tokio::io::split(theirs);
+        let pulse = std::sync::Arc::new(Pulse::default());
+        let side = {
+            let pulse = pulse.clone();
+            tokio::spawn(async move {
+                drive::<_, _, ClientSession, CoordinatorSession>(
+                    r,
+                    w,
+                    hb(),
+                    None,
+                    None,
+                    Some(&pulse),
+                    |_| Ok(()),
+                )
+                .await
+            })
+        };
+        for seq in 0..100 {
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            write_frame(&mut their_w, &ClientSession::Pong { seq })
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            assert!(
+                pulse.silent_for() < Duration::from_millis(10),
+                "{:?}",
+                pulse.silent_for()
+            );
+        }
+        tokio::time::sleep(hb().interval).await;
+        assert!(pulse.silent_for() >= hb().interval);
+        assert!(!side.is_finished());
+        side.abort();
     }
 
     /// A probed peer that says nothing is lost after the probe window,
