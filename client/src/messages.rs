@@ -507,4 +507,48 @@ mod tests {
             matches!(Envelope::parse(msg).unwrap(), Envelope::OneWay(b) if b[..] == 2u32.to_be_bytes())
         );
     }
+
+    /// A `MessageSender` flush cancelled part way (the stream's window full) and then run
+    /// again writes the rest, not all of it twice: the peer reads every
+    /// message once, whole and in order.
+    #[tokio::test]
+    async fn a_flush_cancelled_part_way_resumes_where_it_stopped() {
+        const COUNT: u32 = 100_000;
+        let (conn, peer, _c, _s) = pair().await;
+        let mut out = MessageSender::new(conn.open_uni().await.unwrap(), 1 << 16);
+        // Feed numbered messages until a feed's own flush (every 64 KiB)
+        // finds the peer's stream window full: that poll writes part of
+        // the gathered bytes and waits, and the feed is dropped there.
+        let mut fed = 0u32;
+        loop {
+            let mut m = vec![9u8; 1020];
+            m[..4].copy_from_slice(&fed.to_be_bytes());
+            fed += 1;
+            let blocked = tokio::select! {
+                biased;
+                r = out.feed(&m) => { r.unwrap(); false }
+                () = std::future::ready(()) => true,
+            };
+            if blocked {
+                break;
+            }
+            assert!(fed < COUNT, "the window never filled");
+        }
+        let (written, queued) = out.part_written();
+        assert!(written > 0 && written < queued, "{written} of {queued}");
+        let reader = tokio::spawn(async move {
+            let recv = peer.accept_uni().await.unwrap();
+            let mut rx = MessageReceiver::new(recv, 1 << 16);
+            let mut next = 0u32;
+            while let Some(m) = rx.recv().await.unwrap() {
+                assert_eq!(m.len(), 1020);
+                assert_eq!(u32::from_be_bytes(m[..4].try_into().unwrap()), next);
+                next += 1;
+            }
+            next
+        });
+        within("the flush", out.flush()).await.unwrap();
+        within("the finish", out.finish()).await.unwrap();
+        assert_eq!(within("the reader", reader).await.unwrap(), fed);
+    }
 }

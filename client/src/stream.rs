@@ -25,6 +25,9 @@ const COALESCE: usize = 64 * 1024;
 pub struct MessageSender {
     stream: SendStream,
     buf: Vec<u8>,
+    /// Bytes of `buf` already written to the stream: a flush that was
+    /// cancelled part way resumes from here, so nothing is sent twice.
+    written: usize,
     max: usize,
 }
 
@@ -41,6 +44,7 @@ impl MessageSender {
         Self {
             stream,
             buf: Vec::with_capacity(COALESCE + LENGTH_PREFIX),
+            written: 0,
             max: max.min(MAX_MESSAGE_CEILING),
         }
     }
@@ -61,7 +65,9 @@ impl MessageSender {
             });
         }
         self.buf.extend_from_slice(&length_prefix(msg.len()));
-        let head = std::mem::replace(&mut self.buf, Vec::with_capacity(COALESCE + LENGTH_PREFIX));
+        let mut head =
+            std::mem::replace(&mut self.buf, Vec::with_capacity(COALESCE + LENGTH_PREFIX));
+        head.drain(..std::mem::take(&mut self.written));
         let mut chunks = [Bytes::from(head), msg];
         self.stream
             .write_all_chunks(&mut chunks)
@@ -94,13 +100,31 @@ impl MessageSender {
     }
 
     /// Write out every queued message.
+    ///
+    /// Cancel-safe: dropped part way, what it wrote is remembered and the
+    /// next `flush` (or [`feed`](Self::feed), [`finish`](Self::finish))
+    /// writes the rest, so the stream carries every queued message once
+    /// and whole.
     pub async fn flush(&mut self) -> Result<(), SendError> {
-        if self.buf.is_empty() {
-            return Ok(());
+        while self.written < self.buf.len() {
+            match self.stream.write(&self.buf[self.written..]).await {
+                Ok(n) => self.written += n,
+                Err(e) => {
+                    self.buf.clear();
+                    self.written = 0;
+                    return Err(write_error(e));
+                }
+            }
         }
-        let result = self.stream.write_all(&self.buf).await;
         self.buf.clear();
-        result.map_err(write_error)
+        self.written = 0;
+        Ok(())
+    }
+
+    /// Of the gathered bytes, how many a cancelled flush wrote, and all.
+    #[cfg(test)]
+    pub(crate) fn part_written(&self) -> (usize, usize) {
+        (self.written, self.buf.len())
     }
 
     /// Flush, end the stream, and wait until the other end (the
