@@ -494,6 +494,33 @@ mod tests {
         drive(r, w, hb(), rx, None, None, on_frame).await
     }
 
+    /// A coordinator-side loop on `r` and `w` with a pulse and [`hb`], run
+    /// as a task: the pulse, and the task.
+    fn spawn_with_pulse<R, W>(
+        r: R,
+        w: W,
+    ) -> (std::sync::Arc<Pulse>, tokio::task::JoinHandle<StreamEnd>)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let pulse = std::sync::Arc::new(Pulse::default());
+        let theirs = pulse.clone();
+        let side = tokio::spawn(async move {
+            drive::<_, _, ClientSession, CoordinatorSession>(
+                r,
+                w,
+                hb(),
+                None,
+                None,
+                Some(&theirs),
+                |_| Ok(()),
+            )
+            .await
+        });
+        (pulse, side)
+    }
+
     fn hb() -> Heartbeat {
         Heartbeat::new(Duration::from_secs(1), 3)
     }
@@ -652,22 +679,7 @@ mod tests {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let (r, w) = tokio::io::split(ours);
         let (_their_r, mut their_w) = tokio::io::split(theirs);
-        let pulse = std::sync::Arc::new(Pulse::default());
-        let side = {
-            let pulse = pulse.clone();
-            tokio::spawn(async move {
-                drive::<_, _, ClientSession, CoordinatorSession>(
-                    r,
-                    w,
-                    hb(),
-                    None,
-                    None,
-                    Some(&pulse),
-                    |_| Ok(()),
-                )
-                .await
-            })
-        };
+        let (pulse, side) = spawn_with_pulse(r, w);
         for seq in 0..100 {
             tokio::time::sleep(Duration::from_millis(900)).await;
             write_frame(&mut their_w, &ClientSession::Pong { seq })
@@ -845,22 +857,7 @@ mod tests {
     async fn beats_outside_the_stream_keep_a_stuck_stream_alive() {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let (r, w) = tokio::io::split(ours);
-        let pulse = std::sync::Arc::new(Pulse::default());
-        let side = {
-            let pulse = pulse.clone();
-            tokio::spawn(async move {
-                drive::<_, _, ClientSession, CoordinatorSession>(
-                    r,
-                    w,
-                    hb(),
-                    None,
-                    None,
-                    Some(&pulse),
-                    |_| Ok(()),
-                )
-                .await
-            })
-        };
+        let (pulse, side) = spawn_with_pulse(r, w);
         for _ in 0..3600 {
             pulse.heard.notify_one();
             tokio::time::sleep(Duration::from_secs(1)).await;
