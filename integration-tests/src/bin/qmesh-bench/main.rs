@@ -374,6 +374,51 @@ async fn stream_bulk(ch: &Channel, size: u64, chunk: &Bytes) -> Result<f64> {
     Ok(size as f64 / secs / 1e6)
 }
 
+/// On `ch` to bob: `n` requests one at a time (each one's time in µs),
+/// then `batches` rounds of 100 requests in flight at once (requests per
+/// second, and UDP datagrams sent per request by all on this host while
+/// they ran). Every reply is checked. Closes `ch`.
+async fn request_rates(
+    ch: Channel,
+    msg: [u8; 64],
+    n: usize,
+    batches: usize,
+) -> Result<(Vec<f64>, f64, Option<f64>)> {
+    const IN_FLIGHT: usize = 100;
+    ch.request(&msg).await?;
+    let mut t = Vec::new();
+    for _ in 0..n {
+        let start = Instant::now();
+        let reply = ch.request(&msg).await?;
+        t.push(start.elapsed().as_secs_f64() * 1e6);
+        if reply[..] != msg[..] {
+            bail!("a reply that is not the request");
+        }
+    }
+    let sent = udp_counter("OutDatagrams");
+    let start = Instant::now();
+    for _ in 0..batches {
+        let replies =
+            futures_util::future::join_all((0..IN_FLIGHT).map(|_| ch.request(&msg))).await;
+        for r in replies {
+            if r?[..] != msg[..] {
+                bail!("a reply that is not the request");
+            }
+        }
+    }
+    let rate = (batches * IN_FLIGHT) as f64 / start.elapsed().as_secs_f64();
+    let per = per_request(sent, batches * IN_FLIGHT);
+    ch.close("done").await?;
+    Ok((t, rate, per))
+}
+
+/// UDP datagrams sent on this host since `sent` (an `OutDatagrams`
+/// reading), per request of `n`.
+fn per_request(sent: Option<u64>, n: usize) -> Option<f64> {
+    let now = udp_counter("OutDatagrams")?;
+    Some(now.checked_sub(sent?)? as f64 / n as f64)
+}
+
 /// `n` round trips of `msg` through bob's echo on `ch`, in µs each.
 async fn echo_round_trips(ch: &Channel, msg: &[u8], n: usize) -> Result<Vec<f64>> {
     let mut out = ch.open_stream().await?;
@@ -382,6 +427,52 @@ async fn echo_round_trips(ch: &Channel, msg: &[u8], n: usize) -> Result<Vec<f64>
     let mut inbox = ch.accept_stream().await?.context("echo stream")?;
     inbox.recv().await?.context("first echo")?;
     raw::round_trips(&mut out, &mut inbox, msg, n).await
+}
+
+/// A qmesh node as each best raw node is built: one OS thread with a
+/// current-thread runtime. Work given to [`Node::run`] runs there, and so
+/// do the tasks it spawns (a client's connection and channel tasks).
+struct Node {
+    handle: tokio::runtime::Handle,
+    /// Dropped with the node: its thread's runtime then stops.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Node {
+    fn start(name: &str) -> Result<Node> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || match raw::runtime(Shape::Best) {
+                Ok(rt) => {
+                    let _ = tx.send(Ok(rt.handle().clone()));
+                    let _ = rt.block_on(stopped);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            })?;
+        let handle = rx
+            .recv()
+            .context("the node's thread ended at its start")??;
+        Ok(Node {
+            handle,
+            _stop: stop,
+        })
+    }
+
+    /// Run `work` on this node's thread and wait for its result.
+    async fn run<T, Fut>(&self, work: Fut) -> Result<T>
+    where
+        T: Send + 'static,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        self.handle
+            .spawn(work)
+            .await
+            .context("the node's task panicked or was cancelled")?
+    }
 }
 
 // ------------------------------------------------------------ the cases
@@ -408,6 +499,9 @@ struct Bench {
     coordinator: CoordinatorProcess,
     alice: Client,
     bob: Client,
+    /// The threads alice and bob run on.
+    alice_node: Node,
+    _bob_node: Node,
     rows: Vec<Row>,
     tick: u64,
 }
@@ -425,7 +519,10 @@ impl Bench {
     async fn channel(&mut self, mode: PathMode) -> Result<Channel> {
         let name = self.name("c");
         let address = format!("mesh/bob!{name}").parse()?;
-        Ok(self.alice.open_with(&address, mode).await?)
+        let alice = self.alice.clone();
+        self.alice_node
+            .run(async move { Ok(alice.open_with(&address, mode).await?) })
+            .await
     }
 
     fn row(
@@ -761,10 +858,16 @@ impl Bench {
             bare50.push(percentile(&mut t, 0.5));
 
             let ch = self.relay_channel().await?;
-            let mut t = echo_round_trips(&ch, &msg, n).await?;
+            let mut t = self
+                .alice_node
+                .run(async move {
+                    let t = echo_round_trips(&ch, &msg, n).await?;
+                    ch.close("done").await?;
+                    Ok(t)
+                })
+                .await?;
             rel50.push(percentile(&mut t, 0.5));
             rel99.push(percentile(&mut t, 0.99));
-            ch.close("done").await?;
         }
         let (b50, q50) = (median(best50), median(rel50));
         self.best_rtt50 = Some(b50);
@@ -811,39 +914,36 @@ impl Bench {
         let msg = [7u8; 64];
         let (n, batches) = (self.plan.rtt, self.plan.batches);
         let (mut raw50, mut req50, mut raw_rate, mut req_rate) = (vec![], vec![], vec![], vec![]);
+        let (mut dreq50, mut dreq_rate) = (vec![], vec![]);
+        let (mut raw_dgrams, mut dreq_dgrams) = (vec![], vec![]);
         for _ in 0..self.runs {
-            let (mut t, rate) = Self::best_raw(&self.best, move |conn| async move {
+            let (mut t, rate, per) = Self::best_raw(&self.best, move |conn| async move {
                 let (mut out, mut inbox) = raw::echo(&conn).await?;
                 let t = raw::round_trips(&mut out, &mut inbox, &msg, n).await?;
+                let sent = udp_counter("OutDatagrams");
                 let rate = raw::in_flight(&mut out, &mut inbox, &msg, batches, IN_FLIGHT).await?;
-                Ok((t, rate))
+                Ok((t, rate, per_request(sent, batches * IN_FLIGHT)))
             })
             .await?;
             raw50.push(percentile(&mut t, 0.5));
             raw_rate.push(rate);
+            raw_dgrams.extend(per);
 
             let ch = self.relay_channel().await?;
-            ch.request(&msg).await?;
-            let mut t = Vec::new();
-            for _ in 0..n {
-                let start = Instant::now();
-                let reply = ch.request(&msg).await?;
-                t.push(start.elapsed().as_secs_f64() * 1e6);
-                if reply[..] != msg[..] {
-                    bail!("a reply that is not the request");
-                }
-            }
+            let (mut t, rate, _) = self
+                .alice_node
+                .run(async move { request_rates(ch, msg, n, batches).await })
+                .await?;
             req50.push(percentile(&mut t, 0.5));
-            let start = Instant::now();
-            for _ in 0..batches {
-                let replies =
-                    futures_util::future::join_all((0..IN_FLIGHT).map(|_| ch.request(&msg))).await;
-                for r in replies {
-                    r?;
-                }
-            }
-            req_rate.push((batches * IN_FLIGHT) as f64 / start.elapsed().as_secs_f64());
-            ch.close("done").await?;
+            req_rate.push(rate);
+            let ch = self.channel(PathMode::Direct).await?;
+            let (mut t, rate, per) = self
+                .alice_node
+                .run(async move { request_rates(ch, msg, n, batches).await })
+                .await?;
+            dreq50.push(percentile(&mut t, 0.5));
+            dreq_rate.push(rate);
+            dreq_dgrams.extend(per);
         }
         let (r50, q50) = (median(raw50), median(req50));
         self.row(
@@ -854,15 +954,49 @@ impl Bench {
             "measured",
             None,
         );
+        self.row(
+            "request/reply 64 B p50, direct vs best raw echo",
+            "µs",
+            Some(r50),
+            median(dreq50),
+            "measured",
+            None,
+        );
         let (r, q) = (median(raw_rate), median(req_rate));
         self.row(
             "100 requests in flight 64 B, relayed vs best raw echo",
             "req/s",
             Some(r),
             q,
+            "measured",
+            None,
+        );
+        let q = median(dreq_rate);
+        self.row(
+            "100 requests in flight 64 B, direct vs best raw echo",
+            "req/s",
+            Some(r),
+            q,
             ">= 0.6x",
             Some(q / r >= 0.6),
         );
+        if raw_dgrams.is_empty() || dreq_dgrams.is_empty() {
+            self.unavailable(
+                "UDP datagrams per request in flight, direct vs best raw echo",
+                "datagrams",
+                "measured",
+                PROC_SNMP,
+            );
+        } else {
+            self.row(
+                "UDP datagrams per request in flight, direct vs best raw echo",
+                "datagrams",
+                Some(median(raw_dgrams)),
+                median(dreq_dgrams),
+                "measured",
+                None,
+            );
+        }
         Ok(())
     }
 
@@ -878,24 +1012,31 @@ impl Bench {
             raw50.push(percentile(&mut t, 0.5));
             // The relayed round trip the open is held to, in the same run.
             let ch = self.relay_channel().await?;
-            let mut t = echo_round_trips(&ch, &msg, opens).await?;
-            rtt50.push(percentile(&mut t, 0.5));
-            ch.close("done").await?;
-            let mut t = Vec::new();
-            let mut keep = Vec::new();
-            for _ in 0..opens {
-                let name = self.name("o");
-                let start = Instant::now();
-                let address = format!("mesh/bob!{name}").parse()?;
-                let ch = self.alice.open_with(&address, PathMode::Relay).await?;
-                t.push(start.elapsed().as_secs_f64() * 1e6);
-                keep.push(ch);
-            }
+            let names: Vec<String> = (0..opens).map(|_| self.name("o")).collect();
+            let alice = self.alice.clone();
+            let (mut rtt, mut t) = self
+                .alice_node
+                .run(async move {
+                    let rtt = echo_round_trips(&ch, &msg, opens).await?;
+                    ch.close("done").await?;
+                    let mut t = Vec::new();
+                    let mut keep = Vec::new();
+                    for name in names {
+                        let start = Instant::now();
+                        let address = format!("mesh/bob!{name}").parse()?;
+                        let ch = alice.open_with(&address, PathMode::Relay).await?;
+                        t.push(start.elapsed().as_secs_f64() * 1e6);
+                        keep.push(ch);
+                    }
+                    for ch in keep {
+                        ch.close("done").await?;
+                    }
+                    Ok((rtt, t))
+                })
+                .await?;
+            rtt50.push(percentile(&mut rtt, 0.5));
             open50.push(percentile(&mut t, 0.5));
             open99.push(percentile(&mut t, 0.99));
-            for ch in keep {
-                ch.close("done").await?;
-            }
         }
         let (r, q) = (median(raw50), median(open50));
         self.row(
@@ -1652,9 +1793,16 @@ async fn run(args: Args) -> Result<()> {
     let best = RawServer::start(dir.path(), &coordinator.trust, Shape::Best)?;
     let bare = RawServer::bare_relay(dir.path(), &coordinator.trust, &best)?;
     let raw_client = qmesh_certs::transport::client_endpoint("127.0.0.1:0".parse()?)?;
-    let alice = Client::connect(coordinator.config("alice")).await?;
-    let bob = Client::connect(coordinator.config("bob")).await?;
-    tokio::spawn(bob_serves(bob.clone()));
+    let (alice_node, bob_node) = (Node::start("alice")?, Node::start("bob")?);
+    let cfg = coordinator.config("alice");
+    let alice = alice_node
+        .run(async move { Ok(Client::connect(cfg).await?) })
+        .await?;
+    let cfg = coordinator.config("bob");
+    let bob = bob_node
+        .run(async move { Ok(Client::connect(cfg).await?) })
+        .await?;
+    bob_node.handle.spawn(bob_serves(bob.clone()));
     let mut bench = Bench {
         plan,
         runs: args.runs.max(1),
@@ -1671,6 +1819,8 @@ async fn run(args: Args) -> Result<()> {
         coordinator,
         alice,
         bob,
+        alice_node,
+        _bob_node: bob_node,
         rows: Vec::new(),
         tick: 0,
     };
@@ -1712,6 +1862,7 @@ async fn run(args: Args) -> Result<()> {
             "quick": args.quick,
             "runs": bench.runs,
             "coordinator_runtime": runtime_name,
+            "client_runtime": "current-thread, one thread per client",
             "seconds": started.elapsed().as_secs_f64(),
             "rows": bench.rows,
         });
@@ -1719,7 +1870,9 @@ async fn run(args: Args) -> Result<()> {
     } else {
         print_table(&bench.rows, &machine, &run);
         println!(
-            "({} runs per figure, median; coordinators on the {runtime_name} runtime; {:.0} s in all)",
+            "({} runs per figure, median; coordinators on the {runtime_name} runtime; alice and bob \
+             each on a thread of its own with a current-thread runtime, as each best raw node; \
+             {:.0} s in all)",
             bench.runs,
             started.elapsed().as_secs_f64()
         );
