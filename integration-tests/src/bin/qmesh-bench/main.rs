@@ -1457,6 +1457,16 @@ impl Bench {
             let after = rss_kib(raw.pid()).context("raw server RSS")?;
             raw_per.push(after.saturating_sub(before) as f64 / n as f64);
             drop((conns, warm));
+            // Until the closed connections have drained, this process still
+            // runs a driver for each (100,000 at full size): the qmesh
+            // clients' handshakes below would compete with them.
+            let drained =
+                tokio::time::timeout(Duration::from_secs(120), futures_wait_idle(&endpoints)).await;
+            if drained.is_err() {
+                progress(format_args!(
+                    "idle: the raw connections had not drained after 120 s; going on"
+                ));
+            }
         }
         for run in 0..runs {
             progress(format_args!("idle run {run}: {n} clients"));

@@ -62,9 +62,26 @@ pub(crate) fn runtime(shape: Shape) -> Result<tokio::runtime::Runtime> {
 
 /// Start this binary as a child serving `flag` from `dir`; returns the
 /// child and the port it reports.
+///
+/// With `QMESH_BENCH_WRAP` set (for example `heaptrack -o /tmp/coord`),
+/// the `--serve-coordinator` child runs under that command instead, for a
+/// profile of it. Its figures of RSS and CPU are then of the wrapper
+/// process, not the coordinator's.
 pub(crate) fn start_child(flag: &str, dir: &Path, extra: &[&str]) -> Result<(Child, u16)> {
     let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
+    let wrap = std::env::var("QMESH_BENCH_WRAP")
+        .ok()
+        .filter(|_| flag == "--serve-coordinator");
+    let mut words = wrap.iter().flat_map(|w| w.split_whitespace());
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let mut child = command
         .arg(flag)
         .arg(dir)
         .args(extra)
@@ -74,13 +91,20 @@ pub(crate) fn start_child(flag: &str, dir: &Path, extra: &[&str]) -> Result<(Chi
         .spawn()
         .with_context(|| format!("starting the {flag} child"))?;
     let stdout = child.stdout.take().context("child stdout")?;
+    let mut stdout = std::io::BufReader::new(stdout);
+    // A wrapper may print lines of its own first.
     let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    let port: u16 = line
-        .trim()
-        .strip_prefix("port ")
-        .context("the child did not report its port")?
-        .parse()?;
+    let port: u16 = loop {
+        line.clear();
+        if stdout.read_line(&mut line)? == 0 {
+            bail!("the {flag} child ended without reporting its port");
+        }
+        if let Some(port) = line.trim().strip_prefix("port ") {
+            break port.parse()?;
+        }
+    };
+    // The rest of its output is drained, so it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     Ok((child, port))
 }
 
