@@ -142,7 +142,19 @@ pub(crate) struct Outbox {
     opened: Notify,
     open: OpenOut,
     path: watch::Receiver<Path>,
+    /// Sends so far; every [`BUDGET_EVERY`]th spends a unit of tokio's
+    /// per-poll budget.
+    sends: AtomicU64,
 }
+
+/// A free lock is taken with `try_lock`, which spends none of tokio's
+/// per-poll budget, and a quinn write into a stream with credit spends none
+/// either: a burst of sends from one task goes into the stream within one
+/// poll, so the connection does not send it in pieces. So that a long run of
+/// sends still gives the task's other work and the connection's driver
+/// their turn, one send in this many spends a unit (a task yields after 128
+/// units: after about 4,000 sends).
+const BUDGET_EVERY: u64 = 32;
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -169,6 +181,7 @@ impl Outbox {
             opened: Notify::new(),
             open,
             path,
+            sends: AtomicU64::new(0),
         }
     }
 
@@ -177,10 +190,11 @@ impl Outbox {
     /// (the old one is finished in the background).
     pub(crate) async fn send(&self, env: Envelope) -> Result<(), SendError> {
         let bytes = env.to_bytes();
+        if self.sends.fetch_add(1, Ordering::Relaxed) % BUDGET_EVERY == BUDGET_EVERY - 1 {
+            tokio::task::consume_budget().await;
+        }
         loop {
-            // Uncontended, the lock is taken without a trip through the
-            // runtime's scheduling budget: a burst of sends from one task
-            // then goes into the stream together, not cut into pieces.
+            // See BUDGET_EVERY.
             let mut slot = match self.stream.try_lock() {
                 Ok(slot) => slot,
                 Err(_) => self.stream.lock().await,
@@ -471,34 +485,65 @@ mod tests {
         assert_eq!(got, (0..20).collect::<Vec<_>>());
     }
 
-    /// Hundreds of sends from one task into an open stream go in within one
-    /// poll: taking the free lock spends none of tokio's per-poll budget, so
-    /// the connection does not get to send the burst in pieces.
-    #[tokio::test]
-    async fn a_burst_of_sends_from_one_task_goes_in_within_one_poll() {
-        let (conn, peer, _c, _s) = pair().await;
-        let (outbox, _) = outbox(conn, Arc::new(Semaphore::new(1)));
-        outbox.send(one_way(0)).await.unwrap();
-        let mut burst = std::pin::pin!(async {
-            for n in 1..=300 {
-                outbox.send(one_way(n)).await.unwrap();
+    /// Sends `n` messages from one task into `outbox`'s open stream: how
+    /// many polls that took.
+    async fn polls_for_sends(outbox: &Outbox, n: u32) -> usize {
+        let mut run = std::pin::pin!(async {
+            for i in 1..=n {
+                outbox.send(one_way(i)).await.unwrap();
             }
         });
         let mut polls = 0;
-        std::future::poll_fn(|cx| {
-            polls += 1;
-            std::future::Future::poll(burst.as_mut(), cx)
-        })
+        within(
+            "the sends",
+            std::future::poll_fn(|cx| {
+                polls += 1;
+                std::future::Future::poll(run.as_mut(), cx)
+            }),
+        )
         .await;
-        assert_eq!(polls, 1, "the burst was cut into {polls} polls");
-        outbox.finish().await;
+        polls
+    }
+
+    /// The messages on the first stream `peer` accepts, counted.
+    async fn count_arrivals(peer: &Connection) -> usize {
         let recv = within("the stream", peer.accept_uni()).await.unwrap();
         let mut rx = MessageReceiver::new(recv, 1 << 16);
         let mut n = 0;
         while within("a message", rx.recv()).await.unwrap().is_some() {
             n += 1;
         }
-        assert_eq!(n, 301, "every message arrives");
+        n
+    }
+
+    /// Hundreds of sends from one task into an open stream go in within one
+    /// poll: taking the free lock spends none of tokio's per-poll budget.
+    #[tokio::test]
+    async fn a_burst_of_sends_from_one_task_goes_in_within_one_poll() {
+        let (conn, peer, _c, _s) = pair().await;
+        let (outbox, _) = outbox(conn, Arc::new(Semaphore::new(1)));
+        within("the first send", outbox.send(one_way(0)))
+            .await
+            .unwrap();
+        let polls = polls_for_sends(&outbox, 300).await;
+        assert_eq!(polls, 1, "the burst was cut into {polls} polls");
+        within("finish", outbox.finish()).await;
+        assert_eq!(count_arrivals(&peer).await, 301, "every message arrives");
+    }
+
+    /// A long run of sends from one task still yields to the runtime now
+    /// and then (one unit of budget every 32 sends, 128 units a poll).
+    #[tokio::test]
+    async fn a_long_run_of_sends_from_one_task_still_yields() {
+        let (conn, peer, _c, _s) = pair().await;
+        let (outbox, _) = outbox(conn, Arc::new(Semaphore::new(1)));
+        within("the first send", outbox.send(one_way(0)))
+            .await
+            .unwrap();
+        let polls = polls_for_sends(&outbox, 20_000).await;
+        assert!(polls >= 4, "20,000 sends took {polls} polls");
+        within("finish", outbox.finish()).await;
+        assert_eq!(count_arrivals(&peer).await, 20_001, "every message arrives");
     }
 
     #[tokio::test]

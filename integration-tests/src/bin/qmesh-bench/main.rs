@@ -175,11 +175,30 @@ impl CoordinatorProcess {
 
     /// As [`CoordinatorProcess::start`], with more flags for the child.
     fn start_with(dir: &Path, ca: &Ca, shape: Shape, extra: &[&str]) -> Result<Self> {
+        Self::launch(None, dir, ca, shape, extra)
+    }
+
+    /// The idle case's coordinator: with `QMESH_BENCH_WRAP` set (for
+    /// example `heaptrack -o /tmp/coord`), it runs under that command, for
+    /// a profile of it; no other coordinator of the run does. Its RSS and
+    /// CPU rows are then of the wrapper process and mean nothing.
+    fn start_for_idle(dir: &Path, ca: &Ca, shape: Shape) -> Result<Self> {
+        let wrap = std::env::var("QMESH_BENCH_WRAP").ok();
+        Self::launch(wrap.as_deref(), dir, ca, shape, &[])
+    }
+
+    fn launch(
+        wrap: Option<&str>,
+        dir: &Path,
+        ca: &Ca,
+        shape: Shape,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut extra = extra.to_vec();
         if shape == Shape::Best {
             extra.push("--current-thread");
         }
-        let (child, port) = raw::start_child("--serve-coordinator", dir, &extra)?;
+        let (child, port) = raw::start_child_under(wrap, "--serve-coordinator", dir, &extra)?;
         let address: qmesh_proto::Address = format!("quic/127.0.0.1:{port}").parse()?;
         let trust = Trust::Ca {
             certs: vec![ca.cert_der().clone()],
@@ -374,6 +393,9 @@ async fn stream_bulk(ch: &Channel, size: u64, chunk: &Bytes) -> Result<f64> {
     Ok(size as f64 / secs / 1e6)
 }
 
+/// Requests in flight at once in the requests case, raw and qmesh alike.
+const IN_FLIGHT: usize = 100;
+
 /// On `ch` to bob: `n` requests one at a time (each one's time in µs),
 /// then `batches` rounds of 100 requests in flight at once (requests per
 /// second, and UDP datagrams sent per request by all on this host while
@@ -384,7 +406,6 @@ async fn request_rates(
     n: usize,
     batches: usize,
 ) -> Result<(Vec<f64>, f64, Option<f64>)> {
-    const IN_FLIGHT: usize = 100;
     ch.request(&msg).await?;
     let mut t = Vec::new();
     for _ in 0..n {
@@ -907,10 +928,10 @@ impl Bench {
         Ok(())
     }
 
-    /// Requests and replies on a relayed channel against the best raw
-    /// echo: one at a time (latency), and 100 in flight at once (rate).
+    /// Requests and replies on a relayed and on a direct channel against
+    /// the best raw echo: one at a time (latency), and 100 in flight at once
+    /// (rate, and on the direct channel UDP datagrams per request).
     async fn requests(&mut self) -> Result<()> {
-        const IN_FLIGHT: usize = 100;
         let msg = [7u8; 64];
         let (n, batches) = (self.plan.rtt, self.plan.batches);
         let (mut raw50, mut req50, mut raw_rate, mut req_rate) = (vec![], vec![], vec![], vec![]);
@@ -1471,7 +1492,8 @@ impl Bench {
         for run in 0..runs {
             progress(format_args!("idle run {run}: {n} clients"));
             // A fresh coordinator for each count.
-            let coordinator = CoordinatorProcess::start(self.dir.path(), &self.ca, self.shape)?;
+            let coordinator =
+                CoordinatorProcess::start_for_idle(self.dir.path(), &self.ca, self.shape)?;
             let endpoints = raw::client_endpoints(endpoint_count)?;
             // One client first, so the baseline includes a warmed-up runtime.
             let warm = Client::connect_on(Some(&endpoints[0]), coordinator.config("warm")).await?;

@@ -62,16 +62,20 @@ pub(crate) fn runtime(shape: Shape) -> Result<tokio::runtime::Runtime> {
 
 /// Start this binary as a child serving `flag` from `dir`; returns the
 /// child and the port it reports.
-///
-/// With `QMESH_BENCH_WRAP` set (for example `heaptrack -o /tmp/coord`),
-/// the `--serve-coordinator` child runs under that command instead, for a
-/// profile of it. Its figures of RSS and CPU are then of the wrapper
-/// process, not the coordinator's.
 pub(crate) fn start_child(flag: &str, dir: &Path, extra: &[&str]) -> Result<(Child, u16)> {
+    start_child_under(None, flag, dir, extra)
+}
+
+/// As [`start_child`], run under `wrap` when given: a command and its
+/// arguments, split at whitespace (for example `heaptrack -o /tmp/coord`),
+/// for a profile of the child.
+pub(crate) fn start_child_under(
+    wrap: Option<&str>,
+    flag: &str,
+    dir: &Path,
+    extra: &[&str],
+) -> Result<(Child, u16)> {
     let exe = std::env::current_exe()?;
-    let wrap = std::env::var("QMESH_BENCH_WRAP")
-        .ok()
-        .filter(|_| flag == "--serve-coordinator");
     let mut words = wrap.iter().flat_map(|w| w.split_whitespace());
     let mut command = match words.next() {
         Some(program) => {
