@@ -516,34 +516,35 @@ mod tests {
         n
     }
 
-    /// Hundreds of sends from one task into an open stream go in within one
-    /// poll: taking the free lock spends none of tokio's per-poll budget.
-    #[tokio::test]
-    async fn a_burst_of_sends_from_one_task_goes_in_within_one_poll() {
+    /// An outbox whose stream one send has opened, then `n` more sends from
+    /// one task: the polls those took, and the messages the peer got.
+    async fn run_of_sends(n: u32) -> (usize, usize) {
         let (conn, peer, _c, _s) = pair().await;
         let (outbox, _) = outbox(conn, Arc::new(Semaphore::new(1)));
         within("the first send", outbox.send(one_way(0)))
             .await
             .unwrap();
-        let polls = polls_for_sends(&outbox, 300).await;
-        assert_eq!(polls, 1, "the burst was cut into {polls} polls");
+        let polls = polls_for_sends(&outbox, n).await;
         within("finish", outbox.finish()).await;
-        assert_eq!(count_arrivals(&peer).await, 301, "every message arrives");
+        (polls, count_arrivals(&peer).await)
+    }
+
+    /// Hundreds of sends from one task into an open stream go in within one
+    /// poll: taking the free lock spends none of tokio's per-poll budget.
+    #[tokio::test]
+    async fn a_burst_of_sends_from_one_task_goes_in_within_one_poll() {
+        let (polls, arrived) = run_of_sends(300).await;
+        assert_eq!(polls, 1, "the burst was cut into {polls} polls");
+        assert_eq!(arrived, 301, "every message arrives");
     }
 
     /// A long run of sends from one task still yields to the runtime now
     /// and then (one unit of budget every 32 sends, 128 units a poll).
     #[tokio::test]
     async fn a_long_run_of_sends_from_one_task_still_yields() {
-        let (conn, peer, _c, _s) = pair().await;
-        let (outbox, _) = outbox(conn, Arc::new(Semaphore::new(1)));
-        within("the first send", outbox.send(one_way(0)))
-            .await
-            .unwrap();
-        let polls = polls_for_sends(&outbox, 20_000).await;
+        let (polls, arrived) = run_of_sends(20_000).await;
         assert!(polls >= 4, "20,000 sends took {polls} polls");
-        within("finish", outbox.finish()).await;
-        assert_eq!(count_arrivals(&peer).await, 20_001, "every message arrives");
+        assert_eq!(arrived, 20_001, "every message arrives");
     }
 
     #[tokio::test]

@@ -950,18 +950,10 @@ impl Bench {
             raw_rate.push(rate);
             raw_dgrams.extend(per);
 
-            let ch = self.relay_channel().await?;
-            let (mut t, rate, _) = self
-                .alice_node
-                .run(async move { request_rates(ch, msg, n, batches).await })
-                .await?;
+            let (mut t, rate, _) = self.requests_on(PathMode::Relay, msg).await?;
             req50.push(percentile(&mut t, 0.5));
             req_rate.push(rate);
-            let ch = self.channel(PathMode::Direct).await?;
-            let (mut t, rate, per) = self
-                .alice_node
-                .run(async move { request_rates(ch, msg, n, batches).await })
-                .await?;
+            let (mut t, rate, per) = self.requests_on(PathMode::Direct, msg).await?;
             dreq50.push(percentile(&mut t, 0.5));
             dreq_rate.push(rate);
             dreq_dgrams.extend(per);
@@ -1019,6 +1011,20 @@ impl Bench {
             );
         }
         Ok(())
+    }
+
+    /// [`request_rates`] on a new channel to bob in `mode`, run on alice's
+    /// thread.
+    async fn requests_on(
+        &mut self,
+        mode: PathMode,
+        msg: [u8; 64],
+    ) -> Result<(Vec<f64>, f64, Option<f64>)> {
+        let (n, batches) = (self.plan.rtt, self.plan.batches);
+        let ch = self.channel(mode).await?;
+        self.alice_node
+            .run(async move { request_rates(ch, msg, n, batches).await })
+            .await
     }
 
     async fn open(&mut self) -> Result<()> {
