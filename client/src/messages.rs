@@ -28,7 +28,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use qmesh_proto::codes::StreamCode;
@@ -37,6 +38,7 @@ use qmesh_proto::Untrusted;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::end::Path;
@@ -242,36 +244,118 @@ impl Outbox {
 }
 
 /// Requests this side sent that wait for their reply.
+///
+/// Each request's time limit runs from when it has been sent
+/// ([`Waiting::arm`]). The limits are kept by one task per channel (started
+/// with the first request), not by a timer per request: it sleeps until the
+/// earliest limit, ends the requests whose time has run out, and sleeps
+/// again. A steady run of answered requests costs it one wake-up per
+/// request timeout.
 #[derive(Debug, Default)]
 pub(crate) struct Waiting {
     next: AtomicU64,
-    pending: Mutex<HashMap<u64, oneshot::Sender<Bytes>>>,
+    pending: Mutex<Pending>,
     /// Replies dropped because no request waited for them.
     pub(crate) dropped: AtomicU64,
+    /// Wakes the sweeper: a limit earlier than the one it sleeps to, or
+    /// the requests are gone.
+    wake: Arc<Notify>,
+}
+
+/// What a waiting request gets: its reply, or word that its time ran out.
+/// (A request whose channel ended gets nothing: its sender is dropped.)
+pub(crate) type Answer = Result<Bytes, TimedOut>;
+
+/// The request's time limit passed before its reply came.
+#[derive(Debug)]
+pub(crate) struct TimedOut;
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// Keyed by this side's own request numbers (a reply's id is only
+    /// looked up), so the fast hasher is safe.
+    requests: HashMap<u64, Entry, rustc_hash::FxBuildHasher>,
+    /// When the sweeper looks next; `None` while no request has a limit
+    /// (as far as the sweeper last saw).
+    next_sweep: Option<Instant>,
+    /// Whether the sweeper has been started.
+    sweeper: bool,
+}
+
+#[derive(Debug)]
+struct Entry {
+    reply: oneshot::Sender<Answer>,
+    /// Set once the request is sent.
+    deadline: Option<Instant>,
 }
 
 impl Waiting {
     /// Register a new request; `None` when `max` are already waiting.
-    pub(crate) fn register(&self, max: usize) -> Option<(u64, oneshot::Receiver<Bytes>)> {
+    pub(crate) fn register(&self, max: usize) -> Option<(u64, oneshot::Receiver<Answer>)> {
         let mut pending = lock(&self.pending);
-        if pending.len() >= max {
+        if pending.requests.len() >= max {
             return None;
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = oneshot::channel();
-        pending.insert(id, tx);
+        let (reply, rx) = oneshot::channel();
+        let entry = Entry {
+            reply,
+            deadline: None,
+        };
+        pending.requests.insert(id, entry);
         Some((id, rx))
+    }
+
+    /// Request `id` has been sent: it gets [`TimedOut`] unless its reply
+    /// comes within `limit`. Must be called on a tokio runtime.
+    pub(crate) fn arm(self: &Arc<Self>, id: u64, limit: Duration) {
+        let at = Instant::now() + limit;
+        let mut pending = lock(&self.pending);
+        let Some(entry) = pending.requests.get_mut(&id) else {
+            return; // answered already, or the channel has ended
+        };
+        entry.deadline = Some(at);
+        if !pending.sweeper {
+            pending.sweeper = true;
+            tokio::spawn(sweep(Arc::downgrade(self), self.wake.clone()));
+        }
+        if pending.next_sweep.is_none_or(|next| at < next) {
+            pending.next_sweep = Some(at);
+            drop(pending);
+            self.wake.notify_one();
+        }
+    }
+
+    /// End the requests whose limit is `now` or earlier; note when the
+    /// next one's limit is.
+    fn expire(&self, now: Instant) {
+        let mut pending = lock(&self.pending);
+        let ids: Vec<u64> = pending
+            .requests
+            .iter()
+            .filter(|(_, e)| e.deadline.is_some_and(|at| at <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        let over: Vec<Entry> = ids
+            .iter()
+            .filter_map(|id| pending.requests.remove(id))
+            .collect();
+        pending.next_sweep = pending.requests.values().filter_map(|e| e.deadline).min();
+        drop(pending);
+        for e in over {
+            let _ = e.reply.send(Err(TimedOut));
+        }
     }
 
     /// Forget request `id` (answered, timed out or cancelled).
     pub(crate) fn forget(&self, id: u64) {
-        lock(&self.pending).remove(&id);
+        lock(&self.pending).requests.remove(&id);
     }
 
     /// Hand a reply to its request, or drop it.
     fn answer(&self, id: u64, body: Bytes, label: &str) {
-        let waiter = lock(&self.pending).remove(&id);
-        match waiter.map(|w| w.send(body)) {
+        let waiter = lock(&self.pending).requests.remove(&id);
+        match waiter.map(|w| w.reply.send(Ok(body))) {
             Some(Ok(())) => {}
             Some(Err(_)) | None => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -282,7 +366,39 @@ impl Waiting {
 
     /// The channel ended: every waiting request gets no reply.
     pub(crate) fn fail_all(&self) {
-        lock(&self.pending).clear();
+        lock(&self.pending).requests.clear();
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        // The sweeper finds the requests gone and ends.
+        self.wake.notify_one();
+    }
+}
+
+/// Keep the time limits of a channel's requests (see [`Waiting`]); ends
+/// once the requests are gone.
+async fn sweep(waiting: Weak<Waiting>, wake: Arc<Notify>) {
+    loop {
+        let next = match waiting.upgrade() {
+            Some(w) => lock(&w.pending).next_sweep,
+            None => return,
+        };
+        match next {
+            Some(at) => tokio::select! {
+                _ = tokio::time::sleep_until(at) => {}
+                _ = wake.notified() => continue,
+            },
+            None => {
+                wake.notified().await;
+                continue;
+            }
+        }
+        match waiting.upgrade() {
+            Some(w) => w.expire(Instant::now()),
+            None => return,
+        }
     }
 }
 
@@ -632,5 +748,112 @@ mod tests {
         within("the flush", out.flush()).await.unwrap();
         within("the finish", out.finish()).await.unwrap();
         assert_eq!(within("the reader", reader).await.unwrap(), fed);
+    }
+
+    /// Whether a request's answer has come, without waiting for it.
+    fn answered(rx: &mut oneshot::Receiver<Answer>) -> Option<Result<Answer, ()>> {
+        match rx.try_recv() {
+            Ok(a) => Some(Ok(a)),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(())),
+        }
+    }
+
+    /// Lets the sweeper run at the paused clock's current time.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_times_out_at_its_limit_and_not_before() {
+        let waiting = Arc::new(Waiting::default());
+        let (id, mut rx) = waiting.register(10).unwrap();
+        waiting.arm(id, Duration::from_millis(100));
+        tokio::time::advance(Duration::from_millis(99)).await;
+        settle().await;
+        assert!(answered(&mut rx).is_none(), "timed out before its limit");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        settle().await;
+        assert!(matches!(answered(&mut rx), Some(Ok(Err(TimedOut)))));
+        assert!(lock(&waiting.pending).requests.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shorter_limit_set_later_ends_first() {
+        let waiting = Arc::new(Waiting::default());
+        let (long, mut long_rx) = waiting.register(10).unwrap();
+        waiting.arm(long, Duration::from_secs(10));
+        settle().await; // the sweeper now sleeps until 10 s
+        let (short, mut short_rx) = waiting.register(10).unwrap();
+        waiting.arm(short, Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle().await;
+        assert!(matches!(answered(&mut short_rx), Some(Ok(Err(TimedOut)))));
+        assert!(answered(&mut long_rx).is_none());
+        tokio::time::advance(Duration::from_secs(9)).await;
+        settle().await;
+        assert!(matches!(answered(&mut long_rx), Some(Ok(Err(TimedOut)))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answered_request_is_not_timed_out_and_others_still_are() {
+        let waiting = Arc::new(Waiting::default());
+        let (first, mut first_rx) = waiting.register(10).unwrap();
+        let (second, mut second_rx) = waiting.register(10).unwrap();
+        waiting.arm(first, Duration::from_secs(1));
+        waiting.arm(second, Duration::from_secs(2));
+        waiting.answer(first, Bytes::from_static(b"yes"), "test");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle().await;
+        assert!(matches!(answered(&mut first_rx), Some(Ok(Ok(b))) if &b[..] == b"yes"));
+        assert!(answered(&mut second_rx).is_none());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle().await;
+        assert!(matches!(answered(&mut second_rx), Some(Ok(Err(TimedOut)))));
+        assert_eq!(waiting.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_not_yet_sent_has_no_limit() {
+        let waiting = Arc::new(Waiting::default());
+        let (unsent, mut unsent_rx) = waiting.register(10).unwrap();
+        let (sent, mut sent_rx) = waiting.register(10).unwrap();
+        waiting.arm(sent, Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        settle().await;
+        assert!(matches!(answered(&mut sent_rx), Some(Ok(Err(TimedOut)))));
+        assert!(answered(&mut unsent_rx).is_none());
+        waiting.arm(unsent, Duration::from_secs(1));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        settle().await;
+        assert!(matches!(answered(&mut unsent_rx), Some(Ok(Err(TimedOut)))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_ends_with_its_requests() {
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let waiting = Arc::new(Waiting::default());
+        let (id, _rx) = waiting.register(10).unwrap();
+        waiting.arm(id, Duration::from_secs(5));
+        settle().await;
+        assert_eq!(metrics.num_alive_tasks(), 1, "no sweeper started");
+        drop(waiting);
+        settle().await;
+        assert_eq!(
+            metrics.num_alive_tasks(),
+            0,
+            "the sweeper outlived its requests"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_channel_ending_fails_waiting_requests() {
+        let waiting = Arc::new(Waiting::default());
+        let (id, mut rx) = waiting.register(10).unwrap();
+        waiting.arm(id, Duration::from_secs(5));
+        waiting.fail_all();
+        assert!(matches!(answered(&mut rx), Some(Err(()))));
     }
 }
