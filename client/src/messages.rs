@@ -309,7 +309,10 @@ impl Waiting {
     /// Request `id` has been sent: it gets [`TimedOut`] unless its reply
     /// comes within `limit`. Must be called on a tokio runtime.
     pub(crate) fn arm(self: &Arc<Self>, id: u64, limit: Duration) {
-        let at = Instant::now() + limit;
+        // A limit too far off to name is no limit, as with tokio's timeout.
+        let Some(at) = Instant::now().checked_add(limit) else {
+            return;
+        };
         let mut pending = lock(&self.pending);
         let Some(entry) = pending.requests.get_mut(&id) else {
             return; // answered already, or the channel has ended
@@ -829,6 +832,18 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         settle().await;
         assert!(matches!(answered(&mut unsent_rx), Some(Ok(Err(TimedOut)))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_too_far_off_to_name_is_no_limit() {
+        let waiting = Arc::new(Waiting::default());
+        let (id, mut rx) = waiting.register(10).unwrap();
+        waiting.arm(id, Duration::MAX);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        settle().await;
+        assert!(answered(&mut rx).is_none());
+        waiting.answer(id, Bytes::from_static(b"late"), "test");
+        assert!(matches!(answered(&mut rx), Some(Ok(Ok(b))) if &b[..] == b"late"));
     }
 
     #[tokio::test(start_paused = true)]
