@@ -762,6 +762,13 @@ mod tests {
         }
     }
 
+    /// A request registered and sent with `limit`.
+    fn sent(waiting: &Arc<Waiting>, limit: Duration) -> (u64, oneshot::Receiver<Answer>) {
+        let (id, rx) = waiting.register(10).unwrap();
+        waiting.arm(id, limit);
+        (id, rx)
+    }
+
     /// Lets the sweeper run at the paused clock's current time.
     async fn settle() {
         for _ in 0..10 {
@@ -772,8 +779,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_times_out_at_its_limit_and_not_before() {
         let waiting = Arc::new(Waiting::default());
-        let (id, mut rx) = waiting.register(10).unwrap();
-        waiting.arm(id, Duration::from_millis(100));
+        let (_, mut rx) = sent(&waiting, Duration::from_millis(100));
         tokio::time::advance(Duration::from_millis(99)).await;
         settle().await;
         assert!(answered(&mut rx).is_none(), "timed out before its limit");
@@ -786,11 +792,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_shorter_limit_set_later_ends_first() {
         let waiting = Arc::new(Waiting::default());
-        let (long, mut long_rx) = waiting.register(10).unwrap();
-        waiting.arm(long, Duration::from_secs(10));
+        let (_, mut long_rx) = sent(&waiting, Duration::from_secs(10));
         settle().await; // the sweeper now sleeps until 10 s
-        let (short, mut short_rx) = waiting.register(10).unwrap();
-        waiting.arm(short, Duration::from_secs(1));
+        let (_, mut short_rx) = sent(&waiting, Duration::from_secs(1));
         tokio::time::advance(Duration::from_secs(1)).await;
         settle().await;
         assert!(matches!(answered(&mut short_rx), Some(Ok(Err(TimedOut)))));
@@ -803,10 +807,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_answered_request_is_not_timed_out_and_others_still_are() {
         let waiting = Arc::new(Waiting::default());
-        let (first, mut first_rx) = waiting.register(10).unwrap();
-        let (second, mut second_rx) = waiting.register(10).unwrap();
-        waiting.arm(first, Duration::from_secs(1));
-        waiting.arm(second, Duration::from_secs(2));
+        let (first, mut first_rx) = sent(&waiting, Duration::from_secs(1));
+        let (_, mut second_rx) = sent(&waiting, Duration::from_secs(2));
         waiting.answer(first, Bytes::from_static(b"yes"), "test");
         tokio::time::advance(Duration::from_secs(1)).await;
         settle().await;
@@ -822,8 +824,7 @@ mod tests {
     async fn a_request_not_yet_sent_has_no_limit() {
         let waiting = Arc::new(Waiting::default());
         let (unsent, mut unsent_rx) = waiting.register(10).unwrap();
-        let (sent, mut sent_rx) = waiting.register(10).unwrap();
-        waiting.arm(sent, Duration::from_secs(1));
+        let (_, mut sent_rx) = sent(&waiting, Duration::from_secs(1));
         tokio::time::advance(Duration::from_secs(60)).await;
         settle().await;
         assert!(matches!(answered(&mut sent_rx), Some(Ok(Err(TimedOut)))));
@@ -837,8 +838,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_limit_too_far_off_to_name_is_no_limit() {
         let waiting = Arc::new(Waiting::default());
-        let (id, mut rx) = waiting.register(10).unwrap();
-        waiting.arm(id, Duration::MAX);
+        let (id, mut rx) = sent(&waiting, Duration::MAX);
         tokio::time::advance(Duration::from_secs(3600)).await;
         settle().await;
         assert!(answered(&mut rx).is_none());
@@ -850,8 +850,7 @@ mod tests {
     async fn the_sweeper_ends_with_its_requests() {
         let metrics = tokio::runtime::Handle::current().metrics();
         let waiting = Arc::new(Waiting::default());
-        let (id, _rx) = waiting.register(10).unwrap();
-        waiting.arm(id, Duration::from_secs(5));
+        let (_, _rx) = sent(&waiting, Duration::from_secs(5));
         settle().await;
         assert_eq!(metrics.num_alive_tasks(), 1, "no sweeper started");
         drop(waiting);
@@ -866,8 +865,7 @@ mod tests {
     #[tokio::test]
     async fn the_channel_ending_fails_waiting_requests() {
         let waiting = Arc::new(Waiting::default());
-        let (id, mut rx) = waiting.register(10).unwrap();
-        waiting.arm(id, Duration::from_secs(5));
+        let (_, mut rx) = sent(&waiting, Duration::from_secs(5));
         waiting.fail_all();
         assert!(matches!(answered(&mut rx), Some(Err(()))));
     }
