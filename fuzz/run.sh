@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build every fuzz target and run each for SECONDS seconds, one after the
-# other, with cargo-fuzz on the stable toolchain (--sanitizer none).
+# Build every fuzz target and run each for SECONDS seconds, as many at once
+# as there are cores, with cargo-fuzz on the stable toolchain (--sanitizer none).
 #
 #   bash fuzz/run.sh SECONDS            all targets
 #   bash fuzz/run.sh SECONDS frame ...  only the named targets
@@ -64,34 +64,50 @@ for t in "${targets[@]}"; do
         { tail -n 60 "$build_log" >&2; echo "building $t failed" >&2; exit 1; }
 done
 
-failed=0
-summaries=()
-for t in "${targets[@]}"; do
+# One target: fuzz it and write its summary line to $tmp/$t.summary.
+fuzz_one() {
+    local t=$1 log=$work/$1.log max_len status=0 done_line execs panic error input summary
     mkdir -p "$tmp/$t"
-    log=$work/$t.log
     case $t in
         # Room for frames up to the limit (16 KiB + prefix + control byte).
         frame | read_frame) max_len=-max_len=17000 ;;
         *) max_len=-max_len=4096 ;;
     esac
     echo "== $t: fuzzing for ${seconds}s (log: ${log#"$root"/})"
-    status=0
     cargo fuzz run "$t" --sanitizer none "$tmp/$t" "$fuzz_dir/corpus/$t" -- \
         -max_total_time="$seconds" -timeout=30 -rss_limit_mb=4096 "$max_len" \
         -print_final_stats=1 >"$log" 2>&1 || status=$?
     done_line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -n 1 || true)
     if [[ $status -eq 0 && -n $done_line ]]; then
-        summaries+=("$t: $done_line")
+        summary="$t: $done_line"
     else
-        failed=1
         execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
         panic=$(grep -m 1 -A 1 'panicked at' "$log" | sed 's/^thread .* panicked at //' | paste -sd ' ' || true)
         error=$(grep -m 1 -E '^==[0-9]+== ERROR: libFuzzer' "$log" | sed 's/^==[0-9]*== //' || true)
         input=$(sed -n 's/.*Test unit written to //p' "$log" | tail -n 1)
-        summaries+=("$t: FAILED (exit $status) after ${execs:-?} executions: ${panic:-${error:-see log}}${input:+; input: ${input#"$root"/}}; log: ${log#"$root"/}")
+        summary="$t: FAILED (exit $status) after ${execs:-?} executions: ${panic:-${error:-see log}}${input:+; input: ${input#"$root"/}}; log: ${log#"$root"/}"
         tail -n 40 "$log" >&2
     fi
-    echo "${summaries[-1]}"
+    echo "$summary" | tee "$tmp/$t.summary"
+}
+
+# Each fuzzer is one process on one core: as many at once as there are
+# cores, so the whole run takes SECONDS x targets / cores.
+parallel=$(nproc 2>/dev/null || echo 1)
+for t in "${targets[@]}"; do
+    while (($(jobs -rp | wc -l) >= parallel)); do
+        wait -n || true
+    done
+    fuzz_one "$t" &
+done
+wait
+
+failed=0
+summaries=()
+for t in "${targets[@]}"; do
+    summary=$(cat "$tmp/$t.summary" 2>/dev/null || echo "$t: FAILED: no summary (see $work/$t.log)")
+    [[ $summary == "$t: FAILED"* ]] && failed=1
+    summaries+=("$summary")
 done
 
 echo

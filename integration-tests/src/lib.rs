@@ -252,14 +252,11 @@ pub fn bin(name: &str) -> PathBuf {
         .to_path_buf();
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut args = vec![
-            "build",
-            "-p",
-            "qmesh-client",
-            "-p",
-            "qmesh-coordinator",
-            "--bins",
-        ];
+        // `--examples` (the workspace has none) turns on the features the
+        // dev-dependencies ask for, as `cargo test --workspace` does: with
+        // the same features the build reuses that run's dependencies
+        // instead of building the TLS and QUIC stack a second time.
+        let mut args = vec!["build", "--workspace", "--bins", "--examples"];
         if dir.ends_with("release") {
             args.push("--release");
         }
