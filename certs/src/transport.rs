@@ -225,6 +225,36 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+/// `count` UDP sockets on one address (port 0: the port the first one
+/// gets), each with `SO_REUSEPORT` and `buffer` bytes of kernel buffer
+/// each way. The kernel gives each peer's datagrams, by its address and
+/// port, to one of them.
+#[cfg(unix)]
+pub fn bind_udp_shared(
+    addr: SocketAddr,
+    buffer: usize,
+    count: usize,
+) -> io::Result<Vec<UdpSocket>> {
+    let mut sockets: Vec<UdpSocket> = Vec::with_capacity(count);
+    let mut at = addr;
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(at), Type::DGRAM, Some(Protocol::UDP))?;
+        if at.is_ipv6() {
+            let _ = socket.set_only_v6(false);
+        }
+        if buffer > 0 {
+            let _ = socket.set_recv_buffer_size(buffer);
+            let _ = socket.set_send_buffer_size(buffer);
+        }
+        socket.set_reuse_port(true)?;
+        socket.bind(&at.into())?;
+        let socket: UdpSocket = socket.into();
+        at = socket.local_addr()?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
 /// A client endpoint on `bind` with [`SOCKET_BUFFER`]-sized socket buffers.
 pub fn client_endpoint(bind: SocketAddr) -> io::Result<quinn::Endpoint> {
     let socket = bind_udp(bind, SOCKET_BUFFER)?;

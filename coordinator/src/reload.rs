@@ -212,7 +212,7 @@ pub(crate) fn reload(shared: &Shared) -> Result<Vec<String>, Vec<String>> {
         ));
     }
     if let (Some(server), Some(id)) = (server, &identity) {
-        shared.endpoint.set_server_config(Some(server));
+        shared.set_server_config(server);
         *shared
             .current_cert
             .lock()
@@ -270,7 +270,7 @@ pub(crate) fn reload_certificate(shared: &Shared) -> Result<Option<String>, Stri
         return Ok(None);
     }
     let server = crate::tls::server_config(&shared.config, &id).map_err(|e| e.to_string())?;
-    shared.endpoint.set_server_config(Some(server));
+    shared.set_server_config(server);
     *current = Some(fp.clone());
     *shared
         .cert_summary

@@ -109,6 +109,8 @@ impl Listener {
 #[derive(Debug)]
 pub struct Coordinator {
     endpoint: Endpoint,
+    /// Endpoints on the same port, each with the runtime it runs on.
+    more: Vec<(Endpoint, tokio::runtime::Handle)>,
     shared: Arc<Shared>,
     /// The HTTP listener (`Config::http`), bound.
     http: Option<std::net::TcpListener>,
@@ -185,6 +187,7 @@ impl Coordinator {
             running: Mutex::new(None),
             source: Mutex::new(None),
             endpoint: shared_endpoint,
+            more_endpoints: Mutex::default(),
             current_cert: Mutex::new(Some(config.identity.fingerprint().to_string())),
             cert_summary: Mutex::new(crate::tls::CertSummary::of(&config.identity)),
             link_endpoint,
@@ -217,10 +220,45 @@ impl Coordinator {
         }));
         Ok(Self {
             endpoint,
+            more: Vec::new(),
             http,
             admin,
             shared,
         })
+    }
+
+    /// Serve on one more socket bound to the same address (see
+    /// [`qmesh_certs::transport::bind_udp_shared`]), with an endpoint of
+    /// its own driven on the runtime of `handle`: the connections the
+    /// kernel gives that socket have their QUIC state and their sessions'
+    /// tasks on that runtime.
+    pub fn add_endpoint(
+        &mut self,
+        socket: std::net::UdpSocket,
+        handle: tokio::runtime::Handle,
+    ) -> Result<(), BindError> {
+        let config = &self.shared.config;
+        let server = crate::tls::server_config(config, &config.identity)?;
+        let endpoint = {
+            let _in = handle.enter();
+            Endpoint::new(
+                quinn::EndpointConfig::default(),
+                Some(server),
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .map_err(|source| BindError::Socket {
+                addr: config.listen,
+                source,
+            })?
+        };
+        self.shared
+            .more_endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(endpoint.clone());
+        self.more.push((endpoint, handle));
+        Ok(())
     }
 
     /// The address the coordinator listens on.
@@ -265,6 +303,7 @@ impl Coordinator {
     ) {
         let Self {
             endpoint,
+            more,
             shared,
             http,
             admin,
@@ -312,6 +351,16 @@ impl Coordinator {
                     shared.tasks.spawn(handle_incoming(shared2, incoming).in_current_span());
                 }
             };
+            for (endpoint, handle) in &more {
+                let (endpoint, shared2) = (endpoint.clone(), shared.clone());
+                let accept = async move {
+                    while let Some(incoming) = endpoint.accept().await {
+                        let shared3 = shared2.clone();
+                        shared2.tasks.spawn(handle_incoming(shared3, incoming).in_current_span());
+                    }
+                };
+                handle.spawn(shared.tasks.track_future(accept.in_current_span()));
+            }
             let mut accept = pin!(accept);
             let drained = tokio::select! {
                 _ = &mut now => false,
@@ -330,10 +379,12 @@ impl Coordinator {
             info!(sessions = shared.registry().len(), "shutting down");
             shared.registry().stop_accepting();
             shared.shutdown.cancel();
-            endpoint.close(
-                VarInt::from_u32(ConnCode::Shutdown.code()),
-                b"coordinator shutting down",
-            );
+            for endpoint in std::iter::once(&endpoint).chain(more.iter().map(|(e, _)| e)) {
+                endpoint.close(
+                    VarInt::from_u32(ConnCode::Shutdown.code()),
+                    b"coordinator shutting down",
+                );
+            }
             if let Some(links) = &shared.link_endpoint {
                 links.close(
                     VarInt::from_u32(ConnCode::Shutdown.code()),
@@ -343,6 +394,9 @@ impl Coordinator {
             shared.tasks.close();
             let idle = timeout(std::time::Duration::from_secs(3), async {
                 endpoint.wait_idle().await;
+                for (endpoint, _) in &more {
+                    endpoint.wait_idle().await;
+                }
                 shared.tasks.wait().await;
             });
             if idle.await.is_err() {
@@ -364,7 +418,10 @@ impl Coordinator {
         let http_addr = self.http_addr();
         let stats = self.stats();
         let control = self.control();
-        let endpoint = self.endpoint.clone();
+        let endpoints = std::iter::once(&self.endpoint)
+            .chain(self.more.iter().map(|(e, _)| e))
+            .cloned()
+            .collect();
         let stop = CancellationToken::new();
         let drain = CancellationToken::new();
         let (token, drain_token) = (stop.clone(), drain.clone());
@@ -378,7 +435,7 @@ impl Coordinator {
             http_addr,
             stats,
             control,
-            endpoint,
+            endpoints,
             stop,
             drain,
             task: Some(task),
@@ -393,7 +450,8 @@ pub struct CoordinatorHandle {
     http_addr: Option<SocketAddr>,
     stats: Arc<Stats>,
     control: Control,
-    endpoint: Endpoint,
+    /// Every endpoint, the one the coordinator was built on first.
+    endpoints: Vec<Endpoint>,
     stop: CancellationToken,
     drain: CancellationToken,
     task: Option<JoinHandle<()>>,
@@ -423,7 +481,16 @@ impl CoordinatorHandle {
     /// QUIC connections the endpoint still holds state for, authenticated
     /// or not (closed ones count until they have drained).
     pub fn open_connections(&self) -> usize {
-        self.endpoint.open_connections()
+        self.open_connections_by_endpoint().iter().sum()
+    }
+
+    /// [`Self::open_connections`] of each endpoint: the one the coordinator
+    /// was built on first, then those of [`Coordinator::add_endpoint`].
+    pub fn open_connections_by_endpoint(&self) -> Vec<usize> {
+        self.endpoints
+            .iter()
+            .map(Endpoint::open_connections)
+            .collect()
     }
 
     /// Start a drain (what SIGTERM does to `qmesh-coordinator run`): no

@@ -151,6 +151,9 @@ pub(crate) struct Shared {
     pub(crate) source: Mutex<Option<Arc<crate::settings::Source>>>,
     /// The endpoint, whose certificate a reload can replace.
     pub(crate) endpoint: quinn::Endpoint,
+    /// The endpoints on the same port added by
+    /// [`Coordinator::add_endpoint`](crate::server::Coordinator::add_endpoint).
+    pub(crate) more_endpoints: Mutex<Vec<quinn::Endpoint>>,
     /// The fingerprint of the certificate new handshakes get.
     pub(crate) current_cert: Mutex<Option<String>>,
     /// What `info` says about that certificate.
@@ -179,6 +182,19 @@ pub struct Event {
 }
 
 impl Shared {
+    /// Give new handshakes on every endpoint `server`.
+    pub(crate) fn set_server_config(&self, server: quinn::ServerConfig) {
+        self.endpoint.set_server_config(Some(server.clone()));
+        for endpoint in self
+            .more_endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            endpoint.set_server_config(Some(server.clone()));
+        }
+    }
+
     /// Keep an event for the status page.
     pub(crate) fn note(&self, kind: &str, what: String) {
         let at = std::time::SystemTime::now()

@@ -73,8 +73,13 @@ struct Args {
     /// Run every coordinator on a current-thread runtime (one thread, as
     /// the best raw server) instead of the multi-thread runtime that
     /// `qmesh-coordinator` runs.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "per_core")]
     current_thread: bool,
+    /// Run every coordinator on one thread per core, each with a
+    /// current-thread runtime and its own endpoint on an `SO_REUSEPORT`
+    /// socket of the coordinator's port.
+    #[arg(long)]
+    per_core: bool,
     /// Internal: with --serve-coordinator, join the cluster whose
     /// directory is the etcd at this URL.
     #[arg(long, hide = true)]
@@ -195,8 +200,10 @@ impl CoordinatorProcess {
         extra: &[&str],
     ) -> Result<Self> {
         let mut extra = extra.to_vec();
-        if shape == Shape::Best {
-            extra.push("--current-thread");
+        match shape {
+            Shape::Best => extra.push("--current-thread"),
+            Shape::PerCore => extra.push("--per-core"),
+            Shape::Multi => {}
         }
         let (child, port) = raw::start_child_under(wrap, "--serve-coordinator", dir, &extra)?;
         let address: qmesh_proto::Address = format!("quic/127.0.0.1:{port}").parse()?;
@@ -239,7 +246,21 @@ fn serve_coordinator(dir: &Path, etcd: Option<&str>, shape: Shape) -> Result<()>
         // The raw baseline has no rate limits; the relay still counts
         // every message and checks its size.
         config.rate = qmesh_coordinator::limit::RateLimits::unlimited();
-        let listener = qmesh_coordinator::Listener::bind(config.listen)?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut sockets = if shape == Shape::PerCore {
+            qmesh_certs::transport::bind_udp_shared(
+                config.listen,
+                qmesh_certs::transport::SOCKET_BUFFER,
+                cores,
+            )?
+        } else {
+            Vec::new()
+        };
+        let listener = if sockets.is_empty() {
+            qmesh_coordinator::Listener::bind(config.listen)?
+        } else {
+            qmesh_coordinator::Listener::from_socket(sockets.remove(0))?
+        };
         if let Some(url) = etcd {
             let link = qmesh_coordinator::Listener::bind(config.listen)?;
             let directory = qmesh_coordinator::cluster::EtcdDirectory::join(
@@ -255,10 +276,28 @@ fn serve_coordinator(dir: &Path, etcd: Option<&str>, shape: Shape) -> Result<()>
             config.directory = Arc::new(directory);
             config.link_socket = Some(Arc::new(link.socket().try_clone()?));
         }
-        let coordinator = Coordinator::on(listener, config)?;
+        let mut coordinator = Coordinator::on(listener, config)?;
+        // The other cores' runtimes, each on a thread of its own until the
+        // coordinator has stopped.
+        let mut cores = Vec::new();
+        for socket in sockets {
+            let runtime = raw::runtime(Shape::PerCore)?;
+            coordinator.add_endpoint(socket, runtime.handle().clone())?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                runtime.block_on(async move {
+                    let _ = stopped.await;
+                })
+            });
+            cores.push((stop, thread));
+        }
         println!("port {}", coordinator.local_addr().port());
         std::io::stdout().flush()?;
         coordinator.run(raw::until_stdin_closes()).await;
+        for (stop, thread) in cores {
+            let _ = stop.send(());
+            let _ = thread.join();
+        }
         Ok(())
     })
 }
@@ -1778,15 +1817,23 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
-fn main() -> Result<()> {
-    let args = Args::parse();
-    if let Some(dir) = &args.serve_coordinator {
-        let shape = if args.current_thread {
+impl Args {
+    /// The coordinators' runtime shape.
+    fn shape(&self) -> Shape {
+        if self.per_core {
+            Shape::PerCore
+        } else if self.current_thread {
             Shape::Best
         } else {
             Shape::Multi
-        };
-        return serve_coordinator(dir, args.etcd.as_deref(), shape);
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(dir) = &args.serve_coordinator {
+        return serve_coordinator(dir, args.etcd.as_deref(), args.shape());
     }
     if let Some(dir) = &args.serve_raw {
         return raw::serve(dir, Shape::Multi);
@@ -1817,11 +1864,7 @@ async fn run(args: Args) -> Result<()> {
         &dir.path().join("coordinator.pem"),
         &dir.path().join("coordinator-key.pem"),
     )?;
-    let shape = if args.current_thread {
-        Shape::Best
-    } else {
-        Shape::Multi
-    };
+    let shape = args.shape();
     let coordinator = CoordinatorProcess::start(dir.path(), &ca, shape)?;
     std::fs::write(
         dir.path().join(raw::CA_FILE),
@@ -1891,6 +1934,7 @@ async fn run(args: Args) -> Result<()> {
     let runtime_name = match bench.shape {
         Shape::Multi => "multi-thread",
         Shape::Best => "current-thread",
+        Shape::PerCore => "per-core current-thread (SO_REUSEPORT)",
     };
     if args.json {
         let out = serde_json::json!({

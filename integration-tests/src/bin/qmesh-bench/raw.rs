@@ -48,13 +48,17 @@ pub(crate) enum Shape {
     Multi,
     /// One OS thread with a current-thread runtime, as quinn's bench.
     Best,
+    /// Coordinators only: one OS thread with a current-thread runtime per
+    /// core, each with its own endpoint on an `SO_REUSEPORT` socket of the
+    /// one port.
+    PerCore,
 }
 
 /// The runtime of a node of `shape`.
 pub(crate) fn runtime(shape: Shape) -> Result<tokio::runtime::Runtime> {
     Ok(match shape {
         Shape::Multi => tokio::runtime::Runtime::new()?,
-        Shape::Best => tokio::runtime::Builder::new_current_thread()
+        Shape::Best | Shape::PerCore => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?,
     })
@@ -279,7 +283,8 @@ impl RawServer {
     pub(crate) fn start(dir: &Path, trust: &Trust, shape: Shape) -> Result<Self> {
         let flag = match shape {
             Shape::Multi => "--serve-raw",
-            Shape::Best => "--serve-best",
+            // The per-core shape is the coordinator's; a raw node is one thread.
+            Shape::Best | Shape::PerCore => "--serve-best",
         };
         Self::child(flag, dir, trust, &[])
     }
