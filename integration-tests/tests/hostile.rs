@@ -296,8 +296,14 @@ async fn hello_claiming_a_connected_name_is_rejected_with_name_taken() {
 async fn partial_headers_past_the_session_budget_are_stopped_then_the_session_closed() {
     use qmesh_coordinator::limit::HEADER_BUDGET;
     use qmesh_coordinator::strikes::MAX_STRIKES;
-    // Long enough that no held header is stopped for being late.
-    let mesh = start_with(|c| c.hello_timeout = Duration::from_secs(600)).await;
+    // Long enough that no held header is stopped for being late, and that
+    // the raw client, which sends no heartbeats, is not lost for its
+    // silence on a loaded machine before the attack is over.
+    let mesh = start_with(|c| {
+        c.hello_timeout = Duration::from_secs(600);
+        c.heartbeat = qmesh_proto::heartbeat::Heartbeat::new(Duration::from_secs(60), 10);
+    })
+    .await;
     let honest = Honest::join(&mesh).await;
     let (raw, _send, _recv) = Raw::join(&mesh.target(), "hoarder").await;
     let held = HEADER_BUDGET / MAX_CONTROL_FRAME;
