@@ -273,6 +273,9 @@ pub fn bin(name: &str) -> PathBuf {
                     "CARGO_CRATE_NAME",
                     "CARGO_PRIMARY_PACKAGE",
                     "CARGO_TARGET_TMPDIR",
+                    // This package's build script's, which ring's build
+                    // script reads: set, it rebuilt ring and all above it.
+                    "OUT_DIR",
                 ]
                 .contains(&key.as_ref())
             {
