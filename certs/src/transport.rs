@@ -212,6 +212,14 @@ pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// being dropped by the kernel before quinn reads it; the kernel may grant
 /// less than asked (`net.core.rmem_max`).
 pub fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
+    let socket = udp_socket(addr, buffer)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// An unbound UDP socket for `addr`'s family with `buffer` bytes of kernel
+/// buffer each way (0: the OS default).
+fn udp_socket(addr: SocketAddr, buffer: usize) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // `[::]` also accepts IPv4 where the OS allows it.
@@ -221,8 +229,7 @@ pub fn bind_udp(addr: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
         let _ = socket.set_recv_buffer_size(buffer);
         let _ = socket.set_send_buffer_size(buffer);
     }
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
+    Ok(socket)
 }
 
 /// `count` UDP sockets on one address (port 0: the port the first one
@@ -238,14 +245,7 @@ pub fn bind_udp_shared(
     let mut sockets: Vec<UdpSocket> = Vec::with_capacity(count);
     let mut at = addr;
     for _ in 0..count.max(1) {
-        let socket = Socket::new(Domain::for_address(at), Type::DGRAM, Some(Protocol::UDP))?;
-        if at.is_ipv6() {
-            let _ = socket.set_only_v6(false);
-        }
-        if buffer > 0 {
-            let _ = socket.set_recv_buffer_size(buffer);
-            let _ = socket.set_send_buffer_size(buffer);
-        }
+        let socket = udp_socket(at, buffer)?;
         socket.set_reuse_port(true)?;
         socket.bind(&at.into())?;
         let socket: UdpSocket = socket.into();

@@ -279,7 +279,7 @@ fn serve_coordinator(dir: &Path, etcd: Option<&str>, shape: Shape) -> Result<()>
         let mut coordinator = Coordinator::on(listener, config)?;
         // The other cores' runtimes, each on a thread of its own until the
         // coordinator has stopped.
-        let mut cores = Vec::new();
+        let mut threads = Vec::new();
         for socket in sockets {
             let runtime = raw::runtime(Shape::PerCore)?;
             coordinator.add_endpoint(socket, runtime.handle().clone())?;
@@ -289,12 +289,12 @@ fn serve_coordinator(dir: &Path, etcd: Option<&str>, shape: Shape) -> Result<()>
                     let _ = stopped.await;
                 })
             });
-            cores.push((stop, thread));
+            threads.push((stop, thread));
         }
         println!("port {}", coordinator.local_addr().port());
         std::io::stdout().flush()?;
         coordinator.run(raw::until_stdin_closes()).await;
-        for (stop, thread) in cores {
+        for (stop, thread) in threads {
             let _ = stop.send(());
             let _ = thread.join();
         }
